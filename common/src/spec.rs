@@ -1,0 +1,417 @@
+//! The job spec: model, parsing, validation, canonical form and diff.
+//!
+//! A spec is parsed by [`parse_job_spec`] in three steps:
+//!
+//! 1. deserialize (TOML or JSON) into [`JobSpec`]; every struct rejects unknown fields and fills
+//!    in the defaults of fields that were left out,
+//! 2. [`JobSpec::normalize`] fills in the defaults that depend on other fields (the service name
+//!    is the job name, an http check probes the service port),
+//! 3. [`JobSpec::validate`] checks every rule that one field's type cannot express.
+//!
+//! Every error is a [`SpecError`] naming the field by its dotted path (`resources.memory`,
+//! `ports[1].port`) and, when the spec came from text, the line.
+//!
+//! **Architecture Invariant:** a parsed spec is complete: every default is spelled out, so two
+//! specs that differ only in formatting or in writing a default explicitly compare equal, and
+//! [`JobSpec::to_canonical_json`] parses back to an equal spec.
+
+mod bytesize;
+mod check;
+mod constraint;
+mod diff;
+mod encoding;
+mod error;
+mod locate;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use bytesize::{ByteSize, ByteSizeError};
+pub use check::{Check, CheckKind};
+pub use constraint::{Constraint, ConstraintError, ConstraintOp};
+pub use diff::{FieldChange, diff_specs};
+pub use error::SpecError;
+pub use validate::{KNOWN_SIGNALS, MAX_NAME_LEN, signal_number, validate_name};
+
+/// The largest spec text [`parse_job_spec`] accepts, in bytes.
+pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
+/// The largest number of replicas a job may ask for.
+pub const MAX_REPLICAS: u32 = 1000;
+/// The largest number of cores one replica may ask for.
+pub const MAX_CPU: f64 = 512.0;
+/// The smallest memory limit one replica may ask for.
+pub const MIN_MEMORY: ByteSize = ByteSize::mib(4);
+
+/// The text format of a spec given to [`parse_job_spec`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpecFormat {
+    /// TOML, the format users write.
+    Toml,
+    /// JSON, accepted as well; [`JobSpec::to_canonical_json`] writes it.
+    Json,
+    /// JSON if the first non-whitespace character is `{`, TOML otherwise.
+    Auto,
+}
+
+impl SpecFormat {
+    /// Resolves [`SpecFormat::Auto`] by looking at `text`; the other formats stay as they are.
+    pub fn detect(self, text: &str) -> SpecFormat {
+        match self {
+            SpecFormat::Auto if text.trim_start().starts_with('{') => SpecFormat::Json,
+            SpecFormat::Auto => SpecFormat::Toml,
+            other => other,
+        }
+    }
+}
+
+/// One job: what to run, how many, with which resources, and how to publish and update it.
+///
+/// Field docs give the spec key and its default. Later a job may hold several containers sharing
+/// one network namespace; the container fields (`image` .. `stop_grace`, `resources`, `ports`)
+/// would then move into a `containers` list, keeping their meaning.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// `name`: required; `[a-z0-9-]`, unique per namespace.
+    pub name: String,
+    /// `namespace`: default `"default"`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// `replicas`: default 1, at most [`MAX_REPLICAS`]; 0 keeps the job but runs nothing.
+    #[serde(default = "default_replicas", deserialize_with = "encoding::u32_int")]
+    pub replicas: u32,
+    /// `image`: required; a registry reference, or `oci:DIR[:TAG]`, `oci-archive:FILE`,
+    /// `docker-archive:FILE`.
+    pub image: String,
+    /// `command`: overrides the image entrypoint when not empty.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `args`: overrides the image cmd when not empty.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `env`: added to the image's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// `restart`: default `on-failure`.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// `init`: run a minimal init as PID 1 that reaps orphans and forwards signals (like
+    /// `docker run --init`); default false.
+    #[serde(default)]
+    pub init: bool,
+    /// `stop_signal`: sent first when stopping a replica; default `SIGTERM`.
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// `stop_grace`: how long after `stop_signal` before SIGKILL; default 10s.
+    #[serde(default = "default_stop_grace", with = "encoding::duration")]
+    pub stop_grace: Duration,
+    /// `[resources]`: limits of one replica.
+    #[serde(default)]
+    pub resources: Resources,
+    /// `[[ports]]`: named ports the workload listens on.
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    /// `[service]`: publishes `<service>.<namespace>.skiff.internal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Service>,
+    /// `[placement]`: where replicas may run.
+    #[serde(default)]
+    pub placement: Placement,
+    /// `[update]`: how a new version rolls out.
+    #[serde(default)]
+    pub update: UpdateStrategy,
+    /// `[mesh]`: the sidecar's mTLS policy; no sidecar when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<Mesh>,
+}
+
+/// What happens when a replica's process exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart; the replica stays exited.
+    Never,
+    /// Restart when it exits with a non-zero status or is killed by a signal.
+    #[default]
+    OnFailure,
+    /// Always restart.
+    Always,
+}
+
+/// Limits of one replica.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// `cpu`: cores, default 0.1; more than 0, at most [`MAX_CPU`].
+    #[serde(default = "default_cpu", deserialize_with = "encoding::cores")]
+    pub cpu: f64,
+    /// `memory`: default 64Mi, at least [`MIN_MEMORY`].
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    /// `pids`: the most processes and threads, default 256, at least 1.
+    #[serde(default = "default_pids", deserialize_with = "encoding::u32_int")]
+    pub pids: u32,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpu: default_cpu(),
+            memory: default_memory(),
+            pids: default_pids(),
+        }
+    }
+}
+
+/// A named port the workload listens on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    /// `name`: `[a-z0-9-]`, unique in the job; named by `service.port` and SRV records.
+    pub name: String,
+    /// `port`: 1 to 65535.
+    #[serde(deserialize_with = "encoding::u16_int")]
+    pub port: u16,
+    /// `protocol`: default `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// The transport protocol of a [`Port`].
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Publishes the job in DNS and to the mesh.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// `name`: defaults to the job name (filled in on parse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `port`: the name of one of the job's `ports`.
+    pub port: String,
+    /// `tags`: free-form labels, no whitespace.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// `check`: the health check gating endpoints; none means healthy once running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+}
+
+/// Where replicas may run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// `constraints`: all must match a node's labels.
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+    /// `spread`: put replicas on distinct nodes where possible; default false.
+    #[serde(default)]
+    pub spread: bool,
+}
+
+/// How a new version of the job rolls out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateStrategy {
+    /// `max_surge`: replicas above `replicas` during a rollout; default 1.
+    #[serde(default = "default_max_surge", deserialize_with = "encoding::u32_int")]
+    pub max_surge: u32,
+    /// `max_unavailable`: replicas below `replicas` during a rollout; default 0. Not both 0.
+    #[serde(default, deserialize_with = "encoding::u32_int")]
+    pub max_unavailable: u32,
+    /// `min_healthy`: how long a new replica must stay healthy to count; default 5s.
+    #[serde(default = "default_min_healthy", with = "encoding::duration")]
+    pub min_healthy: Duration,
+    /// `progress_deadline`: a rollout that makes no progress for this long fails; default 5m.
+    #[serde(default = "default_progress_deadline", with = "encoding::duration")]
+    pub progress_deadline: Duration,
+    /// `auto_rollback`: go back to the previous version when a rollout fails; default true.
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+}
+
+impl Default for UpdateStrategy {
+    fn default() -> Self {
+        UpdateStrategy {
+            max_surge: default_max_surge(),
+            max_unavailable: 0,
+            min_healthy: default_min_healthy(),
+            progress_deadline: default_progress_deadline(),
+            auto_rollback: true,
+        }
+    }
+}
+
+/// The sidecar's mTLS policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mesh {
+    /// `upstreams`: services this job calls, `name` or `name.namespace`.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// `allow_from`: services allowed to call this one, `name` or `name.namespace`.
+    #[serde(default)]
+    pub allow_from: Vec<String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+fn default_replicas() -> u32 {
+    1
+}
+fn default_stop_signal() -> String {
+    "SIGTERM".to_owned()
+}
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_cpu() -> f64 {
+    0.1
+}
+fn default_memory() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_pids() -> u32 {
+    256
+}
+fn default_max_surge() -> u32 {
+    1
+}
+fn default_min_healthy() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_progress_deadline() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_true() -> bool {
+    true
+}
+
+impl JobSpec {
+    /// A spec with the given name and image and every other field at its default.
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            namespace: default_namespace(),
+            replicas: default_replicas(),
+            image: image.into(),
+            command: Vec::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            restart: RestartPolicy::default(),
+            init: false,
+            stop_signal: default_stop_signal(),
+            stop_grace: default_stop_grace(),
+            resources: Resources::default(),
+            ports: Vec::new(),
+            service: None,
+            placement: Placement::default(),
+            update: UpdateStrategy::default(),
+            mesh: None,
+        }
+    }
+
+    /// The job's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// `namespace/name`, unique in a cluster.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The name the job is published under, if it has a service.
+    pub fn service_name(&self) -> Option<&str> {
+        self.service
+            .as_ref()
+            .map(|s| s.name.as_deref().unwrap_or(&self.name))
+    }
+
+    /// The port named `name`.
+    pub fn port(&self, name: &str) -> Option<&Port> {
+        self.ports.iter().find(|p| p.name == name)
+    }
+
+    /// Fills in the defaults that depend on other fields: the service name (the job name) and
+    /// the port of an http check (the service port). [`parse_job_spec`] calls it; call it on a
+    /// spec built in code before comparing it with a parsed one.
+    pub fn normalize(&mut self) {
+        let job_name = &self.name;
+        if let Some(service) = &mut self.service {
+            if service.name.is_none() {
+                service.name = Some(job_name.clone());
+            }
+            if let Some(Check {
+                kind: CheckKind::Http { port, .. },
+                ..
+            }) = &mut service.check
+                && port.is_none()
+            {
+                *port = Some(service.port.clone());
+            }
+        }
+    }
+
+    /// Checks every rule of the spec; the error names the first offending field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate::validate(self)
+    }
+
+    /// The complete spec as compact JSON: every field, in a fixed order, maps sorted by key.
+    /// Parsing it back gives an equal spec.
+    pub fn to_canonical_json(&self) -> String {
+        // Serializing these types cannot fail: every map has string keys and no custom
+        // serializer returns an error.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Parses a spec from `text` and validates it. The result is complete (see [`JobSpec::normalize`]).
+pub fn parse_job_spec(text: &str, format: SpecFormat) -> Result<JobSpec, SpecError> {
+    if text.len() > MAX_SPEC_BYTES {
+        return Err(SpecError::new(
+            "",
+            format!(
+                "spec is {} bytes, more than the limit of {MAX_SPEC_BYTES}",
+                text.len()
+            ),
+        ));
+    }
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let format = format.detect(text);
+    let mut spec: JobSpec = match format {
+        SpecFormat::Json => error::from_json(text)?,
+        _ => error::from_toml(text)?,
+    };
+    spec.normalize();
+    spec.validate()
+        .map_err(|e| e.located(|path| locate::line_of(text, format, path)))?;
+    Ok(spec)
+}

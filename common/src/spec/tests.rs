@@ -1,0 +1,645 @@
+//! Parsing, validation, canonical form and diff of whole specs.
+
+use std::time::Duration;
+
+use super::*;
+
+const WEB_TOML: &str = include_str!("../../tests/data/web.toml");
+const MINIMAL_TOML: &str = include_str!("../../tests/data/minimal.toml");
+const DNS_JSON: &str = include_str!("../../tests/data/dns.json");
+
+fn parse(text: &str) -> JobSpec {
+    parse_job_spec(text, SpecFormat::Auto).unwrap()
+}
+
+fn toml_err(text: &str) -> SpecError {
+    parse_job_spec(text, SpecFormat::Toml).unwrap_err()
+}
+
+/// A valid spec with `extra` appended (TOML).
+fn with(extra: &str) -> String {
+    format!("name = \"web\"\nimage = \"x\"\n{extra}")
+}
+
+const WITH_HTTP_PORT: &str = "[[ports]]\nname = \"http\"\nport = 8080\n";
+
+#[test]
+fn design_example_parses_with_every_field() {
+    let spec = parse(WEB_TOML);
+    assert_eq!(spec.name, "web");
+    assert_eq!(spec.namespace(), "default");
+    assert_eq!(spec.key(), "default/web");
+    assert_eq!(spec.replicas, 3);
+    assert_eq!(spec.image, "127.0.0.1:5000/demo/web:1.0");
+    assert_eq!(spec.command, ["/bin/httpd"]);
+    assert_eq!(spec.args, ["-f", "-p", "8080", "-h", "/www"]);
+    assert_eq!(spec.env.get("GREETING").map(String::as_str), Some("hello"));
+    assert_eq!(spec.restart, RestartPolicy::OnFailure);
+    assert_eq!(
+        spec.resources,
+        Resources {
+            cpu: 0.25,
+            memory: ByteSize::mib(64),
+            pids: 256
+        }
+    );
+    assert_eq!(
+        spec.ports,
+        [Port {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Tcp
+        }]
+    );
+    let service = spec.service.as_ref().unwrap();
+    assert_eq!(
+        service.name.as_deref(),
+        Some("web"),
+        "defaults to the job name"
+    );
+    assert_eq!(spec.service_name(), Some("web"));
+    assert_eq!(service.port, "http");
+    let check = service.check.as_ref().unwrap();
+    assert_eq!(
+        check.kind,
+        CheckKind::Http {
+            path: "/".into(),
+            port: Some("http".into()),
+            expected_status: 200
+        }
+    );
+    assert_eq!(check.interval, Duration::from_secs(2));
+    assert_eq!(check.timeout, Duration::from_secs(1));
+    assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (1, 3));
+    assert_eq!(spec.placement.constraints.len(), 1);
+    assert_eq!(spec.placement.constraints[0].to_string(), "zone != b");
+    assert!(spec.placement.spread);
+    assert_eq!(spec.update, UpdateStrategy::default());
+    assert_eq!(
+        spec.mesh,
+        Some(Mesh {
+            upstreams: vec!["api".into()],
+            allow_from: vec!["frontend".into()]
+        })
+    );
+    // Not in the example: defaults.
+    assert!(!spec.init);
+    assert_eq!(spec.stop_signal, "SIGTERM");
+    assert_eq!(spec.stop_grace, Duration::from_secs(10));
+}
+
+#[test]
+fn minimal_spec_gets_every_default() {
+    let spec = parse(MINIMAL_TOML);
+    assert_eq!(spec, JobSpec::new("hello", "busybox"));
+    assert_eq!(spec.replicas, 1);
+    assert_eq!(spec.resources.cpu, 0.1);
+    assert_eq!(spec.resources.memory, ByteSize::mib(64));
+    assert_eq!(spec.resources.pids, 256);
+    assert_eq!(spec.restart, RestartPolicy::OnFailure);
+    assert_eq!(spec.update.max_surge, 1);
+    assert_eq!(spec.update.max_unavailable, 0);
+    assert_eq!(spec.update.min_healthy, Duration::from_secs(5));
+    assert_eq!(spec.update.progress_deadline, Duration::from_secs(300));
+    assert!(spec.update.auto_rollback);
+    assert!(spec.service.is_none() && spec.mesh.is_none());
+    assert_eq!(spec.service_name(), None);
+}
+
+#[test]
+fn json_is_accepted() {
+    let spec = parse(DNS_JSON);
+    assert_eq!(spec.key(), "infra/dns");
+    assert!(spec.init);
+    assert_eq!(spec.stop_signal, "SIGQUIT");
+    assert_eq!(signal_number(&spec.stop_signal), Some(3));
+    assert_eq!(spec.resources.cpu, 1.0);
+    assert_eq!(spec.resources.memory, ByteSize::mib(128));
+    assert_eq!(spec.ports[0].protocol, Protocol::Udp);
+    assert_eq!(spec.ports[1].protocol, Protocol::Tcp);
+    let check = spec.service.as_ref().unwrap().check.as_ref().unwrap();
+    assert_eq!(
+        check.kind,
+        CheckKind::Tcp {
+            port: "dns-tcp".into()
+        }
+    );
+    assert_eq!(check.timeout, Duration::from_secs(2));
+    assert_eq!(check.unhealthy_threshold, 2);
+    assert_eq!(spec.update.max_unavailable, 1);
+    assert_eq!(spec.update.progress_deadline, Duration::from_secs(600));
+    assert_eq!(spec, parse_job_spec(DNS_JSON, SpecFormat::Json).unwrap());
+}
+
+#[test]
+fn auto_detects_json_by_its_first_character() {
+    assert_eq!(SpecFormat::Auto.detect("  \n {\"a\": 1}"), SpecFormat::Json);
+    assert_eq!(SpecFormat::Auto.detect("name = \"x\""), SpecFormat::Toml);
+    assert_eq!(SpecFormat::Toml.detect("{"), SpecFormat::Toml);
+    let json = "\n  {\"name\": \"hello\", \"image\": \"busybox\"}";
+    assert_eq!(parse(json), parse(MINIMAL_TOML));
+    // Explicit TOML is not second-guessed: an inline table is not a TOML document.
+    assert!(parse_job_spec(json, SpecFormat::Toml).is_err());
+}
+
+#[test]
+fn canonical_json_round_trips() {
+    let exec_check = with(&format!(
+        "{WITH_HTTP_PORT}[service]\nport = \"http\"\ntags = [\"a\"]\n\
+         check = {{ exec = [\"cat\", \"/ready\"], interval = \"1m 30s\", timeout = \"500ms\" }}\n"
+    ));
+    for text in [WEB_TOML, MINIMAL_TOML, DNS_JSON, exec_check.as_str()] {
+        let spec = parse(text);
+        let json = spec.to_canonical_json();
+        let back = parse_job_spec(&json, SpecFormat::Json).unwrap();
+        assert_eq!(back, spec, "{json}");
+        assert_eq!(back.to_canonical_json(), json, "stable");
+    }
+}
+
+#[test]
+fn canonical_json_is_complete() {
+    let json = parse(WEB_TOML).to_canonical_json();
+    for part in [
+        r#""name":"web""#,
+        r#""namespace":"default""#,
+        r#""restart":"on-failure""#,
+        r#""stop_signal":"SIGTERM""#,
+        r#""stop_grace":"10s""#,
+        r#""memory":"64Mi""#,
+        r#""protocol":"tcp""#,
+        r#""check":{"http":"/","port":"http","expected_status":200,"interval":"2s","timeout":"1s","healthy_threshold":1,"unhealthy_threshold":3}"#,
+        r#""constraints":["zone != b"]"#,
+        r#""progress_deadline":"5m""#,
+    ] {
+        assert!(json.contains(part), "{part} missing from {json}");
+    }
+}
+
+#[test]
+fn formatting_and_explicit_defaults_compare_equal() {
+    let explicit = r#"
+        name = "hello"
+        namespace = "default"
+        replicas = 1
+        image = "busybox"
+        command = []
+        args = []
+        env = {}
+        restart = "on-failure"
+        init = false
+        stop_signal = "SIGTERM"
+        stop_grace = "10s"
+        ports = []
+        resources = { cpu = 0.1, memory = 67108864, pids = 256 }
+        placement = { constraints = [], spread = false }
+        [update]
+        max_surge = 1
+        max_unavailable = 0
+        min_healthy = "5000ms"
+        progress_deadline = "300s"
+        auto_rollback = true
+    "#;
+    assert_eq!(parse(explicit), parse(MINIMAL_TOML));
+
+    let terse = with(&format!(
+        "{WITH_HTTP_PORT}[service]\nport = \"http\"\ncheck = {{ http = \"/\" }}\n\
+         [placement]\nconstraints = [\"zone!=b\", \"disk in(ssd,nvme)\"]\n"
+    ));
+    let spelled = with(&format!(
+        "{WITH_HTTP_PORT}[service]\nname = \"web\"\nport = \"http\"\n\
+         check = {{ http = \"/\", port = \"http\", expected_status = 200, interval = \"10s\", \
+         timeout = \"2s\", healthy_threshold = 1, unhealthy_threshold = 3 }}\n\
+         [placement]\nconstraints = [\"zone != b\", \"disk in (ssd, nvme)\"]\n"
+    ));
+    assert_eq!(parse(&terse), parse(&spelled));
+    assert_eq!(
+        parse(&terse).to_canonical_json(),
+        parse(&spelled).to_canonical_json()
+    );
+}
+
+#[test]
+fn negative_replicas_names_the_field_and_line() {
+    let e = toml_err("name = \"web\"\nimage = \"x\"\nreplicas = -1\n");
+    assert_eq!(e.field, "replicas");
+    assert_eq!(e.line, Some(3));
+    assert_eq!(
+        e.to_string(),
+        "replicas: expected a non-negative integer, found -1 (line 3)"
+    );
+    let e = parse_job_spec(
+        "{\"name\": \"web\",\n\"image\": \"x\",\n\"replicas\": -1}",
+        SpecFormat::Json,
+    )
+    .unwrap_err();
+    assert_eq!((e.field.as_str(), e.line), ("replicas", Some(3)));
+}
+
+#[test]
+fn unknown_fields_list_the_expected_ones() {
+    let e = toml_err(
+        "name = \"web\"\nimage = \"x\"\n\n[resources]\ncpu = 0.5\nmemory = \"64Mi\"\ncpus = 2\n",
+    );
+    assert_eq!(
+        e.to_string(),
+        "resources.cpus: unknown field (expected one of cpu, memory, pids) (line 7)"
+    );
+    let e = toml_err(&with("replica = 2\n"));
+    assert_eq!((e.field.as_str(), e.line), ("replica", Some(3)));
+    assert!(
+        e.message
+            .starts_with("unknown field (expected one of name, namespace, replicas")
+    );
+    let e = parse_job_spec(
+        "{\"name\": \"web\", \"image\": \"x\",\n\"mesh\": {\"upstream\": []}}",
+        SpecFormat::Json,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "mesh.upstream: unknown field (expected upstreams or allow_from) (line 2)"
+    );
+    let e = toml_err(&with(
+        "[service]\nport = \"http\"\ncheck = { http = \"/\", intervall = \"2s\" }\n",
+    ));
+    assert_eq!(e.field, "service.check.intervall");
+}
+
+#[test]
+fn missing_required_fields() {
+    assert_eq!(
+        toml_err("name = \"web\"\n").to_string(),
+        "image: missing required field"
+    );
+    let e = toml_err(&with("\n[[ports]]\nport = 80\n"));
+    assert_eq!(
+        e.to_string(),
+        "ports[0].name: missing required field (line 4)"
+    );
+}
+
+#[test]
+fn bad_memory_size() {
+    let text = "name = \"web\"\nimage = \"x\"\nreplicas = 2\n\n[[ports]]\nname = \"http\"\n\
+                port = 80\n[resources]\nmemory = \"64Qi\"\n";
+    assert_eq!(
+        toml_err(text).to_string(),
+        "resources.memory: \"64Qi\" is not a size (use e.g. 64Mi, 1Gi, 512M) (line 9)"
+    );
+    let e = toml_err(&with("[resources]\nmemory = \"1Mi\"\n"));
+    assert_eq!(
+        e.to_string(),
+        "resources.memory: must be at least 4Mi, found 1Mi (line 4)"
+    );
+    let e = toml_err(&with("resources = { memory = -5 }\n"));
+    assert_eq!(e.field, "resources.memory");
+    assert_eq!(
+        parse(&with("resources = { memory = \"512M\" }\n"))
+            .resources
+            .memory,
+        ByteSize(512_000_000)
+    );
+}
+
+#[test]
+fn bad_constraint_names_its_index_and_reason() {
+    let e = toml_err(&with(
+        "[placement]\nconstraints = [\n  \"zone = a\",\n  \"disk in (ssd)\",\n  \"zone ~ b\",\n]\n",
+    ));
+    assert_eq!(e.field, "placement.constraints[2]");
+    assert_eq!(e.line, Some(7));
+    assert_eq!(
+        e.message,
+        "\"zone ~ b\" is not a valid constraint: expected an operator (=, !=, in, not in) \
+         after \"zone\", found \"~ b\""
+    );
+}
+
+#[test]
+fn service_port_must_name_a_port() {
+    let e = toml_err(&with(&format!(
+        "{WITH_HTTP_PORT}[service]\nport = \"web\"\n"
+    )));
+    assert_eq!(
+        e.to_string(),
+        "service.port: \"web\" does not name a port (expected one of http) (line 7)"
+    );
+}
+
+#[test]
+fn check_needs_exactly_one_kind() {
+    let two = format!(
+        "{WITH_HTTP_PORT}[service]\nport = \"http\"\ncheck = {{ http = \"/\", tcp = \"http\" }}\n"
+    );
+    assert_eq!(
+        toml_err(&with(&two)).to_string(),
+        "service.check: exactly one of http, tcp or exec must be given, found http and tcp (line 8)"
+    );
+    let none =
+        format!("{WITH_HTTP_PORT}[service]\nport = \"http\"\ncheck = {{ interval = \"2s\" }}\n");
+    let e = toml_err(&with(&none));
+    assert_eq!(e.field, "service.check");
+    assert!(e.message.ends_with("found none"), "{e}");
+    let status_on_tcp = format!(
+        "{WITH_HTTP_PORT}[service]\nport = \"http\"\ncheck = {{ tcp = \"http\", expected_status = 204 }}\n"
+    );
+    assert_eq!(
+        toml_err(&with(&status_on_tcp)).message,
+        "expected_status applies only to http checks, not tcp"
+    );
+}
+
+#[test]
+fn check_timeout_must_be_shorter_than_interval() {
+    let text = with(&format!(
+        "{WITH_HTTP_PORT}[service]\nport = \"http\"\n\
+         check = {{ http = \"/\", interval = \"2s\", timeout = \"2s\" }}\n"
+    ));
+    assert_eq!(
+        toml_err(&text).to_string(),
+        "service.check.timeout: must be shorter than interval (2s), found 2s (line 8)"
+    );
+    // The default timeout (2s) against a short interval.
+    let text = with(&format!(
+        "{WITH_HTTP_PORT}[service]\nport = \"http\"\ncheck = {{ tcp = \"http\", interval = \"1s\" }}\n"
+    ));
+    assert_eq!(toml_err(&text).field, "service.check.timeout");
+}
+
+#[test]
+fn check_ports_must_exist_and_be_tcp() {
+    let ports = "[[ports]]\nname = \"http\"\nport = 80\n[[ports]]\nname = \"dns\"\nport = 53\nprotocol = \"udp\"\n";
+    let e = toml_err(&with(&format!(
+        "{ports}[service]\nport = \"http\"\ncheck = {{ tcp = \"dns\" }}\n"
+    )));
+    assert_eq!(
+        e.to_string(),
+        "service.check.tcp: port \"dns\" is udp, this check needs a tcp port (line 12)"
+    );
+    let e = toml_err(&with(&format!(
+        "{ports}[service]\nport = \"http\"\ncheck = {{ http = \"/\", port = \"admin\" }}\n"
+    )));
+    assert_eq!(e.field, "service.check.port");
+    assert_eq!(
+        e.message,
+        "\"admin\" does not name a port (expected one of http, dns)"
+    );
+    let e = toml_err(&with(&format!(
+        "{ports}[service]\nport = \"http\"\ncheck = {{ http = \"healthz\" }}\n"
+    )));
+    assert_eq!(e.field, "service.check.http");
+}
+
+#[test]
+fn duplicate_ports() {
+    let e = toml_err(&with(
+        "[[ports]]\nname = \"http\"\nport = 80\n\n[[ports]]\nname = \"http\"\nport = 81\n",
+    ));
+    assert_eq!(
+        e.to_string(),
+        "ports[1].name: \"http\" is already the name of ports[0] (line 8)"
+    );
+    let e = toml_err(&with(
+        "[[ports]]\nname = \"a\"\nport = 80\n[[ports]]\nname = \"b\"\nport = 80\n",
+    ));
+    assert_eq!(
+        e.to_string(),
+        "ports[1].port: 80/tcp is already used by ports[0] (line 8)"
+    );
+    // The same number on another protocol is fine.
+    parse(&with(
+        "[[ports]]\nname = \"a\"\nport = 53\n[[ports]]\nname = \"b\"\nport = 53\nprotocol = \"udp\"\n",
+    ));
+    let e = toml_err(&with("[[ports]]\nname = \"a\"\nport = 0\n"));
+    assert_eq!(
+        e.to_string(),
+        "ports[0].port: must be between 1 and 65535, found 0 (line 5)"
+    );
+}
+
+#[test]
+fn names_must_be_lowercase_dns_labels() {
+    let e = toml_err("name = \"Web\"\nimage = \"x\"\n");
+    assert_eq!(
+        e.to_string(),
+        "name: \"Web\" is not a valid job name: it contains 'W' \
+         (use lowercase letters, digits and '-') (line 1)"
+    );
+    assert_eq!(
+        toml_err("name = \"web\"\nnamespace = \"-x\"\nimage = \"x\"\n").field,
+        "namespace"
+    );
+    let e = toml_err(&with(&format!(
+        "{WITH_HTTP_PORT}[service]\nname = \"w_b\"\nport = \"http\"\n"
+    )));
+    assert_eq!(e.field, "service.name");
+    let e = toml_err(&with("[mesh]\nupstreams = [\"api\", \"Auth.prod\"]\n"));
+    assert_eq!(e.field, "mesh.upstreams[1]");
+    parse(&with(
+        "[mesh]\nupstreams = [\"api\", \"auth.prod\"]\nallow_from = [\"frontend\"]\n",
+    ));
+}
+
+#[test]
+fn env_keys_must_be_variable_names() {
+    let e = toml_err(&with("env = { GOOD = \"1\", \"1BAD\" = \"2\" }\n"));
+    assert_eq!(
+        e.to_string(),
+        "env.1BAD: \"1BAD\" is not a valid environment variable name \
+         (use letters, digits and '_', not starting with a digit) (line 3)"
+    );
+    assert_eq!(
+        toml_err(&with("env = { \"A=B\" = \"2\" }\n")).field,
+        "env.A=B"
+    );
+}
+
+#[test]
+fn syntax_errors_give_a_line() {
+    let e = toml_err("name = \"web\"\nimage = \"x\"\nreplicas = = 3\n");
+    assert_eq!(e.field, "");
+    assert_eq!(e.line, Some(3));
+    let e = toml_err("name = \"web\"\n\n[service\nport = \"x\"\n");
+    assert_eq!(e.line, Some(3));
+    let e =
+        parse_job_spec("{\n\"name\": \"web\"\n\"image\": \"x\"}", SpecFormat::Json).unwrap_err();
+    assert_eq!((e.field.as_str(), e.line), ("", Some(3)));
+    assert!(!e.message.contains(" at line "), "{e}");
+    let e = parse_job_spec(
+        "{\"name\": \"web\", \"image\": \"x\"} trailing",
+        SpecFormat::Json,
+    )
+    .unwrap_err();
+    assert_eq!(e.line, Some(1));
+}
+
+#[test]
+fn other_rules() {
+    for (extra, field) in [
+        ("replicas = 1001\n", "replicas"),
+        ("replicas = 1.5\n", "replicas"),
+        ("restart = \"sometimes\"\n", "restart"),
+        ("stop_signal = \"TERM\"\n", "stop_signal"),
+        ("stop_grace = \"soon\"\n", "stop_grace"),
+        ("command = [\"\"]\n", "command[0]"),
+        ("args = [\"a\\u0000b\"]\n", "args[0]"),
+        ("resources = { cpu = 0 }\n", "resources.cpu"),
+        ("resources = { cpu = 513 }\n", "resources.cpu"),
+        ("resources = { cpu = nan }\n", "resources.cpu"),
+        ("resources = { pids = 0 }\n", "resources.pids"),
+        ("update = { max_surge = 0 }\n", "update.max_surge"),
+        (
+            "update = { min_healthy = \"10m\" }\n",
+            "update.progress_deadline",
+        ),
+        (
+            "mesh = { allow_from = [\"a\", \"a\"] }\n",
+            "mesh.allow_from[1]",
+        ),
+    ] {
+        let e = toml_err(&with(extra));
+        assert_eq!(e.field, field, "{extra}: {e}");
+        assert_eq!(e.line, Some(3), "{extra}: {e}");
+        assert!(!e.message.ends_with('.'), "{e}");
+    }
+    assert_eq!(
+        toml_err(&with("update = { max_surge = 0 }\n")).message,
+        "max_surge and max_unavailable must not both be 0 (a rollout could never start)"
+    );
+    let e = toml_err("name = \"web\"\nimage = \"demo/web 1.0\"\n");
+    assert_eq!(
+        e.to_string(),
+        "image: \"demo/web 1.0\" must not contain whitespace (line 2)"
+    );
+    assert_eq!(toml_err("name = \"web\"\nimage = \"\"\n").field, "image");
+}
+
+#[test]
+fn validate_works_on_specs_built_in_code() {
+    let mut spec = JobSpec::new("api", "demo/api:2");
+    assert_eq!(spec.validate(), Ok(()));
+    spec.ports.push(Port {
+        name: "grpc".into(),
+        port: 7000,
+        protocol: Protocol::Tcp,
+    });
+    spec.service = Some(Service {
+        name: None,
+        port: "grpc".into(),
+        tags: vec![],
+        check: Some(Check::new(CheckKind::Http {
+            path: "/healthz".into(),
+            port: None,
+            expected_status: 200,
+        })),
+    });
+    assert_eq!(spec.validate(), Ok(()));
+    // Normalizing fills in what parsing fills in, so the spec equals its parsed canonical form.
+    spec.normalize();
+    assert_eq!(
+        parse_job_spec(&spec.to_canonical_json(), SpecFormat::Json).unwrap(),
+        spec
+    );
+    spec.replicas = 5000;
+    let e = spec.validate().unwrap_err();
+    assert_eq!(e.to_string(), "replicas: must be at most 1000, found 5000");
+    spec.replicas = 1;
+    spec.placement.constraints.push(Constraint {
+        key: "zone".into(),
+        op: ConstraintOp::Eq,
+        values: vec![],
+    });
+    assert_eq!(
+        spec.validate().unwrap_err().field,
+        "placement.constraints[0]"
+    );
+}
+
+#[test]
+fn oversized_specs_are_rejected_before_parsing() {
+    let huge = format!(
+        "name = \"web\"\nimage = \"x\"\n#{}\n",
+        "x".repeat(MAX_SPEC_BYTES)
+    );
+    let e = toml_err(&huge);
+    assert!(e.message.contains("more than the limit"), "{e}");
+}
+
+#[test]
+fn diff_lists_leaf_changes_in_path_order() {
+    let old = parse(WEB_TOML);
+    let mut new = old.clone();
+    new.replicas = 5;
+    new.env.insert("FOO".into(), "x".into());
+    new.env.remove("GREETING");
+    new.args.push("-v".into());
+    new.ports[0].port = 8081;
+    new.ports.push(Port {
+        name: "metrics".into(),
+        port: 9100,
+        protocol: Protocol::Tcp,
+    });
+    new.resources.memory = ByteSize::mib(128);
+    new.mesh = None;
+    let lines: Vec<String> = diff_specs(&old, &new)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            r#"args: ["-f","-p","8080","-h","/www"] -> ["-f","-p","8080","-h","/www","-v"]"#,
+            r#"env.FOO: (none) -> "x""#,
+            r#"env.GREETING: "hello" -> (none)"#,
+            r#"mesh.allow_from: ["frontend"] -> (none)"#,
+            r#"mesh.upstreams: ["api"] -> (none)"#,
+            r#"ports[0].port: 8080 -> 8081"#,
+            r#"ports[1].name: (none) -> "metrics""#,
+            r#"ports[1].port: (none) -> 9100"#,
+            r#"ports[1].protocol: (none) -> "tcp""#,
+            "replicas: 3 -> 5",
+            r#"resources.memory: "64Mi" -> "128Mi""#,
+        ]
+    );
+    assert!(diff_specs(&old, &old).is_empty());
+    // Spelling differences are not changes.
+    assert!(diff_specs(&old, &parse(&old.to_canonical_json())).is_empty());
+}
+
+#[test]
+fn diff_of_a_check_change() {
+    let old = parse(WEB_TOML);
+    let mut new = old.clone();
+    if let Some(check) = new.service.as_mut().and_then(|s| s.check.as_mut()) {
+        check.kind = CheckKind::Tcp {
+            port: "http".into(),
+        };
+    }
+    let lines: Vec<String> = diff_specs(&old, &new)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            r#"service.check.expected_status: 200 -> (none)"#,
+            r#"service.check.http: "/" -> (none)"#,
+            r#"service.check.port: "http" -> (none)"#,
+            r#"service.check.tcp: (none) -> "http""#,
+        ]
+    );
+}
+
+#[test]
+fn field_change_serializes() {
+    let change = FieldChange {
+        path: "replicas".into(),
+        old: Some("3".into()),
+        new: Some("5".into()),
+    };
+    assert_eq!(change.to_string(), "replicas: 3 -> 5");
+    let json = serde_json::to_string(&change).unwrap();
+    assert_eq!(json, r#"{"path":"replicas","old":"3","new":"5"}"#);
+    assert_eq!(serde_json::from_str::<FieldChange>(&json).unwrap(), change);
+}

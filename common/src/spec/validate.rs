@@ -1,0 +1,423 @@
+//! The rules of a [`JobSpec`] that its field types cannot express.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{
+    CheckKind, JobSpec, MAX_CPU, MAX_REPLICAS, MIN_MEMORY, Port, Protocol, Service, SpecError,
+};
+
+/// The longest name (job, namespace, service, port): one DNS label.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Signal names accepted as `stop_signal`, with their Linux numbers.
+pub const KNOWN_SIGNALS: [(&str, i32); 11] = [
+    ("SIGHUP", 1),
+    ("SIGINT", 2),
+    ("SIGQUIT", 3),
+    ("SIGABRT", 6),
+    ("SIGKILL", 9),
+    ("SIGUSR1", 10),
+    ("SIGUSR2", 12),
+    ("SIGALRM", 14),
+    ("SIGTERM", 15),
+    ("SIGWINCH", 28),
+    ("SIGPWR", 30),
+];
+
+/// The Linux number of a signal named in [`KNOWN_SIGNALS`] (`"SIGTERM"` is 15).
+pub fn signal_number(name: &str) -> Option<i32> {
+    KNOWN_SIGNALS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, number)| *number)
+}
+
+/// Checks a name used in DNS (job, namespace, service, port): 1 to 63 of `[a-z0-9-]`, starting
+/// and ending with a letter or digit. `kind` names the thing in the message ("job name"); the
+/// error's `field` is empty for the caller to fill in.
+pub fn validate_name(kind: &str, s: &str) -> Result<(), SpecError> {
+    let reason = if s.is_empty() {
+        "it is empty".to_owned()
+    } else if s.len() > MAX_NAME_LEN {
+        format!(
+            "it is {} characters long, more than {MAX_NAME_LEN}",
+            s.len()
+        )
+    } else if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        format!("it contains {c:?} (use lowercase letters, digits and '-')")
+    } else if s.starts_with('-') || s.ends_with('-') {
+        "it must start and end with a letter or digit".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(SpecError::new(
+        "",
+        format!("{s:?} is not a valid {kind}: {reason}"),
+    ))
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError::new(field, message)
+}
+
+/// [`validate_name`] for `field`.
+fn name_at(field: &str, kind: &str, s: &str) -> Result<(), SpecError> {
+    validate_name(kind, s).map_err(|e| err(field, e.message))
+}
+
+pub(crate) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
+    name_at("name", "job name", &spec.name)?;
+    name_at("namespace", "namespace", &spec.namespace)?;
+    if spec.replicas > MAX_REPLICAS {
+        return Err(err(
+            "replicas",
+            format!("must be at most {MAX_REPLICAS}, found {}", spec.replicas),
+        ));
+    }
+    validate_image(&spec.image)?;
+    validate_argv("command", &spec.command)?;
+    validate_argv("args", &spec.args)?;
+    validate_env(&spec.env)?;
+    if signal_number(&spec.stop_signal).is_none() {
+        let names: Vec<&str> = KNOWN_SIGNALS.iter().map(|(n, _)| *n).collect();
+        return Err(err(
+            "stop_signal",
+            format!(
+                "{:?} is not a known signal (expected one of {})",
+                spec.stop_signal,
+                names.join(", ")
+            ),
+        ));
+    }
+    validate_resources(spec)?;
+    validate_ports(&spec.ports)?;
+    if let Some(service) = &spec.service {
+        validate_service(service, &spec.ports)?;
+    }
+    for (i, c) in spec.placement.constraints.iter().enumerate() {
+        c.check().map_err(|reason| {
+            err(
+                format!("placement.constraints[{i}]"),
+                format!("{:?} is not a valid constraint: {reason}", c.to_string()),
+            )
+        })?;
+    }
+    validate_update(spec)?;
+    if let Some(mesh) = &spec.mesh {
+        validate_service_refs("mesh.upstreams", &mesh.upstreams)?;
+        validate_service_refs("mesh.allow_from", &mesh.allow_from)?;
+    }
+    Ok(())
+}
+
+fn validate_image(image: &str) -> Result<(), SpecError> {
+    if image.is_empty() {
+        return Err(err("image", "must not be empty"));
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(err(
+            "image",
+            format!("{image:?} must not contain whitespace"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_argv(field: &str, argv: &[String]) -> Result<(), SpecError> {
+    for (i, arg) in argv.iter().enumerate() {
+        if arg.contains('\0') {
+            return Err(err(
+                format!("{field}[{i}]"),
+                "must not contain a NUL character",
+            ));
+        }
+    }
+    if argv.first().is_some_and(String::is_empty) {
+        return Err(err(
+            format!("{field}[0]"),
+            "the program to run must not be empty",
+        ));
+    }
+    Ok(())
+}
+
+fn is_env_name(key: &str) -> bool {
+    let mut chars = key.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn validate_env(env: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    for (key, value) in env {
+        let field = format!("env.{key}");
+        if !is_env_name(key) {
+            return Err(err(
+                field,
+                format!(
+                    "{key:?} is not a valid environment variable name \
+                     (use letters, digits and '_', not starting with a digit)"
+                ),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(err(field, "must not contain a NUL character"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_resources(spec: &JobSpec) -> Result<(), SpecError> {
+    let r = &spec.resources;
+    if !(r.cpu.is_finite() && r.cpu > 0.0 && r.cpu <= MAX_CPU) {
+        return Err(err(
+            "resources.cpu",
+            format!(
+                "must be more than 0 and at most {MAX_CPU} cores, found {}",
+                r.cpu
+            ),
+        ));
+    }
+    if r.memory < MIN_MEMORY {
+        return Err(err(
+            "resources.memory",
+            format!("must be at least {MIN_MEMORY}, found {}", r.memory),
+        ));
+    }
+    if r.pids == 0 {
+        return Err(err("resources.pids", "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn validate_ports(ports: &[Port]) -> Result<(), SpecError> {
+    for (i, p) in ports.iter().enumerate() {
+        name_at(&format!("ports[{i}].name"), "port name", &p.name)?;
+        if p.port == 0 {
+            return Err(err(
+                format!("ports[{i}].port"),
+                "must be between 1 and 65535, found 0",
+            ));
+        }
+        if let Some(j) = ports[..i].iter().position(|q| q.name == p.name) {
+            return Err(err(
+                format!("ports[{i}].name"),
+                format!("{:?} is already the name of ports[{j}]", p.name),
+            ));
+        }
+        if let Some(j) = ports[..i]
+            .iter()
+            .position(|q| q.port == p.port && q.protocol == p.protocol)
+        {
+            return Err(err(
+                format!("ports[{i}].port"),
+                format!("{}/{} is already used by ports[{j}]", p.port, p.protocol),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The port `name` refers to, or an error at `field` listing the names it could be.
+fn port_named<'a>(field: &str, name: &str, ports: &'a [Port]) -> Result<&'a Port, SpecError> {
+    ports.iter().find(|p| p.name == name).ok_or_else(|| {
+        let names: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
+        let expected = if names.is_empty() {
+            "the job declares no ports".to_owned()
+        } else {
+            format!("expected one of {}", names.join(", "))
+        };
+        err(field, format!("{name:?} does not name a port ({expected})"))
+    })
+}
+
+fn tcp_port_named(field: &str, name: &str, ports: &[Port]) -> Result<(), SpecError> {
+    let port = port_named(field, name, ports)?;
+    if port.protocol != Protocol::Tcp {
+        return Err(err(
+            field,
+            format!(
+                "port {name:?} is {}, this check needs a tcp port",
+                port.protocol
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_service(service: &Service, ports: &[Port]) -> Result<(), SpecError> {
+    if let Some(name) = &service.name {
+        name_at("service.name", "service name", name)?;
+    }
+    port_named("service.port", &service.port, ports)?;
+    for (i, tag) in service.tags.iter().enumerate() {
+        if tag.is_empty() || tag.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(err(
+                format!("service.tags[{i}]"),
+                format!("{tag:?} is not a valid tag (it must be non-empty, without whitespace)"),
+            ));
+        }
+    }
+    let Some(check) = &service.check else {
+        return Ok(());
+    };
+    match &check.kind {
+        CheckKind::Http {
+            path,
+            port,
+            expected_status,
+        } => {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(err(
+                    "service.check.http",
+                    format!(
+                        "{path:?} is not a request path (it must start with '/', without whitespace)"
+                    ),
+                ));
+            }
+            tcp_port_named(
+                "service.check.port",
+                port.as_deref().unwrap_or(&service.port),
+                ports,
+            )?;
+            if !(100..=599).contains(expected_status) {
+                return Err(err(
+                    "service.check.expected_status",
+                    format!("must be an http status from 100 to 599, found {expected_status}"),
+                ));
+            }
+        }
+        CheckKind::Tcp { port } => tcp_port_named("service.check.tcp", port, ports)?,
+        CheckKind::Exec { command } => {
+            if command.is_empty() {
+                return Err(err("service.check.exec", "must name a command to run"));
+            }
+            validate_argv("service.check.exec", command)?;
+        }
+    }
+    if check.interval.is_zero() {
+        return Err(err("service.check.interval", "must be longer than 0s"));
+    }
+    if check.timeout.is_zero() {
+        return Err(err("service.check.timeout", "must be longer than 0s"));
+    }
+    if check.timeout >= check.interval {
+        return Err(err(
+            "service.check.timeout",
+            format!(
+                "must be shorter than interval ({}), found {}",
+                fmt_duration(check.interval),
+                fmt_duration(check.timeout)
+            ),
+        ));
+    }
+    if check.healthy_threshold == 0 {
+        return Err(err("service.check.healthy_threshold", "must be at least 1"));
+    }
+    if check.unhealthy_threshold == 0 {
+        return Err(err(
+            "service.check.unhealthy_threshold",
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn validate_update(spec: &JobSpec) -> Result<(), SpecError> {
+    let u = &spec.update;
+    if u.max_surge == 0 && u.max_unavailable == 0 {
+        return Err(err(
+            "update.max_surge",
+            "max_surge and max_unavailable must not both be 0 (a rollout could never start)",
+        ));
+    }
+    if u.progress_deadline <= u.min_healthy {
+        return Err(err(
+            "update.progress_deadline",
+            format!(
+                "must be longer than min_healthy ({}), found {}",
+                fmt_duration(u.min_healthy),
+                fmt_duration(u.progress_deadline)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Services named as `name` (same namespace) or `name.namespace`.
+fn validate_service_refs(field: &str, refs: &[String]) -> Result<(), SpecError> {
+    for (i, r) in refs.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let (name, namespace) = match r.split_once('.') {
+            Some((name, namespace)) => (name, Some(namespace)),
+            None => (r.as_str(), None),
+        };
+        name_at(&at, "service name", name).map_err(|e| {
+            err(
+                &at,
+                format!("{} (write a service as name or name.namespace)", e.message),
+            )
+        })?;
+        if let Some(namespace) = namespace {
+            name_at(&at, "namespace", namespace)?;
+        }
+        if refs[..i].contains(r) {
+            return Err(err(at, format!("{r:?} is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_dns_label_rules() {
+        for ok in ["web", "a", "web-2", "0", &"a".repeat(63)] {
+            assert_eq!(validate_name("job name", ok), Ok(()), "{ok}");
+        }
+        for (bad, reason) in [
+            ("", "it is empty"),
+            ("Web", "it contains 'W'"),
+            ("web_1", "it contains '_'"),
+            ("-web", "start and end"),
+            ("web-", "start and end"),
+            (&"a".repeat(64), "more than 63"),
+        ] {
+            let e = validate_name("job name", bad).unwrap_err();
+            assert!(e.message.contains(reason), "{bad}: {}", e.message);
+            assert!(e.field.is_empty());
+        }
+        assert_eq!(
+            validate_name("job name", "Web").unwrap_err().to_string(),
+            "\"Web\" is not a valid job name: it contains 'W' (use lowercase letters, digits and '-')"
+        );
+    }
+
+    #[test]
+    fn env_names() {
+        for ok in ["FOO", "_x", "a1_B"] {
+            assert!(is_env_name(ok), "{ok}");
+        }
+        for bad in ["", "1FOO", "A=B", "A-B", "A B", "é"] {
+            assert!(!is_env_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(signal_number("SIGTERM"), Some(15));
+        assert_eq!(signal_number("SIGKILL"), Some(9));
+        assert_eq!(signal_number("TERM"), None);
+    }
+}

@@ -1,0 +1,252 @@
+//! The controller's configuration: TOML file (`--config`), then `SKIFF_*` environment
+//! variables, then command-line flags, each overriding the one before; validated before any
+//! socket is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::raft::RaftSettings;
+
+/// Command-line flags (each also readable from a `SKIFF_*` environment variable).
+#[derive(Debug, Default, Parser)]
+#[command(name = "skiff-controller", version, about = "A member of Skiff's replicated control plane")]
+pub struct Args {
+    /// TOML config file; flags and environment override it.
+    #[arg(long, env = "SKIFF_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This member's id (a positive integer, never reused).
+    #[arg(long, env = "SKIFF_ID")]
+    pub id: Option<u64>,
+    /// Where this member keeps its log, snapshots and identity.
+    #[arg(long, env = "SKIFF_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC address (API and Raft traffic) [default: 127.0.0.1:7700].
+    #[arg(long, env = "SKIFF_RPC_ADDR")]
+    pub rpc_addr: Option<SocketAddr>,
+    /// HTTP address for /metrics, /healthz, /readyz [default: 127.0.0.1:7780].
+    #[arg(long, env = "SKIFF_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Start a new one-member cluster (first start only).
+    #[arg(long, env = "SKIFF_BOOTSTRAP", conflicts_with = "join")]
+    pub bootstrap: bool,
+    /// Join the cluster through the gRPC address of any member (first start only).
+    #[arg(long, env = "SKIFF_JOIN")]
+    pub join: Option<String>,
+    /// Leader heartbeat interval in ms [default: 150].
+    #[arg(long, env = "SKIFF_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Election timeout range in ms, as MIN-MAX [default: 750-1500].
+    #[arg(long, env = "SKIFF_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<String>,
+    /// Snapshot and compact the log every N entries [default: 10000].
+    #[arg(long, env = "SKIFF_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+    /// Log entries kept behind a snapshot [default: 1000].
+    #[arg(long, env = "SKIFF_KEEP_AFTER_SNAPSHOT")]
+    pub keep_after_snapshot: Option<u64>,
+}
+
+/// The config file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub rpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    #[serde(default)]
+    pub bootstrap: bool,
+    pub join: Option<String>,
+    pub raft: Option<RaftSettings>,
+}
+
+/// How a member that has never run forms or joins a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Formation {
+    Bootstrap,
+    Join(String),
+    /// Neither: wait to be added by an operator (`skiff cluster add`).
+    Wait,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    /// `None`: take it from the data dir, or the default for a new member.
+    pub rpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub formation: Formation,
+    pub raft: RaftSettings,
+}
+
+/// A configuration problem, named precisely.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0} is required (flag --{0}, env SKIFF_{1}, or `{2}` in the config file)")]
+    Missing(&'static str, &'static str, &'static str),
+    #[error("id: must be a positive integer")]
+    ZeroId,
+    #[error("{field}: {addr} is not an address other members can reach; give a specific IP")]
+    Unspecified { field: &'static str, addr: SocketAddr },
+    #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 750-1500)")]
+    ElectionRange(String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+impl Config {
+    /// Builds the configuration from flags, environment (through clap) and the config file.
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let id = args.id.or(file.id).ok_or(ConfigError::Missing("id", "ID", "id"))?;
+        if id == 0 {
+            return Err(ConfigError::ZeroId);
+        }
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .ok_or(ConfigError::Missing("data-dir", "DATA_DIR", "data_dir"))?;
+        let rpc_addr = args.rpc_addr.or(file.rpc_addr);
+        let http_addr = args.http_addr.or(file.http_addr);
+        for (field, addr) in [("rpc-addr", rpc_addr), ("http-addr", http_addr)] {
+            if let Some(a) = addr
+                && a.ip().is_unspecified()
+                && field == "rpc-addr"
+            {
+                return Err(ConfigError::Unspecified { field, addr: a });
+            }
+        }
+        let formation = if args.bootstrap || (file.bootstrap && args.join.is_none()) {
+            Formation::Bootstrap
+        } else if let Some(j) = args.join.or(file.join) {
+            Formation::Join(j)
+        } else {
+            Formation::Wait
+        };
+        let mut raft = file.raft.unwrap_or_default();
+        if let Some(v) = args.heartbeat_ms {
+            raft.heartbeat_ms = v;
+        }
+        if let Some(r) = args.election_timeout_ms {
+            let (min, max) = r
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+                .ok_or_else(|| ConfigError::ElectionRange(r.clone()))?;
+            raft.election_timeout_min_ms = min;
+            raft.election_timeout_max_ms = max;
+        }
+        if let Some(v) = args.snapshot_every {
+            raft.snapshot_every = v;
+        }
+        if let Some(v) = args.keep_after_snapshot {
+            raft.keep_after_snapshot = v;
+        }
+        validate_raft(&raft)?;
+        Ok(Config {
+            id,
+            data_dir,
+            rpc_addr,
+            http_addr,
+            formation,
+            raft,
+        })
+    }
+}
+
+fn validate_raft(r: &RaftSettings) -> Result<(), ConfigError> {
+    if r.heartbeat_ms == 0 {
+        return Err(ConfigError::Raft("heartbeat_ms must be positive".into()));
+    }
+    if r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+        return Err(ConfigError::Raft(format!(
+            "election_timeout_min_ms ({}) must be more than twice heartbeat_ms ({})",
+            r.election_timeout_min_ms, r.heartbeat_ms
+        )));
+    }
+    if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+        return Err(ConfigError::Raft(format!(
+            "election_timeout_max_ms ({}) must be greater than election_timeout_min_ms ({})",
+            r.election_timeout_max_ms, r.election_timeout_min_ms
+        )));
+    }
+    if r.snapshot_every == 0 {
+        return Err(ConfigError::Raft("snapshot_every must be positive".into()));
+    }
+    Ok(())
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("skiff-controller").chain(list.iter().copied()))
+            .expect("flags parse")
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "id = 3\ndata_dir = \"/x\"\nrpc_addr = \"127.0.0.1:1\"\n[raft]\nheartbeat_ms = 100\n",
+        )
+        .expect("write");
+        let p = path.to_str().expect("utf8");
+        let c = Config::from_args(args(&["--config", p, "--rpc-addr", "127.0.0.1:2"])).expect("valid");
+        assert_eq!(c.id, 3);
+        assert_eq!(c.rpc_addr, Some("127.0.0.1:2".parse().expect("addr")));
+        assert_eq!(c.raft.heartbeat_ms, 100);
+        assert_eq!(c.formation, Formation::Wait);
+    }
+
+    #[test]
+    fn unknown_file_field_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "id = 1\ndata_dir = \"/x\"\nrpc_adr = \"1.2.3.4:5\"\n").expect("write");
+        let err = Config::from_args(args(&["--config", path.to_str().expect("utf8")]))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("rpc_adr"), "{err}");
+    }
+
+    #[test]
+    fn missing_id_and_bad_ranges() {
+        let err = Config::from_args(args(&["--data-dir", "/x"])).expect_err("no id").to_string();
+        assert!(err.starts_with("id is required"), "{err}");
+        let err = Config::from_args(args(&["--id", "1", "--data-dir", "/x", "--election-timeout-ms", "5"]))
+            .expect_err("bad range")
+            .to_string();
+        assert!(err.contains("MIN-MAX"), "{err}");
+        let err = Config::from_args(args(&["--id", "1", "--data-dir", "/x", "--rpc-addr", "0.0.0.0:7700"]))
+            .expect_err("unspecified")
+            .to_string();
+        assert!(err.contains("specific IP"), "{err}");
+    }
+}

@@ -1,0 +1,245 @@
+//! `skiff-controller`: one member of Skiff's Raft-replicated control plane.
+//!
+//! Code map: [`config`] (flags, env, file), [`datadir`] (the member's identity on disk),
+//! [`raft`] (consensus; the only module that knows openraft), [`state`] (the pure cluster
+//! state machine), [`api`] (gRPC and HTTP), [`metrics`].
+
+pub mod api;
+pub mod config;
+pub mod datadir;
+pub mod metrics;
+pub mod raft;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use skiff_proto::MAX_MESSAGE_BYTES;
+use skiff_proto::v1::cluster_server::ClusterServer;
+use skiff_proto::v1::jobs_server::JobsServer;
+use skiff_proto::v1::raft_internal_server::RaftInternalServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::{ApiContext, ClusterApi, JobsApi};
+use crate::config::{Config, Formation};
+use crate::datadir::{DataDir, DataDirError};
+use crate::metrics::Metrics;
+use crate::raft::{Member, RaftNode, RaftNodeError, RaftService};
+
+/// Why the controller could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Raft(#[from] RaftNodeError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("raft core stopped: {0}")]
+    Fatal(String),
+}
+
+/// A running controller member.
+pub struct Controller {
+    node: RaftNode,
+    rpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    _data_dir: DataDir,
+}
+
+impl Controller {
+    /// Opens the data dir, starts Raft and the servers, and forms or joins the cluster on a
+    /// first start. Returns once the servers are listening.
+    pub async fn start(config: Config) -> Result<Controller, ControllerError> {
+        let data_dir = DataDir::open(
+            &config.data_dir,
+            config.id,
+            config.rpc_addr,
+            config.http_addr,
+            &config.formation,
+        )?;
+        let ident = data_dir.identity.clone();
+        let metrics = Arc::new(Metrics::new());
+        let me = Member {
+            rpc_addr: ident.rpc_addr.to_string(),
+            http_addr: ident.http_addr.to_string(),
+        };
+        let rpc_listener = TcpListener::bind(ident.rpc_addr)
+            .await
+            .map_err(|source| ControllerError::Bind {
+                what: "gRPC",
+                addr: ident.rpc_addr,
+                source,
+            })?;
+        let http_listener = TcpListener::bind(ident.http_addr)
+            .await
+            .map_err(|source| ControllerError::Bind {
+                what: "HTTP",
+                addr: ident.http_addr,
+                source,
+            })?;
+        let rpc_addr = rpc_listener.local_addr().map_err(|source| ControllerError::Bind {
+            what: "gRPC",
+            addr: ident.rpc_addr,
+            source,
+        })?;
+        let http_addr = http_listener.local_addr().map_err(|source| ControllerError::Bind {
+            what: "HTTP",
+            addr: ident.http_addr,
+            source,
+        })?;
+        let node = RaftNode::open(
+            config.id,
+            me,
+            &data_dir.raft_dir(),
+            &config.raft,
+            metrics.apply_seconds.clone(),
+        )
+        .await?;
+        let ctx = ApiContext {
+            node: node.clone(),
+            metrics: metrics.clone(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let grpc = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                RaftInternalServer::new(RaftService::new(node.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                JobsServer::new(JobsApi::new(ctx.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                ClusterServer::new(ClusterApi::new(ctx.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            );
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = grpc
+                .serve_with_incoming_shutdown(TcpListenerStream::new(rpc_listener), shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+        let mut rx = stop_rx.clone();
+        let app = api::router(ctx.clone());
+        tasks.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(http_listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+
+        if !node.is_initialized().await? {
+            match &ident.formation {
+                Formation::Bootstrap => {
+                    node.bootstrap().await?;
+                    tracing::info!(member = config.id, "bootstrapped a new cluster");
+                }
+                Formation::Join(addr) => {
+                    let node2 = node.clone();
+                    let addr = addr.clone();
+                    tasks.push(tokio::spawn(async move {
+                        // Keep trying for as long as the member runs: the cluster may be down.
+                        loop {
+                            match node2.join_via(&addr, Duration::from_secs(30)).await {
+                                Ok(()) => {
+                                    tracing::info!(peer = %addr, "joined the cluster");
+                                    return;
+                                }
+                                Err(RaftNodeError::Membership(m)) => {
+                                    tracing::error!(peer = %addr, error = %m, "join refused");
+                                    return;
+                                }
+                                Err(e) => tracing::warn!(peer = %addr, error = %e, "join failed, retrying"),
+                            }
+                        }
+                    }));
+                }
+                Formation::Wait => {
+                    tracing::info!("not part of a cluster yet: waiting to be added");
+                }
+            }
+        }
+        tracing::info!(member = config.id, %rpc_addr, %http_addr, "controller started");
+        Ok(Controller {
+            node,
+            rpc_addr,
+            http_addr,
+            stop,
+            tasks,
+            _data_dir: data_dir,
+        })
+    }
+
+    pub fn node(&self) -> &RaftNode {
+        &self.node
+    }
+
+    pub fn rpc_addr(&self) -> SocketAddr {
+        self.rpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Resolves with the reason if the Raft core stops on a fatal error (e.g. storage).
+    pub async fn fatal(&self) -> String {
+        self.node.fatal().await
+    }
+
+    /// Stops the servers and the Raft core, and releases the data dir.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.node.shutdown().await;
+    }
+}
+
+/// Runs a controller until SIGINT/SIGTERM (clean exit) or a fatal Raft error (error exit, so
+/// a supervisor restarts the process and it recovers from its data dir).
+pub async fn run(config: Config) -> Result<(), ControllerError> {
+    let controller = Controller::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| ControllerError::Fatal(format!("installing SIGTERM handler: {e}")))?;
+    let res = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        reason = controller.fatal() => Err(ControllerError::Fatal(reason)),
+    };
+    tracing::info!("shutting down");
+    controller.shutdown().await;
+    res
+}

@@ -1,0 +1,132 @@
+//! The controller's Prometheus metrics. The registry is built once in `Controller::start` and
+//! passed to whoever records into it; nothing here is global.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::raft::{Role, Status};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+/// Every metric the controller exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub term: Gauge<u64, AtomicU64>,
+    pub leader_id: Gauge<u64, AtomicU64>,
+    pub is_leader: Gauge<u64, AtomicU64>,
+    pub last_log_index: Gauge<u64, AtomicU64>,
+    pub commit_index: Gauge<u64, AtomicU64>,
+    pub applied_index: Gauge<u64, AtomicU64>,
+    pub snapshot_index: Gauge<u64, AtomicU64>,
+    pub apply_seconds: Histogram,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<MethodLabels, Histogram>,
+}
+
+fn latency_buckets() -> std::vec::IntoIter<f64> {
+    // 50 us .. ~1.6 s
+    exponential_buckets(0.00005, 2.0, 16).collect::<Vec<_>>().into_iter()
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("skiff");
+        let term = Gauge::default();
+        let leader_id = Gauge::default();
+        let is_leader = Gauge::default();
+        let last_log_index = Gauge::default();
+        let commit_index = Gauge::default();
+        let applied_index = Gauge::default();
+        let snapshot_index = Gauge::default();
+        let apply_seconds = Histogram::new(latency_buckets());
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds =
+            Family::<MethodLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register("raft_term", "Current Raft term", term.clone());
+        registry.register("raft_leader_id", "Member id of the known leader (0: none)", leader_id.clone());
+        registry.register("raft_is_leader", "1 if this member is the leader", is_leader.clone());
+        registry.register("raft_last_log_index", "Index of the last log entry", last_log_index.clone());
+        registry.register("raft_commit_index", "Highest committed log index known here", commit_index.clone());
+        registry.register("raft_applied_index", "Highest log index applied to the state machine", applied_index.clone());
+        registry.register("raft_snapshot_index", "Log index of the latest snapshot", snapshot_index.clone());
+        registry.register(
+            "state_apply_duration_seconds",
+            "Time to apply one command to the state machine",
+            apply_seconds.clone(),
+        );
+        registry.register("api_requests", "API requests by method and status code", requests.clone());
+        registry.register(
+            "api_request_duration_seconds",
+            "API request latency by method",
+            request_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            term,
+            leader_id,
+            is_leader,
+            last_log_index,
+            commit_index,
+            applied_index,
+            snapshot_index,
+            apply_seconds,
+            requests,
+            request_seconds,
+        }
+    }
+
+    /// Refreshes the Raft gauges from a status snapshot (done at scrape time).
+    pub fn observe_status(&self, s: &Status) {
+        self.term.set(s.term);
+        self.leader_id.set(s.leader.unwrap_or(0));
+        self.is_leader.set(u64::from(s.role == Role::Leader));
+        self.last_log_index.set(s.last_log_index);
+        self.commit_index.set(s.committed_index);
+        self.applied_index.set(s.applied_index);
+        self.snapshot_index.set(s.snapshot_index);
+    }
+
+    /// Counts one API request.
+    pub fn request(&self, method: &str, code: tonic::Code, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&MethodLabels {
+                method: method.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

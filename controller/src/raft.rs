@@ -1,0 +1,22 @@
+//! Consensus: openraft's type configuration, the durable log (redb), the state-machine
+//! adapter with snapshots, and the tonic network between members.
+//!
+//! **Architecture Invariant:** no openraft type leaves this module. The rest of the
+//! controller uses [`RaftNode`], [`Member`], [`Status`] and friends, so that an openraft
+//! alpha bump changes this module and nothing else.
+
+mod log_store;
+mod network;
+mod node;
+mod server;
+mod state_machine;
+mod types;
+
+pub use network::PeerError;
+pub use node::{MemberInfo, RaftNode, RaftNodeError, RaftSettings, Role, Status};
+pub use server::RaftService;
+pub(crate) use server::node_error_status;
+pub use types::{Member, MemberId};
+
+#[cfg(test)]
+mod tests;

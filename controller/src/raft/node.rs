@@ -1,0 +1,608 @@
+//! [`RaftNode`]: the controller's one handle on consensus. Everything else in the controller
+//! talks to this type and never sees an openraft type.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, Config, Raft, ReadPolicy, ServerState, SnapshotPolicy};
+use prometheus_client::metrics::histogram::Histogram;
+use serde::{Deserialize, Serialize};
+use skiff_proto::v1::AddMemberRequest;
+use tokio::time::{Instant, sleep};
+
+use super::log_store::LogStore;
+use super::network::{Channels, NetworkFactory, PeerError, decode_reply, encode, status_to_peer_error};
+use super::state_machine::{Applied, StateMachineStore};
+use super::types::{Member, MemberId, Request, TypeConfig};
+use crate::state::{ApplyResult, Command};
+
+/// Raft timing and compaction settings. The defaults suit loaded 2-core hosts: openraft's own
+/// (50 ms heartbeat, 150-300 ms election timeout) make a busy host call needless elections.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSettings {
+    /// Leader heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+    /// A follower that hears nothing for a random time in [min, max] ms starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) every this many applied entries.
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, so a lagging follower can often catch up from the
+    /// log instead of needing the snapshot (openraft#1706).
+    pub keep_after_snapshot: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 750,
+            election_timeout_max_ms: 1500,
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+        }
+    }
+}
+
+/// Failures of the consensus layer, as the API sees them.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftNodeError {
+    #[error("opening raft storage in {path}: {source}")]
+    Storage { path: String, source: std::io::Error },
+    #[error("invalid raft settings: {0}")]
+    Settings(String),
+    #[error("no leader is known (the cluster may be electing one or has lost its quorum)")]
+    NoLeader,
+    #[error("the leader could not reach a quorum in time")]
+    NoQuorum,
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+    #[error("the write's outcome is unknown: {0}")]
+    Indeterminate(String),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// A member's role as shown by the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One member's view of itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub id: MemberId,
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<MemberId>,
+    pub last_log_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub fatal: Option<String>,
+}
+
+/// A member of the cluster membership.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: MemberId,
+    pub member: Member,
+    pub voter: bool,
+}
+
+/// The reply to a forwarded write.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Proposed {
+    pub result: ApplyResult,
+    pub index: u64,
+}
+
+/// What a forwarded request got back when the receiver is not the leader either.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum NotLeader {
+    NotLeader { leader: Option<(MemberId, String)> },
+}
+
+struct Inner {
+    id: MemberId,
+    me: Member,
+    raft: Raft<TypeConfig, StateMachineStore>,
+    sm: StateMachineStore,
+    channels: Channels,
+}
+
+/// A controller member's consensus handle. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftNode {
+    inner: Arc<Inner>,
+}
+
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+impl RaftNode {
+    /// Opens this member's storage under `dir` and starts its Raft core.
+    pub async fn open(
+        id: MemberId,
+        me: Member,
+        dir: &Path,
+        settings: &RaftSettings,
+        apply_seconds: Histogram,
+    ) -> Result<Self, RaftNodeError> {
+        let storage_err = |source| RaftNodeError::Storage {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(storage_err)?;
+        let log = LogStore::open(&dir.join("raft-log.redb")).map_err(storage_err)?;
+        let sm = StateMachineStore::open(&dir.join("snapshots"), apply_seconds).map_err(storage_err)?;
+        let config = Config {
+            cluster_name: "skiff".to_string(),
+            heartbeat_interval: settings.heartbeat_ms,
+            election_timeout_min: settings.election_timeout_min_ms,
+            election_timeout_max: settings.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+            max_in_snapshot_log_to_keep: settings.keep_after_snapshot,
+            install_snapshot_timeout: 10_000,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| RaftNodeError::Settings(e.to_string()))?;
+        let channels = Channels::default();
+        let network = NetworkFactory {
+            me: id,
+            channels: channels.clone(),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
+            .await
+            .map_err(|e| RaftNodeError::Fatal(e.to_string()))?;
+        Ok(RaftNode {
+            inner: Arc::new(Inner {
+                id,
+                me,
+                raft,
+                sm,
+                channels,
+            }),
+        })
+    }
+
+    pub fn id(&self) -> MemberId {
+        self.inner.id
+    }
+
+    pub fn me(&self) -> &Member {
+        &self.inner.me
+    }
+
+    pub(crate) fn raft(&self) -> &Raft<TypeConfig, StateMachineStore> {
+        &self.inner.raft
+    }
+
+    /// Whether this member has ever been part of a cluster (has a membership in its log).
+    pub async fn is_initialized(&self) -> Result<bool, RaftNodeError> {
+        self.inner
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| RaftNodeError::Fatal(e.to_string()))
+    }
+
+    /// Makes this member the only voter of a new cluster. Does nothing if it already belongs
+    /// to one.
+    pub async fn bootstrap(&self) -> Result<(), RaftNodeError> {
+        if self.is_initialized().await? {
+            return Ok(());
+        }
+        let members = [(self.inner.id, self.inner.me.clone())].into_iter().collect::<std::collections::BTreeMap<_, _>>();
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(e)) => Err(RaftNodeError::Membership(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(RaftNodeError::Fatal(f.to_string())),
+        }
+    }
+
+    /// Asks the cluster reachable at `addr` to add this member, retrying until `deadline`.
+    pub async fn join_via(&self, addr: &str, deadline: Duration) -> Result<(), RaftNodeError> {
+        let until = Instant::now() + deadline;
+        let req = AddMemberRequest {
+            id: self.inner.id,
+            rpc_addr: self.inner.me.rpc_addr.clone(),
+            http_addr: self.inner.me.http_addr.clone(),
+        };
+        loop {
+            let res = async {
+                let mut client = self.inner.channels.client(addr)?;
+                client
+                    .join(req.clone())
+                    .await
+                    .map_err(|s| status_to_peer_error(addr, s))
+            }
+            .await;
+            match res {
+                Ok(_) => return Ok(()),
+                Err(PeerError::Remote { message, .. }) if message.starts_with("refused:") => {
+                    return Err(RaftNodeError::Membership(message));
+                }
+                Err(e) if Instant::now() >= until => return Err(e.into()),
+                Err(e) => {
+                    tracing::info!(peer = %addr, error = %e, "join not accepted yet, retrying");
+                    sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Commits a command, forwarding it to the leader when this member is not the leader, and
+    /// returns the state machine's result and the log index it was committed at.
+    pub async fn write(&self, command: Command) -> Result<(ApplyResult, u64), RaftNodeError> {
+        let until = Instant::now() + WRITE_DEADLINE;
+        loop {
+            let leader = match self.inner.raft.client_write(Request(command.clone())).await {
+                Ok(resp) => {
+                    let index = resp.log_id.index;
+                    return match resp.data.0 {
+                        Some(r) => Ok((r, index)),
+                        None => Err(RaftNodeError::Indeterminate("no result for a command entry".into())),
+                    };
+                }
+                Err(RaftError::Fatal(f)) => return Err(RaftNodeError::Fatal(f.to_string())),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    f.leader_id.zip(f.leader_node.map(|n| n.rpc_addr))
+                }
+                Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => {
+                    return Err(RaftNodeError::Indeterminate(f.to_string()));
+                }
+                Err(RaftError::APIError(e)) => return Err(RaftNodeError::Membership(e.to_string())),
+            };
+            if let Some((leader_id, addr)) = leader {
+                match self.forward_propose(leader_id, &addr, &command).await {
+                    Ok(Ok(p)) => return Ok((p.result, p.index)),
+                    // The leader moved on: go round again with fresh metrics.
+                    Ok(Err(NotLeader::NotLeader { .. })) => {}
+                    Err(e @ PeerError::Timeout { .. }) => {
+                        return Err(RaftNodeError::Indeterminate(e.to_string()));
+                    }
+                    Err(e) => tracing::debug!(peer = %addr, error = %e, "forwarding write failed"),
+                }
+            }
+            if Instant::now() >= until {
+                return Err(RaftNodeError::NoLeader);
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn forward_propose(
+        &self,
+        leader: MemberId,
+        addr: &str,
+        command: &Command,
+    ) -> Result<Result<Proposed, NotLeader>, PeerError> {
+        let mut client = self.inner.channels.client(addr)?;
+        let mut req = tonic::Request::new(skiff_proto::v1::RaftRequest {
+            target: leader,
+            from: self.inner.id,
+            payload: encode(command),
+        });
+        req.set_timeout(WRITE_DEADLINE);
+        let reply = client
+            .propose(req)
+            .await
+            .map_err(|s| status_to_peer_error(addr, s))?;
+        decode_reply(addr, reply.into_inner())
+    }
+
+    /// Called on the leader for a write forwarded by a follower.
+    pub(crate) async fn propose_local(&self, command: Command) -> Result<Result<Proposed, NotLeader>, RaftNodeError> {
+        match self.inner.raft.client_write(Request(command)).await {
+            Ok(resp) => match resp.data.0 {
+                Some(result) => Ok(Ok(Proposed {
+                    result,
+                    index: resp.log_id.index,
+                })),
+                None => Err(RaftNodeError::Indeterminate("no result for a command entry".into())),
+            },
+            Err(RaftError::Fatal(f)) => Err(RaftNodeError::Fatal(f.to_string())),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Ok(Err(NotLeader::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.rpc_addr)),
+            })),
+            Err(RaftError::APIError(e)) => Err(RaftNodeError::Indeterminate(e.to_string())),
+        }
+    }
+
+    /// Makes the next read of the local state linearizable: gets the read index from the
+    /// leader (a quorum round-trip) and waits until this member has applied up to it.
+    /// Retries while the leader cannot reach a quorum or leadership moves (openraft#1851).
+    pub async fn linearize(&self) -> Result<(), RaftNodeError> {
+        let until = Instant::now() + READ_DEADLINE;
+        loop {
+            let attempt = self.read_index_once().await;
+            let err = match attempt {
+                Ok(index) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    return self
+                        .inner
+                        .raft
+                        .wait(Some(left.max(Duration::from_millis(100))))
+                        .applied_index_at_least(Some(index), "read index")
+                        .await
+                        .map(|_| ())
+                        .map_err(|_| RaftNodeError::Timeout(READ_DEADLINE));
+                }
+                Err(e) => e,
+            };
+            if Instant::now() >= until {
+                return Err(err);
+            }
+            tracing::debug!(error = %err, "read index not available yet, retrying");
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn read_index_once(&self) -> Result<u64, RaftNodeError> {
+        match self.read_index_local().await? {
+            Ok(index) => Ok(index),
+            Err(NotLeader::NotLeader { leader: None }) => Err(RaftNodeError::NoLeader),
+            Err(NotLeader::NotLeader {
+                leader: Some((leader, addr)),
+            }) => {
+                let mut client = self.inner.channels.client(&addr)?;
+                let mut req = tonic::Request::new(skiff_proto::v1::RaftRequest {
+                    target: leader,
+                    from: self.inner.id,
+                    payload: encode(&()),
+                });
+                req.set_timeout(READ_DEADLINE);
+                let reply = client
+                    .read_index(req)
+                    .await
+                    .map_err(|s| status_to_peer_error(&addr, s))?;
+                match decode_reply::<Result<u64, NotLeader>>(&addr, reply.into_inner())? {
+                    Ok(i) => Ok(i),
+                    Err(_) => Err(RaftNodeError::NoLeader),
+                }
+            }
+        }
+    }
+
+    /// The read index if this member is the leader.
+    pub(crate) async fn read_index_local(&self) -> Result<Result<u64, NotLeader>, RaftNodeError> {
+        match self.inner.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
+            Ok(lin) => Ok(Ok(lin.read_log_id().index())),
+            Err(RaftError::Fatal(f)) => Err(RaftNodeError::Fatal(f.to_string())),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Ok(Err(NotLeader::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.rpc_addr)),
+            })),
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => Err(RaftNodeError::NoQuorum),
+        }
+    }
+
+    /// Read access to the applied state. Hold it briefly: applying waits for it.
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
+        self.inner.sm.read()
+    }
+
+    /// This member's view of itself.
+    pub fn status(&self) -> Status {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let role = match m.state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
+        };
+        Status {
+            id: self.inner.id,
+            role,
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed_index: m.cluster_committed.as_ref().or(m.local_committed.as_ref()).map(|l| l.index).unwrap_or(0),
+            applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.as_ref().map(|l| l.index).unwrap_or(0),
+            fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
+        }
+    }
+
+    /// The membership as this member knows it, ordered by id.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<MemberId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, member)| MemberInfo {
+                id: *id,
+                member: member.clone(),
+                voter: voters.contains(id),
+            })
+            .collect()
+    }
+
+    /// The leader's id and address, if known.
+    pub fn leader(&self) -> Option<(MemberId, Member)> {
+        let id = self.status().leader?;
+        let member = self.members().into_iter().find(|m| m.id == id)?.member;
+        Some((id, member))
+    }
+
+    /// Asks a peer for its status.
+    pub async fn peer_status(&self, id: MemberId, addr: &str) -> Result<Status, PeerError> {
+        let mut client = self.inner.channels.client(addr)?;
+        let mut req = tonic::Request::new(skiff_proto::v1::RaftRequest {
+            target: id,
+            from: self.inner.id,
+            payload: encode(&()),
+        });
+        req.set_timeout(Duration::from_secs(1));
+        let reply = client
+            .status(req)
+            .await
+            .map_err(|s| status_to_peer_error(addr, s))?;
+        decode_reply(addr, reply.into_inner())
+    }
+
+    /// Adds a member: as a learner first, promoted to voter once it has caught up. Runs on the
+    /// leader; a follower forwards the request.
+    pub async fn add_member(&self, id: MemberId, member: Member) -> Result<(), RaftNodeError> {
+        if let Some(existing) = self.members().into_iter().find(|m| m.id == id) {
+            if existing.member.rpc_addr != member.rpc_addr {
+                return Err(RaftNodeError::Membership(format!(
+                    "refused: member id {id} already belongs to {} (ids are never reused)",
+                    existing.member.rpc_addr
+                )));
+            }
+            if existing.voter {
+                return Ok(());
+            }
+        }
+        if let Some(forward) = self.forward_target()? {
+            let (leader, addr) = forward;
+            let mut client = self.inner.channels.client(&addr)?;
+            let mut req = tonic::Request::new(AddMemberRequest {
+                id,
+                rpc_addr: member.rpc_addr.clone(),
+                http_addr: member.http_addr.clone(),
+            });
+            req.set_timeout(Duration::from_secs(60));
+            let _ = leader;
+            client
+                .join(req)
+                .await
+                .map_err(|s| status_to_peer_error(&addr, s))?;
+            return Ok(());
+        }
+        // Wait until the leader's own membership is committed before changing it (#1885).
+        let raft = &self.inner.raft;
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| {
+                    m.state == ServerState::Leader
+                        && m.membership_config.log_id() == m.committed_membership_config.log_id()
+                        && m.local_committed.is_some()
+                },
+                "initial membership committed",
+            )
+            .await
+            .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
+        raft.add_learner(id, member, true)
+            .await
+            .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
+        raft.change_membership(ChangeMembers::AddVoterIds([id].into_iter().collect()), false)
+            .await
+            .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
+        tracing::info!(member = id, "member added as voter");
+        Ok(())
+    }
+
+    /// Removes a member (voter or learner). Runs on the leader; a follower forwards it.
+    pub async fn remove_member(&self, id: MemberId) -> Result<(), RaftNodeError> {
+        let Some(existing) = self.members().into_iter().find(|m| m.id == id) else {
+            return Err(RaftNodeError::Membership(format!("refused: member {id} is not in the cluster")));
+        };
+        if existing.voter && self.members().iter().filter(|m| m.voter).count() == 1 {
+            return Err(RaftNodeError::Membership(format!(
+                "refused: member {id} is the last voter"
+            )));
+        }
+        if let Some((leader, addr)) = self.forward_target()? {
+            let mut client = skiff_proto::v1::cluster_client::ClusterClient::new(self.inner.channels.get(&addr)?);
+            let _ = leader;
+            client
+                .remove_member(skiff_proto::v1::RemoveMemberRequest { id })
+                .await
+                .map_err(|s| status_to_peer_error(&addr, s))?;
+            return Ok(());
+        }
+        let change = if existing.voter {
+            ChangeMembers::RemoveVoters([id].into_iter().collect())
+        } else {
+            ChangeMembers::RemoveNodes([id].into_iter().collect())
+        };
+        self.inner
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
+        tracing::info!(member = id, "member removed");
+        Ok(())
+    }
+
+    /// `None` if this member is the leader, else the leader to forward to.
+    fn forward_target(&self) -> Result<Option<(MemberId, String)>, RaftNodeError> {
+        let status = self.status();
+        match status.leader {
+            Some(l) if l == self.inner.id && status.role == Role::Leader => Ok(None),
+            Some(l) => {
+                let addr = self
+                    .members()
+                    .into_iter()
+                    .find(|m| m.id == l)
+                    .map(|m| m.member.rpc_addr)
+                    .ok_or(RaftNodeError::NoLeader)?;
+                Ok(Some((l, addr)))
+            }
+            None => Err(RaftNodeError::NoLeader),
+        }
+    }
+
+    /// Resolves when the Raft core has stopped with a fatal error (e.g. a storage failure).
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            if let Err(e) = &rx.borrow_watched().running_state {
+                return e.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "raft metrics channel closed".to_string();
+            }
+        }
+    }
+
+    /// Triggers a snapshot now (used by tests and operators).
+    pub async fn snapshot_now(&self) -> Result<(), RaftNodeError> {
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| RaftNodeError::Fatal(e.to_string()))
+    }
+
+    /// Stops the Raft core.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}

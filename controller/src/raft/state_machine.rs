@@ -1,0 +1,244 @@
+//! The openraft state-machine adapter around [`ClusterState`], with durable snapshots.
+//!
+//! The state lives in memory. Durability comes from the log plus snapshots: on start the
+//! latest snapshot is loaded from disk and openraft re-applies the log entries after it, so
+//! `applied_state` only ever reports a log id whose effects are durable (in the snapshot or
+//! in the log above it). A snapshot is written to a temp file, fsync'd and renamed into place,
+//! so a crash never leaves half a snapshot behind.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Instant;
+
+use futures::TryStreamExt;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use prometheus_client::metrics::histogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use super::types::{
+    LogId, Request, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
+};
+use crate::state::ClusterState;
+
+const SNAPSHOT_FILE: &str = "snapshot.json";
+
+/// The applied state and the log position it reflects.
+#[derive(Default)]
+pub struct Applied {
+    pub state: ClusterState,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+/// The snapshot file: metadata and the serialized state.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    state: ClusterState,
+}
+
+struct Inner {
+    applied: RwLock<Applied>,
+    /// The latest built or installed snapshot, as sent to followers.
+    current: RwLock<Option<(SnapshotMeta, Arc<SnapshotData>)>>,
+    dir: PathBuf,
+    apply_seconds: Histogram,
+}
+
+/// The state machine. Cheap to clone; clones share the state.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<Inner>,
+}
+
+fn invalid(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
+}
+
+impl StateMachineStore {
+    /// Opens the state machine, loading the latest snapshot in `dir` if there is one.
+    pub fn open(dir: &Path, apply_seconds: Histogram) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(SNAPSHOT_FILE);
+        let (applied, current) = match fs::read(&path) {
+            Ok(bytes) => {
+                let file: SnapshotFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| invalid(&format!("corrupt snapshot {}", path.display()), e))?;
+                let data = serde_json::to_vec(&file.state).map_err(io::Error::other)?;
+                let applied = Applied {
+                    state: file.state,
+                    last_applied: file.meta.last_log_id.clone(),
+                    membership: file.meta.last_membership.clone(),
+                };
+                (applied, Some((file.meta, Arc::new(data))))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Applied::default(), None),
+            Err(e) => return Err(e),
+        };
+        Ok(StateMachineStore {
+            inner: Arc::new(Inner {
+                applied: RwLock::new(applied),
+                current: RwLock::new(current),
+                dir: dir.to_path_buf(),
+                apply_seconds,
+            }),
+        })
+    }
+
+    /// Read access to the applied state.
+    pub fn read(&self) -> RwLockReadGuard<'_, Applied> {
+        // A poisoned lock means a panic while applying; the state may be half-changed, so
+        // there is nothing sane to serve: propagate the panic.
+        self.inner
+            .applied
+            .read()
+            .unwrap_or_else(|_| panic!("state machine lock poisoned"))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.inner
+            .applied
+            .write()
+            .unwrap_or_else(|_| panic!("state machine lock poisoned"))
+    }
+
+    fn set_current(&self, meta: SnapshotMeta, data: Arc<SnapshotData>) {
+        let mut cur = self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(|_| panic!("snapshot lock poisoned"));
+        *cur = Some((meta, data));
+    }
+
+    /// Writes a snapshot durably: temp file, fsync, rename, fsync the directory.
+    fn persist(&self, meta: &SnapshotMeta, state: &ClusterState) -> io::Result<()> {
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            state: state.clone(),
+        };
+        let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
+        let tmp = self.inner.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, self.inner.dir.join(SNAPSHOT_FILE))?;
+        fs::File::open(&self.inner.dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let (meta, state) = {
+                let g = this.read();
+                let meta = SnapshotMeta {
+                    last_log_id: g.last_applied.clone(),
+                    last_membership: g.membership.clone(),
+                };
+                (meta, g.state.clone())
+            };
+            this.persist(&meta, &state)?;
+            let data = serde_json::to_vec(&state).map_err(io::Error::other)?;
+            this.set_current(meta.clone(), Arc::new(data.clone()));
+            tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "snapshot built");
+            Ok(Snapshot {
+                meta,
+                snapshot: data,
+            })
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))?
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let g = self.read();
+        Ok((g.last_applied.clone(), g.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>>
+            + Unpin
+            + OptionalSend,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let response = {
+                let mut g = self.write();
+                g.last_applied = Some(entry.log_id.clone());
+                match entry.payload {
+                    EntryPayload::Blank => Response(None),
+                    EntryPayload::Normal(Request(command)) => {
+                        let started = Instant::now();
+                        let result = g.state.apply(&command);
+                        self.inner
+                            .apply_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        if let Err(e) = &result {
+                            tracing::debug!(command = %command, error = %e, "command refused");
+                        }
+                        Response(Some(result))
+                    }
+                    EntryPayload::Membership(m) => {
+                        g.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                        Response(None)
+                    }
+                }
+            };
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> io::Result<()> {
+        let state: ClusterState =
+            serde_json::from_slice(&snapshot).map_err(|e| invalid("corrupt snapshot received", e))?;
+        let this = self.clone();
+        let meta2 = meta.clone();
+        let state2 = state.clone();
+        tokio::task::spawn_blocking(move || this.persist(&meta2, &state2))
+            .await
+            .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
+        {
+            let mut g = self.write();
+            g.state = state;
+            g.last_applied = meta.last_log_id.clone();
+            g.membership = meta.last_membership.clone();
+        }
+        self.set_current(meta.clone(), Arc::new(snapshot));
+        tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        let cur = self
+            .inner
+            .current
+            .read()
+            .unwrap_or_else(|_| panic!("snapshot lock poisoned"));
+        Ok(cur.as_ref().map(|(meta, data)| Snapshot {
+            meta: meta.clone(),
+            snapshot: data.as_ref().clone(),
+        }))
+    }
+}

@@ -1,0 +1,367 @@
+//! The cluster state as a pure, deterministic state machine.
+//!
+//! **Architecture Invariant:** [`ClusterState::apply`] does no I/O and reads no clock and no
+//! randomness: every input, including timestamps, arrives inside the [`Command`]. Every member
+//! applies the same commands in the same order and so holds the same state. `apply` never
+//! panics on any command; a command that cannot be applied returns an [`ApplyError`] and
+//! leaves the state exactly as it was.
+
+mod model;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use skiff_common::{FieldChange, JobSpec, diff_specs};
+
+pub use model::{
+    Allocation, AllocationStatus, DesiredStatus, Job, JobStatus, JobVersion, Node, NodeResources,
+    NodeStatus,
+};
+
+/// A change to the cluster state, replicated through the Raft log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Create a job or add a version to it.
+    ApplyJob { spec: JobSpec, at_ms: i64 },
+    /// Stop a job: its versions are kept, its allocations are to be stopped.
+    StopJob {
+        namespace: String,
+        name: String,
+        at_ms: i64,
+    },
+    /// Register a node or update its registration.
+    UpsertNode { node: Node },
+    /// Set a node's scheduling status (ready, draining, down).
+    SetNodeStatus {
+        name: String,
+        status: NodeStatus,
+        at_ms: i64,
+    },
+    /// Add allocations decided by the scheduler.
+    PlaceAllocations { allocations: Vec<Allocation> },
+    /// Change an allocation's desired status (e.g. stop it).
+    SetAllocationDesired { id: String, desired: DesiredStatus },
+    /// Record what an agent observed of an allocation.
+    ReportAllocation {
+        id: String,
+        status: AllocationStatus,
+        at_ms: i64,
+    },
+}
+
+impl Command {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::ApplyJob { .. } => "apply_job",
+            Command::StopJob { .. } => "stop_job",
+            Command::UpsertNode { .. } => "upsert_node",
+            Command::SetNodeStatus { .. } => "set_node_status",
+            Command::PlaceAllocations { .. } => "place_allocations",
+            Command::SetAllocationDesired { .. } => "set_allocation_desired",
+            Command::ReportAllocation { .. } => "report_allocation",
+        }
+    }
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::ApplyJob { spec, .. } => write!(f, "apply_job({})", spec.key()),
+            Command::StopJob {
+                namespace, name, ..
+            } => write!(f, "stop_job({namespace}/{name})"),
+            Command::UpsertNode { node } => write!(f, "upsert_node({})", node.name),
+            Command::SetNodeStatus { name, status, .. } => {
+                write!(f, "set_node_status({name}, {status:?})")
+            }
+            Command::PlaceAllocations { allocations } => {
+                write!(f, "place_allocations({})", allocations.len())
+            }
+            Command::SetAllocationDesired { id, desired } => {
+                write!(f, "set_allocation_desired({id}, {desired:?})")
+            }
+            Command::ReportAllocation { id, .. } => write!(f, "report_allocation({id})"),
+        }
+    }
+}
+
+/// What applying a command produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    JobApplied {
+        job: JobSummary,
+        created: bool,
+        changed: bool,
+        changes: Vec<FieldChange>,
+    },
+    JobStopped {
+        job: JobSummary,
+        changed: bool,
+    },
+    NodeUpserted {
+        name: String,
+        created: bool,
+    },
+    NodeStatusSet {
+        name: String,
+        changed: bool,
+    },
+    AllocationsPlaced {
+        count: usize,
+    },
+    AllocationUpdated {
+        id: String,
+    },
+}
+
+/// A command the state machine refused. The state is unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum ApplyError {
+    #[error("job {namespace}/{name} not found")]
+    JobNotFound { namespace: String, name: String },
+    #[error("node {name} not found")]
+    NodeNotFound { name: String },
+    #[error("allocation {id} not found")]
+    AllocationNotFound { id: String },
+    #[error("allocation {id} already exists")]
+    AllocationExists { id: String },
+    #[error("invalid job spec: {message}")]
+    InvalidSpec { message: String },
+    #[error("allocation {id} refers to job {namespace}/{name} version {version}, which does not exist")]
+    UnknownJobVersion {
+        id: String,
+        namespace: String,
+        name: String,
+        version: u64,
+    },
+}
+
+/// The result the state machine returns for one command.
+pub type ApplyResult = Result<Outcome, ApplyError>;
+
+/// A job as the API shows it in lists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub namespace: String,
+    pub name: String,
+    pub version: u64,
+    pub status: JobStatus,
+    pub replicas: u32,
+    pub image: String,
+    pub submitted_at_ms: i64,
+    pub versions: u32,
+}
+
+/// The whole replicated cluster state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Jobs by `namespace/name`.
+    jobs: BTreeMap<String, Job>,
+    /// Nodes by name.
+    nodes: BTreeMap<String, Node>,
+    /// Allocations by id.
+    allocations: BTreeMap<String, Allocation>,
+}
+
+fn job_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl ClusterState {
+    /// Applies one command. Deterministic; on error nothing changed.
+    pub fn apply(&mut self, command: &Command) -> ApplyResult {
+        match command {
+            Command::ApplyJob { spec, at_ms } => self.apply_job(spec, *at_ms),
+            Command::StopJob {
+                namespace,
+                name,
+                at_ms,
+            } => self.stop_job(namespace, name, *at_ms),
+            Command::UpsertNode { node } => {
+                let created = !self.nodes.contains_key(&node.name);
+                self.nodes.insert(node.name.clone(), node.clone());
+                Ok(Outcome::NodeUpserted {
+                    name: node.name.clone(),
+                    created,
+                })
+            }
+            Command::SetNodeStatus {
+                name,
+                status,
+                at_ms,
+            } => {
+                let node = self
+                    .nodes
+                    .get_mut(name)
+                    .ok_or_else(|| ApplyError::NodeNotFound { name: name.clone() })?;
+                let changed = node.status != *status;
+                node.status = *status;
+                if changed {
+                    node.status_changed_at_ms = *at_ms;
+                }
+                Ok(Outcome::NodeStatusSet {
+                    name: name.clone(),
+                    changed,
+                })
+            }
+            Command::PlaceAllocations { allocations } => self.place(allocations),
+            Command::SetAllocationDesired { id, desired } => {
+                let alloc = self
+                    .allocations
+                    .get_mut(id)
+                    .ok_or_else(|| ApplyError::AllocationNotFound { id: id.clone() })?;
+                alloc.desired = *desired;
+                Ok(Outcome::AllocationUpdated { id: id.clone() })
+            }
+            Command::ReportAllocation { id, status, at_ms } => {
+                let alloc = self
+                    .allocations
+                    .get_mut(id)
+                    .ok_or_else(|| ApplyError::AllocationNotFound { id: id.clone() })?;
+                alloc.observe(status.clone(), *at_ms);
+                Ok(Outcome::AllocationUpdated { id: id.clone() })
+            }
+        }
+    }
+
+    fn apply_job(&mut self, spec: &JobSpec, at_ms: i64) -> ApplyResult {
+        // Specs are validated before they are proposed; this guards the log against a member
+        // running older validation rules, without ever panicking.
+        spec.validate().map_err(|e| ApplyError::InvalidSpec {
+            message: e.to_string(),
+        })?;
+        let key = spec.key();
+        match self.jobs.get_mut(&key) {
+            None => {
+                let job = Job::new(spec.clone(), at_ms);
+                let summary = job.summary();
+                self.jobs.insert(key, job);
+                Ok(Outcome::JobApplied {
+                    job: summary,
+                    created: true,
+                    changed: true,
+                    changes: Vec::new(),
+                })
+            }
+            Some(job) => {
+                let latest = job.latest();
+                if latest.spec == *spec && job.status == JobStatus::Running {
+                    return Ok(Outcome::JobApplied {
+                        job: job.summary(),
+                        created: false,
+                        changed: false,
+                        changes: Vec::new(),
+                    });
+                }
+                let changes = diff_specs(&latest.spec, spec);
+                job.push_version(spec.clone(), at_ms);
+                Ok(Outcome::JobApplied {
+                    job: job.summary(),
+                    created: false,
+                    changed: true,
+                    changes,
+                })
+            }
+        }
+    }
+
+    fn stop_job(&mut self, namespace: &str, name: &str, at_ms: i64) -> ApplyResult {
+        let job = self
+            .jobs
+            .get_mut(&job_key(namespace, name))
+            .ok_or_else(|| ApplyError::JobNotFound {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })?;
+        let changed = job.status != JobStatus::Stopped;
+        if changed {
+            job.status = JobStatus::Stopped;
+            job.status_changed_at_ms = at_ms;
+            for alloc in self.allocations.values_mut() {
+                if alloc.namespace == namespace && alloc.job == name {
+                    alloc.desired = DesiredStatus::Stop;
+                }
+            }
+        }
+        Ok(Outcome::JobStopped {
+            job: job.summary(),
+            changed,
+        })
+    }
+
+    fn place(&mut self, allocations: &[Allocation]) -> ApplyResult {
+        // Check everything first so that a bad batch changes nothing.
+        for (i, alloc) in allocations.iter().enumerate() {
+            if self.allocations.contains_key(&alloc.id)
+                || allocations[..i].iter().any(|a| a.id == alloc.id)
+            {
+                return Err(ApplyError::AllocationExists {
+                    id: alloc.id.clone(),
+                });
+            }
+            if !self.nodes.contains_key(&alloc.node) {
+                return Err(ApplyError::NodeNotFound {
+                    name: alloc.node.clone(),
+                });
+            }
+            let known = self
+                .jobs
+                .get(&job_key(&alloc.namespace, &alloc.job))
+                .is_some_and(|j| j.version(alloc.job_version).is_some());
+            if !known {
+                return Err(ApplyError::UnknownJobVersion {
+                    id: alloc.id.clone(),
+                    namespace: alloc.namespace.clone(),
+                    name: alloc.job.clone(),
+                    version: alloc.job_version,
+                });
+            }
+        }
+        for alloc in allocations {
+            self.allocations.insert(alloc.id.clone(), alloc.clone());
+        }
+        Ok(Outcome::AllocationsPlaced {
+            count: allocations.len(),
+        })
+    }
+
+    /// A job by namespace and name.
+    pub fn job(&self, namespace: &str, name: &str) -> Option<&Job> {
+        self.jobs.get(&job_key(namespace, name))
+    }
+
+    /// Every job, ordered by namespace then name; optionally only one namespace.
+    pub fn jobs<'a>(&'a self, namespace: Option<&'a str>) -> impl Iterator<Item = &'a Job> + 'a {
+        self.jobs
+            .values()
+            .filter(move |j| namespace.is_none_or(|ns| j.namespace == ns))
+    }
+
+    /// Every node, ordered by name.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// Allocations of one job, ordered by id.
+    pub fn job_allocations<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a Allocation> + 'a {
+        self.allocations
+            .values()
+            .filter(move |a| a.namespace == namespace && a.job == name)
+    }
+
+    /// Every allocation, ordered by id.
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocations.values()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,193 @@
+//! The records kept in the cluster state: jobs and their versions, nodes, allocations.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use skiff_common::JobSpec;
+
+use super::JobSummary;
+
+/// Whether a job should run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Running,
+    Stopped,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Running => "running",
+            JobStatus::Stopped => "stopped",
+        }
+    }
+}
+
+/// One version of a job's spec. Every version is kept, for history and rollback.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobVersion {
+    pub version: u64,
+    pub spec: JobSpec,
+    pub submitted_at_ms: i64,
+}
+
+/// A job: its versions (oldest first, never empty) and whether it should run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub namespace: String,
+    pub name: String,
+    pub status: JobStatus,
+    pub status_changed_at_ms: i64,
+    versions: Vec<JobVersion>,
+}
+
+impl Job {
+    pub(super) fn new(spec: JobSpec, at_ms: i64) -> Self {
+        Job {
+            namespace: spec.namespace().to_string(),
+            name: spec.name.clone(),
+            status: JobStatus::Running,
+            status_changed_at_ms: at_ms,
+            versions: vec![JobVersion {
+                version: 1,
+                spec,
+                submitted_at_ms: at_ms,
+            }],
+        }
+    }
+
+    pub(super) fn push_version(&mut self, spec: JobSpec, at_ms: i64) {
+        let version = self.latest().version + 1;
+        self.versions.push(JobVersion {
+            version,
+            spec,
+            submitted_at_ms: at_ms,
+        });
+        if self.status != JobStatus::Running {
+            self.status = JobStatus::Running;
+            self.status_changed_at_ms = at_ms;
+        }
+    }
+
+    /// The newest version.
+    pub fn latest(&self) -> &JobVersion {
+        // `versions` is never empty: `new` creates one and nothing removes any.
+        &self.versions[self.versions.len() - 1]
+    }
+
+    /// A version by number.
+    pub fn version(&self, version: u64) -> Option<&JobVersion> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// Every version, oldest first.
+    pub fn versions(&self) -> &[JobVersion] {
+        &self.versions
+    }
+
+    pub fn summary(&self) -> JobSummary {
+        let latest = self.latest();
+        JobSummary {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            version: latest.version,
+            status: self.status,
+            replicas: latest.spec.replicas,
+            image: latest.spec.image.clone(),
+            submitted_at_ms: latest.submitted_at_ms,
+            versions: u32::try_from(self.versions.len()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Resources a node offers to workloads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeResources {
+    /// Cores.
+    pub cpu: f64,
+    /// Bytes.
+    pub memory: u64,
+    pub pids: u32,
+}
+
+/// A node's scheduling status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Ready,
+    Draining,
+    Down,
+}
+
+/// A host running an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub resources: NodeResources,
+    pub status: NodeStatus,
+    pub status_changed_at_ms: i64,
+    pub registered_at_ms: i64,
+}
+
+/// What should happen to an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredStatus {
+    Run,
+    Stop,
+}
+
+/// What an agent last saw of an allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum AllocationStatus {
+    Pending,
+    Running,
+    Exited { code: i32 },
+    Failed { reason: String },
+    Lost,
+}
+
+impl AllocationStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AllocationStatus::Pending => "pending",
+            AllocationStatus::Running => "running",
+            AllocationStatus::Exited { .. } => "exited",
+            AllocationStatus::Failed { .. } => "failed",
+            AllocationStatus::Lost => "lost",
+        }
+    }
+}
+
+/// One replica of one job version placed on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub id: String,
+    pub namespace: String,
+    pub job: String,
+    pub job_version: u64,
+    pub node: String,
+    pub desired: DesiredStatus,
+    pub observed: AllocationStatus,
+    pub restarts: u32,
+    pub created_at_ms: i64,
+    pub observed_at_ms: i64,
+}
+
+impl Allocation {
+    pub(super) fn observe(&mut self, status: AllocationStatus, at_ms: i64) {
+        let restarted = matches!(
+            self.observed,
+            AllocationStatus::Exited { .. } | AllocationStatus::Failed { .. }
+        ) && status == AllocationStatus::Running;
+        if restarted {
+            self.restarts = self.restarts.saturating_add(1);
+        }
+        self.observed = status;
+        self.observed_at_ms = at_ms;
+    }
+}

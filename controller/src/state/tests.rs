@@ -1,0 +1,173 @@
+use skiff_common::{SpecFormat, parse_job_spec};
+
+use super::*;
+
+fn spec(toml: &str) -> JobSpec {
+    parse_job_spec(toml, SpecFormat::Toml).expect("valid spec")
+}
+
+fn web(replicas: u32) -> JobSpec {
+    spec(&format!(
+        "name = \"web\"\nreplicas = {replicas}\nimage = \"127.0.0.1:5000/demo/web:1.0\"\n"
+    ))
+}
+
+fn node(name: &str) -> Node {
+    Node {
+        name: name.into(),
+        address: "198.18.0.2".into(),
+        labels: Default::default(),
+        resources: NodeResources {
+            cpu: 2.0,
+            memory: 1 << 30,
+            pids: 1000,
+        },
+        status: NodeStatus::Ready,
+        status_changed_at_ms: 0,
+        registered_at_ms: 0,
+    }
+}
+
+fn alloc(id: &str, node: &str, version: u64) -> Allocation {
+    Allocation {
+        id: id.into(),
+        namespace: "default".into(),
+        job: "web".into(),
+        job_version: version,
+        node: node.into(),
+        desired: DesiredStatus::Run,
+        observed: AllocationStatus::Pending,
+        restarts: 0,
+        created_at_ms: 5,
+        observed_at_ms: 5,
+    }
+}
+
+#[test]
+fn apply_creates_then_versions_and_unchanged_is_a_no_op() {
+    let mut s = ClusterState::default();
+    let r = s.apply(&Command::ApplyJob { spec: web(1), at_ms: 10 }).expect("apply");
+    let Outcome::JobApplied { job, created, changed, .. } = r else { panic!("{r:?}") };
+    assert!(created && changed);
+    assert_eq!(job.version, 1);
+
+    let before = s.clone();
+    let r = s.apply(&Command::ApplyJob { spec: web(1), at_ms: 20 }).expect("apply");
+    let Outcome::JobApplied { job, created, changed, .. } = r else { panic!("{r:?}") };
+    assert!(!created && !changed);
+    assert_eq!(job.version, 1);
+    assert_eq!(s, before, "an unchanged spec changes nothing");
+
+    let r = s.apply(&Command::ApplyJob { spec: web(3), at_ms: 30 }).expect("apply");
+    let Outcome::JobApplied { job, changed, changes, .. } = r else { panic!("{r:?}") };
+    assert!(changed);
+    assert_eq!(job.version, 2);
+    assert_eq!(job.submitted_at_ms, 30);
+    assert!(changes.iter().any(|c| c.path == "replicas"), "{changes:?}");
+    let j = s.job("default", "web").expect("job");
+    assert_eq!(j.versions().len(), 2, "every version is kept");
+    assert_eq!(j.version(1).expect("v1").spec.replicas, 1);
+}
+
+#[test]
+fn stop_keeps_versions_and_reapply_restarts() {
+    let mut s = ClusterState::default();
+    s.apply(&Command::ApplyJob { spec: web(2), at_ms: 1 }).expect("apply");
+    s.apply(&Command::UpsertNode { node: node("n1") }).expect("node");
+    s.apply(&Command::PlaceAllocations { allocations: vec![alloc("a1", "n1", 1)] }).expect("place");
+    let stop = Command::StopJob { namespace: "default".into(), name: "web".into(), at_ms: 2 };
+    let r = s.apply(&stop).expect("stop");
+    assert!(matches!(r, Outcome::JobStopped { changed: true, .. }));
+    assert_eq!(s.job("default", "web").expect("job").status, JobStatus::Stopped);
+    assert!(s.allocations().all(|a| a.desired == DesiredStatus::Stop));
+    let r = s.apply(&stop).expect("stop twice");
+    assert!(matches!(r, Outcome::JobStopped { changed: false, .. }));
+
+    // Re-applying the same spec to a stopped job runs it again as a new version.
+    let r = s.apply(&Command::ApplyJob { spec: web(2), at_ms: 3 }).expect("apply");
+    let Outcome::JobApplied { job, changed, .. } = r else { panic!("{r:?}") };
+    assert!(changed);
+    assert_eq!(job.version, 2);
+    assert_eq!(job.status, JobStatus::Running);
+}
+
+#[test]
+fn errors_change_nothing() {
+    let mut s = ClusterState::default();
+    s.apply(&Command::ApplyJob { spec: web(1), at_ms: 1 }).expect("apply");
+    s.apply(&Command::UpsertNode { node: node("n1") }).expect("node");
+    let before = s.clone();
+    let err = s
+        .apply(&Command::StopJob { namespace: "default".into(), name: "nope".into(), at_ms: 2 })
+        .expect_err("missing job");
+    assert_eq!(err.to_string(), "job default/nope not found");
+    // One bad allocation in a batch: none of the batch is placed.
+    let err = s
+        .apply(&Command::PlaceAllocations {
+            allocations: vec![alloc("a1", "n1", 1), alloc("a2", "ghost", 1)],
+        })
+        .expect_err("unknown node");
+    assert!(matches!(err, ApplyError::NodeNotFound { .. }));
+    let err = s
+        .apply(&Command::PlaceAllocations { allocations: vec![alloc("a1", "n1", 1), alloc("a1", "n1", 1)] })
+        .expect_err("duplicate");
+    assert!(matches!(err, ApplyError::AllocationExists { .. }));
+    let err = s
+        .apply(&Command::PlaceAllocations { allocations: vec![alloc("a3", "n1", 7)] })
+        .expect_err("unknown version");
+    assert!(matches!(err, ApplyError::UnknownJobVersion { .. }));
+    let err = s
+        .apply(&Command::ReportAllocation { id: "zz".into(), status: AllocationStatus::Running, at_ms: 3 })
+        .expect_err("unknown alloc");
+    assert!(matches!(err, ApplyError::AllocationNotFound { .. }));
+    assert_eq!(s, before);
+}
+
+#[test]
+fn allocation_lifecycle_counts_restarts() {
+    let mut s = ClusterState::default();
+    s.apply(&Command::ApplyJob { spec: web(1), at_ms: 1 }).expect("apply");
+    s.apply(&Command::UpsertNode { node: node("n1") }).expect("node");
+    s.apply(&Command::PlaceAllocations { allocations: vec![alloc("a1", "n1", 1)] }).expect("place");
+    for status in [
+        AllocationStatus::Running,
+        AllocationStatus::Exited { code: 1 },
+        AllocationStatus::Running,
+    ] {
+        s.apply(&Command::ReportAllocation { id: "a1".into(), status, at_ms: 9 }).expect("report");
+    }
+    let a = s.allocations().next().expect("alloc");
+    assert_eq!(a.restarts, 1);
+    assert_eq!(a.observed, AllocationStatus::Running);
+    s.apply(&Command::SetNodeStatus { name: "n1".into(), status: NodeStatus::Draining, at_ms: 10 })
+        .expect("drain");
+    assert_eq!(s.nodes().next().expect("node").status, NodeStatus::Draining);
+}
+
+#[test]
+fn apply_is_deterministic_and_survives_serialization() {
+    let commands = vec![
+        Command::ApplyJob { spec: web(1), at_ms: 1 },
+        Command::UpsertNode { node: node("n1") },
+        Command::PlaceAllocations { allocations: vec![alloc("a1", "n1", 1)] },
+        Command::ApplyJob { spec: web(4), at_ms: 2 },
+        Command::StopJob { namespace: "default".into(), name: "web".into(), at_ms: 3 },
+        Command::StopJob { namespace: "x".into(), name: "y".into(), at_ms: 4 },
+    ];
+    let run = |cmds: &[Command]| {
+        let mut s = ClusterState::default();
+        let results: Vec<_> = cmds.iter().map(|c| s.apply(c)).collect();
+        (s, results)
+    };
+    let (a, ra) = run(&commands);
+    // Commands as they travel in the log: through JSON.
+    let wire: Vec<Command> = commands
+        .iter()
+        .map(|c| serde_json::from_str(&serde_json::to_string(c).expect("ser")).expect("de"))
+        .collect();
+    let (b, rb) = run(&wire);
+    assert_eq!(a, b);
+    assert_eq!(ra, rb);
+    let snap: ClusterState = serde_json::from_str(&serde_json::to_string(&a).expect("ser")).expect("de");
+    assert_eq!(snap, a, "a snapshot round-trips");
+}

@@ -1,0 +1,1 @@
+//! Helpers for end-to-end tests that run the real `skiff-controller` and `skiff` binaries.
