@@ -16,8 +16,16 @@ pub struct Controllers {
 impl Controllers {
     pub fn new(addrs: Vec<String>) -> anyhow::Result<Self> {
         let mut endpoints = Vec::new();
-        for a in addrs.into_iter().map(|a| a.trim().to_string()).filter(|a| !a.is_empty()) {
-            let uri = if a.contains("://") { a.clone() } else { format!("http://{a}") };
+        for a in addrs
+            .into_iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+        {
+            let uri = if a.contains("://") {
+                a.clone()
+            } else {
+                format!("http://{a}")
+            };
             let ep = Endpoint::from_shared(uri)
                 .map_err(|e| anyhow::anyhow!("--controller: {a:?} is not an address: {e}"))?
                 .connect_timeout(Duration::from_secs(2))
@@ -48,7 +56,9 @@ impl Controllers {
             };
             match f(make(channel)).await {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s) if s.code() == Code::Unavailable && tried.len() + 1 < self.endpoints.len() => {
+                Err(s)
+                    if s.code() == Code::Unavailable && tried.len() + 1 < self.endpoints.len() =>
+                {
                     tried.push(format!("{addr}: {}", s.message()));
                 }
                 Err(s) => anyhow::bail!("{}", s.message()),

@@ -15,10 +15,20 @@ use crate::client::Controllers;
 use crate::output::{Out, age, print_table};
 
 #[derive(Parser)]
-#[command(name = "skiff", version, about = "Deploy and inspect workloads on a Skiff cluster")]
+#[command(
+    name = "skiff",
+    version,
+    about = "Deploy and inspect workloads on a Skiff cluster"
+)]
 struct Cli {
     /// Controller gRPC addresses, comma-separated; tried in turn until one answers.
-    #[arg(long, global = true, env = "SKIFF_CONTROLLER", default_value = "127.0.0.1:7700", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "SKIFF_CONTROLLER",
+        default_value = "127.0.0.1:7700",
+        value_delimiter = ','
+    )]
     controller: Vec<String>,
     /// Output format for what a command prints.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
@@ -116,7 +126,9 @@ fn spec_format(path: &std::path::Path) -> pb::SpecFormat {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let ctl = Controllers::new(cli.controller.clone())?;
-    let out = Out { json: cli.output == Format::Json };
+    let out = Out {
+        json: cli.output == Format::Json,
+    };
     match cli.command {
         Cmd::Apply { file } => {
             let spec = read_spec(&file)?;
@@ -124,7 +136,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 spec,
                 format: spec_format(&file) as i32,
             };
-            let resp = ctl.jobs(|mut c| { let r = req.clone(); async move { c.apply_job(r).await } }).await?;
+            let resp = ctl
+                .jobs(|mut c| {
+                    let r = req.clone();
+                    async move { c.apply_job(r).await }
+                })
+                .await?;
             if out.json {
                 return out.json(&output::apply_json(&resp));
             }
@@ -133,9 +150,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if resp.created {
                 println!("job {key} created: version {}", job.version);
             } else if resp.changed {
-                println!("job {key} updated: version {} (was {})", job.version, job.version.saturating_sub(1));
+                println!(
+                    "job {key} updated: version {} (was {})",
+                    job.version,
+                    job.version.saturating_sub(1)
+                );
                 for c in &resp.changes {
-                    println!("  {}: {} -> {}", c.path, c.old.as_deref().unwrap_or("(none)"), c.new.as_deref().unwrap_or("(none)"));
+                    println!(
+                        "  {}: {} -> {}",
+                        c.path,
+                        c.old.as_deref().unwrap_or("(none)"),
+                        c.new.as_deref().unwrap_or("(none)")
+                    );
                 }
             } else {
                 println!("job {key} unchanged: version {}", job.version);
@@ -146,7 +172,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 namespace: namespace.unwrap_or_default(),
                 read: Some(pb::ReadOptions { stale }),
             };
-            let resp = ctl.jobs(|mut c| { let r = req.clone(); async move { c.list_jobs(r).await } }).await?;
+            let resp = ctl
+                .jobs(|mut c| {
+                    let r = req.clone();
+                    async move { c.list_jobs(r).await }
+                })
+                .await?;
             if out.json {
                 return out.json(&resp.jobs.iter().map(output::job_json).collect::<Vec<_>>());
             }
@@ -165,11 +196,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            print_table(&["NAMESPACE", "NAME", "VERSION", "STATUS", "REPLICAS", "IMAGE", "SUBMITTED"], rows);
+            print_table(
+                &[
+                    "NAMESPACE",
+                    "NAME",
+                    "VERSION",
+                    "STATUS",
+                    "REPLICAS",
+                    "IMAGE",
+                    "SUBMITTED",
+                ],
+                rows,
+            );
         }
-        Cmd::Job { command: JobCmd::Status { name, namespace, stale } } => {
-            let req = pb::GetJobRequest { namespace, name, read: Some(pb::ReadOptions { stale }) };
-            let resp = ctl.jobs(|mut c| { let r = req.clone(); async move { c.get_job(r).await } }).await?;
+        Cmd::Job {
+            command:
+                JobCmd::Status {
+                    name,
+                    namespace,
+                    stale,
+                },
+        } => {
+            let req = pb::GetJobRequest {
+                namespace,
+                name,
+                read: Some(pb::ReadOptions { stale }),
+            };
+            let resp = ctl
+                .jobs(|mut c| {
+                    let r = req.clone();
+                    async move { c.get_job(r).await }
+                })
+                .await?;
             if out.json {
                 return out.json(&output::job_detail_json(&resp)?);
             }
@@ -182,7 +240,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("submitted: {} ago", age(job.submitted_at_ms));
             println!();
             println!("versions:");
-            let rows = resp.versions.iter().map(|v| vec![v.version.to_string(), age(v.submitted_at_ms)]).collect();
+            let rows = resp
+                .versions
+                .iter()
+                .map(|v| vec![v.version.to_string(), age(v.submitted_at_ms)])
+                .collect();
             print_table(&["VERSION", "SUBMITTED"], rows);
             println!();
             if resp.allocations.is_empty() {
@@ -191,20 +253,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let rows = resp
                     .allocations
                     .iter()
-                    .map(|a| vec![a.id.clone(), a.job_version.to_string(), a.node.clone(), a.desired.clone(), a.observed.clone()])
+                    .map(|a| {
+                        vec![
+                            a.id.clone(),
+                            a.job_version.to_string(),
+                            a.node.clone(),
+                            a.desired.clone(),
+                            a.observed.clone(),
+                        ]
+                    })
                     .collect();
-                print_table(&["ALLOCATION", "VERSION", "NODE", "DESIRED", "STATUS"], rows);
+                print_table(
+                    &["ALLOCATION", "VERSION", "NODE", "DESIRED", "STATUS"],
+                    rows,
+                );
             }
         }
         Cmd::Stop { name, namespace } => {
             let req = pb::StopJobRequest { namespace, name };
-            let resp = ctl.jobs(|mut c| { let r = req.clone(); async move { c.stop_job(r).await } }).await?;
+            let resp = ctl
+                .jobs(|mut c| {
+                    let r = req.clone();
+                    async move { c.stop_job(r).await }
+                })
+                .await?;
             let job = resp.job.clone().unwrap_or_default();
             if out.json {
-                return out.json(&serde_json::json!({ "job": output::job_json(&job), "changed": resp.changed }));
+                return out.json(
+                    &serde_json::json!({ "job": output::job_json(&job), "changed": resp.changed }),
+                );
             }
             if resp.changed {
-                println!("job {}/{} stopped (version {} kept)", job.namespace, job.name, job.version);
+                println!(
+                    "job {}/{} stopped (version {} kept)",
+                    job.namespace, job.name, job.version
+                );
             } else {
                 println!("job {}/{} was already stopped", job.namespace, job.name);
             }
@@ -223,7 +306,9 @@ async fn cluster(ctl: &Controllers, out: Out, command: ClusterCmd) -> anyhow::Re
             resp.members
         }
         ClusterCmd::Leader => {
-            let resp = ctl.cluster(|mut c| async move { c.leader(pb::LeaderRequest {}).await }).await?;
+            let resp = ctl
+                .cluster(|mut c| async move { c.leader(pb::LeaderRequest {}).await })
+                .await?;
             if out.json {
                 return out.json(&serde_json::json!({ "leader_id": resp.leader_id, "rpc_addr": resp.rpc_addr, "term": resp.term }));
             }
@@ -233,14 +318,29 @@ async fn cluster(ctl: &Controllers, out: Out, command: ClusterCmd) -> anyhow::Re
             println!("{} {} (term {})", resp.leader_id, resp.rpc_addr, resp.term);
             return Ok(());
         }
-        ClusterCmd::Add { id, rpc_addr, http_addr } => {
-            let req = pb::AddMemberRequest { id, rpc_addr, http_addr };
-            ctl.cluster(|mut c| { let r = req.clone(); async move { c.add_member(r).await } }).await?.members
+        ClusterCmd::Add {
+            id,
+            rpc_addr,
+            http_addr,
+        } => {
+            let req = pb::AddMemberRequest {
+                id,
+                rpc_addr,
+                http_addr,
+            };
+            ctl.cluster(|mut c| {
+                let r = req.clone();
+                async move { c.add_member(r).await }
+            })
+            .await?
+            .members
         }
         ClusterCmd::Remove { id } => {
-            ctl.cluster(|mut c| async move { c.remove_member(pb::RemoveMemberRequest { id }).await })
-                .await?
-                .members
+            ctl.cluster(
+                |mut c| async move { c.remove_member(pb::RemoveMemberRequest { id }).await },
+            )
+            .await?
+            .members
         }
     };
     if out.json {

@@ -46,7 +46,10 @@ pub fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
 /// "3m", "2h", "5d" since a Unix-millisecond timestamp.
 pub fn age(ms: i64) -> String {
     let then = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    let secs = SystemTime::now().duration_since(then).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(then)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -81,7 +84,9 @@ pub fn job_detail_json(r: &pb::GetJobResponse) -> anyhow::Result<Value> {
     let mut versions = Vec::new();
     for v in &r.versions {
         let spec: Value = serde_json::from_str(&v.spec_json)?;
-        versions.push(json!({"version": v.version, "submitted_at_ms": v.submitted_at_ms, "spec": spec}));
+        versions.push(
+            json!({"version": v.version, "submitted_at_ms": v.submitted_at_ms, "spec": spec}),
+        );
     }
     Ok(json!({
         "job": r.job.as_ref().map(job_json),

@@ -75,7 +75,11 @@ pub fn now_ms() -> i64 {
 
 impl ApiContext {
     /// Runs a handler, counting it in the request metrics.
-    pub async fn track<T, F>(&self, method: &'static str, f: F) -> Result<tonic::Response<T>, Status>
+    pub async fn track<T, F>(
+        &self,
+        method: &'static str,
+        f: F,
+    ) -> Result<tonic::Response<T>, Status>
     where
         F: Future<Output = Result<T, ApiError>>,
     {
@@ -94,7 +98,10 @@ impl ApiContext {
     }
 
     /// Waits until a read of the local state is linearizable, unless a stale read was asked for.
-    pub async fn read_barrier(&self, read: Option<&skiff_proto::v1::ReadOptions>) -> Result<(), ApiError> {
+    pub async fn read_barrier(
+        &self,
+        read: Option<&skiff_proto::v1::ReadOptions>,
+    ) -> Result<(), ApiError> {
         if read.is_some_and(|r| r.stale) {
             return Ok(());
         }

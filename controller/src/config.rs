@@ -12,7 +12,11 @@ use crate::raft::RaftSettings;
 
 /// Command-line flags (each also readable from a `SKIFF_*` environment variable).
 #[derive(Debug, Default, Parser)]
-#[command(name = "skiff-controller", version, about = "A member of Skiff's replicated control plane")]
+#[command(
+    name = "skiff-controller",
+    version,
+    about = "A member of Skiff's replicated control plane"
+)]
 pub struct Args {
     /// TOML config file; flags and environment override it.
     #[arg(long, env = "SKIFF_CONFIG")]
@@ -89,7 +93,10 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("{0} is required (flag --{0}, env SKIFF_{1}, or `{2}` in the config file)")]
@@ -97,7 +104,10 @@ pub enum ConfigError {
     #[error("id: must be a positive integer")]
     ZeroId,
     #[error("{field}: {addr} is not an address other members can reach; give a specific IP")]
-    Unspecified { field: &'static str, addr: SocketAddr },
+    Unspecified {
+        field: &'static str,
+        addr: SocketAddr,
+    },
     #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 750-1500)")]
     ElectionRange(String),
     #[error("raft: {0}")]
@@ -111,7 +121,10 @@ impl Config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let id = args.id.or(file.id).ok_or(ConfigError::Missing("id", "ID", "id"))?;
+        let id = args
+            .id
+            .or(file.id)
+            .ok_or(ConfigError::Missing("id", "ID", "id"))?;
         if id == 0 {
             return Err(ConfigError::ZeroId);
         }
@@ -218,7 +231,8 @@ mod tests {
         )
         .expect("write");
         let p = path.to_str().expect("utf8");
-        let c = Config::from_args(args(&["--config", p, "--rpc-addr", "127.0.0.1:2"])).expect("valid");
+        let c =
+            Config::from_args(args(&["--config", p, "--rpc-addr", "127.0.0.1:2"])).expect("valid");
         assert_eq!(c.id, 3);
         assert_eq!(c.rpc_addr, Some("127.0.0.1:2".parse().expect("addr")));
         assert_eq!(c.raft.heartbeat_ms, 100);
@@ -229,7 +243,11 @@ mod tests {
     fn unknown_file_field_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "id = 1\ndata_dir = \"/x\"\nrpc_adr = \"1.2.3.4:5\"\n").expect("write");
+        std::fs::write(
+            &path,
+            "id = 1\ndata_dir = \"/x\"\nrpc_adr = \"1.2.3.4:5\"\n",
+        )
+        .expect("write");
         let err = Config::from_args(args(&["--config", path.to_str().expect("utf8")]))
             .expect_err("must fail")
             .to_string();
@@ -238,15 +256,31 @@ mod tests {
 
     #[test]
     fn missing_id_and_bad_ranges() {
-        let err = Config::from_args(args(&["--data-dir", "/x"])).expect_err("no id").to_string();
+        let err = Config::from_args(args(&["--data-dir", "/x"]))
+            .expect_err("no id")
+            .to_string();
         assert!(err.starts_with("id is required"), "{err}");
-        let err = Config::from_args(args(&["--id", "1", "--data-dir", "/x", "--election-timeout-ms", "5"]))
-            .expect_err("bad range")
-            .to_string();
+        let err = Config::from_args(args(&[
+            "--id",
+            "1",
+            "--data-dir",
+            "/x",
+            "--election-timeout-ms",
+            "5",
+        ]))
+        .expect_err("bad range")
+        .to_string();
         assert!(err.contains("MIN-MAX"), "{err}");
-        let err = Config::from_args(args(&["--id", "1", "--data-dir", "/x", "--rpc-addr", "0.0.0.0:7700"]))
-            .expect_err("unspecified")
-            .to_string();
+        let err = Config::from_args(args(&[
+            "--id",
+            "1",
+            "--data-dir",
+            "/x",
+            "--rpc-addr",
+            "0.0.0.0:7700",
+        ]))
+        .expect_err("unspecified")
+        .to_string();
         assert!(err.contains("specific IP"), "{err}");
     }
 }

@@ -33,16 +33,27 @@ pub struct Identity {
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
     #[error("data dir {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("data dir {path} is not empty and is not a skiff controller data dir (no {IDENTITY_FILE})")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "data dir {path} is not empty and is not a skiff controller data dir (no {IDENTITY_FILE})"
+    )]
     Foreign { path: PathBuf },
     #[error("data dir {path}: {IDENTITY_FILE} is unreadable: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("data dir {path} belongs to member {found}, not member {wanted}")]
-    OtherMember { path: PathBuf, found: u64, wanted: u64 },
+    OtherMember {
+        path: PathBuf,
+        found: u64,
+        wanted: u64,
+    },
     #[error("data dir {path} is in use by another process")]
     Locked { path: PathBuf },
-    #[error("data dir {path}: member {id} was created with {field} {was}; changing it is not supported (remove the member and add a new one)")]
+    #[error(
+        "data dir {path}: member {id} was created with {field} {was}; changing it is not supported (remove the member and add a new one)"
+    )]
     AddressChanged {
         path: PathBuf,
         id: u64,
@@ -144,7 +155,8 @@ impl DataDir {
                     format: FORMAT,
                     id,
                     rpc_addr: rpc_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700))),
-                    http_addr: http_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7780))),
+                    http_addr: http_addr
+                        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7780))),
                     formation: formation.clone(),
                 };
                 write_atomic(path, IDENTITY_FILE, &identity).map_err(io)?;
@@ -200,12 +212,20 @@ mod tests {
         assert_eq!(d.identity.formation, Formation::Bootstrap);
         drop(d);
         let err = DataDir::open(&dir, 5, None, None, &Formation::Wait).expect_err("other member");
-        assert!(err.to_string().contains("belongs to member 4, not member 5"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("belongs to member 4, not member 5"),
+            "{err}"
+        );
 
         let foreign = tmp.path().join("f");
         fs::create_dir_all(&foreign).expect("mkdir");
         fs::write(foreign.join("something"), b"x").expect("write");
-        let err = DataDir::open(&foreign, 1, None, None, &Formation::Bootstrap).expect_err("foreign");
-        assert!(err.to_string().contains("not a skiff controller data dir"), "{err}");
+        let err =
+            DataDir::open(&foreign, 1, None, None, &Formation::Bootstrap).expect_err("foreign");
+        assert!(
+            err.to_string().contains("not a skiff controller data dir"),
+            "{err}"
+        );
     }
 }

@@ -74,30 +74,36 @@ impl Controller {
             rpc_addr: ident.rpc_addr.to_string(),
             http_addr: ident.http_addr.to_string(),
         };
-        let rpc_listener = TcpListener::bind(ident.rpc_addr)
-            .await
+        let rpc_listener =
+            TcpListener::bind(ident.rpc_addr)
+                .await
+                .map_err(|source| ControllerError::Bind {
+                    what: "gRPC",
+                    addr: ident.rpc_addr,
+                    source,
+                })?;
+        let http_listener =
+            TcpListener::bind(ident.http_addr)
+                .await
+                .map_err(|source| ControllerError::Bind {
+                    what: "HTTP",
+                    addr: ident.http_addr,
+                    source,
+                })?;
+        let rpc_addr = rpc_listener
+            .local_addr()
             .map_err(|source| ControllerError::Bind {
                 what: "gRPC",
                 addr: ident.rpc_addr,
                 source,
             })?;
-        let http_listener = TcpListener::bind(ident.http_addr)
-            .await
+        let http_addr = http_listener
+            .local_addr()
             .map_err(|source| ControllerError::Bind {
                 what: "HTTP",
                 addr: ident.http_addr,
                 source,
             })?;
-        let rpc_addr = rpc_listener.local_addr().map_err(|source| ControllerError::Bind {
-            what: "gRPC",
-            addr: ident.rpc_addr,
-            source,
-        })?;
-        let http_addr = http_listener.local_addr().map_err(|source| ControllerError::Bind {
-            what: "HTTP",
-            addr: ident.http_addr,
-            source,
-        })?;
         let node = RaftNode::open(
             config.id,
             me,

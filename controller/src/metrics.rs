@@ -40,7 +40,9 @@ pub struct Metrics {
 
 fn latency_buckets() -> std::vec::IntoIter<f64> {
     // 50 us .. ~1.6 s
-    exponential_buckets(0.00005, 2.0, 16).collect::<Vec<_>>().into_iter()
+    exponential_buckets(0.00005, 2.0, 16)
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 impl Metrics {
@@ -55,21 +57,50 @@ impl Metrics {
         let snapshot_index = Gauge::default();
         let apply_seconds = Histogram::new(latency_buckets());
         let requests = Family::<RequestLabels, Counter>::default();
-        let request_seconds =
-            Family::<MethodLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let request_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
         registry.register("raft_term", "Current Raft term", term.clone());
-        registry.register("raft_leader_id", "Member id of the known leader (0: none)", leader_id.clone());
-        registry.register("raft_is_leader", "1 if this member is the leader", is_leader.clone());
-        registry.register("raft_last_log_index", "Index of the last log entry", last_log_index.clone());
-        registry.register("raft_commit_index", "Highest committed log index known here", commit_index.clone());
-        registry.register("raft_applied_index", "Highest log index applied to the state machine", applied_index.clone());
-        registry.register("raft_snapshot_index", "Log index of the latest snapshot", snapshot_index.clone());
+        registry.register(
+            "raft_leader_id",
+            "Member id of the known leader (0: none)",
+            leader_id.clone(),
+        );
+        registry.register(
+            "raft_is_leader",
+            "1 if this member is the leader",
+            is_leader.clone(),
+        );
+        registry.register(
+            "raft_last_log_index",
+            "Index of the last log entry",
+            last_log_index.clone(),
+        );
+        registry.register(
+            "raft_commit_index",
+            "Highest committed log index known here",
+            commit_index.clone(),
+        );
+        registry.register(
+            "raft_applied_index",
+            "Highest log index applied to the state machine",
+            applied_index.clone(),
+        );
+        registry.register(
+            "raft_snapshot_index",
+            "Log index of the latest snapshot",
+            snapshot_index.clone(),
+        );
         registry.register(
             "state_apply_duration_seconds",
             "Time to apply one command to the state machine",
             apply_seconds.clone(),
         );
-        registry.register("api_requests", "API requests by method and status code", requests.clone());
+        registry.register(
+            "api_requests",
+            "API requests by method and status code",
+            requests.clone(),
+        );
         registry.register(
             "api_request_duration_seconds",
             "API request latency by method",

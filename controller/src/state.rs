@@ -131,7 +131,9 @@ pub enum ApplyError {
     AllocationExists { id: String },
     #[error("invalid job spec: {message}")]
     InvalidSpec { message: String },
-    #[error("allocation {id} refers to job {namespace}/{name} version {version}, which does not exist")]
+    #[error(
+        "allocation {id} refers to job {namespace}/{name} version {version}, which does not exist"
+    )]
     UnknownJobVersion {
         id: String,
         namespace: String,

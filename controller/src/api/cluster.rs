@@ -31,17 +31,24 @@ impl ClusterApi {
                 let status = if m.id == node.id() {
                     Ok(node.status())
                 } else {
-                    tokio::time::timeout(Duration::from_secs(1), node.peer_status(m.id, &m.member.rpc_addr))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(crate::raft::PeerError::Timeout {
-                                addr: m.member.rpc_addr.clone(),
-                            })
+                    tokio::time::timeout(
+                        Duration::from_secs(1),
+                        node.peer_status(m.id, &m.member.rpc_addr),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(crate::raft::PeerError::Timeout {
+                            addr: m.member.rpc_addr.clone(),
                         })
+                    })
                 };
                 let (role, applied, term) = match status {
                     Ok(s) => {
-                        let role = if !m.voter && s.role != Role::Leader { Role::Learner } else { s.role };
+                        let role = if !m.voter && s.role != Role::Leader {
+                            Role::Learner
+                        } else {
+                            s.role
+                        };
                         (role.as_str().to_string(), s.applied_index, s.term)
                     }
                     Err(_) => ("unreachable".to_string(), 0, 0),
@@ -63,7 +70,10 @@ impl ClusterApi {
 
 #[tonic::async_trait]
 impl Cluster for ClusterApi {
-    async fn list_members(&self, _req: Request<pb::ListMembersRequest>) -> Result<Response<pb::ListMembersResponse>, Status> {
+    async fn list_members(
+        &self,
+        _req: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
         self.ctx
             .track("ListMembers", async {
                 let status = self.ctx.node.status();
@@ -76,7 +86,10 @@ impl Cluster for ClusterApi {
             .await
     }
 
-    async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::AddMemberResponse>, Status> {
+    async fn add_member(
+        &self,
+        req: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::AddMemberResponse>, Status> {
         let req = req.into_inner();
         self.ctx
             .track("AddMember", async {
@@ -89,7 +102,10 @@ impl Cluster for ClusterApi {
             .await
     }
 
-    async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         let req = req.into_inner();
         self.ctx
             .track("RemoveMember", async {
@@ -101,7 +117,10 @@ impl Cluster for ClusterApi {
             .await
     }
 
-    async fn leader(&self, _req: Request<pb::LeaderRequest>) -> Result<Response<pb::LeaderResponse>, Status> {
+    async fn leader(
+        &self,
+        _req: Request<pb::LeaderRequest>,
+    ) -> Result<Response<pb::LeaderResponse>, Status> {
         self.ctx
             .track("Leader", async {
                 let status = self.ctx.node.status();

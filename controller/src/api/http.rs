@@ -21,14 +21,20 @@ pub fn router(ctx: ApiContext) -> Router {
 async fn healthz(State(ctx): State<ApiContext>) -> impl IntoResponse {
     match ctx.node.status().fatal {
         None => (StatusCode::OK, "ok\n".to_string()),
-        Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}\n")),
+        Some(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("raft stopped: {e}\n"),
+        ),
     }
 }
 
 async fn readyz(State(ctx): State<ApiContext>) -> impl IntoResponse {
     let s = ctx.node.status();
     if let Some(e) = s.fatal {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}\n"));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("raft stopped: {e}\n"),
+        );
     }
     let Some(leader) = s.leader else {
         return (StatusCode::SERVICE_UNAVAILABLE, "no leader\n".to_string());
@@ -36,7 +42,10 @@ async fn readyz(State(ctx): State<ApiContext>) -> impl IntoResponse {
     if s.applied_index < s.committed_index {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("applied {} of {} committed\n", s.applied_index, s.committed_index),
+            format!(
+                "applied {} of {} committed\n",
+                s.applied_index, s.committed_index
+            ),
         );
     }
     (
@@ -48,7 +57,10 @@ async fn readyz(State(ctx): State<ApiContext>) -> impl IntoResponse {
 async fn metrics(State(ctx): State<ApiContext>) -> impl IntoResponse {
     ctx.metrics.observe_status(&ctx.node.status());
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         ctx.metrics.encode(),
     )
 }

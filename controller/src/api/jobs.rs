@@ -71,7 +71,10 @@ fn unexpected(outcome: Outcome) -> ApiError {
 
 #[tonic::async_trait]
 impl Jobs for JobsApi {
-    async fn apply_job(&self, req: Request<pb::ApplyJobRequest>) -> Result<Response<pb::ApplyJobResponse>, Status> {
+    async fn apply_job(
+        &self,
+        req: Request<pb::ApplyJobRequest>,
+    ) -> Result<Response<pb::ApplyJobResponse>, Status> {
         let req = req.into_inner();
         self.ctx
             .track("ApplyJob", async {
@@ -85,13 +88,21 @@ impl Jobs for JobsApi {
                     Ok(pb::SpecFormat::Toml) => SpecFormat::Toml,
                     Ok(pb::SpecFormat::Json) => SpecFormat::Json,
                     Ok(pb::SpecFormat::Auto) => SpecFormat::Auto,
-                    Err(_) => return Err(ApiError::BadRequest(format!("format: unknown value {}", req.format))),
+                    Err(_) => {
+                        return Err(ApiError::BadRequest(format!(
+                            "format: unknown value {}",
+                            req.format
+                        )));
+                    }
                 };
                 let spec = parse_job_spec(&req.spec, format)?;
                 let (result, _index) = self
                     .ctx
                     .node
-                    .write(Command::ApplyJob { spec, at_ms: now_ms() })
+                    .write(Command::ApplyJob {
+                        spec,
+                        at_ms: now_ms(),
+                    })
                     .await?;
                 match result? {
                     Outcome::JobApplied {
@@ -118,7 +129,10 @@ impl Jobs for JobsApi {
             .await
     }
 
-    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::GetJobResponse>, Status> {
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
         let req = req.into_inner();
         self.ctx
             .track("GetJob", async {
@@ -141,7 +155,10 @@ impl Jobs for JobsApi {
             .await
     }
 
-    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let req = req.into_inner();
         self.ctx
             .track("ListJobs", async {
@@ -149,13 +166,20 @@ impl Jobs for JobsApi {
                 let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
                 let applied = self.ctx.node.state();
                 Ok(pb::ListJobsResponse {
-                    jobs: applied.state.jobs(ns).map(|j| summary_pb(&j.summary())).collect(),
+                    jobs: applied
+                        .state
+                        .jobs(ns)
+                        .map(|j| summary_pb(&j.summary()))
+                        .collect(),
                 })
             })
             .await
     }
 
-    async fn stop_job(&self, req: Request<pb::StopJobRequest>) -> Result<Response<pb::StopJobResponse>, Status> {
+    async fn stop_job(
+        &self,
+        req: Request<pb::StopJobRequest>,
+    ) -> Result<Response<pb::StopJobResponse>, Status> {
         let req = req.into_inner();
         self.ctx
             .track("StopJob", async {

@@ -12,8 +12,8 @@ use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
 
-use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::types::{Entry, LogId, TypeConfig, Vote};
@@ -72,7 +72,10 @@ impl LogStore {
             .map_err(|e| io::Error::other(format!("log store task failed: {e}")))?
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        db: &Database,
+        key: &str,
+    ) -> io::Result<Option<T>> {
         let txn = db.begin_read().map_err(io_err)?;
         let table = txn.open_table(META).map_err(io_err)?;
         match table.get(key).map_err(io_err)? {
@@ -224,7 +227,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let mut meta = txn.open_table(META).map_err(io_err)?;
                 meta.insert(KEY_PURGED, bytes.as_slice()).map_err(io_err)?;
                 let mut table = txn.open_table(LOG).map_err(io_err)?;
-                table.retain_in(..=log_id.index, |_, _| false).map_err(io_err)?;
+                table
+                    .retain_in(..=log_id.index, |_, _| false)
+                    .map_err(io_err)?;
             }
             txn.commit().map_err(io_err)
         })

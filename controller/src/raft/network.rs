@@ -6,12 +6,16 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable};
+use openraft::error::{
+    NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::{OptionalSend, RaftNetworkV2};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use skiff_proto::v1::raft_internal_client::RaftInternalClient;
 use skiff_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
 use tonic::transport::{Channel, Endpoint};
@@ -66,10 +70,11 @@ impl Channels {
     /// A channel of its own (not cached): snapshots use one so a large transfer never
     /// delays heartbeats on the shared connection.
     pub fn fresh(addr: &str) -> Result<Channel, PeerError> {
-        let ep = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| PeerError::BadAddress {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
+        let ep =
+            Endpoint::from_shared(format!("http://{addr}")).map_err(|e| PeerError::BadAddress {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
         Ok(ep
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
@@ -157,9 +162,9 @@ pub struct PeerClient {
 fn to_rpc_error(e: PeerError) -> RPCError<TypeConfig> {
     match e {
         PeerError::Timeout { .. }
-        | PeerError::Unreachable { .. } | PeerError::BadAddress { .. } | PeerError::Remote { .. } => {
-            RPCError::Unreachable(Unreachable::new(&e))
-        }
+        | PeerError::Unreachable { .. }
+        | PeerError::BadAddress { .. }
+        | PeerError::Remote { .. } => RPCError::Unreachable(Unreachable::new(&e)),
         PeerError::Decode { .. } => RPCError::Network(NetworkError::new(&e)),
     }
 }
@@ -190,7 +195,12 @@ impl PeerClient {
         req
     }
 
-    async fn call<Req, Resp, F, Fut>(&self, body: &Req, option: &RPCOption, f: F) -> Result<Resp, PeerError>
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        body: &Req,
+        option: &RPCOption,
+        f: F,
+    ) -> Result<Resp, PeerError>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -214,17 +224,19 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await })
-            .await
-            .map_err(|e| match e {
-                PeerError::Timeout { .. } => RPCError::Timeout(Timeout {
-                    action: openraft::network::RPCTypes::AppendEntries,
-                    id: self.me,
-                    target: self.target,
-                    timeout: option.soft_ttl(),
-                }),
-                e => to_rpc_error(e),
-            })
+        self.call(&rpc, &option, |mut c, r| async move {
+            c.append_entries(r).await
+        })
+        .await
+        .map_err(|e| match e {
+            PeerError::Timeout { .. } => RPCError::Timeout(Timeout {
+                action: openraft::network::RPCTypes::AppendEntries,
+                id: self.me,
+                target: self.target,
+                timeout: option.soft_ttl(),
+            }),
+            e => to_rpc_error(e),
+        })
     }
 
     async fn vote(
@@ -254,7 +266,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let mut client = self.client().map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = self
+            .client()
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
         let header = encode(&(vote, snapshot.meta.clone()));
         let data = snapshot.snapshot;
         let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK + 1);

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, Config, Raft, ReadPolicy, ServerState, SnapshotPolicy};
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,9 @@ use skiff_proto::v1::AddMemberRequest;
 use tokio::time::{Instant, sleep};
 
 use super::log_store::LogStore;
-use super::network::{Channels, NetworkFactory, PeerError, decode_reply, encode, status_to_peer_error};
+use super::network::{
+    Channels, NetworkFactory, PeerError, decode_reply, encode, status_to_peer_error,
+};
 use super::state_machine::{Applied, StateMachineStore};
 use super::types::{Member, MemberId, Request, TypeConfig};
 use crate::state::{ApplyResult, Command};
@@ -53,7 +55,10 @@ impl Default for RaftSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum RaftNodeError {
     #[error("opening raft storage in {path}: {source}")]
-    Storage { path: String, source: std::io::Error },
+    Storage {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid raft settings: {0}")]
     Settings(String),
     #[error("no leader is known (the cluster may be electing one or has lost its quorum)")]
@@ -162,7 +167,8 @@ impl RaftNode {
         };
         std::fs::create_dir_all(dir).map_err(storage_err)?;
         let log = LogStore::open(&dir.join("raft-log.redb")).map_err(storage_err)?;
-        let sm = StateMachineStore::open(&dir.join("snapshots"), apply_seconds).map_err(storage_err)?;
+        let sm =
+            StateMachineStore::open(&dir.join("snapshots"), apply_seconds).map_err(storage_err)?;
         let config = Config {
             cluster_name: "skiff".to_string(),
             heartbeat_interval: settings.heartbeat_ms,
@@ -222,7 +228,9 @@ impl RaftNode {
         if self.is_initialized().await? {
             return Ok(());
         }
-        let members = [(self.inner.id, self.inner.me.clone())].into_iter().collect::<std::collections::BTreeMap<_, _>>();
+        let members = [(self.inner.id, self.inner.me.clone())]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>();
         match self.inner.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(e)) => Err(RaftNodeError::Membership(e.to_string())),
@@ -271,7 +279,9 @@ impl RaftNode {
                     let index = resp.log_id.index;
                     return match resp.data.0 {
                         Some(r) => Ok((r, index)),
-                        None => Err(RaftNodeError::Indeterminate("no result for a command entry".into())),
+                        None => Err(RaftNodeError::Indeterminate(
+                            "no result for a command entry".into(),
+                        )),
                     };
                 }
                 Err(RaftError::Fatal(f)) => return Err(RaftNodeError::Fatal(f.to_string())),
@@ -281,7 +291,9 @@ impl RaftNode {
                 Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => {
                     return Err(RaftNodeError::Indeterminate(f.to_string()));
                 }
-                Err(RaftError::APIError(e)) => return Err(RaftNodeError::Membership(e.to_string())),
+                Err(RaftError::APIError(e)) => {
+                    return Err(RaftNodeError::Membership(e.to_string()));
+                }
             };
             if let Some((leader_id, addr)) = leader {
                 match self.forward_propose(leader_id, &addr, &command).await {
@@ -322,19 +334,26 @@ impl RaftNode {
     }
 
     /// Called on the leader for a write forwarded by a follower.
-    pub(crate) async fn propose_local(&self, command: Command) -> Result<Result<Proposed, NotLeader>, RaftNodeError> {
+    pub(crate) async fn propose_local(
+        &self,
+        command: Command,
+    ) -> Result<Result<Proposed, NotLeader>, RaftNodeError> {
         match self.inner.raft.client_write(Request(command)).await {
             Ok(resp) => match resp.data.0 {
                 Some(result) => Ok(Ok(Proposed {
                     result,
                     index: resp.log_id.index,
                 })),
-                None => Err(RaftNodeError::Indeterminate("no result for a command entry".into())),
+                None => Err(RaftNodeError::Indeterminate(
+                    "no result for a command entry".into(),
+                )),
             },
             Err(RaftError::Fatal(f)) => Err(RaftNodeError::Fatal(f.to_string())),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Ok(Err(NotLeader::NotLeader {
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.rpc_addr)),
-            })),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Ok(Err(NotLeader::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node.map(|n| n.rpc_addr)),
+                }))
+            }
             Err(RaftError::APIError(e)) => Err(RaftNodeError::Indeterminate(e.to_string())),
         }
     }
@@ -396,13 +415,22 @@ impl RaftNode {
 
     /// The read index if this member is the leader.
     pub(crate) async fn read_index_local(&self) -> Result<Result<u64, NotLeader>, RaftNodeError> {
-        match self.inner.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
+        match self
+            .inner
+            .raft
+            .get_read_linearizer(ReadPolicy::ReadIndex)
+            .await
+        {
             Ok(lin) => Ok(Ok(lin.read_log_id().index())),
             Err(RaftError::Fatal(f)) => Err(RaftNodeError::Fatal(f.to_string())),
-            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Ok(Err(NotLeader::NotLeader {
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.rpc_addr)),
-            })),
-            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => Err(RaftNodeError::NoQuorum),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+                Ok(Err(NotLeader::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node.map(|n| n.rpc_addr)),
+                }))
+            }
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_))) => {
+                Err(RaftNodeError::NoQuorum)
+            }
         }
     }
 
@@ -427,7 +455,12 @@ impl RaftNode {
             term: m.current_term,
             leader: m.current_leader,
             last_log_index: m.last_log_index.unwrap_or(0),
-            committed_index: m.cluster_committed.as_ref().or(m.local_committed.as_ref()).map(|l| l.index).unwrap_or(0),
+            committed_index: m
+                .cluster_committed
+                .as_ref()
+                .or(m.local_committed.as_ref())
+                .map(|l| l.index)
+                .unwrap_or(0),
             applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
             snapshot_index: m.snapshot.as_ref().map(|l| l.index).unwrap_or(0),
             fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
@@ -518,9 +551,12 @@ impl RaftNode {
         raft.add_learner(id, member, true)
             .await
             .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
-        raft.change_membership(ChangeMembers::AddVoterIds([id].into_iter().collect()), false)
-            .await
-            .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
+        raft.change_membership(
+            ChangeMembers::AddVoterIds([id].into_iter().collect()),
+            false,
+        )
+        .await
+        .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
         tracing::info!(member = id, "member added as voter");
         Ok(())
     }
@@ -528,7 +564,9 @@ impl RaftNode {
     /// Removes a member (voter or learner). Runs on the leader; a follower forwards it.
     pub async fn remove_member(&self, id: MemberId) -> Result<(), RaftNodeError> {
         let Some(existing) = self.members().into_iter().find(|m| m.id == id) else {
-            return Err(RaftNodeError::Membership(format!("refused: member {id} is not in the cluster")));
+            return Err(RaftNodeError::Membership(format!(
+                "refused: member {id} is not in the cluster"
+            )));
         };
         if existing.voter && self.members().iter().filter(|m| m.voter).count() == 1 {
             return Err(RaftNodeError::Membership(format!(
@@ -536,7 +574,9 @@ impl RaftNode {
             )));
         }
         if let Some((leader, addr)) = self.forward_target()? {
-            let mut client = skiff_proto::v1::cluster_client::ClusterClient::new(self.inner.channels.get(&addr)?);
+            let mut client = skiff_proto::v1::cluster_client::ClusterClient::new(
+                self.inner.channels.get(&addr)?,
+            );
             let _ = leader;
             client
                 .remove_member(skiff_proto::v1::RemoveMemberRequest { id })

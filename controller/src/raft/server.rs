@@ -39,7 +39,8 @@ impl RaftService {
     fn open<T: serde::de::DeserializeOwned>(&self, req: Request<RaftRequest>) -> Result<T, Status> {
         let req = req.into_inner();
         self.check_target(req.target)?;
-        decode(&req.payload).map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
+        decode(&req.payload)
+            .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
     }
 }
 
@@ -69,7 +70,10 @@ pub(crate) fn node_error_status(e: RaftNodeError) -> Status {
 
 #[tonic::async_trait]
 impl RaftInternal for RaftService {
-    async fn append_entries(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = self.open(req)?;
         match self.node.raft().append_entries(rpc).await {
             Ok(r) => ok(&r),
@@ -93,7 +97,10 @@ impl RaftInternal for RaftService {
         }
     }
 
-    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftReply>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
         let mut stream = req.into_inner();
         let mut header: Option<(Vote, SnapshotMeta)> = None;
         let mut data = Vec::new();
@@ -101,10 +108,9 @@ impl RaftInternal for RaftService {
             let chunk = chunk?;
             if header.is_none() {
                 self.check_target(chunk.target)?;
-                header = Some(
-                    decode(&chunk.header)
-                        .map_err(|e| Status::invalid_argument(format!("malformed snapshot header: {e}")))?,
-                );
+                header = Some(decode(&chunk.header).map_err(|e| {
+                    Status::invalid_argument(format!("malformed snapshot header: {e}"))
+                })?);
             }
             if data.len() + chunk.data.len() > MAX_SNAPSHOT_BYTES {
                 return Err(Status::resource_exhausted(format!(
@@ -116,7 +122,10 @@ impl RaftInternal for RaftService {
         let Some((vote, meta)) = header else {
             return Err(Status::invalid_argument("empty snapshot stream"));
         };
-        let snapshot = openraft::Snapshot { meta, snapshot: data };
+        let snapshot = openraft::Snapshot {
+            meta,
+            snapshot: data,
+        };
         match self.node.raft().install_full_snapshot(vote, snapshot).await {
             Ok(r) => ok(&r),
             Err(e) => err(e.to_string()),
@@ -144,7 +153,10 @@ impl RaftInternal for RaftService {
         ok(&self.node.status())
     }
 
-    async fn join(&self, req: Request<AddMemberRequest>) -> Result<Response<AddMemberResponse>, Status> {
+    async fn join(
+        &self,
+        req: Request<AddMemberRequest>,
+    ) -> Result<Response<AddMemberResponse>, Status> {
         let req = req.into_inner();
         let member = crate::api::validate_member(&req).map_err(Status::invalid_argument)?;
         self.node

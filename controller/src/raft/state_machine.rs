@@ -172,9 +172,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
     where
-        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>>
-            + Unpin
-            + OptionalSend,
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         while let Some((entry, responder)) = entries.try_next().await? {
             let response = {
@@ -210,9 +208,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> io::Result<()> {
-        let state: ClusterState =
-            serde_json::from_slice(&snapshot).map_err(|e| invalid("corrupt snapshot received", e))?;
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
+        let state: ClusterState = serde_json::from_slice(&snapshot)
+            .map_err(|e| invalid("corrupt snapshot received", e))?;
         let this = self.clone();
         let meta2 = meta.clone();
         let state2 = state.clone();

@@ -46,20 +46,59 @@ fn alloc(id: &str, node: &str, version: u64) -> Allocation {
 #[test]
 fn apply_creates_then_versions_and_unchanged_is_a_no_op() {
     let mut s = ClusterState::default();
-    let r = s.apply(&Command::ApplyJob { spec: web(1), at_ms: 10 }).expect("apply");
-    let Outcome::JobApplied { job, created, changed, .. } = r else { panic!("{r:?}") };
+    let r = s
+        .apply(&Command::ApplyJob {
+            spec: web(1),
+            at_ms: 10,
+        })
+        .expect("apply");
+    let Outcome::JobApplied {
+        job,
+        created,
+        changed,
+        ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
     assert!(created && changed);
     assert_eq!(job.version, 1);
 
     let before = s.clone();
-    let r = s.apply(&Command::ApplyJob { spec: web(1), at_ms: 20 }).expect("apply");
-    let Outcome::JobApplied { job, created, changed, .. } = r else { panic!("{r:?}") };
+    let r = s
+        .apply(&Command::ApplyJob {
+            spec: web(1),
+            at_ms: 20,
+        })
+        .expect("apply");
+    let Outcome::JobApplied {
+        job,
+        created,
+        changed,
+        ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
     assert!(!created && !changed);
     assert_eq!(job.version, 1);
     assert_eq!(s, before, "an unchanged spec changes nothing");
 
-    let r = s.apply(&Command::ApplyJob { spec: web(3), at_ms: 30 }).expect("apply");
-    let Outcome::JobApplied { job, changed, changes, .. } = r else { panic!("{r:?}") };
+    let r = s
+        .apply(&Command::ApplyJob {
+            spec: web(3),
+            at_ms: 30,
+        })
+        .expect("apply");
+    let Outcome::JobApplied {
+        job,
+        changed,
+        changes,
+        ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
     assert!(changed);
     assert_eq!(job.version, 2);
     assert_eq!(job.submitted_at_ms, 30);
@@ -72,20 +111,42 @@ fn apply_creates_then_versions_and_unchanged_is_a_no_op() {
 #[test]
 fn stop_keeps_versions_and_reapply_restarts() {
     let mut s = ClusterState::default();
-    s.apply(&Command::ApplyJob { spec: web(2), at_ms: 1 }).expect("apply");
-    s.apply(&Command::UpsertNode { node: node("n1") }).expect("node");
-    s.apply(&Command::PlaceAllocations { allocations: vec![alloc("a1", "n1", 1)] }).expect("place");
-    let stop = Command::StopJob { namespace: "default".into(), name: "web".into(), at_ms: 2 };
+    s.apply(&Command::ApplyJob {
+        spec: web(2),
+        at_ms: 1,
+    })
+    .expect("apply");
+    s.apply(&Command::UpsertNode { node: node("n1") })
+        .expect("node");
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![alloc("a1", "n1", 1)],
+    })
+    .expect("place");
+    let stop = Command::StopJob {
+        namespace: "default".into(),
+        name: "web".into(),
+        at_ms: 2,
+    };
     let r = s.apply(&stop).expect("stop");
     assert!(matches!(r, Outcome::JobStopped { changed: true, .. }));
-    assert_eq!(s.job("default", "web").expect("job").status, JobStatus::Stopped);
+    assert_eq!(
+        s.job("default", "web").expect("job").status,
+        JobStatus::Stopped
+    );
     assert!(s.allocations().all(|a| a.desired == DesiredStatus::Stop));
     let r = s.apply(&stop).expect("stop twice");
     assert!(matches!(r, Outcome::JobStopped { changed: false, .. }));
 
     // Re-applying the same spec to a stopped job runs it again as a new version.
-    let r = s.apply(&Command::ApplyJob { spec: web(2), at_ms: 3 }).expect("apply");
-    let Outcome::JobApplied { job, changed, .. } = r else { panic!("{r:?}") };
+    let r = s
+        .apply(&Command::ApplyJob {
+            spec: web(2),
+            at_ms: 3,
+        })
+        .expect("apply");
+    let Outcome::JobApplied { job, changed, .. } = r else {
+        panic!("{r:?}")
+    };
     assert!(changed);
     assert_eq!(job.version, 2);
     assert_eq!(job.status, JobStatus::Running);
@@ -94,11 +155,20 @@ fn stop_keeps_versions_and_reapply_restarts() {
 #[test]
 fn errors_change_nothing() {
     let mut s = ClusterState::default();
-    s.apply(&Command::ApplyJob { spec: web(1), at_ms: 1 }).expect("apply");
-    s.apply(&Command::UpsertNode { node: node("n1") }).expect("node");
+    s.apply(&Command::ApplyJob {
+        spec: web(1),
+        at_ms: 1,
+    })
+    .expect("apply");
+    s.apply(&Command::UpsertNode { node: node("n1") })
+        .expect("node");
     let before = s.clone();
     let err = s
-        .apply(&Command::StopJob { namespace: "default".into(), name: "nope".into(), at_ms: 2 })
+        .apply(&Command::StopJob {
+            namespace: "default".into(),
+            name: "nope".into(),
+            at_ms: 2,
+        })
         .expect_err("missing job");
     assert_eq!(err.to_string(), "job default/nope not found");
     // One bad allocation in a batch: none of the batch is placed.
@@ -109,15 +179,23 @@ fn errors_change_nothing() {
         .expect_err("unknown node");
     assert!(matches!(err, ApplyError::NodeNotFound { .. }));
     let err = s
-        .apply(&Command::PlaceAllocations { allocations: vec![alloc("a1", "n1", 1), alloc("a1", "n1", 1)] })
+        .apply(&Command::PlaceAllocations {
+            allocations: vec![alloc("a1", "n1", 1), alloc("a1", "n1", 1)],
+        })
         .expect_err("duplicate");
     assert!(matches!(err, ApplyError::AllocationExists { .. }));
     let err = s
-        .apply(&Command::PlaceAllocations { allocations: vec![alloc("a3", "n1", 7)] })
+        .apply(&Command::PlaceAllocations {
+            allocations: vec![alloc("a3", "n1", 7)],
+        })
         .expect_err("unknown version");
     assert!(matches!(err, ApplyError::UnknownJobVersion { .. }));
     let err = s
-        .apply(&Command::ReportAllocation { id: "zz".into(), status: AllocationStatus::Running, at_ms: 3 })
+        .apply(&Command::ReportAllocation {
+            id: "zz".into(),
+            status: AllocationStatus::Running,
+            at_ms: 3,
+        })
         .expect_err("unknown alloc");
     assert!(matches!(err, ApplyError::AllocationNotFound { .. }));
     assert_eq!(s, before);
@@ -126,33 +204,66 @@ fn errors_change_nothing() {
 #[test]
 fn allocation_lifecycle_counts_restarts() {
     let mut s = ClusterState::default();
-    s.apply(&Command::ApplyJob { spec: web(1), at_ms: 1 }).expect("apply");
-    s.apply(&Command::UpsertNode { node: node("n1") }).expect("node");
-    s.apply(&Command::PlaceAllocations { allocations: vec![alloc("a1", "n1", 1)] }).expect("place");
+    s.apply(&Command::ApplyJob {
+        spec: web(1),
+        at_ms: 1,
+    })
+    .expect("apply");
+    s.apply(&Command::UpsertNode { node: node("n1") })
+        .expect("node");
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![alloc("a1", "n1", 1)],
+    })
+    .expect("place");
     for status in [
         AllocationStatus::Running,
         AllocationStatus::Exited { code: 1 },
         AllocationStatus::Running,
     ] {
-        s.apply(&Command::ReportAllocation { id: "a1".into(), status, at_ms: 9 }).expect("report");
+        s.apply(&Command::ReportAllocation {
+            id: "a1".into(),
+            status,
+            at_ms: 9,
+        })
+        .expect("report");
     }
     let a = s.allocations().next().expect("alloc");
     assert_eq!(a.restarts, 1);
     assert_eq!(a.observed, AllocationStatus::Running);
-    s.apply(&Command::SetNodeStatus { name: "n1".into(), status: NodeStatus::Draining, at_ms: 10 })
-        .expect("drain");
+    s.apply(&Command::SetNodeStatus {
+        name: "n1".into(),
+        status: NodeStatus::Draining,
+        at_ms: 10,
+    })
+    .expect("drain");
     assert_eq!(s.nodes().next().expect("node").status, NodeStatus::Draining);
 }
 
 #[test]
 fn apply_is_deterministic_and_survives_serialization() {
     let commands = vec![
-        Command::ApplyJob { spec: web(1), at_ms: 1 },
+        Command::ApplyJob {
+            spec: web(1),
+            at_ms: 1,
+        },
         Command::UpsertNode { node: node("n1") },
-        Command::PlaceAllocations { allocations: vec![alloc("a1", "n1", 1)] },
-        Command::ApplyJob { spec: web(4), at_ms: 2 },
-        Command::StopJob { namespace: "default".into(), name: "web".into(), at_ms: 3 },
-        Command::StopJob { namespace: "x".into(), name: "y".into(), at_ms: 4 },
+        Command::PlaceAllocations {
+            allocations: vec![alloc("a1", "n1", 1)],
+        },
+        Command::ApplyJob {
+            spec: web(4),
+            at_ms: 2,
+        },
+        Command::StopJob {
+            namespace: "default".into(),
+            name: "web".into(),
+            at_ms: 3,
+        },
+        Command::StopJob {
+            namespace: "x".into(),
+            name: "y".into(),
+            at_ms: 4,
+        },
     ];
     let run = |cmds: &[Command]| {
         let mut s = ClusterState::default();
@@ -168,6 +279,7 @@ fn apply_is_deterministic_and_survives_serialization() {
     let (b, rb) = run(&wire);
     assert_eq!(a, b);
     assert_eq!(ra, rb);
-    let snap: ClusterState = serde_json::from_str(&serde_json::to_string(&a).expect("ser")).expect("de");
+    let snap: ClusterState =
+        serde_json::from_str(&serde_json::to_string(&a).expect("ser")).expect("de");
     assert_eq!(snap, a, "a snapshot round-trips");
 }
