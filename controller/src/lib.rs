@@ -224,13 +224,18 @@ impl Controller {
     /// Stops the servers and the Raft core, and releases the data dir.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for t in &self.tasks {
-            t.abort();
-        }
-        for t in self.tasks {
-            let _ = t.await;
-        }
         self.node.shutdown().await;
+        // Graceful server shutdown closes open connections (whose tasks hold the node and so
+        // the data dir); give it a moment, then cut whatever is left.
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(3), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+                let _ = t.await;
+            }
+        }
     }
 }
 

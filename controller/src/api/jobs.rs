@@ -186,6 +186,21 @@ impl Jobs for JobsApi {
                 let namespace = namespace_or_default(&req.namespace).to_string();
                 skiff_common::validate_name("namespace", &namespace)?;
                 skiff_common::validate_name("name", &req.name)?;
+                // Refuse a missing job without putting a no-op entry in the log.
+                self.ctx.read_barrier(None).await?;
+                if self
+                    .ctx
+                    .node
+                    .state()
+                    .state
+                    .job(&namespace, &req.name)
+                    .is_none()
+                {
+                    return Err(ApiError::Apply(crate::state::ApplyError::JobNotFound {
+                        namespace,
+                        name: req.name.clone(),
+                    }));
+                }
                 let (result, _) = self
                     .ctx
                     .node

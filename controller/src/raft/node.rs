@@ -135,6 +135,15 @@ pub(crate) enum NotLeader {
     NotLeader { leader: Option<(MemberId, String)> },
 }
 
+/// A forwarded membership change's failure: a refusal stays a refusal.
+fn membership_status(addr: &str, s: tonic::Status) -> RaftNodeError {
+    if s.code() == tonic::Code::FailedPrecondition {
+        RaftNodeError::Membership(s.message().to_string())
+    } else {
+        status_to_peer_error(addr, s).into()
+    }
+}
+
 struct Inner {
     id: MemberId,
     me: Member,
@@ -532,22 +541,11 @@ impl RaftNode {
             client
                 .join(req)
                 .await
-                .map_err(|s| status_to_peer_error(&addr, s))?;
+                .map_err(|s| membership_status(&addr, s))?;
             return Ok(());
         }
-        // Wait until the leader's own membership is committed before changing it (#1885).
         let raft = &self.inner.raft;
-        raft.wait(Some(Duration::from_secs(10)))
-            .metrics(
-                |m| {
-                    m.state == ServerState::Leader
-                        && m.membership_config.log_id() == m.committed_membership_config.log_id()
-                        && m.local_committed.is_some()
-                },
-                "initial membership committed",
-            )
-            .await
-            .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
+        self.wait_membership_settled().await?;
         raft.add_learner(id, member, true)
             .await
             .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
@@ -581,9 +579,10 @@ impl RaftNode {
             client
                 .remove_member(skiff_proto::v1::RemoveMemberRequest { id })
                 .await
-                .map_err(|s| status_to_peer_error(&addr, s))?;
+                .map_err(|s| membership_status(&addr, s))?;
             return Ok(());
         }
+        self.wait_membership_settled().await?;
         let change = if existing.voter {
             ChangeMembers::RemoveVoters([id].into_iter().collect())
         } else {
@@ -596,6 +595,25 @@ impl RaftNode {
             .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
         tracing::info!(member = id, "member removed");
         Ok(())
+    }
+
+    /// Waits until the leader's membership is committed and no change is in flight: before
+    /// the first change (openraft#1885) and between changes, which must not overlap.
+    async fn wait_membership_settled(&self) -> Result<(), RaftNodeError> {
+        self.inner
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| {
+                    m.state == ServerState::Leader
+                        && m.membership_config.log_id() == m.committed_membership_config.log_id()
+                        && m.local_committed.is_some()
+                },
+                "membership committed",
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftNodeError::Membership(format!("membership not settled: {e}")))
     }
 
     /// `None` if this member is the leader, else the leader to forward to.

@@ -1,0 +1,550 @@
+//! In-process cluster tests: three controller members in one process on loopback ports,
+//! driven through the public gRPC API. Named by kind: t10 basics, t20 membership, t30 bad
+//! input, t50 faults.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use skiff_controller::Controller;
+use skiff_controller::config::{Config, Formation};
+use skiff_controller::raft::{RaftSettings, Role};
+use skiff_proto::v1 as pb;
+use skiff_proto::v1::cluster_client::ClusterClient;
+use skiff_proto::v1::jobs_client::JobsClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A test cluster: members by id, each with its data dir kept across restarts.
+struct TestCluster {
+    dir: tempfile::TempDir,
+    members: Vec<Option<Controller>>,
+    rpc: Vec<SocketAddr>,
+    settings: RaftSettings,
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+fn spec(name: &str, replicas: u32) -> String {
+    format!("name = \"{name}\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\nreplicas = {replicas}\n")
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl TestCluster {
+    fn settings() -> RaftSettings {
+        RaftSettings {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            ..RaftSettings::default()
+        }
+    }
+
+    async fn start(n: usize, settings: RaftSettings) -> TestCluster {
+        let mut c = TestCluster {
+            dir: tempfile::Builder::new()
+                .prefix("skiff-cluster-test-")
+                .tempdir()
+                .expect("tempdir"),
+            members: Vec::new(),
+            rpc: Vec::new(),
+            settings,
+        };
+        for i in 0..n {
+            let id = i as u64 + 1;
+            let formation = if i == 0 {
+                Formation::Bootstrap
+            } else {
+                Formation::Join(c.rpc[0].to_string())
+            };
+            let rpc = free_addr();
+            c.rpc.push(rpc);
+            let ctl = Controller::start(Config {
+                id,
+                data_dir: c.data_dir(id),
+                rpc_addr: Some(rpc),
+                http_addr: Some(free_addr()),
+                formation,
+                raft: c.settings.clone(),
+            })
+            .await
+            .expect("start member");
+            c.members.push(Some(ctl));
+            if i == 0 {
+                c.wait_leader().await;
+            }
+        }
+        c.wait_voters(n).await;
+        c
+    }
+
+    fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("m{id}"))
+    }
+
+    fn member(&self, id: u64) -> &Controller {
+        self.members[id as usize - 1]
+            .as_ref()
+            .expect("member running")
+    }
+
+    fn running(&self) -> impl Iterator<Item = &Controller> {
+        self.members.iter().flatten()
+    }
+
+    async fn wait_leader(&self) -> u64 {
+        let mut leader = 0;
+        eventually("a leader", Duration::from_secs(20), || {
+            let found = self
+                .running()
+                .find(|m| m.node().status().role == Role::Leader)
+                .map(|m| m.node().id());
+            leader = found.unwrap_or(0);
+            async move { found.is_some() }
+        })
+        .await;
+        leader
+    }
+
+    async fn wait_voters(&self, n: usize) {
+        eventually("voters", Duration::from_secs(30), || {
+            let ok = self
+                .running()
+                .all(|m| m.node().members().iter().filter(|x| x.voter).count() == n);
+            async move { ok }
+        })
+        .await;
+    }
+
+    /// Waits until every running member has applied as far as the most advanced one.
+    async fn wait_converged(&self) {
+        eventually("members to converge", Duration::from_secs(20), || {
+            let applied: Vec<u64> = self
+                .running()
+                .map(|m| m.node().status().applied_index)
+                .collect();
+            let max = applied.iter().copied().max().unwrap_or(0);
+            let ok = applied.iter().all(|a| *a == max);
+            async move { ok }
+        })
+        .await;
+    }
+
+    async fn kill(&mut self, id: u64) {
+        let m = self.members[id as usize - 1].take().expect("running");
+        m.shutdown().await;
+    }
+
+    /// Restarts a member with only its id and data dir.
+    async fn restart(&mut self, id: u64) {
+        let ctl = Controller::start(Config {
+            id,
+            data_dir: self.data_dir(id),
+            rpc_addr: None,
+            http_addr: None,
+            formation: Formation::Wait,
+            raft: self.settings.clone(),
+        })
+        .await
+        .expect("restart member");
+        self.members[id as usize - 1] = Some(ctl);
+    }
+
+    async fn jobs(&self, id: u64) -> JobsClient<Channel> {
+        JobsClient::connect(format!("http://{}", self.rpc[id as usize - 1]))
+            .await
+            .expect("connect")
+    }
+
+    async fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
+        ClusterClient::connect(format!("http://{}", self.rpc[id as usize - 1]))
+            .await
+            .expect("connect")
+    }
+
+    /// Job names present in a member's state (read locally, no barrier).
+    fn job_names(&self, id: u64) -> BTreeSet<String> {
+        let applied = self.member(id).node().state();
+        applied.state.jobs(None).map(|j| j.name.clone()).collect()
+    }
+
+    async fn shutdown(mut self) {
+        for m in self.members.drain(..).flatten() {
+            m.shutdown().await;
+        }
+    }
+}
+
+async fn apply(
+    client: &mut JobsClient<Channel>,
+    text: String,
+) -> Result<pb::ApplyJobResponse, tonic::Status> {
+    client
+        .apply_job(pb::ApplyJobRequest {
+            spec: text,
+            format: pb::SpecFormat::Toml as i32,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_election_and_writes_through_any_member() {
+    let c = TestCluster::start(3, TestCluster::settings()).await;
+    let leader = c.wait_leader().await;
+    // Write through every member, followers included; read back through every member.
+    for id in 1..=3u64 {
+        let mut client = c.jobs(id).await;
+        let r = apply(&mut client, spec(&format!("via-{id}"), 2))
+            .await
+            .expect("apply");
+        assert!(r.created, "member {id} (leader {leader})");
+        assert_eq!(r.job.expect("job").version, 1);
+    }
+    for id in 1..=3u64 {
+        let mut client = c.jobs(id).await;
+        let list = client
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .expect("list")
+            .into_inner();
+        let names: BTreeSet<_> = list.jobs.into_iter().map(|j| j.name).collect();
+        assert_eq!(
+            names,
+            ["via-1", "via-2", "via-3"].map(String::from).into(),
+            "linearizable read on {id}"
+        );
+    }
+    // An unchanged spec changes nothing; a changed one makes version 2 with its diff.
+    let mut client = c.jobs(2).await;
+    let r = apply(&mut client, spec("via-1", 2)).await.expect("reapply");
+    assert!(!r.changed);
+    let r = apply(&mut client, spec("via-1", 5)).await.expect("change");
+    assert_eq!(r.job.expect("job").version, 2);
+    assert_eq!(r.changes.len(), 1);
+    assert_eq!(r.changes[0].path, "replicas");
+    // Every version is kept.
+    let got = client
+        .get_job(pb::GetJobRequest {
+            namespace: "default".into(),
+            name: "via-1".into(),
+            read: None,
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        got.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    // Stop keeps the job.
+    let stopped = client
+        .stop_job(pb::StopJobRequest {
+            namespace: "default".into(),
+            name: "via-1".into(),
+        })
+        .await
+        .expect("stop")
+        .into_inner();
+    assert_eq!(stopped.job.expect("job").status, "stopped");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_add_and_remove_member() {
+    let mut c = TestCluster::start(3, TestCluster::settings()).await;
+    let mut admin = c.cluster_client(1).await;
+    let members = admin
+        .list_members(pb::ListMembersRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(members.members.len(), 3);
+    assert_eq!(
+        members
+            .members
+            .iter()
+            .filter(|m| m.role == "leader")
+            .count(),
+        1
+    );
+
+    // Remove member 3 through a member that may not be the leader.
+    let resp = c
+        .cluster_client(2)
+        .await
+        .remove_member(pb::RemoveMemberRequest { id: 3 })
+        .await
+        .expect("remove")
+        .into_inner();
+    assert!(resp.members.iter().all(|m| m.id != 3), "{resp:?}");
+    c.kill(3).await;
+    // Two voters still commit.
+    let mut client = c.jobs(1).await;
+    apply(&mut client, spec("after-remove", 1))
+        .await
+        .expect("write with 2 voters");
+    // Removing an unknown member is refused with a clear error.
+    let err = admin
+        .remove_member(pb::RemoveMemberRequest { id: 9 })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("member 9 is not in the cluster"),
+        "{}",
+        err.message()
+    );
+    // A member id that is taken by another address is refused.
+    let err = admin
+        .add_member(pb::AddMemberRequest {
+            id: 2,
+            rpc_addr: "127.0.0.1:1".into(),
+            http_addr: "127.0.0.1:2".into(),
+        })
+        .await
+        .expect_err("id taken");
+    assert!(err.message().contains("never reused"), "{}", err.message());
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_bad_input_gets_clear_errors_and_changes_nothing() {
+    let c = TestCluster::start(1, TestCluster::settings()).await;
+    let mut client = c.jobs(1).await;
+    apply(&mut client, spec("first", 1)).await.expect("write");
+    let before = c.member(1).node().status().last_log_index;
+
+    let err = apply(
+        &mut client,
+        "name = \"web\"\nimage = \"x\"\nreplicas = -1\n".into(),
+    )
+    .await
+    .expect_err("negative replicas");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("replicas: expected a non-negative integer"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("line 3"), "{}", err.message());
+
+    let err = apply(
+        &mut client,
+        "name = \"web\"\nimage = \"x\"\nreplicaz = 1\n".into(),
+    )
+    .await
+    .expect_err("unknown field");
+    assert!(err.message().contains("replicaz"), "{}", err.message());
+
+    // Oversized request: refused, and the daemon keeps serving.
+    let huge = format!(
+        "name = \"web\"\nimage = \"x\"\n# {}\n",
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let err = apply(&mut client, huge).await.expect_err("oversized");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let huge = "x".repeat(20 * 1024 * 1024);
+    let err = apply(&mut client, huge)
+        .await
+        .expect_err("over the message limit");
+    assert!(
+        matches!(
+            err.code(),
+            Code::ResourceExhausted | Code::OutOfRange | Code::Internal
+        ),
+        "{err:?}"
+    );
+
+    // Stopping a job that does not exist.
+    let err = client
+        .stop_job(pb::StopJobRequest {
+            namespace: "default".into(),
+            name: "ghost".into(),
+        })
+        .await
+        .expect_err("missing");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), "job default/ghost not found");
+
+    // Malformed and misaddressed member-to-member traffic.
+    let mut raw = skiff_proto::v1::raft_internal_client::RaftInternalClient::connect(format!(
+        "http://{}",
+        c.rpc[0]
+    ))
+    .await
+    .expect("connect");
+    let err = raw
+        .append_entries(pb::RaftRequest {
+            target: 1,
+            from: 2,
+            payload: b"{not json".to_vec(),
+        })
+        .await
+        .expect_err("malformed");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = raw
+        .vote(pb::RaftRequest {
+            target: 7,
+            from: 2,
+            payload: b"{}".to_vec(),
+        })
+        .await
+        .expect_err("wrong target");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("not member 7"), "{}", err.message());
+
+    // Nothing was committed, and the member still serves.
+    assert_eq!(c.member(1).node().status().last_log_index, before);
+    apply(&mut client, spec("fine", 1))
+        .await
+        .expect("still serving");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_leader_killed_writes_continue_and_no_acknowledged_write_is_lost() {
+    let mut c = TestCluster::start(3, TestCluster::settings()).await;
+    let leader = c.wait_leader().await;
+    let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    let mut acked = BTreeSet::new();
+    let mut client = c.jobs(others[0]).await;
+    for i in 0..20 {
+        let name = format!("before-{i}");
+        apply(&mut client, spec(&name, 1))
+            .await
+            .expect("write before kill");
+        acked.insert(name);
+    }
+    c.kill(leader).await;
+    // Writes through the survivors continue once a new leader is elected.
+    let mut failed = 0;
+    for i in 0..20 {
+        let name = format!("after-{i}");
+        let target = others[i % 2];
+        let mut client = c.jobs(target).await;
+        match apply(&mut client, spec(&name, 1)).await {
+            Ok(_) => {
+                acked.insert(name);
+            }
+            Err(e) => {
+                failed += 1;
+                assert!(failed < 20, "no write succeeded after the leader died: {e}");
+            }
+        }
+    }
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    c.restart(leader).await;
+    c.wait_converged().await;
+    for id in 1..=3u64 {
+        let names = c.job_names(id);
+        let missing: Vec<_> = acked.difference(&names).collect();
+        assert!(
+            missing.is_empty(),
+            "member {id} lost acknowledged writes: {missing:?}"
+        );
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_restarted_member_recovers_from_its_data_dir_and_catches_up() {
+    let mut c = TestCluster::start(3, TestCluster::settings()).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|i| *i != leader).expect("follower");
+    let mut client = c.jobs(leader).await;
+    apply(&mut client, spec("one", 1)).await.expect("write");
+    c.wait_converged().await;
+    c.kill(follower).await;
+    for i in 0..30 {
+        apply(&mut client, spec(&format!("while-down-{i}"), 1))
+            .await
+            .expect("write");
+    }
+    c.restart(follower).await;
+    c.wait_converged().await;
+    let names = c.job_names(follower);
+    assert!(names.contains("one"));
+    assert!(
+        (0..30).all(|i| names.contains(&format!("while-down-{i}"))),
+        "{names:?}"
+    );
+    // It rejoined as a voter with the addresses it remembered.
+    let me = c
+        .member(follower)
+        .node()
+        .members()
+        .into_iter()
+        .find(|m| m.id == follower)
+        .expect("member");
+    assert!(me.voter);
+    assert_eq!(me.member.rpc_addr, c.rpc[follower as usize - 1].to_string());
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t50_member_behind_a_compaction_is_brought_up_by_snapshot() {
+    let settings = RaftSettings {
+        snapshot_every: 20,
+        keep_after_snapshot: 5,
+        ..TestCluster::settings()
+    };
+    let mut c = TestCluster::start(3, settings).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|i| *i != leader).expect("follower");
+    c.kill(follower).await;
+    let mut client = c.jobs(leader).await;
+    for i in 0..80 {
+        apply(&mut client, spec(&format!("snap-{i}"), 1))
+            .await
+            .expect("write");
+    }
+    // The leader has compacted its log past where the follower stopped.
+    eventually("leader snapshot", Duration::from_secs(10), || {
+        let s = c.member(leader).node().status();
+        async move { s.snapshot_index >= 60 }
+    })
+    .await;
+    c.restart(follower).await;
+    c.wait_converged().await;
+    let status = c.member(follower).node().status();
+    assert!(
+        status.snapshot_index > 0,
+        "follower caught up without a snapshot: {status:?}"
+    );
+    let names = c.job_names(follower);
+    assert!(
+        (0..80).all(|i| names.contains(&format!("snap-{i}"))),
+        "{} jobs",
+        names.len()
+    );
+    // And it keeps working after: a later restart loads the snapshot from disk.
+    c.kill(follower).await;
+    c.restart(follower).await;
+    c.wait_converged().await;
+    assert_eq!(c.job_names(follower).len(), 80);
+    c.shutdown().await;
+}
