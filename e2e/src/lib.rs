@@ -1,1 +1,186 @@
-//! Helpers for end-to-end tests that run the real `skiff-controller` and `skiff` binaries.
+//! Helpers for end-to-end tests that run the real `skiff-controller` and `skiff` binaries as
+//! processes, exactly as a user would. Every process a test starts is killed when its handle
+//! drops, also when the test fails; every directory lives under a per-run temp dir.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the workspace's binaries are: `SKIFF_BIN_DIR`, else the profile dir this test
+/// executable was built into (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SKIFF_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, with a clear message when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace binaries first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// One controller member process.
+pub struct ControllerProc {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub rpc: SocketAddr,
+    pub http: SocketAddr,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ControllerProc {
+    /// Starts a member; `extra` are flags such as `--bootstrap` or `--join ADDR`.
+    pub fn start(root: &Path, id: u64, rpc: SocketAddr, http: SocketAddr, extra: &[&str]) -> Self {
+        let data_dir = root.join(format!("controller-{id}"));
+        let log = root.join(format!("controller-{id}.log"));
+        let mut p = ControllerProc {
+            id,
+            data_dir,
+            rpc,
+            http,
+            log,
+            child: None,
+        };
+        let mut args: Vec<String> = vec![
+            "--id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            p.data_dir.display().to_string(),
+            "--rpc-addr".into(),
+            rpc.to_string(),
+            "--http-addr".into(),
+            http.to_string(),
+            "--heartbeat-ms".into(),
+            "100".into(),
+            "--election-timeout-ms".into(),
+            "500-1000".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        p.spawn(&args);
+        p
+    }
+
+    fn spawn(&mut self, args: &[String]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(bin("skiff-controller"))
+            .args(args)
+            .env("SKIFF_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn skiff-controller");
+        self.child = Some(child);
+    }
+
+    /// Restarts a stopped member with only `--id` and `--data-dir`.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "member {} is still running", self.id);
+        let args = vec![
+            "--id".into(),
+            self.id.to_string(),
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+        ];
+        self.spawn(&args);
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// GET a path on the member's HTTP address; (status code, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.http, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.0 GET on loopback, enough for /healthz, /readyz and /metrics.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// Runs `skiff` with the given controller addresses and arguments.
+pub fn skiff(controllers: &[SocketAddr], args: &[&str]) -> Output {
+    let list = controllers.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    Command::new(bin("skiff"))
+        .arg("--controller")
+        .arg(list)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run skiff")
+}
+
+/// Polls `f` until it returns true or `timeout` passes; panics naming `what`.
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < until, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `skiff ... -o json` parsed; panics with stderr if the command failed.
+pub fn skiff_json(controllers: &[SocketAddr], args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = skiff(controllers, &all);
+    assert!(
+        out.status.success(),
+        "skiff {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json output")
+}

@@ -1,0 +1,157 @@
+//! The controller cluster as real processes, driven by the real `skiff` CLI: formation by
+//! `--bootstrap`/`--join`, writes through any member, leader SIGKILL, restart from the data
+//! dir with only `--id` and `--data-dir`, bad input, and the HTTP endpoints.
+
+use std::time::Duration;
+
+use skiff_e2e::{ControllerProc, eventually, free_addr, skiff, skiff_json};
+
+fn write_spec(dir: &std::path::Path, name: &str, replicas: u32) -> String {
+    let path = dir.join(format!("{name}-{replicas}.toml"));
+    std::fs::write(
+        &path,
+        format!("name = \"{name}\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\nreplicas = {replicas}\n[resources]\nmemory = \"32Mi\"\n"),
+    )
+    .expect("write spec");
+    path.display().to_string()
+}
+
+fn leader_of(addrs: &[std::net::SocketAddr]) -> u64 {
+    let mut leader = 0;
+    eventually("a leader", Duration::from_secs(20), || {
+        let out = skiff(addrs, &["cluster", "leader", "-o", "json"]);
+        if !out.status.success() {
+            return false;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        leader = v["leader_id"].as_u64().unwrap_or(0);
+        leader != 0
+    });
+    leader
+}
+
+#[test]
+fn three_member_cluster_survives_leader_sigkill_and_restarts() {
+    let root = tempfile::Builder::new().prefix("skiff-e2e-ctl-").tempdir().expect("tempdir");
+    let first_rpc = free_addr();
+    let mut members = vec![ControllerProc::start(root.path(), 1, first_rpc, free_addr(), &["--bootstrap"])];
+    let join = first_rpc.to_string();
+    for id in 2..=3 {
+        members.push(ControllerProc::start(root.path(), id, free_addr(), free_addr(), &["--join", &join]));
+    }
+    let addrs: Vec<_> = members.iter().map(|m| m.rpc).collect();
+    eventually("three voters, all ready", Duration::from_secs(30), || {
+        let out = skiff(&addrs, &["cluster", "members", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let voters = v.as_array().map(|a| a.iter().filter(|m| m["voter"] == true).count()).unwrap_or(0);
+        voters == 3 && members.iter().all(|m| m.http_get("/readyz").is_some_and(|(c, _)| c == 200))
+    });
+
+    // Apply through a follower; the CLI prints the version and what changed.
+    let spec = write_spec(root.path(), "web", 3);
+    let out = skiff(&addrs[2..], &["apply", "-f", &spec]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "job default/web created: version 1");
+    let spec5 = write_spec(root.path(), "web", 5);
+    let out = skiff(&addrs[1..2], &["apply", "-f", &spec5]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("version 2") && text.contains("replicas: 3 -> 5"), "{text}");
+    let out = skiff(&addrs, &["apply", "-f", &spec5]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
+
+    // SIGKILL the leader; with every address given, the CLI finds a live member and writes
+    // go on under a new leader.
+    let leader = leader_of(&addrs);
+    members[leader as usize - 1].kill();
+    let mut acked = vec!["web".to_string()];
+    for i in 0..5 {
+        let name = format!("after-kill-{i}");
+        let spec = write_spec(root.path(), &name, 1);
+        let mut ok = false;
+        eventually("a write after the leader died", Duration::from_secs(15), || {
+            ok = skiff(&addrs, &["apply", "-f", &spec]).status.success();
+            ok
+        });
+        acked.push(name);
+    }
+    let new_leader = leader_of(&addrs);
+    assert_ne!(new_leader, leader);
+
+    // The killed member restarts from its data dir with only --id and --data-dir, catches up,
+    // and every acknowledged write is on every member.
+    members[leader as usize - 1].restart();
+    for m in &members {
+        eventually("member to catch up", Duration::from_secs(20), || {
+            let out = skiff(&[m.rpc], &["jobs", "--stale", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let names: Vec<&str> = v.as_array().map(|a| a.iter().filter_map(|j| j["name"].as_str()).collect()).unwrap_or_default();
+            acked.iter().all(|a| names.contains(&a.as_str()))
+        });
+    }
+    let status = skiff_json(&addrs, &["job", "status", "web"]);
+    assert_eq!(status["job"]["version"], 2);
+    assert_eq!(status["versions"].as_array().map(Vec::len), Some(2));
+    assert_eq!(status["versions"][0]["spec"]["replicas"], 5);
+
+    // Stop keeps the job's versions.
+    let out = skiff(&addrs, &["stop", "web"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopped"));
+    let status = skiff_json(&addrs, &["job", "status", "web"]);
+    assert_eq!(status["job"]["status"], "stopped");
+
+    // Metrics and health from every member.
+    for m in &members {
+        let (code, body) = m.http_get("/metrics").expect("metrics");
+        assert_eq!(code, 200);
+        for metric in ["skiff_raft_term", "skiff_raft_applied_index", "skiff_raft_commit_index", "skiff_state_apply_duration_seconds_bucket", "skiff_api_requests_total"] {
+            assert!(body.contains(metric), "member {} lacks {metric}", m.id);
+        }
+        assert_eq!(m.http_get("/healthz").map(|x| x.0), Some(200));
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_one_clear_line() {
+    let root = tempfile::Builder::new().prefix("skiff-e2e-bad-").tempdir().expect("tempdir");
+    let mut m = ControllerProc::start(root.path(), 1, free_addr(), free_addr(), &["--bootstrap"]);
+    let addrs = [m.rpc];
+    eventually("ready", Duration::from_secs(20), || m.http_get("/readyz").is_some_and(|(c, _)| c == 200));
+
+    let bad = root.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"web\"\nimage = \"x\"\nreplicas = -2\n").expect("write");
+    let out = skiff(&addrs, &["apply", "-f", bad.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: replicas: expected a non-negative integer"), "{err}");
+    assert!(err.contains("(line 3)"), "{err}");
+    let jobs = skiff_json(&addrs, &["jobs"]);
+    assert_eq!(jobs.as_array().map(Vec::len), Some(0), "nothing was committed");
+
+    // No controller reachable: a clear error, non-zero exit.
+    let out = skiff(&[free_addr()], &["jobs"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: no controller answered"));
+
+    // A data dir of another member, or one that is not a skiff data dir, is refused.
+    m.kill();
+    let out = std::process::Command::new(skiff_e2e::bin("skiff-controller"))
+        .args(["--id", "2", "--data-dir"])
+        .arg(&m.data_dir)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to member 1, not member 2"));
+    let foreign = root.path().join("foreign");
+    std::fs::create_dir_all(&foreign).expect("mkdir");
+    std::fs::write(foreign.join("precious.txt"), b"keep me").expect("write");
+    let out = std::process::Command::new(skiff_e2e::bin("skiff-controller"))
+        .args(["--id", "1", "--bootstrap", "--data-dir"])
+        .arg(&foreign)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a skiff controller data dir"));
+    assert_eq!(std::fs::read(foreign.join("precious.txt")).expect("kept"), b"keep me");
+    assert!(m.log_text().contains("controller started"));
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, checks formatting and lints, builds the
+# workspace once (the end-to-end tests drive those same binaries), and runs every test.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+need_pkgs=(curl)
+missing=()
+for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    echo "missing packages: ${missing[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo build (binaries used by the e2e tests)"
+cargo build --workspace --bins --quiet
+echo "== cargo test"
+cargo test --workspace --no-fail-fast 2>&1 | tee "${TMPDIR:-/tmp}/skiff-test-$$.log"
+status=${PIPESTATUS[0]}
+passed=$(grep -E '^test result:' "${TMPDIR:-/tmp}/skiff-test-$$.log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -E '^test result:' "${TMPDIR:-/tmp}/skiff-test-$$.log" | awk '{s+=$6} END {print s+0}')
+rm -f "${TMPDIR:-/tmp}/skiff-test-$$.log"
+echo "$passed passed, $failed failed"
+exit "$status"
