@@ -23,7 +23,7 @@ pub use model::{
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     /// Create a job or add a version to it.
-    ApplyJob { spec: JobSpec, at_ms: i64 },
+    ApplyJob { spec: Box<JobSpec>, at_ms: i64 },
     /// Stop a job: its versions are kept, its allocations are to be stopped.
     StopJob {
         namespace: String,

@@ -147,13 +147,20 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
 /// Runs `skiff` with the given controller addresses and arguments.
 pub fn skiff(controllers: &[SocketAddr], args: &[&str]) -> Output {
-    let list = controllers.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    let list = controllers
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     Command::new(bin("skiff"))
         .arg("--controller")
         .arg(list)
@@ -167,7 +174,10 @@ pub fn skiff(controllers: &[SocketAddr], args: &[&str]) -> Output {
 pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let until = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < until, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -32,30 +32,61 @@ fn leader_of(addrs: &[std::net::SocketAddr]) -> u64 {
 
 #[test]
 fn three_member_cluster_survives_leader_sigkill_and_restarts() {
-    let root = tempfile::Builder::new().prefix("skiff-e2e-ctl-").tempdir().expect("tempdir");
+    let root = tempfile::Builder::new()
+        .prefix("skiff-e2e-ctl-")
+        .tempdir()
+        .expect("tempdir");
     let first_rpc = free_addr();
-    let mut members = vec![ControllerProc::start(root.path(), 1, first_rpc, free_addr(), &["--bootstrap"])];
+    let mut members = vec![ControllerProc::start(
+        root.path(),
+        1,
+        first_rpc,
+        free_addr(),
+        &["--bootstrap"],
+    )];
     let join = first_rpc.to_string();
     for id in 2..=3 {
-        members.push(ControllerProc::start(root.path(), id, free_addr(), free_addr(), &["--join", &join]));
+        members.push(ControllerProc::start(
+            root.path(),
+            id,
+            free_addr(),
+            free_addr(),
+            &["--join", &join],
+        ));
     }
     let addrs: Vec<_> = members.iter().map(|m| m.rpc).collect();
     eventually("three voters, all ready", Duration::from_secs(30), || {
         let out = skiff(&addrs, &["cluster", "members", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let voters = v.as_array().map(|a| a.iter().filter(|m| m["voter"] == true).count()).unwrap_or(0);
-        voters == 3 && members.iter().all(|m| m.http_get("/readyz").is_some_and(|(c, _)| c == 200))
+        let voters = v
+            .as_array()
+            .map(|a| a.iter().filter(|m| m["voter"] == true).count())
+            .unwrap_or(0);
+        voters == 3
+            && members
+                .iter()
+                .all(|m| m.http_get("/readyz").is_some_and(|(c, _)| c == 200))
     });
 
     // Apply through a follower; the CLI prints the version and what changed.
     let spec = write_spec(root.path(), "web", 3);
     let out = skiff(&addrs[2..], &["apply", "-f", &spec]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "job default/web created: version 1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "job default/web created: version 1"
+    );
     let spec5 = write_spec(root.path(), "web", 5);
     let out = skiff(&addrs[1..2], &["apply", "-f", &spec5]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("version 2") && text.contains("replicas: 3 -> 5"), "{text}");
+    assert!(
+        text.contains("version 2") && text.contains("replicas: 3 -> 5"),
+        "{text}"
+    );
     let out = skiff(&addrs, &["apply", "-f", &spec5]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
 
@@ -68,10 +99,14 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
         let name = format!("after-kill-{i}");
         let spec = write_spec(root.path(), &name, 1);
         let mut ok = false;
-        eventually("a write after the leader died", Duration::from_secs(15), || {
-            ok = skiff(&addrs, &["apply", "-f", &spec]).status.success();
-            ok
-        });
+        eventually(
+            "a write after the leader died",
+            Duration::from_secs(15),
+            || {
+                ok = skiff(&addrs, &["apply", "-f", &spec]).status.success();
+                ok
+            },
+        );
         acked.push(name);
     }
     let new_leader = leader_of(&addrs);
@@ -84,7 +119,10 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
         eventually("member to catch up", Duration::from_secs(20), || {
             let out = skiff(&[m.rpc], &["jobs", "--stale", "-o", "json"]);
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            let names: Vec<&str> = v.as_array().map(|a| a.iter().filter_map(|j| j["name"].as_str()).collect()).unwrap_or_default();
+            let names: Vec<&str> = v
+                .as_array()
+                .map(|a| a.iter().filter_map(|j| j["name"].as_str()).collect())
+                .unwrap_or_default();
             acked.iter().all(|a| names.contains(&a.as_str()))
         });
     }
@@ -103,7 +141,13 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
     for m in &members {
         let (code, body) = m.http_get("/metrics").expect("metrics");
         assert_eq!(code, 200);
-        for metric in ["skiff_raft_term", "skiff_raft_applied_index", "skiff_raft_commit_index", "skiff_state_apply_duration_seconds_bucket", "skiff_api_requests_total"] {
+        for metric in [
+            "skiff_raft_term",
+            "skiff_raft_applied_index",
+            "skiff_raft_commit_index",
+            "skiff_state_apply_duration_seconds_bucket",
+            "skiff_api_requests_total",
+        ] {
             assert!(body.contains(metric), "member {} lacks {metric}", m.id);
         }
         assert_eq!(m.http_get("/healthz").map(|x| x.0), Some(200));
@@ -112,10 +156,15 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
 
 #[test]
 fn bad_input_is_refused_with_one_clear_line() {
-    let root = tempfile::Builder::new().prefix("skiff-e2e-bad-").tempdir().expect("tempdir");
+    let root = tempfile::Builder::new()
+        .prefix("skiff-e2e-bad-")
+        .tempdir()
+        .expect("tempdir");
     let mut m = ControllerProc::start(root.path(), 1, free_addr(), free_addr(), &["--bootstrap"]);
     let addrs = [m.rpc];
-    eventually("ready", Duration::from_secs(20), || m.http_get("/readyz").is_some_and(|(c, _)| c == 200));
+    eventually("ready", Duration::from_secs(20), || {
+        m.http_get("/readyz").is_some_and(|(c, _)| c == 200)
+    });
 
     let bad = root.path().join("bad.toml");
     std::fs::write(&bad, "name = \"web\"\nimage = \"x\"\nreplicas = -2\n").expect("write");
@@ -123,10 +172,17 @@ fn bad_input_is_refused_with_one_clear_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error: replicas: expected a non-negative integer"), "{err}");
+    assert!(
+        err.starts_with("error: replicas: expected a non-negative integer"),
+        "{err}"
+    );
     assert!(err.contains("(line 3)"), "{err}");
     let jobs = skiff_json(&addrs, &["jobs"]);
-    assert_eq!(jobs.as_array().map(Vec::len), Some(0), "nothing was committed");
+    assert_eq!(
+        jobs.as_array().map(Vec::len),
+        Some(0),
+        "nothing was committed"
+    );
 
     // No controller reachable: a clear error, non-zero exit.
     let out = skiff(&[free_addr()], &["jobs"]);
@@ -152,6 +208,9 @@ fn bad_input_is_refused_with_one_clear_line() {
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a skiff controller data dir"));
-    assert_eq!(std::fs::read(foreign.join("precious.txt")).expect("kept"), b"keep me");
+    assert_eq!(
+        std::fs::read(foreign.join("precious.txt")).expect("kept"),
+        b"keep me"
+    );
     assert!(m.log_text().contains("controller started"));
 }

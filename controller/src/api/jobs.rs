@@ -100,7 +100,7 @@ impl Jobs for JobsApi {
                     .ctx
                     .node
                     .write(Command::ApplyJob {
-                        spec,
+                        spec: Box::new(spec),
                         at_ms: now_ms(),
                     })
                     .await?;

@@ -50,7 +50,18 @@ fn encode<T: serde::Serialize>(value: &T) -> io::Result<Vec<u8>> {
 impl LogStore {
     /// Opens (or creates) the log at `path`.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let db = Database::create(path).map_err(io_err)?;
+        // The data dir lock already keeps other processes out. Within one process, a previous
+        // instance's background tasks may take a moment to release the file after shutdown.
+        let mut tries = 0;
+        let db = loop {
+            match Database::create(path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other.map_err(io_err)?,
+            }
+        };
         let txn = db.begin_write().map_err(io_err)?;
         {
             txn.open_table(LOG).map_err(io_err)?;
@@ -137,7 +148,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     let e: Entry = decode("entry", v.value())?;
                     Some(e.log_id)
                 }
-                None => last_purged.clone(),
+                None => last_purged,
             };
             Ok(LogState {
                 last_purged_log_id: last_purged,
@@ -152,7 +163,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
-        let vote = vote.clone();
+        let vote = *vote;
         self.blocking(move |db| Self::write_meta(db, KEY_VOTE, &vote))
             .await
     }
@@ -218,7 +229,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         self.blocking(move |db| {
-            let bytes = encode(&Some(log_id.clone()))?;
+            let bytes = encode(&Some(log_id))?;
             let mut txn = db.begin_write().map_err(io_err)?;
             txn.set_durability(Durability::Immediate).map_err(io_err)?;
             {

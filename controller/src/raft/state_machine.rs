@@ -70,7 +70,7 @@ impl StateMachineStore {
                 let data = serde_json::to_vec(&file.state).map_err(io::Error::other)?;
                 let applied = Applied {
                     state: file.state,
-                    last_applied: file.meta.last_log_id.clone(),
+                    last_applied: file.meta.last_log_id,
                     membership: file.meta.last_membership.clone(),
                 };
                 (applied, Some((file.meta, Arc::new(data))))
@@ -142,7 +142,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let (meta, state) = {
                 let g = this.read();
                 let meta = SnapshotMeta {
-                    last_log_id: g.last_applied.clone(),
+                    last_log_id: g.last_applied,
                     last_membership: g.membership.clone(),
                 };
                 (meta, g.state.clone())
@@ -167,7 +167,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         let g = self.read();
-        Ok((g.last_applied.clone(), g.membership.clone()))
+        Ok((g.last_applied, g.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
@@ -177,7 +177,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         while let Some((entry, responder)) = entries.try_next().await? {
             let response = {
                 let mut g = self.write();
-                g.last_applied = Some(entry.log_id.clone());
+                g.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => Response(None),
                     EntryPayload::Normal(Request(command)) => {
@@ -192,7 +192,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         Response(Some(result))
                     }
                     EntryPayload::Membership(m) => {
-                        g.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                        g.membership = StoredMembership::new(Some(entry.log_id), m);
                         Response(None)
                     }
                 }
@@ -224,7 +224,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         {
             let mut g = self.write();
             g.state = state;
-            g.last_applied = meta.last_log_id.clone();
+            g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
         }
         self.set_current(meta.clone(), Arc::new(snapshot));

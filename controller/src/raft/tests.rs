@@ -21,13 +21,14 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         let log = LogStore::open(&dir.path().join("log.redb")).map_err(|e| {
             StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e)
         })?;
-        let sm = StateMachineStore::open(
-            &dir.path().join("snapshots"),
-            Histogram::new([0.001].into_iter()),
-        )
-        .map_err(|e| {
-            StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e)
-        })?;
+        let sm = StateMachineStore::open(&dir.path().join("snapshots"), Histogram::new([0.001]))
+            .map_err(|e| {
+                StorageError::from_io_error(
+                    openraft::ErrorSubject::Store,
+                    openraft::ErrorVerb::Read,
+                    e,
+                )
+            })?;
         Ok((dir, log, sm))
     }
 }

@@ -6,10 +6,10 @@ fn spec(toml: &str) -> JobSpec {
     parse_job_spec(toml, SpecFormat::Toml).expect("valid spec")
 }
 
-fn web(replicas: u32) -> JobSpec {
-    spec(&format!(
+fn web(replicas: u32) -> Box<JobSpec> {
+    Box::new(spec(&format!(
         "name = \"web\"\nreplicas = {replicas}\nimage = \"127.0.0.1:5000/demo/web:1.0\"\n"
-    ))
+    )))
 }
 
 fn node(name: &str) -> Node {
