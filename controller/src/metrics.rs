@@ -147,17 +147,61 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The text exposition.
+    /// The Prometheus text exposition (format 0.0.4), which every Prometheus and `promtool
+    /// check metrics` accept: prometheus-client writes OpenMetrics, so counters' HELP/TYPE
+    /// lines get their `_total` name back and the `# EOF` marker goes.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
+        let mut om = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        let _ = prometheus_client::encoding::text::encode(&mut om, &self.registry);
+        openmetrics_to_prometheus(&om)
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text format 0.0.4.
+fn openmetrics_to_prometheus(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_keep_their_total_name_in_help_and_type() {
+        let m = Metrics::new();
+        m.request("ApplyJob", tonic::Code::Ok, 0.001);
+        let text = m.encode();
+        assert!(text.contains("# TYPE skiff_api_requests_total counter"), "{text}");
+        assert!(text.contains("# HELP skiff_api_requests_total "), "{text}");
+        assert!(text.contains("skiff_api_requests_total{method=\"ApplyJob\",code=\"Ok\"} 1"), "{text}");
+        assert!(!text.contains("# EOF"));
+        assert!(text.ends_with('\n'));
     }
 }

@@ -214,3 +214,123 @@ fn bad_input_is_refused_with_one_clear_line() {
     );
     assert!(m.log_text().contains("controller started"));
 }
+
+/// A real Prometheus scrapes every member; `promtool` accepts the exposition.
+#[test]
+fn prometheus_scrapes_every_member() {
+    for tool in ["/usr/bin/prometheus", "/usr/bin/promtool"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: install Debian's prometheus package (scripts/test.sh does)"
+        );
+    }
+    let root = tempfile::Builder::new()
+        .prefix("skiff-e2e-prom-")
+        .tempdir()
+        .expect("tempdir");
+    let first = free_addr();
+    let mut members = vec![ControllerProc::start(
+        root.path(),
+        1,
+        first,
+        free_addr(),
+        &["--bootstrap"],
+    )];
+    for id in 2..=3 {
+        members.push(ControllerProc::start(
+            root.path(),
+            id,
+            free_addr(),
+            free_addr(),
+            &["--join", &first.to_string()],
+        ));
+    }
+    let addrs: Vec<_> = members.iter().map(|m| m.rpc).collect();
+    eventually("three ready members", Duration::from_secs(30), || {
+        members
+            .iter()
+            .all(|m| m.http_get("/readyz").is_some_and(|(c, _)| c == 200))
+            && skiff_json(&addrs, &["cluster", "members"])
+                .as_array()
+                .map(Vec::len)
+                == Some(3)
+    });
+
+    // promtool lints the exposition format.
+    let (_, body) = members[0].http_get("/metrics").expect("metrics");
+    let mut check = std::process::Command::new("/usr/bin/promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    std::io::Write::write_all(check.stdin.as_mut().expect("stdin"), body.as_bytes())
+        .expect("write");
+    drop(check.stdin.take());
+    let out = check.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real Prometheus server scrapes all three.
+    let targets = members
+        .iter()
+        .map(|m| format!("'{}'", m.http))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = root.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: skiff-controller\n    static_configs:\n      - targets: [{targets}]\n"),
+    )
+    .expect("config");
+    let web = free_addr();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prometheus = KillOnDrop(
+        std::process::Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                root.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(root.path().join("prometheus.log")).expect("log"))
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let query = |q: &str| -> Vec<serde_json::Value> {
+        let path = format!("/api/v1/query?query={q}");
+        skiff_e2e::http_get(web, &path)
+            .and_then(|(code, body)| (code == 200).then_some(body))
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["data"]["result"].as_array().cloned())
+            .unwrap_or_default()
+    };
+    eventually(
+        "prometheus to scrape all three members",
+        Duration::from_secs(60),
+        || {
+            let up = query("up");
+            up.len() == 3 && up.iter().all(|s| s["value"][1] == "1")
+        },
+    );
+    eventually(
+        "exactly one leader in prometheus",
+        Duration::from_secs(30),
+        || {
+            let leaders = query("sum(skiff_raft_is_leader)");
+            leaders.first().is_some_and(|s| s["value"][1] == "1")
+        },
+    );
+}
