@@ -194,3 +194,13 @@ pub fn skiff_json(controllers: &[SocketAddr], args: &[&str]) -> serde_json::Valu
     );
     serde_json::from_slice(&out.stdout).expect("json output")
 }
+
+/// Kills (SIGKILL) and reaps a child process when dropped, also when a test panics.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -289,14 +289,7 @@ fn prometheus_scrapes_every_member() {
     )
     .expect("config");
     let web = free_addr();
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _prometheus = KillOnDrop(
+    let _prometheus = skiff_e2e::ChildGuard(
         std::process::Command::new("/usr/bin/prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
@@ -333,4 +326,70 @@ fn prometheus_scrapes_every_member() {
             leaders.first().is_some_and(|s| s["value"][1] == "1")
         },
     );
+}
+
+/// Every flag can come from the environment (`SKIFF_*`) and from a `--config` TOML file.
+#[test]
+fn config_from_environment_and_file() {
+    let root = tempfile::Builder::new()
+        .prefix("skiff-e2e-env-")
+        .tempdir()
+        .expect("tempdir");
+    let (rpc, http) = (free_addr(), free_addr());
+    let child = std::process::Command::new(skiff_e2e::bin("skiff-controller"))
+        .env("SKIFF_ID", "1")
+        .env("SKIFF_DATA_DIR", root.path().join("env-member"))
+        .env("SKIFF_RPC_ADDR", rpc.to_string())
+        .env("SKIFF_HTTP_ADDR", http.to_string())
+        .env("SKIFF_BOOTSTRAP", "true")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    eventually(
+        "env-configured member ready",
+        Duration::from_secs(20),
+        || skiff_e2e::http_get(http, "/readyz").is_some_and(|(c, _)| c == 200),
+    );
+    drop(child);
+
+    let (rpc, http) = (free_addr(), free_addr());
+    let config = root.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "id = 7\ndata_dir = \"{}\"\nrpc_addr = \"{rpc}\"\nhttp_addr = \"{http}\"\nbootstrap = true\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n",
+            root.path().join("file-member").display()
+        ),
+    )
+    .expect("config");
+    let child = std::process::Command::new(skiff_e2e::bin("skiff-controller"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    eventually(
+        "file-configured member ready",
+        Duration::from_secs(20),
+        || {
+            skiff_e2e::http_get(http, "/readyz")
+                .is_some_and(|(c, body)| c == 200 && body.contains("leader 7"))
+        },
+    );
+    drop(child);
+
+    // An unknown key in the file is named, and the process exits non-zero.
+    std::fs::write(
+        &config,
+        "id = 7\ndata_dir = \"/nonexistent\"\nheartbeat = 5\n",
+    )
+    .expect("config");
+    let out = std::process::Command::new(skiff_e2e::bin("skiff-controller"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("heartbeat"), "{err}");
 }
