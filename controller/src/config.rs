@@ -39,10 +39,10 @@ pub struct Args {
     /// Join the cluster through the gRPC address of any member (first start only).
     #[arg(long, env = "SKIFF_JOIN")]
     pub join: Option<String>,
-    /// Leader heartbeat interval in ms [default: 150].
+    /// Leader heartbeat interval in ms [default: 100].
     #[arg(long, env = "SKIFF_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    /// Election timeout range in ms, as MIN-MAX [default: 750-1500].
+    /// Election timeout range in ms, as MIN-MAX [default: 400-800].
     #[arg(long, env = "SKIFF_ELECTION_TIMEOUT_MS")]
     pub election_timeout_ms: Option<String>,
     /// Snapshot and compact the log every N entries [default: 10000].
@@ -108,7 +108,7 @@ pub enum ConfigError {
         field: &'static str,
         addr: SocketAddr,
     },
-    #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 750-1500)")]
+    #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 400-800)")]
     ElectionRange(String),
     #[error("raft: {0}")]
     Raft(String),

@@ -198,9 +198,15 @@ mod tests {
         let m = Metrics::new();
         m.request("ApplyJob", tonic::Code::Ok, 0.001);
         let text = m.encode();
-        assert!(text.contains("# TYPE skiff_api_requests_total counter"), "{text}");
+        assert!(
+            text.contains("# TYPE skiff_api_requests_total counter"),
+            "{text}"
+        );
         assert!(text.contains("# HELP skiff_api_requests_total "), "{text}");
-        assert!(text.contains("skiff_api_requests_total{method=\"ApplyJob\",code=\"Ok\"} 1"), "{text}");
+        assert!(
+            text.contains("skiff_api_requests_total{method=\"ApplyJob\",code=\"Ok\"} 1"),
+            "{text}"
+        );
         assert!(!text.contains("# EOF"));
         assert!(text.ends_with('\n'));
     }

@@ -336,15 +336,18 @@ fn config_from_environment_and_file() {
         .tempdir()
         .expect("tempdir");
     let (rpc, http) = (free_addr(), free_addr());
-    let child = std::process::Command::new(skiff_e2e::bin("skiff-controller"))
-        .env("SKIFF_ID", "1")
-        .env("SKIFF_DATA_DIR", root.path().join("env-member"))
-        .env("SKIFF_RPC_ADDR", rpc.to_string())
-        .env("SKIFF_HTTP_ADDR", http.to_string())
-        .env("SKIFF_BOOTSTRAP", "true")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let child = skiff_e2e::ChildGuard(
+        std::process::Command::new(skiff_e2e::bin("skiff-controller"))
+            .env("SKIFF_ID", "1")
+            .env("SKIFF_DATA_DIR", root.path().join("env-member"))
+            .env("SKIFF_RPC_ADDR", rpc.to_string())
+            .env("SKIFF_HTTP_ADDR", http.to_string())
+            .env("SKIFF_BOOTSTRAP", "true")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
     eventually(
         "env-configured member ready",
         Duration::from_secs(20),
@@ -362,12 +365,15 @@ fn config_from_environment_and_file() {
         ),
     )
     .expect("config");
-    let child = std::process::Command::new(skiff_e2e::bin("skiff-controller"))
-        .arg("--config")
-        .arg(&config)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let child = skiff_e2e::ChildGuard(
+        std::process::Command::new(skiff_e2e::bin("skiff-controller"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
     eventually(
         "file-configured member ready",
         Duration::from_secs(20),

@@ -1,0 +1,222 @@
+//! A 3-member `skiff-controller` cluster on loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use skiff_proto::v1::cluster_client::ClusterClient;
+use skiff_proto::v1::jobs_client::JobsClient;
+use skiff_proto::v1::{LeaderRequest, ListMembersRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, timeout};
+
+use crate::cluster::{Cluster, Writer, channel};
+use crate::procs::{Procs, free_ports};
+
+/// Pause between readiness polls.
+const POLL: Duration = Duration::from_millis(50);
+/// Bound on one poll request.
+const POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
+struct Member {
+    id: u64,
+    data_dir: PathBuf,
+    rpc: String,
+    http: String,
+    log: PathBuf,
+}
+
+/// The cluster; dropping it SIGKILLs every member.
+pub struct Skiff {
+    bin: PathBuf,
+    members: Vec<Member>,
+    procs: Procs,
+}
+
+impl Skiff {
+    /// Starts member 1 with `--bootstrap`, then members 2 and 3 with `--join`, and waits until
+    /// all three are voters and ready.
+    pub async fn start(bin: &Path, dir: &Path, deadline: Instant) -> Result<Skiff> {
+        let ports = free_ports(6)?;
+        let members = (0..3)
+            .map(|i| Member {
+                id: i as u64 + 1,
+                data_dir: dir.join(format!("skiff-{}", i + 1)),
+                rpc: format!("127.0.0.1:{}", ports[2 * i]),
+                http: format!("127.0.0.1:{}", ports[2 * i + 1]),
+                log: dir.join(format!("skiff-{}.log", i + 1)),
+            })
+            .collect();
+        let mut s = Skiff {
+            bin: bin.to_path_buf(),
+            members,
+            procs: Procs::default(),
+        };
+        for i in 0..3 {
+            let m = &s.members[i];
+            let mut cmd = Command::new(&s.bin);
+            cmd.arg("--id")
+                .arg(m.id.to_string())
+                .arg("--data-dir")
+                .arg(&m.data_dir)
+                .arg("--rpc-addr")
+                .arg(&m.rpc)
+                .arg("--http-addr")
+                .arg(&m.http);
+            if i == 0 {
+                cmd.arg("--bootstrap");
+            } else {
+                cmd.arg("--join").arg(&s.members[0].rpc);
+            }
+            s.procs.spawn(&label(i), cmd, &m.log)?;
+            s.wait_healthy(i, deadline).await?;
+        }
+        s.wait_voters(deadline).await?;
+        Ok(s)
+    }
+
+    /// Waits until the membership lists all three members as voters (a joiner starts as a
+    /// learner and is promoted once caught up).
+    async fn wait_voters(&mut self, deadline: Instant) -> Result<()> {
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            match self.list_voters().await {
+                Ok(3) => return Ok(()),
+                Ok(n) => last = format!("{n} voters"),
+                Err(e) => last = format!("{e:#}"),
+            }
+            sleep(POLL).await;
+        }
+        bail!("skiff: members not all voters before the deadline ({last})")
+    }
+
+    async fn list_voters(&self) -> Result<usize> {
+        let mut c = ClusterClient::new(channel(&self.members[0].rpc).await?);
+        let resp = timeout(POLL_TIMEOUT, c.list_members(ListMembersRequest {}))
+            .await
+            .context("ListMembers timed out")??
+            .into_inner();
+        Ok(resp.members.iter().filter(|m| m.voter).count())
+    }
+}
+
+fn label(i: usize) -> String {
+    format!("skiff-{}", i + 1)
+}
+
+impl Cluster for Skiff {
+    fn name(&self) -> String {
+        "skiff".into()
+    }
+
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    async fn leader(&mut self, deadline: Instant) -> Result<usize> {
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            for (i, m) in self.members.iter().enumerate() {
+                if self.procs.check_alive(&label(i)).is_err() {
+                    continue;
+                }
+                let ask = async {
+                    let mut c = ClusterClient::new(channel(&m.rpc).await?);
+                    let r = c
+                        .leader(LeaderRequest {})
+                        .await
+                        .context("Leader")?
+                        .into_inner();
+                    anyhow::Ok(r)
+                };
+                match timeout(POLL_TIMEOUT, ask).await {
+                    Ok(Ok(r)) if r.leader_id >= 1 && r.leader_id as usize <= self.members.len() => {
+                        let li = r.leader_id as usize - 1;
+                        if self.procs.check_alive(&label(li)).is_ok() {
+                            return Ok(li);
+                        }
+                        last = format!("leader {} is not running", r.leader_id);
+                    }
+                    Ok(Ok(r)) => last = format!("leader_id {}", r.leader_id),
+                    Ok(Err(e)) => last = format!("{e:#}"),
+                    Err(_) => last = "Leader timed out".into(),
+                }
+            }
+            sleep(POLL).await;
+        }
+        bail!("skiff: no leader before the deadline ({last})")
+    }
+
+    async fn connect(&self, member: usize) -> Result<Writer> {
+        Ok(Writer::Skiff(JobsClient::new(
+            channel(&self.members[member].rpc).await?,
+        )))
+    }
+
+    fn kill(&mut self, member: usize) -> Result<()> {
+        self.procs.kill(&label(member))
+    }
+
+    fn restart(&mut self, member: usize) -> Result<()> {
+        let m = &self.members[member];
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--id")
+            .arg(m.id.to_string())
+            .arg("--data-dir")
+            .arg(&m.data_dir);
+        self.procs.spawn(&label(member), cmd, &m.log)
+    }
+
+    async fn wait_healthy(&mut self, member: usize, deadline: Instant) -> Result<()> {
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            self.procs
+                .check_alive(&label(member))
+                .with_context(|| format!("see {}", self.members[member].log.display()))?;
+            match http_status(&self.members[member].http, "/readyz").await {
+                Ok(200) => return Ok(()),
+                Ok(code) => last = format!("HTTP {code}"),
+                Err(e) => last = format!("{e:#}"),
+            }
+            sleep(POLL).await;
+        }
+        bail!(
+            "skiff-{}: /readyz not 200 before the deadline ({last}); see {}",
+            member + 1,
+            self.members[member].log.display()
+        )
+    }
+}
+
+/// Status code of `GET http://addr/path` (a bare HTTP/1.1 request; no body is read).
+async fn http_status(addr: &str, path: &str) -> Result<u16> {
+    let get = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.context("send request")?;
+        let mut buf = vec![0u8; 256];
+        let mut n = 0;
+        // The status line fits in the first few reads; bounded by the buffer size.
+        while n < buf.len() && !buf[..n].contains(&b'\n') {
+            let k = s.read(&mut buf[n..]).await.context("read response")?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        let head = String::from_utf8_lossy(&buf[..n]);
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .with_context(|| format!("GET {path}: malformed status line {head:?}"))?;
+        anyhow::Ok(code)
+    };
+    timeout(POLL_TIMEOUT, get)
+        .await
+        .with_context(|| format!("GET {addr}{path} timed out"))?
+}
