@@ -6,7 +6,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 # prometheus: the e2e tests scrape the controllers with a real Prometheus and lint with promtool.
-need_pkgs=(curl prometheus)
+# busybox-static: the runtime tests build their container image from it.
+need_pkgs=(curl prometheus busybox-static)
 missing=()
 for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,10 +1,382 @@
-//! `skiff-agent`: the node agent. The container runtime, images, networking and DNS are built
-//! by their own issues; until then this binary only says so.
+//! `skiff-agent` binary: parses the command line and dispatches. The hidden `__monitor` mode
+//! is the per-container monitor (the binary re-exec'd); it stays single-threaded, so nothing
+//! here starts an async runtime before dispatching to it.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "skiff-agent {}: the node agent is not built yet (see the runtime issue)",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::ExitCode::from(2)
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use skiff_agent::runtime::cgroup::Limits;
+use skiff_agent::runtime::container::{RunOptions, Runtime};
+use skiff_agent::runtime::image::ImageStore;
+use skiff_agent::runtime::logs;
+use skiff_agent::runtime::store::{RestartPolicy, Status, monitor_alive};
+
+#[derive(Parser)]
+#[command(name = "skiff-agent", version, about = "Skiff's node agent")]
+struct Cli {
+    /// Where containers, images and state live.
+    #[arg(
+        long,
+        global = true,
+        env = "SKIFF_DATA_DIR",
+        default_value = "/var/lib/skiff/agent"
+    )]
+    data_dir: PathBuf,
+    /// Cgroup parent for containers (relative to each hierarchy root).
+    #[arg(
+        long,
+        global = true,
+        env = "SKIFF_CGROUP_PARENT",
+        default_value = "skiff"
+    )]
+    cgroup_parent: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run and inspect containers by hand.
+    Container {
+        #[command(subcommand)]
+        command: ContainerCmd,
+    },
+    /// Images in the local store.
+    Image {
+        #[command(subcommand)]
+        command: ImageCmd,
+    },
+    #[command(name = "__monitor", hide = true)]
+    Monitor { id: String },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Import an image (`oci:DIR[:TAG]`).
+    Pull { reference: String },
+    /// List imported images.
+    Ls {
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContainerCmd {
+    /// Run a container in the foreground and exit with its exit code.
+    Run {
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Memory limit (e.g. 64Mi).
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit in cores (e.g. 0.5).
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Process limit.
+        #[arg(long)]
+        pids: Option<u64>,
+        #[arg(long)]
+        hostname: Option<String>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// User (name or uid[:gid]) inside the container.
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// never | on-failure | always.
+        #[arg(long, default_value = "never")]
+        restart: String,
+        /// Start it and return its id instead of waiting.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Remove the container when it exits.
+        #[arg(long)]
+        rm: bool,
+        /// The command (overrides the image's CMD).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// List containers.
+    Ps {
+        /// Also exited ones.
+        #[arg(short, long)]
+        all: bool,
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Print a container's output.
+    Logs {
+        container: String,
+        /// Keep printing new output until the container exits.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Stop a container: its stop signal, then SIGKILL after the grace period.
+    Stop {
+        container: String,
+        /// Grace period in seconds.
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+    },
+    /// Remove a stopped container.
+    Rm {
+        container: String,
+        #[arg(short, long)]
+        force: bool,
+    },
+}
+
+fn parse_restart(s: &str) -> anyhow::Result<RestartPolicy> {
+    Ok(match s {
+        "never" | "no" => RestartPolicy::Never,
+        "on-failure" => RestartPolicy::OnFailure,
+        "always" => RestartPolicy::Always,
+        other => anyhow::bail!("--restart: {other:?} is not never, on-failure or always"),
+    })
+}
+
+fn print_logs(dir: &std::path::Path, from: usize) -> anyhow::Result<usize> {
+    let records = logs::read_all(dir)?;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    for r in records.iter().skip(from) {
+        let end = if r.partial { "" } else { "\n" };
+        match r.stream {
+            logs::Stream::Stdout => write!(out, "{}{end}", r.text)?,
+            logs::Stream::Stderr => write!(err, "{}{end}", r.text)?,
+        }
+    }
+    out.flush()?;
+    Ok(records.len())
+}
+
+fn container(cli: &Cli, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
+    let rt = Runtime::open(&cli.data_dir, &cli.cgroup_parent)?;
+    // Clean up after interrupted agents (`run` skips it: it is on the start path).
+    if !matches!(cmd, ContainerCmd::Run { .. }) {
+        rt.gc()?;
+    }
+    match cmd {
+        ContainerCmd::Run {
+            image,
+            name,
+            memory,
+            cpus,
+            pids,
+            hostname,
+            env,
+            user,
+            restart,
+            detach,
+            rm,
+            cmd,
+        } => {
+            let memory = match memory {
+                Some(m) => Some(
+                    m.parse::<skiff_common::ByteSize>()
+                        .map_err(|e| anyhow::anyhow!("--memory: {e}"))?
+                        .as_u64(),
+                ),
+                None => None,
+            };
+            let mut envs = Vec::new();
+            for e in env {
+                let (k, v) = e
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--env: {e:?} is not KEY=VALUE"))?;
+                envs.push((k.to_string(), v.to_string()));
+            }
+            let opts = RunOptions {
+                image: image.clone(),
+                name: name.clone(),
+                cmd: cmd.clone(),
+                env: envs,
+                hostname: hostname.clone(),
+                user: user.clone(),
+                limits: Limits {
+                    cpu: *cpus,
+                    memory,
+                    pids: *pids,
+                },
+                restart: parse_restart(restart)?,
+                ..RunOptions::default()
+            };
+            let (id, mut monitor) = rt.run(&opts)?;
+            if *detach {
+                println!("{id}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let dir = rt.store().dir(&id);
+            // Wait for the monitor on a thread so its exit is seen at once, while this one
+            // copies the log to our stdout/stderr as it grows.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = done_tx.send(monitor.wait());
+            });
+            let mut seen = 0;
+            loop {
+                seen = print_logs(&dir, seen)?;
+                match done_rx.recv_timeout(Duration::from_millis(50)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => break,
+                }
+            }
+            print_logs(&dir, seen)?;
+            let state = rt.store().state(&id)?;
+            let code = state.exit.as_ref().map(|e| e.status_code()).unwrap_or(255);
+            if let Some(e) = &state.exit
+                && e.oom_killed
+            {
+                eprintln!("container {id}: killed by the OOM killer (memory limit)");
+            }
+            if *rm {
+                rt.remove(&id, true)?;
+            }
+            Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(255)))
+        }
+        ContainerCmd::Ps { all, output } => {
+            let list = rt.store().list()?;
+            let rows: Vec<_> = list
+                .into_iter()
+                .filter(|(_, s)| {
+                    *all || matches!(
+                        s.status,
+                        Status::Running | Status::Restarting | Status::Created
+                    )
+                })
+                .collect();
+            if output == "json" {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(c, s)| {
+                        serde_json::json!({
+                            "id": c.id, "name": c.name, "image": c.image, "command": c.args,
+                            "status": s.status.as_str(), "pid": s.pid, "restarts": s.restarts,
+                            "exit": s.exit, "error": s.error, "monitor_alive": monitor_alive(s),
+                            "created_at_ms": c.created_at_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<14}{:<16}{:<21}{:<9}{:<9}COMMAND",
+                    "ID", "NAME", "STATUS", "PID", "RESTARTS"
+                );
+                for (c, s) in rows {
+                    let status = match (&s.status, &s.exit) {
+                        (Status::Exited, Some(e)) => format!("exited({})", e.describe()),
+                        (st, _) => st.as_str().to_string(),
+                    };
+                    println!(
+                        "{:<14}{:<16}{:<21}{:<9}{:<9}{}",
+                        &c.id[..12.min(c.id.len())],
+                        c.name,
+                        status,
+                        s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        s.restarts,
+                        c.args.join(" ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Logs { container, follow } => {
+            let id = rt.store().resolve(container)?;
+            let dir = rt.store().dir(&id);
+            let mut seen = print_logs(&dir, 0)?;
+            while *follow && monitor_alive(&rt.store().state(&id)?) {
+                std::thread::sleep(Duration::from_millis(100));
+                seen = print_logs(&dir, seen)?;
+            }
+            if *follow {
+                print_logs(&dir, seen)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Stop { container, time } => {
+            let state = rt.stop(container, Duration::from_secs(*time))?;
+            let how = state
+                .exit
+                .map(|e| e.describe())
+                .unwrap_or_else(|| "stopped".into());
+            println!("{container}: {how}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Rm { container, force } => {
+            rt.remove(container, *force)?;
+            println!("{container}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn image(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
+    let store = ImageStore::open(&cli.data_dir.join("images"))?;
+    match cmd {
+        ImageCmd::Pull { reference } => {
+            let img = store.import(reference)?;
+            println!(
+                "{} {} ({} layers)",
+                img.reference,
+                img.manifest_digest,
+                img.layers.len()
+            );
+        }
+        ImageCmd::Ls { output } => {
+            let list = store.list()?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for i in list {
+                    println!("{}", serde_json::to_string(&i)?);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn monitor(cli: &Cli, id: &str) -> ExitCode {
+    // Our stdout is the pipe the starter reads one report line from; keep it as the report
+    // fd and put /dev/null in its place.
+    let report: Option<OwnedFd> = nix::unistd::dup(std::io::stdout()).ok();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    let code = skiff_agent::runtime::monitor::run(&cli.data_dir, id, report);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Monitor { id } = &cli.command {
+        return monitor(&cli, id);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let res = match &cli.command {
+        Cmd::Container { command } => container(&cli, command),
+        Cmd::Image { command } => image(&cli, command),
+        Cmd::Monitor { .. } => unreachable!("dispatched above"),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
 }

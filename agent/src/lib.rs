@@ -1,0 +1,4 @@
+//! `skiff-agent`: the node agent. For now: the container runtime ([`runtime`]) and the
+//! `skiff-agent container ...` commands that drive it by hand.
+
+pub mod runtime;

@@ -1,0 +1,390 @@
+//! The runtime's entry points: create and start a container (spawning its monitor), stop,
+//! remove, list, and clean up what an interrupted agent left behind. Used by the
+//! `skiff-agent container ...` commands and, later, by the agent's reconciler.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::cgroup::{self, Limits};
+use super::image::{ImageConfig, ImageStore};
+use super::monitor::{self, STOP_FILE};
+use super::store::{
+    ContainerConfig, RestartPolicy, State, Status, Store, StoreError, monitor_alive, now_ms,
+};
+
+/// What the user asked to run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub image: String,
+    pub name: Option<String>,
+    /// Overrides the image's CMD (the entrypoint is kept, as `docker run IMAGE CMD...`).
+    pub cmd: Vec<String>,
+    /// Overrides the image's ENTRYPOINT.
+    pub entrypoint: Option<Vec<String>>,
+    pub env: Vec<(String, String)>,
+    pub hostname: Option<String>,
+    pub user: Option<String>,
+    pub cwd: Option<String>,
+    pub limits: Limits,
+    pub restart: RestartPolicy,
+    pub stop_signal: Option<i32>,
+    pub stop_grace: Option<Duration>,
+}
+
+/// Runtime failures, each naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Image(#[from] super::image::ImageError),
+    #[error(transparent)]
+    Cgroup(#[from] super::cgroup::CgroupError),
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("starting monitor: {0}")]
+    Spawn(std::io::Error),
+    #[error("container {id} failed to start: {reason}")]
+    Start { id: String, reason: String },
+    #[error("container {0} is running (stop it first, or use --force)")]
+    Running(String),
+    #[error("container {id} did not stop within {waited:?}")]
+    StopTimeout { id: String, waited: Duration },
+}
+
+/// The runtime over one data dir.
+pub struct Runtime {
+    data_dir: PathBuf,
+    store: Store,
+    cgroup_parent: String,
+}
+
+/// Docker's default RLIMIT_NOFILE (1048576), capped at what this kernel allows.
+fn nofile_limit() -> u64 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1_048_576);
+    nr_open.min(1_048_576)
+}
+
+fn new_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..16)
+        .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+        .collect()
+}
+
+impl Runtime {
+    pub fn open(data_dir: &Path, cgroup_parent: &str) -> Result<Runtime, RuntimeError> {
+        Ok(Runtime {
+            data_dir: data_dir.to_path_buf(),
+            store: Store::open(data_dir)?,
+            cgroup_parent: cgroup_parent.to_string(),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Resolves the container config from the image and the options (Docker's rules).
+    fn resolve(
+        &self,
+        opts: &RunOptions,
+        image: &ImageConfig,
+        layers: Vec<PathBuf>,
+    ) -> Result<ContainerConfig, RuntimeError> {
+        let id = new_id();
+        let name = opts.name.clone().unwrap_or_else(|| id[..12].to_string());
+        skiff_common::validate_name("name", &name).map_err(|e| RuntimeError::Invalid {
+            field: "name",
+            reason: e.to_string(),
+        })?;
+        let entrypoint = opts
+            .entrypoint
+            .clone()
+            .unwrap_or_else(|| image.entrypoint.clone());
+        let cmd = if !opts.cmd.is_empty() || opts.entrypoint.is_some() {
+            opts.cmd.clone()
+        } else {
+            image.cmd.clone()
+        };
+        let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+        if args.is_empty() {
+            return Err(RuntimeError::Invalid {
+                field: "command",
+                reason: format!(
+                    "image {} has no entrypoint or cmd; give a command",
+                    opts.image
+                ),
+            });
+        }
+        let mut env: Vec<String> = image.env.clone();
+        for (k, v) in &opts.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(RuntimeError::Invalid {
+                    field: "env",
+                    reason: format!("{k:?} is not a valid variable name"),
+                });
+            }
+            env.retain(|e| e.split_once('=').map(|(ek, _)| ek) != Some(k.as_str()));
+            env.push(format!("{k}={v}"));
+        }
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        let hostname = opts.hostname.clone().unwrap_or_else(|| name.clone());
+        if hostname.is_empty() || hostname.len() > 64 || hostname.contains(['/', '\0', ' ']) {
+            return Err(RuntimeError::Invalid {
+                field: "hostname",
+                reason: format!("{hostname:?} is not a hostname"),
+            });
+        }
+        let stop_signal = match opts.stop_signal {
+            Some(s) => s,
+            None => match &image.stop_signal {
+                Some(name) => skiff_common::spec::signal_number(name).ok_or_else(|| {
+                    RuntimeError::Invalid {
+                        field: "stop signal",
+                        reason: format!("{name:?} is not a signal"),
+                    }
+                })?,
+                None => libc::SIGTERM,
+            },
+        };
+        Ok(ContainerConfig {
+            id,
+            name: name.clone(),
+            image: opts.image.clone(),
+            layers,
+            args,
+            env,
+            cwd: opts
+                .cwd
+                .clone()
+                .unwrap_or_else(|| image.working_dir.clone()),
+            user: opts.user.clone().unwrap_or_else(|| image.user.clone()),
+            hostname,
+            limits: opts.limits.clone(),
+            nofile: nofile_limit(),
+            restart: opts.restart,
+            stop_signal,
+            stop_grace_ms: opts
+                .stop_grace
+                .unwrap_or(Duration::from_secs(10))
+                .as_millis() as u64,
+            cgroup_parent: self.cgroup_parent.clone(),
+            log_max_bytes: 10 * 1024 * 1024,
+            created_at_ms: now_ms(),
+        })
+    }
+
+    /// Creates a container and starts it under a new monitor. Returns once the workload has
+    /// been exec'd (or failed to be); the monitor is a child of this process.
+    pub fn run(&self, opts: &RunOptions) -> Result<(String, Child), RuntimeError> {
+        let images = ImageStore::open(&self.data_dir.join("images"))?;
+        let image = images.import(&opts.image)?;
+        let config = self.resolve(opts, &image.config, image.layers.clone())?;
+        // Check the limits (and that cgroups work) before anything is written.
+        let manager = cgroup::host(&self.cgroup_parent)?;
+        let cg = manager.create(&config.id, &config.limits)?;
+        let id = config.id.clone();
+        if let Err(e) = self.store.create(&config) {
+            let _ = cg.delete();
+            return Err(e.into());
+        }
+        let (read, write) = std::io::pipe().map_err(RuntimeError::Spawn)?;
+        let monitor_log = std::fs::File::create(self.store.dir(&id).join("monitor.log"))
+            .map_err(RuntimeError::Spawn)?;
+        let exe = std::env::current_exe().map_err(RuntimeError::Spawn)?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("__monitor")
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(write)
+            .stderr(monitor_log);
+        // SAFETY-free: setsid is async-signal-safe; the monitor gets its own session so that
+        // signals for this process group (Ctrl-C) and our exit do not reach it.
+        cmd.process_group(0);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = cg.delete();
+                let _ = self.store.remove_dir(&id);
+                return Err(RuntimeError::Spawn(e));
+            }
+        };
+        drop(cmd);
+        let mut report = String::new();
+        let mut read = read;
+        let _ = read.read_to_string(&mut report);
+        let report = report.trim();
+        if report == "ok" {
+            return Ok((id, child));
+        }
+        let reason = report.strip_prefix("error: ").unwrap_or(report).to_string();
+        let mut child = child;
+        let _ = child.wait();
+        // A container that never started leaves nothing behind.
+        let _ = self.remove(&id, true);
+        Err(RuntimeError::Start {
+            id,
+            reason: if reason.is_empty() {
+                "monitor exited without a report".into()
+            } else {
+                reason
+            },
+        })
+    }
+
+    /// Asks the monitor to stop the container: stop signal, then SIGKILL after `grace`.
+    /// Waits until it has exited.
+    pub fn stop(&self, reference: &str, grace: Duration) -> Result<State, RuntimeError> {
+        let id = self.store.resolve(reference)?;
+        let state = self.store.state(&id)?;
+        if !monitor_alive(&state) {
+            return Ok(self.settle(&id)?);
+        }
+        let dir = self.store.dir(&id);
+        std::fs::write(dir.join(STOP_FILE), grace.as_millis().to_string()).map_err(|e| {
+            StoreError::Io {
+                path: dir.join(STOP_FILE),
+                source: e,
+            }
+        })?;
+        if let Some(pid) = state.monitor_pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let waited = grace + Duration::from_secs(10);
+        let until = Instant::now() + waited;
+        loop {
+            let s = self.store.state(&id)?;
+            if !monitor_alive(&s) {
+                return Ok(s);
+            }
+            if Instant::now() >= until {
+                return Err(RuntimeError::StopTimeout { id, waited });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Removes a stopped container (with `force`, stops it first, without grace).
+    pub fn remove(&self, reference: &str, force: bool) -> Result<(), RuntimeError> {
+        let id = self.store.resolve(reference).or_else(|e| {
+            // A half-created record (no config) can still be removed by its full id.
+            if self.store.dir(reference).exists() {
+                Ok(reference.to_string())
+            } else {
+                Err(e)
+            }
+        })?;
+        if let Ok(state) = self.store.state(&id)
+            && monitor_alive(&state)
+        {
+            if !force {
+                return Err(RuntimeError::Running(id));
+            }
+            self.stop(&id, Duration::ZERO)?;
+        }
+        self.release(&id);
+        self.store.remove_dir(&id)?;
+        Ok(())
+    }
+
+    /// Frees what a container holds outside its directory: cgroup, network namespace.
+    fn release(&self, id: &str) {
+        let parent = self
+            .store
+            .config(id)
+            .map(|c| c.cgroup_parent)
+            .unwrap_or_else(|_| self.cgroup_parent.clone());
+        if let Ok(manager) = cgroup::host(&parent)
+            && let Ok(Some(cg)) = manager.open(id)
+        {
+            let _ = cg.kill_all();
+            let _ = cg.delete();
+        }
+        monitor::remove_netns(&monitor::netns_path(&self.data_dir, id));
+    }
+
+    /// A container whose monitor is gone: kill whatever is left of it and record it exited.
+    fn settle(&self, id: &str) -> Result<State, StoreError> {
+        let mut s = self.store.state(id)?;
+        if matches!(
+            s.status,
+            Status::Running | Status::Restarting | Status::Created
+        ) {
+            self.release(id);
+            s.status = Status::Exited;
+            s.pid = None;
+            s.monitor_pid = None;
+            s.monitor_start = None;
+            if s.error.is_none() {
+                s.error = Some("monitor gone; container killed".into());
+            }
+            self.store.save_state(id, &s)?;
+        }
+        Ok(s)
+    }
+
+    /// Cleans up after interrupted agents: records that never got a monitor, containers whose
+    /// monitor died, half-created directories, and cgroups under our parent with no record.
+    pub fn gc(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut cleaned = Vec::new();
+        let known: Vec<(ContainerConfig, State)> = self.store.list()?;
+        for (c, s) in &known {
+            let stale = matches!(
+                s.status,
+                Status::Created | Status::Running | Status::Restarting
+            ) && !monitor_alive(s);
+            // A record younger than a few seconds may be a start in progress.
+            if stale && now_ms() - c.created_at_ms > 5_000 {
+                if s.status == Status::Created {
+                    self.release(&c.id);
+                    self.store.remove_dir(&c.id)?;
+                } else {
+                    self.settle(&c.id)?;
+                }
+                cleaned.push(c.id.clone());
+            }
+        }
+        for dir in self.store.orphans()? {
+            let id = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let young = std::fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(5));
+            if !young {
+                self.release(&id);
+                self.store.remove_dir(&id)?;
+                cleaned.push(id);
+            }
+        }
+        if let Ok(manager) = cgroup::host(&self.cgroup_parent) {
+            let ids: Vec<String> = self.store.list()?.into_iter().map(|(c, _)| c.id).collect();
+            for name in manager.list().unwrap_or_default() {
+                if !ids.contains(&name)
+                    && let Ok(Some(cg)) = manager.open(&name)
+                    && cg.processes().map(|p| p.is_empty()).unwrap_or(false)
+                {
+                    let _ = cg.delete();
+                    cleaned.push(name);
+                }
+            }
+        }
+        Ok(cleaned)
+    }
+}

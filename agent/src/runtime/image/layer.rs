@@ -1,0 +1,309 @@
+//! The content-addressed layer store: `layers/sha256/<diff-id hex>/`, each unpacked once,
+//! verified, and shared by every image that has that layer.
+//!
+//! Any source of layer blobs (an OCI layout, later a registry) calls [`LayerStore::ensure`]
+//! with a way to open the blob as a byte stream; the store decompresses, unpacks, and checks
+//! size, digest and diff-id in one pass, and only then renames the result into place.
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use flate2::bufread::MultiGzDecoder;
+use tracing::{debug, info};
+
+use super::ImageError;
+use super::blob::{self, HashingReader};
+use super::unpack;
+
+/// Layer media types this store knows; the compression itself is recognised by magic number.
+const LAYER_TYPES: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+];
+
+const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+const READ_BUF: usize = 256 << 10;
+
+/// One layer to make present: the blob as the manifest describes it and the diff-id the
+/// image config expects. Digests are validated `sha256:<hex>` strings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerBlob<'a> {
+    pub(crate) digest: &'a str,
+    pub(crate) size: u64,
+    pub(crate) media_type: &'a str,
+    pub(crate) diff_id: &'a str,
+}
+
+#[derive(Debug)]
+pub(crate) struct LayerStore {
+    /// `root/layers/sha256`
+    dir: PathBuf,
+    /// `root/tmp`: unpacking happens here, on the same filesystem as `dir`.
+    tmp: PathBuf,
+    /// `root/locks`
+    locks: PathBuf,
+}
+
+impl LayerStore {
+    pub(crate) fn open(root: &Path) -> Result<LayerStore, ImageError> {
+        let store = LayerStore {
+            dir: root.join("layers/sha256"),
+            tmp: root.join("tmp"),
+            locks: root.join("locks"),
+        };
+        for d in [&store.dir, &store.tmp, &store.locks] {
+            fs::create_dir_all(d).map_err(ImageError::io(d))?;
+        }
+        Ok(store)
+    }
+
+    fn path(&self, diff_id: &str) -> PathBuf {
+        self.dir.join(blob::hex_of(diff_id))
+    }
+
+    /// The layer's directory if it is in the store.
+    pub(crate) fn existing(&self, diff_id: &str) -> Option<PathBuf> {
+        blob::parse_sha256(diff_id)?;
+        let path = self.path(diff_id);
+        path.is_dir().then_some(path)
+    }
+
+    /// Returns the layer's directory, unpacking it first if it is not in the store. `open` is
+    /// called only then. Two processes doing this for the same layer serialize on a lock file;
+    /// the second finds the layer present. On any error nothing of the layer stays behind.
+    pub(crate) fn ensure<R: Read>(
+        &self,
+        layer: &LayerBlob<'_>,
+        open: impl FnOnce() -> Result<R, ImageError>,
+    ) -> Result<PathBuf, ImageError> {
+        let final_dir = self.path(layer.diff_id);
+        if final_dir.is_dir() {
+            return Ok(final_dir);
+        }
+        if !LAYER_TYPES.contains(&layer.media_type) {
+            return Err(ImageError::UnsupportedMediaType {
+                kind: "layer",
+                digest: layer.digest.to_owned(),
+                media_type: layer.media_type.to_owned(),
+            });
+        }
+        let hex = blob::hex_of(layer.diff_id);
+        let lock_path = self.locks.join(format!("{hex}.lock"));
+        let lock = File::create(&lock_path).map_err(ImageError::io(&lock_path))?;
+        lock.lock().map_err(ImageError::io(&lock_path))?;
+        if final_dir.is_dir() {
+            debug!(
+                diff_id = layer.diff_id,
+                "layer unpacked by another process meanwhile"
+            );
+            return Ok(final_dir);
+        }
+
+        // We hold the lock, so a leftover temp dir is from a crashed unpack: start over.
+        let tmp = self.tmp.join(format!("layer-{hex}"));
+        remove_if_present(&tmp)?;
+        fs::create_dir(&tmp).map_err(ImageError::io(&tmp))?;
+        let result = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
+            .map_err(ImageError::io(&tmp))
+            .and_then(|()| open())
+            .and_then(|reader| unpack_verified(reader, layer, &tmp))
+            .and_then(|()| fs::rename(&tmp, &final_dir).map_err(ImageError::io(&final_dir)));
+        if let Err(e) = result {
+            if let Err(rm) = fs::remove_dir_all(&tmp) {
+                tracing::warn!(path = %tmp.display(), error = %rm, "cannot remove partial layer");
+            }
+            return Err(e);
+        }
+        info!(
+            diff_id = layer.diff_id,
+            digest = layer.digest,
+            "layer unpacked"
+        );
+        Ok(final_dir)
+        // `lock` is released when dropped.
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), ImageError> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ImageError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Decompresses and unpacks `reader` into `dest` while hashing both the blob and the tar
+/// stream, then checks size, digest and diff-id. When unpacking fails, the rest of the blob is
+/// still hashed: a blob that does not match its digest is reported as such (the cause), rather
+/// than as whatever the damage did to gzip or tar.
+fn unpack_verified<R: Read>(
+    reader: R,
+    layer: &LayerBlob<'_>,
+    dest: &Path,
+) -> Result<(), ImageError> {
+    let mut raw = HashingReader::new(reader, Some(layer.size));
+    let unpacked = unpack_stream(&mut raw, layer, dest);
+    if unpacked.is_err() {
+        let _ = raw.drain();
+    }
+    if raw.count() != layer.size && (raw.at_eof() || raw.count() > layer.size) {
+        return Err(ImageError::SizeMismatch {
+            kind: "layer",
+            digest: layer.digest.to_owned(),
+            expected: layer.size,
+            got: raw.count(),
+        });
+    }
+    if raw.count() == layer.size {
+        let got = raw.digest();
+        if got != layer.digest {
+            return Err(ImageError::DigestMismatch {
+                kind: "layer",
+                digest: layer.digest.to_owned(),
+                got,
+            });
+        }
+    }
+    let diff_id = unpacked?;
+    if diff_id != layer.diff_id {
+        return Err(ImageError::DiffIdMismatch {
+            digest: layer.digest.to_owned(),
+            expected: layer.diff_id.to_owned(),
+            got: diff_id,
+        });
+    }
+    Ok(())
+}
+
+/// Unpacks the (possibly compressed) blob read from `raw`, reading it to its end; returns the
+/// diff-id (sha256 of the uncompressed tar stream).
+fn unpack_stream<R: Read>(
+    raw: &mut HashingReader<R>,
+    layer: &LayerBlob<'_>,
+    dest: &Path,
+) -> Result<String, ImageError> {
+    let stream_err = |source: io::Error| ImageError::Unpack {
+        digest: layer.digest.to_owned(),
+        source,
+    };
+    let mut buffered = BufReader::with_capacity(READ_BUF, raw);
+    let head = buffered.fill_buf().map_err(stream_err)?;
+    let decompressed: Box<dyn Read + '_> = if head.starts_with(GZIP_MAGIC) {
+        Box::new(MultiGzDecoder::new(&mut buffered))
+    } else if head.starts_with(ZSTD_MAGIC) {
+        return Err(ImageError::UnsupportedMediaType {
+            kind: "layer",
+            digest: layer.digest.to_owned(),
+            media_type: format!(
+                "{} (zstd compression is not supported yet)",
+                layer.media_type
+            ),
+        });
+    } else {
+        Box::new(&mut buffered)
+    };
+    let mut tar_stream = HashingReader::new(decompressed, None);
+    unpack::unpack(&mut tar_stream, dest, layer.digest)?;
+    // The tar reader stops at the end-of-archive marker; the diff-id covers the padding after
+    // it, and the blob digest the whole blob.
+    tar_stream.drain().map_err(stream_err)?;
+    let diff_id = tar_stream.digest();
+    drop(tar_stream);
+    io::copy(&mut buffered, &mut io::sink()).map_err(stream_err)?;
+    Ok(diff_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_with_file(name: &str, data: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, data).expect("append");
+        b.into_inner().expect("finish")
+    }
+
+    #[test]
+    fn unpacks_plain_tar_once_and_rejects_bad_digest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::open(dir.path()).expect("open");
+        let tar = tar_with_file("hello.txt", b"hi\n");
+        let digest = blob::digest_bytes(&tar);
+        let layer = LayerBlob {
+            digest: &digest,
+            size: tar.len() as u64,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+            diff_id: &digest,
+        };
+        let path = store.ensure(&layer, || Ok(&tar[..])).expect("ensure");
+        assert_eq!(fs::read(path.join("hello.txt")).expect("read"), b"hi\n");
+        // Present: the blob is not even opened.
+        let again = store
+            .ensure(&layer, || -> Result<&[u8], ImageError> {
+                panic!("reopened")
+            })
+            .expect("ensure again");
+        assert_eq!(again, path);
+
+        let mut bad = tar.clone();
+        bad[600] ^= 0xff;
+        let other = format!("sha256:{}", "0".repeat(64));
+        let layer = LayerBlob {
+            diff_id: &other,
+            ..layer
+        };
+        let e = store.ensure(&layer, || Ok(&bad[..])).expect_err("corrupt");
+        assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e}");
+        assert!(!store.path(&other).exists());
+        assert_eq!(fs::read_dir(&store.tmp).expect("tmp").count(), 0);
+    }
+
+    #[test]
+    fn rejects_unknown_media_type_and_zstd() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::open(dir.path()).expect("open");
+        let digest = format!("sha256:{}", "1".repeat(64));
+        let layer = LayerBlob {
+            digest: &digest,
+            size: 4,
+            media_type: "application/x-foo",
+            diff_id: &digest,
+        };
+        let e = store.ensure(&layer, || Ok(&b"abcd"[..])).expect_err("type");
+        assert!(
+            e.to_string()
+                .contains("unsupported media type application/x-foo"),
+            "{e}"
+        );
+        let zstd = [0x28, 0xb5, 0x2f, 0xfd];
+        let digest = blob::digest_bytes(&zstd);
+        let layer = LayerBlob {
+            digest: &digest,
+            media_type: "application/vnd.oci.image.layer.v1.tar+zstd",
+            ..layer
+        };
+        let e = store.ensure(&layer, || Ok(&zstd[..])).expect_err("zstd");
+        assert!(e.to_string().contains("zstd"), "{e}");
+    }
+}

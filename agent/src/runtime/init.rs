@@ -1,0 +1,424 @@
+//! The container's first process before it becomes the workload: runs in a child cloned by
+//! the (single-threaded) monitor into new pid, mount, uts and ipc namespaces, sets up the
+//! rootfs and security, and finally execs the workload. Nothing here runs in the
+//! multi-threaded agent.
+//!
+//! Order: wait until the monitor has put us in the cgroup → new cgroup namespace → join the
+//! container's network namespace → private mounts → overlayfs rootfs → /proc, /dev, /sys →
+//! masked and read-only paths → hostname → pivot_root and detach the old root → stdio, user,
+//! cwd → capabilities, no_new_privs, setuid → seccomp → close-on-exec every fd ≥ 3 → exec.
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::stat::{Mode, SFlag, makedev, mknodat};
+use nix::unistd::{Gid, Uid, chdir, dup2_stderr, dup2_stdin, dup2_stdout, pivot_root, sethostname};
+
+use super::security::{self, SeccompProgram};
+use super::store::ContainerConfig;
+use super::sys;
+
+/// What the child needs, prepared by the monitor before the clone.
+pub struct Child<'a> {
+    pub config: &'a ContainerConfig,
+    pub dir: &'a Path,
+    pub netns: &'a Path,
+    pub sync_read: &'a OwnedFd,
+    pub err_write: &'a OwnedFd,
+    pub stdout: &'a OwnedFd,
+    pub stderr: &'a OwnedFd,
+    pub seccomp: &'a SeccompProgram,
+}
+
+/// Paths of a container's rootfs pieces.
+pub fn rootfs_dirs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (dir.join("rootfs"), dir.join("upper"), dir.join("work"))
+}
+
+/// The child's body: never returns on success (the workload replaces it). On failure the
+/// reason goes to the monitor through the error pipe and the child exits 127.
+pub fn run(c: &Child<'_>) -> isize {
+    let err = match setup_and_exec(c) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let mut f = std::fs::File::from(
+        c.err_write
+            .try_clone()
+            .unwrap_or_else(|_| std::process::exit(127)),
+    );
+    let _ = f.write_all(err.as_bytes());
+    127
+}
+
+fn ctx<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+enum Never {}
+
+fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
+    let cfg = c.config;
+    // The monitor blocks the signals it reads through a signalfd: the workload must not
+    // inherit that mask.
+    ctx(
+        "signal mask",
+        sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None),
+    )?;
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+        Signal::SIGPIPE,
+    ] {
+        ctx("reset signal", sys::default_signal(sig))?;
+    }
+    // Wait until the monitor has moved us into the container's cgroup.
+    let mut byte = [0u8; 1];
+    let n = ctx(
+        "waiting for the monitor",
+        std::fs::File::from(c.sync_read.try_clone().map_err(|e| e.to_string())?).read(&mut byte),
+    )?;
+    if n == 0 {
+        return Err("monitor went away before the start".into());
+    }
+    ctx("set non-dumpable", sys::set_non_dumpable())?;
+    ctx("new cgroup namespace", unshare(CloneFlags::CLONE_NEWCGROUP))?;
+    let netns = ctx(
+        &format!("open {}", c.netns.display()),
+        std::fs::File::open(c.netns),
+    )?;
+    ctx(
+        "join network namespace",
+        setns(netns.as_fd(), CloneFlags::CLONE_NEWNET),
+    )?;
+    drop(netns);
+
+    // Nothing we mount may propagate back to the host.
+    ctx(
+        "make / private",
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        ),
+    )?;
+    let (rootfs, upper, work) = rootfs_dirs(c.dir);
+    // overlayfs lists the top layer first.
+    let lower = cfg
+        .layers
+        .iter()
+        .rev()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    ctx(
+        "mount overlay rootfs",
+        mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        ),
+    )?;
+    let root: OwnedFd = ctx(
+        "open rootfs",
+        nix::fcntl::open(
+            &rootfs,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ),
+    )?;
+
+    mount_proc_dev_sys(&root)?;
+    for path in security::MASKED_PATHS {
+        mask(&root, path)?;
+    }
+    for path in security::READONLY_PATHS {
+        read_only(&root, path)?;
+    }
+    ctx("set hostname", sethostname(&cfg.hostname))?;
+
+    // pivot_root into the rootfs and detach the old root.
+    ctx("chdir rootfs", chdir(&rootfs))?;
+    ctx("pivot_root", pivot_root(".", "."))?;
+    ctx("detach old root", umount2(".", MntFlags::MNT_DETACH))?;
+    ctx("chdir /", chdir("/"))?;
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+
+    // Docker's default; where this host's own hard limit is lower and we may not raise it
+    // (no CAP_SYS_RESOURCE, e.g. inside another sandbox), the host's hard limit.
+    if security::set_nofile(cfg.nofile).is_err() {
+        let (_, hard) = ctx(
+            "rlimit nofile",
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE),
+        )?;
+        ctx("rlimit nofile", security::set_nofile(hard.min(cfg.nofile)))?;
+    }
+    let devnull = ctx("open /dev/null", std::fs::File::open("/dev/null"))?;
+    ctx("stdin", dup2_stdin(&devnull))?;
+    ctx("stdout", dup2_stdout(c.stdout))?;
+    ctx("stderr", dup2_stderr(c.stderr))?;
+    drop(devnull);
+
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let (uid, gid, groups) = ctx(
+        &format!("user {:?}", cfg.user),
+        security::resolve_user(&cfg.user, &passwd, &group),
+    )?;
+
+    let cwd = if cfg.cwd.is_empty() {
+        "/"
+    } else {
+        cfg.cwd.as_str()
+    };
+    ctx(&format!("working dir {cwd}"), std::fs::create_dir_all(cwd))?;
+    ctx(&format!("working dir {cwd}"), chdir(cwd))?;
+
+    let program = resolve_program(&cfg.args, &cfg.env)?;
+    let argv: Vec<CString> = cfg
+        .args
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "argument contains NUL".to_string())?;
+    let envp: Vec<CString> = cfg
+        .env
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "environment contains NUL".to_string())?;
+
+    ctx(
+        "capabilities",
+        security::drop_capabilities(&security::default_capabilities()),
+    )?;
+    ctx("no_new_privs", security::set_no_new_privs())?;
+    if uid != 0 || gid != 0 || !groups.is_empty() {
+        let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        ctx("setgroups", nix::unistd::setgroups(&gids))?;
+        ctx("setgid", nix::unistd::setgid(Gid::from_raw(gid)))?;
+        ctx("setuid", nix::unistd::setuid(Uid::from_raw(uid)))?;
+    }
+    ctx("seccomp", security::install_seccomp(c.seccomp))?;
+    ctx("close descriptors", sys::cloexec_from(3))?;
+    let e = nix::unistd::execve(&program, &argv, &envp)
+        .err()
+        .map(|e| e.desc())
+        .unwrap_or("failed");
+    Err(format!(
+        "exec {}: {e}",
+        cfg.args.first().map(String::as_str).unwrap_or("")
+    ))
+}
+
+/// Finds the program like execvp, in the container's PATH.
+fn resolve_program(args: &[String], env: &[String]) -> Result<CString, String> {
+    let Some(prog) = args.first() else {
+        return Err("no command: the image has no entrypoint or cmd and none was given".into());
+    };
+    if prog.contains('/') {
+        return CString::new(prog.as_str()).map_err(|_| "command contains NUL".into());
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(prog);
+        if sys::is_executable(&candidate) {
+            return CString::new(candidate.display().to_string())
+                .map_err(|_| "command contains NUL".into());
+        }
+    }
+    Err(format!("exec {prog}: executable file not found in PATH"))
+}
+
+fn mount_proc_dev_sys(root: &OwnedFd) -> Result<(), String> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let proc_dir = ctx("/proc mount point", sys::ensure_dir_in_root(root, "proc"))?;
+    ctx(
+        "mount /proc",
+        sys::mount_on(
+            Some("proc"),
+            &proc_dir,
+            Some("proc"),
+            nosuid_nodev_noexec,
+            None,
+        ),
+    )?;
+
+    let dev_dir = ctx("/dev mount point", sys::ensure_dir_in_root(root, "dev"))?;
+    ctx(
+        "mount /dev",
+        sys::mount_on(
+            Some("tmpfs"),
+            &dev_dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+            Some("mode=755,size=65536k"),
+        ),
+    )?;
+    // Re-open: the old fd still points at the directory under the new tmpfs.
+    let dev = ctx("open /dev", sys::open_in_root(root, "dev", true))?;
+    let devices: [(&str, u64, u64); 6] = [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ];
+    for (name, major, minor) in devices {
+        ctx(
+            &format!("mknod /dev/{name}"),
+            mknodat(
+                &dev,
+                name,
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(major, minor),
+            ),
+        )?;
+        ctx(
+            &format!("chmod /dev/{name}"),
+            nix::sys::stat::fchmodat(
+                &dev,
+                name,
+                Mode::from_bits_truncate(0o666),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            ),
+        )?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        ctx(
+            &format!("symlink /dev/{link}"),
+            nix::unistd::symlinkat(target, &dev, link),
+        )?;
+    }
+    let pts = ctx("/dev/pts", sys::ensure_dir_in_root(root, "dev/pts"))?;
+    ctx(
+        "mount /dev/pts",
+        sys::mount_on(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        ),
+    )?;
+    let shm = ctx("/dev/shm", sys::ensure_dir_in_root(root, "dev/shm"))?;
+    ctx(
+        "mount /dev/shm",
+        sys::mount_on(
+            Some("shm"),
+            &shm,
+            Some("tmpfs"),
+            nosuid_nodev_noexec,
+            Some("mode=1777,size=65536k"),
+        ),
+    )?;
+
+    let sys_dir = ctx("/sys mount point", sys::ensure_dir_in_root(root, "sys"))?;
+    ctx(
+        "mount /sys",
+        sys::mount_on(
+            Some("sysfs"),
+            &sys_dir,
+            Some("sysfs"),
+            nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+            None,
+        ),
+    )?;
+    Ok(())
+}
+
+/// Hides a path: /dev/null over a file, an empty read-only tmpfs over a directory.
+fn mask(root: &OwnedFd, path: &str) -> Result<(), String> {
+    let target = match sys::open_in_root(root, path, false) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("mask {path}: {e}")),
+    };
+    let is_dir = nix::sys::stat::fstat(&target)
+        .map(|s| s.st_mode & libc::S_IFMT == libc::S_IFDIR)
+        .unwrap_or(false);
+    if is_dir {
+        ctx(
+            &format!("mask {path}"),
+            sys::mount_on(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None,
+            ),
+        )
+    } else {
+        ctx(
+            &format!("mask {path}"),
+            sys::mount_on(Some("/dev/null"), &target, None, MsFlags::MS_BIND, None),
+        )
+    }
+}
+
+/// Makes a path read-only: bind it onto itself, then remount the bind read-only.
+fn read_only(root: &OwnedFd, path: &str) -> Result<(), String> {
+    let target = match sys::open_in_root(root, path, false) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("read-only {path}: {e}")),
+    };
+    let p = sys::fd_path(&target);
+    ctx(
+        &format!("read-only {path}"),
+        mount(
+            Some(p.as_str()),
+            p.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+    )?;
+    // Re-open to reach the new bind mount, then remount it read-only.
+    let target = ctx(
+        &format!("read-only {path}"),
+        sys::open_in_root(root, path, false),
+    )?;
+    let p = sys::fd_path(&target);
+    ctx(
+        &format!("read-only {path}"),
+        mount(
+            None::<&str>,
+            p.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+    )?;
+    let _ = target.as_raw_fd();
+    Ok(())
+}

@@ -1,0 +1,506 @@
+//! The per-container monitor: the agent binary re-exec'd as `skiff-agent __monitor`, a small
+//! single-threaded process that is the container's parent. It creates the container's
+//! network namespace, clones the container's first process, writes its output to the log,
+//! reaps it, records how it ended (exit code, signal, OOM kill), restarts it by policy, stops
+//! it on request (stop signal, grace period, SIGKILL), and cleans up. It runs in its own
+//! session, so it outlives the agent that started it.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Pid, pipe2};
+
+use super::cgroup::{self, Cgroup};
+use super::init;
+use super::logs::{LogWriter, Stream};
+use super::security;
+use super::store::{ContainerConfig, ExitInfo, State, Status, Store, now_ms, process_start_time};
+use super::sys;
+
+/// Restarts are given up after this many in a row.
+const MAX_RESTARTS: u32 = 10;
+
+/// The file a stop request writes its grace period (ms) into before signalling the monitor.
+pub const STOP_FILE: &str = "stop-grace-ms";
+
+/// Where a container's network namespace is bound.
+pub fn netns_path(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("run").join("netns").join(id)
+}
+
+/// Runs the monitor for container `id`. `report` receives one line once the container has
+/// started (`ok`) or failed to start (`error: ...`), then is closed.
+pub fn run(data_dir: &Path, id: &str, report: Option<OwnedFd>) -> i32 {
+    let mut report = report.map(std::fs::File::from);
+    let mut say = |line: &str| {
+        if let Some(f) = report.as_mut() {
+            let _ = writeln!(f, "{line}");
+        }
+        report = None;
+    };
+    let store = match Store::open(data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            say(&format!("error: {e}"));
+            return 1;
+        }
+    };
+    let mut m = match Monitor::new(store, data_dir, id) {
+        Ok(m) => m,
+        Err(e) => {
+            say(&format!("error: {e}"));
+            return 1;
+        }
+    };
+    let code = m.supervise(&mut say);
+    m.cleanup();
+    code
+}
+
+struct Monitor {
+    store: Store,
+    id: String,
+    dir: PathBuf,
+    config: ContainerConfig,
+    state: State,
+    cgroup: Box<dyn Cgroup>,
+    netns: PathBuf,
+    signals: SignalFd,
+    seccomp: security::SeccompProgram,
+}
+
+impl Monitor {
+    fn new(store: Store, data_dir: &Path, id: &str) -> Result<Monitor, String> {
+        let config = store.config(id).map_err(|e| e.to_string())?;
+        let mut state = store.state(id).map_err(|e| e.to_string())?;
+        let me = std::process::id() as i32;
+        state.monitor_pid = Some(me);
+        state.monitor_start = process_start_time(me);
+        store.save_state(id, &state).map_err(|e| e.to_string())?;
+
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block()
+            .map_err(|e| format!("blocking signals: {e}"))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(|e| format!("signalfd: {e}"))?;
+
+        let manager = cgroup::host(&config.cgroup_parent).map_err(|e| e.to_string())?;
+        let cgroup = match manager.open(id).map_err(|e| e.to_string())? {
+            Some(c) => c,
+            None => manager
+                .create(id, &config.limits)
+                .map_err(|e| e.to_string())?,
+        };
+        let seccomp = security::default_seccomp().map_err(|e| e.to_string())?;
+        let netns = netns_path(data_dir, id);
+        create_netns(&netns)?;
+        Ok(Monitor {
+            dir: store.dir(id),
+            store,
+            id: id.to_string(),
+            config,
+            state,
+            cgroup,
+            netns,
+            signals,
+            seccomp,
+        })
+    }
+
+    fn save(&self) {
+        if let Err(e) = self.store.save_state(&self.id, &self.state) {
+            eprintln!("monitor {}: saving state: {e}", self.id);
+        }
+    }
+
+    /// Starts the container and watches it until it is done for good. Returns the monitor's
+    /// exit code.
+    fn supervise(&mut self, say: &mut dyn FnMut(&str)) -> i32 {
+        let mut log = match LogWriter::open(&self.dir, self.config.log_max_bytes) {
+            Ok(l) => l,
+            Err(e) => {
+                say(&format!("error: opening log: {e}"));
+                return 1;
+            }
+        };
+        loop {
+            let started = match self.start_once() {
+                Ok(s) => s,
+                Err(e) => {
+                    self.state.status = Status::Failed;
+                    self.state.error = Some(e.clone());
+                    self.state.exit = Some(ExitInfo {
+                        code: Some(127),
+                        signal: None,
+                        oom_killed: false,
+                        at_ms: now_ms(),
+                    });
+                    self.save();
+                    say(&format!("error: {e}"));
+                    return 1;
+                }
+            };
+            self.state.status = Status::Running;
+            self.state.pid = Some(started.pid.as_raw());
+            self.state.started_at_ms = Some(now_ms());
+            self.state.error = None;
+            self.save();
+            say("ok");
+
+            let oom_before = self.cgroup.stats().map(|s| s.oom_kills).unwrap_or(0);
+            let exit = self.watch(started, &mut log);
+            let _ = log.flush();
+            self.kill_leftovers();
+            let oom_after = self.cgroup.stats().map(|s| s.oom_kills).unwrap_or(0);
+            let exit = ExitInfo {
+                oom_killed: oom_after > oom_before && exit.signal == Some(libc::SIGKILL),
+                ..exit
+            };
+            self.state.exit = Some(exit.clone());
+            self.state.pid = None;
+            let again = !self.state.stopping
+                && self
+                    .config
+                    .restart
+                    .should_restart(exit.code, self.state.restarts, MAX_RESTARTS);
+            if !again {
+                self.state.status = Status::Exited;
+                self.save();
+                return 0;
+            }
+            self.state.status = Status::Restarting;
+            self.state.restarts += 1;
+            self.save();
+            let backoff = Duration::from_millis(100u64 << self.state.restarts.min(7));
+            if self.sleep_unless_stopped(backoff) {
+                self.state.status = Status::Exited;
+                self.save();
+                return 0;
+            }
+        }
+    }
+
+    /// Clones the container's first process and waits until it has exec'd the workload.
+    fn start_once(&mut self) -> Result<Started, String> {
+        let (sync_read, sync_write) =
+            pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (err_read, err_write) =
+            pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (out_read, out_write) =
+            pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (errs_read, errs_write) =
+            pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        for (dir, _) in [("rootfs", 0), ("upper", 0), ("work", 0)] {
+            std::fs::create_dir_all(self.dir.join(dir))
+                .map_err(|e| format!("creating {dir}: {e}"))?;
+        }
+        let child = init::Child {
+            config: &self.config,
+            dir: &self.dir,
+            netns: &self.netns,
+            sync_read: &sync_read,
+            err_write: &err_write,
+            stdout: &out_write,
+            stderr: &errs_write,
+            seccomp: &self.seccomp,
+        };
+        let flags = CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC;
+        let pid = sys::clone_child(flags, Box::new(|| init::run(&child)))
+            .map_err(|e| format!("clone: {e}"))?;
+        drop(err_write);
+        drop(out_write);
+        drop(errs_write);
+        drop(sync_read);
+        if let Err(e) = self.cgroup.add_process(pid.as_raw()) {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            return Err(format!("joining cgroup: {e}"));
+        }
+        let mut w = std::fs::File::from(sync_write);
+        w.write_all(b"1")
+            .map_err(|e| format!("releasing the container: {e}"))?;
+        drop(w);
+        // EOF without a message: the exec succeeded (the pipe closed on exec).
+        let mut msg = String::new();
+        let _ = std::fs::File::from(err_read).read_to_string(&mut msg);
+        if !msg.is_empty() {
+            let _ = waitpid(pid, None);
+            return Err(msg);
+        }
+        Ok(Started {
+            pid,
+            stdout: Some(out_read),
+            stderr: Some(errs_read),
+        })
+    }
+
+    /// Forwards output to the log and handles signals until the container's pid 1 exits.
+    fn watch(&mut self, mut s: Started, log: &mut LogWriter) -> ExitInfo {
+        let mut exit: Option<ExitInfo> = None;
+        let mut kill_at: Option<Instant> = None;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // After pid 1 exits the kernel kills the rest of its pid namespace; the pipes then
+            // close. Stop waiting for them after a short drain.
+            if exit.is_some() && s.stdout.is_none() && s.stderr.is_none() {
+                break;
+            }
+            let timeout = match (kill_at, &exit) {
+                (_, Some(_)) => PollTimeout::from(500u16),
+                (Some(t), None) => {
+                    let ms = t
+                        .saturating_duration_since(Instant::now())
+                        .as_millis()
+                        .min(60_000) as u16;
+                    PollTimeout::from(ms)
+                }
+                (None, None) => PollTimeout::NONE,
+            };
+            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let mut which = vec![None];
+            for (stream, fd) in [(Stream::Stdout, &s.stdout), (Stream::Stderr, &s.stderr)] {
+                if let Some(fd) = fd {
+                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                    which.push(Some(stream));
+                }
+            }
+            let ready = match poll(&mut fds, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => 0,
+            };
+            let revents: Vec<_> = fds
+                .iter()
+                .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+                .collect();
+            drop(fds);
+            if ready == 0 {
+                if exit.is_some() {
+                    break;
+                }
+                if kill_at.is_some_and(|t| Instant::now() >= t) {
+                    let _ = self.cgroup.kill_all();
+                    kill_at = None;
+                }
+                continue;
+            }
+            for (i, rev) in revents.iter().enumerate() {
+                if rev.is_empty() {
+                    continue;
+                }
+                match which[i] {
+                    None => {
+                        while let Ok(Some(info)) = self.signals.read_signal() {
+                            match info.ssi_signo as i32 {
+                                libc::SIGCHLD => {
+                                    if let Some(e) = reap(s.pid) {
+                                        exit = Some(e);
+                                    }
+                                }
+                                _ => {
+                                    // A stop request.
+                                    self.state.stopping = true;
+                                    self.save();
+                                    let grace = std::fs::read_to_string(self.dir.join(STOP_FILE))
+                                        .ok()
+                                        .and_then(|s| s.trim().parse().ok())
+                                        .unwrap_or(self.config.stop_grace_ms);
+                                    if let Ok(sig) = Signal::try_from(self.config.stop_signal) {
+                                        let _ = kill(s.pid, sig);
+                                    }
+                                    kill_at = Some(Instant::now() + Duration::from_millis(grace));
+                                }
+                            }
+                        }
+                    }
+                    Some(stream) => {
+                        let slot = match stream {
+                            Stream::Stdout => &mut s.stdout,
+                            Stream::Stderr => &mut s.stderr,
+                        };
+                        let Some(fd) = slot.as_ref() else { continue };
+                        match nix::unistd::read(fd, &mut buf) {
+                            Ok(0) => *slot = None,
+                            Ok(n) => {
+                                let _ = log.write(stream, &buf[..n]);
+                            }
+                            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                            Err(_) => *slot = None,
+                        }
+                    }
+                }
+            }
+        }
+        exit.unwrap_or(ExitInfo {
+            code: None,
+            signal: None,
+            oom_killed: false,
+            at_ms: now_ms(),
+        })
+    }
+
+    /// Sleeps, returning early (true) if a stop is requested.
+    fn sleep_unless_stopped(&mut self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(
+                &mut fds,
+                PollTimeout::from(left.as_millis().min(60_000) as u16),
+            );
+            while let Ok(Some(info)) = self.signals.read_signal() {
+                if info.ssi_signo as i32 != libc::SIGCHLD {
+                    self.state.stopping = true;
+                    self.save();
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Kills whatever is left in the container's cgroup (processes that escaped the pid
+    /// namespace teardown cannot exist, but a cgroup is the only complete list).
+    fn kill_leftovers(&self) {
+        if self
+            .cgroup
+            .processes()
+            .map(|p| !p.is_empty())
+            .unwrap_or(true)
+        {
+            let _ = self.cgroup.kill_all();
+        }
+    }
+
+    fn cleanup(&mut self) {
+        self.kill_leftovers();
+        if let Err(e) = self.cgroup.delete() {
+            eprintln!("monitor {}: removing cgroup: {e}", self.id);
+        }
+        remove_netns(&self.netns);
+        let _ = std::fs::remove_file(self.dir.join(STOP_FILE));
+        self.state.monitor_pid = None;
+        self.state.monitor_start = None;
+        self.save();
+        let _ = self.signals.as_raw_fd();
+    }
+}
+
+struct Started {
+    pid: Pid,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+/// Reaps every exited child; returns the container's exit if it was among them.
+fn reap(pid: Pid) -> Option<ExitInfo> {
+    let mut found = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(p, code)) if p == pid => {
+                found = Some(ExitInfo {
+                    code: Some(code),
+                    signal: None,
+                    oom_killed: false,
+                    at_ms: now_ms(),
+                })
+            }
+            Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => {
+                found = Some(ExitInfo {
+                    code: None,
+                    signal: Some(sig as i32),
+                    oom_killed: false,
+                    at_ms: now_ms(),
+                })
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return found,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Creates a network namespace with only loopback, up, and binds it at `path`, so it
+/// outlives its processes and the network layer can plumb it.
+fn create_netns(path: &Path) -> Result<(), String> {
+    if path.exists() && is_mountpoint(path) {
+        return Ok(());
+    }
+    let parent = path.parent().ok_or("netns path has no parent")?;
+    std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    let target = path.to_path_buf();
+    let child = move || -> isize {
+        if nix::sched::unshare(CloneFlags::CLONE_NEWNET).is_err() || sys::loopback_up().is_err() {
+            return 1;
+        }
+        match nix::mount::mount(
+            Some("/proc/self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        ) {
+            Ok(()) => 0,
+            Err(_) => 2,
+        }
+    };
+    let pid = sys::clone_child(CloneFlags::empty(), Box::new(child))
+        .map_err(|e| format!("netns: {e}"))?;
+    match waitpid(pid, None) {
+        Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+        other => {
+            let _ = std::fs::remove_file(path);
+            Err(format!(
+                "creating network namespace {}: {other:?}",
+                path.display()
+            ))
+        }
+    }
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let p = path.display().to_string();
+    text.lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(p.as_str()))
+}
+
+/// Unmounts and removes a container's network namespace file. Idempotent.
+pub fn remove_netns(path: &Path) {
+    while is_mountpoint(path) {
+        if nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).is_err() {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+/// Monitor-side error type for callers that spawn it.
+pub fn read_report(mut f: std::fs::File) -> io::Result<String> {
+    let mut s = String::new();
+    f.read_to_string(&mut s)?;
+    Ok(s.trim().to_string())
+}

@@ -1,0 +1,328 @@
+//! Containers on disk: one directory per container under `DATA_DIR/containers/<id>/` holding
+//! `config.json` (what to run, written once) and `state.json` (what happened, rewritten
+//! atomically by the monitor). Everything the agent knows about a container survives the
+//! agent: a restarted agent re-reads these files and re-adopts running containers.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::cgroup::Limits;
+
+/// Everything needed to run one container, resolved from the image and the user's spec.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ContainerConfig {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    /// Unpacked image layers, lowest first.
+    pub layers: Vec<PathBuf>,
+    /// argv; `args[0]` is looked up in the container's PATH when it has no '/'.
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// Docker-style user spec ("", "1000", "nobody:nogroup"), resolved inside the rootfs.
+    pub user: String,
+    pub hostname: String,
+    pub limits: Limits,
+    /// RLIMIT_NOFILE.
+    pub nofile: u64,
+    pub restart: RestartPolicy,
+    pub stop_signal: i32,
+    pub stop_grace_ms: u64,
+    /// Cgroup parent (relative to each hierarchy root).
+    pub cgroup_parent: String,
+    /// Largest size of a log file before it is rotated.
+    pub log_max_bytes: u64,
+    pub created_at_ms: i64,
+}
+
+/// When the monitor restarts a container that exited.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    Never,
+    OnFailure,
+    Always,
+}
+
+impl RestartPolicy {
+    /// Whether to restart after an exit with this code (`None`: killed by a signal).
+    pub fn should_restart(self, code: Option<i32>, restarts: u32, max: u32) -> bool {
+        if restarts >= max {
+            return false;
+        }
+        match self {
+            RestartPolicy::Never => false,
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => code != Some(0),
+        }
+    }
+}
+
+/// Where a container is in its life.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Record written, monitor not yet confirmed running.
+    Created,
+    Running,
+    /// Waiting to restart (backoff).
+    Restarting,
+    Exited,
+    /// Could not be started (bad command, bad rootfs): see `error`.
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Restarting => "restarting",
+            Status::Exited => "exited",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// How the last run ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code, when it exited by itself.
+    pub code: Option<i32>,
+    /// Signal number, when it was killed.
+    pub signal: Option<i32>,
+    /// Killed by the kernel's OOM killer (memory limit).
+    pub oom_killed: bool,
+    pub at_ms: i64,
+}
+
+impl ExitInfo {
+    /// The exit status a shell would report: the code, or 128 + signal.
+    pub fn status_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal, self.oom_killed) {
+            (_, _, true) => "oom-killed".to_string(),
+            (Some(c), _, _) => format!("exit {c}"),
+            (None, Some(s), _) => format!("signal {s}"),
+            _ => "unknown".to_string(),
+        }
+    }
+}
+
+/// What the monitor records about a container.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub status: Status,
+    /// The monitor's pid and its start time (clock ticks since boot, from /proc/PID/stat), so
+    /// a reused pid is never mistaken for the monitor.
+    pub monitor_pid: Option<i32>,
+    pub monitor_start: Option<u64>,
+    /// The container's pid 1 as the host sees it.
+    pub pid: Option<i32>,
+    pub started_at_ms: Option<i64>,
+    pub restarts: u32,
+    pub exit: Option<ExitInfo>,
+    pub error: Option<String>,
+    /// Set once a stop was asked for: the monitor will not restart the container.
+    pub stopping: bool,
+}
+
+impl State {
+    pub fn created() -> Self {
+        State {
+            status: Status::Created,
+            monitor_pid: None,
+            monitor_start: None,
+            pid: None,
+            started_at_ms: None,
+            restarts: 0,
+            exit: None,
+            error: None,
+            stopping: false,
+        }
+    }
+}
+
+/// Errors reading or writing container records, naming the path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: corrupt record: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("no container {0:?}")]
+    NotFound(String),
+    #[error("container name {0:?} is already in use")]
+    NameInUse(String),
+    #[error("container reference {0:?} matches several containers")]
+    Ambiguous(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a file atomically (temp file, rename): a reader never sees half a record, also if
+/// the writer is killed. Not fsync'd: after a power loss the agent re-derives state from what
+/// is actually running, as it does after any crash.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The container directories under one data dir.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let root = data_dir.join("containers");
+        fs::create_dir_all(&root).map_err(io(&root))?;
+        Ok(Store { root })
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// Creates a new container record; refuses a name already in use.
+    pub fn create(&self, config: &ContainerConfig) -> Result<PathBuf, StoreError> {
+        if self.list()?.iter().any(|(c, _)| c.name == config.name) {
+            return Err(StoreError::NameInUse(config.name.clone()));
+        }
+        let dir = self.dir(&config.id);
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        write_json_atomic(&dir.join("state.json"), &State::created())?;
+        write_json_atomic(&dir.join("config.json"), config)?;
+        Ok(dir)
+    }
+
+    pub fn config(&self, id: &str) -> Result<ContainerConfig, StoreError> {
+        read_json(&self.dir(id).join("config.json"))
+    }
+
+    pub fn state(&self, id: &str) -> Result<State, StoreError> {
+        read_json(&self.dir(id).join("state.json"))
+    }
+
+    pub fn save_state(&self, id: &str, state: &State) -> Result<(), StoreError> {
+        write_json_atomic(&self.dir(id).join("state.json"), state)
+    }
+
+    /// Every container with a readable config, ordered by creation time. A directory without
+    /// a config (a create interrupted before it was written) is skipped.
+    pub fn list(&self) -> Result<Vec<(ContainerConfig, State)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(io(&self.root))? {
+            let entry = entry.map_err(io(&self.root))?;
+            let id = entry.file_name().to_string_lossy().to_string();
+            let (Ok(c), Ok(s)) = (self.config(&id), self.state(&id)) else {
+                continue;
+            };
+            out.push((c, s));
+        }
+        out.sort_by_key(|(c, _)| (c.created_at_ms, c.id.clone()));
+        Ok(out)
+    }
+
+    /// Directories that hold no usable record (left by an interrupted create).
+    pub fn orphans(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(io(&self.root))? {
+            let entry = entry.map_err(io(&self.root))?;
+            if !entry.path().join("config.json").exists() {
+                out.push(entry.path());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finds a container by full id, id prefix, or name.
+    pub fn resolve(&self, reference: &str) -> Result<String, StoreError> {
+        let all = self.list()?;
+        if let Some((c, _)) = all
+            .iter()
+            .find(|(c, _)| c.id == reference || c.name == reference)
+        {
+            return Ok(c.id.clone());
+        }
+        let matches: Vec<_> = all
+            .iter()
+            .filter(|(c, _)| c.id.starts_with(reference))
+            .collect();
+        match matches.as_slice() {
+            [] => Err(StoreError::NotFound(reference.to_string())),
+            [(c, _)] => Ok(c.id.clone()),
+            _ => Err(StoreError::Ambiguous(reference.to_string())),
+        }
+    }
+
+    pub fn remove_dir(&self, id: &str) -> Result<(), StoreError> {
+        let dir = self.dir(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&dir)(e)),
+        }
+    }
+}
+
+/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the recorded monitor is still that same process.
+pub fn monitor_alive(state: &State) -> bool {
+    match (state.monitor_pid, state.monitor_start) {
+        (Some(pid), Some(start)) => process_start_time(pid) == Some(start),
+        _ => false,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,474 @@
+//! Host tests of the container runtime (root): real namespaces, overlayfs, cgroups, seccomp.
+//! Each test checks from *inside* a container started by the real `skiff-agent` binary, with
+//! its own data dir and cgroup parent, and removes everything it made, also on failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (namespaces, mounts, cgroups)");
+            return;
+        }
+    };
+}
+
+/// The busybox OCI layout, built once per test process by the fixture script.
+fn image() -> &'static str {
+    static IMAGE: OnceLock<(tempfile::TempDir, String)> = OnceLock::new();
+    &IMAGE
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("skiff-rt-image-")
+                .tempdir()
+                .expect("tempdir");
+            let out = dir.path().join("busybox");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-busybox-image.sh");
+            let st = Command::new("bash")
+                .arg(&script)
+                .arg(&out)
+                .status()
+                .expect("fixture script");
+            assert!(st.success(), "fixture script failed");
+            let r = format!("oci:{}:latest", out.display());
+            (dir, r)
+        })
+        .1
+}
+
+/// A per-test agent: data dir and cgroup parent named for this run; cleaned on drop.
+struct Agent {
+    dir: tempfile::TempDir,
+    parent: String,
+}
+
+impl Agent {
+    fn new() -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-rt-")
+            .tempdir()
+            .expect("tempdir");
+        let tag = dir
+            .path()
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        Agent {
+            parent: format!("skiff-test/{tag}"),
+            dir,
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_skiff-agent"));
+        c.arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--cgroup-parent")
+            .arg(&self.parent);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, extra: &[&str], cmd: &[&str]) -> Output {
+        let mut c = self.cmd();
+        c.args(["container", "run", "--image", image()])
+            .args(extra)
+            .arg("--")
+            .args(cmd);
+        c.output().expect("skiff-agent container run")
+    }
+
+    fn ok(&self, extra: &[&str], cmd: &[&str]) -> String {
+        let out = self.run(extra, cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed ({:?}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn ps(&self) -> serde_json::Value {
+        let out = self
+            .cmd()
+            .args(["container", "ps", "-a", "-o", "json"])
+            .output()
+            .expect("ps");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let p = h.path().join(&self.parent);
+                if p.exists() {
+                    v.push(p);
+                }
+            }
+        }
+        v
+    }
+
+    /// Container cgroups left under our parent.
+    fn leftover_cgroups(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for d in self.cgroup_dirs() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    v.push(e.path());
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(out) = self
+            .cmd()
+            .args(["container", "ps", "-a", "-o", "json"])
+            .output()
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        {
+            for c in v.as_array().into_iter().flatten() {
+                if let Some(id) = c["id"].as_str() {
+                    let _ = self.cmd().args(["container", "rm", "-f", id]).output();
+                }
+            }
+        }
+        // Our parent and its (empty) tag dir in every hierarchy.
+        for d in self.cgroup_dirs() {
+            let _ = std::fs::remove_dir(&d);
+            if let Some(p) = d.parent() {
+                let _ = std::fs::remove_dir(p);
+            }
+        }
+    }
+}
+
+#[test]
+fn pid1_is_the_command_and_host_processes_are_invisible() {
+    need_root!();
+    let a = Agent::new();
+    assert_eq!(a.ok(&[], &["sh", "-c", "echo $$"]), "1");
+    let n: usize = a
+        .ok(&[], &["sh", "-c", "ls /proc | grep -cE '^[0-9]+$'"])
+        .parse()
+        .expect("count");
+    assert!(n <= 3, "container sees {n} processes");
+}
+
+#[test]
+fn hostname_env_user_and_cwd() {
+    need_root!();
+    let a = Agent::new();
+    assert_eq!(a.ok(&["--hostname", "box-1"], &["hostname"]), "box-1");
+    assert_eq!(
+        a.ok(
+            &["-e", "GREETING=hi there"],
+            &["sh", "-c", "echo $GREETING"]
+        ),
+        "hi there"
+    );
+    assert_eq!(a.ok(&["-u", "nobody"], &["id", "-u"]), "65534");
+    assert_eq!(a.ok(&[], &["pwd"]), "/");
+}
+
+#[test]
+fn writes_do_not_reach_the_image() {
+    need_root!();
+    let a = Agent::new();
+    a.ok(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo changed > /etc/skiff-release && rm /bin/true && touch /new-file",
+        ],
+    );
+    // A second container sees the image as it was.
+    assert_eq!(a.ok(&[], &["cat", "/etc/skiff-release"]), "2");
+    a.ok(&[], &["true"]);
+    let out = a.run(&[], &["ls", "/new-file"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn memory_limit_oom_kills_a_hog_and_reports_it() {
+    need_root!();
+    let a = Agent::new();
+    let out = a.run(
+        &["--memory", "32Mi", "--name", "hog"],
+        &["sh", "-c", "tail /dev/zero"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("OOM"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ps = a.ps();
+    let hog = ps
+        .as_array()
+        .and_then(|v| v.iter().find(|c| c["name"] == "hog"))
+        .expect("hog");
+    assert_eq!(hog["exit"]["oom_killed"], true);
+}
+
+#[test]
+fn pids_limit_stops_a_fork_bomb() {
+    need_root!();
+    let a = Agent::new();
+    let out = a.run(
+        &["--pids", "16"],
+        &[
+            "sh",
+            "-c",
+            "for i in $(seq 40); do sleep 5 & done; echo spawned",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("can't fork") || err.contains("Resource temporarily unavailable"),
+        "{err}"
+    );
+}
+
+#[test]
+fn capabilities_seccomp_and_descriptors() {
+    need_root!();
+    let a = Agent::new();
+    // Docker's default capability set.
+    assert_eq!(
+        a.ok(&[], &["sh", "-c", "grep CapEff /proc/self/status"]),
+        "CapEff:\t00000000a80425fb"
+    );
+    assert_eq!(
+        a.ok(
+            &["-u", "nobody"],
+            &["sh", "-c", "grep CapEff /proc/self/status"]
+        ),
+        "CapEff:\t0000000000000000"
+    );
+    assert_eq!(
+        a.ok(&[], &["sh", "-c", "grep NoNewPrivs /proc/self/status"]),
+        "NoNewPrivs:\t1"
+    );
+    // A denied syscall fails.
+    let out = a.run(&[], &["mount", "-t", "tmpfs", "none", "/tmp"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        err.contains("not permitted") || err.contains("permission denied"),
+        "{err}"
+    );
+    // Only stdio (and ls's own directory fd) are open in the workload.
+    let fds = a.ok(&[], &["ls", "/proc/self/fd"]);
+    let fds: Vec<&str> = fds.split_whitespace().collect();
+    assert!(fds.len() <= 4, "open descriptors: {fds:?}");
+    // /sys is read-only: the container cannot raise its own limits.
+    let out = a.run(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo 1 > /sys/kernel/mm/transparent_hugepage/enabled",
+        ],
+    );
+    assert!(!out.status.success());
+    // Masked paths.
+    // Masked paths read empty (those this kernel has).
+    let present: Vec<&str> = [
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/kcore",
+    ]
+    .into_iter()
+    .filter(|p| Path::new(p).exists())
+    .collect();
+    assert!(
+        !present.is_empty(),
+        "none of the masked files exist on this host"
+    );
+    for p in present {
+        assert_eq!(
+            a.ok(&[], &["sh", "-c", &format!("wc -c < {p}")]),
+            "0",
+            "{p} is not masked"
+        );
+    }
+}
+
+#[test]
+fn exit_codes_signals_and_logs() {
+    need_root!();
+    let a = Agent::new();
+    assert_eq!(a.run(&[], &["sh", "-c", "exit 42"]).status.code(), Some(42));
+    let out = a.run(
+        &["--name", "talker"],
+        &["sh", "-c", "echo to-out; echo to-err >&2"],
+    );
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "to-out");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "to-err");
+    let logs = a
+        .cmd()
+        .args(["container", "logs", "talker"])
+        .output()
+        .expect("logs");
+    assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "to-out");
+    assert_eq!(String::from_utf8_lossy(&logs.stderr).trim(), "to-err");
+
+    // A stop ends with the stop signal, or SIGKILL after the grace period (pid 1 ignores
+    // SIGTERM unless it handles it).
+    let id = a.ok(&["-d", "--name", "sleeper"], &["sleep", "1000"]);
+    let out = a
+        .cmd()
+        .args(["container", "stop", "-t", "1", &id])
+        .output()
+        .expect("stop");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("signal 9"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn containers_outlive_the_agent_and_are_adopted() {
+    need_root!();
+    let a = Agent::new();
+    let id = a.ok(
+        &["-d", "--name", "survivor"],
+        &["sh", "-c", "while true; do echo tick; sleep 0.2; done"],
+    );
+    // The `run -d` process has exited; the container keeps running under its monitor.
+    std::thread::sleep(Duration::from_millis(500));
+    let ps = a.ps();
+    let c = ps
+        .as_array()
+        .and_then(|v| v.iter().find(|c| c["id"] == id.as_str()))
+        .expect("listed");
+    assert_eq!(c["status"], "running");
+    assert_eq!(c["monitor_alive"], true);
+    let logs = a
+        .cmd()
+        .args(["container", "logs", "survivor"])
+        .output()
+        .expect("logs");
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("tick"));
+    let out = a
+        .cmd()
+        .args(["container", "rm", "survivor"])
+        .output()
+        .expect("rm");
+    assert!(
+        !out.status.success(),
+        "rm of a running container must refuse"
+    );
+    let out = a
+        .cmd()
+        .args(["container", "stop", "-t", "0", "survivor"])
+        .output()
+        .expect("stop");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = a
+        .cmd()
+        .args(["container", "rm", "survivor"])
+        .output()
+        .expect("rm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        a.leftover_cgroups().is_empty(),
+        "{:?}",
+        a.leftover_cgroups()
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_leaves_nothing() {
+    need_root!();
+    let a = Agent::new();
+    let out = a.run(&[], &["no-such-command"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-command") && err.contains("not found"),
+        "{err}"
+    );
+
+    let out = a
+        .cmd()
+        .args([
+            "container",
+            "run",
+            "--image",
+            "oci:/nonexistent/dir",
+            "--",
+            "true",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/dir"));
+
+    let out = a.run(&["--memory", "1"], &["true"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("memory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ps = a.ps();
+    assert_eq!(ps.as_array().map(Vec::len), Some(0), "records left: {ps}");
+    assert!(
+        a.leftover_cgroups().is_empty(),
+        "{:?}",
+        a.leftover_cgroups()
+    );
+    let netns = a.dir.path().join("run/netns");
+    let left: Vec<_> = std::fs::read_dir(&netns)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "netns left: {left:?}");
+}

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Container start-to-exit latency of `/bin/true` in the busybox fixture image: skiff-agent
+# against runc and crun (Debian packages) on the same rootfs, in the same run, with hyperfine;
+# then the resident memory of 20 running containers' monitors. Needs root.
+#   scripts/bench-runtime.sh [--write-md BENCHMARKS.md] [--runs N]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+md=""
+runs=200
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --write-md) md=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
+missing=()
+for p in hyperfine runc crun busybox-static python3; do
+  dpkg -s "$p" >/dev/null 2>&1 || command -v "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+cargo build --release -q -p skiff-agent
+agent="$root/target/release/skiff-agent"
+
+work=$(mktemp -d /tmp/skiff-bench-rt.XXXXXX)
+parent="skiff-bench-rt-$$"
+data="$work/agent"
+cleanup() {
+  "$agent" --data-dir "$data" --cgroup-parent "$parent" container ps -a -o json 2>/dev/null |
+    python3 -c 'import json,sys; [print(c["id"]) for c in json.load(sys.stdin)]' 2>/dev/null |
+    while read -r id; do "$agent" --data-dir "$data" --cgroup-parent "$parent" container rm -f "$id" >/dev/null 2>&1 || true; done
+  for d in /sys/fs/cgroup/*/"$parent"; do [ -d "$d" ] && rmdir "$d" 2>/dev/null || true; done
+  runc delete -f skiff-bench-keep >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+bash agent/tests/fixtures/make-busybox-image.sh "$work/image" >/dev/null
+image="oci:$work/image:latest"
+A=("$agent" --data-dir "$data" --cgroup-parent "$parent")
+"${A[@]}" image pull "$image" >/dev/null
+
+# The same rootfs for runc and crun: the image's layers, unpacked in order.
+bundle="$work/bundle"
+mkdir -p "$bundle/rootfs"
+python3 - "$work/image" "$bundle/rootfs" <<'PY'
+import json, sys, tarfile, os
+layout, dest = sys.argv[1], sys.argv[2]
+blob = lambda d: os.path.join(layout, "blobs", *d.split(":"))
+index = json.load(open(os.path.join(layout, "index.json")))
+manifest = json.load(open(blob(index["manifests"][0]["digest"])))
+for layer in manifest["layers"]:
+    with tarfile.open(blob(layer["digest"])) as t:
+        t.extractall(dest, filter="fully_trusted")
+PY
+(cd "$bundle" && runc spec)
+python3 - "$bundle/config.json" <<'PY'
+import json, sys
+p = sys.argv[1]
+c = json.load(open(p))
+c["process"]["terminal"] = False
+c["process"]["args"] = ["/bin/true"]
+c["root"]["readonly"] = False
+json.dump(c, open(p, "w"), indent=1)
+PY
+
+# crun refuses this hybrid cgroup host unless /sys/fs/cgroup/unified is out of sight: run
+# it in a mount namespace of its own with that unmounted (the unshare is part of its time).
+crun_cmd="unshare -m sh -c 'umount /sys/fs/cgroup/unified 2>/dev/null; exec crun run --bundle $bundle c\$\$'"
+if [ ! -d /sys/fs/cgroup/unified ]; then crun_cmd="crun run --bundle $bundle c\$\$"; fi
+
+hyperfine --warmup 10 --runs "$runs" --export-json "$work/hyperfine.json" \
+  -n skiff-agent "${A[*]} container run --rm --image $image -- /bin/true" \
+  -n runc "runc run --bundle $bundle r\$\$" \
+  -n crun "$crun_cmd" \
+  -n 'fork+exec /bin/true (floor)' "/bin/true" >"$work/hyperfine.txt"
+cat "$work/hyperfine.txt"
+
+# Memory: 20 containers running; the monitors' resident memory (the agent's per-container
+# processes; the agent itself holds no per-container state yet).
+ids=()
+for i in $(seq 20); do
+  ids+=("$("${A[@]}" container run -d --image "$image" -- sleep 1000)")
+done
+sleep 1
+rss_kb=0
+for id in "${ids[@]}"; do
+  pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["monitor_pid"])' "$data/containers/$id/state.json")
+  kb=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+  rss_kb=$((rss_kb + kb))
+done
+echo "20 running containers: monitors' resident memory ${rss_kb} KiB in all, $((rss_kb / 20)) KiB each"
+
+python3 - "$work/hyperfine.json" "$rss_kb" "$runs" "${md:-}" <<'PY'
+import json, sys, datetime, os, re
+res = json.load(open(sys.argv[1]))["results"]
+rss_kb, runs, md = int(sys.argv[2]), sys.argv[3], sys.argv[4]
+med = {r["command"]: r["median"] * 1000 for r in res}
+mean = {r["command"]: (r["mean"] * 1000, r["stddev"] * 1000) for r in res}
+names = [r["command"] for r in res]
+skiff = med["skiff-agent"]
+cpu = open("/proc/cpuinfo").read()
+model = re.search(r"model name\s*:\s*(.*)", cpu)
+lines = [
+    "## Agent runtime: container start-to-exit vs runc and crun",
+    "",
+    f"- Date: {datetime.date.today()} (UTC); machine: {os.cpu_count()} × {model.group(1) if model else 'cpu'}",
+    f"- Command: `sudo scripts/bench-runtime.sh --write-md BENCHMARKS.md` (hyperfine, 10 warm-up runs, {runs} runs each)",
+    "- Workload: `/bin/true` in the busybox fixture image (agent/tests/fixtures/make-busybox-image.sh); create, start, wait, delete.",
+    "  skiff-agent: `container run --rm` (image already in the layer store; overlayfs rootfs, new pid/mount/uts/ipc/net/cgroup",
+    "  namespaces, cgroup limits, caps, seccomp, monitor process). runc and crun: `run` on an OCI bundle of the same rootfs",
+    "  (`runc spec`, terminal off), which deletes the container on exit. crun runs inside `unshare -m` with",
+    "  /sys/fs/cgroup/unified unmounted (it refuses this hybrid host otherwise), so its figure includes that unshare.",
+    "",
+    "| runtime | median | mean ± sd | skiff-agent vs it (>1 = skiff faster) |",
+    "|---|---:|---:|---:|",
+]
+for n in names:
+    m, sd = mean[n]
+    ratio = med[n] / skiff if skiff else 0
+    lines.append(f"| {n} | {med[n]:.2f} ms | {m:.2f} ± {sd:.2f} ms | {ratio:.2f}× |")
+lines += ["", f"Memory: 20 containers running `sleep 1000`: the monitors' resident memory is {rss_kb} KiB in all ({rss_kb // 20} KiB each).", ""]
+text = "\n".join(lines)
+print(text)
+if md:
+    cur = open(md).read() if os.path.exists(md) else "# Benchmarks\n"
+    head = "## Agent runtime: container start-to-exit vs runc and crun"
+    if head in cur:
+        start = cur.index(head)
+        nxt = cur.find("\n## ", start + 1)
+        cur = cur[:start] + text + ("\n" + cur[nxt + 1:] if nxt != -1 else "")
+    else:
+        cur = cur.rstrip("\n") + "\n\n" + text
+    open(md, "w").write(cur)
+PY
