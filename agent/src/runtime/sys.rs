@@ -2,11 +2,12 @@
 //! close_range, an interface ioctl). Every `unsafe` block of the agent lives here, each with
 //! its `// SAFETY:` reasoning.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
+use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
@@ -223,4 +224,36 @@ pub fn default_signal(sig: nix::sys::signal::Signal) -> io::Result<()> {
     unsafe { sigaction(sig, &act) }
         .map(|_| ())
         .map_err(io::Error::from)
+}
+
+/// `fsetxattr(fd, name, value, 0)`.
+pub fn fsetxattr(fd: impl AsFd, name: &CStr, value: &[u8]) -> nix::Result<()> {
+    // SAFETY: `name` is a valid NUL-terminated string and `value` a valid slice of
+    // `value.len()` bytes, both alive for the call; the kernel only reads them.
+    let rc = unsafe {
+        libc::fsetxattr(
+            fd.as_fd().as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// `lsetxattr(path, name, value, 0)`: on the link itself when `path` is a symlink.
+pub fn lsetxattr(path: &CStr, name: &CStr, value: &[u8]) -> nix::Result<()> {
+    // SAFETY: `path` and `name` are valid NUL-terminated strings and `value` a valid slice of
+    // `value.len()` bytes, all alive for the call; the kernel only reads them.
+    let rc = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    Errno::result(rc).map(drop)
 }
