@@ -472,3 +472,105 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "netns left: {left:?}");
 }
+
+#[test]
+fn restart_policy_restarts_with_backoff_until_stopped() {
+    need_root!();
+    let a = Agent::new();
+    let id = a.ok(
+        &["-d", "--name", "flaky", "--restart", "on-failure"],
+        &["sh", "-c", "echo attempt; exit 3"],
+    );
+    let mut restarts = 0;
+    for _ in 0..100 {
+        let ps = a.ps();
+        let c = ps
+            .as_array()
+            .and_then(|v| v.iter().find(|c| c["id"] == id.as_str()))
+            .cloned()
+            .expect("listed");
+        restarts = c["restarts"].as_u64().unwrap_or(0);
+        if restarts >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(restarts >= 2, "restarted {restarts} times");
+    let out = a
+        .cmd()
+        .args(["container", "stop", "-t", "1", "flaky"])
+        .output()
+        .expect("stop");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = a
+        .cmd()
+        .args(["container", "logs", "flaky"])
+        .output()
+        .expect("logs");
+    // `restarts` counts a restart once it is scheduled; each run printed once.
+    assert!(
+        String::from_utf8_lossy(&logs.stdout)
+            .matches("attempt")
+            .count()
+            >= 2
+    );
+    // never: an exit is final.
+    let out = a.run(&["--restart", "never"], &["sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn a_crashed_monitor_is_cleaned_up_by_the_next_agent_command() {
+    need_root!();
+    let a = Agent::new();
+    let id = a.ok(&["-d", "--name", "orphan"], &["sleep", "1000"]);
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(a.dir.path().join("containers").join(&id).join("state.json"))
+            .expect("state"),
+    )
+    .expect("json");
+    let monitor = state["monitor_pid"].as_i64().expect("monitor pid") as i32;
+    let pid = state["pid"].as_i64().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    // The next command notices, kills what is left of the container and records it.
+    let mut status = String::new();
+    for _ in 0..50 {
+        let ps = a.ps();
+        let c = ps
+            .as_array()
+            .and_then(|v| v.iter().find(|c| c["id"] == id.as_str()))
+            .cloned()
+            .expect("listed");
+        status = c["status"].as_str().unwrap_or("").to_string();
+        if status == "exited" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status, "exited");
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    };
+    for _ in 0..50 {
+        if gone() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(gone(), "container process {pid} survived its monitor");
+    assert!(
+        a.leftover_cgroups().is_empty(),
+        "{:?}",
+        a.leftover_cgroups()
+    );
+}

@@ -344,19 +344,23 @@ impl Runtime {
         let mut cleaned = Vec::new();
         let known: Vec<(ContainerConfig, State)> = self.store.list()?;
         for (c, s) in &known {
-            let stale = matches!(
-                s.status,
-                Status::Created | Status::Running | Status::Restarting
-            ) && !monitor_alive(s);
-            // A record younger than a few seconds may be a start in progress.
-            if stale && now_ms() - c.created_at_ms > 5_000 {
-                if s.status == Status::Created {
+            if monitor_alive(s) {
+                continue;
+            }
+            match s.status {
+                // Its monitor died: nothing reaps or logs it any more.
+                Status::Running | Status::Restarting => {
+                    self.settle(&c.id)?;
+                    cleaned.push(c.id.clone());
+                }
+                // Never got a monitor; a record younger than a few seconds may be a start in
+                // progress in another process.
+                Status::Created if now_ms() - c.created_at_ms > 5_000 => {
                     self.release(&c.id);
                     self.store.remove_dir(&c.id)?;
-                } else {
-                    self.settle(&c.id)?;
+                    cleaned.push(c.id.clone());
                 }
-                cleaned.push(c.id.clone());
+                _ => {}
             }
         }
         for dir in self.store.orphans()? {
