@@ -99,6 +99,29 @@ impl Agent {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Runs a `skiff-agent` command that must succeed.
+    fn agent_ok(&self, args: &[&str]) -> Output {
+        let out = self.cmd().args(args).output().expect("skiff-agent");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// One container from `container ps -a -o json`, by id or name.
+    fn find(&self, reference: &str) -> serde_json::Value {
+        let ps = self.ps();
+        ps.as_array()
+            .and_then(|v| {
+                v.iter()
+                    .find(|c| c["id"] == reference || c["name"] == reference)
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("container {reference} not listed: {ps}"))
+    }
+
     fn ps(&self) -> serde_json::Value {
         let out = self
             .cmd()
@@ -230,11 +253,7 @@ fn memory_limit_oom_kills_a_hog_and_reports_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ps = a.ps();
-    let hog = ps
-        .as_array()
-        .and_then(|v| v.iter().find(|c| c["name"] == "hog"))
-        .expect("hog");
+    let hog = a.find("hog");
     assert_eq!(hog["exit"]["oom_killed"], true);
 }
 
@@ -346,16 +365,7 @@ fn exit_codes_signals_and_logs() {
     // A stop ends with the stop signal, or SIGKILL after the grace period (pid 1 ignores
     // SIGTERM unless it handles it).
     let id = a.ok(&["-d", "--name", "sleeper"], &["sleep", "1000"]);
-    let out = a
-        .cmd()
-        .args(["container", "stop", "-t", "1", &id])
-        .output()
-        .expect("stop");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = a.agent_ok(&["container", "stop", "-t", "1", &id]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("signal 9"),
         "{}",
@@ -373,11 +383,7 @@ fn containers_outlive_the_agent_and_are_adopted() {
     );
     // The `run -d` process has exited; the container keeps running under its monitor.
     std::thread::sleep(Duration::from_millis(500));
-    let ps = a.ps();
-    let c = ps
-        .as_array()
-        .and_then(|v| v.iter().find(|c| c["id"] == id.as_str()))
-        .expect("listed");
+    let c = a.find(&id);
     assert_eq!(c["status"], "running");
     assert_eq!(c["monitor_alive"], true);
     let logs = a
@@ -395,26 +401,8 @@ fn containers_outlive_the_agent_and_are_adopted() {
         !out.status.success(),
         "rm of a running container must refuse"
     );
-    let out = a
-        .cmd()
-        .args(["container", "stop", "-t", "0", "survivor"])
-        .output()
-        .expect("stop");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = a
-        .cmd()
-        .args(["container", "rm", "survivor"])
-        .output()
-        .expect("rm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = a.agent_ok(&["container", "stop", "-t", "0", "survivor"]);
+    let out = a.agent_ok(&["container", "rm", "survivor"]);
     assert!(
         a.leftover_cgroups().is_empty(),
         "{:?}",
@@ -483,12 +471,7 @@ fn restart_policy_restarts_with_backoff_until_stopped() {
     );
     let mut restarts = 0;
     for _ in 0..100 {
-        let ps = a.ps();
-        let c = ps
-            .as_array()
-            .and_then(|v| v.iter().find(|c| c["id"] == id.as_str()))
-            .cloned()
-            .expect("listed");
+        let c = a.find(&id);
         restarts = c["restarts"].as_u64().unwrap_or(0);
         if restarts >= 2 {
             break;
@@ -496,16 +479,7 @@ fn restart_policy_restarts_with_backoff_until_stopped() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(restarts >= 2, "restarted {restarts} times");
-    let out = a
-        .cmd()
-        .args(["container", "stop", "-t", "1", "flaky"])
-        .output()
-        .expect("stop");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = a.agent_ok(&["container", "stop", "-t", "1", "flaky"]);
     let logs = a
         .cmd()
         .args(["container", "logs", "flaky"])
@@ -543,12 +517,7 @@ fn a_crashed_monitor_is_cleaned_up_by_the_next_agent_command() {
     // The next command notices, kills what is left of the container and records it.
     let mut status = String::new();
     for _ in 0..50 {
-        let ps = a.ps();
-        let c = ps
-            .as_array()
-            .and_then(|v| v.iter().find(|c| c["id"] == id.as_str()))
-            .cloned()
-            .expect("listed");
+        let c = a.find(&id);
         status = c["status"].as_str().unwrap_or("").to_string();
         if status == "exited" {
             break;
