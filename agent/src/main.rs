@@ -125,6 +125,16 @@ enum ContainerCmd {
         #[arg(short, long, default_value_t = 10)]
         time: u64,
     },
+    /// Run a command inside a running container (its namespaces, cgroup, user, capabilities
+    /// and seccomp filter) and exit with its exit code.
+    Exec {
+        container: String,
+        /// KEY=VALUE added to the container's environment, repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Remove a stopped container.
     Rm {
         container: String,
@@ -309,6 +319,20 @@ fn container(cli: &Cli, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| "stopped".into());
             println!("{container}: {how}");
             Ok(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Exec {
+            container,
+            env,
+            cmd,
+        } => {
+            let id = rt.store().resolve(container)?;
+            for e in env {
+                if !e.contains('=') {
+                    anyhow::bail!("--env: {e:?} is not KEY=VALUE");
+                }
+            }
+            let code = skiff_agent::runtime::exec::exec(rt.store(), &id, cmd, env)?;
+            Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(255)))
         }
         ContainerCmd::Rm { container, force } => {
             rt.remove(container, *force)?;

@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod exec;
 pub mod image;
 pub mod init;
 pub mod logs;

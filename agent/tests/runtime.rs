@@ -401,8 +401,8 @@ fn containers_outlive_the_agent_and_are_adopted() {
         !out.status.success(),
         "rm of a running container must refuse"
     );
-    let out = a.agent_ok(&["container", "stop", "-t", "0", "survivor"]);
-    let out = a.agent_ok(&["container", "rm", "survivor"]);
+    a.agent_ok(&["container", "stop", "-t", "0", "survivor"]);
+    a.agent_ok(&["container", "rm", "survivor"]);
     assert!(
         a.leftover_cgroups().is_empty(),
         "{:?}",
@@ -479,7 +479,7 @@ fn restart_policy_restarts_with_backoff_until_stopped() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(restarts >= 2, "restarted {restarts} times");
-    let out = a.agent_ok(&["container", "stop", "-t", "1", "flaky"]);
+    a.agent_ok(&["container", "stop", "-t", "1", "flaky"]);
     let logs = a
         .cmd()
         .args(["container", "logs", "flaky"])
@@ -541,5 +541,68 @@ fn a_crashed_monitor_is_cleaned_up_by_the_next_agent_command() {
         a.leftover_cgroups().is_empty(),
         "{:?}",
         a.leftover_cgroups()
+    );
+}
+
+#[test]
+fn exec_joins_the_container_without_exposing_the_host_binary() {
+    need_root!();
+    let a = Agent::new();
+    a.ok(
+        &[
+            "-d",
+            "--name",
+            "target",
+            "--hostname",
+            "inside",
+            "--pids",
+            "32",
+        ],
+        &["sleep", "1000"],
+    );
+    let out = a.agent_ok(&[
+        "container",
+        "exec",
+        "target",
+        "--",
+        "sh",
+        "-c",
+        "echo $$; hostname; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; for e in /proc/[0-9]*/exe; do readlink $e; done",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_ne!(lines[0], "1", "exec'd process must not be pid 1");
+    assert_eq!(lines[1], "inside");
+    assert!(text.contains("CapEff:\t00000000a80425fb"), "{text}");
+    assert!(text.contains("NoNewPrivs:\t1"), "{text}");
+    // Every process the container can see runs the container's own binaries.
+    assert!(
+        text.contains("/bin/sleep") || text.contains("/bin/busybox"),
+        "{text}"
+    );
+    assert!(!text.contains("skiff-agent"), "host binary visible: {text}");
+    let out = a
+        .cmd()
+        .args(["container", "exec", "target", "--", "sh", "-c", "exit 7"])
+        .output()
+        .expect("exec");
+    assert_eq!(out.status.code(), Some(7));
+    let out = a
+        .cmd()
+        .args(["container", "exec", "target", "--", "no-such-tool"])
+        .output()
+        .expect("exec");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    a.agent_ok(&["container", "stop", "-t", "0", "target"]);
+    let out = a
+        .cmd()
+        .args(["container", "exec", "target", "--", "true"])
+        .output()
+        .expect("exec");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

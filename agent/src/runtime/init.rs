@@ -230,7 +230,7 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
 }
 
 /// Finds the program like execvp, in the container's PATH.
-fn resolve_program(args: &[String], env: &[String]) -> Result<CString, String> {
+pub(crate) fn resolve_program(args: &[String], env: &[String]) -> Result<CString, String> {
     let Some(prog) = args.first() else {
         return Err("no command: the image has no entrypoint or cmd and none was given".into());
     };

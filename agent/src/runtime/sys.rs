@@ -257,3 +257,10 @@ pub fn lsetxattr(path: &CStr, name: &CStr, value: &[u8]) -> nix::Result<()> {
     };
     Errno::result(rc).map(drop)
 }
+
+/// `fork()` for a single-threaded caller.
+pub fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
+    // SAFETY: callers are single-threaded processes (the CLI before it starts any thread, or
+    // a re-exec'd helper), so the child cannot inherit a lock held by another thread.
+    unsafe { nix::unistd::fork() }
+}

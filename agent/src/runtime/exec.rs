@@ -1,0 +1,170 @@
+//! `exec` into a running container: a new process in the container's namespaces and cgroup,
+//! with the container's user, capabilities, no_new_privs and seccomp filter.
+//!
+//! Called from a single-threaded process (the CLI, or later the agent's re-exec'd helper): it
+//! forks, and the child runs set-up code before exec. The host binary is never exposed to the
+//! container (CVE-2019-5736): this process joins only the container's pid namespace *for its
+//! children* (`setns(CLONE_NEWPID)` does not move the caller), so it is never visible inside;
+//! the child, which is visible from the moment it is forked, is made non-dumpable first, so no
+//! process in the container (which lacks CAP_SYS_PTRACE) can open its `/proc/PID/exe` or
+//! ptrace it until it has exec'd the container's own program.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Uid, pipe2};
+
+use super::cgroup;
+use super::security;
+use super::store::{ContainerConfig, Status, Store, monitor_alive};
+use super::sys;
+
+/// Why an exec failed, naming the container.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Store(#[from] super::store::StoreError),
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    #[error("exec in {id}: {reason}")]
+    Setup { id: String, reason: String },
+}
+
+/// Runs `args` inside running container `id` with the caller's stdio; returns its exit status
+/// (128 + signal when killed).
+pub fn exec(
+    store: &Store,
+    id: &str,
+    args: &[String],
+    extra_env: &[String],
+) -> Result<i32, ExecError> {
+    let config = store.config(id)?;
+    let state = store.state(id)?;
+    let pid = match (state.status, state.pid) {
+        (Status::Running, Some(pid)) if monitor_alive(&state) => pid,
+        _ => return Err(ExecError::NotRunning(id.to_string())),
+    };
+    let setup = |reason: String| ExecError::Setup {
+        id: id.to_string(),
+        reason,
+    };
+    // Everything is opened before any namespace changes, while host paths still resolve.
+    let mut ns = Vec::new();
+    for (name, flag) in [
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ] {
+        let f = std::fs::File::open(format!("/proc/{pid}/ns/{name}"))
+            .map_err(|e| setup(format!("open {name} namespace: {e}")))?;
+        ns.push((OwnedFd::from(f), flag, name));
+    }
+    let pidns = std::fs::File::open(format!("/proc/{pid}/ns/pid"))
+        .map_err(|e| setup(format!("open pid namespace: {e}")))?;
+    let manager = cgroup::host(&config.cgroup_parent).map_err(|e| setup(e.to_string()))?;
+    let cg = manager
+        .open(id)
+        .map_err(|e| setup(e.to_string()))?
+        .ok_or_else(|| setup("container cgroup is gone".into()))?;
+    let seccomp = security::default_seccomp().map_err(|e| setup(e.to_string()))?;
+    let mut env = config.env.clone();
+    env.extend(extra_env.iter().cloned());
+
+    sys::set_non_dumpable().map_err(|e| setup(format!("set non-dumpable: {e}")))?;
+    setns(&pidns, CloneFlags::CLONE_NEWPID)
+        .map_err(|e| setup(format!("join pid namespace: {e}")))?;
+    let (err_read, err_write) =
+        pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| setup(format!("pipe: {e}")))?;
+    // The caller is single-threaded (see the module docs), so the child may run ordinary code
+    // until it execs.
+    let child = match sys::fork_single_threaded().map_err(|e| setup(format!("fork: {e}")))? {
+        ForkResult::Child => {
+            drop(err_read);
+            let reason = match child_setup(&config, &ns, cg.as_ref(), &seccomp, args, &env) {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            let mut f = std::fs::File::from(err_write);
+            let _ = f.write_all(reason.as_bytes());
+            std::process::exit(127);
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(err_write);
+    let mut msg = String::new();
+    let _ = std::fs::File::from(err_read).read_to_string(&mut msg);
+    let status = loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(setup(format!("wait: {e}"))),
+        }
+    };
+    if !msg.is_empty() {
+        return Err(setup(msg));
+    }
+    Ok(status)
+}
+
+enum Never {}
+
+fn child_setup(
+    config: &ContainerConfig,
+    ns: &[(OwnedFd, CloneFlags, &str)],
+    cg: &dyn cgroup::Cgroup,
+    seccomp: &security::SeccompProgram,
+    args: &[String],
+    env: &[String],
+) -> Result<Never, String> {
+    cg.add_process(std::process::id() as i32)
+        .map_err(|e| format!("join cgroup: {e}"))?;
+    for (fd, flag, name) in ns {
+        setns(fd, *flag).map_err(|e| format!("join {name} namespace: {e}"))?;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let (uid, gid, groups) = security::resolve_user(&config.user, &passwd, &group)
+        .map_err(|e| format!("user {:?}: {e}", config.user))?;
+    let cwd = if config.cwd.is_empty() {
+        "/"
+    } else {
+        config.cwd.as_str()
+    };
+    nix::unistd::chdir(cwd).map_err(|e| format!("working dir {cwd}: {e}"))?;
+    let program = super::init::resolve_program(args, env)?;
+    let argv: Vec<CString> = args
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "argument contains NUL".to_string())?;
+    let envp: Vec<CString> = env
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "environment contains NUL".to_string())?;
+    security::drop_capabilities(&security::default_capabilities())
+        .map_err(|e| format!("capabilities: {e}"))?;
+    security::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+    if uid != 0 || gid != 0 || !groups.is_empty() {
+        let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        nix::unistd::setgroups(&gids).map_err(|e| format!("setgroups: {e}"))?;
+        nix::unistd::setgid(Gid::from_raw(gid)).map_err(|e| format!("setgid: {e}"))?;
+        nix::unistd::setuid(Uid::from_raw(uid)).map_err(|e| format!("setuid: {e}"))?;
+    }
+    security::install_seccomp(seccomp).map_err(|e| format!("seccomp: {e}"))?;
+    sys::cloexec_from(3).map_err(|e| format!("close descriptors: {e}"))?;
+    let e = nix::unistd::execve(&program, &argv, &envp)
+        .err()
+        .map(|e| e.desc())
+        .unwrap_or("failed");
+    Err(format!(
+        "exec {}: {e}",
+        args.first().map(String::as_str).unwrap_or("")
+    ))
+}
