@@ -191,8 +191,15 @@ fn writer(db: Database, rx: mpsc::Receiver<Op>) {
 }
 
 fn write_batch(db: &Database, batch: &[Op]) -> io::Result<()> {
+    // The committed index is only a hint (openraft re-derives it): a batch holding nothing
+    // else is not worth an fsync, and rides on the next durable commit.
+    let durability = if batch.iter().all(|op| matches!(op, Op::Committed(_))) {
+        Durability::None
+    } else {
+        Durability::Immediate
+    };
     let mut txn = db.begin_write().map_err(io_err)?;
-    txn.set_durability(Durability::Immediate).map_err(io_err)?;
+    txn.set_durability(durability).map_err(io_err)?;
     {
         let mut log = txn.open_table(LOG).map_err(io_err)?;
         let mut meta = txn.open_table(META).map_err(io_err)?;
