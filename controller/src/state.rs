@@ -8,8 +8,7 @@
 
 mod model;
 
-use std::collections::BTreeMap;
-
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 use skiff_common::{FieldChange, JobSpec, diff_specs};
 
@@ -159,14 +158,17 @@ pub struct JobSummary {
 }
 
 /// The whole replicated cluster state.
+///
+/// Persistent (structurally shared) maps: cloning the state for a snapshot is O(1), so
+/// building a snapshot never holds up applying commands.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Jobs by `namespace/name`.
-    jobs: BTreeMap<String, Job>,
+    jobs: OrdMap<String, Job>,
     /// Nodes by name.
-    nodes: BTreeMap<String, Node>,
+    nodes: OrdMap<String, Node>,
     /// Allocations by id.
-    allocations: BTreeMap<String, Allocation>,
+    allocations: OrdMap<String, Allocation>,
 }
 
 fn job_key(namespace: &str, name: &str) -> String {
@@ -283,8 +285,14 @@ impl ClusterState {
         if changed {
             job.status = JobStatus::Stopped;
             job.status_changed_at_ms = at_ms;
-            for alloc in self.allocations.values_mut() {
-                if alloc.namespace == namespace && alloc.job == name {
+            let ids: Vec<String> = self
+                .allocations
+                .values()
+                .filter(|a| a.namespace == namespace && a.job == name)
+                .map(|a| a.id.clone())
+                .collect();
+            for id in ids {
+                if let Some(alloc) = self.allocations.get_mut(&id) {
                     alloc.desired = DesiredStatus::Stop;
                 }
             }

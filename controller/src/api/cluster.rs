@@ -95,6 +95,9 @@ impl Cluster for ClusterApi {
             .track("AddMember", async {
                 let member = validate_member(&req).map_err(ApiError::BadRequest)?;
                 self.ctx.node.add_member(req.id, member).await?;
+                // The change is committed; make sure this member has applied it before
+                // answering with the list (it may have been done by another member).
+                self.ctx.read_barrier(None).await?;
                 Ok(pb::AddMemberResponse {
                     members: self.member_list().await,
                 })
@@ -110,6 +113,7 @@ impl Cluster for ClusterApi {
         self.ctx
             .track("RemoveMember", async {
                 self.ctx.node.remove_member(req.id).await?;
+                self.ctx.read_barrier(None).await?;
                 Ok(pb::RemoveMemberResponse {
                     members: self.member_list().await,
                 })
