@@ -210,8 +210,8 @@ impl Runtime {
             .stdin(Stdio::null())
             .stdout(write)
             .stderr(monitor_log);
-        // SAFETY-free: setsid is async-signal-safe; the monitor gets its own session so that
-        // signals for this process group (Ctrl-C) and our exit do not reach it.
+        // A process group of its own: Ctrl-C at the terminal that ran us (SIGINT to our
+        // group) and our exit do not reach the monitor.
         cmd.process_group(0);
         let child = match cmd.spawn() {
             Ok(c) => c,

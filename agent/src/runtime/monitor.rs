@@ -315,7 +315,7 @@ impl Monitor {
                                         exit = Some(e);
                                     }
                                 }
-                                _ => {
+                                libc::SIGTERM | libc::SIGINT => {
                                     // A stop request.
                                     self.state.stopping = true;
                                     self.save();
@@ -328,6 +328,8 @@ impl Monitor {
                                     }
                                     kill_at = Some(Instant::now() + Duration::from_millis(grace));
                                 }
+                                // SIGHUP and the like: the monitor has no terminal.
+                                _ => {}
                             }
                         }
                     }
@@ -371,7 +373,7 @@ impl Monitor {
                 PollTimeout::from(left.as_millis().min(60_000) as u16),
             );
             while let Ok(Some(info)) = self.signals.read_signal() {
-                if info.ssi_signo as i32 != libc::SIGCHLD {
+                if matches!(info.ssi_signo as i32, libc::SIGTERM | libc::SIGINT) {
                     self.state.stopping = true;
                     self.save();
                     return true;
