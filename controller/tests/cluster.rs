@@ -78,18 +78,30 @@ impl TestCluster {
             } else {
                 Formation::Join(c.rpc[0].to_string())
             };
-            let rpc = free_addr();
+            // A port picked free may be taken (by another test's connection) before we bind
+            // it: start afresh on new ports.
+            let mut attempt = 0;
+            let (ctl, rpc) = loop {
+                let rpc = free_addr();
+                let res = Controller::start(Config {
+                    id,
+                    data_dir: c.data_dir(id),
+                    rpc_addr: Some(rpc),
+                    http_addr: Some(free_addr()),
+                    formation: formation.clone(),
+                    raft: c.settings.clone(),
+                })
+                .await;
+                match res {
+                    Ok(ctl) => break (ctl, rpc),
+                    Err(skiff_controller::ControllerError::Bind { .. }) if attempt < 5 => {
+                        attempt += 1;
+                        let _ = std::fs::remove_dir_all(c.data_dir(id));
+                    }
+                    Err(e) => panic!("start member {id}: {e}"),
+                }
+            };
             c.rpc.push(rpc);
-            let ctl = Controller::start(Config {
-                id,
-                data_dir: c.data_dir(id),
-                rpc_addr: Some(rpc),
-                http_addr: Some(free_addr()),
-                formation,
-                raft: c.settings.clone(),
-            })
-            .await
-            .expect("start member");
             c.members.push(Some(ctl));
             if i == 0 {
                 c.wait_leader().await;
