@@ -527,6 +527,7 @@ async fn t50_member_behind_a_compaction_is_brought_up_by_snapshot() {
     let mut c = TestCluster::start(3, settings).await;
     let leader = c.wait_leader().await;
     let follower = (1..=3).find(|i| *i != leader).expect("follower");
+    let stopped_at = c.member(follower).node().status().last_log_index;
     c.kill(follower).await;
     let mut client = c.jobs(leader).await;
     for i in 0..80 {
@@ -534,10 +535,11 @@ async fn t50_member_behind_a_compaction_is_brought_up_by_snapshot() {
             .await
             .expect("write");
     }
-    // The leader has compacted its log past where the follower stopped.
-    eventually("leader snapshot", Duration::from_secs(10), || {
+    // The leader has compacted its log past where the follower stopped (the purge follows
+    // the snapshot asynchronously).
+    eventually("leader snapshot and purge", Duration::from_secs(10), || {
         let s = c.member(leader).node().status();
-        async move { s.snapshot_index >= 60 }
+        async move { s.snapshot_index >= 60 && s.purged_index > stopped_at }
     })
     .await;
     c.restart(follower).await;

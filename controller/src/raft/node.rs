@@ -115,6 +115,8 @@ pub struct Status {
     pub committed_index: u64,
     pub applied_index: u64,
     pub snapshot_index: u64,
+    /// Log entries at or below this index have been compacted away.
+    pub purged_index: u64,
     pub fatal: Option<String>,
 }
 
@@ -479,6 +481,7 @@ impl RaftNode {
                 .unwrap_or(0),
             applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
             snapshot_index: m.snapshot.as_ref().map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.as_ref().map(|l| l.index).unwrap_or(0),
             fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
         }
     }
