@@ -10,7 +10,7 @@
 
 use std::ffi::CString;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -419,6 +419,5 @@ fn read_only(root: &OwnedFd, path: &str) -> Result<(), String> {
             None::<&str>,
         ),
     )?;
-    let _ = target.as_raw_fd();
     Ok(())
 }

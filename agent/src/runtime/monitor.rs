@@ -5,8 +5,8 @@
 //! it on request (stop signal, grace period, SIGKILL), and cleans up. It runs in its own
 //! session, so it outlives the agent that started it.
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -205,7 +205,7 @@ impl Monitor {
             pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         let (errs_read, errs_write) =
             pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-        for (dir, _) in [("rootfs", 0), ("upper", 0), ("work", 0)] {
+        for dir in ["rootfs", "upper", "work"] {
             std::fs::create_dir_all(self.dir.join(dir))
                 .map_err(|e| format!("creating {dir}: {e}"))?;
         }
@@ -405,7 +405,6 @@ impl Monitor {
         self.state.monitor_pid = None;
         self.state.monitor_start = None;
         self.save();
-        let _ = self.signals.as_raw_fd();
     }
 }
 
@@ -498,11 +497,4 @@ pub fn remove_netns(path: &Path) {
         }
     }
     let _ = std::fs::remove_file(path);
-}
-
-/// Monitor-side error type for callers that spawn it.
-pub fn read_report(mut f: std::fs::File) -> io::Result<String> {
-    let mut s = String::new();
-    f.read_to_string(&mut s)?;
-    Ok(s.trim().to_string())
 }

@@ -539,7 +539,7 @@ impl RaftNode {
             }
         }
         if let Some(forward) = self.forward_target()? {
-            let (leader, addr) = forward;
+            let (_leader, addr) = forward;
             let mut client = self.inner.channels.client(&addr)?;
             let mut req = tonic::Request::new(AddMemberRequest {
                 id,
@@ -547,7 +547,6 @@ impl RaftNode {
                 http_addr: member.http_addr.clone(),
             });
             req.set_timeout(Duration::from_secs(60));
-            let _ = leader;
             client
                 .join(req)
                 .await
@@ -581,11 +580,10 @@ impl RaftNode {
                 "refused: member {id} is the last voter"
             )));
         }
-        if let Some((leader, addr)) = self.forward_target()? {
+        if let Some((_leader, addr)) = self.forward_target()? {
             let mut client = skiff_proto::v1::cluster_client::ClusterClient::new(
                 self.inner.channels.get(&addr)?,
             );
-            let _ = leader;
             client
                 .remove_member(skiff_proto::v1::RemoveMemberRequest { id })
                 .await
