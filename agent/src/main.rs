@@ -8,34 +8,99 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use serde::Deserialize;
 use skiff_agent::runtime::cgroup::Limits;
 use skiff_agent::runtime::container::{RunOptions, Runtime};
-use skiff_agent::runtime::image::ImageStore;
+use skiff_agent::runtime::image::{PullOptions, PullPolicy, RegistryOptions};
 use skiff_agent::runtime::logs;
 use skiff_agent::runtime::store::{RestartPolicy, Status, monitor_alive};
 
 #[derive(Parser)]
 #[command(name = "skiff-agent", version, about = "Skiff's node agent")]
 struct Cli {
-    /// Where containers, images and state live.
+    /// A TOML file with defaults for these flags (`data_dir`, `cgroup_parent`,
+    /// `insecure_registries`, `auth_file`). Flags and SKIFF_* variables override it.
+    #[arg(long, global = true, env = "SKIFF_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where containers, images and state live [default: /var/lib/skiff/agent].
+    #[arg(long, global = true, env = "SKIFF_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Cgroup parent for containers, relative to each hierarchy root [default: skiff].
+    #[arg(long, global = true, env = "SKIFF_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
+    /// A registry (HOST:PORT) reached over plain HTTP instead of HTTPS. Repeatable.
     #[arg(
-        long,
+        long = "insecure-registry",
         global = true,
-        env = "SKIFF_DATA_DIR",
-        default_value = "/var/lib/skiff/agent"
+        env = "SKIFF_INSECURE_REGISTRY",
+        value_delimiter = ','
     )]
-    data_dir: PathBuf,
-    /// Cgroup parent for containers (relative to each hierarchy root).
-    #[arg(
-        long,
-        global = true,
-        env = "SKIFF_CGROUP_PARENT",
-        default_value = "skiff"
-    )]
-    cgroup_parent: String,
+    insecure_registries: Vec<String>,
+    /// Registry credentials in Docker's config.json format ({"auths": {"HOST:PORT":
+    /// {"auth": "base64(user:password)"}}}).
+    #[arg(long, global = true, env = "SKIFF_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    cgroup_parent: Option<String>,
+    #[serde(default)]
+    insecure_registries: Vec<String>,
+    auth_file: Option<PathBuf>,
+}
+
+/// Flags over the config file over defaults.
+struct Settings {
+    data_dir: PathBuf,
+    cgroup_parent: String,
+    registry: RegistryOptions,
+}
+
+impl Settings {
+    fn load(cli: &Cli) -> anyhow::Result<Settings> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--config {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let mut insecure = file.insecure_registries;
+        for r in &cli.insecure_registries {
+            if r.is_empty() || r.contains('/') {
+                anyhow::bail!("--insecure-registry: {r:?} is not HOST[:PORT]");
+            }
+            if !insecure.contains(r) {
+                insecure.push(r.clone());
+            }
+        }
+        Ok(Settings {
+            data_dir: cli
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/skiff/agent")),
+            cgroup_parent: cli
+                .cgroup_parent
+                .clone()
+                .or(file.cgroup_parent)
+                .unwrap_or_else(|| "skiff".to_owned()),
+            registry: RegistryOptions {
+                insecure,
+                auth_file: cli.auth_file.clone().or(file.auth_file),
+            },
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -56,10 +121,31 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ImageCmd {
-    /// Import an image (`oci:DIR[:TAG]`).
-    Pull { reference: String },
-    /// List imported images.
+    /// Pull or import an image: HOST[:PORT]/NAME[:TAG|@DIGEST], oci:DIR[:TAG],
+    /// oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG|:@N].
+    Pull {
+        reference: String,
+        /// Print only the image id.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List images.
     Ls {
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Forget an image (its layers go at the next prune).
+    Rm {
+        reference: String,
+        /// Even if a container uses it (its layers stay while the container exists).
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Remove layers no image and no container uses, and leftovers of interrupted pulls.
+    Prune {
+        /// Also remove images no container uses.
+        #[arg(short, long)]
+        all: bool,
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
     },
@@ -93,6 +179,9 @@ enum ContainerCmd {
         /// never | on-failure | always.
         #[arg(long, default_value = "never")]
         restart: String,
+        /// When to pull a registry image: missing | always | never.
+        #[arg(long, default_value = "missing")]
+        pull: PullPolicy,
         /// Start it and return its id instead of waiting.
         #[arg(short = 'd', long)]
         detach: bool,
@@ -167,8 +256,9 @@ fn print_logs(dir: &std::path::Path, from: usize) -> anyhow::Result<usize> {
     Ok(records.len())
 }
 
-fn container(cli: &Cli, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
-    let rt = Runtime::open(&cli.data_dir, &cli.cgroup_parent)?;
+fn container(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
+    let mut rt = Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+    rt.set_pull_options(cfg.registry.clone(), Some(indicatif::MultiProgress::new()));
     // Clean up after interrupted agents (`run` skips it: it is on the start path).
     if !matches!(cmd, ContainerCmd::Run { .. }) {
         rt.gc()?;
@@ -184,6 +274,7 @@ fn container(cli: &Cli, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
             env,
             user,
             restart,
+            pull,
             detach,
             rm,
             cmd,
@@ -216,6 +307,7 @@ fn container(cli: &Cli, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                     pids: *pids,
                 },
                 restart: parse_restart(restart)?,
+                pull: *pull,
                 ..RunOptions::default()
             };
             let (id, mut monitor) = rt.run(&opts)?;
@@ -342,47 +434,114 @@ fn container(cli: &Cli, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn image(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
-    let store = ImageStore::open(&cli.data_dir.join("images"))?;
+fn short_id(id: &str) -> &str {
+    let hex = id.strip_prefix("sha256:").unwrap_or(id);
+    hex.get(..12).unwrap_or(hex)
+}
+
+fn image(cfg: &Settings, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
+    let mut rt = Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+    rt.set_pull_options(cfg.registry.clone(), None);
+    let store = rt.images()?;
     match cmd {
-        ImageCmd::Pull { reference } => {
-            let img = store.import(reference)?;
-            println!(
-                "{} {} ({} layers)",
-                img.reference,
-                img.manifest_digest,
-                img.layers.len()
-            );
+        ImageCmd::Pull { reference, quiet } => {
+            let progress = indicatif::MultiProgress::new();
+            let started = std::time::Instant::now();
+            let img = store.pull(
+                reference,
+                &PullOptions {
+                    registry: cfg.registry.clone(),
+                    progress: (!quiet).then_some(&progress),
+                },
+            )?;
+            if *quiet {
+                println!("{}", img.id);
+            } else {
+                println!(
+                    "{} {} ({} layers, {:.1} s)",
+                    img.reference,
+                    img.manifest_digest.as_deref().unwrap_or(&img.id),
+                    img.layers.len(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
         }
         ImageCmd::Ls { output } => {
             let list = store.list()?;
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
+                println!("{:<14}{:>8}{:>12}  REFERENCE", "ID", "LAYERS", "SIZE");
                 for i in list {
-                    println!("{}", serde_json::to_string(&i)?);
+                    println!(
+                        "{:<14}{:>8}{:>12}  {}",
+                        short_id(&i.id),
+                        i.layers,
+                        human_bytes(i.size),
+                        i.reference
+                    );
                 }
+            }
+        }
+        ImageCmd::Rm { reference, force } => {
+            let users = rt.image_users()?;
+            let removed = store.remove(reference, &users, *force)?;
+            println!("{removed}");
+        }
+        ImageCmd::Prune { all, output } => {
+            rt.gc()?;
+            let report = rt.prune_images(*all)?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for r in &report.images {
+                    println!("removed image {r}");
+                }
+                for l in &report.layers {
+                    println!("removed layer {l}");
+                }
+                println!("freed {}", human_bytes(report.bytes));
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn monitor(cli: &Cli, id: &str) -> ExitCode {
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn monitor(data_dir: &std::path::Path, id: &str) -> ExitCode {
     // Our stdout is the pipe the starter reads one report line from; keep it as the report
     // fd and put /dev/null in its place.
     let report: Option<OwnedFd> = nix::unistd::dup(std::io::stdout()).ok();
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
         let _ = nix::unistd::dup2_stdout(&null);
     }
-    let code = skiff_agent::runtime::monitor::run(&cli.data_dir, id, report);
+    let code = skiff_agent::runtime::monitor::run(data_dir, id, report);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Cmd::Monitor { id } = &cli.command {
-        return monitor(&cli, id);
+        // The runtime passes --data-dir explicitly; no config file is read here.
+        let data_dir = cli
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/skiff/agent"));
+        return monitor(&data_dir, id);
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -391,11 +550,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let res = match &cli.command {
-        Cmd::Container { command } => container(&cli, command),
-        Cmd::Image { command } => image(&cli, command),
+    let res = Settings::load(&cli).and_then(|cfg| match &cli.command {
+        Cmd::Container { command } => container(&cfg, command),
+        Cmd::Image { command } => image(&cfg, command),
         Cmd::Monitor { .. } => unreachable!("dispatched above"),
-    };
+    });
     match res {
         Ok(code) => code,
         Err(e) => {

@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::cgroup::{self, Limits};
-use super::image::{ImageConfig, ImageStore};
+use super::image::{
+    ImageConfig, ImageStore, PruneReport, PullOptions, PullPolicy, RegistryOptions,
+};
 use super::monitor::{self, STOP_FILE};
 use super::store::{
     ContainerConfig, RestartPolicy, State, Status, Store, StoreError, monitor_alive, now_ms,
@@ -32,6 +34,8 @@ pub struct RunOptions {
     pub restart: RestartPolicy,
     pub stop_signal: Option<i32>,
     pub stop_grace: Option<Duration>,
+    /// When to pull the image from its registry.
+    pub pull: PullPolicy,
 }
 
 /// Runtime failures, each naming what failed.
@@ -60,6 +64,8 @@ pub struct Runtime {
     data_dir: PathBuf,
     store: Store,
     cgroup_parent: String,
+    registry: RegistryOptions,
+    progress: Option<indicatif::MultiProgress>,
 }
 
 /// Docker's default RLIMIT_NOFILE (1048576), capped at what this kernel allows.
@@ -85,7 +91,48 @@ impl Runtime {
             data_dir: data_dir.to_path_buf(),
             store: Store::open(data_dir)?,
             cgroup_parent: cgroup_parent.to_string(),
+            registry: RegistryOptions::default(),
+            progress: None,
         })
+    }
+
+    /// How images are pulled by `run`: registries, credentials, progress display.
+    pub fn set_pull_options(
+        &mut self,
+        registry: RegistryOptions,
+        progress: Option<indicatif::MultiProgress>,
+    ) {
+        self.registry = registry;
+        self.progress = progress;
+    }
+
+    /// The image store of this data dir.
+    pub fn images(&self) -> Result<ImageStore, RuntimeError> {
+        Ok(ImageStore::open(&self.data_dir.join("images"))?)
+    }
+
+    /// (container id, normalized image reference) of every container record.
+    pub fn image_users(&self) -> Result<Vec<(String, String)>, RuntimeError> {
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .map(|(c, _)| {
+                let image = ImageStore::normalize(&c.image).unwrap_or(c.image);
+                (c.id, image)
+            })
+            .collect())
+    }
+
+    /// Removes image layers no image and no container uses (see [`ImageStore::prune`]).
+    pub fn prune_images(&self, all: bool) -> Result<PruneReport, RuntimeError> {
+        let in_use: std::collections::HashSet<PathBuf> = self
+            .store
+            .list()?
+            .into_iter()
+            .flat_map(|(c, _)| c.layers)
+            .collect();
+        Ok(self.images()?.prune(&in_use, all)?)
     }
 
     pub fn store(&self) -> &Store {
@@ -187,9 +234,16 @@ impl Runtime {
     /// Creates a container and starts it under a new monitor. Returns once the workload has
     /// been exec'd (or failed to be); the monitor is a child of this process.
     pub fn run(&self, opts: &RunOptions) -> Result<(String, Child), RuntimeError> {
-        let images = ImageStore::open(&self.data_dir.join("images"))?;
-        let image = images.import(&opts.image)?;
-        let config = self.resolve(opts, &image.config, image.layers.clone())?;
+        let images = self.images()?;
+        // Held until the container record names the layers, so a prune cannot take them.
+        let _hold = images.hold()?;
+        let pull = PullOptions {
+            registry: self.registry.clone(),
+            progress: self.progress.as_ref(),
+        };
+        let image = images.ensure(&opts.image, opts.pull, &pull)?;
+        let mut config = self.resolve(opts, &image.config, image.layers.clone())?;
+        config.image = image.reference.clone();
         // Check the limits (and that cgroups work) before anything is written.
         let manager = cgroup::host(&self.cgroup_parent)?;
         let cg = manager.create(&config.id, &config.limits)?;

@@ -1,40 +1,64 @@
-//! Images on this host: imports `oci:DIR[:TAG]` OCI image layouts into a content-addressed
-//! layer store and remembers what was imported.
+//! Images on this host: pulls from OCI registries and imports OCI layouts, OCI archives and
+//! `docker save` archives into a content-addressed layer store, and remembers what it has.
+//!
+//! References:
+//!
+//! ```text
+//! HOST[:PORT]/NAME[:TAG|@DIGEST]     a registry (also written docker://...)
+//! oci:DIR[:TAG]                      an OCI image layout directory
+//! oci-archive:FILE.tar[:TAG]         a tar of an OCI image layout (skopeo, buildah)
+//! docker-archive:FILE.tar[:NAME:TAG|:@N]   the output of `docker save`
+//! ```
 //!
 //! Store layout (under the root the agent passes, `DATA_DIR/images`):
 //!
 //! ```text
 //! layers/sha256/<diff-id hex>/   one unpacked layer, used as an overlayfs lowerdir
-//! images/<sha256(reference)>.json   one imported image (see `ImageRecord`)
+//! images/<sha256(reference)>.json   one image (see `ImageRecord`)
 //! locks/<diff-id hex>.lock       held (flock) while that layer is being unpacked
 //! tmp/layer-<diff-id hex>/       a layer being unpacked; renamed into layers/ when verified
+//! store.lock                     shared by pulls and container creation, exclusive for prune
 //! ```
 //!
 //! **Invariant:** a directory under `layers/sha256/` is complete and verified: it only appears
 //! there by `rename(2)` after the blob's size and digest and the tar stream's diff-id were
-//! checked. Anything under `tmp/` is disposable.
+//! checked, and it leaves by `rename(2)` into `tmp/` before it is deleted. Anything under `tmp/`
+//! is disposable.
 //!
 //! Whiteouts are stored in overlayfs form (`.wh.NAME` becomes a 0:0 character device `NAME`,
 //! `.wh..wh..opq` the xattr `trusted.overlay.opaque=y` on its directory), so a container's
 //! rootfs is an overlay mount of the layer dirs with no copying.
 
 mod blob;
+mod docker;
+mod files;
 mod layer;
 mod layout;
+mod manifest;
+mod registry;
 mod unpack;
 mod xattr;
 
+use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, info, warn};
 
 use layer::{LayerBlob, LayerStore};
-use layout::OciLayout;
+use manifest::{BlobSource, PlannedLayer, Resolved};
+
+pub use registry::RegistryOptions;
+
+/// How many layers are fetched and unpacked at once.
+const PARALLEL_LAYERS: usize = 3;
 
 /// Images and their unpacked layers under one root (the agent passes `DATA_DIR/images`).
 #[derive(Debug)]
@@ -44,13 +68,16 @@ pub struct ImageStore {
     layers: LayerStore,
 }
 
-/// An imported image: what the runtime needs to build a container's rootfs and process.
+/// An image in the store: what the runtime needs to build a container's rootfs and process.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Image {
-    /// The normalized reference: `oci:/absolute/dir` or `oci:/absolute/dir:TAG`.
+    /// The normalized reference (see [`ImageStore::normalize`]).
     pub reference: String,
-    /// Digest of the (platform-specific) image manifest, `sha256:<hex>`.
-    pub manifest_digest: String,
+    /// Digest of the (platform-specific) image manifest, `sha256:<hex>`; `None` for images
+    /// from `docker save` archives.
+    pub manifest_digest: Option<String>,
+    /// The image id: the config's digest.
+    pub id: String,
     /// The image's execution defaults.
     pub config: ImageConfig,
     /// Unpacked layer dirs, lowest (base) first.
@@ -72,19 +99,58 @@ pub struct ImageConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ImageSummary {
     pub reference: String,
-    pub manifest_digest: String,
+    /// The config's digest (Docker's image id).
+    pub id: String,
+    pub manifest_digest: Option<String>,
     /// Number of layers.
     pub layers: usize,
-    /// Sum of the sizes of the image's layer blobs as stored (compressed), in bytes.
+    /// Sum of the sizes of the image's layer blobs as pulled (compressed), in bytes.
     pub size: u64,
 }
 
-/// Why an image could not be imported or listed. Messages name the reference, path or digest.
+/// When `container run` pulls its image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Only when the store does not have it (Kubernetes' IfNotPresent). Local sources
+    /// (`oci:`, archives) are always re-read: that is cheap and follows their tags.
+    #[default]
+    Missing,
+    Always,
+    Never,
+}
+
+impl std::str::FromStr for PullPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "missing" | "if-not-present" => Ok(PullPolicy::Missing),
+            "always" => Ok(PullPolicy::Always),
+            "never" => Ok(PullPolicy::Never),
+            other => Err(format!(
+                "unknown pull policy {other:?} (missing, always or never)"
+            )),
+        }
+    }
+}
+
+/// What `prune` removed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PruneReport {
+    /// References of image records removed (`prune --all`).
+    pub images: Vec<String>,
+    /// Diff ids of layers removed.
+    pub layers: Vec<String>,
+    /// Bytes freed on disk (unpacked layers and leftovers).
+    pub bytes: u64,
+}
+
+/// Why an image could not be pulled, imported or listed. Messages name the reference, path or
+/// digest.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("invalid image reference {reference:?}: {reason}")]
     BadReference { reference: String, reason: String },
-    /// The layout itself is unusable (missing `oci-layout`, bad `index.json`, ...).
+    /// The layout or archive itself is unusable (missing `oci-layout`, bad `index.json`, ...).
     #[error("{layout}: {reason}")]
     Layout { layout: String, reason: String },
     #[error("{layout}: no manifest tagged {tag:?} (have: {})", list_or_none(have))]
@@ -148,12 +214,24 @@ pub enum ImageError {
         entry: String,
         reason: String,
     },
-    /// The layer stream could not be read (bad compression, bad tar).
+    /// The layer stream could not be read (bad compression, bad tar, broken download).
     #[error("layer {digest}: {source}")]
     Unpack {
         digest: String,
         #[source]
         source: io::Error,
+    },
+    /// The registry refused or could not be reached.
+    #[error("{reference}: {reason}")]
+    Registry { reference: String, reason: String },
+    #[error("credentials file {}: {reason}", path.display())]
+    Credentials { path: PathBuf, reason: String },
+    #[error("image {0} is not in the store (pull it first, or use a pull policy other than never)")]
+    NotPresent(String),
+    #[error("image {reference} is used by container {container} (remove it first, or use --force)")]
+    InUse {
+        reference: String,
+        container: String,
     },
     #[error("{}: {source}", path.display())]
     Io {
@@ -178,11 +256,12 @@ impl ImageError {
     }
 }
 
-/// What the store remembers about one imported image (`images/<sha256(reference)>.json`).
+/// What the store remembers about one image (`images/<sha256(reference)>.json`).
 #[derive(Debug, Serialize, Deserialize)]
 struct ImageRecord {
     reference: String,
-    manifest_digest: String,
+    #[serde(default)]
+    manifest_digest: Option<String>,
     config_digest: String,
     config: ImageConfig,
     /// Lowest (base) first.
@@ -192,58 +271,146 @@ struct ImageRecord {
 #[derive(Debug, Serialize, Deserialize)]
 struct LayerRecord {
     diff_id: String,
-    digest: String,
+    #[serde(default)]
+    digest: Option<String>,
     media_type: String,
     size: u64,
 }
 
-/// A parsed `oci:DIR[:TAG]` reference.
+/// A parsed image reference.
 #[derive(Debug, Clone, PartialEq)]
-struct OciReference {
-    dir: PathBuf,
-    tag: Option<String>,
+enum Source {
+    Oci {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+    OciArchive {
+        file: PathBuf,
+        tag: Option<String>,
+    },
+    DockerArchive {
+        file: PathBuf,
+        select: docker::Select,
+    },
+    Registry(Box<oci_client::Reference>),
 }
 
-impl OciReference {
-    /// Splits at the first `:` after `oci:`, as skopeo does: DIR cannot contain `:`.
-    fn parse(reference: &str) -> Result<OciReference, ImageError> {
+impl Source {
+    fn parse(reference: &str) -> Result<Source, ImageError> {
         let bad = |reason: &str| ImageError::BadReference {
             reference: reference.to_owned(),
             reason: reason.to_owned(),
         };
-        let Some(rest) = reference.strip_prefix("oci:") else {
-            return Err(bad("only oci:DIR[:TAG] references are supported for now"));
+        // `oci:DIR[:TAG]` and `oci-archive:FILE[:TAG]` split at the first `:` as skopeo does:
+        // the path cannot contain `:`.
+        let path_and_tag = |rest: &str| -> Result<(PathBuf, Option<String>), ImageError> {
+            let (path, tag) = match rest.split_once(':') {
+                Some((path, tag)) => (path, (!tag.is_empty()).then_some(tag)),
+                None => (rest, None),
+            };
+            if path.is_empty() {
+                return Err(bad("empty path"));
+            }
+            if let Some(tag) = tag
+                && tag.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(bad("tag contains whitespace or control characters"));
+            }
+            Ok((PathBuf::from(path), tag.map(str::to_owned)))
         };
-        let (dir, tag) = match rest.split_once(':') {
-            Some((dir, tag)) => (dir, (!tag.is_empty()).then_some(tag)),
-            None => (rest, None),
+        if let Some(rest) = reference.strip_prefix("oci:") {
+            let (dir, tag) = path_and_tag(rest)?;
+            return Ok(Source::Oci { dir, tag });
+        }
+        if let Some(rest) = reference.strip_prefix("oci-archive:") {
+            let (file, tag) = path_and_tag(rest)?;
+            return Ok(Source::OciArchive { file, tag });
+        }
+        if let Some(rest) = reference.strip_prefix("docker-archive:") {
+            let (file, select) = match rest.split_once(':') {
+                None => (rest, docker::Select::Only),
+                Some((file, "")) => (file, docker::Select::Only),
+                Some((file, sel)) => match sel.strip_prefix('@') {
+                    Some(n) => (
+                        file,
+                        docker::Select::Index(n.parse().map_err(|_| bad("@N must be a number"))?),
+                    ),
+                    None => (file, docker::Select::Tag(sel.to_owned())),
+                },
+            };
+            if file.is_empty() {
+                return Err(bad("empty path"));
+            }
+            return Ok(Source::DockerArchive {
+                file: PathBuf::from(file),
+                select,
+            });
+        }
+        if reference.contains("://") && !reference.starts_with("docker://") {
+            return Err(bad(
+                "unknown transport (use HOST/NAME[:TAG], oci:, oci-archive: or docker-archive:)",
+            ));
+        }
+        Ok(Source::Registry(Box::new(registry::parse_reference(
+            reference,
+        )?)))
+    }
+
+    /// The reference as recorded in the store: paths made absolute (symlinks resolved),
+    /// registry references with their registry and tag spelled out.
+    fn normalize(&self) -> Result<String, ImageError> {
+        let canonical = |prefix: &str, path: &Path| {
+            fs::canonicalize(path).map_err(|source| ImageError::Layout {
+                layout: format!("{prefix}:{}", path.display()),
+                reason: source.to_string(),
+            })
         };
-        if dir.is_empty() {
-            return Err(bad("empty directory"));
-        }
-        if let Some(tag) = tag
-            && tag.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
-            return Err(bad("tag contains whitespace or control characters"));
-        }
-        Ok(OciReference {
-            dir: PathBuf::from(dir),
-            tag: tag.map(str::to_owned),
+        Ok(match self {
+            Source::Oci { dir, tag } => {
+                let dir = canonical("oci", dir)?;
+                match tag {
+                    Some(tag) => format!("oci:{}:{tag}", dir.display()),
+                    None => format!("oci:{}", dir.display()),
+                }
+            }
+            Source::OciArchive { file, tag } => {
+                let file = canonical("oci-archive", file)?;
+                match tag {
+                    Some(tag) => format!("oci-archive:{}:{tag}", file.display()),
+                    None => format!("oci-archive:{}", file.display()),
+                }
+            }
+            Source::DockerArchive { file, select } => {
+                let file = canonical("docker-archive", file)?;
+                match select {
+                    docker::Select::Only => format!("docker-archive:{}", file.display()),
+                    docker::Select::Tag(t) => format!("docker-archive:{}:{t}", file.display()),
+                    docker::Select::Index(i) => {
+                        format!("docker-archive:{}:@{i}", file.display())
+                    }
+                }
+            }
+            Source::Registry(r) => r.whole(),
         })
     }
 
-    /// The reference with DIR made absolute (symlinks resolved), as recorded in the store.
-    fn normalize(&self) -> Result<(PathBuf, String), ImageError> {
-        let dir = fs::canonicalize(&self.dir).map_err(|source| ImageError::Layout {
-            layout: format!("oci:{}", self.dir.display()),
-            reason: source.to_string(),
-        })?;
-        let reference = match &self.tag {
-            Some(tag) => format!("oci:{}:{tag}", dir.display()),
-            None => format!("oci:{}", dir.display()),
-        };
-        Ok((dir, reference))
+    fn is_registry(&self) -> bool {
+        matches!(self, Source::Registry(_))
     }
+}
+
+/// Options of one pull.
+#[derive(Default)]
+pub struct PullOptions<'a> {
+    pub registry: RegistryOptions,
+    /// Per-layer progress bars (drawn only when stderr is a terminal).
+    pub progress: Option<&'a MultiProgress>,
+}
+
+/// A shared (pull, container creation) or exclusive (prune) hold on the store.
+#[derive(Debug)]
+pub struct StoreHold {
+    _file: fs::File,
 }
 
 impl ImageStore {
@@ -265,61 +432,88 @@ impl ImageStore {
         &self.root
     }
 
-    /// Imports `oci:DIR[:TAG]` (an OCI image layout as written by skopeo/umoci).
-    ///
-    /// Picks the manifest of `index.json` annotated `org.opencontainers.image.ref.name` = TAG
-    /// (TAG defaults to `latest`; with no TAG and no `latest`, the index's only manifest),
-    /// follows image indexes to the host's platform, verifies every blob's size and digest
-    /// and unpacks the layers that are not in the store yet. Importing again is cheap: present
-    /// layers are neither read nor unpacked again.
-    #[tracing::instrument(skip_all, fields(image = %reference))]
-    pub fn import(&self, reference: &str) -> Result<Image, ImageError> {
-        let parsed = OciReference::parse(reference)?;
-        let (dir, normalized) = parsed.normalize()?;
-        let layout = OciLayout::open(&dir)?;
-        let resolved = layout.resolve(parsed.tag.as_deref())?;
-        let diff_ids = resolved.config.rootfs().diff_ids();
-        let manifest_layers = resolved.manifest.layers();
-        if diff_ids.len() != manifest_layers.len() {
-            return Err(ImageError::Invalid {
-                kind: "config",
-                digest: resolved.config_digest.clone(),
-                reason: format!(
-                    "rootfs has {} diff ids but manifest {} has {} layers",
-                    diff_ids.len(),
-                    resolved.manifest_digest,
-                    manifest_layers.len()
-                ),
-            });
-        }
+    /// Takes the store lock shared: layers this process is about to use (pull, then create a
+    /// container record naming them) are not pruned meanwhile. Blocks while a prune runs.
+    pub fn hold(&self) -> Result<StoreHold, ImageError> {
+        self.lock(false)
+    }
 
-        let mut layers = Vec::with_capacity(manifest_layers.len());
-        let mut records = Vec::with_capacity(manifest_layers.len());
-        for (desc, diff_id) in manifest_layers.iter().zip(diff_ids) {
-            let digest = blob::sha256_of(desc.digest(), "layer")?.to_owned();
-            let diff_id = blob::parse_sha256(diff_id).ok_or_else(|| ImageError::Invalid {
-                kind: "config",
-                digest: resolved.config_digest.clone(),
-                reason: format!("invalid diff id {diff_id:?} (only sha256 is supported)"),
-            })?;
-            let media_type = desc.media_type().to_string();
-            let lb = LayerBlob {
-                digest: &digest,
-                size: desc.size(),
-                media_type: &media_type,
-                diff_id: &diff_id,
-            };
-            let path = self
-                .layers
-                .ensure(&lb, || layout.open_blob("layer", &digest, desc.size()))?;
-            layers.push(path);
-            records.push(LayerRecord {
-                diff_id,
-                digest,
-                media_type,
-                size: desc.size(),
-            });
+    fn lock(&self, exclusive: bool) -> Result<StoreHold, ImageError> {
+        let path = self.root.join("store.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(ImageError::io(&path))?;
+        if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
         }
+        .map_err(ImageError::io(&path))?;
+        Ok(StoreHold { _file: file })
+    }
+
+    /// The reference as the store records it (absolute paths, registry and tag spelled out).
+    pub fn normalize(reference: &str) -> Result<String, ImageError> {
+        Source::parse(reference)?.normalize()
+    }
+
+    /// Imports a local reference or pulls a registry one with default options.
+    pub fn import(&self, reference: &str) -> Result<Image, ImageError> {
+        self.pull(reference, &PullOptions::default())
+    }
+
+    /// Makes the image `reference` present: resolves it at its source (following image
+    /// indexes to this host's platform), verifies manifest and config, and fetches and unpacks
+    /// the layers that are not in the store yet, several at once. Present layers are neither
+    /// fetched nor unpacked again; concurrent pulls of one layer (in any process) fetch it
+    /// once. Records the image under its normalized reference.
+    #[tracing::instrument(skip_all, fields(image = %reference))]
+    pub fn pull(&self, reference: &str, opts: &PullOptions<'_>) -> Result<Image, ImageError> {
+        let source = Source::parse(reference)?;
+        let normalized = source.normalize()?;
+        let _hold = self.hold()?;
+        let started = Instant::now();
+        let (src, resolved): (Box<dyn BlobSource>, Resolved) = match &source {
+            Source::Oci { dir, tag } => {
+                let dir = fs::canonicalize(dir).map_err(ImageError::io(dir))?;
+                let layout = layout::OciLayout::open(
+                    Box::new(files::DirFiles::new(&dir)),
+                    format!("oci:{}", dir.display()),
+                )?;
+                let resolved = layout.resolve(tag.as_deref())?;
+                (Box::new(layout), resolved)
+            }
+            Source::OciArchive { file, tag } => {
+                let name = format!("oci-archive:{}", file.display());
+                let files = files::TarFiles::open(file).map_err(|e| ImageError::Layout {
+                    layout: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                let layout = layout::OciLayout::open(Box::new(files), name)?;
+                let resolved = layout.resolve(tag.as_deref())?;
+                (Box::new(layout), resolved)
+            }
+            Source::DockerArchive { file, select } => {
+                let name = format!("docker-archive:{}", file.display());
+                let files = files::TarFiles::open(file).map_err(|e| ImageError::Layout {
+                    layout: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                let archive = docker::DockerArchive::open(files, name, select)?;
+                let resolved = archive.resolve()?;
+                (Box::new(archive), resolved)
+            }
+            Source::Registry(r) => {
+                let src = registry::RegistrySource::new((**r).clone(), &opts.registry)?;
+                let resolved = src.resolve()?;
+                (Box::new(src), resolved)
+            }
+        };
+        let layers = self.ensure_layers(&*src, &resolved.layers, opts.progress)?;
+        drop(src);
 
         let config = image_config(&resolved.config);
         let record = ImageRecord {
@@ -327,24 +521,140 @@ impl ImageStore {
             manifest_digest: resolved.manifest_digest.clone(),
             config_digest: resolved.config_digest.clone(),
             config: config.clone(),
-            layers: records,
+            layers: resolved
+                .layers
+                .iter()
+                .map(|l| LayerRecord {
+                    diff_id: l.diff_id.clone(),
+                    digest: l.digest.clone(),
+                    media_type: l.media_type.clone(),
+                    size: l.size,
+                })
+                .collect(),
         };
         self.write_record(&record)?;
-        info!(manifest = %record.manifest_digest, layers = layers.len(), "image imported");
+        info!(
+            manifest = ?record.manifest_digest,
+            layers = layers.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "image ready"
+        );
         Ok(Image {
             reference: normalized,
             manifest_digest: resolved.manifest_digest,
+            id: resolved.config_digest,
             config,
             layers,
         })
     }
 
-    /// The image recorded under `reference` (normalized as `import` does), if it was imported
-    /// and all its layers are still in the store. Does not read the layout.
+    /// The image for `reference` following `policy`: from the store, or pulled.
+    pub fn ensure(
+        &self,
+        reference: &str,
+        policy: PullPolicy,
+        opts: &PullOptions<'_>,
+    ) -> Result<Image, ImageError> {
+        let source = Source::parse(reference)?;
+        match policy {
+            PullPolicy::Always => self.pull(reference, opts),
+            PullPolicy::Missing if !source.is_registry() => self.pull(reference, opts),
+            PullPolicy::Missing => match self.get(reference)? {
+                Some(image) => Ok(image),
+                None => self.pull(reference, opts),
+            },
+            PullPolicy::Never => self
+                .get(reference)?
+                .ok_or_else(|| ImageError::NotPresent(reference.to_owned())),
+        }
+    }
+
+    /// Fetches and unpacks the layers not in the store, up to [`PARALLEL_LAYERS`] at once.
+    /// Returns their dirs in order. The first failure stops the others from starting.
+    fn ensure_layers(
+        &self,
+        src: &dyn BlobSource,
+        layers: &[PlannedLayer],
+        progress: Option<&MultiProgress>,
+    ) -> Result<Vec<PathBuf>, ImageError> {
+        let results: Mutex<Vec<Option<Result<PathBuf, ImageError>>>> =
+            Mutex::new((0..layers.len()).map(|_| None).collect());
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let bars: Vec<Option<ProgressBar>> = layers
+            .iter()
+            .map(|l| progress.map(|mp| mp.add(layer_bar(l))))
+            .collect();
+        let work = || {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= layers.len() || failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let l = &layers[i];
+                let bar = bars[i].clone();
+                let blob = LayerBlob {
+                    digest: l.digest.as_deref(),
+                    size: l.size,
+                    media_type: &l.media_type,
+                    diff_id: &l.diff_id,
+                };
+                let fetched = AtomicBool::new(false);
+                let result = self.layers.ensure(&blob, || {
+                    fetched.store(true, Ordering::Relaxed);
+                    let reader = src.open_layer(l)?;
+                    Ok(Counted {
+                        inner: reader,
+                        bar: bar.clone(),
+                    })
+                });
+                if let Some(bar) = &bar {
+                    match &result {
+                        Ok(_) if fetched.load(Ordering::Relaxed) => {
+                            bar.set_position(l.size);
+                            bar.finish_with_message("done");
+                        }
+                        Ok(_) => bar.finish_with_message("already present"),
+                        Err(_) => bar.abandon_with_message("failed"),
+                    }
+                }
+                if result.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                lock(&results)[i] = Some(result);
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..PARALLEL_LAYERS.min(layers.len()) {
+                scope.spawn(work);
+            }
+        });
+        let mut out = Vec::with_capacity(layers.len());
+        let mut first_err = None;
+        for (r, bar) in lock(&results).drain(..).zip(&bars) {
+            match r {
+                Some(Ok(p)) => out.push(p),
+                Some(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                None => {
+                    if let Some(bar) = bar {
+                        bar.abandon_with_message("skipped");
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// The image recorded under `reference` (normalized), if it is in the store with all its
+    /// layers. Does not read the source.
     pub fn get(&self, reference: &str) -> Result<Option<Image>, ImageError> {
-        let (_, normalized) = OciReference::parse(reference)?.normalize()?;
-        let path = self.record_path(&normalized);
-        let Some(record) = read_record(&path)? else {
+        let normalized = Source::parse(reference)?.normalize()?;
+        let Some(record) = read_record(&self.record_path(&normalized))? else {
             return Ok(None);
         };
         let mut layers = Vec::with_capacity(record.layers.len());
@@ -358,14 +668,13 @@ impl ImageStore {
         Ok(Some(Image {
             reference: record.reference,
             manifest_digest: record.manifest_digest,
+            id: record.config_digest,
             config: record.config,
             layers,
         }))
     }
 
-    /// Lists imported images (reference, manifest digest, layer count, size), by reference.
-    /// Unreadable records are skipped with a warning.
-    pub fn list(&self) -> Result<Vec<ImageSummary>, ImageError> {
+    fn records(&self) -> Result<Vec<(PathBuf, ImageRecord)>, ImageError> {
         let entries = fs::read_dir(&self.images).map_err(ImageError::io(&self.images))?;
         let mut out = Vec::new();
         for entry in entries {
@@ -375,18 +684,89 @@ impl ImageStore {
                 continue;
             }
             match read_record(&path) {
-                Ok(Some(r)) => out.push(ImageSummary {
-                    size: r.layers.iter().map(|l| l.size).sum(),
-                    layers: r.layers.len(),
-                    reference: r.reference,
-                    manifest_digest: r.manifest_digest,
-                }),
+                Ok(Some(r)) => out.push((path, r)),
                 Ok(None) => {}
                 Err(e) => warn!(error = %e, "skipping unreadable image record"),
             }
         }
-        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        out.sort_by(|a, b| a.1.reference.cmp(&b.1.reference));
         Ok(out)
+    }
+
+    /// Lists images (reference, id, manifest digest, layer count, size), by reference.
+    /// Unreadable records are skipped with a warning.
+    pub fn list(&self) -> Result<Vec<ImageSummary>, ImageError> {
+        Ok(self
+            .records()?
+            .into_iter()
+            .map(|(_, r)| ImageSummary {
+                size: r.layers.iter().map(|l| l.size).sum(),
+                layers: r.layers.len(),
+                reference: r.reference,
+                id: r.config_digest,
+                manifest_digest: r.manifest_digest,
+            })
+            .collect())
+    }
+
+    /// Forgets the image `reference` (its layers stay until [`ImageStore::prune`]). `users`
+    /// are the (container id, normalized image reference) pairs of existing containers: an
+    /// image one of them uses is refused unless `force`.
+    pub fn remove(
+        &self,
+        reference: &str,
+        users: &[(String, String)],
+        force: bool,
+    ) -> Result<String, ImageError> {
+        let normalized = Source::parse(reference)?.normalize()?;
+        let path = self.record_path(&normalized);
+        if !path.exists() {
+            return Err(ImageError::NotPresent(normalized));
+        }
+        if !force && let Some((id, _)) = users.iter().find(|(_, r)| *r == normalized) {
+            return Err(ImageError::InUse {
+                reference: normalized,
+                container: id.clone(),
+            });
+        }
+        fs::remove_file(&path).map_err(ImageError::io(&path))?;
+        info!(image = %normalized, "image removed");
+        Ok(normalized)
+    }
+
+    /// Garbage collection: removes every layer that no image record and no container (`in_use`,
+    /// their layer dirs) uses, and what interrupted pulls left in `tmp/` and `locks/`. With
+    /// `all`, first removes the image records no container uses. Holds the store exclusively,
+    /// so it waits for running pulls and blocks new ones meanwhile.
+    pub fn prune(&self, in_use: &HashSet<PathBuf>, all: bool) -> Result<PruneReport, ImageError> {
+        let _hold = self.lock(true)?;
+        let mut report = PruneReport::default();
+        let mut keep: HashSet<String> = HashSet::new();
+        for (path, record) in self.records()? {
+            let used_by_container = record.layers.iter().all(|l| {
+                self.layers
+                    .existing(&l.diff_id)
+                    .is_some_and(|p| in_use.contains(&p))
+            }) && !record.layers.is_empty();
+            if all && !used_by_container {
+                fs::remove_file(&path).map_err(ImageError::io(&path))?;
+                report.images.push(record.reference);
+                continue;
+            }
+            keep.extend(record.layers.into_iter().map(|l| l.diff_id));
+        }
+        let (layers, bytes) = self
+            .layers
+            .prune(|diff_id, dir| keep.contains(diff_id) || in_use.contains(dir))?;
+        report.layers = layers;
+        report.bytes = bytes;
+        info!(
+            images = report.images.len(),
+            layers = report.layers.len(),
+            bytes = report.bytes,
+            "image store pruned"
+        );
+        Ok(report)
     }
 
     fn record_path(&self, normalized_reference: &str) -> PathBuf {
@@ -418,6 +798,43 @@ impl ImageStore {
                 source,
             }
         })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn layer_bar(l: &PlannedLayer) -> ProgressBar {
+    let name = l.digest.as_deref().unwrap_or(&l.diff_id);
+    let short = blob::hex_of(name).get(..12).unwrap_or(name).to_owned();
+    let bar = ProgressBar::new(l.size);
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar.set_prefix(short);
+    bar.set_message("waiting");
+    bar
+}
+
+/// A layer stream that advances its progress bar.
+struct Counted<R> {
+    inner: R,
+    bar: Option<ProgressBar>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(bar) = &self.bar {
+            if bar.position() == 0 {
+                bar.set_message("pulling");
+            }
+            bar.inc(n as u64);
+        }
+        Ok(n)
     }
 }
 
@@ -460,16 +877,56 @@ mod tests {
 
     #[test]
     fn parses_references() {
-        let r = OciReference::parse("oci:/x/y:v2").expect("valid");
-        assert_eq!(r.dir, PathBuf::from("/x/y"));
-        assert_eq!(r.tag.as_deref(), Some("v2"));
-        let r = OciReference::parse("oci:rel").expect("valid");
-        assert_eq!(r.dir, PathBuf::from("rel"));
-        assert_eq!(r.tag, None);
-        let r = OciReference::parse("oci:/x:").expect("valid");
-        assert_eq!(r.tag, None);
-        for bad in ["docker://x", "oci:", "oci::tag", "oci:/x:a b", "/x"] {
-            let e = OciReference::parse(bad).expect_err(bad);
+        let oci = |dir: &str, tag: Option<&str>| Source::Oci {
+            dir: PathBuf::from(dir),
+            tag: tag.map(str::to_owned),
+        };
+        assert_eq!(
+            Source::parse("oci:/x/y:v2").expect("valid"),
+            oci("/x/y", Some("v2"))
+        );
+        assert_eq!(Source::parse("oci:rel").expect("valid"), oci("rel", None));
+        assert_eq!(Source::parse("oci:/x:").expect("valid"), oci("/x", None));
+        assert_eq!(
+            Source::parse("oci-archive:/a.tar:v1").expect("valid"),
+            Source::OciArchive {
+                file: PathBuf::from("/a.tar"),
+                tag: Some("v1".into())
+            }
+        );
+        assert_eq!(
+            Source::parse("docker-archive:/d.tar:web:1").expect("valid"),
+            Source::DockerArchive {
+                file: PathBuf::from("/d.tar"),
+                select: docker::Select::Tag("web:1".into())
+            }
+        );
+        assert_eq!(
+            Source::parse("docker-archive:/d.tar:@2").expect("valid"),
+            Source::DockerArchive {
+                file: PathBuf::from("/d.tar"),
+                select: docker::Select::Index(2)
+            }
+        );
+        let r = Source::parse("127.0.0.1:5000/demo/web").expect("registry");
+        assert!(r.is_registry());
+        assert_eq!(
+            r.normalize().expect("norm"),
+            "127.0.0.1:5000/demo/web:latest"
+        );
+        let r = Source::parse("docker://127.0.0.1:5000/demo/web:2").expect("registry");
+        assert_eq!(r.normalize().expect("norm"), "127.0.0.1:5000/demo/web:2");
+        for bad in [
+            "oci:",
+            "oci::tag",
+            "oci:/x:a b",
+            "docker-archive:",
+            "docker-archive:/x:@n",
+            "ftp://x/y",
+            "/x",
+            "Upper/Case",
+        ] {
+            let e = Source::parse(bad).expect_err(bad);
             assert!(e.to_string().starts_with("invalid image reference"), "{e}");
         }
     }

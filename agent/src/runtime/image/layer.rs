@@ -39,10 +39,19 @@ const READ_BUF: usize = 256 << 10;
 /// image config expects. Digests are validated `sha256:<hex>` strings.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LayerBlob<'a> {
-    pub(crate) digest: &'a str,
+    /// The blob's digest; `None` when the source has none (a `docker save` archive), and
+    /// then the diff-id alone verifies the content.
+    pub(crate) digest: Option<&'a str>,
     pub(crate) size: u64,
     pub(crate) media_type: &'a str,
     pub(crate) diff_id: &'a str,
+}
+
+impl LayerBlob<'_> {
+    /// The digest that names this layer in errors and progress.
+    pub(crate) fn name(&self) -> &str {
+        self.digest.unwrap_or(self.diff_id)
+    }
 }
 
 #[derive(Debug)]
@@ -94,7 +103,7 @@ impl LayerStore {
         if !LAYER_TYPES.contains(&layer.media_type) {
             return Err(ImageError::UnsupportedMediaType {
                 kind: "layer",
-                digest: layer.digest.to_owned(),
+                digest: layer.name().to_owned(),
                 media_type: layer.media_type.to_owned(),
             });
         }
@@ -127,12 +136,74 @@ impl LayerStore {
         }
         info!(
             diff_id = layer.diff_id,
-            digest = layer.digest,
+            digest = layer.name(),
             "layer unpacked"
         );
         Ok(final_dir)
         // `lock` is released when dropped.
     }
+}
+
+impl LayerStore {
+    /// Removes every layer `keep(diff_id, dir)` says no, and everything in `tmp/` and
+    /// `locks/`. The caller holds the store exclusively: no unpack is running. A layer leaves
+    /// `layers/` by rename before it is deleted, so a crash midway leaves junk in `tmp/`, never
+    /// half a layer in the store. Returns the removed diff ids and the bytes freed.
+    pub(crate) fn prune(
+        &self,
+        keep: impl Fn(&str, &Path) -> bool,
+    ) -> Result<(Vec<String>, u64), ImageError> {
+        let mut removed = Vec::new();
+        let mut bytes = 0u64;
+        for entry in fs::read_dir(&self.dir).map_err(ImageError::io(&self.dir))? {
+            let entry = entry.map_err(ImageError::io(&self.dir))?;
+            let name = entry.file_name();
+            let Some(hex) = name.to_str() else { continue };
+            let diff_id = format!("sha256:{hex}");
+            let path = entry.path();
+            if blob::parse_sha256(&diff_id).is_none() || keep(&diff_id, &path) {
+                continue;
+            }
+            let doomed = self.tmp.join(format!("gc-{hex}"));
+            remove_if_present(&doomed)?;
+            fs::rename(&path, &doomed).map_err(ImageError::io(&path))?;
+            debug!(%diff_id, "layer removed");
+            removed.push(diff_id);
+        }
+        for dir in [&self.tmp, &self.locks] {
+            for entry in fs::read_dir(dir).map_err(ImageError::io(dir))? {
+                let path = entry.map_err(ImageError::io(dir))?.path();
+                bytes += disk_usage(&path);
+                let meta = fs::symlink_metadata(&path).map_err(ImageError::io(&path))?;
+                let result = if meta.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                result.map_err(ImageError::io(&path))?;
+            }
+        }
+        removed.sort();
+        Ok((removed, bytes))
+    }
+}
+
+/// Bytes allocated on disk under `path` (not following symlinks; hard links counted once per
+/// link, as du -l would, which overcounts only layers that hard-link within themselves).
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir()
+        && let Ok(entries) = fs::read_dir(path)
+    {
+        for entry in entries.flatten() {
+            total += disk_usage(&entry.path());
+        }
+    }
+    total
 }
 
 fn remove_if_present(path: &Path) -> Result<(), ImageError> {
@@ -163,17 +234,19 @@ fn unpack_verified<R: Read>(
     if raw.count() != layer.size && (raw.at_eof() || raw.count() > layer.size) {
         return Err(ImageError::SizeMismatch {
             kind: "layer",
-            digest: layer.digest.to_owned(),
+            digest: layer.name().to_owned(),
             expected: layer.size,
             got: raw.count(),
         });
     }
-    if raw.count() == layer.size {
+    if raw.count() == layer.size
+        && let Some(digest) = layer.digest
+    {
         let got = raw.digest();
-        if got != layer.digest {
+        if got != digest {
             return Err(ImageError::DigestMismatch {
                 kind: "layer",
-                digest: layer.digest.to_owned(),
+                digest: digest.to_owned(),
                 got,
             });
         }
@@ -181,7 +254,7 @@ fn unpack_verified<R: Read>(
     let diff_id = unpacked?;
     if diff_id != layer.diff_id {
         return Err(ImageError::DiffIdMismatch {
-            digest: layer.digest.to_owned(),
+            digest: layer.name().to_owned(),
             expected: layer.diff_id.to_owned(),
             got: diff_id,
         });
@@ -197,7 +270,7 @@ fn unpack_stream<R: Read>(
     dest: &Path,
 ) -> Result<String, ImageError> {
     let stream_err = |source: io::Error| ImageError::Unpack {
-        digest: layer.digest.to_owned(),
+        digest: layer.name().to_owned(),
         source,
     };
     let mut buffered = BufReader::with_capacity(READ_BUF, raw);
@@ -205,19 +278,12 @@ fn unpack_stream<R: Read>(
     let decompressed: Box<dyn Read + '_> = if head.starts_with(GZIP_MAGIC) {
         Box::new(MultiGzDecoder::new(&mut buffered))
     } else if head.starts_with(ZSTD_MAGIC) {
-        return Err(ImageError::UnsupportedMediaType {
-            kind: "layer",
-            digest: layer.digest.to_owned(),
-            media_type: format!(
-                "{} (zstd compression is not supported yet)",
-                layer.media_type
-            ),
-        });
+        Box::new(zstd::stream::read::Decoder::with_buffer(&mut buffered).map_err(stream_err)?)
     } else {
         Box::new(&mut buffered)
     };
     let mut tar_stream = HashingReader::new(decompressed, None);
-    unpack::unpack(&mut tar_stream, dest, layer.digest)?;
+    unpack::unpack(&mut tar_stream, dest, layer.name())?;
     // The tar reader stops at the end-of-archive marker; the diff-id covers the padding after
     // it, and the blob digest the whole blob.
     tar_stream.drain().map_err(stream_err)?;
@@ -251,7 +317,7 @@ mod tests {
         let tar = tar_with_file("hello.txt", b"hi\n");
         let digest = blob::digest_bytes(&tar);
         let layer = LayerBlob {
-            digest: &digest,
+            digest: Some(&digest),
             size: tar.len() as u64,
             media_type: "application/vnd.oci.image.layer.v1.tar",
             diff_id: &digest,
@@ -280,12 +346,12 @@ mod tests {
     }
 
     #[test]
-    fn rejects_unknown_media_type_and_zstd() {
+    fn rejects_unknown_media_type_and_unpacks_zstd() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = LayerStore::open(dir.path()).expect("open");
         let digest = format!("sha256:{}", "1".repeat(64));
         let layer = LayerBlob {
-            digest: &digest,
+            digest: Some(&digest),
             size: 4,
             media_type: "application/x-foo",
             diff_id: &digest,
@@ -296,14 +362,34 @@ mod tests {
                 .contains("unsupported media type application/x-foo"),
             "{e}"
         );
-        let zstd = [0x28, 0xb5, 0x2f, 0xfd];
-        let digest = blob::digest_bytes(&zstd);
+        let tar = tar_with_file("z.txt", b"zstd\n");
+        let diff_id = blob::digest_bytes(&tar);
+        let zst = zstd::encode_all(&tar[..], 3).expect("zstd");
+        let digest = blob::digest_bytes(&zst);
         let layer = LayerBlob {
-            digest: &digest,
+            digest: Some(&digest),
+            size: zst.len() as u64,
             media_type: "application/vnd.oci.image.layer.v1.tar+zstd",
-            ..layer
+            diff_id: &diff_id,
         };
-        let e = store.ensure(&layer, || Ok(&zstd[..])).expect_err("zstd");
-        assert!(e.to_string().contains("zstd"), "{e}");
+        let path = store.ensure(&layer, || Ok(&zst[..])).expect("zstd");
+        assert_eq!(fs::read(path.join("z.txt")).expect("read"), b"zstd\n");
+    }
+
+    #[test]
+    fn without_a_blob_digest_the_diff_id_decides() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::open(dir.path()).expect("open");
+        let tar = tar_with_file("a", b"a");
+        let wrong = format!("sha256:{}", "2".repeat(64));
+        let layer = LayerBlob {
+            digest: None,
+            size: tar.len() as u64,
+            media_type: "application/vnd.docker.image.rootfs.diff.tar",
+            diff_id: &wrong,
+        };
+        let e = store.ensure(&layer, || Ok(&tar[..])).expect_err("diff id");
+        assert!(matches!(e, ImageError::DiffIdMismatch { .. }), "{e}");
+        assert!(!store.path(&wrong).exists());
     }
 }
