@@ -7,7 +7,9 @@ cd "$root"
 
 # prometheus: the e2e tests scrape the controllers with a real Prometheus and lint with promtool.
 # busybox-static: the runtime tests build their container image from it.
-need_pkgs=(curl prometheus busybox-static)
+# docker-registry, skopeo, apache2-utils (htpasswd), zstd, util-linux (script): the image tests
+# run a real registry on loopback, push to it with skopeo and write archives with it.
+need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux)
 missing=()
 for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -156,6 +156,7 @@ impl RegistrySource {
             platform_resolver: None,
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
+            user_agent: concat!("skiff-agent/", env!("CARGO_PKG_VERSION")),
             ..ClientConfig::default()
         };
         let client = Client::try_from(config).map_err(|e| ImageError::Registry {
