@@ -33,7 +33,7 @@ use super::manifest::{self, BlobSource, INDEX_TYPES, MANIFEST_TYPES, PlannedLaye
 /// How often a broken layer download is resumed before the pull fails.
 const RESUME_ATTEMPTS: u32 = 5;
 /// Chunks buffered between the download task and the unpacking thread (~64 KiB each).
-const CHANNEL_CHUNKS: usize = 64;
+const CHANNEL_CHUNKS: usize = 4;
 
 /// How to reach registries: which may be plain HTTP, and where credentials are.
 #[derive(Debug, Clone, Default)]
