@@ -487,6 +487,29 @@ fn r12_multi_platform_index_picks_the_host() -> Result<()> {
     assert!(!image.config.env.iter().any(|e| e == "PLATFORM=other"));
     assert_eq!(image.layers.len(), 2);
 
+    // The same as Docker's formats: a manifest list of schema 2 manifests.
+    reg.push(
+        &format!("oci:{}:multi", layout.display()),
+        "demo/multi-docker:1",
+        &["--all", "--format", "v2s2"],
+    )?;
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}", reg.reference("demo/multi-docker:1")))
+        .output()?;
+    let raw = String::from_utf8_lossy(&raw.stdout);
+    assert!(
+        raw.contains("application/vnd.docker.distribution.manifest.list.v2+json"),
+        "{raw}"
+    );
+    let docker = store.pull(&reg.reference("demo/multi-docker:1"), &opts)?;
+    assert_ne!(
+        docker.manifest_digest, image.manifest_digest,
+        "converted manifest"
+    );
+    assert_eq!(docker.id, image.id, "same config");
+    assert_eq!(docker.layers, image.layers, "same layers, shared");
+
     let err = store
         .pull(&reg.reference("demo/foreign:1"), &opts)
         .expect_err("no manifest for this host");
