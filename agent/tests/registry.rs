@@ -192,6 +192,20 @@ fn fixture(dir: &Path, env: &[(&str, &str)], tags: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A fresh registry with the fixture image (built with `env`) pushed as `name`; returns the
+/// registry, the temp dir and the layout.
+fn registry_with(
+    env: &[(&str, &str)],
+    name: &str,
+) -> Result<(Registry, tempfile::TempDir, PathBuf)> {
+    let reg = Registry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let layout = tmp.path().join("image");
+    fixture(&layout, env, &["latest"])?;
+    reg.push(&format!("oci:{}", layout.display()), name, &[])?;
+    Ok((reg, tmp, layout))
+}
+
 /// The layout's manifest: (manifest json, its layer digests).
 fn layout_layers(dir: &Path) -> Result<Vec<(String, u64)>> {
     let index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json"))?)?;
@@ -235,6 +249,23 @@ fn stdout_of(out: &Output) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes a Docker-style credentials file with basic credentials `user_password` for `host`.
+fn write_auth(path: &Path, host: &str, user_password: &str) -> Result<()> {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(user_password);
+    fs::write(
+        path,
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )?;
+    Ok(())
+}
+
+/// Asserts the command failed and its stderr says `needle`.
+fn assert_fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(needle), "{err}");
 }
 
 fn store_layers(store: &Path) -> Result<usize> {
@@ -357,11 +388,7 @@ fn r11_plain_http_only_when_marked_insecure() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let reg = Registry::start()?;
-    let tmp = tempfile::tempdir()?;
-    let layout = tmp.path().join("bb");
-    fixture(&layout, &[], &["latest"])?;
-    reg.push(&format!("oci:{}", layout.display()), "demo/bb:1", &[])?;
+    let (reg, tmp, layout) = registry_with(&[], "demo/bb:1")?;
     let data = tmp.path().join("agent");
     let r = reg.reference("demo/bb:1");
     let out = agent(&data, &["image", "pull", &r])?;
@@ -528,11 +555,7 @@ fn r13_zstd_layers() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let reg = Registry::start()?;
-    let tmp = tempfile::tempdir()?;
-    let layout = tmp.path().join("z");
-    fixture(&layout, &[("FIXTURE_COMPRESSION", "zstd")], &["latest"])?;
-    reg.push(&format!("oci:{}", layout.display()), "demo/zstd:1", &[])?;
+    let (reg, tmp, _) = registry_with(&[("FIXTURE_COMPRESSION", "zstd")], "demo/zstd:1")?;
     let manifest = Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{}", reg.reference("demo/zstd:1")))
@@ -563,11 +586,7 @@ fn r14_corrupt_blob_in_the_registry_is_rejected_and_leaves_nothing() -> Result<(
     if !can_run() {
         return Ok(());
     }
-    let reg = Registry::start()?;
-    let tmp = tempfile::tempdir()?;
-    let layout = tmp.path().join("bb");
-    fixture(&layout, &[], &["latest"])?;
-    reg.push(&format!("oci:{}", layout.display()), "demo/bad:1", &[])?;
+    let (reg, tmp, layout) = registry_with(&[], "demo/bad:1")?;
     // Flip a byte of the busybox layer where the registry stores it.
     let (digest, size) = layout_layers(&layout)?[0].clone();
     let path = reg.blob_path(&digest);
@@ -628,40 +647,14 @@ fn r15_basic_auth_from_a_credentials_file() -> Result<()> {
         agent(&data, &args)
     };
     let out = pull(None)?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("unauthorized"),
-        "{err}"
-    );
+    assert_fails_with(&out, "unauthorized");
 
     let auth = tmp.path().join("auth.json");
-    let b64 = |s: &str| {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(s)
-    };
-    fs::write(
-        &auth,
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
-            reg.addr,
-            b64("skiff:wrong")
-        ),
-    )?;
+    write_auth(&auth, &reg.addr, "skiff:wrong")?;
     let out = pull(Some(&auth))?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("unauthorized"),
-        "{err}"
-    );
+    assert_fails_with(&out, "unauthorized");
 
-    fs::write(
-        &auth,
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
-            reg.addr,
-            b64("skiff:s3cret")
-        ),
-    )?;
+    write_auth(&auth, &reg.addr, "skiff:s3cret")?;
     stdout_of(&pull(Some(&auth))?)?;
 
     fs::write(&auth, "{not json")?;
@@ -682,15 +675,10 @@ fn r16_concurrent_pulls_fetch_each_layer_once() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let reg = Registry::start()?;
-    let tmp = tempfile::tempdir()?;
-    let layout = tmp.path().join("big");
-    fixture(
-        &layout,
+    let (reg, tmp, layout) = registry_with(
         &[("FIXTURE_EXTRA_LAYERS", "3"), ("FIXTURE_EXTRA_MB", "8")],
-        &["latest"],
+        "demo/big:1",
     )?;
-    reg.push(&format!("oci:{}", layout.display()), "demo/big:1", &[])?;
     let data = tmp.path().join("agent");
     let r = reg.reference("demo/big:1");
     let pulls: Vec<Child> = (0..3)
@@ -915,15 +903,10 @@ fn r18_broken_download_resumes_and_killed_pull_restarts_cleanly() -> Result<()> 
     if !can_run() {
         return Ok(());
     }
-    let reg = Registry::start()?;
-    let tmp = tempfile::tempdir()?;
-    let layout = tmp.path().join("big");
-    fixture(
-        &layout,
+    let (reg, tmp, layout) = registry_with(
         &[("FIXTURE_EXTRA_LAYERS", "1"), ("FIXTURE_EXTRA_MB", "16")],
-        &["latest"],
+        "demo/big:1",
     )?;
-    reg.push(&format!("oci:{}", layout.display()), "demo/big:1", &[])?;
     let relay = Relay::start(&reg.addr)?;
     let r = format!("{}/demo/big:1", relay.addr);
     let data = tmp.path().join("agent");
@@ -1064,15 +1047,10 @@ fn r20_progress_on_a_terminal() -> Result<()> {
         eprintln!("skipped: needs script(1) from util-linux for a pseudo-terminal");
         return Ok(());
     }
-    let reg = Registry::start()?;
-    let tmp = tempfile::tempdir()?;
-    let layout = tmp.path().join("big");
-    fixture(
-        &layout,
+    let (reg, tmp, layout) = registry_with(
         &[("FIXTURE_EXTRA_LAYERS", "1"), ("FIXTURE_EXTRA_MB", "8")],
-        &["latest"],
+        "demo/big:1",
     )?;
-    reg.push(&format!("oci:{}", layout.display()), "demo/big:1", &[])?;
     let data = tmp.path().join("agent");
     let cmd = format!(
         "{AGENT} --data-dir {} --insecure-registry {} image pull {}",
@@ -1240,11 +1218,7 @@ fn r21_bearer_token_auth() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let reg = Registry::start()?;
-    let tmp = tempfile::tempdir()?;
-    let layout = tmp.path().join("bb");
-    fixture(&layout, &[], &["latest"])?;
-    reg.push(&format!("oci:{}", layout.display()), "private/bb:1", &[])?;
+    let (reg, tmp, _) = registry_with(&[], "private/bb:1")?;
     let gw = TokenGateway::start(&reg.addr, "skiff", "s3cret")?;
     let r = format!("{}/private/bb:1", gw.addr);
     let auth = tmp.path().join("auth.json");
@@ -1262,34 +1236,12 @@ fn r21_bearer_token_auth() -> Result<()> {
             ],
         )
     };
-    let b64 = |s: &str| {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(s)
-    };
 
     // Basic credentials are exchanged at the realm for a bearer token.
-    fs::write(
-        &auth,
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
-            gw.addr,
-            b64("skiff:wrong")
-        ),
-    )?;
+    write_auth(&auth, &gw.addr, "skiff:wrong")?;
     let out = pull(&tmp.path().join("a"))?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("unauthorized"),
-        "{err}"
-    );
-    fs::write(
-        &auth,
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
-            gw.addr,
-            b64("skiff:s3cret")
-        ),
-    )?;
+    assert_fails_with(&out, "unauthorized");
+    write_auth(&auth, &gw.addr, "skiff:s3cret")?;
     let before = gw.token_requests.load(Ordering::Relaxed);
     stdout_of(&pull(&tmp.path().join("b"))?)?;
     assert!(

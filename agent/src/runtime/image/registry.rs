@@ -185,15 +185,7 @@ impl RegistrySource {
 
     /// Fetches the manifest the reference names (by tag or digest) and resolves it.
     pub(crate) fn resolve(&self) -> Result<Resolved, ImageError> {
-        let mut accept: Vec<&str> = MANIFEST_TYPES.to_vec();
-        accept.extend_from_slice(INDEX_TYPES);
-        let (bytes, _) = self
-            .runtime
-            .block_on(
-                self.client
-                    .pull_manifest_raw(&self.reference, &self.auth, &accept),
-            )
-            .map_err(|e| self.registry_err(e))?;
+        let bytes = self.fetch_manifest(&self.reference)?;
         let digest = format!("sha256:{}", hex::encode(sha2_digest(&bytes)));
         if let Some(wanted) = self.reference.digest()
             && wanted != digest
@@ -222,6 +214,20 @@ impl RegistrySource {
         );
         self.lock_manifests().insert(digest, bytes);
         manifest::resolve_descriptor(self, desc)
+    }
+
+    /// Fetches a manifest or index (by tag or digest) as raw bytes.
+    fn fetch_manifest(&self, reference: &Reference) -> Result<Bytes, ImageError> {
+        let mut accept: Vec<&str> = MANIFEST_TYPES.to_vec();
+        accept.extend_from_slice(INDEX_TYPES);
+        let (bytes, _) = self
+            .runtime
+            .block_on(
+                self.client
+                    .pull_manifest_raw(reference, &self.auth, &accept),
+            )
+            .map_err(|e| self.registry_err(e))?;
+        Ok(bytes)
     }
 
     fn lock_manifests(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bytes>> {
@@ -319,15 +325,7 @@ impl BlobSource for RegistrySource {
                 .map_err(|e| self.registry_err(e))?;
             Bytes::from(out)
         } else {
-            let mut accept: Vec<&str> = MANIFEST_TYPES.to_vec();
-            accept.extend_from_slice(INDEX_TYPES);
-            let (bytes, _) = self
-                .runtime
-                .block_on(
-                    self.client
-                        .pull_manifest_raw(&by_digest, &self.auth, &accept),
-                )
-                .map_err(|e| self.registry_err(e))?;
+            let bytes = self.fetch_manifest(&by_digest)?;
             self.lock_manifests().insert(digest, bytes.clone());
             bytes
         };
