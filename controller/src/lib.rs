@@ -9,6 +9,7 @@ pub mod config;
 pub mod datadir;
 pub mod metrics;
 pub mod raft;
+pub mod scheduler;
 pub mod state;
 
 use std::net::SocketAddr;

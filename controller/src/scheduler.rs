@@ -1,0 +1,216 @@
+//! Placement: a pure function from a view of the nodes and one request (a job's replicas) to a
+//! plan. No clock, no randomness, no I/O: the same input always gives the same plan, so the
+//! leader can compute it and every member can check it.
+//!
+//! Filters, in order (the first that rejects a node is the reason counted for it): the node is
+//! down, draining, fails a constraint on its labels, or lacks free cpu, memory or pids.
+//! Scoring among the nodes that pass: replicas of the same job repel each other (a node with
+//! fewer of them always wins: anti-affinity), then bin-pack (fullest node after placement
+//! first, the default) or spread (emptiest first), then the node name (deterministic
+//! tie-break).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use skiff_common::spec::Constraint;
+
+use crate::state::{Node, NodeStatus};
+
+/// Resources in the units the scheduler counts (integers, so sums are exact).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub millicpu: u64,
+    pub memory: u64,
+    pub pids: u64,
+}
+
+impl Usage {
+    /// From cores, bytes and a process count.
+    pub fn new(cpu: f64, memory: u64, pids: u64) -> Usage {
+        Usage {
+            millicpu: (cpu * 1000.0).round().max(0.0) as u64,
+            memory,
+            pids,
+        }
+    }
+
+    fn add(&mut self, other: Usage) {
+        self.millicpu += other.millicpu;
+        self.memory += other.memory;
+        self.pids += other.pids;
+    }
+}
+
+/// One node as the scheduler sees it: the node, what its live allocations use, and how many
+/// of them belong to the job being placed.
+#[derive(Clone, Debug)]
+pub struct Candidate<'a> {
+    pub node: &'a Node,
+    pub used: Usage,
+    pub job_replicas: u32,
+}
+
+/// How to choose among nodes that fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Fill nodes up: fewer nodes busy, bigger holes left for big jobs (the default).
+    #[default]
+    BinPack,
+    /// Emptiest node first.
+    Spread,
+}
+
+/// What to place: `count` replicas, each asking for `ask`, on nodes meeting `constraints`.
+#[derive(Clone, Debug)]
+pub struct Request<'a> {
+    pub ask: Usage,
+    pub constraints: &'a [Constraint],
+    pub strategy: Strategy,
+    pub count: u32,
+}
+
+/// The outcome: one node name per placed replica (in placement order), and for the replicas
+/// that did not fit, why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub placements: Vec<String>,
+    /// Replicas that could not be placed.
+    pub unplaced: u32,
+    /// Why the first replica that did not fit was refused by each node.
+    pub rejections: Option<Rejections>,
+}
+
+/// Per filter, how many nodes it rejected (each node counted once, by its first failing filter).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rejections {
+    pub nodes: u32,
+    pub reasons: BTreeMap<String, u32>,
+}
+
+impl fmt::Display for Rejections {
+    /// `0/5 nodes fit: 3 insufficient memory, 2 constraint zone = a` (largest counts first).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.nodes == 0 {
+            return f.write_str("no nodes registered");
+        }
+        let mut reasons: Vec<(&String, &u32)> = self.reasons.iter().collect();
+        reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        write!(f, "0/{} nodes fit: {}", self.nodes, list.join(", "))
+    }
+}
+
+/// Why a node cannot take a replica, or `None` when it can. Static reasons (status,
+/// constraints) come first.
+fn reject(c: &Candidate<'_>, req: &Request<'_>) -> Option<String> {
+    match c.node.status {
+        NodeStatus::Down => return Some("node down".to_owned()),
+        NodeStatus::Draining => return Some("node draining".to_owned()),
+        NodeStatus::Ready => {}
+    }
+    if let Some(failed) = req.constraints.iter().find(|k| !k.matches(&c.node.labels)) {
+        return Some(format!("constraint {failed}"));
+    }
+    reject_resources(c, req.ask)
+}
+
+fn reject_resources(c: &Candidate<'_>, ask: Usage) -> Option<String> {
+    let total = Usage::new(
+        c.node.resources.cpu,
+        c.node.resources.memory,
+        u64::from(c.node.resources.pids),
+    );
+    if c.used.millicpu + ask.millicpu > total.millicpu {
+        return Some("insufficient cpu".to_owned());
+    }
+    if c.used.memory + ask.memory > total.memory {
+        return Some("insufficient memory".to_owned());
+    }
+    if c.used.pids + ask.pids > total.pids {
+        return Some("insufficient pids".to_owned());
+    }
+    None
+}
+
+/// Fit score in [0, 2000]: the node's cpu and memory utilization after placement, in
+/// thousandths, summed; inverted for spread.
+fn fit_score(c: &Candidate<'_>, ask: Usage, strategy: Strategy) -> u64 {
+    let frac = |used: u64, total: u64| -> u64 {
+        if total == 0 {
+            1000
+        } else {
+            (u128::from(used) * 1000 / u128::from(total)).min(1000) as u64
+        }
+    };
+    let total_cpu = (c.node.resources.cpu * 1000.0).round().max(0.0) as u64;
+    let util = frac(c.used.millicpu + ask.millicpu, total_cpu)
+        + frac(c.used.memory + ask.memory, c.node.resources.memory);
+    match strategy {
+        Strategy::BinPack => util,
+        Strategy::Spread => 2000 - util,
+    }
+}
+
+/// Places `req.count` replicas one after another onto `candidates`, updating their usage and
+/// replica counts as it goes (so the caller can place several jobs in turn against the same
+/// view).
+pub fn place(candidates: &mut [Candidate<'_>], req: &Request<'_>) -> Plan {
+    // Static filters once per request.
+    let eligible: Vec<usize> = (0..candidates.len())
+        .filter(|&i| {
+            let c = &candidates[i];
+            c.node.status == NodeStatus::Ready
+                && req.constraints.iter().all(|k| k.matches(&c.node.labels))
+        })
+        .collect();
+    let mut plan = Plan::default();
+    for placed in 0..req.count {
+        let mut best: Option<(usize, (u32, u64))> = None;
+        for &i in &eligible {
+            let c = &candidates[i];
+            if reject_resources(c, req.ask).is_some() {
+                continue;
+            }
+            // Fewer replicas of this job first, then the higher fit score.
+            let key = (c.job_replicas, fit_score(c, req.ask, req.strategy));
+            let better = match best {
+                None => true,
+                Some((b, (b_replicas, b_score))) => {
+                    key.0 < b_replicas
+                        || (key.0 == b_replicas
+                            && (key.1 > b_score
+                                || (key.1 == b_score && c.node.name < candidates[b].node.name)))
+                }
+            };
+            if better {
+                best = Some((i, key));
+            }
+        }
+        let Some((i, _)) = best else {
+            plan.unplaced = req.count - placed;
+            plan.rejections = Some(rejections(candidates, req));
+            return plan;
+        };
+        let c = &mut candidates[i];
+        c.used.add(req.ask);
+        c.job_replicas += 1;
+        plan.placements.push(c.node.name.clone());
+    }
+    plan
+}
+
+fn rejections(candidates: &[Candidate<'_>], req: &Request<'_>) -> Rejections {
+    let mut r = Rejections {
+        nodes: candidates.len() as u32,
+        reasons: BTreeMap::new(),
+    };
+    for c in candidates {
+        if let Some(reason) = reject(c, req) {
+            *r.reasons.entry(reason).or_default() += 1;
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests;

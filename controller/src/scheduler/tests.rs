@@ -1,0 +1,174 @@
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::state::NodeResources;
+
+fn node(name: &str, cpu: f64, memory_mib: u64, labels: &[(&str, &str)]) -> Node {
+    Node {
+        name: name.to_owned(),
+        address: "198.18.0.1".to_owned(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>(),
+        resources: NodeResources {
+            cpu,
+            memory: memory_mib << 20,
+            pids: 1000,
+        },
+        status: NodeStatus::Ready,
+        status_changed_at_ms: 0,
+        registered_at_ms: 0,
+    }
+}
+
+fn candidates(nodes: &[Node]) -> Vec<Candidate<'_>> {
+    nodes
+        .iter()
+        .map(|n| Candidate {
+            node: n,
+            used: Usage::default(),
+            job_replicas: 0,
+        })
+        .collect()
+}
+
+fn ask(cpu: f64, memory_mib: u64) -> Usage {
+    Usage::new(cpu, memory_mib << 20, 10)
+}
+
+fn request(count: u32, ask: Usage, constraints: &[Constraint]) -> Request<'_> {
+    Request {
+        ask,
+        constraints,
+        strategy: Strategy::BinPack,
+        count,
+    }
+}
+
+#[test]
+fn replicas_of_one_job_spread_over_nodes_before_doubling_up() {
+    let nodes = [
+        node("a", 4.0, 4096, &[]),
+        node("b", 4.0, 4096, &[]),
+        node("c", 4.0, 4096, &[]),
+    ];
+    let mut view = candidates(&nodes);
+    let plan = place(&mut view, &request(6, ask(0.1, 64), &[]));
+    assert_eq!(plan.unplaced, 0);
+    let mut per_node = BTreeMap::new();
+    for n in &plan.placements {
+        *per_node.entry(n.as_str()).or_insert(0) += 1;
+    }
+    assert_eq!(per_node, BTreeMap::from([("a", 2), ("b", 2), ("c", 2)]));
+    // Deterministic: the same input gives the same plan.
+    let mut again = candidates(&nodes);
+    assert_eq!(place(&mut again, &request(6, ask(0.1, 64), &[])), plan);
+}
+
+#[test]
+fn bin_pack_fills_the_fullest_node_and_spread_the_emptiest() {
+    let nodes = [node("a", 4.0, 4096, &[]), node("b", 4.0, 4096, &[])];
+    let mut view = candidates(&nodes);
+    view[1].used = ask(2.0, 2048);
+    let plan = place(&mut view, &request(1, ask(0.5, 256), &[]));
+    assert_eq!(plan.placements, ["b"]);
+
+    let mut view = candidates(&nodes);
+    view[1].used = ask(2.0, 2048);
+    let mut req = request(1, ask(0.5, 256), &[]);
+    req.strategy = Strategy::Spread;
+    assert_eq!(place(&mut view, &req).placements, ["a"]);
+}
+
+#[test]
+fn ties_break_by_node_name() {
+    let nodes = [node("b", 2.0, 1024, &[]), node("a", 2.0, 1024, &[])];
+    let mut view = candidates(&nodes);
+    assert_eq!(
+        place(&mut view, &request(1, ask(0.1, 64), &[])).placements,
+        ["a"]
+    );
+}
+
+#[test]
+fn constraints_status_and_resources_filter_with_reasons() {
+    let mut nodes = vec![
+        node("eu-1", 1.0, 512, &[("zone", "eu")]),
+        node("eu-2", 1.0, 512, &[("zone", "eu")]),
+        node("us-1", 8.0, 8192, &[("zone", "us")]),
+        node("eu-3", 8.0, 8192, &[("zone", "eu")]),
+        node("eu-4", 8.0, 8192, &[("zone", "eu")]),
+    ];
+    nodes[3].status = NodeStatus::Draining;
+    nodes[4].status = NodeStatus::Down;
+    let zone: Constraint = "zone = eu".parse().expect("constraint");
+    let constraints = [zone];
+    let mut view = candidates(&nodes);
+    let plan = place(&mut view, &request(3, ask(0.5, 256), &constraints));
+    // eu-1 and eu-2 take one each (anti-affinity), then one more each fits...
+    assert_eq!(plan.placements.len(), 3);
+    assert!(plan.placements.iter().all(|n| n == "eu-1" || n == "eu-2"));
+    assert_eq!(plan.unplaced, 0);
+
+    // ... and a fifth replica has nowhere to go: every node is named with its reason.
+    let plan = place(&mut view, &request(2, ask(0.5, 256), &constraints));
+    assert_eq!(plan.placements.len(), 1);
+    assert_eq!(plan.unplaced, 1);
+    let why = plan.rejections.expect("reasons");
+    assert_eq!(why.nodes, 5);
+    assert_eq!(
+        why.reasons,
+        BTreeMap::from([
+            ("constraint zone = eu".to_owned(), 1),
+            ("insufficient cpu".to_owned(), 2),
+            ("node down".to_owned(), 1),
+            ("node draining".to_owned(), 1),
+        ])
+    );
+    assert_eq!(
+        why.to_string(),
+        "0/5 nodes fit: 2 insufficient cpu, 1 constraint zone = eu, 1 node down, 1 node draining"
+    );
+}
+
+#[test]
+fn memory_and_pids_are_counted() {
+    let nodes = [node("a", 64.0, 1024, &[])];
+    let mut view = candidates(&nodes);
+    let plan = place(&mut view, &request(5, ask(0.1, 256), &[]));
+    assert_eq!((plan.placements.len(), plan.unplaced), (4, 1));
+    assert_eq!(
+        plan.rejections.expect("why").to_string(),
+        "0/1 nodes fit: 1 insufficient memory"
+    );
+    let mut view = candidates(&nodes);
+    let plan = place(&mut view, &request(3, Usage::new(0.1, 1, 400), &[]));
+    assert_eq!(plan.unplaced, 1);
+    assert_eq!(
+        plan.rejections.expect("why").to_string(),
+        "0/1 nodes fit: 1 insufficient pids"
+    );
+}
+
+#[test]
+fn no_nodes_is_said_plainly() {
+    let plan = place(&mut [], &request(1, ask(0.1, 64), &[]));
+    assert_eq!(plan.unplaced, 1);
+    assert_eq!(
+        plan.rejections.expect("why").to_string(),
+        "no nodes registered"
+    );
+}
+
+#[test]
+fn ten_thousand_replicas_on_five_thousand_nodes() {
+    let nodes: Vec<Node> = (0..5000)
+        .map(|i| node(&format!("n{i:05}"), 4.0, 8192, &[]))
+        .collect();
+    let mut view = candidates(&nodes);
+    let plan = place(&mut view, &request(10_000, ask(0.25, 128), &[]));
+    assert_eq!(plan.unplaced, 0);
+    // Two per node exactly: anti-affinity first.
+    assert!(view.iter().all(|c| c.job_replicas == 2));
+}
