@@ -229,16 +229,60 @@ fn layout_layers(dir: &Path) -> Result<Vec<(String, u64)>> {
         .collect()
 }
 
-/// `skiff-agent --data-dir DATA ARGS...`
+/// The cgroup parent of the containers under `data`: `skiff-test-reg/<name of data's parent>`
+/// (each test's temp dir), so tests running at once do not share one.
+fn cgroup_parent(data: &Path) -> String {
+    let tag = data
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().trim_start_matches('.').to_owned())
+        .unwrap_or_else(|| "x".to_owned());
+    format!("skiff-test-reg/{tag}")
+}
+
+/// `skiff-agent --data-dir DATA ARGS...`; registers DATA for [`Cleanup`].
 fn agent(data: &Path, args: &[&str]) -> Result<Output> {
     Ok(Command::new(AGENT)
         .arg("--data-dir")
         .arg(data)
         .arg("--cgroup-parent")
-        .arg(format!("skiff-test-reg-{}", std::process::id()))
+        .arg(cgroup_parent(data))
         .args(args)
         .env_remove("SKIFF_CONFIG")
         .output()?)
+}
+
+/// On drop (success or failure), removes the containers under `data` and their cgroup parent
+/// in every hierarchy: nothing a test started stays on the host.
+struct Cleanup {
+    data: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(out) = agent(&self.data, &["container", "ps", "-a", "-o", "json"])
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        {
+            for c in v.as_array().into_iter().flatten() {
+                if let Some(id) = c["id"].as_str() {
+                    let _ = agent(&self.data, &["container", "rm", "-f", id]);
+                }
+            }
+        }
+        let parent = cgroup_parent(&self.data);
+        for h in fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = h.path().join(&parent);
+            let _ = fs::remove_dir(&dir);
+            // The shared top goes with the last test that used it.
+            if let Some(top) = dir.parent() {
+                let _ = fs::remove_dir(top);
+            }
+        }
+    }
 }
 
 fn stdout_of(out: &Output) -> Result<String> {
@@ -291,6 +335,7 @@ fn r10_pull_by_tag_and_digest_then_run_the_merged_view() -> Result<()> {
         &[],
     )?;
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
     let insecure = ["--insecure-registry", &reg.addr];
 
     let r = reg.reference("demo/wh:1");
@@ -390,6 +435,7 @@ fn r11_plain_http_only_when_marked_insecure() -> Result<()> {
     }
     let (reg, tmp, layout) = registry_with(&[], "demo/bb:1")?;
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
     let r = reg.reference("demo/bb:1");
     let out = agent(&data, &["image", "pull", &r])?;
     assert!(!out.status.success());
@@ -562,6 +608,7 @@ fn r13_zstd_layers() -> Result<()> {
         .output()?;
     assert!(String::from_utf8_lossy(&manifest.stdout).contains("tar+zstd"));
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
     let out = stdout_of(&agent(
         &data,
         &[
@@ -596,6 +643,8 @@ fn r14_corrupt_blob_in_the_registry_is_rejected_and_leaves_nothing() -> Result<(
     fs::write(&path, bytes)?;
 
     let data = tmp.path().join("agent");
+
+    let _cleanup_data = Cleanup { data: data.clone() };
     let out = agent(
         &data,
         &[
@@ -636,6 +685,7 @@ fn r15_basic_auth_from_a_credentials_file() -> Result<()> {
     fixture(&layout, &[], &["latest"])?;
     reg.push(&format!("oci:{}", layout.display()), "private/bb:1", &[])?;
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
     let r = reg.reference("private/bb:1");
     let pull = |auth: Option<&Path>| -> Result<Output> {
         let mut args = vec!["--insecure-registry", &reg.addr];
@@ -680,6 +730,7 @@ fn r16_concurrent_pulls_fetch_each_layer_once() -> Result<()> {
         "demo/big:1",
     )?;
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
     let r = reg.reference("demo/big:1");
     let pulls: Vec<Child> = (0..3)
         .map(|_| {
@@ -736,6 +787,7 @@ fn r17_archives_from_skopeo() -> Result<()> {
         );
     }
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
     let refs = [
         format!("oci-archive:{}:v1", oci_tar.display()),
         format!("docker-archive:{}", docker_tar.display()),
@@ -910,6 +962,7 @@ fn r18_broken_download_resumes_and_killed_pull_restarts_cleanly() -> Result<()> 
     let relay = Relay::start(&reg.addr)?;
     let r = format!("{}/demo/big:1", relay.addr);
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
 
     // The connection breaks 4 MiB into the pull: the download resumes from where it broke.
     relay.cut_after.store(4 << 20, Ordering::Relaxed);
@@ -932,6 +985,9 @@ fn r18_broken_download_resumes_and_killed_pull_restarts_cleanly() -> Result<()> 
     // A pull killed mid-layer (SIGKILL) leaves no half layer in the store; the next pull
     // starts that layer over and succeeds.
     let data2 = tmp.path().join("agent2");
+    let _cleanup_data2 = Cleanup {
+        data: data2.clone(),
+    };
     relay.forwarded.store(0, Ordering::Relaxed);
     relay.stall_after.store(6 << 20, Ordering::Relaxed);
     let mut child = Command::new(AGENT)
@@ -979,6 +1035,7 @@ fn r19_rm_and_prune_keep_what_is_used() -> Result<()> {
     reg.push(&format!("oci:{}", plain.display()), "demo/plain:1", &[])?;
     reg.push(&format!("oci:{}", wh.display()), "demo/wh:1", &[])?;
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
     let (a, b) = (reg.reference("demo/plain:1"), reg.reference("demo/wh:1"));
     let ins = ["--insecure-registry", reg.addr.as_str()];
     stdout_of(&agent(&data, &[&ins[..], &["image", "pull", &a]].concat())?)?;
@@ -1052,6 +1109,7 @@ fn r20_progress_on_a_terminal() -> Result<()> {
         "demo/big:1",
     )?;
     let data = tmp.path().join("agent");
+    let _cleanup_data = Cleanup { data: data.clone() };
     let cmd = format!(
         "{AGENT} --data-dir {} --insecure-registry {} image pull {}",
         data.display(),
