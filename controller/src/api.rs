@@ -5,6 +5,7 @@
 mod cluster;
 mod http;
 mod jobs;
+mod nodes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tonic::Status;
 pub use cluster::ClusterApi;
 pub use http::router;
 pub use jobs::JobsApi;
+pub use nodes::{LEADER_METADATA, NodesApi};
 
 use crate::metrics::Metrics;
 use crate::raft::{Member, RaftNode, RaftNodeError, node_error_status};

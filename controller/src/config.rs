@@ -51,6 +51,10 @@ pub struct Args {
     /// Log entries kept behind a snapshot [default: 1000].
     #[arg(long, env = "SKIFF_KEEP_AFTER_SNAPSHOT")]
     pub keep_after_snapshot: Option<u64>,
+    /// A node not heard from for this long is marked down and its allocations are moved,
+    /// e.g. 10s [default: 10s].
+    #[arg(long, env = "SKIFF_NODE_GRACE")]
+    pub node_grace: Option<String>,
 }
 
 /// The config file's shape.
@@ -65,6 +69,7 @@ pub struct FileConfig {
     pub bootstrap: bool,
     pub join: Option<String>,
     pub raft: Option<RaftSettings>,
+    pub node_grace: Option<String>,
 }
 
 /// How a member that has never run forms or joins a cluster.
@@ -87,6 +92,8 @@ pub struct Config {
     pub http_addr: Option<SocketAddr>,
     pub formation: Formation,
     pub raft: RaftSettings,
+    /// A node not heard from for this long is down.
+    pub node_grace: std::time::Duration,
 }
 
 /// A configuration problem, named precisely.
@@ -108,6 +115,8 @@ pub enum ConfigError {
         field: &'static str,
         addr: SocketAddr,
     },
+    #[error("node-grace: {0:?} is not a duration of at least 1s (e.g. 10s)")]
+    NodeGrace(String),
     #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 400-800)")]
     ElectionRange(String),
     #[error("raft: {0}")]
@@ -168,6 +177,13 @@ impl Config {
             raft.keep_after_snapshot = v;
         }
         validate_raft(&raft)?;
+        let node_grace = match args.node_grace.or(file.node_grace) {
+            None => std::time::Duration::from_secs(10),
+            Some(s) => humantime::parse_duration(&s)
+                .ok()
+                .filter(|d| *d >= std::time::Duration::from_secs(1))
+                .ok_or(ConfigError::NodeGrace(s))?,
+        };
         Ok(Config {
             id,
             data_dir,
@@ -175,6 +191,7 @@ impl Config {
             http_addr,
             formation,
             raft,
+            node_grace,
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod datadir;
 pub mod metrics;
 pub mod raft;
+pub mod reconcile;
 pub mod scheduler;
 pub mod state;
 
@@ -19,12 +20,13 @@ use std::time::Duration;
 use skiff_proto::MAX_MESSAGE_BYTES;
 use skiff_proto::v1::cluster_server::ClusterServer;
 use skiff_proto::v1::jobs_server::JobsServer;
+use skiff_proto::v1::nodes_server::NodesServer;
 use skiff_proto::v1::raft_internal_server::RaftInternalServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{ApiContext, ClusterApi, JobsApi};
+use crate::api::{ApiContext, ClusterApi, JobsApi, NodesApi};
 use crate::config::{Config, Formation};
 use crate::datadir::{DataDir, DataDirError};
 use crate::metrics::Metrics;
@@ -117,6 +119,7 @@ impl Controller {
             metrics: metrics.clone(),
         };
         let (stop, stop_rx) = watch::channel(false);
+        let heartbeats = reconcile::Heartbeats::default();
         let mut tasks = Vec::new();
 
         let grpc = tonic::transport::Server::builder()
@@ -134,7 +137,21 @@ impl Controller {
                 ClusterServer::new(ClusterApi::new(ctx.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                NodesServer::new(NodesApi::new(ctx.clone(), heartbeats.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
+        tasks.push(tokio::spawn(reconcile::run(
+            node.clone(),
+            heartbeats,
+            reconcile::ReconcileSettings {
+                node_grace: config.node_grace,
+                ..Default::default()
+            },
+            stop_rx.clone(),
+        )));
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {

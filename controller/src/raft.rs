@@ -13,7 +13,7 @@ mod state_machine;
 mod types;
 
 pub use network::PeerError;
-pub use node::{MemberInfo, RaftNode, RaftNodeError, RaftSettings, Role, Status};
+pub use node::{AppliedWatch, MemberInfo, RaftNode, RaftNodeError, RaftSettings, Role, Status};
 pub use server::RaftService;
 pub(crate) use server::node_error_status;
 pub use types::{Member, MemberId};

@@ -47,6 +47,32 @@ pub enum Command {
         status: AllocationStatus,
         at_ms: i64,
     },
+    /// Record what an agent observed of several allocations; unknown ids are skipped (an
+    /// allocation may be gone by the time its report is applied).
+    ReportAllocations {
+        reports: Vec<AllocationReport>,
+        at_ms: i64,
+    },
+    /// Stop allocations (desired = stop); with `lost`, also record that their node is gone.
+    StopAllocations {
+        ids: Vec<String>,
+        lost: bool,
+        at_ms: i64,
+    },
+    /// Record why a job's replicas are not (all) placed, or clear it.
+    SetJobPending {
+        namespace: String,
+        name: String,
+        pending: Option<String>,
+    },
+}
+
+/// One allocation's state as its agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationReport {
+    pub id: String,
+    pub status: AllocationStatus,
+    pub restarts: u32,
 }
 
 impl Command {
@@ -60,6 +86,9 @@ impl Command {
             Command::PlaceAllocations { .. } => "place_allocations",
             Command::SetAllocationDesired { .. } => "set_allocation_desired",
             Command::ReportAllocation { .. } => "report_allocation",
+            Command::ReportAllocations { .. } => "report_allocations",
+            Command::StopAllocations { .. } => "stop_allocations",
+            Command::SetJobPending { .. } => "set_job_pending",
         }
     }
 }
@@ -82,6 +111,15 @@ impl std::fmt::Display for Command {
                 write!(f, "set_allocation_desired({id}, {desired:?})")
             }
             Command::ReportAllocation { id, .. } => write!(f, "report_allocation({id})"),
+            Command::ReportAllocations { reports, .. } => {
+                write!(f, "report_allocations({})", reports.len())
+            }
+            Command::StopAllocations { ids, lost, .. } => {
+                write!(f, "stop_allocations({}, lost={lost})", ids.len())
+            }
+            Command::SetJobPending {
+                namespace, name, ..
+            } => write!(f, "set_job_pending({namespace}/{name})"),
         }
     }
 }
@@ -113,6 +151,12 @@ pub enum Outcome {
     },
     AllocationUpdated {
         id: String,
+    },
+    AllocationsUpdated {
+        count: usize,
+    },
+    JobPendingSet {
+        changed: bool,
     },
 }
 
@@ -229,7 +273,60 @@ impl ClusterState {
                 alloc.observe(status.clone(), *at_ms);
                 Ok(Outcome::AllocationUpdated { id: id.clone() })
             }
+            Command::ReportAllocations { reports, at_ms } => {
+                let mut count = 0;
+                for r in reports {
+                    if let Some(alloc) = self.allocations.get_mut(&r.id) {
+                        // A lost allocation stays lost: its replacement is already placed.
+                        if alloc.observed != AllocationStatus::Lost {
+                            alloc.observe(r.status.clone(), *at_ms);
+                            alloc.restarts = alloc.restarts.max(r.restarts);
+                            count += 1;
+                        }
+                    }
+                }
+                Ok(Outcome::AllocationsUpdated { count })
+            }
+            Command::StopAllocations { ids, lost, at_ms } => {
+                let mut count = 0;
+                for id in ids {
+                    if let Some(alloc) = self.allocations.get_mut(id) {
+                        alloc.desired = DesiredStatus::Stop;
+                        if *lost && !alloc.observed.is_terminal() {
+                            alloc.observe(AllocationStatus::Lost, *at_ms);
+                        }
+                        count += 1;
+                    }
+                }
+                Ok(Outcome::AllocationsUpdated { count })
+            }
+            Command::SetJobPending {
+                namespace,
+                name,
+                pending,
+            } => {
+                let job = self
+                    .jobs
+                    .get_mut(&job_key(namespace, name))
+                    .ok_or_else(|| ApplyError::JobNotFound {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    })?;
+                let changed = job.pending != *pending;
+                job.pending = pending.clone();
+                Ok(Outcome::JobPendingSet { changed })
+            }
         }
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    /// An allocation by id.
+    pub fn allocation(&self, id: &str) -> Option<&Allocation> {
+        self.allocations.get(id)
     }
 
     fn apply_job(&mut self, spec: &JobSpec, at_ms: i64) -> ApplyResult {

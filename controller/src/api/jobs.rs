@@ -6,7 +6,10 @@ use skiff_proto::v1::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
 
 use super::{ApiContext, ApiError, MAX_SPEC_BYTES, now_ms};
-use crate::state::{Allocation, Command, Job, JobSummary, Outcome};
+use crate::reconcile;
+use crate::state::{
+    Allocation, AllocationStatus, Command, DesiredStatus, Job, JobSummary, Outcome,
+};
 
 /// Serves `skiff.v1.Jobs`.
 pub struct JobsApi {
@@ -32,15 +35,29 @@ pub(crate) fn summary_pb(s: &JobSummary) -> pb::JobSummary {
     }
 }
 
-fn allocation_pb(a: &Allocation) -> pb::Allocation {
+pub(crate) fn allocation_pb(a: &Allocation) -> pb::Allocation {
+    let (exit_code, reason) = match &a.observed {
+        AllocationStatus::Exited { code } => (Some(*code), String::new()),
+        AllocationStatus::Failed { reason } => (None, reason.clone()),
+        _ => (None, String::new()),
+    };
     pb::Allocation {
         id: a.id.clone(),
         namespace: a.namespace.clone(),
         job: a.job.clone(),
         job_version: a.job_version,
         node: a.node.clone(),
-        desired: format!("{:?}", a.desired).to_lowercase(),
+        desired: match a.desired {
+            DesiredStatus::Run => "run",
+            DesiredStatus::Stop => "stop",
+        }
+        .to_owned(),
         observed: a.observed.as_str().to_string(),
+        restarts: a.restarts,
+        created_at_ms: a.created_at_ms,
+        observed_at_ms: a.observed_at_ms,
+        exit_code,
+        reason,
     }
 }
 
@@ -58,6 +75,53 @@ fn job_detail(job: &Job, allocations: Vec<pb::Allocation>) -> pb::GetJobResponse
             })
             .collect(),
         allocations,
+        pending: job.pending.clone().unwrap_or_default(),
+    }
+}
+
+/// The spec of an apply or plan request, size-checked and parsed.
+fn parse_request_spec(req: &pb::ApplyJobRequest) -> Result<skiff_common::JobSpec, ApiError> {
+    if req.spec.len() > MAX_SPEC_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "spec: {} bytes is more than the {MAX_SPEC_BYTES} allowed",
+            req.spec.len()
+        )));
+    }
+    let format = match pb::SpecFormat::try_from(req.format) {
+        Ok(pb::SpecFormat::Toml) => SpecFormat::Toml,
+        Ok(pb::SpecFormat::Json) => SpecFormat::Json,
+        Ok(pb::SpecFormat::Auto) => SpecFormat::Auto,
+        Err(_) => {
+            return Err(ApiError::BadRequest(format!(
+                "format: unknown value {}",
+                req.format
+            )));
+        }
+    };
+    Ok(parse_job_spec(&req.spec, format)?)
+}
+
+fn applied_pb(outcome: Outcome) -> Result<pb::ApplyJobResponse, ApiError> {
+    match outcome {
+        Outcome::JobApplied {
+            job,
+            created,
+            changed,
+            changes,
+        } => Ok(pb::ApplyJobResponse {
+            job: Some(summary_pb(&job)),
+            changed,
+            created,
+            changes: changes
+                .into_iter()
+                .map(|c| pb::FieldChange {
+                    path: c.path,
+                    old: c.old,
+                    new: c.new,
+                })
+                .collect(),
+        }),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -78,24 +142,7 @@ impl Jobs for JobsApi {
         let req = req.into_inner();
         self.ctx
             .track("ApplyJob", async {
-                if req.spec.len() > MAX_SPEC_BYTES {
-                    return Err(ApiError::BadRequest(format!(
-                        "spec: {} bytes is more than the {MAX_SPEC_BYTES} allowed",
-                        req.spec.len()
-                    )));
-                }
-                let format = match pb::SpecFormat::try_from(req.format) {
-                    Ok(pb::SpecFormat::Toml) => SpecFormat::Toml,
-                    Ok(pb::SpecFormat::Json) => SpecFormat::Json,
-                    Ok(pb::SpecFormat::Auto) => SpecFormat::Auto,
-                    Err(_) => {
-                        return Err(ApiError::BadRequest(format!(
-                            "format: unknown value {}",
-                            req.format
-                        )));
-                    }
-                };
-                let spec = parse_job_spec(&req.spec, format)?;
+                let spec = parse_request_spec(&req)?;
                 let (result, _index) = self
                     .ctx
                     .node
@@ -104,27 +151,7 @@ impl Jobs for JobsApi {
                         at_ms: now_ms(),
                     })
                     .await?;
-                match result? {
-                    Outcome::JobApplied {
-                        job,
-                        created,
-                        changed,
-                        changes,
-                    } => Ok(pb::ApplyJobResponse {
-                        job: Some(summary_pb(&job)),
-                        changed,
-                        created,
-                        changes: changes
-                            .into_iter()
-                            .map(|c| pb::FieldChange {
-                                path: c.path,
-                                old: c.old,
-                                new: c.new,
-                            })
-                            .collect(),
-                    }),
-                    other => Err(unexpected(other)),
-                }
+                applied_pb(result?)
             })
             .await
     }
@@ -217,6 +244,112 @@ impl Jobs for JobsApi {
                     }),
                     other => Err(unexpected(other)),
                 }
+            })
+            .await
+    }
+
+    async fn plan_job(
+        &self,
+        req: Request<pb::ApplyJobRequest>,
+    ) -> Result<Response<pb::PlanJobResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx
+            .track("PlanJob", async {
+                let spec = parse_request_spec(&req)?;
+                let (ns, name) = (spec.namespace().to_owned(), spec.name.clone());
+                self.ctx.read_barrier(None).await?;
+                // Apply to a copy (O(1) with persistent maps) and plan that.
+                let mut state = self.ctx.node.state().state.clone();
+                let outcome = state.apply(&Command::ApplyJob {
+                    spec: Box::new(spec),
+                    at_ms: now_ms(),
+                })?;
+                let applied = applied_pb(outcome)?;
+                let job = state
+                    .job(&ns, &name)
+                    .cloned()
+                    .ok_or_else(|| ApiError::BadRequest("job vanished from the plan".into()))?;
+                let mut view = reconcile::node_view(&state);
+                let plan = reconcile::plan_job(
+                    &state,
+                    &mut view,
+                    &job,
+                    &mut reconcile::new_alloc_id,
+                    now_ms(),
+                );
+                let mut per_node: std::collections::BTreeMap<String, u32> = Default::default();
+                for a in &plan.place {
+                    *per_node.entry(a.node.clone()).or_default() += 1;
+                }
+                Ok(pb::PlanJobResponse {
+                    job: applied.job,
+                    changed: applied.changed,
+                    changes: applied.changes,
+                    placements: per_node
+                        .into_iter()
+                        .map(|(node, count)| pb::PlanPlacement { node, count })
+                        .collect(),
+                    stops: plan.stop,
+                    unplaced: plan.unplaced,
+                    pending: plan.pending.unwrap_or_default(),
+                })
+            })
+            .await
+    }
+
+    async fn scale_job(
+        &self,
+        req: Request<pb::ScaleJobRequest>,
+    ) -> Result<Response<pb::ApplyJobResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx
+            .track("ScaleJob", async {
+                let ns = namespace_or_default(&req.namespace).to_owned();
+                self.ctx.read_barrier(None).await?;
+                let spec = {
+                    let applied = self.ctx.node.state();
+                    let job = applied.state.job(&ns, &req.name).ok_or_else(|| {
+                        ApiError::Apply(crate::state::ApplyError::JobNotFound {
+                            namespace: ns.clone(),
+                            name: req.name.clone(),
+                        })
+                    })?;
+                    let mut spec = job.latest().spec.clone();
+                    spec.replicas = req.replicas;
+                    spec
+                };
+                spec.validate()?;
+                let (result, _) = self
+                    .ctx
+                    .node
+                    .write(Command::ApplyJob {
+                        spec: Box::new(spec),
+                        at_ms: now_ms(),
+                    })
+                    .await?;
+                applied_pb(result?)
+            })
+            .await
+    }
+
+    async fn list_allocations(
+        &self,
+        req: Request<pb::ListAllocationsRequest>,
+    ) -> Result<Response<pb::ListAllocationsResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx
+            .track("ListAllocations", async {
+                self.ctx.read_barrier(req.read.as_ref()).await?;
+                let applied = self.ctx.node.state();
+                let allocations = applied
+                    .state
+                    .allocations()
+                    .filter(|a| req.namespace.is_empty() || a.namespace == req.namespace)
+                    .filter(|a| req.job.is_empty() || a.job == req.job)
+                    .filter(|a| req.all || a.desired == DesiredStatus::Run)
+                    .map(allocation_pb)
+                    .collect();
+                Ok(pb::ListAllocationsResponse { allocations })
             })
             .await
     }

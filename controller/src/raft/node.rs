@@ -158,6 +158,36 @@ struct Inner {
     channels: Channels,
 }
 
+/// Follows the applied index (see [`RaftNode::applied_watch`]).
+pub struct AppliedWatch {
+    rx: openraft::type_config::alias::WatchReceiverOf<
+        TypeConfig,
+        openraft::RaftMetrics<TypeConfig>,
+    >,
+    last: Option<u64>,
+}
+
+impl AppliedWatch {
+    /// Waits until the applied index differs from the one last returned; returns it, or
+    /// `None` once the member has shut down.
+    pub async fn changed(&mut self) -> Option<u64> {
+        loop {
+            let now = self
+                .rx
+                .borrow_watched()
+                .last_applied
+                .as_ref()
+                .map(|l| l.index)
+                .unwrap_or(0);
+            if self.last != Some(now) {
+                self.last = Some(now);
+                return Some(now);
+            }
+            self.rx.changed().await.ok()?;
+        }
+    }
+}
+
 /// A controller member's consensus handle. Cheap to clone.
 #[derive(Clone)]
 pub struct RaftNode {
@@ -639,6 +669,14 @@ impl RaftNode {
                 Ok(Some((l, addr)))
             }
             None => Err(RaftNodeError::NoLeader),
+        }
+    }
+
+    /// A watch of this member's applied index: resolves at every change of it.
+    pub fn applied_watch(&self) -> AppliedWatch {
+        AppliedWatch {
+            rx: self.inner.raft.metrics(),
+            last: None,
         }
     }
 

@@ -40,6 +40,9 @@ pub struct Job {
     pub status: JobStatus,
     pub status_changed_at_ms: i64,
     versions: Vec<JobVersion>,
+    /// Why replicas of the latest version are not placed, as the scheduler said it.
+    #[serde(default)]
+    pub pending: Option<String>,
 }
 
 impl Job {
@@ -54,6 +57,7 @@ impl Job {
                 spec,
                 submitted_at_ms: at_ms,
             }],
+            pending: None,
         }
     }
 
@@ -130,6 +134,9 @@ pub struct Node {
     pub status: NodeStatus,
     pub status_changed_at_ms: i64,
     pub registered_at_ms: i64,
+    /// The agent's own API (logs, exec), `host:port`.
+    #[serde(default)]
+    pub agent_addr: String,
 }
 
 /// What should happen to an allocation.
@@ -152,6 +159,16 @@ pub enum AllocationStatus {
 }
 
 impl AllocationStatus {
+    /// Whether the allocation's process is gone for good (it is not coming back by itself).
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            AllocationStatus::Exited { .. }
+                | AllocationStatus::Failed { .. }
+                | AllocationStatus::Lost
+        )
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             AllocationStatus::Pending => "pending",

@@ -25,6 +25,7 @@ fn node(name: &str) -> Node {
         status: NodeStatus::Ready,
         status_changed_at_ms: 0,
         registered_at_ms: 0,
+        agent_addr: String::new(),
     }
 }
 
