@@ -90,6 +90,7 @@ impl TestCluster {
                     http_addr: Some(free_addr()),
                     formation: formation.clone(),
                     raft: c.settings.clone(),
+                    node_grace: Duration::from_secs(10),
                 })
                 .await;
                 match res {
@@ -177,6 +178,7 @@ impl TestCluster {
             http_addr: None,
             formation: Formation::Wait,
             raft: self.settings.clone(),
+            node_grace: Duration::from_secs(10),
         })
         .await
         .expect("restart member");
