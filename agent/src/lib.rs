@@ -1,4 +1,5 @@
 //! `skiff-agent`: the node agent. For now: the container runtime ([`runtime`]) and the
 //! `skiff-agent container ...` commands that drive it by hand.
 
+pub mod daemon;
 pub mod runtime;

@@ -2,6 +2,7 @@
 //! is the per-container monitor (the binary re-exec'd); it stays single-threaded, so nothing
 //! here starts an async runtime before dispatching to it.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
+use skiff_agent::daemon::DaemonConfig;
 use skiff_agent::runtime::cgroup::Limits;
 use skiff_agent::runtime::container::{RunOptions, Runtime};
 use skiff_agent::runtime::image::{PullOptions, PullPolicy, RegistryOptions};
@@ -42,8 +44,29 @@ struct Cli {
     /// {"auth": "base64(user:password)"}}}).
     #[arg(long, global = true, env = "SKIFF_AUTH_FILE")]
     auth_file: Option<PathBuf>,
+    /// Run as the node agent: the controllers' gRPC addresses, comma-separated.
+    #[arg(long, env = "SKIFF_CONTROLLER", value_delimiter = ',')]
+    controller: Vec<String>,
+    /// This node's name [default: the host name].
+    #[arg(long, env = "SKIFF_NAME")]
+    name: Option<String>,
+    /// The address other hosts reach this one at.
+    #[arg(long, env = "SKIFF_ADVERTISE_ADDR")]
+    advertise_addr: Option<std::net::IpAddr>,
+    /// Node labels for placement constraints: k=v,k=v.
+    #[arg(long, env = "SKIFF_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Cores offered to workloads [default: the host's].
+    #[arg(long, env = "SKIFF_CPUS")]
+    cpus: Option<f64>,
+    /// Memory offered to workloads, e.g. 4Gi [default: the host's].
+    #[arg(long, env = "SKIFF_MEMORY")]
+    memory: Option<String>,
+    /// Processes offered to workloads [default: 32768].
+    #[arg(long, env = "SKIFF_PIDS")]
+    pids: Option<u32>,
     #[command(subcommand)]
-    command: Cmd,
+    command: Option<Cmd>,
 }
 
 /// The `--config` file.
@@ -55,6 +78,15 @@ struct FileConfig {
     #[serde(default)]
     insecure_registries: Vec<String>,
     auth_file: Option<PathBuf>,
+    #[serde(default)]
+    controllers: Vec<String>,
+    name: Option<String>,
+    advertise_addr: Option<std::net::IpAddr>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    cpus: Option<f64>,
+    memory: Option<String>,
+    pids: Option<u32>,
 }
 
 /// Flags over the config file over defaults.
@@ -62,6 +94,7 @@ struct Settings {
     data_dir: PathBuf,
     cgroup_parent: String,
     registry: RegistryOptions,
+    file: FileConfig,
 }
 
 impl Settings {
@@ -75,7 +108,7 @@ impl Settings {
             }
             None => FileConfig::default(),
         };
-        let mut insecure = file.insecure_registries;
+        let mut insecure = file.insecure_registries.clone();
         for r in &cli.insecure_registries {
             if r.is_empty() || r.contains('/') {
                 anyhow::bail!("--insecure-registry: {r:?} is not HOST[:PORT]");
@@ -88,19 +121,91 @@ impl Settings {
             data_dir: cli
                 .data_dir
                 .clone()
-                .or(file.data_dir)
+                .or(file.data_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("/var/lib/skiff/agent")),
             cgroup_parent: cli
                 .cgroup_parent
                 .clone()
-                .or(file.cgroup_parent)
+                .or(file.cgroup_parent.clone())
                 .unwrap_or_else(|| "skiff".to_owned()),
             registry: RegistryOptions {
                 insecure,
-                auth_file: cli.auth_file.clone().or(file.auth_file),
+                auth_file: cli.auth_file.clone().or(file.auth_file.clone()),
             },
+            file,
         })
     }
+
+    /// The daemon's settings: flags over the file over what the host has.
+    fn daemon(&self, cli: &Cli) -> anyhow::Result<DaemonConfig> {
+        let controllers = if cli.controller.is_empty() {
+            self.file.controllers.clone()
+        } else {
+            cli.controller.clone()
+        };
+        if controllers.is_empty() {
+            anyhow::bail!("--controller: at least one controller address is needed");
+        }
+        let name = match cli.name.clone().or(self.file.name.clone()) {
+            Some(n) => n,
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        };
+        let advertise_addr = cli
+            .advertise_addr
+            .or(self.file.advertise_addr)
+            .ok_or_else(|| anyhow::anyhow!("--advertise-addr: required to run as the agent"))?;
+        let mut labels = self.file.labels.clone();
+        for l in &cli.labels {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--labels: {l:?} is not key=value"))?;
+            labels.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        let memory = match cli.memory.clone().or(self.file.memory.clone()) {
+            Some(m) => m
+                .parse::<skiff_common::ByteSize>()
+                .map_err(|e| anyhow::anyhow!("--memory: {e}"))?
+                .as_u64(),
+            None => host_memory()?,
+        };
+        let cpu = match cli.cpus.or(self.file.cpus) {
+            Some(c) if c.is_finite() && c > 0.0 => c,
+            Some(c) => anyhow::bail!("--cpus: {c} is not a positive number"),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+        };
+        Ok(DaemonConfig {
+            controllers,
+            name,
+            advertise_addr,
+            labels,
+            data_dir: self.data_dir.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            registry: self.registry.clone(),
+            cpu,
+            memory,
+            pids: cli.pids.or(self.file.pids).unwrap_or(32768),
+        })
+    }
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+fn host_memory() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| anyhow::anyhow!("/proc/meminfo: no MemTotal"))
+}
+
+fn daemon(cfg: &Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
+    let config = cfg.daemon(cli)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(skiff_agent::daemon::run(config))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand)]
@@ -369,7 +474,7 @@ fn container(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<14}{:<16}{:<21}{:<9}{:<9}COMMAND",
+                    "{:<14}{:<18}{:<21}{:<9}{:<9}COMMAND",
                     "ID", "NAME", "STATUS", "PID", "RESTARTS"
                 );
                 for (c, s) in rows {
@@ -378,7 +483,7 @@ fn container(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                         (st, _) => st.as_str().to_string(),
                     };
                     println!(
-                        "{:<14}{:<16}{:<21}{:<9}{:<9}{}",
+                        "{:<14}{:<18}{:<21}{:<9}{:<9}{}",
                         &c.id[..12.min(c.id.len())],
                         c.name,
                         status,
@@ -535,7 +640,7 @@ fn monitor(data_dir: &std::path::Path, id: &str) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Cmd::Monitor { id } = &cli.command {
+    if let Some(Cmd::Monitor { id }) = &cli.command {
         // The runtime passes --data-dir explicitly; no config file is read here.
         let data_dir = cli
             .data_dir
@@ -551,9 +656,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let res = Settings::load(&cli).and_then(|cfg| match &cli.command {
-        Cmd::Container { command } => container(&cfg, command),
-        Cmd::Image { command } => image(&cfg, command),
-        Cmd::Monitor { .. } => unreachable!("dispatched above"),
+        Some(Cmd::Container { command }) => container(&cfg, command),
+        Some(Cmd::Image { command }) => image(&cfg, command),
+        Some(Cmd::Monitor { .. }) => unreachable!("dispatched above"),
+        None => daemon(&cfg, &cli),
     });
     match res {
         Ok(code) => code,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use skiff_proto::v1::cluster_client::ClusterClient;
 use skiff_proto::v1::jobs_client::JobsClient;
+use skiff_proto::v1::nodes_client::NodesClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -81,5 +82,13 @@ impl Controllers {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call(ClusterClient::new, f).await
+    }
+
+    pub async fn nodes<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(NodesClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call(NodesClient::new, f).await
     }
 }

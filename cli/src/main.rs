@@ -2,6 +2,7 @@
 //! given in `--controller` in turn until one answers.
 
 mod client;
+mod fleet;
 mod output;
 
 use std::io::Read;
@@ -75,6 +76,45 @@ enum Cmd {
         #[command(subcommand)]
         command: ClusterCmd,
     },
+    /// Show what applying a spec would do (placements, stops) without doing it.
+    Plan {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Set a job's number of replicas.
+    Scale {
+        name: String,
+        replicas: u32,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// List nodes: address, status, labels, allocated/total resources.
+    Nodes {
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Drain or undrain a node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCmd,
+    },
+    /// List allocations (of one job, or all).
+    Ps {
+        job: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Also stopped ones.
+        #[arg(short, long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Move the node's allocations elsewhere and place nothing new on it.
+    Drain { name: String },
+    /// Make a drained node schedulable again.
+    Undrain { name: String },
 }
 
 #[derive(Subcommand)]
@@ -238,6 +278,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("replicas:  {}", job.replicas);
             println!("image:     {}", job.image);
             println!("submitted: {} ago", age(job.submitted_at_ms));
+            if !resp.pending.is_empty() {
+                println!("pending:   {}", resp.pending);
+            }
             println!();
             println!("versions:");
             let rows = resp
@@ -293,6 +336,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Cluster { command } => cluster(&ctl, out, command).await?,
+        Cmd::Plan { file } => {
+            let spec = read_spec(&file)?;
+            let req = pb::ApplyJobRequest {
+                spec,
+                format: spec_format(&file) as i32,
+            };
+            fleet::plan(&ctl, out, req).await?;
+        }
+        Cmd::Scale {
+            name,
+            replicas,
+            namespace,
+        } => fleet::scale(&ctl, out, name, namespace, replicas).await?,
+        Cmd::Nodes { stale } => fleet::nodes(&ctl, out, stale).await?,
+        Cmd::Node { command } => match command {
+            NodeCmd::Drain { name } => fleet::drain(&ctl, out, name, true).await?,
+            NodeCmd::Undrain { name } => fleet::drain(&ctl, out, name, false).await?,
+        },
+        Cmd::Ps {
+            job,
+            namespace,
+            all,
+        } => fleet::ps(&ctl, out, job, namespace, all).await?,
     }
     Ok(())
 }

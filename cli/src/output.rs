@@ -91,9 +91,8 @@ pub fn job_detail_json(r: &pb::GetJobResponse) -> anyhow::Result<Value> {
     Ok(json!({
         "job": r.job.as_ref().map(job_json),
         "versions": versions,
-        "allocations": r.allocations.iter().map(|a| json!({
-            "id": a.id, "job_version": a.job_version, "node": a.node, "desired": a.desired, "status": a.observed,
-        })).collect::<Vec<_>>(),
+        "allocations": r.allocations.iter().map(crate::fleet::allocation_json).collect::<Vec<_>>(),
+        "pending": r.pending,
     }))
 }
 

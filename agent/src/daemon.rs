@@ -1,0 +1,442 @@
+//! The node agent as a daemon: registers with the controllers, heartbeats with what it
+//! observes of its allocations, watches what it should run (a server stream), and reconciles
+//! the containers on this host to it.
+//!
+//! Containers are named by allocation id; anything else on the host (containers started by
+//! hand) is left alone. Containers outlive the agent (each has its monitor): a restarted agent
+//! finds them by name and adopts them instead of starting them again. Until the first
+//! assignment arrives from a controller, nothing is stopped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use skiff_common::JobSpec;
+use skiff_proto::v1 as pb;
+use skiff_proto::v1::nodes_client::NodesClient;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::runtime::cgroup::Limits;
+use crate::runtime::container::{RunOptions, Runtime};
+use crate::runtime::image::{PullPolicy, RegistryOptions};
+use crate::runtime::store::{RestartPolicy, Status};
+
+/// The metadata key the controllers put the leader's address in (see the Nodes API).
+const LEADER_METADATA: &str = "x-skiff-leader";
+/// How long a failed start waits before it is tried again.
+const START_RETRY: Duration = Duration::from_secs(5);
+
+/// What the daemon needs to know.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub controllers: Vec<String>,
+    pub name: String,
+    pub advertise_addr: IpAddr,
+    pub labels: BTreeMap<String, String>,
+    pub data_dir: PathBuf,
+    pub cgroup_parent: String,
+    pub registry: RegistryOptions,
+    /// What this node offers: cores, bytes, processes.
+    pub cpu: f64,
+    pub memory: u64,
+    pub pids: u32,
+}
+
+/// One assigned allocation, as the controllers sent it.
+#[derive(Clone, Debug, PartialEq)]
+struct Assigned {
+    id: String,
+    namespace: String,
+    job: String,
+    spec: JobSpec,
+}
+
+/// Whether a container name is an allocation id (16 lowercase hex digits).
+fn is_alloc_id(name: &str) -> bool {
+    name.len() == 16 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Runs the daemon until the process is told to stop (SIGINT/SIGTERM). Containers keep
+/// running when it stops.
+pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    let mut runtime = Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+    runtime.set_pull_options(cfg.registry.clone(), None);
+    let runtime = Arc::new(runtime);
+    {
+        let rt = runtime.clone();
+        let cleaned = tokio::task::spawn_blocking(move || rt.gc()).await??;
+        if !cleaned.is_empty() {
+            info!(count = cleaned.len(), "cleaned up after an interrupted agent");
+        }
+    }
+    let (desired_tx, desired_rx) = watch::channel::<Option<Vec<Assigned>>>(None);
+    let reports: Arc<Mutex<Vec<pb::AllocationReport>>> = Arc::default();
+
+    let reconciler = tokio::spawn(reconcile_loop(
+        runtime.clone(),
+        desired_rx,
+        reports.clone(),
+    ));
+    let control = tokio::spawn(control_loop(cfg.clone(), desired_tx, reports));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("agent stopping; containers keep running");
+    control.abort();
+    reconciler.abort();
+    Ok(())
+}
+
+/// Connects to a controller (following leader hints), registers, then heartbeats and watches
+/// until the connection breaks; then the next controller.
+async fn control_loop(
+    cfg: DaemonConfig,
+    desired: watch::Sender<Option<Vec<Assigned>>>,
+    reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
+) {
+    let mut next = 0usize;
+    let mut hint: Option<String> = None;
+    loop {
+        let addr = match hint.take() {
+            Some(h) => h,
+            None => {
+                let a = cfg.controllers[next % cfg.controllers.len()].clone();
+                next += 1;
+                a
+            }
+        };
+        match session(&cfg, &addr, &desired, &reports).await {
+            Ok(()) => {}
+            Err(SessionEnd::Leader(leader)) => {
+                debug!(%addr, %leader, "redirected to the leader");
+                hint = Some(leader);
+                continue;
+            }
+            Err(SessionEnd::Failed(e)) => {
+                warn!(controller = %addr, error = %e, "controller connection lost");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+enum SessionEnd {
+    /// Talk to this address instead.
+    Leader(String),
+    Failed(String),
+}
+
+fn session_err(s: tonic::Status) -> SessionEnd {
+    if s.code() == tonic::Code::FailedPrecondition
+        && let Some(leader) = s.metadata().get(LEADER_METADATA)
+        && let Ok(l) = leader.to_str()
+    {
+        return SessionEnd::Leader(l.to_owned());
+    }
+    SessionEnd::Failed(format!("{}: {}", s.code(), s.message()))
+}
+
+async fn connect(addr: &str) -> Result<Channel, SessionEnd> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri)
+        .map_err(|e| SessionEnd::Failed(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| SessionEnd::Failed(format!("connecting to {addr}: {e}")))
+}
+
+async fn session(
+    cfg: &DaemonConfig,
+    addr: &str,
+    desired: &watch::Sender<Option<Vec<Assigned>>>,
+    reports: &Arc<Mutex<Vec<pb::AllocationReport>>>,
+) -> Result<(), SessionEnd> {
+    let channel = connect(addr).await?;
+    let mut client = NodesClient::new(channel.clone());
+    let register = pb::RegisterNodeRequest {
+        name: cfg.name.clone(),
+        address: cfg.advertise_addr.to_string(),
+        labels: cfg.labels.clone().into_iter().collect(),
+        resources: Some(pb::NodeResources {
+            cpu: cfg.cpu,
+            memory: cfg.memory,
+            pids: cfg.pids,
+        }),
+        agent_addr: String::new(),
+    };
+    let interval = client
+        .register(register.clone())
+        .await
+        .map_err(session_err)?
+        .into_inner()
+        .heartbeat_interval_ms;
+    let interval = Duration::from_millis(interval.clamp(100, 10_000));
+    info!(controller = %addr, "registered");
+
+    // The watch: its own task, on the same connection (no per-request timeout on a stream).
+    let mut watch_client = NodesClient::new(channel);
+    let name = cfg.name.clone();
+    let tx = desired.clone();
+    let mut watch = tokio::spawn(async move {
+        let mut stream = watch_client
+            .watch_allocations(pb::WatchAllocationsRequest { node: name })
+            .await?
+            .into_inner();
+        while let Some(msg) = stream.message().await? {
+            let mut set = Vec::new();
+            for a in msg.allocations {
+                match serde_json::from_str::<JobSpec>(&a.spec_json) {
+                    Ok(spec) => set.push(Assigned {
+                        id: a.id,
+                        namespace: a.namespace,
+                        job: a.job,
+                        spec,
+                    }),
+                    Err(e) => warn!(alloc = %a.id, error = %e, "unreadable job spec; skipped"),
+                }
+            }
+            debug!(count = set.len(), index = msg.index, "assignment");
+            tx.send_replace(Some(set));
+        }
+        Ok::<(), tonic::Status>(())
+    });
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            res = &mut watch => {
+                return Err(match res {
+                    Ok(Ok(())) => SessionEnd::Failed("watch stream ended".into()),
+                    Ok(Err(s)) => session_err(s),
+                    Err(e) => SessionEnd::Failed(e.to_string()),
+                });
+            }
+            _ = tick.tick() => {}
+        }
+        let allocations = reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let reply = client
+            .heartbeat(pb::HeartbeatRequest {
+                name: cfg.name.clone(),
+                allocations,
+            })
+            .await;
+        match reply {
+            Ok(r) if r.get_ref().known => {}
+            Ok(_) => {
+                info!("controllers do not know this node; registering again");
+                client
+                    .register(register.clone())
+                    .await
+                    .map_err(session_err)?;
+            }
+            Err(s) => {
+                watch.abort();
+                return Err(session_err(s));
+            }
+        }
+    }
+}
+
+/// Reconciles whenever the assignment changes, and every 2 s to follow container state.
+async fn reconcile_loop(
+    runtime: Arc<Runtime>,
+    mut desired: watch::Receiver<Option<Vec<Assigned>>>,
+    reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
+) {
+    let failures: Arc<Mutex<HashMap<String, (Instant, String)>>> = Arc::default();
+    loop {
+        let want = desired.borrow_and_update().clone();
+        if let Some(want) = want {
+            let (rt, f) = (runtime.clone(), failures.clone());
+            match tokio::task::spawn_blocking(move || reconcile_once(&rt, &want, &f)).await {
+                Ok(r) => {
+                    *reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = r;
+                }
+                Err(e) => warn!(error = %e, "reconcile pass panicked"),
+            }
+        }
+        tokio::select! {
+            r = desired.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// One pass: start what is assigned and missing, stop what is no longer assigned; returns the
+/// reports of every assigned allocation.
+fn reconcile_once(
+    rt: &Runtime,
+    want: &[Assigned],
+    failures: &Mutex<HashMap<String, (Instant, String)>>,
+) -> Vec<pb::AllocationReport> {
+    let existing = match rt.store().list() {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot list containers");
+            return Vec::new();
+        }
+    };
+    let by_name: HashMap<&str, _> = existing
+        .iter()
+        .map(|(c, s)| (c.name.as_str(), (c, s)))
+        .collect();
+    let wanted: HashMap<&str, &Assigned> = want.iter().map(|a| (a.id.as_str(), a)).collect();
+
+    // Stop and remove what is ours and no longer assigned, all at once (each may wait out
+    // its grace period); their last state is reported once more.
+    let stopped: Mutex<Vec<pb::AllocationReport>> = Mutex::default();
+    std::thread::scope(|scope| {
+        for (c, s) in &existing {
+            if !is_alloc_id(&c.name) || wanted.contains_key(c.name.as_str()) {
+                continue;
+            }
+            scope.spawn(move || {
+                let grace = Duration::from_millis(c.stop_grace_ms);
+                info!(alloc = %c.name, "stopping: no longer assigned");
+                let last = if matches!(
+                    s.status,
+                    Status::Running | Status::Restarting | Status::Created
+                ) {
+                    rt.stop(&c.id, grace).unwrap_or_else(|e| {
+                        warn!(alloc = %c.name, error = %e, "stop failed");
+                        s.clone()
+                    })
+                } else {
+                    s.clone()
+                };
+                stopped
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(report(&c.name, &last));
+                if let Err(e) = rt.remove(&c.id, true) {
+                    warn!(alloc = %c.name, error = %e, "remove failed");
+                }
+            });
+        }
+    });
+
+    let mut failures = failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    failures.retain(|id, _| wanted.contains_key(id.as_str()));
+    let mut out = stopped
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for a in want {
+        if let Some((_, s)) = by_name.get(a.id.as_str()) {
+            out.push(report(&a.id, s));
+            continue;
+        }
+        if let Some((at, reason)) = failures.get(&a.id)
+            && at.elapsed() < START_RETRY
+        {
+            out.push(failed(&a.id, reason));
+            continue;
+        }
+        match start(rt, a) {
+            Ok(()) => {
+                failures.remove(&a.id);
+                out.push(pb::AllocationReport {
+                    id: a.id.clone(),
+                    state: "running".into(),
+                    ..Default::default()
+                });
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                warn!(alloc = %a.id, job = %format!("{}/{}", a.namespace, a.job), error = %reason, "start failed");
+                out.push(failed(&a.id, &reason));
+                failures.insert(a.id.clone(), (Instant::now(), reason));
+            }
+        }
+    }
+    out
+}
+
+fn failed(id: &str, reason: &str) -> pb::AllocationReport {
+    pb::AllocationReport {
+        id: id.to_owned(),
+        state: "failed".into(),
+        reason: reason.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn report(id: &str, s: &crate::runtime::store::State) -> pb::AllocationReport {
+    let (state, exit_code, reason) = match s.status {
+        Status::Running | Status::Restarting => ("running", 0, String::new()),
+        Status::Created => ("pending", 0, String::new()),
+        Status::Exited => match (&s.exit, &s.error) {
+            (_, Some(err)) => ("failed", 0, err.clone()),
+            (Some(e), None) if e.code == Some(0) => ("exited", 0, String::new()),
+            (Some(e), None) => ("failed", e.status_code(), e.describe()),
+            (None, None) => ("failed", 0, "exited".into()),
+        },
+        Status::Failed => (
+            "failed",
+            0,
+            s.error.clone().unwrap_or_else(|| "failed to start".into()),
+        ),
+    };
+    pb::AllocationReport {
+        id: id.to_owned(),
+        state: state.into(),
+        exit_code,
+        reason,
+        restarts: s.restarts,
+    }
+}
+
+/// Starts the allocation's container (pulling its image if missing), detached.
+fn start(rt: &Runtime, a: &Assigned) -> anyhow::Result<()> {
+    let spec = &a.spec;
+    let opts = RunOptions {
+        image: spec.image.clone(),
+        name: Some(a.id.clone()),
+        cmd: spec.args.clone(),
+        entrypoint: (!spec.command.is_empty()).then(|| spec.command.clone()),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        hostname: None,
+        user: None,
+        cwd: None,
+        limits: Limits {
+            cpu: Some(spec.resources.cpu),
+            memory: Some(spec.resources.memory.as_u64()),
+            pids: Some(u64::from(spec.resources.pids)),
+        },
+        restart: match spec.restart {
+            skiff_common::spec::RestartPolicy::Never => RestartPolicy::Never,
+            skiff_common::spec::RestartPolicy::OnFailure => RestartPolicy::OnFailure,
+            skiff_common::spec::RestartPolicy::Always => RestartPolicy::Always,
+        },
+        stop_signal: skiff_common::spec::signal_number(&spec.stop_signal),
+        stop_grace: Some(spec.stop_grace),
+        pull: PullPolicy::Missing,
+    };
+    let (id, mut monitor) = rt.run(&opts)?;
+    info!(alloc = %a.id, container = %id, image = %spec.image, "started");
+    // The monitor is our child until we exit: reap it when it ends.
+    std::thread::spawn(move || {
+        let _ = monitor.wait();
+    });
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! Commands about where things run: nodes, allocations, scaling and planning.
+
+use skiff_proto::v1 as pb;
+
+use crate::client::Controllers;
+use crate::output::{Out, age, print_table};
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64)
+}
+
+pub fn node_json(n: &pb::Node) -> serde_json::Value {
+    let res = |r: &Option<pb::NodeResources>| {
+        let r = r.clone().unwrap_or_default();
+        serde_json::json!({"cpu": r.cpu, "memory": r.memory, "pids": r.pids})
+    };
+    serde_json::json!({
+        "name": n.name, "address": n.address, "status": n.status, "labels": n.labels,
+        "total": res(&n.total), "allocated": res(&n.allocated), "allocations": n.allocations,
+        "registered_at_ms": n.registered_at_ms, "status_changed_at_ms": n.status_changed_at_ms,
+    })
+}
+
+pub fn allocation_json(a: &pb::Allocation) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id, "namespace": a.namespace, "job": a.job, "job_version": a.job_version,
+        "node": a.node, "desired": a.desired, "status": a.observed, "restarts": a.restarts,
+        "exit_code": a.exit_code, "reason": a.reason, "created_at_ms": a.created_at_ms,
+    })
+}
+
+pub async fn nodes(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<()> {
+    let req = pb::ListNodesRequest {
+        read: Some(pb::ReadOptions { stale }),
+    };
+    let resp = ctl
+        .nodes(|mut c| {
+            let r = req.clone();
+            async move { c.list_nodes(r).await }
+        })
+        .await?;
+    if out.json {
+        return out.json(&resp.nodes.iter().map(node_json).collect::<Vec<_>>());
+    }
+    let rows = resp
+        .nodes
+        .iter()
+        .map(|n| {
+            let t = n.total.clone().unwrap_or_default();
+            let a = n.allocated.clone().unwrap_or_default();
+            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            vec![
+                n.name.clone(),
+                n.address.clone(),
+                n.status.clone(),
+                n.allocations.to_string(),
+                format!("{:.2}/{:.2}", a.cpu, t.cpu),
+                format!("{}/{}", gib(a.memory), gib(t.memory)),
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels.join(",")
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &["NAME", "ADDRESS", "STATUS", "ALLOCS", "CPU", "MEMORY", "LABELS"],
+        rows,
+    );
+    Ok(())
+}
+
+pub async fn drain(ctl: &Controllers, out: Out, name: String, drain: bool) -> anyhow::Result<()> {
+    let req = pb::SetDrainRequest { name, drain };
+    let resp = ctl
+        .nodes(|mut c| {
+            let r = req.clone();
+            async move { c.set_drain(r).await }
+        })
+        .await?;
+    let node = resp.node.unwrap_or_default();
+    if out.json {
+        return out.json(&serde_json::json!({"node": node_json(&node), "changed": resp.changed}));
+    }
+    println!(
+        "node {}: {}{}",
+        node.name,
+        node.status,
+        if resp.changed { "" } else { " (unchanged)" }
+    );
+    Ok(())
+}
+
+pub async fn ps(
+    ctl: &Controllers,
+    out: Out,
+    job: Option<String>,
+    namespace: Option<String>,
+    all: bool,
+) -> anyhow::Result<()> {
+    let req = pb::ListAllocationsRequest {
+        namespace: namespace.unwrap_or_default(),
+        job: job.unwrap_or_default(),
+        all,
+        read: None,
+    };
+    let resp = ctl
+        .jobs(|mut c| {
+            let r = req.clone();
+            async move { c.list_allocations(r).await }
+        })
+        .await?;
+    if out.json {
+        return out.json(
+            &resp
+                .allocations
+                .iter()
+                .map(allocation_json)
+                .collect::<Vec<_>>(),
+        );
+    }
+    let rows = resp
+        .allocations
+        .iter()
+        .map(|a| {
+            let mut status = a.observed.clone();
+            if a.desired == "stop" {
+                status = format!("{status} (stopping)");
+            }
+            if let Some(code) = a.exit_code {
+                status = format!("{status} ({code})");
+            }
+            vec![
+                a.id.clone(),
+                format!("{}/{}", a.namespace, a.job),
+                a.job_version.to_string(),
+                a.node.clone(),
+                status,
+                a.restarts.to_string(),
+                age(a.created_at_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        &["ALLOCATION", "JOB", "VERSION", "NODE", "STATUS", "RESTARTS", "AGE"],
+        rows,
+    );
+    Ok(())
+}
+
+pub async fn scale(
+    ctl: &Controllers,
+    out: Out,
+    name: String,
+    namespace: String,
+    replicas: u32,
+) -> anyhow::Result<()> {
+    let req = pb::ScaleJobRequest {
+        namespace,
+        name,
+        replicas,
+    };
+    let resp = ctl
+        .jobs(|mut c| {
+            let r = req.clone();
+            async move { c.scale_job(r).await }
+        })
+        .await?;
+    if out.json {
+        return out.json(&crate::output::apply_json(&resp));
+    }
+    let job = resp.job.unwrap_or_default();
+    if resp.changed {
+        println!(
+            "job {}/{} scaled to {} (version {})",
+            job.namespace, job.name, job.replicas, job.version
+        );
+    } else {
+        println!(
+            "job {}/{} already has {} replicas",
+            job.namespace, job.name, job.replicas
+        );
+    }
+    Ok(())
+}
+
+pub async fn plan(ctl: &Controllers, out: Out, req: pb::ApplyJobRequest) -> anyhow::Result<()> {
+    let resp = ctl
+        .jobs(|mut c| {
+            let r = req.clone();
+            async move { c.plan_job(r).await }
+        })
+        .await?;
+    if out.json {
+        return out.json(&serde_json::json!({
+            "job": resp.job.as_ref().map(crate::output::job_json),
+            "changed": resp.changed,
+            "changes": resp.changes.iter().map(|c| serde_json::json!({"path": c.path, "old": c.old, "new": c.new})).collect::<Vec<_>>(),
+            "placements": resp.placements.iter().map(|p| serde_json::json!({"node": p.node, "count": p.count})).collect::<Vec<_>>(),
+            "stops": resp.stops,
+            "unplaced": resp.unplaced,
+            "pending": resp.pending,
+        }));
+    }
+    let job = resp.job.clone().unwrap_or_default();
+    println!(
+        "job {}/{}: version {}{}",
+        job.namespace,
+        job.name,
+        job.version,
+        if resp.changed { "" } else { " (unchanged)" }
+    );
+    for c in &resp.changes {
+        println!(
+            "  {}: {} -> {}",
+            c.path,
+            c.old.as_deref().unwrap_or("(none)"),
+            c.new.as_deref().unwrap_or("(none)")
+        );
+    }
+    if resp.placements.is_empty() && resp.stops.is_empty() && resp.unplaced == 0 {
+        println!("no changes to allocations");
+    }
+    for p in &resp.placements {
+        println!("  place {} on {}", p.count, p.node);
+    }
+    if !resp.stops.is_empty() {
+        println!("  stop {}: {}", resp.stops.len(), resp.stops.join(", "));
+    }
+    if resp.unplaced > 0 {
+        println!("  {} would not be placed: {}", resp.unplaced, resp.pending);
+    }
+    Ok(())
+}
