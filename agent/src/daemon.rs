@@ -300,6 +300,7 @@ fn reconcile_once(
     // Stop and remove what is ours and no longer assigned, all at once (each may wait out
     // its grace period); their last state is reported once more.
     let stopped: Mutex<Vec<pb::AllocationReport>> = Mutex::default();
+    let stopped_ref = &stopped;
     std::thread::scope(|scope| {
         for (c, s) in &existing {
             if !is_alloc_id(&c.name) || wanted.contains_key(c.name.as_str()) {
@@ -319,7 +320,7 @@ fn reconcile_once(
                 } else {
                     s.clone()
                 };
-                stopped
+                stopped_ref
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .push(report(&c.name, &last));
