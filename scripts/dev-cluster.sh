@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# Brings up a single-host Skiff dev cluster and applies the example job.
-#   scripts/dev-cluster.sh        start (or reuse) the cluster and apply deploy/examples/web.toml
-#   scripts/dev-cluster.sh down   stop it and remove its state
-# State lives in .skiff-dev/ at the repository root. Only loopback addresses are used.
+# Brings up a single-host Skiff dev cluster (one controller, one agent) and runs the example
+# job on it: deploy/examples/web.toml with its image replaced by a busybox image this script
+# builds (agent/tests/fixtures/make-busybox-image.sh), so nothing is downloaded.
+#   sudo scripts/dev-cluster.sh        start (or reuse) the cluster and deploy the example
+#   sudo scripts/dev-cluster.sh down   stop it, remove its containers and state
+# State lives in .skiff-dev/ at the repository root. Only loopback addresses are used. The agent
+# runs containers, so this needs root.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 state="$root/.skiff-dev"
 rpc=127.0.0.1:7700
 http=127.0.0.1:7780
+agent_api=127.0.0.1:7801
 bin="$root/target/debug"
+cgroup_parent=skiff-dev
+
+stop_pid() {
+  if [ -f "$1" ]; then
+    kill "$(cat "$1")" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$(cat "$1")" 2>/dev/null || break; sleep 0.1; done
+  fi
+}
 
 down() {
-  if [ -f "$state/controller.pid" ]; then
-    kill "$(cat "$state/controller.pid")" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$(cat "$state/controller.pid")" 2>/dev/null || break; sleep 0.1; done
+  stop_pid "$state/agent.pid"
+  if [ -d "$state/agent" ]; then
+    "$bin/skiff-agent" --data-dir "$state/agent" --cgroup-parent "$cgroup_parent" container ps -a -o json 2>/dev/null |
+      python3 -c 'import json,sys; [print(c["id"]) for c in json.load(sys.stdin)]' 2>/dev/null |
+      while read -r id; do
+        "$bin/skiff-agent" --data-dir "$state/agent" --cgroup-parent "$cgroup_parent" container rm -f "$id" >/dev/null 2>&1 || true
+      done
   fi
+  for d in /sys/fs/cgroup/*/"$cgroup_parent"; do [ -d "$d" ] && rmdir "$d" 2>/dev/null || true; done
+  stop_pid "$state/controller.pid"
   rm -rf "$state"
   echo "dev cluster stopped and removed"
 }
@@ -22,6 +40,12 @@ down() {
 if [ "${1:-up}" = down ]; then down; exit 0; fi
 
 command -v cargo >/dev/null || { echo "cargo is required" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "the agent runs containers: run this as root" >&2; exit 1; }
+missing=()
+for p in curl busybox-static python3; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
 echo "building (cargo build --bins) ..."
 (cd "$root" && cargo build --quiet --bins)
 mkdir -p "$state"
@@ -41,16 +65,44 @@ for _ in $(seq 100); do
 done
 curl -fsS "http://$http/readyz" || { echo "controller did not become ready; see $state/controller.log" >&2; exit 1; }
 
-"$bin/skiff" --controller "$rpc" apply -f "$root/deploy/examples/web.toml"
+if [ -f "$state/agent.pid" ] && kill -0 "$(cat "$state/agent.pid")" 2>/dev/null; then
+  echo "agent already running (pid $(cat "$state/agent.pid"))"
+else
+  "$bin/skiff-agent" --data-dir "$state/agent" --cgroup-parent "$cgroup_parent" \
+    --controller "$rpc" --name dev-1 --advertise-addr 127.0.0.1 --listen "$agent_api" \
+    --labels zone=a >"$state/agent.log" 2>&1 &
+  echo $! >"$state/agent.pid"
+  echo "agent started (pid $!, log $state/agent.log)"
+fi
+for _ in $(seq 100); do
+  "$bin/skiff" --controller "$rpc" nodes 2>/dev/null | grep -q '^dev-1 .* ready' && break
+  sleep 0.1
+done
+
+# The example service, from an image built here.
+sh "$root/agent/tests/fixtures/make-busybox-image.sh" "$state/images/web" >/dev/null
+sed "s|^image = .*|image = \"oci:$state/images/web\"|" "$root/deploy/examples/web.toml" >"$state/web.toml"
+"$bin/skiff" --controller "$rpc" apply -f "$state/web.toml"
+for _ in $(seq 100); do
+  [ "$("$bin/skiff" --controller "$rpc" ps web -o json | grep -c '"status": "running"')" -ge 3 ] && break
+  sleep 0.2
+done
 echo
-"$bin/skiff" --controller "$rpc" jobs
+"$bin/skiff" --controller "$rpc" nodes
+echo
+"$bin/skiff" --controller "$rpc" ps web
+alloc=$("$bin/skiff" --controller "$rpc" ps web -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+echo
+echo "\$ skiff exec $alloc -- wget -qO- http://127.0.0.1:8080/"
+"$bin/skiff" --controller "$rpc" exec "$alloc" -- wget -qO- http://127.0.0.1:8080/
 cat <<TXT
 
-Skiff dev cluster is up: controller gRPC $rpc, HTTP http://$http
-  $bin/skiff job status web           # versions and allocations of the example job
-  $bin/skiff cluster members          # the control plane
+Skiff dev cluster is up: controller gRPC $rpc, HTTP http://$http, agent dev-1 ($agent_api)
+  $bin/skiff ps web                   # the example's allocations (3 busybox httpd replicas)
+  $bin/skiff logs $alloc        # one replica's output
+  $bin/skiff exec $alloc -- ps  # a command inside it
+  $bin/skiff scale web 5              # more replicas; skiff plan -f FILE shows a change first
+  $bin/skiff nodes                    # the node, its resources and labels
   curl http://$http/metrics           # Prometheus metrics
-  scripts/dev-cluster.sh down         # stop and clean up
-(The node agent that runs the job's containers comes with the agent issues; until then the
-job is recorded and versioned by the controller.)
+  sudo scripts/dev-cluster.sh down    # stop everything and clean up
 TXT

@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     pub cgroup_parent: String,
     pub registry: RegistryOptions,
+    /// Where the agent's own API (logs, exec) listens.
+    pub listen: std::net::SocketAddr,
     /// What this node offers: cores, bytes, processes.
     pub cpu: f64,
     pub memory: u64,
@@ -70,17 +72,29 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         let rt = runtime.clone();
         let cleaned = tokio::task::spawn_blocking(move || rt.gc()).await??;
         if !cleaned.is_empty() {
-            info!(count = cleaned.len(), "cleaned up after an interrupted agent");
+            info!(
+                count = cleaned.len(),
+                "cleaned up after an interrupted agent"
+            );
         }
     }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
+    let api = crate::api::AgentApi::new(
+        runtime.clone(),
+        cfg.data_dir.clone(),
+        cfg.cgroup_parent.clone(),
+    );
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(skiff_proto::v1::agent_server::AgentServer::new(api))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
     let (desired_tx, desired_rx) = watch::channel::<Option<Vec<Assigned>>>(None);
     let reports: Arc<Mutex<Vec<pb::AllocationReport>>> = Arc::default();
 
-    let reconciler = tokio::spawn(reconcile_loop(
-        runtime.clone(),
-        desired_rx,
-        reports.clone(),
-    ));
+    let reconciler = tokio::spawn(reconcile_loop(runtime.clone(), desired_rx, reports.clone()));
     let control = tokio::spawn(control_loop(cfg.clone(), desired_tx, reports));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -90,6 +104,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     info!("agent stopping; containers keep running");
     control.abort();
     reconciler.abort();
+    server.abort();
     Ok(())
 }
 
@@ -175,7 +190,11 @@ async fn session(
             memory: cfg.memory,
             pids: cfg.pids,
         }),
-        agent_addr: String::new(),
+        agent_addr: if cfg.listen.ip().is_unspecified() {
+            std::net::SocketAddr::new(cfg.advertise_addr, cfg.listen.port()).to_string()
+        } else {
+            cfg.listen.to_string()
+        },
     };
     let interval = client
         .register(register.clone())
@@ -265,7 +284,9 @@ async fn reconcile_loop(
             let (rt, f) = (runtime.clone(), failures.clone());
             match tokio::task::spawn_blocking(move || reconcile_once(&rt, &want, &f)).await {
                 Ok(r) => {
-                    *reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = r;
+                    *reports
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = r;
                 }
                 Err(e) => warn!(error = %e, "reconcile pass panicked"),
             }

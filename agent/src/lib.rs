@@ -1,5 +1,6 @@
 //! `skiff-agent`: the node agent. For now: the container runtime ([`runtime`]) and the
 //! `skiff-agent container ...` commands that drive it by hand.
 
+pub mod api;
 pub mod daemon;
 pub mod runtime;

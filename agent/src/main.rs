@@ -65,6 +65,9 @@ struct Cli {
     /// Processes offered to workloads [default: 32768].
     #[arg(long, env = "SKIFF_PIDS")]
     pids: Option<u32>,
+    /// Where the agent's API (logs, exec) listens [default: ADVERTISE_ADDR:7801].
+    #[arg(long, env = "SKIFF_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -87,6 +90,7 @@ struct FileConfig {
     cpus: Option<f64>,
     memory: Option<String>,
     pids: Option<u32>,
+    listen: Option<std::net::SocketAddr>,
 }
 
 /// Flags over the config file over defaults.
@@ -181,6 +185,10 @@ impl Settings {
             data_dir: self.data_dir.clone(),
             cgroup_parent: self.cgroup_parent.clone(),
             registry: self.registry.clone(),
+            listen: cli
+                .listen
+                .or(self.file.listen)
+                .unwrap_or(std::net::SocketAddr::new(advertise_addr, 7801)),
             cpu,
             memory,
             pids: cli.pids.or(self.file.pids).unwrap_or(32768),

@@ -11,7 +11,7 @@ fn gib(bytes: u64) -> String {
 
 pub fn node_json(n: &pb::Node) -> serde_json::Value {
     let res = |r: &Option<pb::NodeResources>| {
-        let r = r.clone().unwrap_or_default();
+        let r = (*r).unwrap_or_default();
         serde_json::json!({"cpu": r.cpu, "memory": r.memory, "pids": r.pids})
     };
     serde_json::json!({
@@ -34,10 +34,7 @@ pub async fn nodes(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<(
         read: Some(pb::ReadOptions { stale }),
     };
     let resp = ctl
-        .nodes(|mut c| {
-            let r = req.clone();
-            async move { c.list_nodes(r).await }
-        })
+        .nodes(|mut c| async move { c.list_nodes(req).await })
         .await?;
     if out.json {
         return out.json(&resp.nodes.iter().map(node_json).collect::<Vec<_>>());
@@ -46,8 +43,8 @@ pub async fn nodes(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<(
         .nodes
         .iter()
         .map(|n| {
-            let t = n.total.clone().unwrap_or_default();
-            let a = n.allocated.clone().unwrap_or_default();
+            let t = n.total.unwrap_or_default();
+            let a = n.allocated.unwrap_or_default();
             let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             vec![
                 n.name.clone(),
@@ -65,7 +62,9 @@ pub async fn nodes(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<(
         })
         .collect();
     print_table(
-        &["NAME", "ADDRESS", "STATUS", "ALLOCS", "CPU", "MEMORY", "LABELS"],
+        &[
+            "NAME", "ADDRESS", "STATUS", "ALLOCS", "CPU", "MEMORY", "LABELS",
+        ],
         rows,
     );
     Ok(())
@@ -143,7 +142,15 @@ pub async fn ps(
         })
         .collect();
     print_table(
-        &["ALLOCATION", "JOB", "VERSION", "NODE", "STATUS", "RESTARTS", "AGE"],
+        &[
+            "ALLOCATION",
+            "JOB",
+            "VERSION",
+            "NODE",
+            "STATUS",
+            "RESTARTS",
+            "AGE",
+        ],
         rows,
     );
     Ok(())
@@ -232,4 +239,107 @@ pub async fn plan(ctl: &Controllers, out: Out, req: pb::ApplyJobRequest) -> anyh
         println!("  {} would not be placed: {}", resp.unplaced, resp.pending);
     }
     Ok(())
+}
+
+/// The agent address and full id of an allocation (by id or unique prefix).
+async fn locate(ctl: &Controllers, allocation: &str) -> anyhow::Result<(String, String)> {
+    let req = pb::ListAllocationsRequest {
+        all: true,
+        ..Default::default()
+    };
+    let allocs = ctl
+        .jobs(|mut c| {
+            let r = req.clone();
+            async move { c.list_allocations(r).await }
+        })
+        .await?
+        .allocations;
+    let found: Vec<&pb::Allocation> = allocs
+        .iter()
+        .filter(|a| a.id.starts_with(allocation))
+        .collect();
+    let a = match found.as_slice() {
+        [a] => *a,
+        [] => anyhow::bail!("allocation {allocation} not found"),
+        many => anyhow::bail!(
+            "allocation {allocation} is ambiguous ({} match); give more of its id",
+            many.len()
+        ),
+    };
+    let nodes = ctl
+        .nodes(|mut c| async move { c.list_nodes(pb::ListNodesRequest::default()).await })
+        .await?
+        .nodes;
+    let node = nodes
+        .iter()
+        .find(|n| n.name == a.node)
+        .ok_or_else(|| anyhow::anyhow!("node {} of allocation {} is gone", a.node, a.id))?;
+    if node.agent_addr.is_empty() {
+        anyhow::bail!("node {} does not serve the agent API", node.name);
+    }
+    Ok((format!("http://{}", node.agent_addr), a.id.clone()))
+}
+
+async fn agent_client(
+    addr: &str,
+) -> anyhow::Result<pb::agent_client::AgentClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(addr.to_owned())?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("agent at {addr}: {e}"))?;
+    Ok(pb::agent_client::AgentClient::new(ch))
+}
+
+pub async fn logs(ctl: &Controllers, allocation: String, follow: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let (addr, id) = locate(ctl, &allocation).await?;
+    let mut client = agent_client(&addr).await?;
+    let mut stream = client
+        .logs(pb::LogsRequest {
+            allocation: id,
+            follow,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    while let Some(c) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    {
+        let end = if c.partial { "" } else { "\n" };
+        if c.stream == "stderr" {
+            let mut e = std::io::stderr().lock();
+            write!(e, "{}{end}", c.text)?;
+        } else {
+            let mut o = std::io::stdout().lock();
+            write!(o, "{}{end}", c.text)?;
+            o.flush()?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn exec(
+    ctl: &Controllers,
+    allocation: String,
+    command: Vec<String>,
+    env: Vec<String>,
+) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let (addr, id) = locate(ctl, &allocation).await?;
+    let mut client = agent_client(&addr).await?;
+    let resp = client
+        .exec(pb::ExecRequest {
+            allocation: id,
+            command,
+            env,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    std::io::stdout().write_all(&resp.stdout)?;
+    std::io::stderr().write_all(&resp.stderr)?;
+    Ok(resp.exit_code)
 }

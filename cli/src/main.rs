@@ -98,6 +98,22 @@ enum Cmd {
         #[command(subcommand)]
         command: NodeCmd,
     },
+    /// An allocation's output (through its node's agent).
+    Logs {
+        allocation: String,
+        /// Keep printing new output until it stops.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in an allocation's container and exit with its exit code.
+    Exec {
+        allocation: String,
+        /// KEY=VALUE added to the environment, repeatable.
+        #[arg(short, long)]
+        env: Vec<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// List allocations (of one job, or all).
     Ps {
         job: Option<String>,
@@ -359,6 +375,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             all,
         } => fleet::ps(&ctl, out, job, namespace, all).await?,
+        Cmd::Logs { allocation, follow } => fleet::logs(&ctl, allocation, follow).await?,
+        Cmd::Exec {
+            allocation,
+            env,
+            command,
+        } => {
+            let code = fleet::exec(&ctl, allocation, command, env).await?;
+            if code != 0 {
+                return Err(ExitWith(code).into());
+            }
+        }
     }
     Ok(())
 }
@@ -429,11 +456,27 @@ async fn cluster(ctl: &Controllers, out: Out, command: ClusterCmd) -> anyhow::Re
     Ok(())
 }
 
+/// A command's own exit code to pass on (`skiff exec`), not an error of ours.
+#[derive(Debug)]
+struct ExitWith(i32);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
+            let code = e.downcast_ref::<ExitWith>().map_or(1, |c| c.0);
+            ExitCode::from(u8::try_from(code & 0xff).unwrap_or(255))
+        }
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {msg}");
