@@ -164,19 +164,27 @@ pub fn plan_job(
     }
     let want = latest.spec.replicas as usize;
     if current.len() > want {
-        // Scale down: from the nodes with the most replicas, then the newest.
-        let mut extra = current.clone();
-        let per_node = |n: &str| current.iter().filter(|a| a.node == n).count();
-        extra.sort_by(|a, b| {
-            per_node(&b.node)
-                .cmp(&per_node(&a.node))
-                .then(b.created_at_ms.cmp(&a.created_at_ms))
-                .then(b.id.cmp(&a.id))
-        });
-        plan.stop = extra[..current.len() - want]
-            .iter()
-            .map(|a| a.id.clone())
-            .collect();
+        // Scale down one replica at a time from the node that has the most left (ties: the
+        // node name), taking its newest: what stays is as spread as what was there.
+        let mut by_node: BTreeMap<&str, Vec<&Allocation>> = BTreeMap::new();
+        for a in &current {
+            by_node.entry(a.node.as_str()).or_default().push(a);
+        }
+        for list in by_node.values_mut() {
+            list.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        }
+        for _ in want..current.len() {
+            let Some(list) = by_node
+                .iter_mut()
+                .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
+                .map(|(_, l)| l)
+            else {
+                break;
+            };
+            if let Some(a) = list.pop() {
+                plan.stop.push(a.id.clone());
+            }
+        }
     } else if current.len() < want {
         let req = Request {
             ask: ask(&latest.spec),

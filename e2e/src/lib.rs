@@ -2,6 +2,8 @@
 //! processes, exactly as a user would. Every process a test starts is killed when its handle
 //! drops, also when the test fails; every directory lives under a per-run temp dir.
 
+pub mod fleet;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

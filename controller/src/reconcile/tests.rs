@@ -114,9 +114,11 @@ fn scales_down_from_the_most_loaded_nodes() {
     let mut w = World::new(&["n1", "n2", "n3"]);
     w.apply(spec(6, "img:1"));
     w.reconcile();
+    w.apply(spec(9, "img:1"));
+    w.reconcile();
     w.apply(spec(3, "img:1"));
     let plan = w.reconcile();
-    assert_eq!((plan.place.len(), plan.stop.len()), (0, 3));
+    assert_eq!((plan.place.len(), plan.stop.len()), (0, 6));
     assert_eq!(
         w.running(),
         BTreeMap::from([("n1".into(), 1), ("n2".into(), 1), ("n3".into(), 1)])

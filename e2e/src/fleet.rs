@@ -1,0 +1,553 @@
+//! A fleet of simulated hosts on this machine: one network namespace per host, joined by a
+//! bridge that lives in a namespace of its own, with underlay addresses from the benchmark
+//! range 198.18.0.0/15. The real binaries run inside the host namespaces: controllers
+//! (`c1`..), agents (`a1`..), and the CLI from a client host.
+//!
+//! Everything is named with a per-fleet prefix (`sk<pid><n>`): namespaces, links, cgroup
+//! parents, data dirs. Dropping the fleet (also when a test panics) kills every process,
+//! removes every container the agents started, their cgroups, the namespaces (and with them
+//! the links) and the temp dir.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::bin;
+
+/// The controllers' gRPC port on their hosts.
+pub const RPC_PORT: u16 = 7700;
+const HTTP_PORT: u16 = 7780;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// One simulated host.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    pub netns: String,
+    pub addr: String,
+}
+
+/// A process running in a host's namespace.
+struct Proc {
+    child: Option<Child>,
+    host: Host,
+    args: Vec<String>,
+    log: PathBuf,
+    binary: &'static str,
+}
+
+impl Proc {
+    fn spawn(host: &Host, binary: &'static str, args: Vec<String>, log: PathBuf) -> Result<Proc> {
+        let mut p = Proc {
+            child: None,
+            host: host.clone(),
+            args,
+            log,
+            binary,
+        };
+        p.start()?;
+        Ok(p)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        // nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup hierarchies
+        // the agent needs.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.host.netns))
+            .arg("--")
+            .arg(bin(self.binary))
+            .args(&self.args)
+            .env("SKIFF_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("SKIFF_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} on {}", self.binary, self.host.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, and wait for it.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The fleet. See the module doc.
+pub struct Fleet {
+    pub prefix: String,
+    bridge_ns: String,
+    hosts: Vec<Host>,
+    controllers: Vec<Proc>,
+    agents: Vec<Proc>,
+    dir: tempfile::TempDir,
+    /// The node agent's data dir and cgroup parent, per agent.
+    agent_dirs: Vec<(PathBuf, String)>,
+    image: PathBuf,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Whether this machine can run a fleet: root and `ip netns`. Says why not.
+pub fn can_run() -> bool {
+    if !nix_is_root() {
+        eprintln!("skipped: the fleet needs root (network namespaces, containers)");
+        return false;
+    }
+    if Command::new("ip").args(["netns", "list"]).output().is_err() {
+        eprintln!("skipped: the fleet needs iproute2 (ip netns)");
+        return false;
+    }
+    true
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl Fleet {
+    /// Builds `controllers` + `agents` + 1 client hosts and starts the controllers (the first
+    /// bootstraps, the others join) and the agents. `node_grace` goes to the controllers.
+    pub fn start(controllers: usize, agents: usize, node_grace: &str) -> Result<Fleet> {
+        let prefix = format!(
+            "sk{}{}",
+            std::process::id() % 100_000,
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()?;
+        let mut fleet = Fleet {
+            bridge_ns: format!("{prefix}-br"),
+            prefix: prefix.clone(),
+            hosts: Vec::new(),
+            controllers: Vec::new(),
+            agents: Vec::new(),
+            agent_dirs: Vec::new(),
+            image: dir.path().join("image"),
+            dir,
+        };
+        fleet.build_network(controllers, agents)?;
+        let out = Command::new("sh")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../agent/tests/fixtures/make-busybox-image.sh"
+            ))
+            .arg(&fleet.image)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "fixture image: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for i in 0..controllers {
+            fleet.start_controller(i, node_grace)?;
+            if i == 0 {
+                fleet.wait_for(
+                    "the first controller to lead",
+                    Duration::from_secs(20),
+                    |f| {
+                        Ok(f.cli(&["cluster", "leader"])?.status.success())
+                    },
+                )?;
+            }
+        }
+        let want = controllers;
+        fleet.wait_for("every controller to be a voter", Duration::from_secs(30), |f| {
+            let m = f.cli_json(&["cluster", "members"])?;
+            Ok(m.as_array()
+                .is_some_and(|a| a.iter().filter(|m| m["voter"] == true).count() == want))
+        })?;
+        for i in 0..agents {
+            fleet.start_agent(i)?;
+        }
+        fleet.wait_for("every agent to register", Duration::from_secs(20), |f| {
+            Ok(f.ready_nodes()?.len() == agents)
+        })?;
+        Ok(fleet)
+    }
+
+    fn build_network(&mut self, controllers: usize, agents: usize) -> Result<()> {
+        ip(&["netns", "add", &self.bridge_ns])?;
+        let in_br = |args: &[&str]| -> Result<()> {
+            let mut a = vec!["-n", self.bridge_ns.as_str()];
+            a.extend_from_slice(args);
+            ip(&a)
+        };
+        in_br(&["link", "add", "br0", "type", "bridge"])?;
+        in_br(&["link", "set", "br0", "up"])?;
+        let names: Vec<String> = (1..=controllers)
+            .map(|i| format!("c{i}"))
+            .chain((1..=agents).map(|i| format!("a{i}")))
+            .chain(std::iter::once("cli".to_owned()))
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            let netns = format!("{}-{name}", self.prefix);
+            let addr = format!("198.18.0.{}", i + 1);
+            ip(&["netns", "add", &netns])?;
+            self.hosts.push(Host {
+                name: name.clone(),
+                netns: netns.clone(),
+                addr: addr.clone(),
+            });
+            let outer = format!("{}{name}", self.prefix);
+            ip(&[
+                "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", &outer,
+                "netns", &self.bridge_ns,
+            ])?;
+            in_br(&["link", "set", &outer, "master", "br0", "up"])?;
+            ip(&["-n", &netns, "addr", "add", &format!("{addr}/16"), "dev", "eth0"])?;
+            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    pub fn host(&self, name: &str) -> Result<&Host> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .with_context(|| format!("no host {name}"))
+    }
+
+    fn controller_addrs(&self) -> String {
+        self.hosts
+            .iter()
+            .filter(|h| h.name.starts_with('c') && h.name != "cli")
+            .map(|h| format!("{}:{RPC_PORT}", h.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn start_controller(&mut self, i: usize, node_grace: &str) -> Result<()> {
+        let host = self.host(&format!("c{}", i + 1))?.clone();
+        let mut args = vec![
+            "--id".to_owned(),
+            (i + 1).to_string(),
+            "--data-dir".into(),
+            self.dir.path().join(&host.name).display().to_string(),
+            "--rpc-addr".into(),
+            format!("{}:{RPC_PORT}", host.addr),
+            "--http-addr".into(),
+            format!("{}:{HTTP_PORT}", host.addr),
+            "--node-grace".into(),
+            node_grace.into(),
+        ];
+        if i == 0 {
+            args.push("--bootstrap".into());
+        } else {
+            args.push("--join".into());
+            args.push(format!("{}:{RPC_PORT}", self.host("c1")?.addr));
+        }
+        let log = self.dir.path().join(format!("{}.log", host.name));
+        self.controllers
+            .push(Proc::spawn(&host, "skiff-controller", args, log)?);
+        Ok(())
+    }
+
+    fn start_agent(&mut self, i: usize) -> Result<()> {
+        let host = self.host(&format!("a{}", i + 1))?.clone();
+        let data = self.dir.path().join(&host.name);
+        let parent = format!("{}/{}", self.prefix, host.name);
+        let zone = if i % 2 == 0 { "a" } else { "b" };
+        let args = vec![
+            "--data-dir".to_owned(),
+            data.display().to_string(),
+            "--cgroup-parent".into(),
+            parent.clone(),
+            "--controller".into(),
+            self.controller_addrs(),
+            "--name".into(),
+            host.name.clone(),
+            "--advertise-addr".into(),
+            host.addr.clone(),
+            "--labels".into(),
+            format!("zone={zone}"),
+            "--cpus".into(),
+            "2".into(),
+            "--memory".into(),
+            "2Gi".into(),
+        ];
+        let log = self.dir.path().join(format!("{}.log", host.name));
+        self.agents
+            .push(Proc::spawn(&host, "skiff-agent", args, log)?);
+        self.agent_dirs.push((data, parent));
+        Ok(())
+    }
+
+    /// The busybox image every agent can run (`oci:` path on the shared file system).
+    pub fn image(&self) -> String {
+        format!("oci:{}", self.image.display())
+    }
+
+    /// Writes a job spec into the fleet's dir; returns its path.
+    pub fn spec(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let p = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+
+    /// Runs `skiff ARGS` from the client host against every controller.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let host = self.host("cli")?;
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", host.netns))
+            .arg("--")
+            .arg(bin("skiff"))
+            .arg("--controller")
+            .arg(self.controller_addrs())
+            .args(args)
+            .env_remove("SKIFF_CONTROLLER")
+            .output()?)
+    }
+
+    /// `skiff ARGS`, which must succeed; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        ensure!(
+            out.status.success(),
+            "skiff {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `skiff ARGS -o json`, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.cli_ok(&all)?)?)
+    }
+
+    /// Names of the nodes the controllers see as ready.
+    pub fn ready_nodes(&self) -> Result<Vec<String>> {
+        let nodes = self.cli_json(&["nodes"])?;
+        Ok(nodes
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|n| n["status"] == "ready")
+                    .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The job's allocations that should run, as (id, node, status).
+    pub fn allocations(&self, job: &str) -> Result<Vec<(String, String, String)>> {
+        let ps = self.cli_json(&["ps", job])?;
+        Ok(ps
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        (
+                            x["id"].as_str().unwrap_or_default().to_owned(),
+                            x["node"].as_str().unwrap_or_default().to_owned(),
+                            x["status"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The containers agent `name` has on its host: (container id, name, status, pid).
+    pub fn containers(&self, agent: &str) -> Result<Vec<(String, String, String, i64)>> {
+        let i = self.agent_index(agent)?;
+        let (data, parent) = &self.agent_dirs[i];
+        let out = Command::new(bin("skiff-agent"))
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--cgroup-parent", parent, "container", "ps", "-a", "-o", "json"])
+            .output()?;
+        ensure!(out.status.success(), "container ps on {agent}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| {
+                        (
+                            c["id"].as_str().unwrap_or_default().to_owned(),
+                            c["name"].as_str().unwrap_or_default().to_owned(),
+                            c["status"].as_str().unwrap_or_default().to_owned(),
+                            c["pid"].as_i64().unwrap_or(-1),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Running containers on agent `name`.
+    pub fn running(&self, agent: &str) -> Result<Vec<(String, String, String, i64)>> {
+        Ok(self
+            .containers(agent)?
+            .into_iter()
+            .filter(|c| c.2 == "running")
+            .collect())
+    }
+
+    fn agent_index(&self, name: &str) -> Result<usize> {
+        name.strip_prefix('a')
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n >= 1 && *n <= self.agents.len())
+            .map(|n| n - 1)
+            .with_context(|| format!("no agent {name}"))
+    }
+
+    /// SIGKILLs agent `name` (its containers keep running, as after a crash).
+    pub fn kill_agent(&mut self, name: &str) -> Result<()> {
+        let i = self.agent_index(name)?;
+        self.agents[i].kill();
+        Ok(())
+    }
+
+    /// Starts agent `name` again with the same flags.
+    pub fn restart_agent(&mut self, name: &str) -> Result<()> {
+        let i = self.agent_index(name)?;
+        ensure!(self.agents[i].pid().is_none(), "agent {name} is running");
+        self.agents[i].start()
+    }
+
+    /// SIGKILLs the controller that leads now; returns its host name.
+    pub fn kill_leader(&mut self) -> Result<String> {
+        let leader = self.cli_json(&["cluster", "leader"])?;
+        let addr = leader["rpc_addr"].as_str().context("leader address")?.to_owned();
+        let i = self
+            .controllers
+            .iter()
+            .position(|c| format!("{}:{RPC_PORT}", c.host.addr) == addr)
+            .with_context(|| format!("no controller at {addr}"))?;
+        self.controllers[i].kill();
+        Ok(self.controllers[i].host.name.clone())
+    }
+
+    /// The text of a process's log (for failure messages).
+    pub fn log(&self, host: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{host}.log"))).unwrap_or_default()
+    }
+
+    /// The last `n` lines of every process's log, for failure messages.
+    pub fn log_tails(&self, n: usize) -> String {
+        let mut out = String::new();
+        for h in &self.hosts {
+            let text = self.log(&h.name);
+            if text.is_empty() {
+                continue;
+            }
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {} (last {n} lines)\n", h.name));
+            for l in &lines[lines.len().saturating_sub(n)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Polls `f` every 100 ms until it says yes; fails after `timeout` naming `what`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&Fleet) -> Result<bool>,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last_err = None;
+        loop {
+            match f(self) {
+                Ok(true) => return Ok(start.elapsed()),
+                Ok(false) => {}
+                Err(e) => last_err = Some(e),
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}{}\n{}",
+                    last_err
+                        .map(|e| format!(" (last error: {e:#})"))
+                        .unwrap_or_default(),
+                    self.log_tails(12)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The fleet's temp dir.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.kill();
+        }
+        for c in &mut self.controllers {
+            c.kill();
+        }
+        // Containers outlive their agent: remove them, then their cgroup parents.
+        for (data, parent) in &self.agent_dirs {
+            let ids = Command::new(bin("skiff-agent"))
+                .arg("--data-dir")
+                .arg(data)
+                .args(["--cgroup-parent", parent, "container", "ps", "-a", "-o", "json"])
+                .output()
+                .ok()
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
+            for c in ids.as_ref().and_then(|v| v.as_array()).into_iter().flatten() {
+                if let Some(id) = c["id"].as_str() {
+                    let _ = Command::new(bin("skiff-agent"))
+                        .arg("--data-dir")
+                        .arg(data)
+                        .args(["--cgroup-parent", parent, "container", "rm", "-f", id])
+                        .output();
+                }
+            }
+            for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir(h.path().join(parent));
+                let _ = std::fs::remove_dir(h.path().join(&self.prefix));
+            }
+        }
+        for h in &self.hosts {
+            let _ = ip(&["netns", "del", &h.netns]);
+        }
+        let _ = ip(&["netns", "del", &self.bridge_ns]);
+    }
+}
