@@ -20,28 +20,23 @@ macro_rules! need_root {
     };
 }
 
-/// The busybox OCI layout, built once per test process by the fixture script.
+/// The busybox OCI layout, built once per test process by the fixture script into cargo's
+/// per-target temp dir (statics are never dropped, so a temp dir here would stay in /tmp; the
+/// fixture is reproducible and idempotent, so rebuilding over it is safe).
 fn image() -> &'static str {
-    static IMAGE: OnceLock<(tempfile::TempDir, String)> = OnceLock::new();
-    &IMAGE
-        .get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("skiff-rt-image-")
-                .tempdir()
-                .expect("tempdir");
-            let out = dir.path().join("busybox");
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-busybox-image.sh");
-            let st = Command::new("bash")
-                .arg(&script)
-                .arg(&out)
-                .status()
-                .expect("fixture script");
-            assert!(st.success(), "fixture script failed");
-            let r = format!("oci:{}:latest", out.display());
-            (dir, r)
-        })
-        .1
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("skiff-rt-busybox");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-busybox-image.sh");
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg(&out)
+            .status()
+            .expect("fixture script");
+        assert!(st.success(), "fixture script failed");
+        format!("oci:{}:latest", out.display())
+    })
 }
 
 /// A per-test agent: data dir and cgroup parent named for this run; cleaned on drop.

@@ -110,7 +110,10 @@ pub struct Fleet {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     ensure!(
         out.status.success(),
         "ip {}: {}",
@@ -179,18 +182,20 @@ impl Fleet {
                 fleet.wait_for(
                     "the first controller to lead",
                     Duration::from_secs(20),
-                    |f| {
-                        Ok(f.cli(&["cluster", "leader"])?.status.success())
-                    },
+                    |f| Ok(f.cli(&["cluster", "leader"])?.status.success()),
                 )?;
             }
         }
         let want = controllers;
-        fleet.wait_for("every controller to be a voter", Duration::from_secs(30), |f| {
-            let m = f.cli_json(&["cluster", "members"])?;
-            Ok(m.as_array()
-                .is_some_and(|a| a.iter().filter(|m| m["voter"] == true).count() == want))
-        })?;
+        fleet.wait_for(
+            "every controller to be a voter",
+            Duration::from_secs(30),
+            |f| {
+                let m = f.cli_json(&["cluster", "members"])?;
+                Ok(m.as_array()
+                    .is_some_and(|a| a.iter().filter(|m| m["voter"] == true).count() == want))
+            },
+        )?;
         for i in 0..agents {
             fleet.start_agent(i)?;
         }
@@ -225,11 +230,29 @@ impl Fleet {
             });
             let outer = format!("{}{name}", self.prefix);
             ip(&[
-                "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", &outer,
-                "netns", &self.bridge_ns,
+                "-n",
+                &netns,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outer,
+                "netns",
+                &self.bridge_ns,
             ])?;
             in_br(&["link", "set", &outer, "master", "br0", "up"])?;
-            ip(&["-n", &netns, "addr", "add", &format!("{addr}/16"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{addr}/16"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         }
@@ -393,7 +416,15 @@ impl Fleet {
         let out = Command::new(bin("skiff-agent"))
             .arg("--data-dir")
             .arg(data)
-            .args(["--cgroup-parent", parent, "container", "ps", "-a", "-o", "json"])
+            .args([
+                "--cgroup-parent",
+                parent,
+                "container",
+                "ps",
+                "-a",
+                "-o",
+                "json",
+            ])
             .output()?;
         ensure!(out.status.success(), "container ps on {agent}");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -447,7 +478,10 @@ impl Fleet {
     /// SIGKILLs the controller that leads now; returns its host name.
     pub fn kill_leader(&mut self) -> Result<String> {
         let leader = self.cli_json(&["cluster", "leader"])?;
-        let addr = leader["rpc_addr"].as_str().context("leader address")?.to_owned();
+        let addr = leader["rpc_addr"]
+            .as_str()
+            .context("leader address")?
+            .to_owned();
         let i = self
             .controllers
             .iter()
@@ -527,11 +561,24 @@ impl Drop for Fleet {
             let ids = Command::new(bin("skiff-agent"))
                 .arg("--data-dir")
                 .arg(data)
-                .args(["--cgroup-parent", parent, "container", "ps", "-a", "-o", "json"])
+                .args([
+                    "--cgroup-parent",
+                    parent,
+                    "container",
+                    "ps",
+                    "-a",
+                    "-o",
+                    "json",
+                ])
                 .output()
                 .ok()
                 .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
-            for c in ids.as_ref().and_then(|v| v.as_array()).into_iter().flatten() {
+            for c in ids
+                .as_ref()
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+            {
                 if let Some(id) = c["id"].as_str() {
                     let _ = Command::new(bin("skiff-agent"))
                         .arg("--data-dir")
@@ -540,7 +587,11 @@ impl Drop for Fleet {
                         .output();
                 }
             }
-            for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            for h in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let _ = std::fs::remove_dir(h.path().join(parent));
                 let _ = std::fs::remove_dir(h.path().join(&self.prefix));
             }

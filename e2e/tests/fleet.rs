@@ -53,7 +53,9 @@ fn containers_running(fleet: &Fleet, agents: &[&str]) -> Result<BTreeMap<String,
 }
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[test]
@@ -68,11 +70,16 @@ fn f10_spread_scale_drain_and_plan() -> Result<()> {
     // A 6-replica job spreads over the three agents.
     let spec = web(&fleet, 6, "")?;
     let plan = fleet.cli_ok(&["plan", "-f", &spec.display().to_string()])?;
-    assert!(plan.contains("place 2 on a1") && plan.contains("place 2 on a3"), "{plan}");
+    assert!(
+        plan.contains("place 2 on a1") && plan.contains("place 2 on a3"),
+        "{plan}"
+    );
     fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
-    fleet.wait_for("6 running replicas, 2 per agent", Duration::from_secs(30), |f| {
-        Ok(per_node(f, "web")?.values().copied().collect::<Vec<_>>() == [2, 2, 2])
-    })?;
+    fleet.wait_for(
+        "6 running replicas, 2 per agent",
+        Duration::from_secs(30),
+        |f| Ok(per_node(f, "web")?.values().copied().collect::<Vec<_>>() == [2, 2, 2]),
+    )?;
     assert_eq!(containers_running(&fleet, &agents)?.len(), 6);
 
     // Scale up and down.
@@ -81,20 +88,30 @@ fn f10_spread_scale_drain_and_plan() -> Result<()> {
         Ok(per_node(f, "web")?.values().copied().collect::<Vec<_>>() == [3, 3, 3])
     })?;
     fleet.cli_ok(&["scale", "web", "3"])?;
-    fleet.wait_for("3 replicas, 1 per agent, 3 containers", Duration::from_secs(30), |f| {
-        Ok(per_node(f, "web")?.values().copied().collect::<Vec<_>>() == [1, 1, 1]
-            && containers_running(f, &agents)?.len() == 3)
-    })?;
+    fleet.wait_for(
+        "3 replicas, 1 per agent, 3 containers",
+        Duration::from_secs(30),
+        |f| {
+            Ok(
+                per_node(f, "web")?.values().copied().collect::<Vec<_>>() == [1, 1, 1]
+                    && containers_running(f, &agents)?.len() == 3,
+            )
+        },
+    )?;
 
     // Drain a2: its replica moves, nothing new lands there.
     let out = fleet.cli_ok(&["node", "drain", "a2"])?;
     assert!(out.contains("a2: draining"), "{out}");
-    fleet.wait_for("a2 empty, 3 replicas elsewhere", Duration::from_secs(30), |f| {
-        let m = per_node(f, "web")?;
-        Ok(!m.contains_key("a2")
-            && m.values().sum::<usize>() == 3
-            && f.running("a2")?.is_empty())
-    })?;
+    fleet.wait_for(
+        "a2 empty, 3 replicas elsewhere",
+        Duration::from_secs(30),
+        |f| {
+            let m = per_node(f, "web")?;
+            Ok(!m.contains_key("a2")
+                && m.values().sum::<usize>() == 3
+                && f.running("a2")?.is_empty())
+        },
+    )?;
     fleet.cli_ok(&["scale", "web", "4"])?;
     fleet.wait_for("4 replicas, none on a2", Duration::from_secs(30), |f| {
         let m = per_node(f, "web")?;
@@ -133,7 +150,11 @@ fn f10_spread_scale_drain_and_plan() -> Result<()> {
     })?;
 
     // Logs and exec through the agent.
-    let (id, _, _) = fleet.allocations("web")?.into_iter().next().unwrap_or_default();
+    let (id, _, _) = fleet
+        .allocations("web")?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
     let out = fleet.cli_ok(&["exec", &id, "--", "wget", "-qO-", "http://127.0.0.1:8080/"])?;
     assert_eq!(out, "hello from skiff\n");
     let out = fleet.cli(&["exec", &id, "--", "sh", "-c", "exit 7"])?;
@@ -195,12 +216,16 @@ fn f20_agent_killed_is_replaced_and_restarted_agents_adopt() -> Result<()> {
 
     // a2 comes back: its stale containers stop; nothing runs twice.
     fleet.restart_agent("a2")?;
-    fleet.wait_for("a2 ready and its stale containers gone", Duration::from_secs(30), |f| {
-        Ok(f.ready_nodes()?.contains(&"a2".to_owned())
-            && lost
-                .iter()
-                .all(|id| f.running("a2").is_ok_and(|r| r.iter().all(|c| &c.1 != id))))
-    })?;
+    fleet.wait_for(
+        "a2 ready and its stale containers gone",
+        Duration::from_secs(30),
+        |f| {
+            Ok(f.ready_nodes()?.contains(&"a2".to_owned())
+                && lost
+                    .iter()
+                    .all(|id| f.running("a2").is_ok_and(|r| r.iter().all(|c| &c.1 != id))))
+        },
+    )?;
     let running = containers_running(&fleet, &agents)?;
     let assigned: Vec<String> = fleet.allocations("web")?.into_iter().map(|a| a.0).collect();
     assert_eq!(running.len(), 6, "{running:?}");
@@ -219,9 +244,11 @@ fn f30_leader_killed_during_a_deploy() -> Result<()> {
     fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
     let killed = fleet.kill_leader()?;
     eprintln!("killed the leader ({killed}) right after the apply");
-    fleet.wait_for("the deploy to complete (6 running)", Duration::from_secs(45), |f| {
-        Ok(per_node(f, "web")?.values().sum::<usize>() == 6)
-    })?;
+    fleet.wait_for(
+        "the deploy to complete (6 running)",
+        Duration::from_secs(45),
+        |f| Ok(per_node(f, "web")?.values().sum::<usize>() == 6),
+    )?;
     let running = containers_running(&fleet, &["a1", "a2", "a3"])?;
     assert_eq!(running.len(), 6, "{running:?}");
     // A new version deploys too, with one controller down.
@@ -230,7 +257,9 @@ fn f30_leader_killed_during_a_deploy() -> Result<()> {
     fleet.wait_for("version 2 everywhere", Duration::from_secs(45), |f| {
         let ps = f.cli_json(&["ps", "web"])?;
         Ok(ps.as_array().is_some_and(|a| {
-            a.len() == 6 && a.iter().all(|x| x["job_version"] == 2 && x["status"] == "running")
+            a.len() == 6
+                && a.iter()
+                    .all(|x| x["job_version"] == 2 && x["status"] == "running")
         }))
     })?;
     Ok(())
