@@ -16,10 +16,13 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
+    let dir = exe.parent().expect("exe dir");
+    // Tests run from target/<profile>/deps; benchmark binaries from target/<profile>.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary, with a clear message when it has not been built.
@@ -127,6 +130,11 @@ impl ControllerProc {
     /// GET a path on the member's HTTP address; (status code, body).
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.http, path)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     pub fn log_text(&self) -> String {
