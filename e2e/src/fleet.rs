@@ -305,7 +305,7 @@ impl Fleet {
         let host = self.host(&format!("a{}", i + 1))?.clone();
         let data = self.dir.path().join(&host.name);
         let parent = format!("{}/{}", self.prefix, host.name);
-        let zone = if i % 2 == 0 { "a" } else { "b" };
+        let zone = if i.is_multiple_of(2) { "a" } else { "b" };
         let args = vec![
             "--data-dir".to_owned(),
             data.display().to_string(),
