@@ -9,7 +9,8 @@ cd "$root"
 # busybox-static: the runtime tests build their container image from it.
 # docker-registry, skopeo, apache2-utils (htpasswd), zstd, util-linux (script): the image tests
 # run a real registry on loopback, push to it with skopeo and write archives with it.
-need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux)
+# iproute2: the fleet tests build hosts from network namespaces.
+need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2)
 missing=()
 for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
