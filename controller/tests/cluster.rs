@@ -348,6 +348,23 @@ async fn t30_bad_input_gets_clear_errors_and_changes_nothing() {
     let c = TestCluster::start(1, TestCluster::settings()).await;
     let mut client = c.jobs(1).await;
     apply(&mut client, spec("first", 1)).await.expect("write");
+    // The reconciler records why "first" is pending (no nodes): wait for that write, so what
+    // follows is measured against a settled log.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c
+        .member(1)
+        .node()
+        .state()
+        .state
+        .job("default", "first")
+        .is_none_or(|j| j.pending.is_none())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pending never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before = c.member(1).node().status().last_log_index;
 
     let err = apply(
