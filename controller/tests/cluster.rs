@@ -581,3 +581,145 @@ async fn t50_member_behind_a_compaction_is_brought_up_by_snapshot() {
     assert_eq!(c.job_names(follower).len(), 80);
     c.shutdown().await;
 }
+
+/// The Nodes API: a node registers, gets work, reports it; bad input is named and changes
+/// nothing; followers send agents to the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
+    use skiff_proto::v1::nodes_client::NodesClient;
+    let c = TestCluster::start(3, TestCluster::settings()).await;
+    let leader = c.wait_leader().await;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    let addr = |id: u64| format!("http://{}", c.rpc[id as usize - 1]);
+    let mut nodes = NodesClient::connect(addr(leader)).await.expect("connect");
+    let register = |name: &str, address: &str, cpu: f64| pb::RegisterNodeRequest {
+        name: name.into(),
+        address: address.into(),
+        labels: [("zone".to_owned(), "a".to_owned())].into(),
+        resources: Some(pb::NodeResources {
+            cpu,
+            memory: 1 << 30,
+            pids: 1000,
+        }),
+        agent_addr: "198.18.0.9:7801".into(),
+    };
+
+    // A follower points at the leader.
+    let mut via_follower = NodesClient::connect(addr(follower)).await.expect("connect");
+    let err = via_follower
+        .register(register("n1", "198.18.0.9", 2.0))
+        .await
+        .expect_err("follower");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let hint = err
+        .metadata()
+        .get("x-skiff-leader")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert_eq!(hint, Some(c.rpc[leader as usize - 1].to_string()));
+
+    // Bad registrations are refused with the field named, and write nothing.
+    let before = c.member(leader).node().status().last_log_index;
+    for (req, want) in [
+        (register("Bad Name", "198.18.0.9", 2.0), "name"),
+        (
+            register("n1", "not-an-ip", 2.0),
+            "address: \"not-an-ip\" is not an IP address",
+        ),
+        (register("n1", "198.18.0.9", 0.0), "resources"),
+        (register("n1", "198.18.0.9", f64::NAN), "resources"),
+    ] {
+        let err = nodes.register(req).await.expect_err(want);
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains(want), "{}", err.message());
+    }
+    let hb = nodes
+        .heartbeat(pb::HeartbeatRequest {
+            name: "ghost".into(),
+            allocations: vec![],
+        })
+        .await
+        .expect("heartbeat")
+        .into_inner();
+    assert!(!hb.known, "an unknown node is told to register");
+    assert_eq!(c.member(leader).node().status().last_log_index, before);
+
+    // A good one, then a job: the watch delivers its allocation.
+    nodes
+        .register(register("n1", "198.18.0.9", 2.0))
+        .await
+        .expect("register");
+    let mut watch = NodesClient::connect(addr(follower))
+        .await
+        .expect("connect")
+        .watch_allocations(pb::WatchAllocationsRequest { node: "n1".into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut jobs = c.jobs(leader).await;
+    apply(&mut jobs, spec("web", 1)).await.expect("apply");
+    let assigned = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let msg = watch.message().await.expect("stream").expect("message");
+            if let Some(a) = msg.allocations.first() {
+                return a.clone();
+            }
+        }
+    })
+    .await
+    .expect("assignment within 10 s");
+    assert_eq!(assigned.job, "web");
+    assert!(assigned.spec_json.contains("\"name\":\"web\""));
+
+    // Its report is recorded; a report with an unknown state is refused.
+    nodes
+        .heartbeat(pb::HeartbeatRequest {
+            name: "n1".into(),
+            allocations: vec![pb::AllocationReport {
+                id: assigned.id.clone(),
+                state: "running".into(),
+                restarts: 2,
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("heartbeat");
+    let err = nodes
+        .heartbeat(pb::HeartbeatRequest {
+            name: "n1".into(),
+            allocations: vec![pb::AllocationReport {
+                id: assigned.id.clone(),
+                state: "dancing".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect_err("bad state");
+    assert!(
+        err.message().contains("unknown state \"dancing\""),
+        "{}",
+        err.message()
+    );
+    let ps = jobs
+        .list_allocations(pb::ListAllocationsRequest {
+            job: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ps")
+        .into_inner()
+        .allocations;
+    assert_eq!(ps.len(), 1);
+    assert_eq!((ps[0].observed.as_str(), ps[0].restarts), ("running", 2));
+
+    // Drain an unknown node: named.
+    let err = nodes
+        .set_drain(pb::SetDrainRequest {
+            name: "ghost".into(),
+            drain: true,
+        })
+        .await
+        .expect_err("ghost");
+    assert_eq!(err.code(), Code::NotFound);
+    c.shutdown().await;
+}
