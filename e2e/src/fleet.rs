@@ -109,6 +109,16 @@ pub struct Fleet {
     image: PathBuf,
 }
 
+/// `skiff-agent --data-dir DATA --cgroup-parent PARENT ARGS` on this host (not in a netns).
+fn agent_cmd(data: &Path, parent: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("skiff-agent"));
+    c.arg("--data-dir")
+        .arg(data)
+        .args(["--cgroup-parent", parent])
+        .args(args);
+    c
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
@@ -413,19 +423,7 @@ impl Fleet {
     pub fn containers(&self, agent: &str) -> Result<Vec<(String, String, String, i64)>> {
         let i = self.agent_index(agent)?;
         let (data, parent) = &self.agent_dirs[i];
-        let out = Command::new(bin("skiff-agent"))
-            .arg("--data-dir")
-            .arg(data)
-            .args([
-                "--cgroup-parent",
-                parent,
-                "container",
-                "ps",
-                "-a",
-                "-o",
-                "json",
-            ])
-            .output()?;
+        let out = agent_cmd(data, parent, &["container", "ps", "-a", "-o", "json"]).output()?;
         ensure!(out.status.success(), "container ps on {agent}");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         Ok(v.as_array()
@@ -558,18 +556,7 @@ impl Drop for Fleet {
         }
         // Containers outlive their agent: remove them, then their cgroup parents.
         for (data, parent) in &self.agent_dirs {
-            let ids = Command::new(bin("skiff-agent"))
-                .arg("--data-dir")
-                .arg(data)
-                .args([
-                    "--cgroup-parent",
-                    parent,
-                    "container",
-                    "ps",
-                    "-a",
-                    "-o",
-                    "json",
-                ])
+            let ids = agent_cmd(data, parent, &["container", "ps", "-a", "-o", "json"])
                 .output()
                 .ok()
                 .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
@@ -580,11 +567,7 @@ impl Drop for Fleet {
                 .flatten()
             {
                 if let Some(id) = c["id"].as_str() {
-                    let _ = Command::new(bin("skiff-agent"))
-                        .arg("--data-dir")
-                        .arg(data)
-                        .args(["--cgroup-parent", parent, "container", "rm", "-f", id])
-                        .output();
+                    let _ = agent_cmd(data, parent, &["container", "rm", "-f", id]).output();
                 }
             }
             for h in std::fs::read_dir("/sys/fs/cgroup")

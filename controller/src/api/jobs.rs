@@ -20,6 +20,22 @@ impl JobsApi {
     pub fn new(ctx: ApiContext) -> Self {
         JobsApi { ctx }
     }
+
+    /// Commits a (validated) spec as the job's next version.
+    async fn apply_spec(
+        &self,
+        spec: skiff_common::JobSpec,
+    ) -> Result<pb::ApplyJobResponse, ApiError> {
+        let (result, _index) = self
+            .ctx
+            .node
+            .write(Command::ApplyJob {
+                spec: Box::new(spec),
+                at_ms: now_ms(),
+            })
+            .await?;
+        applied_pb(result?)
+    }
 }
 
 pub(crate) fn summary_pb(s: &JobSummary) -> pb::JobSummary {
@@ -142,16 +158,7 @@ impl Jobs for JobsApi {
         let req = req.into_inner();
         self.ctx
             .track("ApplyJob", async {
-                let spec = parse_request_spec(&req)?;
-                let (result, _index) = self
-                    .ctx
-                    .node
-                    .write(Command::ApplyJob {
-                        spec: Box::new(spec),
-                        at_ms: now_ms(),
-                    })
-                    .await?;
-                applied_pb(result?)
+                self.apply_spec(parse_request_spec(&req)?).await
             })
             .await
     }
@@ -319,15 +326,7 @@ impl Jobs for JobsApi {
                     spec
                 };
                 spec.validate()?;
-                let (result, _) = self
-                    .ctx
-                    .node
-                    .write(Command::ApplyJob {
-                        spec: Box::new(spec),
-                        at_ms: now_ms(),
-                    })
-                    .await?;
-                applied_pb(result?)
+                self.apply_spec(spec).await
             })
             .await
     }
