@@ -196,14 +196,13 @@ async fn session(
             cfg.listen.to_string()
         },
     };
-    let interval = client
+    let registered = client
         .register(register.clone())
         .await
         .map_err(session_err)?
-        .into_inner()
-        .heartbeat_interval_ms;
-    let interval = Duration::from_millis(interval.clamp(100, 10_000));
-    info!(controller = %addr, "registered");
+        .into_inner();
+    let interval = Duration::from_millis(registered.heartbeat_interval_ms.clamp(100, 10_000));
+    info!(controller = %addr, subnet = %registered.subnet, "registered");
 
     // The watch: its own task, on the same connection (no per-request timeout on a stream).
     let mut watch_client = NodesClient::new(channel);

@@ -16,6 +16,7 @@ pub fn node_json(n: &pb::Node) -> serde_json::Value {
     };
     serde_json::json!({
         "name": n.name, "address": n.address, "status": n.status, "labels": n.labels,
+        "subnet": n.subnet,
         "total": res(&n.total), "allocated": res(&n.allocated), "allocations": n.allocations,
         "registered_at_ms": n.registered_at_ms, "status_changed_at_ms": n.status_changed_at_ms,
     })
@@ -49,6 +50,7 @@ pub async fn nodes(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<(
             vec![
                 n.name.clone(),
                 n.address.clone(),
+                n.subnet.clone(),
                 n.status.clone(),
                 n.allocations.to_string(),
                 format!("{:.2}/{:.2}", a.cpu, t.cpu),

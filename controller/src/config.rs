@@ -55,6 +55,9 @@ pub struct Args {
     /// e.g. 10s [default: 10s].
     #[arg(long, env = "SKIFF_NODE_GRACE")]
     pub node_grace: Option<String>,
+    /// The network nodes' pod subnets (/24 each) are taken from [default: 10.42.0.0/16].
+    #[arg(long, env = "SKIFF_CLUSTER_CIDR")]
+    pub cluster_cidr: Option<String>,
 }
 
 /// The config file's shape.
@@ -70,6 +73,7 @@ pub struct FileConfig {
     pub join: Option<String>,
     pub raft: Option<RaftSettings>,
     pub node_grace: Option<String>,
+    pub cluster_cidr: Option<String>,
 }
 
 /// How a member that has never run forms or joins a cluster.
@@ -94,6 +98,8 @@ pub struct Config {
     pub raft: RaftSettings,
     /// A node not heard from for this long is down.
     pub node_grace: std::time::Duration,
+    /// Pod subnets come from here.
+    pub cluster_cidr: String,
 }
 
 /// A configuration problem, named precisely.
@@ -115,6 +121,8 @@ pub enum ConfigError {
         field: &'static str,
         addr: SocketAddr,
     },
+    #[error("cluster-cidr: {0:?} is not an IPv4 network of prefix /8 to /24 (e.g. 10.42.0.0/16)")]
+    ClusterCidr(String),
     #[error("node-grace: {0:?} is not a duration of at least 1s (e.g. 10s)")]
     NodeGrace(String),
     #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 400-800)")]
@@ -184,6 +192,13 @@ impl Config {
                 .filter(|d| *d >= std::time::Duration::from_secs(1))
                 .ok_or(ConfigError::NodeGrace(s))?,
         };
+        let cluster_cidr = args
+            .cluster_cidr
+            .or(file.cluster_cidr)
+            .unwrap_or_else(|| "10.42.0.0/16".to_owned());
+        if crate::state::parse_cidr(&cluster_cidr).is_none() {
+            return Err(ConfigError::ClusterCidr(cluster_cidr));
+        }
         Ok(Config {
             id,
             data_dir,
@@ -192,6 +207,7 @@ impl Config {
             formation,
             raft,
             node_grace,
+            cluster_cidr,
         })
     }
 }

@@ -139,9 +139,13 @@ impl Controller {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
-                NodesServer::new(NodesApi::new(ctx.clone(), heartbeats.clone()))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                NodesServer::new(NodesApi::new(
+                    ctx.clone(),
+                    heartbeats.clone(),
+                    config.cluster_cidr.clone(),
+                ))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         tasks.push(tokio::spawn(reconcile::run(
             node.clone(),

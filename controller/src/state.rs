@@ -31,6 +31,9 @@ pub enum Command {
     },
     /// Register a node or update its registration.
     UpsertNode { node: Node },
+    /// An agent's registration: as `UpsertNode`, and the node keeps its pod subnet or gets the
+    /// lowest free /24 of `cluster_cidr`.
+    RegisterNode { node: Node, cluster_cidr: String },
     /// Set a node's scheduling status (ready, draining, down).
     SetNodeStatus {
         name: String,
@@ -82,6 +85,7 @@ impl Command {
             Command::ApplyJob { .. } => "apply_job",
             Command::StopJob { .. } => "stop_job",
             Command::UpsertNode { .. } => "upsert_node",
+            Command::RegisterNode { .. } => "register_node",
             Command::SetNodeStatus { .. } => "set_node_status",
             Command::PlaceAllocations { .. } => "place_allocations",
             Command::SetAllocationDesired { .. } => "set_allocation_desired",
@@ -101,6 +105,7 @@ impl std::fmt::Display for Command {
                 namespace, name, ..
             } => write!(f, "stop_job({namespace}/{name})"),
             Command::UpsertNode { node } => write!(f, "upsert_node({})", node.name),
+            Command::RegisterNode { node, .. } => write!(f, "register_node({})", node.name),
             Command::SetNodeStatus { name, status, .. } => {
                 write!(f, "set_node_status({name}, {status:?})")
             }
@@ -172,6 +177,10 @@ pub enum ApplyError {
     AllocationNotFound { id: String },
     #[error("allocation {id} already exists")]
     AllocationExists { id: String },
+    #[error("cluster CIDR {cidr} has no free /24 left for node {node}")]
+    NoSubnet { cidr: String, node: String },
+    #[error("cluster CIDR {cidr:?} is not an IPv4 network of prefix /8 to /24")]
+    BadCidr { cidr: String },
     #[error("invalid job spec: {message}")]
     InvalidSpec { message: String },
     #[error(
@@ -215,6 +224,19 @@ pub struct ClusterState {
     allocations: OrdMap<String, Allocation>,
 }
 
+/// `a.b.c.d/p` with 8 <= p <= 24 -> (network address as u32, p); host bits must be zero.
+pub fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
+    let (addr, prefix) = cidr.split_once('/')?;
+    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+    let prefix: u32 = prefix.parse().ok()?;
+    if !(8..=24).contains(&prefix) {
+        return None;
+    }
+    let base = u32::from(addr);
+    let host_bits = (1u32 << (32 - prefix)) - 1;
+    (base & host_bits == 0).then_some((base, prefix))
+}
+
 fn job_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
@@ -236,6 +258,17 @@ impl ClusterState {
                     name: node.name.clone(),
                     created,
                 })
+            }
+            Command::RegisterNode { node, cluster_cidr } => {
+                let mut node = node.clone();
+                node.subnet = match self.nodes.get(&node.name).and_then(|n| n.subnet.clone()) {
+                    Some(kept) => Some(kept),
+                    None => Some(self.free_subnet(cluster_cidr, &node.name)?),
+                };
+                let created = !self.nodes.contains_key(&node.name);
+                let name = node.name.clone();
+                self.nodes.insert(name.clone(), node);
+                Ok(Outcome::NodeUpserted { name, created })
             }
             Command::SetNodeStatus {
                 name,
@@ -317,6 +350,29 @@ impl ClusterState {
                 Ok(Outcome::JobPendingSet { changed })
             }
         }
+    }
+
+    /// The lowest /24 of `cidr` no node holds.
+    fn free_subnet(&self, cidr: &str, node: &str) -> Result<String, ApplyError> {
+        let (base, prefix) = parse_cidr(cidr).ok_or_else(|| ApplyError::BadCidr {
+            cidr: cidr.to_owned(),
+        })?;
+        let taken: std::collections::HashSet<&str> = self
+            .nodes
+            .values()
+            .filter_map(|n| n.subnet.as_deref())
+            .collect();
+        let count = 1u32 << (24 - prefix);
+        (0..count)
+            .map(|i| {
+                let net = std::net::Ipv4Addr::from(base + (i << 8));
+                format!("{net}/24")
+            })
+            .find(|s| !taken.contains(s.as_str()))
+            .ok_or_else(|| ApplyError::NoSubnet {
+                cidr: cidr.to_owned(),
+                node: node.to_owned(),
+            })
     }
 
     /// A node by name.

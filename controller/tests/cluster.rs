@@ -91,6 +91,7 @@ impl TestCluster {
                     formation: formation.clone(),
                     raft: c.settings.clone(),
                     node_grace: Duration::from_secs(10),
+                    cluster_cidr: "10.42.0.0/16".into(),
                 })
                 .await;
                 match res {
@@ -179,6 +180,7 @@ impl TestCluster {
             formation: Formation::Wait,
             raft: self.settings.clone(),
             node_grace: Duration::from_secs(10),
+            cluster_cidr: "10.42.0.0/16".into(),
         })
         .await
         .expect("restart member");
@@ -644,11 +646,26 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     assert!(!hb.known, "an unknown node is told to register");
     assert_eq!(c.member(leader).node().status().last_log_index, before);
 
-    // A good one, then a job: the watch delivers its allocation.
-    nodes
+    // A good one gets the first /24 of the cluster CIDR, and keeps it; then a job: the watch
+    // delivers its allocation.
+    let reply = nodes
         .register(register("n1", "198.18.0.9", 2.0))
         .await
-        .expect("register");
+        .expect("register")
+        .into_inner();
+    assert_eq!(reply.subnet, "10.42.0.0/24");
+    let reply = nodes
+        .register(register("n2", "198.18.0.10", 2.0))
+        .await
+        .expect("register")
+        .into_inner();
+    assert_eq!(reply.subnet, "10.42.1.0/24");
+    let reply = nodes
+        .register(register("n1", "198.18.0.9", 2.0))
+        .await
+        .expect("register again")
+        .into_inner();
+    assert_eq!(reply.subnet, "10.42.0.0/24");
     let mut watch = NodesClient::connect(addr(follower))
         .await
         .expect("connect")

@@ -177,6 +177,31 @@ fn f20_agent_killed_is_replaced_and_restarted_agents_adopt() -> Result<()> {
         Ok(per_node(f, "web")?.values().sum::<usize>() == 6)
     })?;
 
+    // Each node has its own pod subnet, kept when its agent restarts.
+    let subnets = |f: &Fleet| -> Result<BTreeMap<String, String>> {
+        let nodes = f.cli_json(&["nodes"])?;
+        Ok(nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap_or_default().to_owned(),
+                    n["subnet"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect())
+    };
+    let before_subnets = subnets(&fleet)?;
+    let distinct: std::collections::BTreeSet<&String> = before_subnets.values().collect();
+    assert_eq!(distinct.len(), 3, "{before_subnets:?}");
+    assert!(
+        before_subnets
+            .values()
+            .all(|s| s.starts_with("10.42.") && s.ends_with(".0/24")),
+        "{before_subnets:?}"
+    );
+
     // An agent restart: its containers keep running, adopted, not restarted.
     let before = fleet.running("a1")?;
     fleet.kill_agent("a1")?;
@@ -186,6 +211,7 @@ fn f20_agent_killed_is_replaced_and_restarted_agents_adopt() -> Result<()> {
     })?;
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(fleet.running("a1")?, before, "same containers, same pids");
+    assert_eq!(subnets(&fleet)?, before_subnets, "subnets kept");
 
     // SIGKILL a2: after the grace period its allocations run elsewhere.
     let lost: Vec<String> = fleet

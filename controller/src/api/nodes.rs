@@ -28,11 +28,16 @@ pub const LEADER_METADATA: &str = "x-skiff-leader";
 pub struct NodesApi {
     ctx: ApiContext,
     heartbeats: Heartbeats,
+    cluster_cidr: String,
 }
 
 impl NodesApi {
-    pub fn new(ctx: ApiContext, heartbeats: Heartbeats) -> Self {
-        NodesApi { ctx, heartbeats }
+    pub fn new(ctx: ApiContext, heartbeats: Heartbeats, cluster_cidr: String) -> Self {
+        NodesApi {
+            ctx,
+            heartbeats,
+            cluster_cidr,
+        }
     }
 
     /// Heartbeats and registrations go to the leader (the liveness clock lives there).
@@ -92,6 +97,7 @@ pub(crate) fn node_pb(state: &ClusterState, n: &Node) -> pb::Node {
         agent_addr: n.agent_addr.clone(),
         registered_at_ms: n.registered_at_ms,
         status_changed_at_ms: n.status_changed_at_ms,
+        subnet: n.subnet.clone().unwrap_or_default(),
     }
 }
 
@@ -156,10 +162,19 @@ impl Nodes for NodesApi {
                         .map_or(now, |n| n.status_changed_at_ms),
                     registered_at_ms: existing.as_ref().map_or(now, |n| n.registered_at_ms),
                     agent_addr: req.agent_addr,
+                    subnet: existing.as_ref().and_then(|n| n.subnet.clone()),
                 };
                 self.heartbeats.beat(&node.name);
-                if existing.as_ref() != Some(&node) {
-                    let (result, _) = self.ctx.node.write(Command::UpsertNode { node }).await?;
+                let name = node.name.clone();
+                if existing.as_ref() != Some(&node) || node.subnet.is_none() {
+                    let (result, _) = self
+                        .ctx
+                        .node
+                        .write(Command::RegisterNode {
+                            node,
+                            cluster_cidr: self.cluster_cidr.clone(),
+                        })
+                        .await?;
                     match result? {
                         Outcome::NodeUpserted { name, created } => {
                             tracing::info!(node = %name, created, "node registered");
@@ -169,8 +184,17 @@ impl Nodes for NodesApi {
                         }
                     }
                 }
+                let subnet = self
+                    .ctx
+                    .node
+                    .state()
+                    .state
+                    .node(&name)
+                    .and_then(|n| n.subnet.clone())
+                    .unwrap_or_default();
                 Ok(pb::RegisterNodeResponse {
                     heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+                    subnet,
                 })
             })
             .await

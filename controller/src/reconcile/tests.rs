@@ -19,6 +19,7 @@ fn node(name: &str) -> Node {
         status_changed_at_ms: 0,
         registered_at_ms: 0,
         agent_addr: String::new(),
+        subnet: None,
     }
 }
 

@@ -20,6 +20,7 @@ fn node(name: &str, cpu: f64, memory_mib: u64, labels: &[(&str, &str)]) -> Node 
         status_changed_at_ms: 0,
         registered_at_ms: 0,
         agent_addr: String::new(),
+        subnet: None,
     }
 }
 

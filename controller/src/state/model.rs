@@ -137,6 +137,10 @@ pub struct Node {
     /// The agent's own API (logs, exec), `host:port`.
     #[serde(default)]
     pub agent_addr: String,
+    /// The node's pod subnet (a /24 of the cluster CIDR), given at its first registration and
+    /// kept for good.
+    #[serde(default)]
+    pub subnet: Option<String>,
 }
 
 /// What should happen to an allocation.

@@ -26,6 +26,7 @@ fn node(name: &str) -> Node {
         status_changed_at_ms: 0,
         registered_at_ms: 0,
         agent_addr: String::new(),
+        subnet: None,
     }
 }
 
@@ -283,4 +284,33 @@ fn apply_is_deterministic_and_survives_serialization() {
     let snap: ClusterState =
         serde_json::from_str(&serde_json::to_string(&a).expect("ser")).expect("de");
     assert_eq!(snap, a, "a snapshot round-trips");
+}
+
+#[test]
+fn registration_gives_each_node_a_subnet_for_good() {
+    let mut s = ClusterState::default();
+    let register = |s: &mut ClusterState, name: &str, cidr: &str| {
+        s.apply(&Command::RegisterNode {
+            node: node(name),
+            cluster_cidr: cidr.into(),
+        })
+    };
+    register(&mut s, "n1", "10.42.0.0/23").expect("n1");
+    register(&mut s, "n2", "10.42.0.0/23").expect("n2");
+    let subnet = |s: &ClusterState, n: &str| s.node(n).and_then(|n| n.subnet.clone());
+    assert_eq!(subnet(&s, "n1").as_deref(), Some("10.42.0.0/24"));
+    assert_eq!(subnet(&s, "n2").as_deref(), Some("10.42.1.0/24"));
+    // Registering again keeps it, even if the CIDR changed meanwhile.
+    register(&mut s, "n1", "10.99.0.0/16").expect("again");
+    assert_eq!(subnet(&s, "n1").as_deref(), Some("10.42.0.0/24"));
+    // Full: a clear error, nothing changed.
+    let before = s.clone();
+    let err = register(&mut s, "n3", "10.42.0.0/23").expect_err("full");
+    assert_eq!(
+        err.to_string(),
+        "cluster CIDR 10.42.0.0/23 has no free /24 left for node n3"
+    );
+    assert_eq!(s, before);
+    let err = register(&mut s, "n3", "10.42.0.1/16").expect_err("host bits");
+    assert!(matches!(err, ApplyError::BadCidr { .. }), "{err}");
 }

@@ -48,6 +48,7 @@ fn node(i: usize) -> Node {
         status_changed_at_ms: 0,
         registered_at_ms: 0,
         agent_addr: String::new(),
+        subnet: None,
     }
 }
 
