@@ -8,7 +8,7 @@
 # runs containers, so this needs root.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-state="$root/.skiff-dev"
+state="${SKIFF_DEV_DIR:-$root/.skiff-dev}"
 rpc=127.0.0.1:7700
 http=127.0.0.1:7780
 agent_api=127.0.0.1:7801
