@@ -94,28 +94,34 @@ fn holds(a: &Allocation) -> bool {
     a.desired == DesiredStatus::Run && a.observed != AllocationStatus::Lost
 }
 
-/// The scheduler's view of every node: resources held by live allocations.
-pub fn node_view(state: &ClusterState) -> Vec<Candidate<'_>> {
-    let mut used: BTreeMap<&str, Usage> = BTreeMap::new();
+/// What the live allocations on each node hold, and how many there are.
+pub fn usage_by_node(state: &ClusterState) -> BTreeMap<&str, (Usage, u32)> {
+    let mut used: BTreeMap<&str, (Usage, u32)> = BTreeMap::new();
     for a in state.allocations().filter(|a| holds(a)) {
-        let Some(spec) = state
+        let entry = used.entry(a.node.as_str()).or_default();
+        entry.1 += 1;
+        if let Some(spec) = state
             .job(&a.namespace, &a.job)
             .and_then(|j| j.version(a.job_version))
             .map(|v| &v.spec)
-        else {
-            continue;
-        };
-        let u = used.entry(a.node.as_str()).or_default();
-        let add = ask(spec);
-        u.millicpu += add.millicpu;
-        u.memory += add.memory;
-        u.pids += add.pids;
+        {
+            let add = ask(spec);
+            entry.0.millicpu += add.millicpu;
+            entry.0.memory += add.memory;
+            entry.0.pids += add.pids;
+        }
     }
+    used
+}
+
+/// The scheduler's view of every node: resources held by live allocations.
+pub fn node_view(state: &ClusterState) -> Vec<Candidate<'_>> {
+    let used = usage_by_node(state);
     state
         .nodes()
         .map(|n| Candidate {
             node: n,
-            used: used.get(n.name.as_str()).copied().unwrap_or_default(),
+            used: used.get(n.name.as_str()).map(|u| u.0).unwrap_or_default(),
             job_replicas: 0,
         })
         .collect()

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use super::{ApiContext, ApiError, now_ms};
 use crate::raft::Role;
 use crate::reconcile::{self, Heartbeats};
+use crate::scheduler::Usage;
 use crate::state::{
     AllocationReport, AllocationStatus, ClusterState, Command, DesiredStatus, Node, NodeResources,
     NodeStatus, Outcome,
@@ -63,24 +64,15 @@ fn resources_pb(r: &NodeResources) -> pb::NodeResources {
     }
 }
 
-/// A node as the API shows it, with what its allocations hold.
-pub(crate) fn node_pb(state: &ClusterState, n: &Node) -> pb::Node {
-    let mut allocated = NodeResources::default();
-    let mut count = 0;
-    for a in state.allocations().filter(|a| {
-        a.node == n.name && a.desired == DesiredStatus::Run && a.observed != AllocationStatus::Lost
-    }) {
-        if let Some(v) = state
-            .job(&a.namespace, &a.job)
-            .and_then(|j| j.version(a.job_version))
-        {
-            let ask = reconcile::ask(&v.spec);
-            allocated.cpu += ask.millicpu as f64 / 1000.0;
-            allocated.memory += ask.memory;
-            allocated.pids = allocated.pids.saturating_add(ask.pids as u32);
-        }
-        count += 1;
-    }
+/// A node as the API shows it, with what its allocations hold (from
+/// [`reconcile::usage_by_node`], computed once per request).
+pub(crate) fn node_pb(n: &Node, usage: Option<&(Usage, u32)>) -> pb::Node {
+    let (used, count) = usage.copied().unwrap_or_default();
+    let allocated = NodeResources {
+        cpu: used.millicpu as f64 / 1000.0,
+        memory: used.memory,
+        pids: u32::try_from(used.pids).unwrap_or(u32::MAX),
+    };
     pb::Node {
         name: n.name.clone(),
         address: n.address.clone(),
@@ -287,11 +279,12 @@ impl Nodes for NodesApi {
             .track("ListNodes", async {
                 self.ctx.read_barrier(req.read.as_ref()).await?;
                 let applied = self.ctx.node.state();
+                let usage = reconcile::usage_by_node(&applied.state);
                 Ok(pb::ListNodesResponse {
                     nodes: applied
                         .state
                         .nodes()
-                        .map(|n| node_pb(&applied.state, n))
+                        .map(|n| node_pb(n, usage.get(n.name.as_str())))
                         .collect(),
                 })
             })
@@ -341,10 +334,11 @@ impl Nodes for NodesApi {
                         .0?;
                 }
                 let applied = self.ctx.node.state();
+                let usage = reconcile::usage_by_node(&applied.state);
                 let node = applied
                     .state
                     .node(&req.name)
-                    .map(|n| node_pb(&applied.state, n));
+                    .map(|n| node_pb(n, usage.get(n.name.as_str())));
                 Ok(pb::SetDrainResponse {
                     node,
                     changed: target.is_some(),
