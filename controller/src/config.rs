@@ -58,6 +58,9 @@ pub struct Args {
     /// The network nodes' pod subnets (/24 each) are taken from [default: 10.42.0.0/16].
     #[arg(long, env = "SKIFF_CLUSTER_CIDR")]
     pub cluster_cidr: Option<String>,
+    /// The prefix length of each node's pod subnet, 16 to 30 [default: 24, 253 addresses].
+    #[arg(long, env = "SKIFF_NODE_SUBNET_PREFIX")]
+    pub node_subnet_prefix: Option<u8>,
 }
 
 /// The config file's shape.
@@ -74,6 +77,7 @@ pub struct FileConfig {
     pub raft: Option<RaftSettings>,
     pub node_grace: Option<String>,
     pub cluster_cidr: Option<String>,
+    pub node_subnet_prefix: Option<u8>,
 }
 
 /// How a member that has never run forms or joins a cluster.
@@ -100,6 +104,8 @@ pub struct Config {
     pub node_grace: std::time::Duration,
     /// Pod subnets come from here.
     pub cluster_cidr: String,
+    /// Each node's pod subnet is this long a prefix.
+    pub node_subnet_prefix: u8,
 }
 
 /// A configuration problem, named precisely.
@@ -123,6 +129,10 @@ pub enum ConfigError {
     },
     #[error("cluster-cidr: {0:?} is not an IPv4 network of prefix /8 to /24 (e.g. 10.42.0.0/16)")]
     ClusterCidr(String),
+    #[error(
+        "node-subnet-prefix: /{prefix} must be 16 to 30 and no shorter than the cluster CIDR {cidr}"
+    )]
+    NodeSubnetPrefix { prefix: u8, cidr: String },
     #[error("node-grace: {0:?} is not a duration of at least 1s (e.g. 10s)")]
     NodeGrace(String),
     #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 400-800)")]
@@ -196,8 +206,20 @@ impl Config {
             .cluster_cidr
             .or(file.cluster_cidr)
             .unwrap_or_else(|| "10.42.0.0/16".to_owned());
-        if crate::state::parse_cidr(&cluster_cidr).is_none() {
+        let Some((_, cluster_prefix)) = crate::state::parse_cidr(&cluster_cidr) else {
             return Err(ConfigError::ClusterCidr(cluster_cidr));
+        };
+        let node_subnet_prefix = args
+            .node_subnet_prefix
+            .or(file.node_subnet_prefix)
+            .unwrap_or(24);
+        if !(16..=30).contains(&node_subnet_prefix)
+            || u32::from(node_subnet_prefix) < cluster_prefix
+        {
+            return Err(ConfigError::NodeSubnetPrefix {
+                prefix: node_subnet_prefix,
+                cidr: cluster_cidr,
+            });
         }
         Ok(Config {
             id,
@@ -208,6 +230,7 @@ impl Config {
             raft,
             node_grace,
             cluster_cidr,
+            node_subnet_prefix,
         })
     }
 }

@@ -143,6 +143,7 @@ impl Controller {
                     ctx.clone(),
                     heartbeats.clone(),
                     config.cluster_cidr.clone(),
+                    config.node_subnet_prefix,
                 ))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),

@@ -105,10 +105,7 @@ pub fn usage_by_node(state: &ClusterState) -> BTreeMap<&str, (Usage, u32)> {
             .and_then(|j| j.version(a.job_version))
             .map(|v| &v.spec)
         {
-            let add = ask(spec);
-            entry.0.millicpu += add.millicpu;
-            entry.0.memory += add.memory;
-            entry.0.pids += add.pids;
+            entry.0.add(ask(spec));
         }
     }
     used
@@ -215,6 +212,7 @@ pub fn plan_job(
                 restarts: 0,
                 created_at_ms: now_ms,
                 observed_at_ms: now_ms,
+                ip: None,
             });
         }
         plan.unplaced = placed.unplaced;

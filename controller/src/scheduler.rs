@@ -3,7 +3,8 @@
 //! leader can compute it and every member can check it.
 //!
 //! Filters, in order (the first that rejects a node is the reason counted for it): the node is
-//! down, draining, fails a constraint on its labels, or lacks free cpu, memory or pids.
+//! down, draining, fails a constraint on its labels, or lacks free cpu, memory, pids or pod
+//! addresses (its subnet's size).
 //! Scoring among the nodes that pass: replicas of the same job repel each other (a node with
 //! fewer of them always wins: anti-affinity), then bin-pack (fullest node after placement
 //! first, the default) or spread (emptiest first), then the node name (deterministic
@@ -22,6 +23,8 @@ pub struct Usage {
     pub millicpu: u64,
     pub memory: u64,
     pub pids: u64,
+    /// Pod addresses: one per replica.
+    pub addresses: u64,
 }
 
 impl Usage {
@@ -31,13 +34,15 @@ impl Usage {
             millicpu: (cpu * 1000.0).round().max(0.0) as u64,
             memory,
             pids,
+            addresses: 1,
         }
     }
 
-    fn add(&mut self, other: Usage) {
+    pub fn add(&mut self, other: Usage) {
         self.millicpu += other.millicpu;
         self.memory += other.memory;
         self.pids += other.pids;
+        self.addresses += other.addresses;
     }
 }
 
@@ -129,6 +134,14 @@ fn reject_resources(c: &Candidate<'_>, ask: Usage) -> Option<String> {
     if c.used.pids + ask.pids > total.pids {
         return Some("insufficient pids".to_owned());
     }
+    if let Some(capacity) = c.node.pod_capacity()
+        && c.used.addresses + ask.addresses > capacity
+    {
+        return Some(format!(
+            "no free pod address (subnet {} full)",
+            subnet_of(c.node)
+        ));
+    }
     None
 }
 
@@ -197,6 +210,10 @@ pub fn place(candidates: &mut [Candidate<'_>], req: &Request<'_>) -> Plan {
         plan.placements.push(c.node.name.clone());
     }
     plan
+}
+
+fn subnet_of(node: &Node) -> &str {
+    node.subnet.as_deref().unwrap_or("?")
 }
 
 fn rejections(candidates: &[Candidate<'_>], req: &Request<'_>) -> Rejections {

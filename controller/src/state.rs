@@ -14,7 +14,7 @@ use skiff_common::{FieldChange, JobSpec, diff_specs};
 
 pub use model::{
     Allocation, AllocationStatus, DesiredStatus, Job, JobStatus, JobVersion, Node, NodeResources,
-    NodeStatus,
+    NodeStatus, WireguardIdentity,
 };
 
 /// A change to the cluster state, replicated through the Raft log.
@@ -33,7 +33,13 @@ pub enum Command {
     UpsertNode { node: Node },
     /// An agent's registration: as `UpsertNode`, and the node keeps its pod subnet or gets the
     /// lowest free /24 of `cluster_cidr`.
-    RegisterNode { node: Node, cluster_cidr: String },
+    RegisterNode {
+        node: Node,
+        cluster_cidr: String,
+        /// The prefix length of a node's pod subnet (24 in logs written before it existed).
+        #[serde(default = "default_subnet_prefix")]
+        subnet_prefix: u8,
+    },
     /// Set a node's scheduling status (ready, draining, down).
     SetNodeStatus {
         name: String,
@@ -76,6 +82,13 @@ pub struct AllocationReport {
     pub id: String,
     pub status: AllocationStatus,
     pub restarts: u32,
+    /// The container's overlay address.
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+fn default_subnet_prefix() -> u8 {
+    24
 }
 
 impl Command {
@@ -259,11 +272,15 @@ impl ClusterState {
                     created,
                 })
             }
-            Command::RegisterNode { node, cluster_cidr } => {
+            Command::RegisterNode {
+                node,
+                cluster_cidr,
+                subnet_prefix,
+            } => {
                 let mut node = node.clone();
                 node.subnet = match self.nodes.get(&node.name).and_then(|n| n.subnet.clone()) {
                     Some(kept) => Some(kept),
-                    None => Some(self.free_subnet(cluster_cidr, &node.name)?),
+                    None => Some(self.free_subnet(cluster_cidr, *subnet_prefix, &node.name)?),
                 };
                 let created = !self.nodes.contains_key(&node.name);
                 let name = node.name.clone();
@@ -314,6 +331,9 @@ impl ClusterState {
                         if alloc.observed != AllocationStatus::Lost {
                             alloc.observe(r.status.clone(), *at_ms);
                             alloc.restarts = alloc.restarts.max(r.restarts);
+                            if r.ip.is_some() {
+                                alloc.ip = r.ip.clone();
+                            }
                             count += 1;
                         }
                     }
@@ -353,20 +373,26 @@ impl ClusterState {
     }
 
     /// The lowest /24 of `cidr` no node holds.
-    fn free_subnet(&self, cidr: &str, node: &str) -> Result<String, ApplyError> {
+    fn free_subnet(&self, cidr: &str, subnet_prefix: u8, node: &str) -> Result<String, ApplyError> {
         let (base, prefix) = parse_cidr(cidr).ok_or_else(|| ApplyError::BadCidr {
             cidr: cidr.to_owned(),
         })?;
+        let sp = u32::from(subnet_prefix);
+        if !(prefix..=30).contains(&sp) {
+            return Err(ApplyError::BadCidr {
+                cidr: format!("{cidr} split into /{sp}"),
+            });
+        }
         let taken: std::collections::HashSet<&str> = self
             .nodes
             .values()
             .filter_map(|n| n.subnet.as_deref())
             .collect();
-        let count = 1u32 << (24 - prefix);
+        let count = 1u32 << (sp - prefix);
         (0..count)
             .map(|i| {
-                let net = std::net::Ipv4Addr::from(base + (i << 8));
-                format!("{net}/24")
+                let net = std::net::Ipv4Addr::from(base + (i << (32 - sp)));
+                format!("{net}/{sp}")
             })
             .find(|s| !taken.contains(s.as_str()))
             .ok_or_else(|| ApplyError::NoSubnet {

@@ -92,6 +92,7 @@ impl TestCluster {
                     raft: c.settings.clone(),
                     node_grace: Duration::from_secs(10),
                     cluster_cidr: "10.42.0.0/16".into(),
+                    node_subnet_prefix: 24,
                 })
                 .await;
                 match res {
@@ -181,6 +182,7 @@ impl TestCluster {
             raft: self.settings.clone(),
             node_grace: Duration::from_secs(10),
             cluster_cidr: "10.42.0.0/16".into(),
+            node_subnet_prefix: 24,
         })
         .await
         .expect("restart member");
@@ -604,6 +606,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
             pids: 1000,
         }),
         agent_addr: "198.18.0.9:7801".into(),
+        wireguard: None,
     };
 
     // A follower points at the leader.
@@ -639,6 +642,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         .heartbeat(pb::HeartbeatRequest {
             name: "ghost".into(),
             allocations: vec![],
+            wireguard: None,
         })
         .await
         .expect("heartbeat")
@@ -698,6 +702,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
                 restarts: 2,
                 ..Default::default()
             }],
+            wireguard: None,
         })
         .await
         .expect("heartbeat");
@@ -709,6 +714,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
                 state: "dancing".into(),
                 ..Default::default()
             }],
+            wireguard: None,
         })
         .await
         .expect_err("bad state");

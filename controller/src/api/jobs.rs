@@ -74,6 +74,7 @@ pub(crate) fn allocation_pb(a: &Allocation) -> pb::Allocation {
         observed_at_ms: a.observed_at_ms,
         exit_code,
         reason,
+        ip: a.ip.clone().unwrap_or_default(),
     }
 }
 

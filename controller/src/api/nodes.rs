@@ -1,8 +1,9 @@
 //! The `Nodes` service: agents register, heartbeat (with what they observe of their
 //! allocations) and watch what they should run; users list and drain nodes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
@@ -16,7 +17,7 @@ use crate::reconcile::{self, Heartbeats};
 use crate::scheduler::Usage;
 use crate::state::{
     AllocationReport, AllocationStatus, ClusterState, Command, DesiredStatus, Node, NodeResources,
-    NodeStatus, Outcome,
+    NodeStatus, Outcome, WireguardIdentity,
 };
 
 /// How often agents are told to heartbeat.
@@ -25,20 +26,74 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// The metadata key carrying the leader's address when a follower refuses a heartbeat.
 pub const LEADER_METADATA: &str = "x-skiff-leader";
 
+/// Marks a request a follower passed on to the leader (so it is not passed on again).
+const FORWARDED_METADATA: &str = "x-skiff-forwarded";
+
 /// Serves `skiff.v1.Nodes`.
 pub struct NodesApi {
     ctx: ApiContext,
     heartbeats: Heartbeats,
     cluster_cidr: String,
+    subnet_prefix: u8,
+    /// Each node's last reported WireGuard state (leader memory: it changes every second and
+    /// is not worth a log entry).
+    wireguard: Arc<Mutex<HashMap<String, pb::WireguardStatus>>>,
 }
 
 impl NodesApi {
-    pub fn new(ctx: ApiContext, heartbeats: Heartbeats, cluster_cidr: String) -> Self {
+    pub fn new(
+        ctx: ApiContext,
+        heartbeats: Heartbeats,
+        cluster_cidr: String,
+        subnet_prefix: u8,
+    ) -> Self {
         NodesApi {
             ctx,
             heartbeats,
             cluster_cidr,
+            subnet_prefix,
+            wireguard: Default::default(),
         }
+    }
+
+    fn wireguard_status(&self) -> std::sync::MutexGuard<'_, HashMap<String, pb::WireguardStatus>> {
+        self.wireguard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn list_nodes_on_leader(
+        &self,
+        req: &pb::ListNodesRequest,
+    ) -> Option<pb::ListNodesResponse> {
+        let (_, leader) = self.ctx.node.leader()?;
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", leader.rpc_addr))
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(5));
+        let mut client = pb::nodes_client::NodesClient::new(ep.connect().await.ok()?);
+        let mut r = Request::new(*req);
+        r.metadata_mut().insert(
+            FORWARDED_METADATA,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        client.list_nodes(r).await.ok().map(Response::into_inner)
+    }
+
+    fn nodes_pb<'a>(
+        &self,
+        state: &ClusterState,
+        nodes: impl Iterator<Item = &'a Node>,
+    ) -> Vec<pb::Node> {
+        let usage = reconcile::usage_by_node(state);
+        let wg = self.wireguard_status();
+        nodes
+            .map(|n| {
+                let mut p = node_pb(n, usage.get(n.name.as_str()));
+                p.wireguard_status = wg.get(&n.name).cloned();
+                p
+            })
+            .collect()
     }
 
     /// Heartbeats and registrations go to the leader (the liveness clock lives there).
@@ -90,7 +145,63 @@ pub(crate) fn node_pb(n: &Node, usage: Option<&(Usage, u32)>) -> pb::Node {
         registered_at_ms: n.registered_at_ms,
         status_changed_at_ms: n.status_changed_at_ms,
         subnet: n.subnet.clone().unwrap_or_default(),
+        wireguard: n.wireguard.as_ref().map(|w| pb::WireguardIdentity {
+            public_key: w.public_key.clone(),
+            endpoint: w.endpoint.clone(),
+            backend: w.backend.clone(),
+        }),
+        wireguard_status: None,
     }
+}
+
+/// Checks an agent's WireGuard identity: a 32-byte base64 key, an `IP:port` endpoint, a
+/// known backend.
+fn wireguard_identity(w: pb::WireguardIdentity) -> Result<WireguardIdentity, ApiError> {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(&w.public_key)
+        .ok()
+        .filter(|k| k.len() == 32);
+    if key.is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "wireguard.public_key: {:?} is not a base64 32-byte key",
+            w.public_key
+        )));
+    }
+    if w.endpoint.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::BadRequest(format!(
+            "wireguard.endpoint: {:?} is not IP:port",
+            w.endpoint
+        )));
+    }
+    if w.backend != "kernel" && w.backend != "userspace" {
+        return Err(ApiError::BadRequest(format!(
+            "wireguard.backend: {:?} is not kernel or userspace",
+            w.backend
+        )));
+    }
+    Ok(WireguardIdentity {
+        public_key: w.public_key,
+        endpoint: w.endpoint,
+        backend: w.backend,
+    })
+}
+
+/// The overlay peers of `node`: every other node that is not down and has a key and a subnet.
+fn overlay_peers(state: &ClusterState, node: &str) -> Vec<pb::OverlayPeer> {
+    state
+        .nodes()
+        .filter(|n| n.name != node && n.status != NodeStatus::Down)
+        .filter_map(|n| {
+            let wg = n.wireguard.as_ref()?;
+            Some(pb::OverlayPeer {
+                node: n.name.clone(),
+                subnet: n.subnet.clone()?,
+                public_key: wg.public_key.clone(),
+                endpoint: wg.endpoint.clone(),
+            })
+        })
+        .collect()
 }
 
 fn report_status(r: &pb::AllocationReport) -> Result<AllocationStatus, ApiError> {
@@ -126,6 +237,7 @@ impl Nodes for NodesApi {
                 let address: std::net::IpAddr = req.address.parse().map_err(|_| {
                     ApiError::BadRequest(format!("address: {:?} is not an IP address", req.address))
                 })?;
+                let wireguard = req.wireguard.map(wireguard_identity).transpose()?;
                 let r = req.resources.unwrap_or_default();
                 if !r.cpu.is_finite() || r.cpu <= 0.0 || r.memory == 0 || r.pids == 0 {
                     return Err(ApiError::BadRequest(
@@ -155,6 +267,7 @@ impl Nodes for NodesApi {
                     registered_at_ms: existing.as_ref().map_or(now, |n| n.registered_at_ms),
                     agent_addr: req.agent_addr,
                     subnet: existing.as_ref().and_then(|n| n.subnet.clone()),
+                    wireguard,
                 };
                 self.heartbeats.beat(&node.name);
                 let name = node.name.clone();
@@ -165,6 +278,7 @@ impl Nodes for NodesApi {
                         .write(Command::RegisterNode {
                             node,
                             cluster_cidr: self.cluster_cidr.clone(),
+                            subnet_prefix: self.subnet_prefix,
                         })
                         .await?;
                     match result? {
@@ -187,6 +301,7 @@ impl Nodes for NodesApi {
                 Ok(pb::RegisterNodeResponse {
                     heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
                     subnet,
+                    cluster_cidr: self.cluster_cidr.clone(),
                 })
             })
             .await
@@ -208,6 +323,9 @@ impl Nodes for NodesApi {
                         return Ok(pb::HeartbeatResponse { known: false });
                     }
                     self.heartbeats.beat(&req.name);
+                    if let Some(wg) = &req.wireguard {
+                        self.wireguard_status().insert(req.name.clone(), wg.clone());
+                    }
                     for r in &req.allocations {
                         let status = report_status(r)?;
                         // Only what changed goes through the log.
@@ -217,11 +335,23 @@ impl Nodes for NodesApi {
                         if a.node != req.name {
                             continue;
                         }
-                        if a.observed != status || a.restarts < r.restarts {
+                        let ip = Some(r.ip.clone()).filter(|ip| !ip.is_empty());
+                        if ip
+                            .as_ref()
+                            .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_err())
+                        {
+                            return Err(ApiError::BadRequest(format!(
+                                "allocations: {}: ip {:?} is not an IP address",
+                                r.id, r.ip
+                            )));
+                        }
+                        let new_ip = ip.is_some() && a.ip != ip;
+                        if a.observed != status || a.restarts < r.restarts || new_ip {
                             reports.push(AllocationReport {
                                 id: r.id.clone(),
                                 status,
                                 restarts: r.restarts,
+                                ip,
                             });
                         }
                     }
@@ -252,18 +382,22 @@ impl Nodes for NodesApi {
         let node = self.ctx.node.clone();
         let mut applied = node.applied_watch();
         let stream = async_stream(move |tx| async move {
-            let mut last: Option<Vec<pb::AssignedAllocation>> = None;
+            let mut last: Option<(Vec<pb::AssignedAllocation>, Vec<pb::OverlayPeer>)> = None;
             while let Some(index) = applied.changed().await {
-                let set = assigned(&node.state().state, &name);
-                if last.as_ref() != Some(&set) {
+                let current = {
+                    let state = &node.state().state;
+                    (assigned(state, &name), overlay_peers(state, &name))
+                };
+                if last.as_ref() != Some(&current) {
                     let msg = pb::AssignedAllocations {
-                        allocations: set.clone(),
+                        allocations: current.0.clone(),
                         index,
+                        peers: current.1.clone(),
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
-                    last = Some(set);
+                    last = Some(current);
                 }
             }
         });
@@ -274,18 +408,22 @@ impl Nodes for NodesApi {
         &self,
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        // WireGuard state lives in the leader's memory: a follower asks the leader (once; a
+        // forwarded request is answered locally).
+        let forwarded = req.metadata().get(FORWARDED_METADATA).is_some();
         let req = req.into_inner();
+        if !forwarded
+            && self.ctx.node.status().role != Role::Leader
+            && let Some(resp) = self.list_nodes_on_leader(&req).await
+        {
+            return Ok(Response::new(resp));
+        }
         self.ctx
             .track("ListNodes", async {
                 self.ctx.read_barrier(req.read.as_ref()).await?;
                 let applied = self.ctx.node.state();
-                let usage = reconcile::usage_by_node(&applied.state);
                 Ok(pb::ListNodesResponse {
-                    nodes: applied
-                        .state
-                        .nodes()
-                        .map(|n| node_pb(n, usage.get(n.name.as_str())))
-                        .collect(),
+                    nodes: self.nodes_pb(&applied.state, applied.state.nodes()),
                 })
             })
             .await
@@ -334,11 +472,9 @@ impl Nodes for NodesApi {
                         .0?;
                 }
                 let applied = self.ctx.node.state();
-                let usage = reconcile::usage_by_node(&applied.state);
-                let node = applied
-                    .state
-                    .node(&req.name)
-                    .map(|n| node_pb(n, usage.get(n.name.as_str())));
+                let node = self
+                    .nodes_pb(&applied.state, applied.state.node(&req.name).into_iter())
+                    .pop();
                 Ok(pb::SetDrainResponse {
                     node,
                     changed: target.is_some(),

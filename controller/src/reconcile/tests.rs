@@ -20,6 +20,7 @@ fn node(name: &str) -> Node {
         registered_at_ms: 0,
         agent_addr: String::new(),
         subnet: None,
+        wireguard: None,
     }
 }
 

@@ -21,6 +21,7 @@ fn node(name: &str, cpu: f64, memory_mib: u64, labels: &[(&str, &str)]) -> Node 
         registered_at_ms: 0,
         agent_addr: String::new(),
         subnet: None,
+        wireguard: None,
     }
 }
 
@@ -173,4 +174,21 @@ fn ten_thousand_replicas_on_five_thousand_nodes() {
     assert_eq!(plan.unplaced, 0);
     // Two per node exactly: anti-affinity first.
     assert!(view.iter().all(|c| c.job_replicas == 2));
+}
+
+#[test]
+fn a_full_pod_subnet_refuses_more_replicas_with_a_reason() {
+    // A /29 addresses 5 containers (8 minus network, broadcast and the gateway).
+    let mut small = node("a", 16.0, 16384, &[]);
+    small.subnet = Some("10.42.0.0/29".to_owned());
+    assert_eq!(small.pod_capacity(), Some(5));
+    let nodes = [small];
+    let mut view = candidates(&nodes);
+    let plan = place(&mut view, &request(7, ask(0.1, 16), &[]));
+    assert_eq!(plan.placements.len(), 5);
+    assert_eq!(plan.unplaced, 2);
+    assert_eq!(
+        plan.rejections.expect("reasons").to_string(),
+        "0/1 nodes fit: 1 no free pod address (subnet 10.42.0.0/29 full)"
+    );
 }

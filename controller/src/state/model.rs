@@ -141,6 +141,29 @@ pub struct Node {
     /// kept for good.
     #[serde(default)]
     pub subnet: Option<String>,
+    /// The node's WireGuard identity, when its agent runs the overlay.
+    #[serde(default)]
+    pub wireguard: Option<WireguardIdentity>,
+}
+
+/// What other nodes need to reach a node through the overlay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardIdentity {
+    /// Base64 public key.
+    pub public_key: String,
+    /// Underlay `host:port`.
+    pub endpoint: String,
+    /// `kernel` or `userspace`.
+    pub backend: String,
+}
+
+impl Node {
+    /// How many containers the node's pod subnet can address (network, broadcast and the
+    /// gateway excluded); `None` without a subnet.
+    pub fn pod_capacity(&self) -> Option<u64> {
+        let prefix: u32 = self.subnet.as_ref()?.split_once('/')?.1.parse().ok()?;
+        (prefix <= 30).then(|| (1u64 << (32 - prefix)) - 3)
+    }
 }
 
 /// What should happen to an allocation.
@@ -197,6 +220,9 @@ pub struct Allocation {
     pub restarts: u32,
     pub created_at_ms: i64,
     pub observed_at_ms: i64,
+    /// The container's overlay address, as its agent reported it.
+    #[serde(default)]
+    pub ip: Option<String>,
 }
 
 impl Allocation {

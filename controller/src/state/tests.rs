@@ -27,6 +27,7 @@ fn node(name: &str) -> Node {
         registered_at_ms: 0,
         agent_addr: String::new(),
         subnet: None,
+        wireguard: None,
     }
 }
 
@@ -42,6 +43,7 @@ fn alloc(id: &str, node: &str, version: u64) -> Allocation {
         restarts: 0,
         created_at_ms: 5,
         observed_at_ms: 5,
+        ip: None,
     }
 }
 
@@ -293,6 +295,7 @@ fn registration_gives_each_node_a_subnet_for_good() {
         s.apply(&Command::RegisterNode {
             node: node(name),
             cluster_cidr: cidr.into(),
+            subnet_prefix: 24,
         })
     };
     register(&mut s, "n1", "10.42.0.0/23").expect("n1");
