@@ -6,6 +6,10 @@
 //! hand) is left alone. Containers outlive the agent (each has its monitor): a restarted agent
 //! finds them by name and adopts them instead of starting them again. Until the first
 //! assignment arrives from a controller, nothing is stopped.
+//!
+//! The network ([`crate::net`]) comes up before registering (the registration carries the
+//! node's WireGuard key and endpoint); the pod subnet in the answer configures the bridge; the
+//! other nodes arrive with every assignment and become WireGuard peers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -20,6 +24,7 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
+use crate::net::{Key, Network, Peer};
 use crate::runtime::cgroup::Limits;
 use crate::runtime::container::{RunOptions, Runtime};
 use crate::runtime::image::{PullPolicy, RegistryOptions};
@@ -42,10 +47,13 @@ pub struct DaemonConfig {
     pub registry: RegistryOptions,
     /// Where the agent's own API (logs, exec) listens.
     pub listen: std::net::SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_listen: std::net::SocketAddr,
     /// What this node offers: cores, bytes, processes.
     pub cpu: f64,
     pub memory: u64,
     pub pids: u32,
+    pub net: crate::net::NetOptions,
 }
 
 /// One assigned allocation, as the controllers sent it.
@@ -67,6 +75,13 @@ fn is_alloc_id(name: &str) -> bool {
 pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut runtime = Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
     runtime.set_pull_options(cfg.registry.clone(), None);
+    let opts = cfg.net.clone();
+    let network = Arc::new(
+        tokio::task::spawn_blocking(move || Network::open(opts))
+            .await?
+            .map_err(|e| anyhow::anyhow!("network: {e}"))?,
+    );
+    runtime.set_network(network.clone());
     let runtime = Arc::new(runtime);
     {
         let rt = runtime.clone();
@@ -91,11 +106,35 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .add_service(skiff_proto::v1::agent_server::AgentServer::new(api))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", cfg.metrics_listen))?;
+    let metrics = tokio::spawn(
+        axum::serve(
+            metrics_listener,
+            crate::metrics::router(crate::metrics::Sources {
+                network: network.clone(),
+                runtime: runtime.clone(),
+            }),
+        )
+        .into_future(),
+    );
     let (desired_tx, desired_rx) = watch::channel::<Option<Vec<Assigned>>>(None);
     let reports: Arc<Mutex<Vec<pb::AllocationReport>>> = Arc::default();
 
-    let reconciler = tokio::spawn(reconcile_loop(runtime.clone(), desired_rx, reports.clone()));
-    let control = tokio::spawn(control_loop(cfg.clone(), desired_tx, reports));
+    let reconciler = tokio::spawn(reconcile_loop(
+        runtime.clone(),
+        network.clone(),
+        desired_rx,
+        reports.clone(),
+    ));
+    let control = tokio::spawn(control_loop(
+        cfg.clone(),
+        runtime.clone(),
+        network,
+        desired_tx,
+        reports,
+    ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -105,6 +144,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     control.abort();
     reconciler.abort();
     server.abort();
+    metrics.abort();
     Ok(())
 }
 
@@ -112,6 +152,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
 /// until the connection breaks; then the next controller.
 async fn control_loop(
     cfg: DaemonConfig,
+    runtime: Arc<Runtime>,
+    network: Arc<Network>,
     desired: watch::Sender<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) {
@@ -126,7 +168,7 @@ async fn control_loop(
                 a
             }
         };
-        match session(&cfg, &addr, &desired, &reports).await {
+        match session(&cfg, &runtime, &network, &addr, &desired, &reports).await {
             Ok(()) => {}
             Err(SessionEnd::Leader(leader)) => {
                 debug!(%addr, %leader, "redirected to the leader");
@@ -175,6 +217,8 @@ async fn connect(addr: &str) -> Result<Channel, SessionEnd> {
 
 async fn session(
     cfg: &DaemonConfig,
+    runtime: &Arc<Runtime>,
+    network: &Arc<Network>,
     addr: &str,
     desired: &watch::Sender<Option<Vec<Assigned>>>,
     reports: &Arc<Mutex<Vec<pb::AllocationReport>>>,
@@ -195,6 +239,11 @@ async fn session(
         } else {
             cfg.listen.to_string()
         },
+        wireguard: Some(pb::WireguardIdentity {
+            public_key: network.public_key().to_base64(),
+            endpoint: network.endpoint().to_string(),
+            backend: network.backend().as_str().to_owned(),
+        }),
     };
     let registered = client
         .register(register.clone())
@@ -203,11 +252,13 @@ async fn session(
         .into_inner();
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.clamp(100, 10_000));
     info!(controller = %addr, subnet = %registered.subnet, "registered");
+    configure_network(runtime, network, &registered).await?;
 
     // The watch: its own task, on the same connection (no per-request timeout on a stream).
     let mut watch_client = NodesClient::new(channel);
     let name = cfg.name.clone();
     let tx = desired.clone();
+    let net = network.clone();
     let mut watch = tokio::spawn(async move {
         let mut stream = watch_client
             .watch_allocations(pb::WatchAllocationsRequest { node: name })
@@ -227,6 +278,13 @@ async fn session(
                 }
             }
             debug!(count = set.len(), index = msg.index, "assignment");
+            let peers = overlay_peers(&msg.peers);
+            let n = net.clone();
+            match tokio::task::spawn_blocking(move || n.set_peers(peers)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "applying WireGuard peers"),
+                Err(e) => warn!(error = %e, "applying WireGuard peers"),
+            }
             tx.send_replace(Some(set));
         }
         Ok::<(), tonic::Status>(())
@@ -251,16 +309,19 @@ async fn session(
             .heartbeat(pb::HeartbeatRequest {
                 name: cfg.name.clone(),
                 allocations,
+                wireguard: wireguard_status(network),
             })
             .await;
         match reply {
             Ok(r) if r.get_ref().known => {}
             Ok(_) => {
                 info!("controllers do not know this node; registering again");
-                client
+                let registered = client
                     .register(register.clone())
                     .await
-                    .map_err(session_err)?;
+                    .map_err(session_err)?
+                    .into_inner();
+                configure_network(runtime, network, &registered).await?;
             }
             Err(s) => {
                 watch.abort();
@@ -273,12 +334,20 @@ async fn session(
 /// Reconciles whenever the assignment changes, and every 2 s to follow container state.
 async fn reconcile_loop(
     runtime: Arc<Runtime>,
+    network: Arc<Network>,
     mut desired: watch::Receiver<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) {
     let failures: Arc<Mutex<HashMap<String, (Instant, String)>>> = Arc::default();
     loop {
         let want = desired.borrow_and_update().clone();
+        // The tunnel process is supervised here: restarted and reconfigured if it died.
+        let net = network.clone();
+        match tokio::task::spawn_blocking(move || net.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "network sync"),
+            Err(e) => warn!(error = %e, "network sync panicked"),
+        }
         if let Some(want) = want {
             let (rt, f) = (runtime.clone(), failures.clone());
             match tokio::task::spawn_blocking(move || reconcile_once(&rt, &want, &f)).await {
@@ -359,8 +428,13 @@ fn reconcile_once(
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     for a in want {
-        if let Some((_, s)) = by_name.get(a.id.as_str()) {
-            out.push(report(&a.id, s));
+        if let Some((c, s)) = by_name.get(a.id.as_str()) {
+            let mut r = report(&a.id, s);
+            r.ip = rt
+                .address(&c.id)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            out.push(r);
             continue;
         }
         if let Some((at, reason)) = failures.get(&a.id)
@@ -370,11 +444,15 @@ fn reconcile_once(
             continue;
         }
         match start(rt, a) {
-            Ok(()) => {
+            Ok(container) => {
                 failures.remove(&a.id);
                 out.push(pb::AllocationReport {
                     id: a.id.clone(),
                     state: "running".into(),
+                    ip: rt
+                        .address(&container)
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default(),
                     ..Default::default()
                 });
             }
@@ -420,11 +498,13 @@ fn report(id: &str, s: &crate::runtime::store::State) -> pb::AllocationReport {
         exit_code,
         reason,
         restarts: s.restarts,
+        ip: String::new(),
     }
 }
 
-/// Starts the allocation's container (pulling its image if missing), detached.
-fn start(rt: &Runtime, a: &Assigned) -> anyhow::Result<()> {
+/// Starts the allocation's container (pulling its image if missing), detached. Returns the
+/// container's id.
+fn start(rt: &Runtime, a: &Assigned) -> anyhow::Result<String> {
     let spec = &a.spec;
     let opts = RunOptions {
         image: spec.image.clone(),
@@ -459,5 +539,89 @@ fn start(rt: &Runtime, a: &Assigned) -> anyhow::Result<()> {
     std::thread::spawn(move || {
         let _ = monitor.wait();
     });
-    Ok(())
+    Ok(id)
+}
+
+/// Sets up the bridge for the subnet the controllers gave this node, then frees addresses of
+/// containers that no longer exist.
+async fn configure_network(
+    runtime: &Arc<Runtime>,
+    network: &Arc<Network>,
+    registered: &pb::RegisterNodeResponse,
+) -> Result<(), SessionEnd> {
+    if registered.subnet.is_empty() {
+        return Err(SessionEnd::Failed(
+            "the controllers gave this node no pod subnet".into(),
+        ));
+    }
+    let (net, rt) = (network.clone(), runtime.clone());
+    let (subnet, cluster) = (registered.subnet.clone(), registered.cluster_cidr.clone());
+    tokio::task::spawn_blocking(move || {
+        net.configure(&subnet, &cluster)?;
+        let live: std::collections::HashSet<String> = rt
+            .store()
+            .list()
+            .map(|l| l.into_iter().map(|(c, _)| c.id).collect())
+            .unwrap_or_default();
+        let freed = net.gc(&live);
+        if freed > 0 {
+            info!(freed, "released addresses of containers that are gone");
+        }
+        Ok::<(), crate::net::NetError>(())
+    })
+    .await
+    .map_err(|e| SessionEnd::Failed(e.to_string()))?
+    .map_err(|e| SessionEnd::Failed(format!("network: {e}")))
+}
+
+/// The other nodes as WireGuard peers; entries that do not parse are skipped with a warning.
+fn overlay_peers(list: &[pb::OverlayPeer]) -> Vec<Peer> {
+    list.iter()
+        .filter_map(|p| {
+            let parsed = (|| {
+                Some(Peer {
+                    node: p.node.clone(),
+                    public_key: Key::from_base64(&p.public_key)?,
+                    endpoint: p.endpoint.parse().ok()?,
+                    subnet: p.subnet.parse().ok()?,
+                })
+            })();
+            if parsed.is_none() {
+                warn!(node = %p.node, "unusable overlay peer (key, endpoint or subnet); skipped");
+            }
+            parsed
+        })
+        .collect()
+}
+
+/// The device state for the heartbeat (the last read, refreshed every reconcile pass).
+fn wireguard_status(network: &Network) -> Option<pb::WireguardStatus> {
+    let (status, peers) = network.status()?;
+    Some(pb::WireguardStatus {
+        backend: network.backend().as_str().to_owned(),
+        public_key: network.public_key().to_base64(),
+        listen_port: u32::from(status.listen_port),
+        peers: status
+            .peers
+            .iter()
+            .map(|p| pb::WireguardPeerStatus {
+                node: peers
+                    .iter()
+                    .find(|x| x.public_key == p.public_key)
+                    .map(|x| x.node.clone())
+                    .unwrap_or_default(),
+                public_key: p.public_key.to_base64(),
+                endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                allowed_ips: p
+                    .allowed_ips
+                    .iter()
+                    .map(|(ip, prefix)| format!("{ip}/{prefix}"))
+                    .collect(),
+                last_handshake_unix: p.last_handshake.map_or(0, |h| h.0),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                persistent_keepalive: u32::from(p.keepalive),
+            })
+            .collect(),
+    })
 }

@@ -3,4 +3,6 @@
 
 pub mod api;
 pub mod daemon;
+pub mod metrics;
+pub mod net;
 pub mod runtime;

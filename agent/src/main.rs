@@ -68,6 +68,21 @@ struct Cli {
     /// Where the agent's API (logs, exec) listens [default: ADVERTISE_ADDR:7801].
     #[arg(long, env = "SKIFF_LISTEN")]
     listen: Option<std::net::SocketAddr>,
+    /// Where Prometheus scrapes the agent's /metrics [default: ADVERTISE_ADDR:7802].
+    #[arg(long, env = "SKIFF_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Which WireGuard runs the overlay: the kernel's when present (auto), or one of them.
+    #[arg(long, env = "SKIFF_WIREGUARD", value_enum)]
+    wireguard: Option<skiff_agent::net::BackendChoice>,
+    /// The UDP port WireGuard listens on [default: 51820].
+    #[arg(long, env = "SKIFF_WIREGUARD_PORT")]
+    wireguard_port: Option<u16>,
+    /// Persistent keepalive to every peer in seconds, 0 = off [default: 25].
+    #[arg(long, env = "SKIFF_WIREGUARD_KEEPALIVE")]
+    wireguard_keepalive: Option<u16>,
+    /// The pod MTU [default: the underlay link's MTU minus 80 for WireGuard].
+    #[arg(long, env = "SKIFF_MTU")]
+    mtu: Option<u32>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -91,6 +106,11 @@ struct FileConfig {
     memory: Option<String>,
     pids: Option<u32>,
     listen: Option<std::net::SocketAddr>,
+    metrics_listen: Option<std::net::SocketAddr>,
+    wireguard: Option<skiff_agent::net::BackendChoice>,
+    wireguard_port: Option<u16>,
+    wireguard_keepalive: Option<u16>,
+    mtu: Option<u32>,
 }
 
 /// Flags over the config file over defaults.
@@ -189,9 +209,36 @@ impl Settings {
                 .listen
                 .or(self.file.listen)
                 .unwrap_or(std::net::SocketAddr::new(advertise_addr, 7801)),
+            metrics_listen: cli
+                .metrics_listen
+                .or(self.file.metrics_listen)
+                .unwrap_or(std::net::SocketAddr::new(advertise_addr, 7802)),
             cpu,
             memory,
             pids: cli.pids.or(self.file.pids).unwrap_or(32768),
+            net: skiff_agent::net::NetOptions {
+                data_dir: self.data_dir.clone(),
+                advertise: advertise_addr,
+                wg_port: cli
+                    .wireguard_port
+                    .or(self.file.wireguard_port)
+                    .unwrap_or(skiff_agent::net::wg::DEFAULT_PORT),
+                keepalive: match cli
+                    .wireguard_keepalive
+                    .or(self.file.wireguard_keepalive)
+                    .unwrap_or(25)
+                {
+                    0 => None,
+                    k => Some(k),
+                },
+                backend: cli.wireguard.or(self.file.wireguard).unwrap_or_default(),
+                mtu: match cli.mtu.or(self.file.mtu) {
+                    Some(m) if !(1280..=65535).contains(&m) => {
+                        anyhow::bail!("--mtu: {m} is not between 1280 and 65535")
+                    }
+                    m => m,
+                },
+            },
         })
     }
 }
@@ -230,6 +277,9 @@ enum Cmd {
     },
     #[command(name = "__monitor", hide = true)]
     Monitor { id: String },
+    /// The userspace WireGuard tunnel (started by the agent, outlives it).
+    #[command(name = "__wg-tunnel", hide = true)]
+    WgTunnel(skiff_agent::net::wg::tunnel::TunnelArgs),
 }
 
 #[derive(Subcommand)]
@@ -656,6 +706,10 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| PathBuf::from("/var/lib/skiff/agent"));
         return monitor(&data_dir, id);
     }
+    if let Some(Cmd::WgTunnel(args)) = &cli.command {
+        let code = skiff_agent::net::wg::tunnel::run(&args.interface, &args.socket);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
@@ -666,7 +720,7 @@ fn main() -> ExitCode {
     let res = Settings::load(&cli).and_then(|cfg| match &cli.command {
         Some(Cmd::Container { command }) => container(&cfg, command),
         Some(Cmd::Image { command }) => image(&cfg, command),
-        Some(Cmd::Monitor { .. }) => unreachable!("dispatched above"),
+        Some(Cmd::Monitor { .. } | Cmd::WgTunnel(_)) => unreachable!("dispatched above"),
         None => daemon(&cfg, &cli),
     });
     match res {

@@ -66,6 +66,19 @@ pub struct Runtime {
     cgroup_parent: String,
     registry: RegistryOptions,
     progress: Option<indicatif::MultiProgress>,
+    network: Option<std::sync::Arc<dyn NetworkHook>>,
+}
+
+/// Plumbs containers into the node's network (the agent daemon's overlay). Without one, a
+/// container has only loopback.
+pub trait NetworkHook: Send + Sync {
+    /// Gives the container (its namespace bound at `netns`) an interface and an address;
+    /// returns the address.
+    fn attach(&self, id: &str, netns: &Path) -> Result<std::net::IpAddr, String>;
+    /// Frees what `attach` took. Idempotent.
+    fn release(&self, id: &str);
+    /// The address `id` holds.
+    fn address(&self, id: &str) -> Option<std::net::IpAddr>;
 }
 
 /// Docker's default RLIMIT_NOFILE (1048576), capped at what this kernel allows.
@@ -93,6 +106,7 @@ impl Runtime {
             cgroup_parent: cgroup_parent.to_string(),
             registry: RegistryOptions::default(),
             progress: None,
+            network: None,
         })
     }
 
@@ -104,6 +118,16 @@ impl Runtime {
     ) {
         self.registry = registry;
         self.progress = progress;
+    }
+
+    /// Containers started from now on are plumbed by `network`.
+    pub fn set_network(&mut self, network: std::sync::Arc<dyn NetworkHook>) {
+        self.network = Some(network);
+    }
+
+    /// The container's network address, if it has one.
+    pub fn address(&self, id: &str) -> Option<std::net::IpAddr> {
+        self.network.as_ref()?.address(id)
     }
 
     /// The image store of this data dir.
@@ -252,6 +276,18 @@ impl Runtime {
             let _ = cg.delete();
             return Err(e.into());
         }
+        if let Some(net) = &self.network {
+            // The namespace exists before the workload does, so it starts with its network.
+            let netns = monitor::netns_path(&self.data_dir, &id);
+            let attached = monitor::create_netns(&netns).and_then(|()| net.attach(&id, &netns));
+            if let Err(reason) = attached {
+                let _ = self.remove(&id, true);
+                return Err(RuntimeError::Start {
+                    id,
+                    reason: format!("network: {reason}"),
+                });
+            }
+        }
         let (read, write) = std::io::pipe().map_err(RuntimeError::Spawn)?;
         let monitor_log = std::fs::File::create(self.store.dir(&id).join("monitor.log"))
             .map_err(RuntimeError::Spawn)?;
@@ -370,6 +406,9 @@ impl Runtime {
             let _ = cg.delete();
         }
         monitor::remove_netns(&monitor::netns_path(&self.data_dir, id));
+        if let Some(net) = &self.network {
+            net.release(id);
+        }
     }
 
     /// A container whose monitor is gone: kill whatever is left of it and record it exited.

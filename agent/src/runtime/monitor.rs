@@ -443,7 +443,7 @@ fn reap(pid: Pid) -> Option<ExitInfo> {
 
 /// Creates a network namespace with only loopback, up, and binds it at `path`, so it
 /// outlives its processes and the network layer can plumb it.
-fn create_netns(path: &Path) -> Result<(), String> {
+pub fn create_netns(path: &Path) -> Result<(), String> {
     if path.exists() && is_mountpoint(path) {
         return Ok(());
     }
