@@ -17,15 +17,51 @@ pub fn node_json(n: &pb::Node) -> serde_json::Value {
     serde_json::json!({
         "name": n.name, "address": n.address, "status": n.status, "labels": n.labels,
         "subnet": n.subnet,
+        "wireguard": n.wireguard.as_ref().map(|w| wireguard_json(w, n.wireguard_status.as_ref())),
         "total": res(&n.total), "allocated": res(&n.allocated), "allocations": n.allocations,
         "registered_at_ms": n.registered_at_ms, "status_changed_at_ms": n.status_changed_at_ms,
     })
 }
 
+fn wireguard_json(
+    w: &pb::WireguardIdentity,
+    status: Option<&pb::WireguardStatus>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "public_key": w.public_key, "endpoint": w.endpoint, "backend": w.backend,
+        "listen_port": status.map(|s| s.listen_port),
+        "peers": status.map(|s| s.peers.iter().map(|p| serde_json::json!({
+            "node": p.node, "public_key": p.public_key, "endpoint": p.endpoint,
+            "allowed_ips": p.allowed_ips, "last_handshake_unix": p.last_handshake_unix,
+            "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes,
+            "persistent_keepalive": p.persistent_keepalive,
+        })).collect::<Vec<_>>()),
+    })
+}
+
+/// `userspace 2/2`: the backend, then peers with a handshake in the last 3 minutes / peers.
+fn wireguard_cell(n: &pb::Node) -> String {
+    let Some(w) = &n.wireguard else {
+        return "-".into();
+    };
+    let Some(s) = &n.wireguard_status else {
+        return w.backend.clone();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let fresh = s
+        .peers
+        .iter()
+        .filter(|p| p.last_handshake_unix > 0 && now - p.last_handshake_unix < 180)
+        .count();
+    format!("{} {fresh}/{}", w.backend, s.peers.len())
+}
+
 pub fn allocation_json(a: &pb::Allocation) -> serde_json::Value {
     serde_json::json!({
         "id": a.id, "namespace": a.namespace, "job": a.job, "job_version": a.job_version,
-        "node": a.node, "desired": a.desired, "status": a.observed, "restarts": a.restarts,
+        "node": a.node, "ip": a.ip, "desired": a.desired, "status": a.observed, "restarts": a.restarts,
         "exit_code": a.exit_code, "reason": a.reason, "created_at_ms": a.created_at_ms,
     })
 }
@@ -55,6 +91,7 @@ pub async fn nodes(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<(
                 n.allocations.to_string(),
                 format!("{:.2}/{:.2}", a.cpu, t.cpu),
                 format!("{}/{}", gib(a.memory), gib(t.memory)),
+                wireguard_cell(n),
                 if labels.is_empty() {
                     "-".into()
                 } else {
@@ -65,7 +102,15 @@ pub async fn nodes(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<(
         .collect();
     print_table(
         &[
-            "NAME", "ADDRESS", "STATUS", "ALLOCS", "CPU", "MEMORY", "LABELS",
+            "NAME",
+            "ADDRESS",
+            "SUBNET",
+            "STATUS",
+            "ALLOCS",
+            "CPU",
+            "MEMORY",
+            "WIREGUARD",
+            "LABELS",
         ],
         rows,
     );
@@ -137,6 +182,11 @@ pub async fn ps(
                 format!("{}/{}", a.namespace, a.job),
                 a.job_version.to_string(),
                 a.node.clone(),
+                if a.ip.is_empty() {
+                    "-".into()
+                } else {
+                    a.ip.clone()
+                },
                 status,
                 a.restarts.to_string(),
                 age(a.created_at_ms),
@@ -149,6 +199,7 @@ pub async fn ps(
             "JOB",
             "VERSION",
             "NODE",
+            "IP",
             "STATUS",
             "RESTARTS",
             "AGE",
