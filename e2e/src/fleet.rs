@@ -107,6 +107,7 @@ pub struct Fleet {
     /// The node agent's data dir and cgroup parent, per agent.
     agent_dirs: Vec<(PathBuf, String)>,
     image: PathBuf,
+    controller_args: Vec<String>,
 }
 
 /// `skiff-agent --data-dir DATA --cgroup-parent PARENT ARGS` on this host (not in a netns).
@@ -155,6 +156,16 @@ impl Fleet {
     /// Builds `controllers` + `agents` + 1 client hosts and starts the controllers (the first
     /// bootstraps, the others join) and the agents. `node_grace` goes to the controllers.
     pub fn start(controllers: usize, agents: usize, node_grace: &str) -> Result<Fleet> {
+        Fleet::start_with(controllers, agents, node_grace, &[])
+    }
+
+    /// As [`Fleet::start`], with extra flags for every controller.
+    pub fn start_with(
+        controllers: usize,
+        agents: usize,
+        node_grace: &str,
+        controller_args: &[&str],
+    ) -> Result<Fleet> {
         let prefix = format!(
             "sk{}{}",
             std::process::id() % 100_000,
@@ -172,6 +183,7 @@ impl Fleet {
             agent_dirs: Vec::new(),
             image: dir.path().join("image"),
             dir,
+            controller_args: controller_args.iter().map(|s| (*s).to_owned()).collect(),
         };
         fleet.build_network(controllers, agents)?;
         let out = Command::new("sh")
@@ -299,6 +311,7 @@ impl Fleet {
             "--node-grace".into(),
             node_grace.into(),
         ];
+        args.extend(self.controller_args.iter().cloned());
         if i == 0 {
             args.push("--bootstrap".into());
         } else {
@@ -544,6 +557,96 @@ impl Fleet {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// An agent's data dir.
+    pub fn agent_data(&self, agent: &str) -> Result<&Path> {
+        Ok(&self.agent_dirs[self.agent_index(agent)?].0)
+    }
+
+    /// The pid of an agent's userspace WireGuard tunnel, if one runs.
+    pub fn tunnel_pid(&self, agent: &str) -> Result<Option<i32>> {
+        Ok(tunnel_pids(self.agent_data(agent)?).into_iter().next())
+    }
+
+    /// Runs `args` on a simulated host (in its network namespace).
+    pub fn on_host(&self, host: &str, args: &[&str]) -> Result<Output> {
+        let h = self.host(host)?;
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", h.netns))
+            .arg("--")
+            .args(args)
+            .output()?)
+    }
+
+    /// Runs `args` in a container's network namespace (a container of `agent`, by id).
+    pub fn in_container_netns(
+        &self,
+        agent: &str,
+        container: &str,
+        args: &[&str],
+    ) -> Result<Output> {
+        let ns = self.agent_data(agent)?.join("run/netns").join(container);
+        Ok(Command::new("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .arg("--")
+            .args(args)
+            .output()?)
+    }
+
+    /// `wg show skiff-wg dump` against an agent's tunnel: run in the host's namespace with a
+    /// private /run in which /run/wireguard/skiff-wg.sock is the agent's socket (every host
+    /// shares this machine's /run, so agents keep their sockets in their data dirs).
+    pub fn wg_dump(&self, agent: &str) -> Result<String> {
+        let sock = self.agent_data(agent)?.join("net/wg/skiff-wg.sock");
+        let script = format!(
+            "mount -t tmpfs skiff-wg /run && mkdir /run/wireguard &&              ln -s {} /run/wireguard/skiff-wg.sock && wg show skiff-wg dump",
+            sock.display()
+        );
+        let out = self.on_host(agent, &["unshare", "-m", "sh", "-c", &script])?;
+        ensure!(
+            out.status.success(),
+            "wg show on {agent}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// An agent's peers as `wg show dump` lists them: (public key, endpoint, latest handshake
+    /// unix seconds).
+    pub fn wg_peers(&self, agent: &str) -> Result<Vec<(String, String, i64)>> {
+        let dump = self.wg_dump(agent)?;
+        Ok(dump
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                Some((
+                    f.first()?.to_string(),
+                    f.get(2)?.to_string(),
+                    f.get(4)?.parse().ok()?,
+                ))
+            })
+            .collect())
+    }
+}
+
+/// Userspace tunnels whose socket lives under `data`.
+fn tunnel_pids(data: &Path) -> Vec<i32> {
+    let needle = data.join("net/wg").display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("__wg-tunnel") && cmd.contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 impl Drop for Fleet {
@@ -554,8 +657,14 @@ impl Drop for Fleet {
         for c in &mut self.controllers {
             c.kill();
         }
-        // Containers outlive their agent: remove them, then their cgroup parents.
+        // Containers and tunnels outlive their agent: remove them, then the cgroup parents.
         for (data, parent) in &self.agent_dirs {
+            for pid in tunnel_pids(data) {
+                // SAFETY: kill(2) on a pid we found running our tunnel command line.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
             let ids = agent_cmd(data, parent, &["container", "ps", "-a", "-o", "json"])
                 .output()
                 .ok()

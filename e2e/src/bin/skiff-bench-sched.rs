@@ -49,6 +49,7 @@ fn node(i: usize) -> Node {
         registered_at_ms: 0,
         agent_addr: String::new(),
         subnet: None,
+        wireguard: None,
     }
 }
 
@@ -219,6 +220,7 @@ async fn through_raft(nodes: usize, allocations: u32) -> anyhow::Result<ThroughR
                         pids: n.resources.pids,
                     }),
                     agent_addr: String::new(),
+                    wireguard: None,
                 })
                 .await
             }));

@@ -1,0 +1,415 @@
+//! The overlay network end to end on the netns fleet (needs root): containers get addresses
+//! from their node's pod subnet and reach each other across hosts through WireGuard (this
+//! machine has no WireGuard module, so the userspace tunnel), the underlay carries only
+//! WireGuard UDP, hosts leaving and agents restarting are handled, a full subnet is a
+//! scheduling error, and the tunnel talks to Debian's wireguard-go configured with `wg`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use skiff_e2e::fleet::{Fleet, can_run};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+const GRACE: &str = "3s";
+
+fn web(fleet: &Fleet, name: &str, replicas: u32) -> Result<std::path::PathBuf> {
+    fleet.spec(
+        name,
+        &format!(
+            "name = \"{name}\"\nreplicas = {replicas}\nimage = \"{}\"\n\
+             command = [\"/bin/httpd\"]\nargs = [\"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
+             stop_signal = \"SIGKILL\"\n[resources]\ncpu = 0.05\nmemory = \"16Mi\"\n",
+            fleet.image()
+        ),
+    )
+}
+
+/// One running allocation: id, node, ip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Alloc {
+    id: String,
+    node: String,
+    ip: String,
+}
+
+fn running_with_ips(fleet: &Fleet, job: &str) -> Result<Vec<Alloc>> {
+    let ps = fleet.cli_json(&["ps", job])?;
+    Ok(ps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["status"] == "running" && a["ip"].as_str().is_some_and(|s| !s.is_empty()))
+        .map(|a| Alloc {
+            id: a["id"].as_str().unwrap_or_default().to_owned(),
+            node: a["node"].as_str().unwrap_or_default().to_owned(),
+            ip: a["ip"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect())
+}
+
+fn on(allocs: &[Alloc], node: &str) -> Result<Alloc> {
+    allocs
+        .iter()
+        .find(|a| a.node == node)
+        .cloned()
+        .with_context(|| format!("no allocation on {node}: {allocs:?}"))
+}
+
+/// `skiff exec ALLOC -- args`: (exit code, stdout + stderr).
+fn exec(fleet: &Fleet, alloc: &str, args: &[&str]) -> Result<(i32, String)> {
+    let mut all = vec!["exec", alloc, "--"];
+    all.extend_from_slice(args);
+    let out = fleet.cli(&all)?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+fn ping(fleet: &Fleet, from: &Alloc, to: &str) -> Result<()> {
+    let (code, out) = exec(fleet, &from.id, &["ping", "-c", "2", "-W", "2", to])?;
+    ensure!(
+        code == 0 && out.contains("2 packets received"),
+        "ping {to} from {} on {}: exit {code}: {out}",
+        from.ip,
+        from.node
+    );
+    Ok(())
+}
+
+fn fetch(fleet: &Fleet, from: &Alloc, url: &str) -> Result<String> {
+    let (code, out) = exec(
+        fleet,
+        &from.id,
+        &["timeout", "10", "wget", "-q", "-O", "-", url],
+    )?;
+    ensure!(
+        code == 0,
+        "wget {url} from {}: exit {code}: {out}",
+        from.node
+    );
+    Ok(out)
+}
+
+/// Node name -> (subnet, public key) from `skiff nodes -o json`.
+fn node_keys(fleet: &Fleet) -> Result<BTreeMap<String, (String, String)>> {
+    let nodes = fleet.cli_json(&["nodes"])?;
+    Ok(nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or_default().to_owned(),
+                (
+                    n["subnet"].as_str().unwrap_or_default().to_owned(),
+                    n["wireguard"]["public_key"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                ),
+            )
+        })
+        .collect())
+}
+
+fn in_subnet(ip: &str, subnet: &str) -> bool {
+    // /24 subnets: the first three octets match.
+    let prefix = subnet.rsplit_once('.').map(|p| p.0).unwrap_or_default();
+    ip.rsplit_once('.').map(|p| p.0) == Some(prefix)
+}
+
+#[test]
+fn o10_cross_host_traffic_is_encrypted_and_survives_agent_restarts() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let _serial = lock();
+    let mut fleet = Fleet::start(1, 3, GRACE)?;
+    let res = cross_host(&mut fleet);
+    if res.is_err() {
+        eprintln!("{}", fleet.log_tails(30));
+    }
+    res
+}
+
+fn cross_host(fleet: &mut Fleet) -> Result<()> {
+    let spec = web(fleet, "web", 3)?;
+    fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
+    fleet.wait_for("3 replicas with addresses", Duration::from_secs(30), |f| {
+        Ok(running_with_ips(f, "web")?.len() == 3)
+    })?;
+    let allocs = running_with_ips(fleet, "web")?;
+    let keys = node_keys(fleet)?;
+    for a in &allocs {
+        let (subnet, key) = &keys[&a.node];
+        ensure!(
+            in_subnet(&a.ip, subnet),
+            "{} on {} is outside {subnet}",
+            a.ip,
+            a.node
+        );
+        ensure!(key.len() == 44, "{} has no WireGuard key: {keys:?}", a.node);
+    }
+    let a1 = on(&allocs, "a1")?;
+    let a2 = on(&allocs, "a2")?;
+    let a3 = on(&allocs, "a3")?;
+
+    // Each agent has the two others as peers, allowed-ips = their subnets.
+    fleet.wait_for(
+        "every agent to peer with the others",
+        Duration::from_secs(20),
+        |f| {
+            for agent in ["a1", "a2", "a3"] {
+                if f.wg_peers(agent)?.len() != 2 {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )?;
+    let dump = fleet.wg_dump("a1")?;
+    ensure!(
+        dump.contains(&keys["a2"].1) && dump.contains(&keys["a2"].0),
+        "{dump}"
+    );
+
+    // Across hosts by IP: ping and a TCP request.
+    ping(fleet, &a1, &a2.ip)?;
+    ping(fleet, &a2, &a3.ip)?;
+    let page = fetch(fleet, &a1, &format!("http://{}:8080/", a2.ip))?;
+    ensure!(page.contains("hello from skiff"), "{page}");
+
+    // The underlay between a1 and a2 carries only WireGuard UDP; a marker sent between the
+    // containers never shows in clear text.
+    let h1 = fleet.host("a1")?.addr.clone();
+    let h2 = fleet.host("a2")?.addr.clone();
+    let pcap = fleet.dir().join("underlay.pcap");
+    let mut tcpdump = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}-a1", fleet.prefix))
+        .args(["--", "tcpdump", "-i", "eth0", "-U", "-n", "-s", "0", "-w"])
+        .arg(&pcap)
+        .args(["host", &h1, "and", "host", &h2])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("tcpdump")?;
+    // Wait for it to listen (it says so on stderr).
+    let mut err = BufReader::new(tcpdump.stderr.take().context("tcpdump stderr")?);
+    let mut line = String::new();
+    err.read_line(&mut line)?;
+    ensure!(line.contains("listening"), "tcpdump: {line}");
+    let marker = format!("SKIFF-MARKER-{}", std::process::id());
+    let (code, out) = exec(
+        fleet,
+        &a1.id,
+        &[
+            "timeout",
+            "10",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{}:8080/{marker}", a2.ip),
+        ],
+    )?;
+    ensure!(
+        code != 0 && out.contains("404"),
+        "expected a 404 for the marker: {out}"
+    );
+    ping(fleet, &a2, &a1.ip)?;
+    // SIGINT flushes and ends the capture.
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(tcpdump.id() as i32, libc::SIGINT);
+    }
+    tcpdump.wait()?;
+    let raw = std::fs::read(&pcap)?;
+    ensure!(
+        !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker crossed the underlay in clear text"
+    );
+    let read = Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(&pcap)
+        .output()?;
+    let text = String::from_utf8_lossy(&read.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    ensure!(lines.len() >= 8, "too few packets captured: {text}");
+    for l in &lines {
+        ensure!(
+            l.contains(&format!("{h1}.51820 > {h2}.51820: UDP"))
+                || l.contains(&format!("{h2}.51820 > {h1}.51820: UDP")),
+            "not WireGuard UDP on the underlay: {l}"
+        );
+    }
+    eprintln!(
+        "underlay: {} packets, all WireGuard UDP, no marker",
+        lines.len()
+    );
+
+    // WireGuard state: in `skiff nodes -o json` (handshakes, bytes) and the agent's /metrics.
+    fleet.wait_for("a1's peer state reported", Duration::from_secs(10), |f| {
+        let nodes = f.cli_json(&["nodes"])?;
+        let n1 = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == "a1")
+            .cloned()
+            .unwrap_or_default();
+        let peers = n1["wireguard"]["peers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok(n1["wireguard"]["backend"] == "userspace"
+            && peers.len() == 2
+            && peers.iter().any(|p| {
+                p["node"] == "a2"
+                    && p["last_handshake_unix"].as_i64().unwrap_or(0) > 0
+                    && p["rx_bytes"].as_u64().unwrap_or(0) > 0
+            }))
+    })?;
+    let metrics = fleet.on_host(
+        "cli",
+        &["curl", "-sf", &format!("http://{h1}:7802/metrics")],
+    )?;
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    ensure!(
+        metrics.contains("skiff_agent_wireguard_peers 2"),
+        "{metrics}"
+    );
+    ensure!(
+        metrics.contains("skiff_agent_wireguard_peer_last_handshake_seconds{peer=\"a2\""),
+        "{metrics}"
+    );
+    ensure!(
+        metrics.contains("skiff_agent_wireguard_info{backend=\"userspace\""),
+        "{metrics}"
+    );
+
+    // An agent restart: the tunnel is a process of its own and keeps carrying traffic while
+    // the agent is down; the containers keep their addresses.
+    let tunnel = fleet
+        .tunnel_pid("a1")?
+        .context("a1 has no tunnel process")?;
+    fleet.kill_agent("a1")?;
+    ping(fleet, &a2, &a1.ip)?;
+    fleet.restart_agent("a1")?;
+    fleet.wait_for("a1 to report again", Duration::from_secs(20), |f| {
+        Ok(f.log("a1").matches("registered").count() >= 2)
+    })?;
+    ensure!(
+        fleet.tunnel_pid("a1")? == Some(tunnel),
+        "the tunnel was restarted with the agent"
+    );
+    let after = running_with_ips(fleet, "web")?;
+    ensure!(
+        on(&after, "a1")? == a1,
+        "a1's allocation changed: {after:?}"
+    );
+    ping(fleet, &a3, &a1.ip)?;
+
+    // The tunnel process is supervised: killed, it is restarted and reconfigured.
+    // SAFETY: kill(2) on the tunnel the fleet started.
+    unsafe {
+        libc::kill(tunnel, libc::SIGKILL);
+    }
+    fleet.wait_for("a1's tunnel to come back", Duration::from_secs(15), |f| {
+        Ok(f.tunnel_pid("a1")?.is_some_and(|p| p != tunnel) && f.wg_peers("a1")?.len() == 2)
+    })?;
+    fleet.wait_for(
+        "traffic through the new tunnel",
+        Duration::from_secs(15),
+        |f| Ok(ping(f, &a2, &a1.ip).is_ok()),
+    )?;
+
+    // A host that leaves (agent and tunnel gone) is removed from every peer list.
+    let gone_key = keys["a3"].1.clone();
+    fleet.kill_agent("a3")?;
+    if let Some(p) = fleet.tunnel_pid("a3")? {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(p, libc::SIGKILL);
+        }
+    }
+    fleet.wait_for(
+        "a3 out of a1's and a2's peers",
+        Duration::from_secs(20),
+        |f| {
+            for agent in ["a1", "a2"] {
+                let peers = f.wg_peers(agent)?;
+                if peers.len() != 1 || peers.iter().any(|p| p.0 == gone_key) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )?;
+    // Its replacement runs on a1 or a2 and is reachable.
+    fleet.wait_for("3 replicas again", Duration::from_secs(30), |f| {
+        Ok(running_with_ips(f, "web")?
+            .iter()
+            .filter(|a| a.node != "a3")
+            .count()
+            == 3)
+    })?;
+    ping(fleet, &a1, &a2.ip)?;
+    Ok(())
+}
+
+#[test]
+fn o20_a_full_pod_subnet_is_a_scheduling_error() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let _serial = lock();
+    // A /29 per node: 5 container addresses.
+    let fleet = Fleet::start_with(1, 1, GRACE, &["--node-subnet-prefix", "29"])?;
+    let res = (|| -> Result<()> {
+        let spec = web(&fleet, "many", 7)?;
+        fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
+        fleet.wait_for(
+            "5 running and a pending reason",
+            Duration::from_secs(30),
+            |f| {
+                let status = f.cli_json(&["job", "status", "many"])?;
+                let pending = status["pending"].as_str().unwrap_or_default().to_owned();
+                Ok(running_with_ips(f, "many")?.len() == 5
+                    && pending.contains("no free pod address (subnet 10.42.0.0/29 full)"))
+            },
+        )?;
+        let ips: std::collections::BTreeSet<String> = running_with_ips(&fleet, "many")?
+            .into_iter()
+            .map(|a| a.ip)
+            .collect();
+        ensure!(ips.len() == 5, "addresses handed out twice: {ips:?}");
+        // The agent and the controller are fine: scaling down clears it.
+        fleet.cli_ok(&["scale", "many", "4"])?;
+        fleet.wait_for("no pending reason", Duration::from_secs(20), |f| {
+            let status = f.cli_json(&["job", "status", "many"])?;
+            Ok(status["pending"].as_str().unwrap_or_default().is_empty()
+                && running_with_ips(f, "many")?.len() == 4)
+        })?;
+        Ok(())
+    })();
+    if res.is_err() {
+        eprintln!("{}", fleet.log_tails(30));
+    }
+    res
+}
