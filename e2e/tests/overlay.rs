@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -370,6 +371,33 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
             == 3)
     })?;
     ping(fleet, &a1, &a2.ip)?;
+
+    // The host comes back re-installed (a new key): its peer is replaced everywhere.
+    std::fs::remove_file(fleet.agent_data("a3")?.join("net/wg/private.key"))?;
+    fleet.restart_agent("a3")?;
+    let mut new_key = String::new();
+    fleet.wait_for("a3's new key on a1 and a2", Duration::from_secs(20), |f| {
+        new_key = node_keys(f)?["a3"].1.clone();
+        if new_key == gone_key {
+            return Ok(false);
+        }
+        for agent in ["a1", "a2"] {
+            let peers = f.wg_peers(agent)?;
+            if peers.len() != 2
+                || peers.iter().any(|p| p.0 == gone_key)
+                || !peers.iter().any(|p| p.0 == new_key)
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    let a3_gateway = format!("{}.1", keys["a3"].0.rsplit_once('.').context("subnet")?.0);
+    fleet.wait_for(
+        "a1's container to reach a3 again",
+        Duration::from_secs(15),
+        |f| Ok(ping(f, &a1, &a3_gateway).is_ok()),
+    )?;
     Ok(())
 }
 
@@ -412,4 +440,254 @@ fn o20_a_full_pod_subnet_is_a_scheduling_error() -> Result<()> {
         eprintln!("{}", fleet.log_tails(30));
     }
     res
+}
+
+/// A node that is not an agent: registers with a WireGuard key (as a peer run by wireguard-go)
+/// from inside the `cli` host's network namespace, is drained (nothing scheduled on it), and
+/// heartbeats until `stop`. Sends its pod subnet once registered.
+fn fake_node(
+    netns: String,
+    controller: String,
+    address: String,
+    public_key: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    subnet: std::sync::mpsc::Sender<Result<String>>,
+) -> std::thread::JoinHandle<()> {
+    use skiff_proto::v1 as pb;
+    std::thread::spawn(move || {
+        let run = || -> Result<()> {
+            let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
+            // SAFETY: setns(2) on an open namespace fd, for this thread only (sockets it opens
+            // from now on live in that namespace).
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut c =
+                    pb::nodes_client::NodesClient::connect(format!("http://{controller}")).await?;
+                let r = c
+                    .register(pb::RegisterNodeRequest {
+                        name: "wgx".into(),
+                        address: address.clone(),
+                        labels: Default::default(),
+                        resources: Some(pb::NodeResources {
+                            cpu: 1.0,
+                            memory: 1 << 30,
+                            pids: 100,
+                        }),
+                        agent_addr: String::new(),
+                        wireguard: Some(pb::WireguardIdentity {
+                            public_key,
+                            endpoint: format!("{address}:51820"),
+                            backend: "userspace".into(),
+                        }),
+                    })
+                    .await?
+                    .into_inner();
+                c.set_drain(pb::SetDrainRequest {
+                    name: "wgx".into(),
+                    drain: true,
+                })
+                .await?;
+                let _ = subnet.send(Ok(r.subnet));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.heartbeat(pb::HeartbeatRequest {
+                        name: "wgx".into(),
+                        allocations: vec![],
+                        wireguard: None,
+                    })
+                    .await?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Ok::<(), anyhow::Error>(())
+            })
+        };
+        if let Err(e) = run() {
+            let _ = subnet.send(Err(e));
+        }
+    })
+}
+
+#[test]
+fn o30_userspace_tunnel_talks_to_wireguard_go() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    for tool in ["wireguard-go", "wg"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            eprintln!(
+                "skipped: {tool} is not installed (apt-get install wireguard-go wireguard-tools)"
+            );
+            return Ok(());
+        }
+    }
+    let _serial = lock();
+    let fleet = Fleet::start(1, 1, GRACE)?;
+    let mut wgo: Option<std::process::Child> = None;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let res = interop(&fleet, &mut wgo, &stop);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(mut c) = wgo {
+        // The whole group: the shell, wireguard-go and the dump loop.
+        // SAFETY: kill(2) on the process group of our own child.
+        unsafe {
+            libc::kill(-(c.id() as i32), libc::SIGKILL);
+        }
+        let _ = c.wait();
+    }
+    if res.is_err() {
+        eprintln!("{}", fleet.log_tails(30));
+        eprintln!(
+            "--- wireguard-go\n{}\n--- its wg dump\n{}\n--- a1's wg dump\n{}",
+            std::fs::read_to_string(fleet.dir().join("wgx.log")).unwrap_or_default(),
+            std::fs::read_to_string(fleet.dir().join("wgx.dump")).unwrap_or_default(),
+            fleet.wg_dump("a1").unwrap_or_default()
+        );
+    }
+    res
+}
+
+fn interop(
+    fleet: &Fleet,
+    wgo: &mut Option<std::process::Child>,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    let spec = web(fleet, "web", 1)?;
+    fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
+    fleet.wait_for(
+        "the replica with an address",
+        Duration::from_secs(30),
+        |f| Ok(running_with_ips(f, "web")?.len() == 1),
+    )?;
+    let target = running_with_ips(fleet, "web")?.remove(0);
+    let keys = node_keys(fleet)?;
+    let (a1_subnet, a1_key) = keys["a1"].clone();
+
+    // wireguard-go's key pair, by `wg`.
+    let private = Command::new("wg").arg("genkey").output()?.stdout;
+    let key_file = fleet.dir().join("wgx.key");
+    std::fs::write(&key_file, &private)?;
+    let mut pubkey = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut pubkey.stdin.take().context("stdin")?, &private)?;
+    let public = String::from_utf8(pubkey.wait_with_output()?.stdout)?
+        .trim()
+        .to_owned();
+
+    let cli = fleet.host("cli")?.clone();
+    let a1 = fleet.host("a1")?.addr.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    fake_node(
+        cli.netns.clone(),
+        format!("{}:7700", fleet.host("c1")?.addr),
+        cli.addr.clone(),
+        public.clone(),
+        stop.clone(),
+        tx,
+    );
+    let subnet = rx.recv_timeout(Duration::from_secs(10))??;
+    let gw = format!("{}.1", subnet.rsplit_once('.').context("subnet")?.0);
+
+    // wireguard-go on the cli host, configured with wg (its socket in a private /run).
+    let dump = fleet.dir().join("wgx.dump");
+    let script = format!(
+        "set -e\n\
+         mount -t tmpfs skiffwgx /run\n\
+         mkdir -p /run/wireguard\n\
+         WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f wgx0 >>{log} 2>&1 &\n\
+         WGPID=$!\n\
+         for i in $(seq 200); do [ -S /run/wireguard/wgx0.sock ] && break; sleep 0.05; done\n\
+         wg set wgx0 private-key {key} listen-port 51820 peer {a1_key} endpoint {a1}:51820 \
+            allowed-ips {a1_subnet} persistent-keepalive 1\n\
+         ip addr add {gw}/32 dev wgx0\n\
+         ip link set wgx0 mtu 1420 up\n\
+         ip route add {a1_subnet} dev wgx0 src {gw}\n\
+         echo READY\n\
+         while kill -0 $WGPID 2>/dev/null; do wg show wgx0 dump > {dump}.tmp && mv {dump}.tmp {dump}; sleep 0.3; done\n",
+        log = fleet.dir().join("wgx.log").display(),
+        key = key_file.display(),
+        dump = dump.display(),
+    );
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", cli.netns))
+        .args(["--", "unshare", "-m", "sh", "-c", &script])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    *wgo = Some(child);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    ensure!(line.trim() == "READY", "wireguard-go setup: {line:?}");
+
+    // The agent peers with it (from the controllers), and traffic flows both ways.
+    fleet.wait_for(
+        "a1 to peer with wireguard-go",
+        Duration::from_secs(15),
+        |f| Ok(f.wg_peers("a1")?.iter().any(|p| p.0 == public)),
+    )?;
+    fleet.wait_for(
+        "ping from behind wireguard-go",
+        Duration::from_secs(15),
+        |f| {
+            Ok(f.on_host(
+                "cli",
+                &[
+                    "busybox", "ping", "-c", "1", "-W", "1", "-I", &gw, &target.ip,
+                ],
+            )?
+            .status
+            .success())
+        },
+    )?;
+    ping(fleet, &target, &gw)?;
+    let (code, page) = {
+        let o = fleet.on_host(
+            "cli",
+            &[
+                "curl",
+                "-sf",
+                "--interface",
+                &gw,
+                &format!("http://{}:8080/", target.ip),
+            ],
+        )?;
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    ensure!(
+        code == 0 && page.contains("hello from skiff"),
+        "curl through wireguard-go: {code} {page}"
+    );
+    // Both ends saw a handshake.
+    let theirs = std::fs::read_to_string(&dump)?;
+    let line = theirs
+        .lines()
+        .find(|l| l.starts_with(&a1_key))
+        .with_context(|| format!("wireguard-go has no peer {a1_key}: {theirs}"))?;
+    let handshake: i64 = line.split('\t').nth(4).unwrap_or("0").parse()?;
+    ensure!(handshake > 0, "wireguard-go saw no handshake: {line}");
+    let ours = fleet.wg_peers("a1")?;
+    ensure!(
+        ours.iter().any(|p| p.0 == public && p.2 > 0),
+        "the agent saw no handshake: {ours:?}"
+    );
+
+    // It stops heartbeating: down after the grace, and out of the agent's peers.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    fleet.wait_for(
+        "wireguard-go's node out of a1's peers",
+        Duration::from_secs(20),
+        |f| Ok(!f.wg_peers("a1")?.iter().any(|p| p.0 == public)),
+    )?;
+    Ok(())
 }
