@@ -5,7 +5,10 @@
 #   sudo scripts/dev-cluster.sh        start (or reuse) the cluster and deploy the example
 #   sudo scripts/dev-cluster.sh down   stop it, remove its containers and state
 # State lives in .skiff-dev/ at the repository root. Only loopback addresses are used. The agent
-# runs containers, so this needs root.
+# runs containers, so this needs root. It also sets up the pod network on this host: a bridge
+# skiff0 (10.42.0.1/24), a userspace WireGuard tunnel skiff-wg (no peers on one host), iptables
+# masquerade for pod egress and net.ipv4.ip_forward=1; `down` removes all of it and puts
+# ip_forward back as it was.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 state="${SKIFF_DEV_DIR:-$root/.skiff-dev}"
@@ -32,6 +35,12 @@ down() {
       done
   fi
   for d in /sys/fs/cgroup/*/"$cgroup_parent"; do [ -d "$d" ] && rmdir "$d" 2>/dev/null || true; done
+  if [ -d "$state/agent" ]; then
+    "$bin/skiff-agent" --data-dir "$state/agent" network down || true
+  fi
+  if [ -f "$state/ip_forward.before" ]; then
+    cat "$state/ip_forward.before" >/proc/sys/net/ipv4/ip_forward
+  fi
   stop_pid "$state/controller.pid"
   rm -rf "$state"
   echo "dev cluster stopped and removed"
@@ -65,6 +74,7 @@ for _ in $(seq 100); do
 done
 curl -fsS "http://$http/readyz" || { echo "controller did not become ready; see $state/controller.log" >&2; exit 1; }
 
+[ -f "$state/ip_forward.before" ] || cat /proc/sys/net/ipv4/ip_forward >"$state/ip_forward.before"
 if [ -f "$state/agent.pid" ] && kill -0 "$(cat "$state/agent.pid")" 2>/dev/null; then
   echo "agent already running (pid $(cat "$state/agent.pid"))"
 else
@@ -84,7 +94,7 @@ sh "$root/agent/tests/fixtures/make-busybox-image.sh" "$state/images/web" >/dev/
 sed "s|^image = .*|image = \"oci:$state/images/web\"|" "$root/deploy/examples/web.toml" >"$state/web.toml"
 "$bin/skiff" --controller "$rpc" apply -f "$state/web.toml"
 for _ in $(seq 100); do
-  [ "$("$bin/skiff" --controller "$rpc" ps web -o json | grep -c '"status": "running"')" -ge 3 ] && break
+  [ "$("$bin/skiff" --controller "$rpc" ps web -o json | grep -c '"ip": "10\.')" -ge 3 ] && break
   sleep 0.2
 done
 echo
@@ -92,9 +102,10 @@ echo
 echo
 "$bin/skiff" --controller "$rpc" ps web
 alloc=$("$bin/skiff" --controller "$rpc" ps web -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+other_ip=$("$bin/skiff" --controller "$rpc" ps web -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[1]["ip"])')
 echo
-echo "\$ skiff exec $alloc -- wget -qO- http://127.0.0.1:8080/"
-"$bin/skiff" --controller "$rpc" exec "$alloc" -- wget -qO- http://127.0.0.1:8080/
+echo "\$ skiff exec $alloc -- wget -qO- http://$other_ip:8080/    # another replica, by its pod IP"
+"$bin/skiff" --controller "$rpc" exec "$alloc" -- wget -qO- "http://$other_ip:8080/"
 cat <<TXT
 
 Skiff dev cluster is up: controller gRPC $rpc, HTTP http://$http, agent dev-1 ($agent_api)

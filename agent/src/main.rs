@@ -264,6 +264,13 @@ fn daemon(cfg: &Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
 }
 
 #[derive(Subcommand)]
+enum NetworkCmd {
+    /// Remove what the agent set up on this host (bridge, tunnel, iptables rules), once the
+    /// agent and its containers are gone.
+    Down,
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run and inspect containers by hand.
     Container {
@@ -274,6 +281,11 @@ enum Cmd {
     Image {
         #[command(subcommand)]
         command: ImageCmd,
+    },
+    /// The host's pod network.
+    Network {
+        #[command(subcommand)]
+        command: NetworkCmd,
     },
     #[command(name = "__monitor", hide = true)]
     Monitor { id: String },
@@ -720,6 +732,14 @@ fn main() -> ExitCode {
     let res = Settings::load(&cli).and_then(|cfg| match &cli.command {
         Some(Cmd::Container { command }) => container(&cfg, command),
         Some(Cmd::Image { command }) => image(&cfg, command),
+        Some(Cmd::Network {
+            command: NetworkCmd::Down,
+        }) => {
+            for line in skiff_agent::net::teardown(&cfg.data_dir) {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Cmd::Monitor { .. } | Cmd::WgTunnel(_)) => unreachable!("dispatched above"),
         None => daemon(&cfg, &cli),
     });

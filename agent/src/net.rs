@@ -178,6 +178,8 @@ impl Network {
         let advertise = opts.advertise;
         let mtu = match opts.mtu {
             Some(m) => m,
+            // A single host on loopback: no tunnel traffic, but keep a common size.
+            None if advertise.is_loopback() => 1500 - wg::OVERHEAD,
             None => {
                 let underlay =
                     nl::with_handle(None, "reading the underlay MTU", move |h| async move {
@@ -443,6 +445,85 @@ impl Network {
             .as_ref()
             .is_some_and(|p| p.cluster.contains(ip))
     }
+}
+
+/// Undoes what the agent set up on this host (for `skiff-agent network down`, after the agent
+/// and its containers are gone): stops the userspace tunnel, deletes `skiff0` and a kernel
+/// `skiff-wg`, removes the iptables rules and the `/run/wireguard` link. Returns what it did.
+pub fn teardown(data_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    let wg_dir = data_dir.join("net").join("wg");
+    let pidfile = wg_dir.join(format!("{}.pid", wg::INTERFACE));
+    if let Some(pid) = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("__wg-tunnel") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            done.push(format!("stopped the userspace tunnel (pid {pid})"));
+        }
+    }
+    for link in [BRIDGE, wg::INTERFACE] {
+        let name = link.to_owned();
+        if let Ok(true) = nl::with_handle(None, "deleting a link", move |h| async move {
+            let had = nl::link_index(&h, &name).await?.is_some();
+            nl::delete_link(&h, &name).await?;
+            Ok(had)
+        }) {
+            done.push(format!("deleted link {link}"));
+        }
+    }
+    for (table, chain) in [("nat", "POSTROUTING"), ("filter", "FORWARD")] {
+        let Ok(out) = std::process::Command::new("iptables")
+            .args(["-w", "-t", table, "-S", chain])
+            .output()
+        else {
+            continue;
+        };
+        for rule in String::from_utf8_lossy(&out.stdout).lines() {
+            let ours = rule.contains("skiff pod egress")
+                || rule.ends_with(&format!("-i {BRIDGE} -j ACCEPT"))
+                || rule.ends_with(&format!("-o {BRIDGE} -j ACCEPT"));
+            let Some(spec) = rule.strip_prefix("-A ") else {
+                continue;
+            };
+            if !ours {
+                continue;
+            }
+            // `-S` prints the comment quoted; split respecting the quotes.
+            let mut args: Vec<String> = Vec::new();
+            let mut quoted = false;
+            let mut cur = String::new();
+            for ch in spec.chars() {
+                match ch {
+                    '"' => quoted = !quoted,
+                    ' ' if !quoted => args.push(std::mem::take(&mut cur)),
+                    c => cur.push(c),
+                }
+            }
+            args.push(cur);
+            let ok = std::process::Command::new("iptables")
+                .args(["-w", "-t", table, "-D"])
+                .args(&args)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                done.push(format!("removed iptables rule -t {table} {rule}"));
+            }
+        }
+    }
+    let link = Path::new("/run/wireguard").join(format!("{}.sock", wg::INTERFACE));
+    if std::fs::read_link(&link).is_ok_and(|t| t.starts_with(&wg_dir)) {
+        let _ = std::fs::remove_file(&link);
+        // The directory too, when nothing else is in it.
+        let _ = std::fs::remove_dir("/run/wireguard");
+        done.push(format!("removed {}", link.display()));
+    }
+    done
 }
 
 /// The host side of a container's veth: `sk` + 12 characters of its id (names are at most 15).

@@ -378,6 +378,24 @@ pub fn peer_changes(status: &DeviceStatus, want: &[Peer], keepalive: Option<u16>
     update
 }
 
+/// Whether this process is in the machine's initial network namespace: the one of pid 1, or,
+/// where pid 1's is hidden from us, any that is not one of `ip netns`'s named namespaces.
+fn in_initial_netns() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(me) = id(Path::new("/proc/self/ns/net")) else {
+        return false;
+    };
+    if let Some(init) = id(Path::new("/proc/1/ns/net")) {
+        return init == me;
+    }
+    !std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| id(&e.path()) == Some(me))
+}
+
 /// `cmd` runs in a session of its own.
 fn unsafe_setsid(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
@@ -394,14 +412,7 @@ fn unsafe_setsid(cmd: &mut Command) {
 /// socket so `wg show` works as usual. Elsewhere (simulated hosts sharing one filesystem) the
 /// path would be shared by every agent, so it is left alone.
 fn link_well_known_socket(socket: &Path) {
-    let same_ns = |a: &str, b: &str| {
-        use std::os::unix::fs::MetadataExt;
-        match (std::fs::metadata(a), std::fs::metadata(b)) {
-            (Ok(x), Ok(y)) => x.ino() == y.ino() && x.dev() == y.dev(),
-            _ => false,
-        }
-    };
-    if !same_ns("/proc/self/ns/net", "/proc/1/ns/net") {
+    if !in_initial_netns() {
         return;
     }
     let dir = Path::new("/run/wireguard");

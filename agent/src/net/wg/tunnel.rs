@@ -221,6 +221,8 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
         udp: RwLock::new(None),
         generation: AtomicU64::new(0),
     });
+    let pidfile = socket.with_extension("pid");
+    let _ = std::fs::write(&pidfile, format!("{}\n", std::process::id()));
     eprintln!("wg-tunnel: {interface} up, UAPI at {}", socket.display());
     {
         let s = shared.clone();
@@ -241,6 +243,7 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
     let sig = mask.wait();
     eprintln!("wg-tunnel: {sig:?}; closing");
     let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(&pidfile);
     0
 }
 
