@@ -51,7 +51,7 @@ if [ "${1:-up}" = down ]; then down; exit 0; fi
 command -v cargo >/dev/null || { echo "cargo is required" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "the agent runs containers: run this as root" >&2; exit 1; }
 missing=()
-for p in curl busybox-static python3; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+for p in curl busybox-static python3 iptables; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi

@@ -10,7 +10,11 @@ cd "$root"
 # docker-registry, skopeo, apache2-utils (htpasswd), zstd, util-linux (script): the image tests
 # run a real registry on loopback, push to it with skopeo and write archives with it.
 # iproute2: the fleet tests build hosts from network namespaces.
-need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2)
+# iptables: the agents masquerade pod egress. tcpdump: the overlay test captures the underlay.
+# wireguard-tools (wg), wireguard-go: the overlay test checks peers with `wg show` and talks to
+# a wireguard-go peer.
+need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2
+  iptables tcpdump wireguard-tools wireguard-go)
 missing=()
 for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -214,3 +214,29 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// Replaces the section that starts with `head` (a `## ` line) in the markdown file at `path`
+/// with `text`, or appends it; for the benchmarks' `--write-md`.
+pub fn write_md_section(path: &Path, head: &str, text: &str) -> std::io::Result<()> {
+    let cur = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let new = match cur.find(head) {
+        Some(start) => {
+            let rest = &cur[start + 1..];
+            match rest.find("\n## ") {
+                Some(n) => format!("{}{}\n{}", &cur[..start], text, &rest[n + 1..]),
+                None => format!("{}{}", &cur[..start], text),
+            }
+        }
+        None => format!("{}\n\n{}", cur.trim_end(), text),
+    };
+    std::fs::write(path, new)
+}
+
+/// Today's date (UTC), for benchmark reports.
+pub fn utc_date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}

@@ -190,6 +190,18 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
         "{dump}"
     );
 
+    // The pod MTU leaves room for WireGuard's 80 bytes on the 1500-byte underlay.
+    let (_, mtu) = exec(fleet, &a1.id, &["cat", "/sys/class/net/eth0/mtu"])?;
+    ensure!(mtu.trim() == "1420", "eth0 MTU {mtu}");
+    let (_, route) = exec(fleet, &a1.id, &["ip", "route"])?;
+    ensure!(
+        route.contains(&format!(
+            "default via {}",
+            keys["a1"].0.replace(".0/24", ".1")
+        )),
+        "{route}"
+    );
+
     // Across hosts by IP: ping and a TCP request.
     ping(fleet, &a1, &a2.ip)?;
     ping(fleet, &a2, &a3.ip)?;
@@ -427,13 +439,24 @@ fn o20_a_full_pod_subnet_is_a_scheduling_error() -> Result<()> {
             .map(|a| a.ip)
             .collect();
         ensure!(ips.len() == 5, "addresses handed out twice: {ips:?}");
-        // The agent and the controller are fine: scaling down clears it.
+        // The agent and the controller are fine: scaling down clears it, and the addresses
+        // of the removed containers are released (one file per address in use).
         fleet.cli_ok(&["scale", "many", "4"])?;
-        fleet.wait_for("no pending reason", Duration::from_secs(20), |f| {
-            let status = f.cli_json(&["job", "status", "many"])?;
-            Ok(status["pending"].as_str().unwrap_or_default().is_empty()
-                && running_with_ips(f, "many")?.len() == 4)
-        })?;
+        let ipam = fleet.agent_data("a1")?.join("net/ipam/10.42.0.0_29");
+        fleet.wait_for(
+            "no pending reason, 4 addresses held",
+            Duration::from_secs(20),
+            |f| {
+                let status = f.cli_json(&["job", "status", "many"])?;
+                let held = std::fs::read_dir(&ipam)?
+                    .flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count();
+                Ok(status["pending"].as_str().unwrap_or_default().is_empty()
+                    && running_with_ips(f, "many")?.len() == 4
+                    && held == 4)
+            },
+        )?;
         Ok(())
     })();
     if res.is_err() {

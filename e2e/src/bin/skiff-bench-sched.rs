@@ -326,7 +326,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         String::new(),
         format!(
             "- Date: {} (UTC); machine: {} cores; release build; command: `target/release/skiff-bench-sched --write-md BENCHMARKS.md`",
-            chrono_date(),
+            skiff_e2e::utc_date(),
             std::thread::available_parallelism().map_or(1, |n| n.get())
         ),
         format!("- {} simulated nodes (8 cores, 16 GiB, zone a/b/c), allocations of 0.1 core / 64 MiB.", args.nodes),
@@ -371,27 +371,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let text = lines.join("\n");
     println!("{text}");
     if let Some(path) = &args.write_md {
-        let cur = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-        let new = match cur.find(head) {
-            Some(start) => {
-                let rest = &cur[start + 1..];
-                match rest.find("\n## ") {
-                    Some(n) => format!("{}{}\n{}", &cur[..start], text, &rest[n + 1..]),
-                    None => format!("{}{}", &cur[..start], text),
-                }
-            }
-            None => format!("{}\n\n{}", cur.trim_end(), text),
-        };
-        std::fs::write(path, new)?;
+        skiff_e2e::write_md_section(path, head, &text)?;
     }
     Ok(())
-}
-
-fn chrono_date() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .ok();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
 }
