@@ -1,11 +1,10 @@
 //! Overlay network benchmark (needs root, iperf3, wireguard-go, wg, busybox): on a netns fleet
-//! of one controller and two agents, iperf3 throughput and ping latency
-//!   - container to container across the two hosts, through Skiff's WireGuard tunnel,
-//!   - container to container on one host (bridge only: must not pay for the tunnel),
-//! and, between the same two simulated hosts in the same run, the anchors:
-//!   - plain veth routing host to host (no tunnel: the ceiling),
-//!   - Debian's wireguard-go host to host, configured with `wg` (the userspace anchor).
-//! Also the peak RSS of Skiff's tunnel process and of wireguard-go.
+//! of one controller and two agents, iperf3 throughput and ping latency container to container
+//! across the two hosts through Skiff's WireGuard tunnel, and container to container on one
+//! host (bridge only: must not pay for the tunnel); between the same two simulated hosts in the
+//! same run, the anchors: plain veth routing host to host (no tunnel: the ceiling) and Debian's
+//! wireguard-go host to host, configured with `wg` (the userspace anchor). Also the peak RSS of
+//! Skiff's tunnel process and of wireguard-go.
 //!
 //!   SKIFF_BIN_DIR=target/release target/release/skiff-bench-overlay [--seconds 5] [--write-md BENCHMARKS.md]
 
