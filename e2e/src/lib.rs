@@ -215,6 +215,15 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Prints a benchmark's markdown section and, with `--write-md PATH`, puts it in that file.
+pub fn publish(head: &str, text: &str, write_md: Option<&Path>) -> std::io::Result<()> {
+    println!("{text}");
+    match write_md {
+        Some(path) => write_md_section(path, head, text),
+        None => Ok(()),
+    }
+}
+
 /// Replaces the section that starts with `head` (a `## ` line) in the markdown file at `path`
 /// with `text`, or appends it; for the benchmarks' `--write-md`.
 pub fn write_md_section(path: &Path, head: &str, text: &str) -> std::io::Result<()> {

@@ -305,10 +305,22 @@ pub async fn delete_link(h: &Handle, name: &str) -> Result<(), rtnetlink::Error>
     Ok(())
 }
 
-/// Creates a kernel WireGuard link. `Ok(false)`: the kernel has no WireGuard.
-pub async fn create_wireguard_link(h: &Handle, name: &str) -> Result<bool, rtnetlink::Error> {
+/// What [`create_wireguard_link`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireguardLink {
+    Existed,
+    Created,
+    /// The kernel has no WireGuard.
+    Unsupported,
+}
+
+/// Creates a kernel WireGuard link unless it exists.
+pub async fn create_wireguard_link(
+    h: &Handle,
+    name: &str,
+) -> Result<WireguardLink, rtnetlink::Error> {
     if link_index(h, name).await?.is_some() {
-        return Ok(true);
+        return Ok(WireguardLink::Existed);
     }
     match h
         .link()
@@ -316,15 +328,15 @@ pub async fn create_wireguard_link(h: &Handle, name: &str) -> Result<bool, rtnet
         .execute()
         .await
     {
-        Ok(()) => Ok(true),
-        Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(true),
+        Ok(()) => Ok(WireguardLink::Created),
+        Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(WireguardLink::Existed),
         Err(e)
             if matches!(
                 errno(&e),
                 Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENODEV)
             ) =>
         {
-            Ok(false)
+            Ok(WireguardLink::Unsupported)
         }
         Err(e) => Err(e),
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use tracing::{info, warn};
 
-use super::NetError;
+use super::{NetError, nl};
 
 /// The interface name.
 pub const INTERFACE: &str = "skiff-wg";
@@ -202,7 +202,7 @@ impl Device {
             BackendChoice::Kernel | BackendChoice::Auto => {
                 // A running userspace tunnel keeps the interface name; stay with it.
                 let tunnel_up = choice == BackendChoice::Auto && uapi::get(&socket).is_ok();
-                if !tunnel_up && kernel::create_link()? {
+                if !tunnel_up && kernel::create_link()? != nl::WireguardLink::Unsupported {
                     Backend::Kernel
                 } else if choice == BackendChoice::Kernel {
                     return Err(NetError::NoKernelWireguard);
@@ -232,7 +232,11 @@ impl Device {
     /// routes must be applied again).
     pub fn ensure_running(&self) -> Result<bool, NetError> {
         let created = match self.backend {
-            Backend::Kernel => kernel::create_link()?,
+            Backend::Kernel => match kernel::create_link()? {
+                nl::WireguardLink::Created => true,
+                nl::WireguardLink::Existed => false,
+                nl::WireguardLink::Unsupported => return Err(NetError::NoKernelWireguard),
+            },
             Backend::Userspace => {
                 if uapi::get(&self.socket).is_ok() {
                     false

@@ -368,10 +368,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
         ),
         String::new(),
     ];
-    let text = lines.join("\n");
-    println!("{text}");
-    if let Some(path) = &args.write_md {
-        skiff_e2e::write_md_section(path, head, &text)?;
-    }
+    skiff_e2e::publish(head, &lines.join("\n"), args.write_md.as_deref())?;
     Ok(())
 }

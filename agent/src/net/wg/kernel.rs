@@ -21,8 +21,8 @@ use netlink_packet_wireguard::{
 use super::super::{NetError, nl};
 use super::{DeviceStatus, DeviceUpdate, INTERFACE, Key, PeerStatus};
 
-/// Creates the kernel link `skiff-wg`. `Ok(false)`: this kernel has no WireGuard.
-pub fn create_link() -> Result<bool, NetError> {
+/// Creates the kernel link `skiff-wg` unless it exists.
+pub fn create_link() -> Result<nl::WireguardLink, NetError> {
     nl::with_handle(None, "creating the kernel WireGuard link", |h| async move {
         nl::create_wireguard_link(&h, INTERFACE).await
     })
