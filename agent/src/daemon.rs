@@ -122,9 +122,12 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let (desired_tx, desired_rx) = watch::channel::<Option<Vec<Assigned>>>(None);
     let reports: Arc<Mutex<Vec<pb::AllocationReport>>> = Arc::default();
 
+    let checker = crate::health::Checker::default();
+    let checks = tokio::spawn(checker.clone().run());
     let reconciler = tokio::spawn(reconcile_loop(
         runtime.clone(),
         network.clone(),
+        checker,
         desired_rx,
         reports.clone(),
     ));
@@ -143,6 +146,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     info!("agent stopping; containers keep running");
     control.abort();
     reconciler.abort();
+    checks.abort();
     server.abort();
     metrics.abort();
     Ok(())
@@ -335,6 +339,7 @@ async fn session(
 async fn reconcile_loop(
     runtime: Arc<Runtime>,
     network: Arc<Network>,
+    checker: crate::health::Checker,
     mut desired: watch::Receiver<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) {
@@ -349,8 +354,14 @@ async fn reconcile_loop(
             Err(e) => warn!(error = %e, "network sync panicked"),
         }
         if let Some(want) = want {
-            let (rt, f) = (runtime.clone(), failures.clone());
-            match tokio::task::spawn_blocking(move || reconcile_once(&rt, &want, &f)).await {
+            let (rt, f, c) = (runtime.clone(), failures.clone(), checker.clone());
+            match tokio::task::spawn_blocking(move || {
+                let mut reports = reconcile_once(&rt, &want, &f);
+                health_checks(&rt, &want, &c, &mut reports);
+                reports
+            })
+            .await
+            {
                 Ok(r) => {
                     *reports
                         .lock()
@@ -467,6 +478,48 @@ fn reconcile_once(
     out
 }
 
+/// Keeps one health check per running allocation whose job has one, and puts each verdict in
+/// its allocation's report.
+fn health_checks(
+    rt: &Runtime,
+    want: &[Assigned],
+    checker: &crate::health::Checker,
+    reports: &mut [pb::AllocationReport],
+) {
+    let containers: HashMap<String, (String, Status)> = rt
+        .store()
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(c, s)| (c.name, (c.id, s.status)))
+        .collect();
+    let mut checks = HashMap::new();
+    for a in want {
+        let Some(check) = a.spec.service.as_ref().and_then(|s| s.check.clone()) else {
+            continue;
+        };
+        let Some((container, Status::Running)) = containers.get(&a.id) else {
+            continue;
+        };
+        let ip = rt.address(container);
+        if let Some(probe) =
+            crate::health::Probe::new(&a.spec, &check, rt.data_dir(), container, ip)
+        {
+            checks.insert(a.id.clone(), (check, probe));
+        }
+    }
+    checker.set(checks);
+    for r in reports.iter_mut() {
+        if r.state != "running" {
+            continue;
+        }
+        if let Some(v) = checker.verdict(&r.id) {
+            r.health = v.health.as_str().to_owned();
+            r.health_output = v.output;
+        }
+    }
+}
+
 fn failed(id: &str, reason: &str) -> pb::AllocationReport {
     pb::AllocationReport {
         id: id.to_owned(),
@@ -498,7 +551,7 @@ fn report(id: &str, s: &crate::runtime::store::State) -> pb::AllocationReport {
         exit_code,
         reason,
         restarts: s.restarts,
-        ip: String::new(),
+        ..Default::default()
     }
 }
 

@@ -61,7 +61,8 @@ fn wireguard_cell(n: &pb::Node) -> String {
 pub fn allocation_json(a: &pb::Allocation) -> serde_json::Value {
     serde_json::json!({
         "id": a.id, "namespace": a.namespace, "job": a.job, "job_version": a.job_version,
-        "node": a.node, "ip": a.ip, "desired": a.desired, "status": a.observed, "restarts": a.restarts,
+        "node": a.node, "ip": a.ip, "health": a.health, "health_output": a.health_output,
+        "desired": a.desired, "status": a.observed, "restarts": a.restarts,
         "exit_code": a.exit_code, "reason": a.reason, "created_at_ms": a.created_at_ms,
     })
 }
@@ -176,6 +177,9 @@ pub async fn ps(
             }
             if let Some(code) = a.exit_code {
                 status = format!("{status} ({code})");
+            }
+            if !a.health.is_empty() && a.observed == "running" {
+                status = format!("{status}, {}", a.health);
             }
             vec![
                 a.id.clone(),
@@ -395,4 +399,80 @@ pub async fn exec(
     std::io::stdout().write_all(&resp.stdout)?;
     std::io::stderr().write_all(&resp.stderr)?;
     Ok(resp.exit_code)
+}
+
+pub async fn services(
+    ctl: &Controllers,
+    out: Out,
+    namespace: Option<String>,
+) -> anyhow::Result<()> {
+    let req = pb::ListServicesRequest {
+        namespace: namespace.unwrap_or_default(),
+        read: None,
+    };
+    let resp = ctl
+        .jobs(|mut c| {
+            let r = req.clone();
+            async move { c.list_services(r).await }
+        })
+        .await?;
+    if out.json {
+        let list: Vec<serde_json::Value> = resp
+            .services
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "namespace": s.namespace, "job": s.job,
+                    "dns": format!("{}.{}.skiff.internal", s.name, s.namespace),
+                    "port": s.port_name,
+                    "ports": s.ports.iter().map(|p| serde_json::json!({
+                        "name": p.name, "port": p.port, "protocol": p.protocol,
+                    })).collect::<Vec<_>>(),
+                    "tags": s.tags,
+                    "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                        "allocation": e.allocation, "node": e.node, "ip": e.ip,
+                        "health": e.health, "health_output": e.health_output, "ready": e.ready,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return out.json(&list);
+    }
+    let rows = resp
+        .services
+        .iter()
+        .map(|s| {
+            let port = s.ports.iter().find(|p| p.name == s.port_name).map_or_else(
+                || s.port_name.clone(),
+                |p| format!("{}/{}", p.port, p.protocol),
+            );
+            let ready = s.endpoints.iter().filter(|e| e.ready).count();
+            let endpoints: Vec<String> = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let state = if e.ready {
+                        String::new()
+                    } else if e.health.is_empty() {
+                        " (no address)".to_owned()
+                    } else {
+                        format!(" ({})", e.health)
+                    };
+                    format!("{}{state}", if e.ip.is_empty() { "-" } else { &e.ip })
+                })
+                .collect();
+            vec![
+                format!("{}.{}.skiff.internal", s.name, s.namespace),
+                port,
+                format!("{ready}/{}", s.endpoints.len()),
+                if endpoints.is_empty() {
+                    "-".into()
+                } else {
+                    endpoints.join(", ")
+                },
+            ]
+        })
+        .collect();
+    print_table(&["SERVICE", "PORT", "READY", "ENDPOINTS"], rows);
+    Ok(())
 }

@@ -93,6 +93,11 @@ enum Cmd {
         #[arg(long)]
         stale: bool,
     },
+    /// Services (jobs with a `service` section), their endpoints and health.
+    Services {
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
     /// Drain or undrain a node.
     Node {
         #[command(subcommand)]
@@ -366,6 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
         } => fleet::scale(&ctl, out, name, namespace, replicas).await?,
         Cmd::Nodes { stale } => fleet::nodes(&ctl, out, stale).await?,
+        Cmd::Services { namespace } => fleet::services(&ctl, out, namespace).await?,
         Cmd::Node { command } => match command {
             NodeCmd::Drain { name } => fleet::drain(&ctl, out, name, true).await?,
             NodeCmd::Undrain { name } => fleet::drain(&ctl, out, name, false).await?,

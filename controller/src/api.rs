@@ -6,6 +6,7 @@ mod cluster;
 mod http;
 mod jobs;
 mod nodes;
+mod services;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -213,6 +213,8 @@ pub fn plan_job(
                 created_at_ms: now_ms,
                 observed_at_ms: now_ms,
                 ip: None,
+                health: None,
+                health_output: String::new(),
             });
         }
         plan.unplaced = placed.unplaced;

@@ -85,6 +85,11 @@ pub struct AllocationReport {
     /// The container's overlay address.
     #[serde(default)]
     pub ip: Option<String>,
+    /// Its health check's verdict, when it has one.
+    #[serde(default)]
+    pub health: Option<String>,
+    #[serde(default)]
+    pub health_output: String,
 }
 
 fn default_subnet_prefix() -> u8 {
@@ -333,6 +338,10 @@ impl ClusterState {
                             alloc.restarts = alloc.restarts.max(r.restarts);
                             if r.ip.is_some() {
                                 alloc.ip = r.ip.clone();
+                            }
+                            if r.health.is_some() {
+                                alloc.health = r.health.clone();
+                                alloc.health_output = r.health_output.clone();
                             }
                             count += 1;
                         }

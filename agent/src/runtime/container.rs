@@ -125,6 +125,11 @@ impl Runtime {
         self.network = Some(network);
     }
 
+    /// Where containers and images live.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     /// The container's network address, if it has one.
     pub fn address(&self, id: &str) -> Option<std::net::IpAddr> {
         self.network.as_ref()?.address(id)

@@ -75,6 +75,8 @@ pub(crate) fn allocation_pb(a: &Allocation) -> pb::Allocation {
         exit_code,
         reason,
         ip: a.ip.clone().unwrap_or_default(),
+        health: a.health.clone().unwrap_or_default(),
+        health_output: a.health_output.clone(),
     }
 }
 
@@ -350,6 +352,23 @@ impl Jobs for JobsApi {
                     .map(allocation_pb)
                     .collect();
                 Ok(pb::ListAllocationsResponse { allocations })
+            })
+            .await
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx
+            .track("ListServices", async {
+                self.ctx.read_barrier(req.read.as_ref()).await?;
+                let applied = self.ctx.node.state();
+                let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
+                Ok(pb::ListServicesResponse {
+                    services: super::services::services(&applied.state, ns),
+                })
             })
             .await
     }

@@ -222,6 +222,7 @@ fn report_status(r: &pb::AllocationReport) -> Result<AllocationStatus, ApiError>
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::AssignedAllocations, Status>> + Send>>;
+type ServicesStream = Pin<Box<dyn Stream<Item = Result<pb::ServiceSet, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Nodes for NodesApi {
@@ -346,12 +347,26 @@ impl Nodes for NodesApi {
                             )));
                         }
                         let new_ip = ip.is_some() && a.ip != ip;
-                        if a.observed != status || a.restarts < r.restarts || new_ip {
+                        let health = match r.health.as_str() {
+                            "" => None,
+                            "starting" | "healthy" | "unhealthy" => Some(r.health.clone()),
+                            other => {
+                                return Err(ApiError::BadRequest(format!(
+                                    "allocations: {}: unknown health {other:?}",
+                                    r.id
+                                )));
+                            }
+                        };
+                        let new_health = health.is_some()
+                            && (a.health != health || a.health_output != r.health_output);
+                        if a.observed != status || a.restarts < r.restarts || new_ip || new_health {
                             reports.push(AllocationReport {
                                 id: r.id.clone(),
                                 status,
                                 restarts: r.restarts,
                                 ip,
+                                health,
+                                health_output: r.health_output.chars().take(512).collect(),
                             });
                         }
                     }
@@ -402,6 +417,40 @@ impl Nodes for NodesApi {
             }
         });
         Ok(Response::new(stream))
+    }
+
+    type WatchServicesStream = ServicesStream;
+
+    async fn watch_services(
+        &self,
+        req: Request<pb::WatchServicesRequest>,
+    ) -> Result<Response<Self::WatchServicesStream>, Status> {
+        let node = req.into_inner().node;
+        if !node.is_empty() {
+            skiff_common::validate_name("node", &node).map_err(ApiError::from)?;
+        }
+        let raft = self.ctx.node.clone();
+        let mut applied = raft.applied_watch();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last: Option<Vec<pb::ServiceInfo>> = None;
+            while let Some(index) = applied.changed().await {
+                let set = super::services::services(&raft.state().state, None);
+                if last.as_ref() != Some(&set) {
+                    let msg = pb::ServiceSet {
+                        services: set.clone(),
+                        index,
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                    last = Some(set);
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_nodes(

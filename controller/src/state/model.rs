@@ -223,6 +223,12 @@ pub struct Allocation {
     /// The container's overlay address, as its agent reported it.
     #[serde(default)]
     pub ip: Option<String>,
+    /// `starting`, `healthy` or `unhealthy` when its job has a health check.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// The last check's output or failure.
+    #[serde(default)]
+    pub health_output: String,
 }
 
 impl Allocation {

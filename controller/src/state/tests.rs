@@ -44,6 +44,8 @@ fn alloc(id: &str, node: &str, version: u64) -> Allocation {
         created_at_ms: 5,
         observed_at_ms: 5,
         ip: None,
+        health: None,
+        health_output: String::new(),
     }
 }
 
