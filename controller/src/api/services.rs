@@ -59,3 +59,99 @@ pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::Servic
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use skiff_common::{SpecFormat, parse_job_spec};
+
+    use super::*;
+    use crate::state::{Allocation, AllocationReport, Command, Node, NodeResources, NodeStatus};
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            address: "198.18.0.2".into(),
+            labels: Default::default(),
+            resources: NodeResources {
+                cpu: 2.0,
+                memory: 1 << 30,
+                pids: 1000,
+            },
+            status: NodeStatus::Ready,
+            status_changed_at_ms: 0,
+            registered_at_ms: 0,
+            agent_addr: String::new(),
+            subnet: None,
+            wireguard: None,
+        }
+    }
+
+    fn alloc(id: &str, node: &str) -> Allocation {
+        Allocation {
+            id: id.into(),
+            namespace: "default".into(),
+            job: "web".into(),
+            job_version: 1,
+            node: node.into(),
+            desired: DesiredStatus::Run,
+            observed: AllocationStatus::Pending,
+            restarts: 0,
+            created_at_ms: 1,
+            observed_at_ms: 1,
+            ip: None,
+            health: None,
+            health_output: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_running_addressed_healthy_allocations_are_ready() {
+        let spec = parse_job_spec(
+            "name = \"web\"\nreplicas = 3\nimage = \"oci:/x\"\n\
+             [[ports]]\nname = \"http\"\nport = 8080\n\
+             [service]\nport = \"http\"\ncheck = { http = \"/\" }\n",
+            SpecFormat::Toml,
+        )
+        .expect("spec");
+        let mut s = ClusterState::default();
+        s.apply(&Command::ApplyJob {
+            spec: Box::new(spec),
+            at_ms: 1,
+        })
+        .expect("apply");
+        for n in ["n1", "n2"] {
+            s.apply(&Command::UpsertNode { node: node(n) })
+                .expect("node");
+        }
+        s.apply(&Command::PlaceAllocations {
+            allocations: vec![alloc("a", "n1"), alloc("b", "n2"), alloc("c", "n1")],
+        })
+        .expect("place");
+        let report = |id: &str, health: &str| AllocationReport {
+            id: id.into(),
+            status: AllocationStatus::Running,
+            restarts: 0,
+            ip: Some(format!("10.42.0.{}", id.as_bytes()[0])),
+            health: Some(health.into()),
+            health_output: format!("{health} output"),
+        };
+        s.apply(&Command::ReportAllocations {
+            reports: vec![report("a", "healthy"), report("b", "unhealthy")],
+            at_ms: 2,
+        })
+        .expect("report");
+        let list = services(&s, None);
+        assert_eq!(list.len(), 1);
+        let web = &list[0];
+        assert_eq!((web.name.as_str(), web.port_name.as_str()), ("web", "http"));
+        assert_eq!(web.ports[0].port, 8080);
+        // c is still pending: not an endpoint at all.
+        let eps: Vec<(&str, bool, &str)> = web
+            .endpoints
+            .iter()
+            .map(|e| (e.allocation.as_str(), e.ready, e.health.as_str()))
+            .collect();
+        assert_eq!(eps, vec![("a", true, "healthy"), ("b", false, "unhealthy")]);
+        assert!(services(&s, Some("other")).is_empty());
+    }
+}
