@@ -13,8 +13,9 @@ cd "$root"
 # iptables: the agents masquerade pod egress. tcpdump: the overlay test captures the underlay.
 # wireguard-tools (wg), wireguard-go: the overlay test checks peers with `wg show` and talks to
 # a wireguard-go peer.
+# bind9-dnsutils (dig), python3: the DNS tests query each host's DNS and send it garbage.
 need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2
-  iptables tcpdump wireguard-tools wireguard-go)
+  iptables tcpdump wireguard-tools wireguard-go bind9-dnsutils python3)
 missing=()
 for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -54,6 +54,8 @@ pub struct DaemonConfig {
     pub memory: u64,
     pub pids: u32,
     pub net: crate::net::NetOptions,
+    /// `--dns-upstream`; empty: the host's resolv.conf.
+    pub dns_upstreams: Vec<String>,
 }
 
 /// One assigned allocation, as the controllers sent it.
@@ -63,6 +65,29 @@ struct Assigned {
     namespace: String,
     job: String,
     spec: JobSpec,
+}
+
+/// The node's DNS server: the zone it answers from (kept when the controllers are away) and
+/// whether it is listening yet (it binds the bridge address, known after registering).
+struct Dns {
+    zone: crate::dns::SharedZone,
+    upstreams: Arc<Vec<std::net::SocketAddr>>,
+    started: std::sync::atomic::AtomicBool,
+}
+
+impl Dns {
+    fn start(&self, gateway: std::net::Ipv4Addr) {
+        if self.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let addr = std::net::SocketAddr::new(gateway.into(), 53);
+        let (zone, upstreams) = (self.zone.clone(), self.upstreams.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::dns::serve(addr, zone, upstreams).await {
+                warn!(%addr, error = %e, "DNS server not running");
+            }
+        });
+    }
 }
 
 /// Whether a container name is an allocation id (16 lowercase hex digits).
@@ -119,6 +144,11 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         )
         .into_future(),
     );
+    let dns = Arc::new(Dns {
+        zone: Default::default(),
+        upstreams: Arc::new(crate::dns::upstreams(&cfg.dns_upstreams)),
+        started: Default::default(),
+    });
     let (desired_tx, desired_rx) = watch::channel::<Option<Vec<Assigned>>>(None);
     let reports: Arc<Mutex<Vec<pb::AllocationReport>>> = Arc::default();
 
@@ -135,6 +165,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         cfg.clone(),
         runtime.clone(),
         network,
+        dns,
         desired_tx,
         reports,
     ));
@@ -158,6 +189,7 @@ async fn control_loop(
     cfg: DaemonConfig,
     runtime: Arc<Runtime>,
     network: Arc<Network>,
+    dns: Arc<Dns>,
     desired: watch::Sender<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) {
@@ -172,7 +204,7 @@ async fn control_loop(
                 a
             }
         };
-        match session(&cfg, &runtime, &network, &addr, &desired, &reports).await {
+        match session(&cfg, &runtime, &network, &dns, &addr, &desired, &reports).await {
             Ok(()) => {}
             Err(SessionEnd::Leader(leader)) => {
                 debug!(%addr, %leader, "redirected to the leader");
@@ -223,6 +255,7 @@ async fn session(
     cfg: &DaemonConfig,
     runtime: &Arc<Runtime>,
     network: &Arc<Network>,
+    dns: &Arc<Dns>,
     addr: &str,
     desired: &watch::Sender<Option<Vec<Assigned>>>,
     reports: &Arc<Mutex<Vec<pb::AllocationReport>>>,
@@ -257,6 +290,31 @@ async fn session(
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.clamp(100, 10_000));
     info!(controller = %addr, subnet = %registered.subnet, "registered");
     configure_network(runtime, network, &registered).await?;
+    if let Some(s) = network.subnet() {
+        dns.start(s.gateway());
+    }
+    // The service set for DNS: its own stream; the zone stays as it was if it breaks.
+    let mut services_client = NodesClient::new(channel.clone());
+    let zone = dns.zone.clone();
+    let node = cfg.name.clone();
+    let mut services = tokio::spawn(async move {
+        let mut stream = services_client
+            .watch_services(pb::WatchServicesRequest { node })
+            .await?
+            .into_inner();
+        while let Some(msg) = stream.message().await? {
+            let z = Arc::new(crate::dns::Zone::build(&msg.services));
+            *zone
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = z;
+            debug!(
+                services = msg.services.len(),
+                index = msg.index,
+                "service set"
+            );
+        }
+        Ok::<(), tonic::Status>(())
+    });
 
     // The watch: its own task, on the same connection (no per-request timeout on a stream).
     let mut watch_client = NodesClient::new(channel);
@@ -297,8 +355,17 @@ async fn session(
     loop {
         tokio::select! {
             res = &mut watch => {
+                services.abort();
                 return Err(match res {
                     Ok(Ok(())) => SessionEnd::Failed("watch stream ended".into()),
+                    Ok(Err(s)) => session_err(s),
+                    Err(e) => SessionEnd::Failed(e.to_string()),
+                });
+            }
+            res = &mut services => {
+                watch.abort();
+                return Err(match res {
+                    Ok(Ok(())) => SessionEnd::Failed("services stream ended".into()),
                     Ok(Err(s)) => session_err(s),
                     Err(e) => SessionEnd::Failed(e.to_string()),
                 });
@@ -329,6 +396,7 @@ async fn session(
             }
             Err(s) => {
                 watch.abort();
+                services.abort();
                 return Err(session_err(s));
             }
         }
@@ -355,8 +423,9 @@ async fn reconcile_loop(
         }
         if let Some(want) = want {
             let (rt, f, c) = (runtime.clone(), failures.clone(), checker.clone());
+            let dns = network.subnet().map(|s| s.gateway());
             match tokio::task::spawn_blocking(move || {
-                let mut reports = reconcile_once(&rt, &want, &f);
+                let mut reports = reconcile_once(&rt, &want, &f, dns);
                 health_checks(&rt, &want, &c, &mut reports);
                 reports
             })
@@ -383,6 +452,7 @@ fn reconcile_once(
     rt: &Runtime,
     want: &[Assigned],
     failures: &Mutex<HashMap<String, (Instant, String)>>,
+    dns: Option<std::net::Ipv4Addr>,
 ) -> Vec<pb::AllocationReport> {
     let existing = match rt.store().list() {
         Ok(l) => l,
@@ -454,7 +524,7 @@ fn reconcile_once(
             out.push(failed(&a.id, reason));
             continue;
         }
-        match start(rt, a) {
+        match start(rt, a, dns) {
             Ok(container) => {
                 failures.remove(&a.id);
                 out.push(pb::AllocationReport {
@@ -557,7 +627,7 @@ fn report(id: &str, s: &crate::runtime::store::State) -> pb::AllocationReport {
 
 /// Starts the allocation's container (pulling its image if missing), detached. Returns the
 /// container's id.
-fn start(rt: &Runtime, a: &Assigned) -> anyhow::Result<String> {
+fn start(rt: &Runtime, a: &Assigned, dns: Option<std::net::Ipv4Addr>) -> anyhow::Result<String> {
     let spec = &a.spec;
     let opts = RunOptions {
         image: spec.image.clone(),
@@ -585,6 +655,7 @@ fn start(rt: &Runtime, a: &Assigned) -> anyhow::Result<String> {
         stop_signal: skiff_common::spec::signal_number(&spec.stop_signal),
         stop_grace: Some(spec.stop_grace),
         pull: PullPolicy::Missing,
+        resolv_conf: dns.map(|server| crate::dns::resolv_conf(server, &a.namespace)),
     };
     let (id, mut monitor) = rt.run(&opts)?;
     info!(alloc = %a.id, container = %id, image = %spec.image, "started");

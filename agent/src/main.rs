@@ -83,6 +83,10 @@ struct Cli {
     /// The pod MTU [default: the underlay link's MTU minus 80 for WireGuard].
     #[arg(long, env = "SKIFF_MTU")]
     mtu: Option<u32>,
+    /// Resolvers the node's DNS forwards names outside skiff.internal to, IP[:PORT],...
+    /// [default: the host's /etc/resolv.conf nameservers].
+    #[arg(long, env = "SKIFF_DNS_UPSTREAM", value_delimiter = ',')]
+    dns_upstream: Vec<String>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -111,6 +115,8 @@ struct FileConfig {
     wireguard_port: Option<u16>,
     wireguard_keepalive: Option<u16>,
     mtu: Option<u32>,
+    #[serde(default)]
+    dns_upstream: Vec<String>,
 }
 
 /// Flags over the config file over defaults.
@@ -216,6 +222,11 @@ impl Settings {
             cpu,
             memory,
             pids: cli.pids.or(self.file.pids).unwrap_or(32768),
+            dns_upstreams: if cli.dns_upstream.is_empty() {
+                self.file.dns_upstream.clone()
+            } else {
+                cli.dns_upstream.clone()
+            },
             net: skiff_agent::net::NetOptions {
                 data_dir: self.data_dir.clone(),
                 advertise: advertise_addr,

@@ -346,6 +346,10 @@ impl Fleet {
             "2".into(),
             "--memory".into(),
             "2Gi".into(),
+            // Names outside skiff.internal go to the cli host (a test may answer there), never
+            // to this machine's resolvers.
+            "--dns-upstream".into(),
+            format!("{}:53", self.host("cli")?.addr),
         ];
         let log = self.dir.path().join(format!("{}.log", host.name));
         self.agents

@@ -126,3 +126,279 @@ fn s10_health_checks_gate_endpoints() -> Result<()> {
     }
     res
 }
+
+/// A stand-in upstream resolver on the cli host: answers every A query with 192.0.2.7
+/// (built by hand: the query with QR/RA set and one answer pointing at the question name).
+fn fake_upstream(netns: String, addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(ns) = std::fs::File::open(format!("/run/netns/{netns}")) else {
+            return;
+        };
+        // SAFETY: setns(2) on an open namespace fd, for this thread only.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+            return;
+        }
+        let Ok(sock) = std::net::UdpSocket::bind(format!("{addr}:53")) else {
+            return;
+        };
+        let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut buf = [0u8; 512];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            if n < 12 {
+                continue;
+            }
+            // The question ends after the name's zero label, then type and class.
+            let mut i = 12;
+            while i < n && buf[i] != 0 {
+                i += usize::from(buf[i]) + 1;
+            }
+            let end = (i + 5).min(n);
+            let mut r = buf[..end].to_vec();
+            r[2] |= 0x80; // QR
+            r[3] |= 0x80; // RA
+            r[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]); // 1 answer, no authority/additional
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 7]);
+            let _ = sock.send_to(&r, peer);
+        }
+    });
+}
+
+fn dig(fleet: &Fleet, host: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["dig", "+time=2", "+tries=1"];
+    all.extend_from_slice(args);
+    let out = fleet.on_host(host, &all)?;
+    ensure!(
+        out.status.success(),
+        "dig {args:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn s20_dns_serves_services_on_every_host() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    if std::process::Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: dig is not installed (apt-get install bind9-dnsutils)");
+        return Ok(());
+    }
+    let mut fleet = Fleet::start(1, 2, "3s")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cli = fleet.host("cli")?.clone();
+    fake_upstream(cli.netns.clone(), cli.addr.clone(), stop.clone());
+    let res = dns_checks(&mut fleet);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if res.is_err() {
+        eprintln!("{}", fleet.log_tails(30));
+    }
+    res
+}
+
+fn dns_checks(fleet: &mut Fleet) -> Result<()> {
+    let image = fleet.image();
+    let spec = |replicas: u32| {
+        format!(
+            "name = \"web\"\nreplicas = {replicas}\nimage = \"{}\"\n\
+             command = [\"/bin/httpd\"]\nargs = [\"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n\
+             stop_signal = \"SIGKILL\"\n\
+             [[ports]]\nname = \"http\"\nport = 8080\n\
+             [service]\nport = \"http\"\ncheck = {{ tcp = \"http\", interval = \"500ms\", timeout = \"400ms\" }}\n\
+             [resources]\ncpu = 0.05\nmemory = \"16Mi\"\n",
+            image
+        )
+    };
+    let path = fleet.spec("web", &spec(10))?;
+    fleet.cli_ok(&["apply", "-f", &path.display().to_string()])?;
+    fleet.wait_for("10 ready endpoints", Duration::from_secs(40), |f| {
+        Ok(ready(&endpoints(f, "web")?) == 10)
+    })?;
+    let ips: std::collections::BTreeSet<String> =
+        endpoints(fleet, "web")?.into_iter().map(|e| e.1).collect();
+    let nodes = fleet.cli_json(&["nodes"])?;
+    let gateway = |n: &str| -> Result<String> {
+        let subnet = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["name"] == n)
+            .and_then(|x| x["subnet"].as_str())
+            .context("subnet")?
+            .to_owned();
+        Ok(format!(
+            "{}.1",
+            subnet.rsplit_once('.').context("subnet")?.0
+        ))
+    };
+    for host in ["a1", "a2"] {
+        let server = format!("@{}", gateway(host)?);
+        // A: every ready endpoint, over the default EDNS size.
+        fleet.wait_for(
+            &format!("{host}'s DNS to list 10 addresses"),
+            Duration::from_secs(5),
+            |f| {
+                let got: std::collections::BTreeSet<String> = dig(
+                    f,
+                    host,
+                    &[&server, "web.default.skiff.internal", "A", "+short"],
+                )?
+                .lines()
+                .map(str::to_owned)
+                .collect();
+                Ok(got == ips)
+            },
+        )?;
+        // SRV with ports; the targets resolve.
+        let srv = dig(
+            fleet,
+            host,
+            &[
+                &server,
+                "_http._tcp.web.default.skiff.internal",
+                "SRV",
+                "+short",
+            ],
+        )?;
+        ensure!(
+            srv.lines().count() == 10 && srv.lines().all(|l| l.starts_with("0 10 8080 ")),
+            "{srv}"
+        );
+        let target = srv
+            .lines()
+            .next()
+            .and_then(|l| l.split(' ').nth(3))
+            .context("target")?;
+        let one = dig(fleet, host, &[&server, target, "A", "+short"])?;
+        ensure!(ips.contains(one.trim()), "{target} -> {one}");
+        // NXDOMAIN for unknown names in the zone.
+        let nx = dig(fleet, host, &[&server, "nope.default.skiff.internal", "A"])?;
+        ensure!(nx.contains("status: NXDOMAIN"), "{nx}");
+        // Too big for 512 bytes over UDP: truncated, and complete over TCP.
+        let trunc = dig(
+            fleet,
+            host,
+            &[
+                &server,
+                "+noedns",
+                "+ignore",
+                "_http._tcp.web.default.skiff.internal",
+                "SRV",
+            ],
+        )?;
+        ensure!(
+            trunc.contains(" tc") && trunc.contains("ANSWER: 0"),
+            "{trunc}"
+        );
+        let full = dig(
+            fleet,
+            host,
+            &[
+                &server,
+                "+noedns",
+                "_http._tcp.web.default.skiff.internal",
+                "SRV",
+            ],
+        )?;
+        ensure!(full.contains("ANSWER: 10"), "{full}");
+        let tcp = dig(
+            fleet,
+            host,
+            &[&server, "+tcp", "web.default.skiff.internal", "A", "+short"],
+        )?;
+        ensure!(tcp.lines().count() == 10, "{tcp}");
+        // Outside the zone: forwarded upstream.
+        let ext = dig(fleet, host, &[&server, "example.test", "A", "+short"])?;
+        ensure!(ext.trim() == "192.0.2.7", "forwarded: {ext}");
+    }
+
+    // From inside a container: the resolv.conf names the node's DNS; short names work.
+    let alloc = endpoints(fleet, "web")?[0].0.clone();
+    let conf = fleet.cli_ok(&["exec", &alloc, "--", "cat", "/etc/resolv.conf"])?;
+    ensure!(
+        conf.contains("search default.skiff.internal skiff.internal") && conf.contains("ndots:2"),
+        "{conf}"
+    );
+    let ns = fleet.cli_ok(&[
+        "exec",
+        &alloc,
+        "--",
+        "nslookup",
+        "web.default.skiff.internal",
+    ])?;
+    ensure!(ips.iter().any(|ip| ns.contains(ip.as_str())), "{ns}");
+    let page = fleet.cli_ok(&["exec", &alloc, "--", "wget", "-qO-", "http://web:8080/"])?;
+    ensure!(page.contains("hello from skiff"), "{page}");
+
+    // Malformed packets (bounded, deterministic) do not take the server down.
+    let gw = gateway("a1")?;
+    let garbage = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nx=12345\n\
+         for i in range(3000):\n    b=bytearray()\n    for j in range(i%200):\n        x=(x*1103515245+12345)&0x7fffffff\n        b.append(x&255)\n    s.sendto(bytes(b),('{gw}',53))\n"
+    );
+    let sent = fleet.on_host("a1", &["python3", "-c", &garbage])?;
+    ensure!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let after = dig(
+        fleet,
+        "a1",
+        &[
+            &format!("@{gw}"),
+            "web.default.skiff.internal",
+            "A",
+            "+short",
+        ],
+    )?;
+    ensure!(after.lines().count() == 10, "after garbage: {after}");
+
+    // Scale down: the records follow.
+    fleet.cli_ok(&["scale", "web", "2"])?;
+    let t = std::time::Instant::now();
+    fleet.wait_for("2 addresses in DNS", Duration::from_secs(10), |f| {
+        Ok(dig(
+            f,
+            "a1",
+            &[
+                &format!("@{gw}"),
+                "web.default.skiff.internal",
+                "A",
+                "+short",
+            ],
+        )?
+        .lines()
+        .count()
+            == 2)
+    })?;
+    eprintln!(
+        "DNS followed the scale-down in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // The controller goes away: the last view keeps being served.
+    fleet.kill_leader()?;
+    let still = dig(
+        fleet,
+        "a1",
+        &[
+            &format!("@{gw}"),
+            "web.default.skiff.internal",
+            "A",
+            "+short",
+        ],
+    )?;
+    ensure!(
+        still.lines().count() == 2,
+        "with the controller down: {still}"
+    );
+    Ok(())
+}

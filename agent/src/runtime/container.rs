@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub stop_grace: Option<Duration>,
     /// When to pull the image from its registry.
     pub pull: PullPolicy,
+    /// Contents for the container's /etc/resolv.conf (the node's DNS), if any.
+    pub resolv_conf: Option<String>,
 }
 
 /// Runtime failures, each naming what failed.
@@ -280,6 +282,20 @@ impl Runtime {
         if let Err(e) = self.store.create(&config) {
             let _ = cg.delete();
             return Err(e.into());
+        }
+        if let Some(text) = &opts.resolv_conf {
+            // Into the overlay's upper layer: the image's own file (if any) is hidden, nothing
+            // of the host's is mounted in.
+            let etc = self.store.dir(&id).join("upper").join("etc");
+            let written = std::fs::create_dir_all(&etc)
+                .and_then(|()| std::fs::write(etc.join("resolv.conf"), text));
+            if let Err(e) = written {
+                let _ = self.remove(&id, true);
+                return Err(RuntimeError::Start {
+                    id,
+                    reason: format!("writing resolv.conf: {e}"),
+                });
+            }
         }
         if let Some(net) = &self.network {
             // The namespace exists before the workload does, so it starts with its network.

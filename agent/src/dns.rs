@@ -1,0 +1,538 @@
+//! The per-host DNS server: authoritative for `skiff.internal` from the controllers' service set
+//! (a watch stream; the last view keeps being served when the controllers are unreachable),
+//! everything else relayed to the host's upstream resolvers. UDP and TCP on the bridge address,
+//! port 53; answers over UDP that do not fit the client's payload size are truncated (TC) so the
+//! client retries over TCP.
+//!
+//! Records, for a service `web` in namespace `default` with a port named `http` (8080/tcp):
+//! `web.default.skiff.internal` A = the ready endpoints' addresses;
+//! `_http._tcp.web.default.skiff.internal` SRV = `0 10 8080 <alloc>.web.default.skiff.internal`
+//! per ready endpoint, with those names' A records in the additional section. Names in the zone
+//! that do not exist are NXDOMAIN, with the zone's SOA for negative caching.
+//!
+//! Messages are parsed and written by hickory-proto; zone answers are computed inline on the
+//! receiving task (no task per query); only forwarded queries get a task, since they wait on
+//! the network.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, SOA, SRV};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use skiff_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tracing::{debug, warn};
+
+/// The zone.
+pub const ZONE: &str = "skiff.internal";
+/// TTL of answers: short, endpoints move.
+const TTL: u32 = 5;
+
+/// What the zone holds, by lower-case name without the trailing dot.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Zone {
+    a: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// SRV name -> (port, target) per endpoint.
+    srv: BTreeMap<String, Vec<(u16, String)>>,
+    /// Every name that exists (owners and their parents up to the zone), for NXDOMAIN vs NODATA.
+    names: BTreeSet<String>,
+}
+
+impl Zone {
+    /// The records for a service set.
+    pub fn build(services: &[pb::ServiceInfo]) -> Zone {
+        let mut z = Zone::default();
+        for s in services {
+            let base = format!("{}.{}.{ZONE}", s.name, s.namespace).to_ascii_lowercase();
+            let ready: Vec<(&pb::ServiceEndpoint, Ipv4Addr)> = s
+                .endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .filter_map(|e| e.ip.parse().ok().map(|ip| (e, ip)))
+                .collect();
+            let mut ips: Vec<Ipv4Addr> = ready.iter().map(|(_, ip)| *ip).collect();
+            ips.sort();
+            z.add_name(&base);
+            z.a.insert(base.clone(), ips);
+            for (e, ip) in &ready {
+                let host = format!("{}.{base}", e.allocation.to_ascii_lowercase());
+                z.add_name(&host);
+                z.a.insert(host, vec![*ip]);
+            }
+            for p in &s.ports {
+                let name = format!("_{}._{}.{base}", p.name, p.protocol).to_ascii_lowercase();
+                z.add_name(&name);
+                let targets = ready
+                    .iter()
+                    .map(|(e, _)| {
+                        (
+                            p.port as u16,
+                            format!("{}.{base}", e.allocation.to_ascii_lowercase()),
+                        )
+                    })
+                    .collect();
+                z.srv.insert(name, targets);
+            }
+        }
+        z.add_name(ZONE);
+        z
+    }
+
+    fn add_name(&mut self, name: &str) {
+        let mut n = name;
+        loop {
+            self.names.insert(n.to_owned());
+            if n == ZONE {
+                break;
+            }
+            match n.split_once('.') {
+                Some((_, rest)) if rest.ends_with(ZONE) => n = rest,
+                _ => break,
+            }
+        }
+    }
+
+    fn a_records(&self, name: &str, owner: &Name) -> Vec<Record> {
+        self.a
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|ip| Record::from_rdata(owner.clone(), TTL, RData::A(A(*ip))))
+            .collect()
+    }
+}
+
+/// Whether `name` (lower case, no trailing dot) is in our zone.
+fn in_zone(name: &str) -> bool {
+    name == ZONE || name.ends_with(&format!(".{ZONE}"))
+}
+
+fn soa() -> Record {
+    let zone = Name::from_ascii(format!("{ZONE}.")).unwrap_or_default();
+    let ns = Name::from_ascii(format!("ns.{ZONE}.")).unwrap_or_default();
+    let mail = Name::from_ascii(format!("hostmaster.{ZONE}.")).unwrap_or_default();
+    Record::from_rdata(
+        zone,
+        TTL,
+        RData::SOA(SOA::new(ns, mail, 1, 60, 10, 600, TTL)),
+    )
+}
+
+/// What to do with a query.
+pub enum Reply {
+    /// Send these bytes back.
+    Answer(Vec<u8>),
+    /// Not ours: relay to the upstream resolvers.
+    Forward,
+    /// Not even a DNS header: drop it.
+    Drop,
+}
+
+/// Answers one message from the zone, or says to forward it. `udp`: the answer must fit the
+/// client's payload size (else it is truncated with TC set).
+pub fn answer(query: &[u8], zone: &Zone, udp: bool) -> Reply {
+    let msg = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(_) => {
+            // A header we can read gets FORMERR; less than that is dropped.
+            if query.len() < 12 {
+                return Reply::Drop;
+            }
+            let id = u16::from_be_bytes([query[0], query[1]]);
+            return encode(Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
+        }
+    };
+    if msg.metadata.message_type != MessageType::Query {
+        return Reply::Drop;
+    }
+    let id = msg.metadata.id;
+    if msg.metadata.op_code != OpCode::Query {
+        return encode(Message::error_msg(
+            id,
+            msg.metadata.op_code,
+            ResponseCode::NotImp,
+        ));
+    }
+    let [q] = msg.queries.as_slice() else {
+        return encode(Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
+    };
+    let owner = q.name().clone();
+    let name = owner.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    if !in_zone(&name) {
+        return Reply::Forward;
+    }
+    let mut resp = Message::response(id, OpCode::Query);
+    resp.metadata.authoritative = true;
+    resp.metadata.recursion_desired = msg.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.add_query(q.clone());
+    if !zone.names.contains(&name) {
+        resp.metadata.response_code = ResponseCode::NXDomain;
+        resp.add_authority(soa());
+        return encode(resp);
+    }
+    let qtype = q.query_type();
+    if matches!(qtype, RecordType::A | RecordType::ANY) {
+        resp.add_answers(zone.a_records(&name, &owner));
+    }
+    if matches!(qtype, RecordType::SRV | RecordType::ANY)
+        && let Some(targets) = zone.srv.get(&name)
+    {
+        for (port, target) in targets {
+            let Ok(t) = Name::from_ascii(format!("{target}.")) else {
+                continue;
+            };
+            resp.add_answer(Record::from_rdata(
+                owner.clone(),
+                TTL,
+                RData::SRV(SRV::new(0, 10, *port, t.clone())),
+            ));
+            resp.add_additionals(zone.a_records(target, &t));
+        }
+    }
+    if resp.answers.is_empty() {
+        // NODATA: the name exists, not with this type.
+        resp.add_authority(soa());
+    }
+    let Ok(bytes) = resp.to_vec() else {
+        return encode(Message::error_msg(
+            id,
+            OpCode::Query,
+            ResponseCode::ServFail,
+        ));
+    };
+    if udp && bytes.len() > usize::from(msg.max_payload()) {
+        let mut t = Message::response(id, OpCode::Query);
+        t.metadata = resp.metadata;
+        t.metadata.truncation = true;
+        t.add_query(q.clone());
+        return encode(t);
+    }
+    Reply::Answer(bytes)
+}
+
+fn encode(m: Message) -> Reply {
+    match m.to_vec() {
+        Ok(b) => Reply::Answer(b),
+        Err(_) => Reply::Drop,
+    }
+}
+
+/// The zone the server answers from, replaced whole at each change.
+pub type SharedZone = Arc<RwLock<Arc<Zone>>>;
+
+fn current(zone: &SharedZone) -> Arc<Zone> {
+    zone.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// Upstream resolvers: `--dns-upstream`, else the host's /etc/resolv.conf nameservers.
+pub fn upstreams(flag: &[String]) -> Vec<SocketAddr> {
+    let from = |s: &str| -> Option<SocketAddr> {
+        s.parse::<SocketAddr>()
+            .ok()
+            .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
+    };
+    if !flag.is_empty() {
+        return flag.iter().filter_map(|s| from(s)).collect();
+    }
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| from(v.trim()))
+        .collect()
+}
+
+/// Relays a query to the upstreams in turn; `None` when none answered.
+async fn forward(query: &[u8], upstreams: &[SocketAddr], tcp: bool) -> Option<Vec<u8>> {
+    for up in upstreams {
+        let res = tokio::time::timeout(Duration::from_secs(2), async {
+            if tcp {
+                let mut s = tokio::net::TcpStream::connect(up).await?;
+                s.write_all(&(query.len() as u16).to_be_bytes()).await?;
+                s.write_all(query).await?;
+                let len = s.read_u16().await?;
+                let mut buf = vec![0u8; usize::from(len)];
+                s.read_exact(&mut buf).await?;
+                Ok::<Vec<u8>, std::io::Error>(buf)
+            } else {
+                let bind: SocketAddr = if up.is_ipv4() {
+                    (Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let s = UdpSocket::bind(bind).await?;
+                s.connect(up).await?;
+                s.send(query).await?;
+                let mut buf = vec![0u8; 65535];
+                let n = s.recv(&mut buf).await?;
+                buf.truncate(n);
+                Ok(buf)
+            }
+        })
+        .await;
+        match res {
+            Ok(Ok(b)) if b.len() >= 2 && b[..2] == query[..2] => return Some(b),
+            Ok(Ok(_)) => debug!(upstream = %up, "upstream answered another id"),
+            Ok(Err(e)) => debug!(upstream = %up, error = %e, "upstream failed"),
+            Err(_) => debug!(upstream = %up, "upstream timed out"),
+        }
+    }
+    None
+}
+
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    let id = u16::from_be_bytes([query[0], query[1]]);
+    Message::error_msg(id, OpCode::Query, ResponseCode::ServFail)
+        .to_vec()
+        .ok()
+}
+
+/// Serves DNS on `addr` (UDP and TCP) until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    zone: SharedZone,
+    upstreams: Arc<Vec<SocketAddr>>,
+) -> std::io::Result<()> {
+    let udp = Arc::new(UdpSocket::bind(addr).await?);
+    let tcp = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, upstreams = ?upstreams, "DNS serving {ZONE}");
+    let tcp_task = {
+        let (zone, upstreams) = (zone.clone(), upstreams.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = tcp.accept().await else {
+                    continue;
+                };
+                let (zone, upstreams) = (zone.clone(), upstreams.clone());
+                tokio::spawn(async move {
+                    let _ = serve_tcp(conn, zone, upstreams).await;
+                });
+            }
+        })
+    };
+    let mut buf = vec![0u8; 65535];
+    let result = loop {
+        let (n, peer) = match udp.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => break Err(e),
+        };
+        let query = &buf[..n];
+        match answer(query, &current(&zone), true) {
+            Reply::Answer(b) => {
+                let _ = udp.send_to(&b, peer).await;
+            }
+            Reply::Drop => {}
+            Reply::Forward => {
+                let (q, udp, upstreams) = (query.to_vec(), udp.clone(), upstreams.clone());
+                tokio::spawn(async move {
+                    let reply = match forward(&q, &upstreams, false).await {
+                        Some(b) => Some(b),
+                        None => servfail(&q),
+                    };
+                    if let Some(b) = reply {
+                        let _ = udp.send_to(&b, peer).await;
+                    }
+                });
+            }
+        }
+    };
+    tcp_task.abort();
+    if let Err(e) = &result {
+        warn!(error = %e, "DNS server stopped");
+    }
+    result
+}
+
+async fn serve_tcp(
+    mut conn: tokio::net::TcpStream,
+    zone: SharedZone,
+    upstreams: Arc<Vec<SocketAddr>>,
+) -> std::io::Result<()> {
+    loop {
+        let len = match tokio::time::timeout(Duration::from_secs(10), conn.read_u16()).await {
+            Ok(Ok(l)) => l,
+            _ => return Ok(()),
+        };
+        let mut q = vec![0u8; usize::from(len)];
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut q))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let reply = match answer(&q, &current(&zone), false) {
+            Reply::Answer(b) => Some(b),
+            Reply::Drop => return Ok(()),
+            Reply::Forward => match forward(&q, &upstreams, true).await {
+                Some(b) => Some(b),
+                None => servfail(&q),
+            },
+        };
+        if let Some(b) = reply {
+            conn.write_all(&(b.len() as u16).to_be_bytes()).await?;
+            conn.write_all(&b).await?;
+        }
+    }
+}
+
+/// The resolv.conf a container in `namespace` gets. ndots:2: a bare service name (`web`) or
+/// `web.ns` goes through the search list first, answered here without leaving the host; names
+/// with two dots or more go out as they are (no ndots:5 fan-out of every external lookup).
+pub fn resolv_conf(server: Ipv4Addr, namespace: &str) -> String {
+    format!(
+        "# written by skiff-agent\nnameserver {server}\nsearch {namespace}.{ZONE} {ZONE}\noptions ndots:2\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+
+    fn service(ready: &[(&str, &str)], unready: &[(&str, &str)]) -> pb::ServiceInfo {
+        let ep = |(alloc, ip): &(&str, &str), ready: bool| pb::ServiceEndpoint {
+            allocation: (*alloc).into(),
+            node: "a1".into(),
+            ip: (*ip).into(),
+            health: String::new(),
+            health_output: String::new(),
+            ready,
+        };
+        pb::ServiceInfo {
+            name: "web".into(),
+            namespace: "default".into(),
+            job: "web".into(),
+            port_name: "http".into(),
+            ports: vec![pb::ServicePort {
+                name: "http".into(),
+                port: 8080,
+                protocol: "tcp".into(),
+            }],
+            tags: vec![],
+            endpoints: ready
+                .iter()
+                .map(|e| ep(e, true))
+                .chain(unready.iter().map(|e| ep(e, false)))
+                .collect(),
+        }
+    }
+
+    fn ask(zone: &Zone, name: &str, t: RecordType, udp: bool) -> Message {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
+        let bytes = m.to_vec().expect("encode");
+        match answer(&bytes, zone, udp) {
+            Reply::Answer(b) => Message::from_vec(&b).expect("decode"),
+            Reply::Forward => panic!("{name} forwarded"),
+            Reply::Drop => panic!("{name} dropped"),
+        }
+    }
+
+    #[test]
+    fn a_srv_nxdomain_and_nodata() {
+        let zone = Zone::build(&[service(
+            &[
+                ("aaaa000000000001", "10.42.1.2"),
+                ("aaaa000000000002", "10.42.2.2"),
+            ],
+            &[("aaaa000000000003", "10.42.1.3")],
+        )]);
+        let r = ask(&zone, "WEB.default.skiff.internal.", RecordType::A, true);
+        assert_eq!(r.metadata.id, 4242);
+        assert!(r.metadata.authoritative);
+        let ips: Vec<String> = r.answers.iter().map(|a| a.data.to_string()).collect();
+        assert_eq!(
+            ips,
+            vec!["10.42.1.2", "10.42.2.2"],
+            "unready endpoint left out"
+        );
+
+        let r = ask(
+            &zone,
+            "_http._tcp.web.default.skiff.internal.",
+            RecordType::SRV,
+            true,
+        );
+        let srv: Vec<String> = r.answers.iter().map(|a| a.data.to_string()).collect();
+        assert_eq!(
+            srv,
+            vec![
+                "0 10 8080 aaaa000000000001.web.default.skiff.internal.",
+                "0 10 8080 aaaa000000000002.web.default.skiff.internal."
+            ]
+        );
+        assert_eq!(r.additionals.len(), 2, "targets' addresses in additional");
+
+        let r = ask(&zone, "nope.default.skiff.internal.", RecordType::A, true);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(r.authorities.len(), 1, "SOA for negative caching");
+        // An existing name without that type, and an empty non-terminal: NODATA.
+        for (n, t) in [
+            ("web.default.skiff.internal.", RecordType::AAAA),
+            ("default.skiff.internal.", RecordType::A),
+        ] {
+            let r = ask(&zone, n, t, true);
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{n}");
+            assert!(r.answers.is_empty(), "{n}");
+        }
+    }
+
+    #[test]
+    fn large_udp_answers_are_truncated_and_whole_over_tcp() {
+        let eps: Vec<(String, String)> = (0..40)
+            .map(|i| (format!("bbbb{i:012}"), format!("10.42.3.{}", i + 2)))
+            .collect();
+        let refs: Vec<(&str, &str)> = eps.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let zone = Zone::build(&[service(&refs, &[])]);
+        let name = "_http._tcp.web.default.skiff.internal.";
+        let udp = ask(&zone, name, RecordType::SRV, true);
+        assert!(udp.metadata.truncation);
+        assert!(udp.answers.is_empty());
+        let tcp = ask(&zone, name, RecordType::SRV, false);
+        assert!(!tcp.metadata.truncation);
+        assert_eq!(tcp.answers.len(), 40);
+    }
+
+    #[test]
+    fn outside_names_are_forwarded_and_garbage_never_panics() {
+        let zone = Zone::build(&[]);
+        let mut m = Message::query();
+        m.add_query(Query::query(
+            Name::from_ascii("example.org.").expect("n"),
+            RecordType::A,
+        ));
+        assert!(matches!(
+            answer(&m.to_vec().expect("enc"), &zone, true),
+            Reply::Forward
+        ));
+        assert!(matches!(answer(&[1, 2, 3], &zone, true), Reply::Drop));
+        // Deterministic pseudo-random garbage: every answer is a parseable message or nothing.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..2000usize {
+            let mut buf = vec![0u8; len % 300];
+            for b in &mut buf {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            if let Reply::Answer(b) = answer(&buf, &zone, true) {
+                assert!(Message::from_vec(&b).is_ok());
+            }
+        }
+        assert_eq!(
+            resolv_conf(Ipv4Addr::new(10, 42, 1, 1), "shop"),
+            "# written by skiff-agent\nnameserver 10.42.1.1\nsearch shop.skiff.internal skiff.internal\noptions ndots:2\n"
+        );
+    }
+}
