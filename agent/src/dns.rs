@@ -40,6 +40,10 @@ pub struct Zone {
     srv: BTreeMap<String, Vec<(u16, String)>>,
     /// Every name that exists (owners and their parents up to the zone), for NXDOMAIN vs NODATA.
     names: BTreeSet<String>,
+    /// Prepared answers for the fast path: (name, qtype) -> header flags and counts (bytes 2..12
+    /// of the answer) and everything after the question (compression pointers in it hold for
+    /// any spelling of the question name, which has the same length).
+    prepared: std::collections::HashMap<(String, u16), (Vec<u8>, Vec<u8>)>,
 }
 
 impl Zone {
@@ -79,7 +83,33 @@ impl Zone {
             }
         }
         z.add_name(ZONE);
+        z.prepare();
         z
+    }
+
+    /// Builds the wire answer of every (name, A|SRV) once, through the same [`answer`] path.
+    fn prepare(&mut self) {
+        let mut prepared = std::collections::HashMap::new();
+        for name in &self.names {
+            for t in [RecordType::A, RecordType::SRV, RecordType::AAAA] {
+                let Ok(n) = Name::from_ascii(format!("{name}.")) else {
+                    continue;
+                };
+                let mut q = Message::query();
+                q.add_query(hickory_proto::op::Query::query(n, t));
+                let Ok(bytes) = q.to_vec() else { continue };
+                let qlen = bytes.len() - 12;
+                if let Reply::Answer(a) = answer_slow(&bytes, self, false)
+                    && a.len() >= 12 + qlen
+                {
+                    prepared.insert(
+                        (name.clone(), u16::from(t)),
+                        (a[2..12].to_vec(), a[12 + qlen..].to_vec()),
+                    );
+                }
+            }
+        }
+        self.prepared = prepared;
     }
 
     fn add_name(&mut self, name: &str) {
@@ -122,6 +152,31 @@ fn soa() -> Record {
     )
 }
 
+fn wire_name(out: &mut Vec<u8>, name: &str) {
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+}
+
+/// The SOA record as [`soa`] makes it, on the wire without compression.
+fn soa_wire() -> Vec<u8> {
+    let mut rdata = Vec::new();
+    wire_name(&mut rdata, &format!("ns.{ZONE}"));
+    wire_name(&mut rdata, &format!("hostmaster.{ZONE}"));
+    for v in [1u32, 60, 10, 600, TTL] {
+        rdata.extend_from_slice(&v.to_be_bytes());
+    }
+    let mut out = Vec::new();
+    wire_name(&mut out, ZONE);
+    out.extend_from_slice(&[0, 6, 0, 1]);
+    out.extend_from_slice(&TTL.to_be_bytes());
+    out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+    out.extend_from_slice(&rdata);
+    out
+}
+
 /// What to do with a query.
 pub enum Reply {
     /// Send these bytes back.
@@ -135,6 +190,76 @@ pub enum Reply {
 /// Answers one message from the zone, or says to forward it. `udp`: the answer must fit the
 /// client's payload size (else it is truncated with TC set).
 pub fn answer(query: &[u8], zone: &Zone, udp: bool) -> Reply {
+    if let Some(r) = answer_fast(query, zone, udp) {
+        return r;
+    }
+    answer_slow(query, zone, udp)
+}
+
+/// The lean path for the common query (one question, no EDNS, class IN, a name in the zone
+/// with a prepared answer): copy the question, patch the id and RD, append the prepared
+/// records. `None`: use the general path.
+fn answer_fast(query: &[u8], zone: &Zone, udp: bool) -> Option<Reply> {
+    if query.len() < 17 || query[2] & 0xf8 != 0 {
+        return None; // a response, or an opcode other than QUERY
+    }
+    if query[4..12] != [0, 1, 0, 0, 0, 0, 0, 0] {
+        return None; // not exactly one question and nothing else (EDNS goes the long way)
+    }
+    let mut i = 12;
+    let mut name = String::with_capacity(64);
+    loop {
+        let len = usize::from(*query.get(i)?);
+        if len == 0 {
+            i += 1;
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+        let label = query.get(i + 1..i + 1 + len)?;
+        if !name.is_empty() {
+            name.push('.');
+        }
+        for &b in label {
+            if b == b'.' || !b.is_ascii_graphic() {
+                return None;
+            }
+            name.push(char::from(b.to_ascii_lowercase()));
+        }
+        i += 1 + len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
+    let qclass = u16::from_be_bytes([*query.get(i + 2)?, *query.get(i + 3)?]);
+    let end = i + 4;
+    if end != query.len() || qclass != 1 {
+        return None;
+    }
+    if in_zone(&name) && !zone.names.contains(&name) {
+        // NXDOMAIN with the zone's SOA (written out uncompressed).
+        let mut out = Vec::with_capacity(end + 80);
+        out.extend_from_slice(&query[..2]);
+        out.extend_from_slice(&[0x84 | (query[2] & 1), 0x83, 0, 1, 0, 0, 0, 1, 0, 0]);
+        out.extend_from_slice(&query[12..end]);
+        out.extend_from_slice(&soa_wire());
+        return Some(Reply::Answer(out));
+    }
+    let (flags_counts, tail) = zone.prepared.get(&(name, qtype))?;
+    if udp && end + tail.len() > 512 {
+        return None; // the general path truncates
+    }
+    let mut out = Vec::with_capacity(end + tail.len());
+    out.extend_from_slice(&query[..2]);
+    out.extend_from_slice(flags_counts);
+    // RD as the client set it.
+    out[2] = (out[2] & !1) | (query[2] & 1);
+    out.extend_from_slice(&query[12..end]);
+    out.extend_from_slice(tail);
+    Some(Reply::Answer(out))
+}
+
+/// The general path: hickory parses the message and builds the answer.
+fn answer_slow(query: &[u8], zone: &Zone, udp: bool) -> Reply {
     let msg = match Message::from_vec(query) {
         Ok(m) => m,
         Err(_) => {
@@ -297,18 +422,32 @@ fn servfail(query: &[u8]) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// Serves DNS on `addr` (UDP and TCP) until the task is dropped.
+/// Serves DNS on `addr` (UDP and TCP) until the task is dropped: one UDP socket per core
+/// (SO_REUSEPORT; the kernel spreads clients over them), each read by a task of its own.
 pub async fn serve(
     addr: SocketAddr,
     zone: SharedZone,
     upstreams: Arc<Vec<SocketAddr>>,
 ) -> std::io::Result<()> {
-    let udp = Arc::new(UdpSocket::bind(addr).await?);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut sockets = Vec::new();
+    for _ in 0..cores {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        sockets.push(Arc::new(UdpSocket::from_std(s.into())?));
+    }
     let tcp = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, upstreams = ?upstreams, "DNS serving {ZONE}");
-    let tcp_task = {
+    tracing::info!(%addr, sockets = sockets.len(), upstreams = ?upstreams, "DNS serving {ZONE}");
+    let mut tasks = Vec::new();
+    {
         let (zone, upstreams) = (zone.clone(), upstreams.clone());
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((conn, _)) = tcp.accept().await else {
                     continue;
@@ -318,14 +457,39 @@ pub async fn serve(
                     let _ = serve_tcp(conn, zone, upstreams).await;
                 });
             }
-        })
-    };
+        }));
+    }
+    let mut udp_tasks = Vec::new();
+    for udp in sockets {
+        let (zone, upstreams) = (zone.clone(), upstreams.clone());
+        udp_tasks.push(tokio::spawn(serve_udp(udp, zone, upstreams)));
+    }
+    let mut result = Ok(());
+    for t in udp_tasks {
+        if let Ok(Err(e)) = t.await {
+            result = Err(e);
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    if let Err(e) = &result {
+        warn!(error = %e, "DNS server stopped");
+    }
+    result
+}
+
+async fn serve_udp(
+    udp: Arc<UdpSocket>,
+    zone: SharedZone,
+    upstreams: Arc<Vec<SocketAddr>>,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 65535];
-    let result = loop {
+    loop {
         let (n, peer) = match udp.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-            Err(e) => break Err(e),
+            Err(e) => return Err(e),
         };
         let query = &buf[..n];
         match answer(query, &current(&zone), true) {
@@ -346,12 +510,7 @@ pub async fn serve(
                 });
             }
         }
-    };
-    tcp_task.abort();
-    if let Err(e) = &result {
-        warn!(error = %e, "DNS server stopped");
     }
-    result
 }
 
 async fn serve_tcp(
@@ -431,6 +590,17 @@ mod tests {
         m.metadata.recursion_desired = true;
         m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
         let bytes = m.to_vec().expect("encode");
+        // The lean path answers exactly what the general one does.
+        if let Some(Reply::Answer(fast)) = answer_fast(&bytes, zone, udp) {
+            let Reply::Answer(slow) = answer_slow(&bytes, zone, udp) else {
+                panic!("slow path has no answer for {name}");
+            };
+            let (f, s) = (
+                Message::from_vec(&fast).expect("fast"),
+                Message::from_vec(&slow).expect("slow"),
+            );
+            assert_eq!(f, s, "{name} {t:?}");
+        }
         match answer(&bytes, zone, udp) {
             Reply::Answer(b) => Message::from_vec(&b).expect("decode"),
             Reply::Forward => panic!("{name} forwarded"),
@@ -447,6 +617,15 @@ mod tests {
             ],
             &[("aaaa000000000003", "10.42.1.3")],
         )]);
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("web.default.skiff.internal.").expect("n"),
+            RecordType::A,
+        ));
+        assert!(
+            answer_fast(&q.to_vec().expect("enc"), &zone, true).is_some(),
+            "lean path used"
+        );
         let r = ask(&zone, "WEB.default.skiff.internal.", RecordType::A, true);
         assert_eq!(r.metadata.id, 4242);
         assert!(r.metadata.authoritative);

@@ -562,6 +562,11 @@ impl Fleet {
         self.dir.path()
     }
 
+    /// The pid of an agent's process, while it runs.
+    pub fn agent_pid(&self, agent: &str) -> Result<Option<u32>> {
+        Ok(self.agents[self.agent_index(agent)?].pid())
+    }
+
     /// An agent's data dir.
     pub fn agent_data(&self, agent: &str) -> Result<&Path> {
         Ok(&self.agent_dirs[self.agent_index(agent)?].0)
