@@ -124,6 +124,34 @@ fn s10_health_checks_gate_endpoints() -> Result<()> {
             Ok(ready(&endpoints(f, "web")?) == 2)
         })?;
 
+        // An exec check: a command in the container decides (here: a file's presence).
+        let gated = fleet.spec(
+            "gated",
+            &format!(
+                "name = \"gated\"\nreplicas = 1\nimage = \"{}\"\n\
+                 command = [\"/bin/sleep\"]\nargs = [\"3600\"]\nstop_signal = \"SIGKILL\"\n\
+                 [[ports]]\nname = \"api\"\nport = 9000\n\
+                 [service]\nport = \"api\"\n\
+                 check = {{ exec = [\"test\", \"-f\", \"/tmp/ready\"], interval = \"1s\", timeout = \"900ms\", unhealthy_threshold = 1 }}\n\
+                 [resources]\ncpu = 0.05\nmemory = \"16Mi\"\n",
+                fleet.image()
+            ),
+        )?;
+        fleet.cli_ok(&["apply", "-f", &gated.display().to_string()])?;
+        fleet.wait_for(
+            "gated running but unhealthy",
+            Duration::from_secs(20),
+            |f| {
+                let eps = endpoints(f, "gated")?;
+                Ok(eps.len() == 1 && eps[0].2 == "unhealthy" && !eps[0].3)
+            },
+        )?;
+        let g = endpoints(&fleet, "gated")?[0].0.clone();
+        fleet.cli_ok(&["exec", &g, "--", "touch", "/tmp/ready"])?;
+        fleet.wait_for("gated healthy", Duration::from_secs(10), |f| {
+            Ok(ready(&endpoints(f, "gated")?) == 1)
+        })?;
+
         // Scaling down removes the endpoint at once.
         fleet.cli_ok(&["scale", "web", "1"])?;
         fleet.wait_for("one endpoint", Duration::from_secs(10), |f| {
