@@ -153,11 +153,12 @@ pub fn http_get(
     };
     s.set_write_timeout(Some(left()))
         .map_err(|e| e.to_string())?;
-    write!(
-        s,
+    // One write: a server that answers after the first segment must see the whole request.
+    let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: skiff-health\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("sending to {addr}: {e}"))?;
+    );
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("sending to {addr}: {e}"))?;
     s.set_read_timeout(Some(left()))
         .map_err(|e| e.to_string())?;
     let mut head = Vec::new();
@@ -400,8 +401,14 @@ mod tests {
         let server = std::thread::spawn(move || {
             for (i, conn) in listener.incoming().take(2).enumerate() {
                 let mut c = conn.expect("conn");
+                let mut req = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = c.read(&mut buf);
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let status = if i == 0 {
                     "200 OK"
                 } else {

@@ -609,6 +609,16 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         wireguard: None,
     };
 
+    const KEY: &str = "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE=";
+    let wg = |mut r: pb::RegisterNodeRequest, key: &str, endpoint: &str, backend: &str| {
+        r.wireguard = Some(pb::WireguardIdentity {
+            public_key: key.into(),
+            endpoint: endpoint.into(),
+            backend: backend.into(),
+        });
+        r
+    };
+
     // A follower points at the leader.
     let mut via_follower = NodesClient::connect(addr(follower)).await.expect("connect");
     let err = via_follower
@@ -633,6 +643,33 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         ),
         (register("n1", "198.18.0.9", 0.0), "resources"),
         (register("n1", "198.18.0.9", f64::NAN), "resources"),
+        (
+            wg(
+                register("n1", "198.18.0.9", 2.0),
+                "nope",
+                "198.18.0.9:51820",
+                "userspace",
+            ),
+            "wireguard.public_key: \"nope\" is not a base64 32-byte key",
+        ),
+        (
+            wg(
+                register("n1", "198.18.0.9", 2.0),
+                KEY,
+                "198.18.0.9",
+                "userspace",
+            ),
+            "wireguard.endpoint: \"198.18.0.9\" is not IP:port",
+        ),
+        (
+            wg(
+                register("n1", "198.18.0.9", 2.0),
+                KEY,
+                "198.18.0.9:51820",
+                "magic",
+            ),
+            "wireguard.backend",
+        ),
     ] {
         let err = nodes.register(req).await.expect_err(want);
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());

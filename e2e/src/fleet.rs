@@ -703,3 +703,39 @@ impl Drop for Fleet {
         let _ = ip(&["netns", "del", &self.bridge_ns]);
     }
 }
+
+/// Runs a benchmark on a fresh fleet: checks root and the `tools` it needs (naming the packages
+/// in `install`), starts the fleet, runs `f` (which may start helper processes in process
+/// groups of their own into the vector), then kills those groups; prints the fleet's log tails
+/// when `f` fails. The fleet cleans up after itself when dropped.
+pub fn bench_on_fleet(
+    controllers: usize,
+    agents: usize,
+    tools: &[&str],
+    install: &str,
+    f: impl FnOnce(&Fleet, &mut Vec<Child>) -> Result<()>,
+) -> Result<()> {
+    ensure!(can_run(), "needs root and ip netns");
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()?
+            .status
+            .success();
+        ensure!(found, "{tool} is not installed (apt-get install {install})");
+    }
+    let fleet = Fleet::start(controllers, agents, "10s")?;
+    let mut helpers: Vec<Child> = Vec::new();
+    let res = f(&fleet, &mut helpers);
+    for mut c in helpers {
+        // SAFETY: kill(2) on the process group of a child the benchmark started as a group.
+        unsafe {
+            libc::kill(-(c.id() as i32), libc::SIGKILL);
+        }
+        let _ = c.wait();
+    }
+    if res.is_err() {
+        eprintln!("{}", fleet.log_tails(20));
+    }
+    res
+}

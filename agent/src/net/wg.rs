@@ -281,7 +281,7 @@ impl Device {
             .stderr(log2);
         // Its own session: signals to the agent's group (Ctrl-C, a service manager stopping
         // the agent) do not reach it.
-        unsafe_setsid(&mut cmd);
+        crate::runtime::sys::new_session_on_spawn(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| NetError::Tunnel {
             reason: format!("starting the userspace tunnel: {e}"),
         })?;
@@ -398,18 +398,6 @@ fn in_initial_netns() -> bool {
         .flatten()
         .flatten()
         .any(|e| id(&e.path()) == Some(me))
-}
-
-/// `cmd` runs in a session of its own.
-fn unsafe_setsid(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
 }
 
 /// In the machine's initial network namespace, `/run/wireguard/skiff-wg.sock` points at our

@@ -1,5 +1,6 @@
 //! The agent's syscall layer: the few calls nix does not wrap safely (openat2, clone,
-//! close_range, an interface ioctl). Every `unsafe` block of the agent lives here, each with
+//! close_range, interface ioctls including TUNSETIFF, forced socket buffer sizes, setsid
+//! between fork and exec). Every `unsafe` block of the agent lives here, each with
 //! its `// SAFETY:` reasoning.
 
 use std::ffi::{CStr, CString};
@@ -263,4 +264,68 @@ pub fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
     // SAFETY: callers are single-threaded processes (the CLI before it starts any thread, or
     // a re-exec'd helper), so the child cannot inherit a lock held by another thread.
     unsafe { nix::unistd::fork() }
+}
+
+/// TUNSETIFF: makes `file` (an open `/dev/net/tun`) the TUN interface `name`, without the
+/// packet-information header.
+pub fn tun_attach(file: &std::fs::File, name: &str) -> io::Result<()> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {name:?} too long"),
+        ));
+    }
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (name, flags,
+    // padding to the union's 24 bytes); the fd is open for as long as `file` lives.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// SO_RCVBUFFORCE and SO_SNDBUFFORCE of `bytes` (as root, past `net.core.[rw]mem_max`).
+pub fn force_socket_buffers(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: setsockopt with a c_int value and its size, on an open socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The process `cmd` spawns starts a session of its own (signals to ours do not reach it).
+pub fn new_session_on_spawn(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
 }

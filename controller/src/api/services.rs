@@ -65,26 +65,7 @@ mod tests {
     use skiff_common::{SpecFormat, parse_job_spec};
 
     use super::*;
-    use crate::state::{Allocation, AllocationReport, Command, Node, NodeResources, NodeStatus};
-
-    fn node(name: &str) -> Node {
-        Node {
-            name: name.into(),
-            address: "198.18.0.2".into(),
-            labels: Default::default(),
-            resources: NodeResources {
-                cpu: 2.0,
-                memory: 1 << 30,
-                pids: 1000,
-            },
-            status: NodeStatus::Ready,
-            status_changed_at_ms: 0,
-            registered_at_ms: 0,
-            agent_addr: String::new(),
-            subnet: None,
-            wireguard: None,
-        }
-    }
+    use crate::state::{Allocation, AllocationReport, Command, Node};
 
     fn alloc(id: &str, node: &str) -> Allocation {
         Allocation {
@@ -120,8 +101,10 @@ mod tests {
         })
         .expect("apply");
         for n in ["n1", "n2"] {
-            s.apply(&Command::UpsertNode { node: node(n) })
-                .expect("node");
+            s.apply(&Command::UpsertNode {
+                node: Node::for_test(n),
+            })
+            .expect("node");
         }
         s.apply(&Command::PlaceAllocations {
             allocations: vec![alloc("a", "n1"), alloc("b", "n2"), alloc("c", "n1")],

@@ -158,6 +158,27 @@ pub struct WireguardIdentity {
 }
 
 impl Node {
+    /// A ready node with 2 cores, 1 GiB and 1000 pids, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            address: "198.18.0.2".into(),
+            labels: Default::default(),
+            resources: NodeResources {
+                cpu: 2.0,
+                memory: 1 << 30,
+                pids: 1000,
+            },
+            status: NodeStatus::Ready,
+            status_changed_at_ms: 0,
+            registered_at_ms: 0,
+            agent_addr: String::new(),
+            subnet: None,
+            wireguard: None,
+        }
+    }
+
     /// How many containers the node's pod subnet can address (network, broadcast and the
     /// gateway excluded); `None` without a subnet.
     pub fn pod_capacity(&self) -> Option<u64> {

@@ -13,22 +13,7 @@ fn web(replicas: u32) -> Box<JobSpec> {
 }
 
 fn node(name: &str) -> Node {
-    Node {
-        name: name.into(),
-        address: "198.18.0.2".into(),
-        labels: Default::default(),
-        resources: NodeResources {
-            cpu: 2.0,
-            memory: 1 << 30,
-            pids: 1000,
-        },
-        status: NodeStatus::Ready,
-        status_changed_at_ms: 0,
-        registered_at_ms: 0,
-        agent_addr: String::new(),
-        subnet: None,
-        wireguard: None,
-    }
+    Node::for_test(name)
 }
 
 fn alloc(id: &str, node: &str, version: u64) -> Allocation {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
-use skiff_e2e::fleet::{Fleet, can_run};
+use skiff_e2e::fleet::Fleet;
 
 #[derive(Parser)]
 struct Args {
@@ -97,31 +97,13 @@ fn dnsperf(
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    ensure!(can_run(), "needs root and ip netns");
-    for tool in ["dnsperf", "dnsmasq", "unbound", "dig"] {
-        ensure!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()?
-                .status
-                .success(),
-            "{tool} is not installed (apt-get install dnsperf dnsmasq-base unbound bind9-dnsutils)"
-        );
-    }
-    let fleet = Fleet::start(1, 1, "10s")?;
-    let mut anchors: Vec<std::process::Child> = Vec::new();
-    let res = run(&fleet, &args, &mut anchors);
-    for mut c in anchors {
-        // SAFETY: kill(2) on our own child's process group.
-        unsafe {
-            libc::kill(-(c.id() as i32), libc::SIGKILL);
-        }
-        let _ = c.wait();
-    }
-    if res.is_err() {
-        eprintln!("{}", fleet.log_tails(20));
-    }
-    res
+    skiff_e2e::fleet::bench_on_fleet(
+        1,
+        1,
+        &["dnsperf", "dnsmasq", "unbound", "dig"],
+        "dnsperf dnsmasq-base unbound bind9-dnsutils",
+        |fleet, helpers| run(fleet, &args, helpers),
+    )
 }
 
 fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Result<()> {

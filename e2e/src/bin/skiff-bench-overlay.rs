@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
-use skiff_e2e::fleet::{Fleet, can_run};
+use skiff_e2e::fleet::Fleet;
 
 #[derive(Parser)]
 struct Args {
@@ -182,33 +182,13 @@ fn keypair(dir: &std::path::Path, name: &str) -> Result<(PathBuf, String)> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if !can_run() {
-        anyhow::bail!("needs root and ip netns");
-    }
-    for tool in ["iperf3", "wireguard-go", "wg", "busybox"] {
-        ensure!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()?
-                .status
-                .success(),
-            "{tool} is not installed (apt-get install iperf3 wireguard-go wireguard-tools busybox-static)"
-        );
-    }
-    let fleet = Fleet::start(1, 2, "10s")?;
-    let mut wgo: Vec<std::process::Child> = Vec::new();
-    let res = run(&fleet, &args, &mut wgo);
-    for mut c in wgo {
-        // SAFETY: kill(2) on our own child's process group.
-        unsafe {
-            libc::kill(-(c.id() as i32), libc::SIGKILL);
-        }
-        let _ = c.wait();
-    }
-    if res.is_err() {
-        eprintln!("{}", fleet.log_tails(20));
-    }
-    res
+    skiff_e2e::fleet::bench_on_fleet(
+        1,
+        2,
+        &["iperf3", "wireguard-go", "wg", "busybox"],
+        "iperf3 wireguard-go wireguard-tools busybox-static",
+        |fleet, helpers| run(fleet, &args, helpers),
+    )
 }
 
 fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result<()> {

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,35 +122,11 @@ impl Shared {
 
 /// Opens a TUN interface named `name` (no packet info header).
 fn open_tun(name: &str) -> std::io::Result<File> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/net/tun")?;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
-    }
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which IfReq lays out (name, flags, padding
-    // to the union's 24 bytes); the fd is open.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    crate::runtime::sys::tun_attach(&file, name)?;
     Ok(file)
 }
 
@@ -161,23 +136,10 @@ fn bind_udp(port: u16) -> std::io::Result<UdpSocket> {
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-        let v = UDP_BUFFER as libc::c_int;
-        // SAFETY: setsockopt with a c_int value of the right size on an open socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            // Not root: the plain options, capped by net.core.[rw]mem_max.
-            let _ = s.set_recv_buffer_size(UDP_BUFFER);
-            let _ = s.set_send_buffer_size(UDP_BUFFER);
-        }
+    if crate::runtime::sys::force_socket_buffers(&s, UDP_BUFFER).is_err() {
+        // Not root: the plain options, capped by net.core.[rw]mem_max.
+        let _ = s.set_recv_buffer_size(UDP_BUFFER);
+        let _ = s.set_send_buffer_size(UDP_BUFFER);
     }
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -250,9 +212,7 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
 fn tun_to_udp(s: &Shared) {
     let mut buf = vec![0u8; MAX_PACKET];
     let mut out = vec![0u8; MAX_PACKET + 148];
-    // SAFETY: a second File over the TUN fd, for reads in this thread; `forget` below keeps
-    // it from closing the fd the Shared owns.
-    let mut tun = unsafe { File::from_raw_fd(s.tun.as_raw_fd()) };
+    let mut tun = &s.tun;
     loop {
         let n = match tun.read(&mut buf) {
             Ok(n) => n,
@@ -283,7 +243,6 @@ fn tun_to_udp(s: &Shared) {
             );
         }
     }
-    std::mem::forget(tun);
 }
 
 fn udp_to_tun(s: &Shared, udp: Arc<UdpSocket>, generation: u64) {
