@@ -134,6 +134,16 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// One fleet at a time in a test process (2 cores: timings would suffer otherwise). Hold the
+/// guard for the test's length.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Whether this machine can run a fleet: root and `ip netns`. Says why not.
 pub fn can_run() -> bool {
     if !nix_is_root() {

@@ -4,14 +4,10 @@
 //! removes everything it created when it drops, also on failure.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use skiff_e2e::fleet::{Fleet, can_run};
-
-/// One fleet at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+use skiff_e2e::fleet::{Fleet, can_run, serial};
 
 const GRACE: &str = "3s";
 
@@ -52,18 +48,12 @@ fn containers_running(fleet: &Fleet, agents: &[&str]) -> Result<BTreeMap<String,
     Ok(m)
 }
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[test]
 fn f10_spread_scale_drain_and_plan() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let _serial = lock();
+    let _serial = serial();
     let fleet = Fleet::start(3, 3, GRACE)?;
     let agents = ["a1", "a2", "a3"];
 
@@ -168,7 +158,7 @@ fn f20_agent_killed_is_replaced_and_restarted_agents_adopt() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let _serial = lock();
+    let _serial = serial();
     let mut fleet = Fleet::start(3, 3, GRACE)?;
     let agents = ["a1", "a2", "a3"];
     let spec = web(&fleet, 6, "")?;
@@ -264,7 +254,7 @@ fn f30_leader_killed_during_a_deploy() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let _serial = lock();
+    let _serial = serial();
     let mut fleet = Fleet::start(3, 3, GRACE)?;
     let spec = web(&fleet, 6, "")?;
     fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;

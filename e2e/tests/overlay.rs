@@ -8,19 +8,10 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use skiff_e2e::fleet::{Fleet, can_run};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use skiff_e2e::fleet::{Fleet, can_run, serial};
 
 const GRACE: &str = "3s";
 
@@ -140,7 +131,7 @@ fn o10_cross_host_traffic_is_encrypted_and_survives_agent_restarts() -> Result<(
     if !can_run() {
         return Ok(());
     }
-    let _serial = lock();
+    let _serial = serial();
     let mut fleet = Fleet::start(1, 3, GRACE)?;
     let res = cross_host(&mut fleet);
     if res.is_err() {
@@ -418,7 +409,7 @@ fn o20_a_full_pod_subnet_is_a_scheduling_error() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let _serial = lock();
+    let _serial = serial();
     // A /29 per node: 5 container addresses.
     let fleet = Fleet::start_with(1, 1, GRACE, &["--node-subnet-prefix", "29"])?;
     let res = (|| -> Result<()> {
@@ -547,7 +538,7 @@ fn o30_userspace_tunnel_talks_to_wireguard_go() -> Result<()> {
             return Ok(());
         }
     }
-    let _serial = lock();
+    let _serial = serial();
     let fleet = Fleet::start(1, 1, GRACE)?;
     let mut wgo: Option<std::process::Child> = None;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -5,16 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use skiff_e2e::fleet::{Fleet, can_run};
-
-/// One fleet at a time (2 cores).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use skiff_e2e::fleet::{Fleet, can_run, serial};
 
 /// (allocation, ip, health, ready) of a service's endpoints.
 fn endpoints(fleet: &Fleet, service: &str) -> Result<Vec<(String, String, String, bool)>> {
@@ -50,7 +41,7 @@ fn s10_health_checks_gate_endpoints() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    let _serial = lock();
+    let _serial = serial();
     let fleet = Fleet::start(1, 2, "3s")?;
     let res = (|| -> Result<()> {
         let spec = fleet.spec(
@@ -229,7 +220,7 @@ fn s20_dns_serves_services_on_every_host() -> Result<()> {
         eprintln!("skipped: dig is not installed (apt-get install bind9-dnsutils)");
         return Ok(());
     }
-    let _serial = lock();
+    let _serial = serial();
     let mut fleet = Fleet::start(1, 2, "3s")?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cli = fleet.host("cli")?.clone();
