@@ -729,10 +729,7 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| PathBuf::from("/var/lib/skiff/agent"));
         return monitor(&data_dir, id);
     }
-    if let Some(Cmd::WgTunnel(args)) = &cli.command {
-        let code = skiff_agent::net::wg::tunnel::run(&args.interface, &args.socket);
-        return ExitCode::from(u8::try_from(code).unwrap_or(1));
-    }
+    // The tunnel logs too (to its tunnel.log): SKIFF_LOG=boringtun=debug shows the handshakes.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
@@ -740,6 +737,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Cmd::WgTunnel(args)) = &cli.command {
+        let code = skiff_agent::net::wg::tunnel::run(&args.interface, &args.socket);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let res = Settings::load(&cli).and_then(|cfg| match &cli.command {
         Some(Cmd::Container { command }) => container(&cfg, command),
         Some(Cmd::Image { command }) => image(&cfg, command),

@@ -65,7 +65,11 @@ impl Proc {
             .arg("--")
             .arg(bin(self.binary))
             .args(&self.args)
-            .env("SKIFF_LOG", "info")
+            // SKIFF_TEST_LOG (e.g. `info,boringtun=debug`) turns up the daemons' logs.
+            .env(
+                "SKIFF_LOG",
+                std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .env_remove("SKIFF_CONFIG")
             .stdin(Stdio::null())

@@ -555,10 +555,14 @@ fn o30_userspace_tunnel_talks_to_wireguard_go() -> Result<()> {
     if res.is_err() {
         eprintln!("{}", fleet.log_tails(30));
         eprintln!(
-            "--- wireguard-go\n{}\n--- its wg dump\n{}\n--- a1's wg dump\n{}",
+            "--- wireguard-go\n{}\n--- its wg dump\n{}\n--- a1's wg dump\n{}\n--- a1's tunnel.log\n{}",
             std::fs::read_to_string(fleet.dir().join("wgx.log")).unwrap_or_default(),
             std::fs::read_to_string(fleet.dir().join("wgx.dump")).unwrap_or_default(),
-            fleet.wg_dump("a1").unwrap_or_default()
+            fleet.wg_dump("a1").unwrap_or_default(),
+            fleet
+                .agent_data("a1")
+                .map(|d| std::fs::read_to_string(d.join("net/wg/tunnel.log")).unwrap_or_default())
+                .unwrap_or_default()
         );
     }
     res

@@ -495,6 +495,11 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
     }
     // New peers with a keepalive get a handshake at once (as the kernel does): the other side
     // may still hold a session with a tunnel that is gone, and would not notice for a while.
+    // A bare initiation, not an empty packet through `encapsulate`: that would be queued, and
+    // flushed after the first handshake the *peer* starts (its responder session is not current
+    // yet), starting a second, crossing handshake; wireguard-go handles crossing handshakes in
+    // parallel and can drop the index of the session it then sends on (seen: replies lost for
+    // 15 s until its retry).
     let mut greet = Vec::new();
     for pu in &u.peers {
         if pu.remove {
@@ -577,7 +582,7 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
             .tunn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let TunnResult::WriteToNetwork(pkt) = t.encapsulate(&[], &mut out) {
+        if let TunnResult::WriteToNetwork(pkt) = t.format_handshake_initiation(&mut out, false) {
             s.send(
                 pkt,
                 *p.endpoint
