@@ -139,6 +139,35 @@ pub async fn drain(ctl: &Controllers, out: Out, name: String, drain: bool) -> an
     Ok(())
 }
 
+pub async fn remove_node(ctl: &Controllers, out: Out, name: String) -> anyhow::Result<()> {
+    let req = pb::RemoveNodeRequest { name };
+    let resp = ctl
+        .nodes(|mut c| {
+            let r = req.clone();
+            async move { c.remove_node(r).await }
+        })
+        .await?;
+    if out.json {
+        return out.json(&serde_json::json!({
+            "name": resp.name,
+            "subnet": resp.subnet,
+            "lost": resp.lost,
+        }));
+    }
+    let mut line = format!("node {} removed", resp.name);
+    if !resp.subnet.is_empty() {
+        line.push_str(&format!("; pod subnet {} released", resp.subnet));
+    }
+    if resp.lost > 0 {
+        line.push_str(&format!(
+            "; {} allocation(s) it still held marked lost",
+            resp.lost
+        ));
+    }
+    println!("{line}");
+    Ok(())
+}
+
 pub async fn ps(
     ctl: &Controllers,
     out: Out,

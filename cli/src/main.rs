@@ -136,6 +136,10 @@ enum NodeCmd {
     Drain { name: String },
     /// Make a drained node schedulable again.
     Undrain { name: String },
+    /// Forget a node that is down for good (a decommissioned host): its pod subnet is freed
+    /// and it leaves `skiff nodes`. Refused while the node is not down.
+    #[command(alias = "remove")]
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -375,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Node { command } => match command {
             NodeCmd::Drain { name } => fleet::drain(&ctl, out, name, true).await?,
             NodeCmd::Undrain { name } => fleet::drain(&ctl, out, name, false).await?,
+            NodeCmd::Rm { name } => fleet::remove_node(&ctl, out, name).await?,
         },
         Cmd::Ps {
             job,

@@ -59,7 +59,9 @@ impl From<ApiError> for Status {
                 | ApplyError::AllocationNotFound { .. } => Status::not_found(e.to_string()),
                 ApplyError::AllocationExists { .. } => Status::already_exists(e.to_string()),
                 ApplyError::NoSubnet { .. } => Status::resource_exhausted(e.to_string()),
-                ApplyError::BadCidr { .. } => Status::failed_precondition(e.to_string()),
+                ApplyError::BadCidr { .. } | ApplyError::NodeNotDown { .. } => {
+                    Status::failed_precondition(e.to_string())
+                }
                 ApplyError::InvalidSpec { .. } | ApplyError::UnknownJobVersion { .. } => {
                     Status::invalid_argument(e.to_string())
                 }

@@ -31,6 +31,11 @@ impl Heartbeats {
         self.lock().insert(node.to_owned(), Instant::now());
     }
 
+    /// Drops a removed node's clock.
+    pub fn forget(&self, node: &str) {
+        self.lock().remove(node);
+    }
+
     fn last(&self, node: &str) -> Option<Instant> {
         self.lock().get(node).copied()
     }

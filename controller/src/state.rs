@@ -46,6 +46,9 @@ pub enum Command {
         status: NodeStatus,
         at_ms: i64,
     },
+    /// Forget a node that is down (a host gone for good): its pod subnet is free again, its
+    /// allocations stay in the history as lost. Refused while the node is not down.
+    RemoveNode { name: String, at_ms: i64 },
     /// Add allocations decided by the scheduler.
     PlaceAllocations { allocations: Vec<Allocation> },
     /// Change an allocation's desired status (e.g. stop it).
@@ -105,6 +108,7 @@ impl Command {
             Command::UpsertNode { .. } => "upsert_node",
             Command::RegisterNode { .. } => "register_node",
             Command::SetNodeStatus { .. } => "set_node_status",
+            Command::RemoveNode { .. } => "remove_node",
             Command::PlaceAllocations { .. } => "place_allocations",
             Command::SetAllocationDesired { .. } => "set_allocation_desired",
             Command::ReportAllocation { .. } => "report_allocation",
@@ -127,6 +131,7 @@ impl std::fmt::Display for Command {
             Command::SetNodeStatus { name, status, .. } => {
                 write!(f, "set_node_status({name}, {status:?})")
             }
+            Command::RemoveNode { name, .. } => write!(f, "remove_node({name})"),
             Command::PlaceAllocations { allocations } => {
                 write!(f, "place_allocations({})", allocations.len())
             }
@@ -169,6 +174,13 @@ pub enum Outcome {
         name: String,
         changed: bool,
     },
+    NodeRemoved {
+        name: String,
+        /// The pod subnet it held, now free.
+        subnet: Option<String>,
+        /// Its allocations that were still held and are now lost.
+        lost: usize,
+    },
     AllocationsPlaced {
         count: usize,
     },
@@ -191,6 +203,11 @@ pub enum ApplyError {
     JobNotFound { namespace: String, name: String },
     #[error("node {name} not found")]
     NodeNotFound { name: String },
+    #[error(
+        "node {name} is {status}: only a down node can be removed (stop its agent, or drain it \
+         first to move its allocations, and wait for it to miss its heartbeats)"
+    )]
+    NodeNotDown { name: String, status: String },
     #[error("allocation {id} not found")]
     AllocationNotFound { id: String },
     #[error("allocation {id} already exists")]
@@ -309,6 +326,44 @@ impl ClusterState {
                 Ok(Outcome::NodeStatusSet {
                     name: name.clone(),
                     changed,
+                })
+            }
+            Command::RemoveNode { name, at_ms } => {
+                let node = self
+                    .nodes
+                    .get(name)
+                    .ok_or_else(|| ApplyError::NodeNotFound { name: name.clone() })?;
+                if node.status != NodeStatus::Down {
+                    return Err(ApplyError::NodeNotDown {
+                        name: name.clone(),
+                        status: node.status.as_str().to_owned(),
+                    });
+                }
+                // As when it went down: whatever it still held is lost (already so, unless the
+                // removal comes before the reconciler's own write).
+                let held: Vec<String> = self
+                    .allocations
+                    .values()
+                    .filter(|a| {
+                        a.node == *name
+                            && (a.desired == DesiredStatus::Run || !a.observed.is_terminal())
+                    })
+                    .map(|a| a.id.clone())
+                    .collect();
+                for id in &held {
+                    if let Some(alloc) = self.allocations.get_mut(id) {
+                        alloc.desired = DesiredStatus::Stop;
+                        if !alloc.observed.is_terminal() {
+                            alloc.observe(AllocationStatus::Lost, *at_ms);
+                        }
+                    }
+                }
+                let lost = held.len();
+                let subnet = self.nodes.remove(name).and_then(|n| n.subnet);
+                Ok(Outcome::NodeRemoved {
+                    name: name.clone(),
+                    subnet,
+                    lost,
                 })
             }
             Command::PlaceAllocations { allocations } => self.place(allocations),

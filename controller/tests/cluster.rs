@@ -772,6 +772,59 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     assert_eq!(ps.len(), 1);
     assert_eq!((ps[0].observed.as_str(), ps[0].restarts), ("running", 2));
 
+    // A long health output is kept cut to 512 characters, and the same report again writes
+    // nothing to the log.
+    let unhealthy = pb::AllocationReport {
+        id: assigned.id.clone(),
+        state: "running".into(),
+        restarts: 2,
+        health: "unhealthy".into(),
+        health_output: "x".repeat(2000),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        nodes
+            .heartbeat(pb::HeartbeatRequest {
+                name: "n1".into(),
+                allocations: vec![unhealthy.clone()],
+                wireguard: None,
+            })
+            .await
+            .expect("heartbeat");
+    }
+    // n2 too, so that it is not marked down (a write) in between.
+    nodes
+        .heartbeat(pb::HeartbeatRequest {
+            name: "n2".into(),
+            allocations: vec![],
+            wireguard: None,
+        })
+        .await
+        .expect("heartbeat");
+    let written = c.member(leader).node().status().last_log_index;
+    nodes
+        .heartbeat(pb::HeartbeatRequest {
+            name: "n1".into(),
+            allocations: vec![unhealthy],
+            wireguard: None,
+        })
+        .await
+        .expect("heartbeat");
+    assert_eq!(c.member(leader).node().status().last_log_index, written);
+    let ps = jobs
+        .list_allocations(pb::ListAllocationsRequest {
+            job: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ps")
+        .into_inner()
+        .allocations;
+    assert_eq!(
+        (ps[0].health.as_str(), ps[0].health_output.len()),
+        ("unhealthy", 512)
+    );
+
     // Drain an unknown node: named.
     let err = nodes
         .set_drain(pb::SetDrainRequest {
@@ -781,5 +834,32 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         .await
         .expect_err("ghost");
     assert_eq!(err.code(), Code::NotFound);
+
+    // Removing: an unknown node is not found; a live one is refused, named, and kept.
+    let err = nodes
+        .remove_node(pb::RemoveNodeRequest {
+            name: "ghost".into(),
+        })
+        .await
+        .expect_err("ghost");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = nodes
+        .remove_node(pb::RemoveNodeRequest { name: "n1".into() })
+        .await
+        .expect_err("n1 is ready");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .starts_with("node n1 is ready: only a down node can be removed"),
+        "{}",
+        err.message()
+    );
+    let listed = nodes
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    assert!(listed.iter().any(|n| n.name == "n1"));
     c.shutdown().await;
 }

@@ -375,12 +375,29 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
     })?;
     ping(fleet, &a1, &a2.ip)?;
 
-    // The host comes back re-installed (a new key): its peer is replaced everywhere.
+    // The operator forgets the dead host: `skiff node rm` frees its subnet and it leaves the
+    // node list (a live node is refused: see the cluster test).
+    let removed = fleet.cli_ok(&["node", "rm", "a3"])?;
+    ensure!(
+        removed.trim() == format!("node a3 removed; pod subnet {} released", keys["a3"].0),
+        "node rm: {removed}"
+    );
+    ensure!(
+        !node_keys(fleet)?.contains_key("a3"),
+        "a3 still listed after node rm"
+    );
+
+    // The host comes back re-installed (a new key): it registers afresh (the lowest free
+    // subnet is its old one) and its peer is replaced everywhere.
     std::fs::remove_file(fleet.agent_data("a3")?.join("net/wg/private.key"))?;
     fleet.restart_agent("a3")?;
     let mut new_key = String::new();
     fleet.wait_for("a3's new key on a1 and a2", Duration::from_secs(20), |f| {
-        new_key = node_keys(f)?["a3"].1.clone();
+        let Some((subnet, key)) = node_keys(f)?.remove("a3") else {
+            return Ok(false);
+        };
+        ensure!(subnet == keys["a3"].0, "a3 came back with subnet {subnet}");
+        new_key = key;
         if new_key == gone_key {
             return Ok(false);
         }

@@ -131,12 +131,7 @@ pub(crate) fn node_pb(n: &Node, usage: Option<&(Usage, u32)>) -> pb::Node {
     pb::Node {
         name: n.name.clone(),
         address: n.address.clone(),
-        status: match n.status {
-            NodeStatus::Ready => "ready",
-            NodeStatus::Draining => "draining",
-            NodeStatus::Down => "down",
-        }
-        .to_owned(),
+        status: n.status.as_str().to_owned(),
         labels: n.labels.clone().into_iter().collect(),
         total: Some(resources_pb(&n.resources)),
         allocated: Some(resources_pb(&allocated)),
@@ -357,8 +352,11 @@ impl Nodes for NodesApi {
                                 )));
                             }
                         };
+                        // Stored cut to 512 characters, so compared cut too (else a long
+                        // output would be written through the log at every heartbeat).
+                        let health_output: String = r.health_output.chars().take(512).collect();
                         let new_health = health.is_some()
-                            && (a.health != health || a.health_output != r.health_output);
+                            && (a.health != health || a.health_output != health_output);
                         if a.observed != status || a.restarts < r.restarts || new_ip || new_health {
                             reports.push(AllocationReport {
                                 id: r.id.clone(),
@@ -366,7 +364,7 @@ impl Nodes for NodesApi {
                                 restarts: r.restarts,
                                 ip,
                                 health,
-                                health_output: r.health_output.chars().take(512).collect(),
+                                health_output,
                             });
                         }
                     }
@@ -478,6 +476,14 @@ impl Nodes for NodesApi {
             .await
     }
 
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx.track("RemoveNode", self.remove(req.name)).await
+    }
+
     async fn set_drain(
         &self,
         req: Request<pb::SetDrainRequest>,
@@ -530,6 +536,33 @@ impl Nodes for NodesApi {
                 })
             })
             .await
+    }
+}
+
+impl NodesApi {
+    async fn remove(&self, name: String) -> Result<pb::RemoveNodeResponse, ApiError> {
+        let (outcome, _) = self
+            .ctx
+            .node
+            .write(Command::RemoveNode {
+                name: name.clone(),
+                at_ms: now_ms(),
+            })
+            .await?;
+        let Outcome::NodeRemoved { subnet, lost, .. } = outcome? else {
+            return Err(ApiError::BadRequest(format!(
+                "node {name}: unexpected outcome of a removal"
+            )));
+        };
+        // Leader memory about it goes too (a node of that name may register again).
+        self.wireguard_status().remove(&name);
+        self.heartbeats.forget(&name);
+        tracing::info!(node = %name, subnet = ?subnet, lost, "node removed");
+        Ok(pb::RemoveNodeResponse {
+            name,
+            subnet: subnet.unwrap_or_default(),
+            lost: u32::try_from(lost).unwrap_or(u32::MAX),
+        })
     }
 }
 

@@ -124,6 +124,16 @@ pub enum NodeStatus {
     Down,
 }
 
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Draining => "draining",
+            NodeStatus::Down => "down",
+        }
+    }
+}
+
 /// A host running an agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {

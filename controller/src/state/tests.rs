@@ -304,3 +304,94 @@ fn registration_gives_each_node_a_subnet_for_good() {
     let err = register(&mut s, "n3", "10.42.0.1/16").expect_err("host bits");
     assert!(matches!(err, ApplyError::BadCidr { .. }), "{err}");
 }
+
+#[test]
+fn only_a_down_node_is_removed_and_its_subnet_is_free_again() {
+    let mut s = ClusterState::default();
+    let register = |s: &mut ClusterState, name: &str| {
+        s.apply(&Command::RegisterNode {
+            node: node(name),
+            cluster_cidr: "10.42.0.0/23".into(),
+            subnet_prefix: 24,
+        })
+    };
+    register(&mut s, "n1").expect("n1");
+    register(&mut s, "n2").expect("n2");
+    s.apply(&Command::ApplyJob {
+        spec: web(2),
+        at_ms: 10,
+    })
+    .expect("job");
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![alloc("a1", "n1", 1), alloc("a2", "n2", 1)],
+    })
+    .expect("place");
+    let remove = |s: &mut ClusterState, name: &str| {
+        s.apply(&Command::RemoveNode {
+            name: name.into(),
+            at_ms: 20,
+        })
+    };
+
+    // Unknown, ready or draining: refused, nothing changed.
+    let before = s.clone();
+    let err = remove(&mut s, "ghost").expect_err("unknown");
+    assert!(matches!(err, ApplyError::NodeNotFound { .. }), "{err}");
+    let err = remove(&mut s, "n1").expect_err("ready");
+    assert!(
+        err.to_string()
+            .starts_with("node n1 is ready: only a down node can be removed"),
+        "{err}"
+    );
+    assert_eq!(s, before);
+    s.apply(&Command::SetNodeStatus {
+        name: "n1".into(),
+        status: NodeStatus::Draining,
+        at_ms: 11,
+    })
+    .expect("drain");
+    let err = remove(&mut s, "n1").expect_err("draining");
+    assert!(matches!(err, ApplyError::NodeNotDown { .. }), "{err}");
+    s.apply(&Command::SetNodeStatus {
+        name: "n1".into(),
+        status: NodeStatus::Ready,
+        at_ms: 12,
+    })
+    .expect("undrain");
+
+    // Down (before the reconciler marked its allocation lost): removed, the allocation lost
+    // and stopped, the subnet released and handed to the next node.
+    s.apply(&Command::SetNodeStatus {
+        name: "n1".into(),
+        status: NodeStatus::Down,
+        at_ms: 13,
+    })
+    .expect("down");
+    let r = remove(&mut s, "n1").expect("remove");
+    assert_eq!(
+        r,
+        Outcome::NodeRemoved {
+            name: "n1".into(),
+            subnet: Some("10.42.0.0/24".into()),
+            lost: 1,
+        }
+    );
+    assert!(s.node("n1").is_none());
+    let a1 = s.allocation("a1").expect("kept in the history");
+    assert_eq!(
+        (a1.desired, &a1.observed),
+        (DesiredStatus::Stop, &AllocationStatus::Lost)
+    );
+    assert_eq!(
+        s.allocation("a2").map(|a| a.desired),
+        Some(DesiredStatus::Run)
+    );
+    register(&mut s, "n3").expect("n3 takes the freed subnet");
+    assert_eq!(
+        s.node("n3").and_then(|n| n.subnet.clone()).as_deref(),
+        Some("10.42.0.0/24")
+    );
+    // Removing again: not found.
+    let err = remove(&mut s, "n1").expect_err("gone");
+    assert!(matches!(err, ApplyError::NodeNotFound { .. }), "{err}");
+}
