@@ -12,6 +12,7 @@ pub mod raft;
 pub mod reconcile;
 pub mod scheduler;
 pub mod state;
+pub mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -24,10 +24,7 @@ struct TestCluster {
     settings: RaftSettings,
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
+use skiff_controller::testing::free_loopback_addr as free_addr;
 
 fn spec(name: &str, replicas: u32) -> String {
     format!("name = \"{name}\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\nreplicas = {replicas}\n")

@@ -4,7 +4,7 @@
 
 pub mod fleet;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -36,11 +36,7 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A free loopback port (bound and released; good enough for tests on one machine).
-pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
+pub use skiff_controller::testing::free_loopback_addr as free_addr;
 
 /// One controller member process.
 pub struct ControllerProc {
@@ -145,6 +141,17 @@ impl ControllerProc {
 impl Drop for ControllerProc {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what each member said last.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- controller {} ({}), last 40 lines of its log\n{}",
+                self.id,
+                self.rpc,
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
     }
 }
 
