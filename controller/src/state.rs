@@ -204,8 +204,8 @@ pub enum ApplyError {
     #[error("node {name} not found")]
     NodeNotFound { name: String },
     #[error(
-        "node {name} is {status}: only a down node can be removed (stop its agent, or drain it \
-         first to move its allocations, and wait for it to miss its heartbeats)"
+        "node {name} is {status}: only a down node can be removed (drain it to move its \
+         allocations, stop its agent, and wait until it is marked down)"
     )]
     NodeNotDown { name: String, status: String },
     #[error("allocation {id} not found")]
@@ -350,15 +350,7 @@ impl ClusterState {
                     })
                     .map(|a| a.id.clone())
                     .collect();
-                for id in &held {
-                    if let Some(alloc) = self.allocations.get_mut(id) {
-                        alloc.desired = DesiredStatus::Stop;
-                        if !alloc.observed.is_terminal() {
-                            alloc.observe(AllocationStatus::Lost, *at_ms);
-                        }
-                    }
-                }
-                let lost = held.len();
+                let lost = self.stop_allocations(&held, true, *at_ms);
                 let subnet = self.nodes.remove(name).and_then(|n| n.subnet);
                 Ok(Outcome::NodeRemoved {
                     name: name.clone(),
@@ -404,19 +396,9 @@ impl ClusterState {
                 }
                 Ok(Outcome::AllocationsUpdated { count })
             }
-            Command::StopAllocations { ids, lost, at_ms } => {
-                let mut count = 0;
-                for id in ids {
-                    if let Some(alloc) = self.allocations.get_mut(id) {
-                        alloc.desired = DesiredStatus::Stop;
-                        if *lost && !alloc.observed.is_terminal() {
-                            alloc.observe(AllocationStatus::Lost, *at_ms);
-                        }
-                        count += 1;
-                    }
-                }
-                Ok(Outcome::AllocationsUpdated { count })
-            }
+            Command::StopAllocations { ids, lost, at_ms } => Ok(Outcome::AllocationsUpdated {
+                count: self.stop_allocations(ids, *lost, *at_ms),
+            }),
             Command::SetJobPending {
                 namespace,
                 name,
@@ -437,6 +419,22 @@ impl ClusterState {
     }
 
     /// The lowest /24 of `cidr` no node holds.
+    /// Marks allocations to be stopped (and, if `lost`, the live ones lost); unknown ids are
+    /// skipped. Returns how many were found.
+    fn stop_allocations(&mut self, ids: &[String], lost: bool, at_ms: i64) -> usize {
+        let mut count = 0;
+        for id in ids {
+            if let Some(alloc) = self.allocations.get_mut(id) {
+                alloc.desired = DesiredStatus::Stop;
+                if lost && !alloc.observed.is_terminal() {
+                    alloc.observe(AllocationStatus::Lost, at_ms);
+                }
+                count += 1;
+            }
+        }
+        count
+    }
+
     fn free_subnet(&self, cidr: &str, subnet_prefix: u8, node: &str) -> Result<String, ApplyError> {
         let (base, prefix) = parse_cidr(cidr).ok_or_else(|| ApplyError::BadCidr {
             cidr: cidr.to_owned(),
