@@ -224,6 +224,26 @@ async fn apply(
         .map(|r| r.into_inner())
 }
 
+fn beat(node: &str, allocations: Vec<pb::AllocationReport>) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        name: node.into(),
+        allocations,
+        wireguard: None,
+    }
+}
+
+async fn allocations_of(client: &mut JobsClient<Channel>, job: &str) -> Vec<pb::Allocation> {
+    client
+        .list_allocations(pb::ListAllocationsRequest {
+            job: job.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ps")
+        .into_inner()
+        .allocations
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_election_and_writes_through_any_member() {
     let c = TestCluster::start(3, TestCluster::settings()).await;
@@ -673,11 +693,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         assert!(err.message().contains(want), "{}", err.message());
     }
     let hb = nodes
-        .heartbeat(pb::HeartbeatRequest {
-            name: "ghost".into(),
-            allocations: vec![],
-            wireguard: None,
-        })
+        .heartbeat(beat("ghost", vec![]))
         .await
         .expect("heartbeat")
         .into_inner();
@@ -728,28 +744,26 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
 
     // Its report is recorded; a report with an unknown state is refused.
     nodes
-        .heartbeat(pb::HeartbeatRequest {
-            name: "n1".into(),
-            allocations: vec![pb::AllocationReport {
+        .heartbeat(beat(
+            "n1",
+            vec![pb::AllocationReport {
                 id: assigned.id.clone(),
                 state: "running".into(),
                 restarts: 2,
                 ..Default::default()
             }],
-            wireguard: None,
-        })
+        ))
         .await
         .expect("heartbeat");
     let err = nodes
-        .heartbeat(pb::HeartbeatRequest {
-            name: "n1".into(),
-            allocations: vec![pb::AllocationReport {
+        .heartbeat(beat(
+            "n1",
+            vec![pb::AllocationReport {
                 id: assigned.id.clone(),
                 state: "dancing".into(),
                 ..Default::default()
             }],
-            wireguard: None,
-        })
+        ))
         .await
         .expect_err("bad state");
     assert!(
@@ -757,15 +771,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         "{}",
         err.message()
     );
-    let ps = jobs
-        .list_allocations(pb::ListAllocationsRequest {
-            job: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("ps")
-        .into_inner()
-        .allocations;
+    let ps = allocations_of(&mut jobs, "web").await;
     assert_eq!(ps.len(), 1);
     assert_eq!((ps[0].observed.as_str(), ps[0].restarts), ("running", 2));
 
@@ -781,42 +787,22 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     };
     for _ in 0..2 {
         nodes
-            .heartbeat(pb::HeartbeatRequest {
-                name: "n1".into(),
-                allocations: vec![unhealthy.clone()],
-                wireguard: None,
-            })
+            .heartbeat(beat("n1", vec![unhealthy.clone()]))
             .await
             .expect("heartbeat");
     }
     // n2 too, so that it is not marked down (a write) in between.
     nodes
-        .heartbeat(pb::HeartbeatRequest {
-            name: "n2".into(),
-            allocations: vec![],
-            wireguard: None,
-        })
+        .heartbeat(beat("n2", vec![]))
         .await
         .expect("heartbeat");
     let written = c.member(leader).node().status().last_log_index;
     nodes
-        .heartbeat(pb::HeartbeatRequest {
-            name: "n1".into(),
-            allocations: vec![unhealthy],
-            wireguard: None,
-        })
+        .heartbeat(beat("n1", vec![unhealthy]))
         .await
         .expect("heartbeat");
     assert_eq!(c.member(leader).node().status().last_log_index, written);
-    let ps = jobs
-        .list_allocations(pb::ListAllocationsRequest {
-            job: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("ps")
-        .into_inner()
-        .allocations;
+    let ps = allocations_of(&mut jobs, "web").await;
     assert_eq!(
         (ps[0].health.as_str(), ps[0].health_output.len()),
         ("unhealthy", 512)
