@@ -7,20 +7,12 @@ use crate::state::{Node, NodeResources};
 
 fn node(name: &str) -> Node {
     Node {
-        name: name.to_owned(),
-        address: "198.18.0.1".to_owned(),
-        labels: BTreeMap::new(),
         resources: NodeResources {
             cpu: 4.0,
             memory: 4 << 30,
             pids: 10_000,
         },
-        status: NodeStatus::Ready,
-        status_changed_at_ms: 0,
-        registered_at_ms: 0,
-        agent_addr: String::new(),
-        subnet: None,
-        wireguard: None,
+        ..Node::for_test(name)
     }
 }
 

@@ -5,8 +5,6 @@ use crate::state::NodeResources;
 
 fn node(name: &str, cpu: f64, memory_mib: u64, labels: &[(&str, &str)]) -> Node {
     Node {
-        name: name.to_owned(),
-        address: "198.18.0.1".to_owned(),
         labels: labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -16,12 +14,7 @@ fn node(name: &str, cpu: f64, memory_mib: u64, labels: &[(&str, &str)]) -> Node 
             memory: memory_mib << 20,
             pids: 1000,
         },
-        status: NodeStatus::Ready,
-        status_changed_at_ms: 0,
-        registered_at_ms: 0,
-        agent_addr: String::new(),
-        subnet: None,
-        wireguard: None,
+        ..Node::for_test(name)
     }
 }
 
