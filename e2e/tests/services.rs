@@ -36,6 +36,20 @@ fn ready(eps: &[(String, String, String, bool)]) -> usize {
     eps.iter().filter(|e| e.3).count()
 }
 
+/// The A records of web.default.skiff.internal that a1's DNS (at `gw`) answers, one per line.
+fn web_a(fleet: &Fleet, gw: &str) -> Result<String> {
+    dig(
+        fleet,
+        "a1",
+        &[
+            &format!("@{gw}"),
+            "web.default.skiff.internal",
+            "A",
+            "+short",
+        ],
+    )
+}
+
 #[test]
 fn s10_health_checks_gate_endpoints() -> Result<()> {
     if !can_run() {
@@ -379,35 +393,14 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
         "{}",
         String::from_utf8_lossy(&sent.stderr)
     );
-    let after = dig(
-        fleet,
-        "a1",
-        &[
-            &format!("@{gw}"),
-            "web.default.skiff.internal",
-            "A",
-            "+short",
-        ],
-    )?;
+    let after = web_a(fleet, &gw)?;
     ensure!(after.lines().count() == 10, "after garbage: {after}");
 
     // Scale down: the records follow.
     fleet.cli_ok(&["scale", "web", "2"])?;
     let t = std::time::Instant::now();
     fleet.wait_for("2 addresses in DNS", Duration::from_secs(10), |f| {
-        Ok(dig(
-            f,
-            "a1",
-            &[
-                &format!("@{gw}"),
-                "web.default.skiff.internal",
-                "A",
-                "+short",
-            ],
-        )?
-        .lines()
-        .count()
-            == 2)
+        Ok(web_a(f, &gw)?.lines().count() == 2)
     })?;
     eprintln!(
         "DNS followed the scale-down in {:.2}s",
@@ -416,16 +409,7 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
 
     // The controller goes away: the last view keeps being served.
     fleet.kill_leader()?;
-    let still = dig(
-        fleet,
-        "a1",
-        &[
-            &format!("@{gw}"),
-            "web.default.skiff.internal",
-            "A",
-            "+short",
-        ],
-    )?;
+    let still = web_a(fleet, &gw)?;
     ensure!(
         still.lines().count() == 2,
         "with the controller down: {still}"
