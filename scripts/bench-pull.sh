@@ -38,7 +38,7 @@ trap cleanup EXIT
 
 # The image: the busybox fixture plus 6 layers of 16 x 1 MiB files (half incompressible).
 FIXTURE_EXTRA_LAYERS=6 FIXTURE_EXTRA_MB=16 \
-  sh agent/tests/fixtures/make-busybox-image.sh "$work/layout" >/dev/null
+  sh runtime/tests/fixtures/make-busybox-image.sh "$work/layout" >/dev/null
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 addr="127.0.0.1:$port"
@@ -95,7 +95,7 @@ for i in $(seq "$runs"); do
 done
 du_skiff=$(du -sk "$work/agent/images/layers" | cut -f1)
 # The floor: the same pull of the 1 MB busybox image alone.
-sh agent/tests/fixtures/make-busybox-image.sh "$work/small" >/dev/null
+sh runtime/tests/fixtures/make-busybox-image.sh "$work/small" >/dev/null
 skopeo copy -q --dest-tls-verify=false "oci:$work/small" "docker://$addr/bench/small:1"
 rm -rf "$work/agent-small"
 read -r _ small_rss < <(timed "$agent" --data-dir "$work/agent-small" --insecure-registry "$addr" \

@@ -39,7 +39,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-bash agent/tests/fixtures/make-busybox-image.sh "$work/image" >/dev/null
+bash runtime/tests/fixtures/make-busybox-image.sh "$work/image" >/dev/null
 image="oci:$work/image:latest"
 A=("$agent" --data-dir "$data" --cgroup-parent "$parent")
 "${A[@]}" image pull "$image" >/dev/null
@@ -113,7 +113,7 @@ lines = [
     "",
     f"- Date: {datetime.date.today()} (UTC); machine: {os.cpu_count()} × {model.group(1) if model else 'cpu'}",
     f"- Command: `sudo scripts/bench-runtime.sh --write-md BENCHMARKS.md` (hyperfine, 10 warm-up runs, {runs} runs each)",
-    "- Workload: `/bin/true` in the busybox fixture image (agent/tests/fixtures/make-busybox-image.sh); create, start, wait, delete.",
+    "- Workload: `/bin/true` in the busybox fixture image (runtime/tests/fixtures/make-busybox-image.sh); create, start, wait, delete.",
     "  skiff-agent: `container run --rm` (image already in the layer store; overlayfs rootfs, new pid/mount/uts/ipc/net/cgroup",
     "  namespaces, cgroup limits, caps, seccomp, monitor process). runc and crun: `run` on an OCI bundle of the same rootfs",
     "  (`runc spec`, terminal off), which deletes the container on exit. crun runs inside `unshare -m` with",

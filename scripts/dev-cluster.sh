@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Brings up a single-host Skiff dev cluster (one controller, one agent) and runs the example
 # job on it: deploy/examples/web.toml with its image replaced by a busybox image this script
-# builds (agent/tests/fixtures/make-busybox-image.sh), so nothing is downloaded.
+# builds (runtime/tests/fixtures/make-busybox-image.sh), so nothing is downloaded.
 #   sudo scripts/dev-cluster.sh        start (or reuse) the cluster and deploy the example
 #   sudo scripts/dev-cluster.sh down   stop it, remove its containers and state
 # State lives in .skiff-dev/ at the repository root. Only loopback addresses are used. The agent
@@ -90,7 +90,7 @@ for _ in $(seq 100); do
 done
 
 # The example service, from an image built here.
-sh "$root/agent/tests/fixtures/make-busybox-image.sh" "$state/images/web" >/dev/null
+sh "$root/runtime/tests/fixtures/make-busybox-image.sh" "$state/images/web" >/dev/null
 sed "s|^image = .*|image = \"oci:$state/images/web\"|" "$root/deploy/examples/web.toml" >"$state/web.toml"
 "$bin/skiff" --controller "$rpc" apply -f "$state/web.toml"
 for _ in $(seq 100); do

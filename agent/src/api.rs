@@ -13,9 +13,9 @@ use skiff_proto::v1::agent_server::Agent;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use crate::runtime::container::Runtime;
-use crate::runtime::logs;
-use crate::runtime::store::monitor_alive;
+use skiff_runtime::container::Runtime;
+use skiff_runtime::logs;
+use skiff_runtime::store::monitor_alive;
 
 /// The longest an exec may run before it is killed.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);

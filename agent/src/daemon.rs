@@ -25,10 +25,10 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::net::{Key, Network, Peer};
-use crate::runtime::cgroup::Limits;
-use crate::runtime::container::{RunOptions, Runtime};
-use crate::runtime::image::{PullPolicy, RegistryOptions};
-use crate::runtime::store::{RestartPolicy, Status};
+use skiff_runtime::cgroup::Limits;
+use skiff_runtime::container::{RunOptions, Runtime};
+use skiff_runtime::image::{PullPolicy, RegistryOptions};
+use skiff_runtime::store::{RestartPolicy, Status};
 
 /// The metadata key the controllers put the leader's address in (see the Nodes API).
 const LEADER_METADATA: &str = "x-skiff-leader";
@@ -599,7 +599,7 @@ fn failed(id: &str, reason: &str) -> pb::AllocationReport {
     }
 }
 
-fn report(id: &str, s: &crate::runtime::store::State) -> pb::AllocationReport {
+fn report(id: &str, s: &skiff_runtime::store::State) -> pb::AllocationReport {
     let (state, exit_code, reason) = match s.status {
         Status::Running | Status::Restarting => ("running", 0, String::new()),
         Status::Created => ("pending", 0, String::new()),

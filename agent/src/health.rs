@@ -66,7 +66,7 @@ impl Probe {
         container: &str,
         ip: Option<IpAddr>,
     ) -> Option<Probe> {
-        let netns = crate::runtime::monitor::netns_path(data_dir, container);
+        let netns = skiff_runtime::monitor::netns_path(data_dir, container);
         let ip = ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let port_of = |name: &str| spec.ports.iter().find(|p| p.name == name).map(|p| p.port);
         Some(match &check.kind {

@@ -2,6 +2,8 @@
 //! is the per-container monitor (the binary re-exec'd); it stays single-threaded, so nothing
 //! here starts an async runtime before dispatching to it.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -13,11 +15,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use skiff_agent::daemon::DaemonConfig;
-use skiff_agent::runtime::cgroup::Limits;
-use skiff_agent::runtime::container::{RunOptions, Runtime};
-use skiff_agent::runtime::image::{PullOptions, PullPolicy, RegistryOptions};
-use skiff_agent::runtime::logs;
-use skiff_agent::runtime::store::{RestartPolicy, Status, monitor_alive};
+use skiff_runtime::cgroup::Limits;
+use skiff_runtime::container::{RunOptions, Runtime};
+use skiff_runtime::image::{PullOptions, PullPolicy, RegistryOptions};
+use skiff_runtime::logs;
+use skiff_runtime::store::{RestartPolicy, Status, monitor_alive};
 
 #[derive(Parser)]
 #[command(name = "skiff-agent", version, about = "Skiff's node agent")]
@@ -609,7 +611,7 @@ fn container(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                     anyhow::bail!("--env: {e:?} is not KEY=VALUE");
                 }
             }
-            let code = skiff_agent::runtime::exec::exec(rt.store(), &id, cmd, env)?;
+            let code = skiff_runtime::exec::exec(rt.store(), &id, cmd, env)?;
             Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(255)))
         }
         ContainerCmd::Rm { container, force } => {
@@ -715,7 +717,7 @@ fn monitor(data_dir: &std::path::Path, id: &str) -> ExitCode {
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
         let _ = nix::unistd::dup2_stdout(&null);
     }
-    let code = skiff_agent::runtime::monitor::run(data_dir, id, report);
+    let code = skiff_runtime::monitor::run(data_dir, id, report);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 

@@ -19,7 +19,7 @@ use crate::net::wg::DeviceStatus;
 #[derive(Clone)]
 pub struct Sources {
     pub network: Arc<Network>,
-    pub runtime: Arc<crate::runtime::container::Runtime>,
+    pub runtime: Arc<skiff_runtime::container::Runtime>,
 }
 
 pub fn router(sources: Sources) -> Router {
@@ -38,7 +38,7 @@ async fn metrics(State(s): State<Sources>) -> impl IntoResponse {
             .list()
             .map(|l| {
                 l.iter()
-                    .filter(|(_, st)| st.status == crate::runtime::store::Status::Running)
+                    .filter(|(_, st)| st.status == skiff_runtime::store::Status::Running)
                     .count()
             })
             .unwrap_or(0);

@@ -603,7 +603,7 @@ fn masquerade(subnet: &Subnet, cluster: &Subnet) {
     }
 }
 
-impl crate::runtime::container::NetworkHook for Network {
+impl skiff_runtime::container::NetworkHook for Network {
     fn attach(&self, id: &str, netns: &Path) -> Result<IpAddr, String> {
         Network::attach(self, id, netns)
             .map(IpAddr::V4)

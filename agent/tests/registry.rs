@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use skiff_agent::runtime::image::{ImageError, ImageStore, PullOptions, RegistryOptions};
+use skiff_runtime::image::{ImageError, ImageStore, PullOptions, RegistryOptions};
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/make-busybox-image.sh"
+    "/../runtime/tests/fixtures/make-busybox-image.sh"
 );
 const AGENT: &str = env!("CARGO_BIN_EXE_skiff-agent");
 

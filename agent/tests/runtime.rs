@@ -27,8 +27,8 @@ fn image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("skiff-rt-busybox");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-busybox-image.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../runtime/tests/fixtures/make-busybox-image.sh");
         let st = Command::new("bash")
             .arg(&script)
             .arg(&out)

@@ -1,6 +1,8 @@
 //! `skiff`: the user's command line. Talks gRPC to any controller member, trying each address
 //! given in `--controller` in turn until one answers.
 
+#![forbid(unsafe_code)]
+
 mod client;
 mod fleet;
 mod output;

@@ -19,6 +19,7 @@
 //! **Architecture Invariant:** this crate does no I/O and knows nothing of gRPC or protobuf; the
 //! `proto` crate converts at the edge. Everything here is deterministic.
 
+#![forbid(unsafe_code)]
 // Tests may unwrap; the library itself may not (the workspace warns on `unwrap_used`).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -4,6 +4,8 @@
 //! [`raft`] (consensus; the only module that knows openraft), [`state`] (the pure cluster
 //! state machine), [`api`] (gRPC and HTTP), [`metrics`].
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod config;
 pub mod datadir;
@@ -12,7 +14,6 @@ pub mod raft;
 pub mod reconcile;
 pub mod scheduler;
 pub mod state;
-pub mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

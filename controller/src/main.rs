@@ -1,5 +1,7 @@
 //! `skiff-controller` binary: parse the configuration, set up logging, run.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use skiff_controller::config::{Args, Config};
 use tracing_subscriber::EnvFilter;

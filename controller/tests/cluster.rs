@@ -24,7 +24,7 @@ struct TestCluster {
     settings: RaftSettings,
 }
 
-use skiff_controller::testing::free_loopback_addr as free_addr;
+use skiff_e2e::free_addr;
 
 fn spec(name: &str, replicas: u32) -> String {
     format!("name = \"{name}\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\nreplicas = {replicas}\n")

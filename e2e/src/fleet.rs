@@ -150,7 +150,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Whether this machine can run a fleet: root and `ip netns`. Says why not.
 pub fn can_run() -> bool {
-    if !nix_is_root() {
+    if !crate::is_root() {
         eprintln!("skipped: the fleet needs root (network namespaces, containers)");
         return false;
     }
@@ -159,11 +159,6 @@ pub fn can_run() -> bool {
         return false;
     }
     true
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 impl Fleet {
@@ -203,7 +198,7 @@ impl Fleet {
         let out = Command::new("sh")
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../agent/tests/fixtures/make-busybox-image.sh"
+                "/../runtime/tests/fixtures/make-busybox-image.sh"
             ))
             .arg(&fleet.image)
             .output()?;
@@ -683,10 +678,7 @@ impl Drop for Fleet {
         // Containers and tunnels outlive their agent: remove them, then the cgroup parents.
         for (data, parent) in &self.agent_dirs {
             for pid in tunnel_pids(data) {
-                // SAFETY: kill(2) on a pid we found running our tunnel command line.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+                crate::signal(pid, nix::sys::signal::Signal::SIGKILL);
             }
             let ids = agent_cmd(data, parent, &["container", "ps", "-a", "-o", "json"])
                 .output()
@@ -742,10 +734,8 @@ pub fn bench_on_fleet(
     let mut helpers: Vec<Child> = Vec::new();
     let res = f(&fleet, &mut helpers);
     for mut c in helpers {
-        // SAFETY: kill(2) on the process group of a child the benchmark started as a group.
-        unsafe {
-            libc::kill(-(c.id() as i32), libc::SIGKILL);
-        }
+        // The whole group: the benchmark started it as one.
+        crate::signal(-(c.id() as i32), nix::sys::signal::Signal::SIGKILL);
         let _ = c.wait();
     }
     if res.is_err() {

@@ -2,11 +2,14 @@
 //! processes, exactly as a user would. Every process a test starts is killed when its handle
 //! drops, also when the test fails; every directory lives under a per-run temp dir.
 
+#![forbid(unsafe_code)]
+
 pub mod fleet;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where the workspace's binaries are: `SKIFF_BIN_DIR`, else the profile dir this test
@@ -36,7 +39,62 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-pub use skiff_controller::testing::free_loopback_addr as free_addr;
+/// Test ports are handed out below the kernel's ephemeral range (32768-60999 by default), so an
+/// outgoing connection cannot take the port between this call and the server's bind, as it
+/// could with a port the kernel picked for `bind(0)`.
+const FIRST: u32 = 20000;
+const COUNT: u32 = 12000;
+
+/// A loopback address whose TCP port is free now and not handed out before by this process.
+/// Processes start at different places in the range (by pid), so two test binaries running
+/// at once rarely meet; a port in use is skipped.
+pub fn free_addr() -> SocketAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % COUNT;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + n) % COUNT).unwrap_or(u16::MAX);
+        if let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+            && let Ok(addr) = l.local_addr()
+        {
+            return addr;
+        }
+        if n > COUNT {
+            // Every port tried: let the kernel pick one.
+            if let Ok(addr) =
+                TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr())
+            {
+                return addr;
+            }
+        }
+    }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Sends `sig` to process `pid` (a negative pid: to its process group). A process that is
+/// already gone is not an error here.
+pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+/// Moves the calling thread (only it) into the network namespace `/run/netns/NAME`: sockets
+/// it opens from then on live there.
+pub fn enter_netns(name: &str) -> std::io::Result<()> {
+    let ns = std::fs::File::open(format!("/run/netns/{name}"))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+}
+
+/// The kernel's clock ticks per second (the unit of CPU times in /proc/PID/stat).
+pub fn clock_ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
 
 /// One controller member process.
 pub struct ControllerProc {
@@ -255,4 +313,20 @@ pub fn utc_date() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_distinct_loopback_ports_below_the_ephemeral_range() {
+        let a: Vec<SocketAddr> = (0..50).map(|_| free_addr()).collect();
+        let distinct: std::collections::BTreeSet<_> = a.iter().collect();
+        assert_eq!(distinct.len(), 50);
+        assert!(
+            a.iter()
+                .all(|s| s.ip().is_loopback() && (20000..32000).contains(&s.port()))
+        );
+    }
 }

@@ -22,8 +22,7 @@ impl Drop for Down<'_> {
 
 #[test]
 fn readme_dev_cluster_runs_the_example_service() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !skiff_e2e::is_root() {
         eprintln!("skipped: the dev cluster's agent runs containers (needs root)");
         return;
     }

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use nix::sys::signal::Signal;
 use skiff_e2e::fleet::{Fleet, can_run, serial};
 
 const GRACE: &str = "3s";
@@ -238,10 +239,7 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
     );
     ping(fleet, &a2, &a1.ip)?;
     // SIGINT flushes and ends the capture.
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        libc::kill(tcpdump.id() as i32, libc::SIGINT);
-    }
+    skiff_e2e::signal(tcpdump.id() as i32, Signal::SIGINT);
     tcpdump.wait()?;
     let raw = std::fs::read(&pcap)?;
     ensure!(
@@ -330,10 +328,7 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
     ping(fleet, &a3, &a1.ip)?;
 
     // The tunnel process is supervised: killed, it is restarted and reconfigured.
-    // SAFETY: kill(2) on the tunnel the fleet started.
-    unsafe {
-        libc::kill(tunnel, libc::SIGKILL);
-    }
+    skiff_e2e::signal(tunnel, Signal::SIGKILL);
     fleet.wait_for("a1's tunnel to come back", Duration::from_secs(15), |f| {
         Ok(f.tunnel_pid("a1")?.is_some_and(|p| p != tunnel) && f.wg_peers("a1")?.len() == 2)
     })?;
@@ -347,10 +342,7 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
     let gone_key = keys["a3"].1.clone();
     fleet.kill_agent("a3")?;
     if let Some(p) = fleet.tunnel_pid("a3")? {
-        // SAFETY: as above.
-        unsafe {
-            libc::kill(p, libc::SIGKILL);
-        }
+        skiff_e2e::signal(p, Signal::SIGKILL);
     }
     fleet.wait_for(
         "a3 out of a1's and a2's peers",
@@ -487,12 +479,7 @@ fn fake_node(
     use skiff_proto::v1 as pb;
     std::thread::spawn(move || {
         let run = || -> Result<()> {
-            let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
-            // SAFETY: setns(2) on an open namespace fd, for this thread only (sockets it opens
-            // from now on live in that namespace).
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-            ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
+            skiff_e2e::enter_netns(&netns)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -563,10 +550,7 @@ fn o30_userspace_tunnel_talks_to_wireguard_go() -> Result<()> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(mut c) = wgo {
         // The whole group: the shell, wireguard-go and the dump loop.
-        // SAFETY: kill(2) on the process group of our own child.
-        unsafe {
-            libc::kill(-(c.id() as i32), libc::SIGKILL);
-        }
+        skiff_e2e::signal(-(c.id() as i32), Signal::SIGKILL);
         let _ = c.wait();
     }
     if res.is_err() {

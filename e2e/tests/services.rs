@@ -174,11 +174,7 @@ fn s10_health_checks_gate_endpoints() -> Result<()> {
 /// (built by hand: the query with QR/RA set and one answer pointing at the question name).
 fn fake_upstream(netns: String, addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     std::thread::spawn(move || {
-        let Ok(ns) = std::fs::File::open(format!("/run/netns/{netns}")) else {
-            return;
-        };
-        // SAFETY: setns(2) on an open namespace fd, for this thread only.
-        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+        if skiff_e2e::enter_netns(&netns).is_err() {
             return;
         }
         let Ok(sock) = std::net::UdpSocket::bind(format!("{addr}:53")) else {

@@ -2,6 +2,7 @@
 //! the agent and the CLI. Nothing but generated code lives here; each side converts these
 //! types to its own domain types at its edge.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::all, missing_docs)]
 
 /// Version 1 of the API (`skiff.v1`).

@@ -281,7 +281,7 @@ impl Device {
             .stderr(log2);
         // Its own session: signals to the agent's group (Ctrl-C, a service manager stopping
         // the agent) do not reach it.
-        crate::runtime::sys::new_session_on_spawn(&mut cmd);
+        skiff_runtime::sys::new_session_on_spawn(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| NetError::Tunnel {
             reason: format!("starting the userspace tunnel: {e}"),
         })?;

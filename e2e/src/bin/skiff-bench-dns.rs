@@ -6,6 +6,8 @@
 //!
 //!   SKIFF_BIN_DIR=target/release target/release/skiff-bench-dns [--seconds 10] [--write-md BENCHMARKS.md]
 
+#![forbid(unsafe_code)]
+
 use std::io::Write as _;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -33,8 +35,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     let rest = stat.rsplit_once(") ").map(|r| r.1).unwrap_or_default();
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = skiff_e2e::clock_ticks_per_second();
     (ticks(11) + ticks(12)) / hz
 }
 

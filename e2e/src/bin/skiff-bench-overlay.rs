@@ -8,6 +8,8 @@
 //!
 //!   SKIFF_BIN_DIR=target/release target/release/skiff-bench-overlay [--seconds 5] [--write-md BENCHMARKS.md]
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;

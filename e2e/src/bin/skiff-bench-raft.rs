@@ -10,6 +10,8 @@
 //! Everything runs on 127.0.0.1 in a fresh temp dir (`skiff-bench-*`), removed at the end; every
 //! process started is SIGKILLed on exit, on error and on Ctrl-C.
 
+#![forbid(unsafe_code)]
+
 // The bench modules live in `e2e/src/bench/` (the e2e library is the tests' helper crate).
 #[path = "../bench/cluster.rs"]
 mod cluster;

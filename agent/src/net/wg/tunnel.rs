@@ -126,7 +126,7 @@ fn open_tun(name: &str) -> std::io::Result<File> {
         .read(true)
         .write(true)
         .open("/dev/net/tun")?;
-    crate::runtime::sys::tun_attach(&file, name)?;
+    skiff_runtime::sys::tun_attach(&file, name)?;
     Ok(file)
 }
 
@@ -136,7 +136,7 @@ fn bind_udp(port: u16) -> std::io::Result<UdpSocket> {
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    if crate::runtime::sys::force_socket_buffers(&s, UDP_BUFFER).is_err() {
+    if skiff_runtime::sys::force_socket_buffers(&s, UDP_BUFFER).is_err() {
         // Not root: the plain options, capped by net.core.[rw]mem_max.
         let _ = s.set_recv_buffer_size(UDP_BUFFER);
         let _ = s.set_send_buffer_size(UDP_BUFFER);

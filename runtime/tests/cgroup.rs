@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use skiff_agent::runtime::cgroup::{self, CgroupError, Limits};
+use skiff_runtime::cgroup::{self, CgroupError, Limits};
 
 const MIB: u64 = 1024 * 1024;
 

@@ -5,10 +5,10 @@
 //!
 //! Order: wait until the monitor has put us in the cgroup → new cgroup namespace → join the
 //! container's network namespace → private mounts → overlayfs rootfs → /proc, /dev, /sys →
-//! masked and read-only paths → hostname → pivot_root and detach the old root → stdio, user,
-//! cwd → capabilities, no_new_privs, setuid → seccomp → close-on-exec every fd ≥ 3 → exec.
+//! masked and read-only paths → hostname → pivot_root and detach the old root → rlimits, stdio
+//! → [`crate::workload`] (user, cwd, capabilities, no_new_privs, setuid, seccomp, close-on-exec
+//! every fd ≥ 3, exec), the sequence `exec` shares.
 
-use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::sys::stat::{Mode, SFlag, makedev, mknodat};
-use nix::unistd::{Gid, Uid, chdir, dup2_stderr, dup2_stdin, dup2_stdout, pivot_root, sethostname};
+use nix::unistd::{chdir, dup2_stderr, dup2_stdin, dup2_stdout, pivot_root, sethostname};
 
 use super::security::{self, SeccompProgram};
 use super::store::ContainerConfig;
@@ -177,78 +177,14 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
     ctx("stderr", dup2_stderr(c.stderr))?;
     drop(devnull);
 
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    let (uid, gid, groups) = ctx(
-        &format!("user {:?}", cfg.user),
-        security::resolve_user(&cfg.user, &passwd, &group),
-    )?;
-
-    let cwd = if cfg.cwd.is_empty() {
-        "/"
-    } else {
-        cfg.cwd.as_str()
-    };
-    ctx(&format!("working dir {cwd}"), std::fs::create_dir_all(cwd))?;
-    ctx(&format!("working dir {cwd}"), chdir(cwd))?;
-
-    let program = resolve_program(&cfg.args, &cfg.env)?;
-    let argv: Vec<CString> = cfg
-        .args
-        .iter()
-        .map(|a| CString::new(a.as_str()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| "argument contains NUL".to_string())?;
-    let envp: Vec<CString> = cfg
-        .env
-        .iter()
-        .map(|a| CString::new(a.as_str()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| "environment contains NUL".to_string())?;
-
-    ctx(
-        "capabilities",
-        security::drop_capabilities(&security::default_capabilities()),
-    )?;
-    ctx("no_new_privs", security::set_no_new_privs())?;
-    if uid != 0 || gid != 0 || !groups.is_empty() {
-        let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
-        ctx("setgroups", nix::unistd::setgroups(&gids))?;
-        ctx("setgid", nix::unistd::setgid(Gid::from_raw(gid)))?;
-        ctx("setuid", nix::unistd::setuid(Uid::from_raw(uid)))?;
-    }
-    ctx("seccomp", security::install_seccomp(c.seccomp))?;
-    ctx("close descriptors", sys::cloexec_from(3))?;
-    let e = nix::unistd::execve(&program, &argv, &envp)
-        .err()
-        .map(|e| e.desc())
-        .unwrap_or("failed");
-    Err(format!(
-        "exec {}: {e}",
-        cfg.args.first().map(String::as_str).unwrap_or("")
-    ))
-}
-
-/// Finds the program like execvp, in the container's PATH.
-pub(crate) fn resolve_program(args: &[String], env: &[String]) -> Result<CString, String> {
-    let Some(prog) = args.first() else {
-        return Err("no command: the image has no entrypoint or cmd and none was given".into());
-    };
-    if prog.contains('/') {
-        return CString::new(prog.as_str()).map_err(|_| "command contains NUL".into());
-    }
-    let path = env
-        .iter()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    for dir in path.split(':').filter(|d| !d.is_empty()) {
-        let candidate = Path::new(dir).join(prog);
-        if sys::is_executable(&candidate) {
-            return CString::new(candidate.display().to_string())
-                .map_err(|_| "command contains NUL".into());
-        }
-    }
-    Err(format!("exec {prog}: executable file not found in PATH"))
+    Err(crate::workload::exec(&crate::workload::Workload {
+        user: &cfg.user,
+        cwd: &cfg.cwd,
+        create_cwd: true,
+        args: &cfg.args,
+        env: &cfg.env,
+        seccomp: c.seccomp,
+    }))
 }
 
 fn mount_proc_dev_sys(root: &OwnedFd) -> Result<(), String> {

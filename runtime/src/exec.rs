@@ -9,13 +9,12 @@
 //! process in the container (which lacks CAP_SYS_PTRACE) can open its `/proc/PID/exe` or
 //! ptrace it until it has exec'd the container's own program.
 
-use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Uid, pipe2};
+use nix::unistd::{ForkResult, pipe2};
 
 use super::cgroup;
 use super::security;
@@ -85,10 +84,7 @@ pub fn exec(
     let child = match sys::fork_single_threaded().map_err(|e| setup(format!("fork: {e}")))? {
         ForkResult::Child => {
             drop(err_read);
-            let reason = match child_setup(&config, &ns, cg.as_ref(), &seccomp, args, &env) {
-                Ok(never) => match never {},
-                Err(e) => e,
-            };
+            let reason = child_setup(&config, &ns, cg.as_ref(), &seccomp, args, &env);
             let mut f = std::fs::File::from(err_write);
             let _ = f.write_all(reason.as_bytes());
             std::process::exit(127);
@@ -112,8 +108,6 @@ pub fn exec(
     Ok(status)
 }
 
-enum Never {}
-
 fn child_setup(
     config: &ContainerConfig,
     ns: &[(OwnedFd, CloneFlags, &str)],
@@ -121,50 +115,21 @@ fn child_setup(
     seccomp: &security::SeccompProgram,
     args: &[String],
     env: &[String],
-) -> Result<Never, String> {
-    cg.add_process(std::process::id() as i32)
-        .map_err(|e| format!("join cgroup: {e}"))?;
+) -> String {
+    if let Err(e) = cg.add_process(std::process::id() as i32) {
+        return format!("join cgroup: {e}");
+    }
     for (fd, flag, name) in ns {
-        setns(fd, *flag).map_err(|e| format!("join {name} namespace: {e}"))?;
+        if let Err(e) = setns(fd, *flag) {
+            return format!("join {name} namespace: {e}");
+        }
     }
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    let (uid, gid, groups) = security::resolve_user(&config.user, &passwd, &group)
-        .map_err(|e| format!("user {:?}: {e}", config.user))?;
-    let cwd = if config.cwd.is_empty() {
-        "/"
-    } else {
-        config.cwd.as_str()
-    };
-    nix::unistd::chdir(cwd).map_err(|e| format!("working dir {cwd}: {e}"))?;
-    let program = super::init::resolve_program(args, env)?;
-    let argv: Vec<CString> = args
-        .iter()
-        .map(|a| CString::new(a.as_str()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| "argument contains NUL".to_string())?;
-    let envp: Vec<CString> = env
-        .iter()
-        .map(|a| CString::new(a.as_str()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| "environment contains NUL".to_string())?;
-    security::drop_capabilities(&security::default_capabilities())
-        .map_err(|e| format!("capabilities: {e}"))?;
-    security::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
-    if uid != 0 || gid != 0 || !groups.is_empty() {
-        let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
-        nix::unistd::setgroups(&gids).map_err(|e| format!("setgroups: {e}"))?;
-        nix::unistd::setgid(Gid::from_raw(gid)).map_err(|e| format!("setgid: {e}"))?;
-        nix::unistd::setuid(Uid::from_raw(uid)).map_err(|e| format!("setuid: {e}"))?;
-    }
-    security::install_seccomp(seccomp).map_err(|e| format!("seccomp: {e}"))?;
-    sys::cloexec_from(3).map_err(|e| format!("close descriptors: {e}"))?;
-    let e = nix::unistd::execve(&program, &argv, &envp)
-        .err()
-        .map(|e| e.desc())
-        .unwrap_or("failed");
-    Err(format!(
-        "exec {}: {e}",
-        args.first().map(String::as_str).unwrap_or("")
-    ))
+    crate::workload::exec(&crate::workload::Workload {
+        user: &config.user,
+        cwd: &config.cwd,
+        create_cwd: false,
+        args,
+        env,
+        seccomp,
+    })
 }

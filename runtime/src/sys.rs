@@ -136,19 +136,62 @@ pub fn mount_on(
     mount(source, fd_path(target).as_str(), fstype, flags, data).map_err(io::Error::from)
 }
 
+/// Whether this process runs on one thread only, the caller's. A thread that was just joined
+/// can linger in the kernel's count for a moment after `join` returns, so a count above one
+/// is read again for up to 100 ms before the answer is no.
+pub fn single_threaded() -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    loop {
+        let threads = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Threads:"))
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+            });
+        match threads {
+            Some(1) => return true,
+            Some(_) if std::time::Instant::now() < deadline => std::thread::yield_now(),
+            _ => return false,
+        }
+    }
+}
+
+fn not_single_threaded(what: &str) -> io::Error {
+    io::Error::other(format!(
+        "{what}: refused in a multi-threaded process (the child could inherit a lock another \
+         thread holds)"
+    ))
+}
+
 /// Clones a child in new namespaces running `f` on its own stack; returns its pid. The
-/// child's exit status is `f`'s return value.
-///
-/// Only called from the monitor, a single-threaded process: the child starts with a copy of
-/// a process that holds no lock another thread could have held.
+/// child's exit status is `f`'s return value. Refused unless the process is single-threaded
+/// (the monitor is): see [`clone_unchecked`].
 pub fn clone_child(
+    flags: nix::sched::CloneFlags,
+    f: Box<dyn FnMut() -> isize + '_>,
+) -> io::Result<nix::unistd::Pid> {
+    if !single_threaded() {
+        return Err(not_single_threaded("clone"));
+    }
+    // SAFETY: the process has one thread, checked just above.
+    unsafe { clone_unchecked(flags, f) }
+}
+
+/// `clone` without `CLONE_VM`, the child running `f` on a stack of its own.
+///
+/// # Safety
+/// The calling process must be single-threaded: the child starts as a copy of it, and `f`
+/// runs ordinary code (it allocates, takes locks); a lock another thread held at the clone
+/// would stay held in the child forever.
+unsafe fn clone_unchecked(
     flags: nix::sched::CloneFlags,
     f: Box<dyn FnMut() -> isize + '_>,
 ) -> io::Result<nix::unistd::Pid> {
     let mut stack = vec![0u8; 1024 * 1024];
     // SAFETY: the stack outlives the call (the child gets its own copy of the address space,
     // clone is called without CLONE_VM), SIGCHLD is delivered on the child's exit, and the
-    // caller is single-threaded (see above).
+    // caller is single-threaded (this function's contract).
     unsafe { nix::sched::clone(f, &mut stack, flags, Some(libc::SIGCHLD)) }.map_err(io::Error::from)
 }
 
@@ -259,11 +302,44 @@ pub fn lsetxattr(path: &CStr, name: &CStr, value: &[u8]) -> nix::Result<()> {
     Errno::result(rc).map(drop)
 }
 
-/// `fork()` for a single-threaded caller.
-pub fn fork_single_threaded() -> nix::Result<nix::unistd::ForkResult> {
-    // SAFETY: callers are single-threaded processes (the CLI before it starts any thread, or
-    // a re-exec'd helper), so the child cannot inherit a lock held by another thread.
-    unsafe { nix::unistd::fork() }
+/// `lgetxattr(path, name)`: the attribute's value (at most 64 KiB), of the link itself when
+/// `path` is a symlink.
+pub fn lgetxattr(path: &CStr, name: &CStr) -> nix::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: `path` and `name` are valid NUL-terminated strings and `buf` is writable for
+    // `buf.len()` bytes, all alive for the call.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(Errno::result(n)?).map_err(|_| Errno::ERANGE)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// `fork()`, refused unless the process is single-threaded (the CLI before it starts any
+/// thread, or a re-exec'd helper): see [`fork_unchecked`].
+pub fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {
+    if !single_threaded() {
+        return Err(not_single_threaded("fork"));
+    }
+    // SAFETY: the process has one thread, checked just above.
+    unsafe { fork_unchecked() }
+}
+
+/// `fork()`.
+///
+/// # Safety
+/// The calling process must be single-threaded: the child runs ordinary code before it execs
+/// (it allocates, takes locks), and a lock another thread held at the fork would stay held in
+/// the child forever.
+unsafe fn fork_unchecked() -> io::Result<nix::unistd::ForkResult> {
+    // SAFETY: the caller is single-threaded (this function's contract).
+    unsafe { nix::unistd::fork() }.map_err(io::Error::from)
 }
 
 /// TUNSETIFF: makes `file` (an open `/dev/net/tun`) the TUN interface `name`, without the
@@ -327,5 +403,162 @@ pub fn new_session_on_spawn(cmd: &mut std::process::Command) {
             nix::unistd::setsid().map_err(io::Error::from)?;
             Ok(())
         });
+    }
+}
+
+/// Test-only helpers: a child process for tests that change per-process or per-thread state,
+/// and the raw syscalls the seccomp tests probe the installed filter with (their `unsafe`
+/// lives here with the rest).
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Runs `child` in a process of its own and returns its exit code and what it wrote to
+    /// the file it is given. The process is this test binary run again with only the test
+    /// `test` (the caller: `concat!(module_path!(), "::", NAME)`), which calls this again,
+    /// finds `SKIFF_TEST_CHILD` set, runs `child` and exits with its code; nothing forks from
+    /// the multi-threaded harness. In the child, `child` runs on the harness's test thread:
+    /// per-thread state (capabilities, seccomp, no_new_privs) is read from /proc/thread-self.
+    pub fn run_in_child(
+        test: &str,
+        child: impl FnOnce(&mut std::fs::File) -> i32,
+    ) -> (i32, String) {
+        const CHILD: &str = "SKIFF_TEST_CHILD";
+        if let Some(out) = std::env::var_os(CHILD) {
+            let code = match std::fs::File::create(&out) {
+                Ok(mut f) => {
+                    let code = child(&mut f);
+                    let _ = f.sync_all();
+                    code
+                }
+                Err(_) => 100,
+            };
+            std::process::exit(code);
+        }
+        // Test names as the harness knows them have no crate prefix.
+        let name = test.split_once("::").map_or(test, |(_, rest)| rest);
+        let dir = tempfile::tempdir().expect("temp dir for the test child");
+        let out = dir.path().join("out");
+        let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([name, "--exact", "--test-threads=1", "--nocapture", "-q"])
+            .env(CHILD, &out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run the test child");
+        let code = status.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + status.signal().unwrap_or(0)
+        });
+        (code, std::fs::read_to_string(&out).unwrap_or_default())
+    }
+
+    /// Each probe makes one syscall and answers whether the kernel behaved as the default
+    /// seccomp filter should make it behave; each only affects the forked child running it.
+    pub mod probes {
+        use nix::errno::Errno;
+
+        fn fails_with(ret: libc::c_long, errno: i32) -> bool {
+            ret == -1 && Errno::last_raw() == errno
+        }
+
+        pub fn mount_refused() -> bool {
+            // SAFETY: a plain syscall with constant or null arguments, in the test child.
+            let ret = unsafe {
+                libc::mount(
+                    c"none".as_ptr(),
+                    c"/nonexistent-skiff-seccomp-test".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            fails_with(ret.into(), libc::EPERM)
+        }
+
+        pub fn unshare_refused() -> bool {
+            fails_with(
+                // SAFETY: a plain syscall with constant or null arguments, in the test child.
+                unsafe { libc::unshare(libc::CLONE_NEWNS) }.into(),
+                libc::EPERM,
+            )
+        }
+
+        /// PTRACE_PEEKUSER of pid 1, which this process does not trace: without the filter the
+        /// kernel answers ESRCH and changes nothing (PTRACE_TRACEME would make the harness the
+        /// tracer of the child's thread, which could then never be reaped by a plain wait).
+        pub fn ptrace_refused() -> bool {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            fails_with(
+                // SAFETY: a plain syscall with constant or null arguments, in the test child.
+                unsafe { libc::ptrace(libc::PTRACE_PEEKUSER, 1, null, null) },
+                libc::EPERM,
+            )
+        }
+
+        pub fn keyctl_refused() -> bool {
+            // KEYCTL_GET_KEYRING_ID of KEY_SPEC_SESSION_KEYRING, without creating it.
+            fails_with(
+                // SAFETY: a plain syscall with constant or null arguments, in the test child.
+                unsafe { libc::syscall(libc::SYS_keyctl, 0, -3, 0) },
+                libc::EPERM,
+            )
+        }
+
+        pub fn clone3_enosys() -> bool {
+            // SAFETY: a plain syscall with constant or null arguments, in the test child.
+            let ret = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) };
+            fails_with(ret, libc::ENOSYS)
+        }
+
+        pub fn clone_newuser_refused() -> bool {
+            let flags = (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong;
+            // SAFETY: a plain syscall with constant or null arguments, in the test child.
+            let ret = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
+            if ret == 0 {
+                // Not refused, and this is the new process.
+                // SAFETY: a plain syscall with constant or null arguments, in the test child.
+                unsafe { libc::_exit(0) };
+            }
+            fails_with(ret, libc::EPERM)
+        }
+
+        pub fn personality_refused() -> bool {
+            // READ_IMPLIES_EXEC
+            fails_with(
+                // SAFETY: a plain syscall with constant or null arguments, in the test child.
+                unsafe { libc::personality(0x0040_0000) }.into(),
+                libc::EPERM,
+            )
+        }
+
+        pub fn personality_query_allowed() -> bool {
+            // SAFETY: a plain syscall with constant or null arguments, in the test child.
+            (unsafe { libc::personality(0xffff_ffff) }) != -1
+        }
+
+        pub fn getpid_open_write_allowed() -> bool {
+            // SAFETY: a plain syscall with constant or null arguments, in the test child.
+            if unsafe { libc::getpid() } <= 0 {
+                return false;
+            }
+            // SAFETY: a plain syscall with constant or null arguments, in the test child.
+            let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+            // SAFETY: a plain syscall with constant or null arguments, in the test child.
+            fd >= 0 && unsafe { libc::write(fd, c"x".as_ptr().cast(), 1) } == 1
+        }
+
+        pub fn fork_allowed() -> bool {
+            // SAFETY: a plain syscall with constant or null arguments, in the test child.
+            match unsafe { libc::fork() } {
+                // SAFETY: a plain syscall with constant or null arguments, in the test child.
+                0 => unsafe { libc::_exit(7) },
+                -1 => false,
+                pid => {
+                    let mut status = 0;
+                    // SAFETY: a plain syscall with constant or null arguments, in the test child.
+                    (unsafe { libc::waitpid(pid, &mut status, 0) }) == pid
+                        && libc::WIFEXITED(status)
+                        && libc::WEXITSTATUS(status) == 7
+                }
+            }
+        }
     }
 }

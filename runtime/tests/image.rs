@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};
-use skiff_agent::runtime::image::{ImageError, ImageStore};
+use skiff_runtime::image::{ImageError, ImageStore};
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -136,19 +136,7 @@ fn set_raw_name(h: &mut tar::Header, name: &[u8]) {
 fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let cpath = CString::new(path.as_os_str().as_bytes()).ok()?;
     let cname = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 256];
-    // SAFETY: both strings are NUL-terminated and alive; `buf` is writable for `buf.len()`.
-    let n = unsafe {
-        libc::lgetxattr(
-            cpath.as_ptr(),
-            cname.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).ok()?;
-    buf.truncate(n);
-    Some(buf)
+    skiff_runtime::sys::lgetxattr(&cpath, &cname).ok()
 }
 
 fn layer_dirs(store_root: &Path) -> Result<Vec<PathBuf>> {

@@ -339,8 +339,8 @@ mod arch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::security::tests::{pipe, read_all, run_in_child};
-    use nix::errno::Errno;
+    use crate::sys::testing::probes::*;
+    use crate::sys::testing::run_in_child;
 
     const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
     const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
@@ -513,96 +513,6 @@ mod tests {
         assert_eq!(native(&p, libc::SYS_socket, libc::AF_UNIX as u64), ALLOW);
     }
 
-    fn fails_with(ret: libc::c_long, errno: i32) -> bool {
-        ret == -1 && Errno::last_raw() == errno
-    }
-
-    // SAFETY (every probe): plain syscalls with constant arguments, or null pointers the
-    // kernel checks; each only affects the forked child that runs it.
-    fn mount_refused() -> bool {
-        let ret = unsafe {
-            libc::mount(
-                c"none".as_ptr(),
-                c"/nonexistent-skiff-seccomp-test".as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        fails_with(ret.into(), libc::EPERM)
-    }
-
-    fn unshare_refused() -> bool {
-        fails_with(
-            unsafe { libc::unshare(libc::CLONE_NEWNS) }.into(),
-            libc::EPERM,
-        )
-    }
-
-    fn ptrace_refused() -> bool {
-        let null = std::ptr::null_mut::<libc::c_void>();
-        fails_with(
-            unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, null, 0) },
-            libc::EPERM,
-        )
-    }
-
-    fn keyctl_refused() -> bool {
-        // KEYCTL_GET_KEYRING_ID of KEY_SPEC_SESSION_KEYRING, without creating it.
-        fails_with(
-            unsafe { libc::syscall(libc::SYS_keyctl, 0, -3, 0) },
-            libc::EPERM,
-        )
-    }
-
-    fn clone3_enosys() -> bool {
-        let ret = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) };
-        fails_with(ret, libc::ENOSYS)
-    }
-
-    fn clone_newuser_refused() -> bool {
-        let flags = (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong;
-        let ret = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
-        if ret == 0 {
-            // Not refused, and this is the new process.
-            unsafe { libc::_exit(0) };
-        }
-        fails_with(ret, libc::EPERM)
-    }
-
-    fn personality_refused() -> bool {
-        // READ_IMPLIES_EXEC
-        fails_with(
-            unsafe { libc::personality(0x0040_0000) }.into(),
-            libc::EPERM,
-        )
-    }
-
-    fn personality_query_allowed() -> bool {
-        (unsafe { libc::personality(0xffff_ffff) }) != -1
-    }
-
-    fn getpid_open_write_allowed() -> bool {
-        if unsafe { libc::getpid() } <= 0 {
-            return false;
-        }
-        let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        fd >= 0 && unsafe { libc::write(fd, c"x".as_ptr().cast(), 1) } == 1
-    }
-
-    fn fork_allowed() -> bool {
-        match unsafe { libc::fork() } {
-            0 => unsafe { libc::_exit(7) },
-            -1 => false,
-            pid => {
-                let mut status = 0;
-                (unsafe { libc::waitpid(pid, &mut status, 0) }) == pid
-                    && libc::WIFEXITED(status)
-                    && libc::WEXITSTATUS(status) == 7
-            }
-        }
-    }
-
     /// Each probe answers whether the kernel behaved as the filter should make it behave.
     type Probe = (&'static str, fn() -> bool);
 
@@ -622,15 +532,13 @@ mod tests {
         ("personality(0xffffffff) allowed", personality_query_allowed),
         ("getpid, open and write allowed", getpid_open_write_allowed),
         ("fork allowed", fork_allowed),
-        // Last: unfiltered, it makes the test process the tracer, and any later signal (the
-        // SIGCHLD of the fork above) would stop the child.
-        ("ptrace(PTRACE_TRACEME) refused with EPERM", ptrace_refused),
+        ("ptrace(PTRACE_PEEKUSER) refused with EPERM", ptrace_refused),
     ];
 
-    /// Runs every probe in a forked child, under `program` if given.
-    fn probe(program: Option<&SeccompProgram>) -> Vec<(&'static str, bool)> {
-        let (r, w) = pipe();
-        let code = run_in_child(|| {
+    /// Runs every probe in a child process (the test `test`), under `program` if given.
+    fn probe(test: &str, program: Option<&SeccompProgram>) -> Vec<(&'static str, bool)> {
+        let (code, answers) = run_in_child(test, |out| {
+            use std::io::Write as _;
             if let Some(p) = program
                 && install_seccomp(p).is_err()
             {
@@ -638,14 +546,12 @@ mod tests {
             }
             for (_, probe) in PROBES {
                 let answer = if probe() { b"1" } else { b"0" };
-                if nix::unistd::write(&w, answer) != Ok(1) {
+                if out.write_all(answer).is_err() {
                     return 3;
                 }
             }
             0
         });
-        drop(w);
-        let answers = read_all(r);
         assert_eq!(code, 0, "probe child failed (2: install_seccomp, 3: write)");
         assert_eq!(answers.len(), PROBES.len(), "{answers}");
         PROBES
@@ -659,7 +565,8 @@ mod tests {
     #[test]
     fn installed_filter_denies_and_allows() {
         let p = program();
-        let failed: Vec<_> = probe(Some(&p))
+        let test = concat!(module_path!(), "::installed_filter_denies_and_allows");
+        let failed: Vec<_> = probe(test, Some(&p))
             .into_iter()
             .filter(|(_, ok)| !ok)
             .map(|(name, _)| name)
@@ -671,7 +578,11 @@ mod tests {
     /// so they are not passing by accident.
     #[test]
     fn probes_see_the_difference_without_the_filter() {
-        let answers = probe(None);
+        let test = concat!(
+            module_path!(),
+            "::probes_see_the_difference_without_the_filter"
+        );
+        let answers = probe(test, None);
         let answer = |name: &str| {
             answers
                 .iter()

@@ -443,6 +443,10 @@ fn reap(pid: Pid) -> Option<ExitInfo> {
 
 /// Creates a network namespace with only loopback, up, and binds it at `path`, so it
 /// outlives its processes and the network layer can plumb it.
+///
+/// The namespace is made on a thread of its own (namespaces are per thread, and a thread that
+/// unshares its network touches nothing the process's other threads use), so this is safe to
+/// call from the multi-threaded agent: nothing forks.
 pub fn create_netns(path: &Path) -> Result<(), String> {
     if path.exists() && is_mountpoint(path) {
         return Ok(());
@@ -451,33 +455,24 @@ pub fn create_netns(path: &Path) -> Result<(), String> {
     std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
     std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
     let target = path.to_path_buf();
-    let child = move || -> isize {
-        if nix::sched::unshare(CloneFlags::CLONE_NEWNET).is_err() || sys::loopback_up().is_err() {
-            return 1;
-        }
-        match nix::mount::mount(
-            Some("/proc/self/ns/net"),
+    let made = std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
+        sys::loopback_up().map_err(|e| format!("loopback: {e}"))?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
             &target,
             None::<&str>,
             nix::mount::MsFlags::MS_BIND,
             None::<&str>,
-        ) {
-            Ok(()) => 0,
-            Err(_) => 2,
-        }
-    };
-    let pid = sys::clone_child(CloneFlags::empty(), Box::new(child))
-        .map_err(|e| format!("netns: {e}"))?;
-    match waitpid(pid, None) {
-        Ok(WaitStatus::Exited(_, 0)) => Ok(()),
-        other => {
-            let _ = std::fs::remove_file(path);
-            Err(format!(
-                "creating network namespace {}: {other:?}",
-                path.display()
-            ))
-        }
-    }
+        )
+        .map_err(|e| format!("bind mount: {e}"))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the namespace thread panicked".into()));
+    made.map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        format!("creating network namespace {}: {e}", path.display())
+    })
 }
 
 fn is_mountpoint(path: &Path) -> bool {

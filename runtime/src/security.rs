@@ -7,7 +7,7 @@
 //! container init just before it execs the workload, after `pivot_root`. The seccomp program is
 //! compiled up front by the parent; the init only installs it.
 //!
-//! **Invariant:** no `unsafe` outside the tests; the raw calls go through `caps`, `nix` and
+//! **Invariant:** no `unsafe` here; the raw calls go through `caps`, `nix` and
 //! `seccompiler`.
 
 mod seccomp;
@@ -127,7 +127,8 @@ pub fn cap_mask(caps: &[Capability]) -> u64 {
 /// CVE-2022-24769: a non-empty one would hand a non-root workload the file-inheritable
 /// capabilities of any program it execs.
 ///
-/// Afterwards the bounding set is read back from `/proc/self/status` (when /proc is mounted)
+/// Afterwards the bounding set is read back from `/proc/thread-self/status` (when /proc is
+/// mounted; capabilities are per thread)
 /// and any capability left over, such as one the kernel knows and this build does not, is an
 /// error rather than a silent leak.
 pub fn drop_capabilities(keep: &[Capability]) -> Result<(), SecurityError> {
@@ -162,10 +163,10 @@ pub fn drop_capabilities(keep: &[Capability]) -> Result<(), SecurityError> {
     Ok(())
 }
 
-/// Reads a hexadecimal capability mask (`CapBnd:` and the like) from `/proc/self/status`;
-/// `None` when /proc is not there or the line is missing.
+/// Reads a hexadecimal capability mask (`CapBnd:` and the like) of the calling thread from
+/// `/proc/thread-self/status`; `None` when /proc is not there or the line is missing.
 fn read_status_mask(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
     status_mask(&status, field)
 }
 
@@ -189,31 +190,8 @@ pub fn set_nofile(limit: u64) -> Result<(), SecurityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::wait::{WaitStatus, waitpid};
-    use nix::unistd::{ForkResult, fork};
+    use crate::sys::testing::run_in_child;
     use std::ffi::CString;
-    use std::io::Read;
-    use std::os::fd::OwnedFd;
-
-    /// Runs `child` in a forked process and returns its exit code. The test harness is
-    /// multi-threaded, so `child` must stick to plain syscalls (glibc keeps malloc usable
-    /// after fork, so the little allocation `caps` does is fine).
-    pub(super) fn run_in_child(child: impl FnOnce() -> i32) -> i32 {
-        // SAFETY: the child runs only `child` and then `_exit`s; it never returns into the
-        // harness, and nothing it runs waits on a lock another harness thread could hold.
-        match unsafe { fork() }.expect("fork") {
-            ForkResult::Child => {
-                let code =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101);
-                // SAFETY: ends the forked child without running the harness's atexit handlers.
-                unsafe { libc::_exit(code) }
-            }
-            ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
-                WaitStatus::Exited(_, code) => code,
-                other => panic!("test child ended with {other:?}"),
-            },
-        }
-    }
 
     pub(super) fn is_root() -> bool {
         if nix::unistd::geteuid().is_root() {
@@ -223,36 +201,11 @@ mod tests {
         false
     }
 
-    /// A close-on-exec pipe, so that children other tests fork do not keep it open.
-    pub(super) fn pipe() -> (OwnedFd, OwnedFd) {
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
-    }
-
-    pub(super) fn read_all(fd: OwnedFd) -> String {
-        let mut out = String::new();
-        std::fs::File::from(fd)
-            .read_to_string(&mut out)
-            .expect("read from the test child");
-        out
-    }
-
-    /// Copies `path` into `fd` through a stack buffer; false on any failure.
-    fn copy_file_to(path: &str, fd: &OwnedFd) -> bool {
-        let Ok(mut file) = std::fs::File::open(path) else {
-            return false;
-        };
-        let mut buf = [0u8; 4096];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) => return true,
-                Ok(n) => {
-                    if nix::unistd::write(fd, &buf[..n]) != Ok(n) {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
+    /// Copies this thread's /proc status into `out`; false on any failure.
+    fn copy_status_to(out: &mut std::fs::File) -> bool {
+        std::fs::File::open("/proc/thread-self/status")
+            .and_then(|mut f| std::io::copy(&mut f, out))
+            .is_ok()
     }
 
     fn mask_of(status: &str, field: &str) -> u64 {
@@ -292,18 +245,16 @@ mod tests {
             return;
         }
         let keep = default_capabilities();
-        let (r, w) = pipe();
-        let code = run_in_child(|| {
+        let test = concat!(module_path!(), "::drop_capabilities_leaves_the_default_set");
+        let (code, status) = run_in_child(test, |out| {
             if drop_capabilities(&keep).is_err() {
                 return 2;
             }
-            if !copy_file_to("/proc/self/status", &w) {
+            if !copy_status_to(out) {
                 return 3;
             }
             0
         });
-        drop(w);
-        let status = read_all(r);
         assert_eq!(
             code, 0,
             "child failed (2: drop_capabilities, 3: read status)"
@@ -321,18 +272,16 @@ mod tests {
         if !is_root() {
             return;
         }
-        let (r, w) = pipe();
-        let code = run_in_child(|| {
+        let test = concat!(module_path!(), "::drop_capabilities_to_nothing");
+        let (code, status) = run_in_child(test, |out| {
             if drop_capabilities(&[]).is_err() {
                 return 2;
             }
-            if !copy_file_to("/proc/self/status", &w) {
+            if !copy_status_to(out) {
                 return 3;
             }
             0
         });
-        drop(w);
-        let status = read_all(r);
         assert_eq!(
             code, 0,
             "child failed (2: drop_capabilities, 3: read status)"
@@ -344,7 +293,8 @@ mod tests {
 
     #[test]
     fn set_nofile_sets_soft_and_hard() {
-        let code = run_in_child(|| {
+        let test = concat!(module_path!(), "::set_nofile_sets_soft_and_hard");
+        let (code, _) = run_in_child(test, |_| {
             if set_nofile(512).is_err() {
                 return 2;
             }
@@ -359,7 +309,8 @@ mod tests {
     #[test]
     fn set_nofile_names_the_limit_on_failure() {
         // Above fs.nr_open: refused even for root.
-        let code = run_in_child(|| match set_nofile(u64::MAX - 1) {
+        let test = concat!(module_path!(), "::set_nofile_names_the_limit_on_failure");
+        let (code, _) = run_in_child(test, |_| match set_nofile(u64::MAX - 1) {
             Err(e @ SecurityError::Nofile { .. }) => {
                 if e.to_string()
                     .starts_with("set RLIMIT_NOFILE to 18446744073709551614: ")
@@ -389,8 +340,8 @@ mod tests {
         let cat = CString::new("/bin/cat").expect("cstring");
         let argv = ["cat", "/proc/self/status", "/proc/self/limits"]
             .map(|a| CString::new(a).expect("cstring"));
-        let (r, w) = pipe();
-        let code = run_in_child(|| {
+        let test = concat!(module_path!(), "::security_settings_survive_exec");
+        let (code, out) = run_in_child(test, |out| {
             if set_nofile(1024).is_err() {
                 return 2;
             }
@@ -404,14 +355,12 @@ mod tests {
                 return 5;
             }
             // The copy on fd 1 is not close-on-exec.
-            if nix::unistd::dup2_stdout(&w).is_err() {
+            if nix::unistd::dup2_stdout(&*out).is_err() {
                 return 6;
             }
             let _ = nix::unistd::execv(&cat, &argv);
             7
         });
-        drop(w);
-        let out = read_all(r);
         assert_eq!(
             code, 0,
             "child failed (2: nofile, 3: caps, 4: no_new_privs, 5: seccomp, 6: dup2, 7: exec)"
