@@ -333,7 +333,9 @@ fn fmt_duration(d: Duration) -> String {
 }
 
 fn validate_update(spec: &JobSpec) -> Result<(), SpecError> {
-    let u = &spec.update;
+    let Some(u) = &spec.update else {
+        return Ok(());
+    };
     if u.max_surge == 0 && u.max_unavailable == 0 {
         return Err(err(
             "update.max_surge",
