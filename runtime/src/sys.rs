@@ -1,7 +1,9 @@
-//! The agent's syscall layer: the few calls nix does not wrap safely (openat2, clone,
-//! close_range, interface ioctls including TUNSETIFF, forced socket buffer sizes, setsid
-//! between fork and exec). Every `unsafe` block of the agent lives here, each with
-//! its `// SAFETY:` reasoning.
+//! The syscall layer: the few calls nix does not wrap safely (openat2, clone and fork,
+//! close_range, interface ioctls including TUNSETIFF, xattrs, forced socket buffer sizes,
+//! setsid between fork and exec). Every `unsafe` block of the workspace lives here, tests
+//! included, each with its `// SAFETY:` reasoning. A call whose safety depends on its caller
+//! (fork, clone: "the process is single-threaded") is a private `unsafe fn` with that contract
+//! written on it, behind a public function that checks the contract before calling it.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -139,7 +141,7 @@ pub fn mount_on(
 /// Whether this process runs on one thread only, the caller's. A thread that was just joined
 /// can linger in the kernel's count for a moment after `join` returns, so a count above one
 /// is read again for up to 100 ms before the answer is no.
-pub fn single_threaded() -> bool {
+fn single_threaded() -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
     loop {
         let threads = std::fs::read_to_string("/proc/self/status")
@@ -240,15 +242,6 @@ pub fn loopback_up() -> io::Result<()> {
 pub fn set_non_dumpable() -> io::Result<()> {
     // SAFETY: PR_SET_DUMPABLE takes an integer argument only.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Asks the kernel to SIGKILL this process when its parent dies.
-pub fn die_with_parent() -> io::Result<()> {
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number only.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
