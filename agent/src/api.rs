@@ -70,10 +70,9 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>
 fn chunk(r: &logs::Record) -> pb::LogChunk {
     pb::LogChunk {
         stream: match r.stream {
-            logs::Stream::Stdout => "stdout",
-            logs::Stream::Stderr => "stderr",
-        }
-        .into(),
+            logs::Stream::Stdout => pb::LogStream::Stdout,
+            logs::Stream::Stderr => pb::LogStream::Stderr,
+        } as i32,
         text: r.text.clone(),
         partial: r.partial,
     }

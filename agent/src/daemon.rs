@@ -2,38 +2,36 @@
 //! observes of its allocations, watches what it should run (a server stream), and reconciles
 //! the containers on this host to it.
 //!
-//! Containers are named by allocation id; anything else on the host (containers started by
-//! hand) is left alone. Containers outlive the agent (each has its monitor): a restarted agent
-//! finds them by name and adopts them instead of starting them again. Until the first
-//! assignment arrives from a controller, nothing is stopped.
+//! The reconciler ([`crate::reconcile`]) runs the containers: its own are labelled with their
+//! allocation, anything else on the host (containers started by hand) is left alone.
+//! Containers outlive the agent (each has its monitor): a restarted agent finds them by label
+//! and adopts them instead of starting them again. Until the first assignment arrives from a
+//! controller, nothing is stopped.
 //!
 //! The network ([`crate::net`]) comes up before registering (the registration carries the
 //! node's WireGuard key and endpoint); the pod subnet in the answer configures the bridge; the
 //! other nodes arrive with every assignment and become WireGuard peers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use skiff_common::JobSpec;
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::nodes_client::NodesClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
-use crate::net::{Key, Network, Peer};
-use skiff_runtime::cgroup::Limits;
-use skiff_runtime::container::{RunOptions, Runtime};
-use skiff_runtime::image::{PullPolicy, RegistryOptions};
-use skiff_runtime::store::{RestartPolicy, Status};
+use crate::contract::{self, Assigned};
+use crate::net::Network;
+use crate::reconcile::{self, Failures};
+use skiff_runtime::container::Runtime;
+use skiff_runtime::image::RegistryOptions;
 
 /// The metadata key the controllers put the leader's address in (see the Nodes API).
 const LEADER_METADATA: &str = "x-skiff-leader";
-/// How long a failed start waits before it is tried again.
-const START_RETRY: Duration = Duration::from_secs(5);
 
 /// What the daemon needs to know.
 #[derive(Clone, Debug)]
@@ -58,15 +56,6 @@ pub struct DaemonConfig {
     pub dns_upstreams: Vec<String>,
 }
 
-/// One assigned allocation, as the controllers sent it.
-#[derive(Clone, Debug, PartialEq)]
-struct Assigned {
-    id: String,
-    namespace: String,
-    job: String,
-    spec: JobSpec,
-}
-
 /// The node's DNS server: the zone it answers from (kept when the controllers are away) and
 /// whether it is listening yet (it binds the bridge address, known after registering).
 struct Dns {
@@ -88,11 +77,6 @@ impl Dns {
             }
         });
     }
-}
-
-/// Whether a container name is an allocation id (16 lowercase hex digits).
-fn is_alloc_id(name: &str) -> bool {
-    name.len() == 16 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Runs the daemon until the process is told to stop (SIGINT/SIGTERM). Containers keep
@@ -279,7 +263,7 @@ async fn session(
         wireguard: Some(pb::WireguardIdentity {
             public_key: network.public_key().to_base64(),
             endpoint: network.endpoint().to_string(),
-            backend: network.backend().as_str().to_owned(),
+            backend: contract::backend(network.backend()) as i32,
         }),
     };
     let registered = client
@@ -327,20 +311,13 @@ async fn session(
             .await?
             .into_inner();
         while let Some(msg) = stream.message().await? {
-            let mut set = Vec::new();
-            for a in msg.allocations {
-                match serde_json::from_str::<JobSpec>(&a.spec_json) {
-                    Ok(spec) => set.push(Assigned {
-                        id: a.id,
-                        namespace: a.namespace,
-                        job: a.job,
-                        spec,
-                    }),
-                    Err(e) => warn!(alloc = %a.id, error = %e, "unreadable job spec; skipped"),
-                }
-            }
+            let set: Vec<Assigned> = msg
+                .allocations
+                .into_iter()
+                .map(contract::assigned)
+                .collect();
             debug!(count = set.len(), index = msg.index, "assignment");
-            let peers = overlay_peers(&msg.peers);
+            let peers = contract::overlay_peers(&msg.peers);
             let n = net.clone();
             match tokio::task::spawn_blocking(move || n.set_peers(peers)).await {
                 Ok(Ok(())) => {}
@@ -411,7 +388,7 @@ async fn reconcile_loop(
     mut desired: watch::Receiver<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) {
-    let failures: Arc<Mutex<HashMap<String, (Instant, String)>>> = Arc::default();
+    let failures: Arc<Failures> = Arc::default();
     loop {
         let want = desired.borrow_and_update().clone();
         // The tunnel process is supervised here: restarted and reconfigured if it died.
@@ -425,8 +402,8 @@ async fn reconcile_loop(
             let (rt, f, c) = (runtime.clone(), failures.clone(), checker.clone());
             let dns = network.subnet().map(|s| s.gateway());
             match tokio::task::spawn_blocking(move || {
-                let mut reports = reconcile_once(&rt, &want, &f, dns);
-                health_checks(&rt, &want, &c, &mut reports);
+                let mut reports = reconcile::reconcile_once(rt.as_ref(), &want, &f, dns);
+                reconcile::health_checks(rt.as_ref(), &want, &c, &mut reports);
                 reports
             })
             .await
@@ -444,226 +421,6 @@ async fn reconcile_loop(
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
-}
-
-/// One pass: start what is assigned and missing, stop what is no longer assigned; returns the
-/// reports of every assigned allocation.
-fn reconcile_once(
-    rt: &Runtime,
-    want: &[Assigned],
-    failures: &Mutex<HashMap<String, (Instant, String)>>,
-    dns: Option<std::net::Ipv4Addr>,
-) -> Vec<pb::AllocationReport> {
-    let existing = match rt.store().list() {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(error = %e, "cannot list containers");
-            return Vec::new();
-        }
-    };
-    let by_name: HashMap<&str, _> = existing
-        .iter()
-        .map(|(c, s)| (c.name.as_str(), (c, s)))
-        .collect();
-    let wanted: HashMap<&str, &Assigned> = want.iter().map(|a| (a.id.as_str(), a)).collect();
-
-    // Stop and remove what is ours and no longer assigned, all at once (each may wait out
-    // its grace period); their last state is reported once more.
-    let stopped: Mutex<Vec<pb::AllocationReport>> = Mutex::default();
-    let stopped_ref = &stopped;
-    std::thread::scope(|scope| {
-        for (c, s) in &existing {
-            if !is_alloc_id(&c.name) || wanted.contains_key(c.name.as_str()) {
-                continue;
-            }
-            scope.spawn(move || {
-                let grace = Duration::from_millis(c.stop_grace_ms);
-                info!(alloc = %c.name, "stopping: no longer assigned");
-                let last = if matches!(
-                    s.status,
-                    Status::Running | Status::Restarting | Status::Created
-                ) {
-                    rt.stop(&c.id, grace).unwrap_or_else(|e| {
-                        warn!(alloc = %c.name, error = %e, "stop failed");
-                        s.clone()
-                    })
-                } else {
-                    s.clone()
-                };
-                stopped_ref
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(report(&c.name, &last));
-                if let Err(e) = rt.remove(&c.id, true) {
-                    warn!(alloc = %c.name, error = %e, "remove failed");
-                }
-            });
-        }
-    });
-
-    let mut failures = failures
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    failures.retain(|id, _| wanted.contains_key(id.as_str()));
-    let mut out = stopped
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for a in want {
-        if let Some((c, s)) = by_name.get(a.id.as_str()) {
-            let mut r = report(&a.id, s);
-            r.ip = rt
-                .address(&c.id)
-                .map(|ip| ip.to_string())
-                .unwrap_or_default();
-            out.push(r);
-            continue;
-        }
-        if let Some((at, reason)) = failures.get(&a.id)
-            && at.elapsed() < START_RETRY
-        {
-            out.push(failed(&a.id, reason));
-            continue;
-        }
-        match start(rt, a, dns) {
-            Ok(container) => {
-                failures.remove(&a.id);
-                out.push(pb::AllocationReport {
-                    id: a.id.clone(),
-                    state: "running".into(),
-                    ip: rt
-                        .address(&container)
-                        .map(|ip| ip.to_string())
-                        .unwrap_or_default(),
-                    ..Default::default()
-                });
-            }
-            Err(e) => {
-                let reason = format!("{e:#}");
-                warn!(alloc = %a.id, job = %format!("{}/{}", a.namespace, a.job), error = %reason, "start failed");
-                out.push(failed(&a.id, &reason));
-                failures.insert(a.id.clone(), (Instant::now(), reason));
-            }
-        }
-    }
-    out
-}
-
-/// Keeps one health check per running allocation whose job has one, and puts each verdict in
-/// its allocation's report.
-fn health_checks(
-    rt: &Runtime,
-    want: &[Assigned],
-    checker: &crate::health::Checker,
-    reports: &mut [pb::AllocationReport],
-) {
-    let containers: HashMap<String, (String, Status)> = rt
-        .store()
-        .list()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(c, s)| (c.name, (c.id, s.status)))
-        .collect();
-    let mut checks = HashMap::new();
-    for a in want {
-        let Some(check) = a.spec.service.as_ref().and_then(|s| s.check.clone()) else {
-            continue;
-        };
-        let Some((container, Status::Running)) = containers.get(&a.id) else {
-            continue;
-        };
-        let ip = rt.address(container);
-        if let Some(probe) =
-            crate::health::Probe::new(&a.spec, &check, rt.data_dir(), container, ip)
-        {
-            checks.insert(a.id.clone(), (check, probe));
-        }
-    }
-    checker.set(checks);
-    for r in reports.iter_mut() {
-        if r.state != "running" {
-            continue;
-        }
-        if let Some(v) = checker.verdict(&r.id) {
-            r.health = v.health.as_str().to_owned();
-            r.health_output = v.output;
-        }
-    }
-}
-
-fn failed(id: &str, reason: &str) -> pb::AllocationReport {
-    pb::AllocationReport {
-        id: id.to_owned(),
-        state: "failed".into(),
-        reason: reason.to_owned(),
-        ..Default::default()
-    }
-}
-
-fn report(id: &str, s: &skiff_runtime::store::State) -> pb::AllocationReport {
-    let (state, exit_code, reason) = match s.status {
-        Status::Running | Status::Restarting => ("running", 0, String::new()),
-        Status::Created => ("pending", 0, String::new()),
-        Status::Exited => match (&s.exit, &s.error) {
-            (_, Some(err)) => ("failed", 0, err.clone()),
-            (Some(e), None) if e.code == Some(0) => ("exited", 0, String::new()),
-            (Some(e), None) => ("failed", e.status_code(), e.describe()),
-            (None, None) => ("failed", 0, "exited".into()),
-        },
-        Status::Failed => (
-            "failed",
-            0,
-            s.error.clone().unwrap_or_else(|| "failed to start".into()),
-        ),
-    };
-    pb::AllocationReport {
-        id: id.to_owned(),
-        state: state.into(),
-        exit_code,
-        reason,
-        restarts: s.restarts,
-        ..Default::default()
-    }
-}
-
-/// Starts the allocation's container (pulling its image if missing), detached. Returns the
-/// container's id.
-fn start(rt: &Runtime, a: &Assigned, dns: Option<std::net::Ipv4Addr>) -> anyhow::Result<String> {
-    let spec = &a.spec;
-    let opts = RunOptions {
-        image: spec.image.clone(),
-        name: Some(a.id.clone()),
-        cmd: spec.args.clone(),
-        entrypoint: (!spec.command.is_empty()).then(|| spec.command.clone()),
-        env: spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        hostname: None,
-        user: None,
-        cwd: None,
-        limits: Limits {
-            cpu: Some(spec.resources.cpu),
-            memory: Some(spec.resources.memory.as_u64()),
-            pids: Some(u64::from(spec.resources.pids)),
-        },
-        restart: match spec.restart {
-            skiff_common::spec::RestartPolicy::Never => RestartPolicy::Never,
-            skiff_common::spec::RestartPolicy::OnFailure => RestartPolicy::OnFailure,
-            skiff_common::spec::RestartPolicy::Always => RestartPolicy::Always,
-        },
-        stop_signal: skiff_common::spec::signal_number(&spec.stop_signal),
-        stop_grace: Some(spec.stop_grace),
-        pull: PullPolicy::Missing,
-        resolv_conf: dns.map(|server| crate::dns::resolv_conf(server, &a.namespace)),
-    };
-    let (id, mut monitor) = rt.run(&opts)?;
-    info!(alloc = %a.id, container = %id, image = %spec.image, "started");
-    // The monitor is our child until we exit: reap it when it ends.
-    std::thread::spawn(move || {
-        let _ = monitor.wait();
-    });
-    Ok(id)
 }
 
 /// Sets up the bridge for the subnet the controllers gave this node, then frees addresses of
@@ -698,31 +455,11 @@ async fn configure_network(
     .map_err(|e| SessionEnd::Failed(format!("network: {e}")))
 }
 
-/// The other nodes as WireGuard peers; entries that do not parse are skipped with a warning.
-fn overlay_peers(list: &[pb::OverlayPeer]) -> Vec<Peer> {
-    list.iter()
-        .filter_map(|p| {
-            let parsed = (|| {
-                Some(Peer {
-                    node: p.node.clone(),
-                    public_key: Key::from_base64(&p.public_key)?,
-                    endpoint: p.endpoint.parse().ok()?,
-                    subnet: p.subnet.parse().ok()?,
-                })
-            })();
-            if parsed.is_none() {
-                warn!(node = %p.node, "unusable overlay peer (key, endpoint or subnet); skipped");
-            }
-            parsed
-        })
-        .collect()
-}
-
 /// The device state for the heartbeat (the last read, refreshed every reconcile pass).
 fn wireguard_status(network: &Network) -> Option<pb::WireguardStatus> {
     let (status, peers) = network.status()?;
     Some(pb::WireguardStatus {
-        backend: network.backend().as_str().to_owned(),
+        backend: contract::backend(network.backend()) as i32,
         public_key: network.public_key().to_base64(),
         listen_port: u32::from(status.listen_port),
         peers: status

@@ -68,7 +68,11 @@ impl Zone {
                 z.a.insert(host, vec![*ip]);
             }
             for p in &s.ports {
-                let name = format!("_{}._{}.{base}", p.name, p.protocol).to_ascii_lowercase();
+                let proto = match pb::Protocol::try_from(p.protocol) {
+                    Ok(pb::Protocol::Udp) => "udp",
+                    _ => "tcp",
+                };
+                let name = format!("_{}._{proto}.{base}", p.name).to_ascii_lowercase();
                 z.add_name(&name);
                 let targets = ready
                     .iter()
@@ -561,7 +565,7 @@ mod tests {
             allocation: (*alloc).into(),
             node: "a1".into(),
             ip: (*ip).into(),
-            health: String::new(),
+            health: 0,
             health_output: String::new(),
             ready,
         };
@@ -573,7 +577,7 @@ mod tests {
             ports: vec![pb::ServicePort {
                 name: "http".into(),
                 port: 8080,
-                protocol: "tcp".into(),
+                protocol: pb::Protocol::Tcp as i32,
             }],
             tags: vec![],
             endpoints: ready

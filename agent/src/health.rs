@@ -1,4 +1,4 @@
-//! Health checks of running allocations, as their job's `service.check` says: tcp (a connection
+//! Health checks of running allocations, as their task's check says: tcp (a connection
 //! opens), http (a GET answers the expected status) or exec (a command in the container exits
 //! 0), every `interval`, each probe bounded by `timeout`; `healthy_threshold` passes in a row
 //! make an allocation healthy, `unhealthy_threshold` failures in a row unhealthy. Until the
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use skiff_common::spec::{Check, CheckKind, JobSpec};
+use crate::contract::{Check, CheckKind};
 
 /// What is known of an allocation's health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,22 +57,14 @@ pub enum Probe {
 }
 
 impl Probe {
-    /// The probe for `check` of a container (its id, netns and address) in `spec`; `None` when
-    /// the check names a port the spec does not have (parse-time validation prevents it).
-    pub fn new(
-        spec: &JobSpec,
-        check: &Check,
-        data_dir: &Path,
-        container: &str,
-        ip: Option<IpAddr>,
-    ) -> Option<Probe> {
+    /// The probe for `check` of a container (its id, netns and address).
+    pub fn new(check: &Check, data_dir: &Path, container: &str, ip: Option<IpAddr>) -> Probe {
         let netns = skiff_runtime::monitor::netns_path(data_dir, container);
         let ip = ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let port_of = |name: &str| spec.ports.iter().find(|p| p.name == name).map(|p| p.port);
-        Some(match &check.kind {
+        match &check.kind {
             CheckKind::Tcp { port } => Probe::Tcp {
                 netns,
-                addr: SocketAddr::new(ip, port_of(port)?),
+                addr: SocketAddr::new(ip, *port),
             },
             CheckKind::Http {
                 path,
@@ -80,7 +72,7 @@ impl Probe {
                 expected_status,
             } => Probe::Http {
                 netns,
-                addr: SocketAddr::new(ip, port_of(port.as_deref()?)?),
+                addr: SocketAddr::new(ip, *port),
                 path: path.clone(),
                 expected: *expected_status,
             },
@@ -89,7 +81,7 @@ impl Probe {
                 container: container.to_owned(),
                 command: command.clone(),
             },
-        })
+        }
     }
 
     /// Runs the probe once: `Ok(output)` on a pass, `Err(why)` on a failure.

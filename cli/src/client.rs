@@ -1,4 +1,6 @@
-//! Reaching the controllers: each address in turn until one answers.
+//! Reaching the controllers: each address in turn until one answers. Every call goes through
+//! [`rpc!`]: `rpc!(ctl, jobs, apply_job, request)` calls `Jobs.ApplyJob` on the first controller
+//! that answers.
 
 use std::future::Future;
 use std::time::Duration;
@@ -92,3 +94,18 @@ impl Controllers {
         self.call(NodesClient::new, f).await
     }
 }
+
+/// One RPC on the first controller that answers: `rpc!(ctl, jobs, list_jobs, request)` (the
+/// service accessor of [`Controllers`], the client method, the request). Evaluates to
+/// `anyhow::Result` of the response message.
+macro_rules! rpc {
+    ($ctl:expr, $service:ident, $method:ident, $req:expr) => {{
+        let req = $req;
+        $ctl.$service(move |mut c| {
+            let r = req.clone();
+            async move { c.$method(r).await }
+        })
+        .await
+    }};
+}
+pub(crate) use rpc;

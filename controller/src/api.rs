@@ -3,9 +3,11 @@
 //! reads here; this is the one place that maps errors to `tonic::Status`.
 
 mod cluster;
+pub mod convert;
 mod http;
 mod jobs;
 mod nodes;
+mod published;
 mod services;
 
 use std::future::Future;

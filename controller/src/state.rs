@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use skiff_common::{FieldChange, JobSpec, diff_specs};
 
 pub use model::{
-    Allocation, AllocationStatus, DesiredStatus, Job, JobStatus, JobVersion, Node, NodeResources,
-    NodeStatus, WireguardIdentity,
+    Allocation, AllocationStatus, DesiredStatus, Health, Job, JobStatus, JobVersion, Node,
+    NodeResources, NodeStatus, WireguardBackend, WireguardIdentity,
 };
 
 /// A change to the cluster state, replicated through the Raft log.
@@ -90,7 +90,7 @@ pub struct AllocationReport {
     pub ip: Option<String>,
     /// Its health check's verdict, when it has one.
     #[serde(default)]
-    pub health: Option<String>,
+    pub health: Option<Health>,
     #[serde(default)]
     pub health_output: String,
 }
@@ -387,7 +387,7 @@ impl ClusterState {
                                 alloc.ip = r.ip.clone();
                             }
                             if r.health.is_some() {
-                                alloc.health = r.health.clone();
+                                alloc.health = r.health;
                                 alloc.health_output = r.health_output.clone();
                             }
                             count += 1;

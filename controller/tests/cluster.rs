@@ -302,7 +302,10 @@ async fn t10_election_and_writes_through_any_member() {
         .await
         .expect("stop")
         .into_inner();
-    assert_eq!(stopped.job.expect("job").status, "stopped");
+    assert_eq!(
+        stopped.job.expect("job").status,
+        pb::JobStatus::Stopped as i32
+    );
     c.shutdown().await;
 }
 
@@ -320,7 +323,7 @@ async fn t20_add_and_remove_member() {
         members
             .members
             .iter()
-            .filter(|m| m.role == "leader")
+            .filter(|m| m.role == pb::MemberRole::Leader as i32)
             .count(),
         1
     );
@@ -410,6 +413,16 @@ async fn t30_bad_input_gets_clear_errors_and_changes_nothing() {
     .await
     .expect_err("unknown field");
     assert!(err.message().contains("replicaz"), "{}", err.message());
+
+    // A field nothing implements yet is refused, not parsed and ignored.
+    let err = apply(
+        &mut client,
+        "name = \"web\"\nimage = \"x\"\n[update]\nmax_surge = 2\n".into(),
+    )
+    .await
+    .expect_err("update is not supported yet");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "not supported yet: update (line 3)");
 
     // Oversized request: refused, and the daemon keeps serving.
     let huge = format!(
@@ -627,11 +640,11 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     };
 
     const KEY: &str = "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE=";
-    let wg = |mut r: pb::RegisterNodeRequest, key: &str, endpoint: &str, backend: &str| {
+    let wg = |mut r: pb::RegisterNodeRequest, key: &str, endpoint: &str, backend: i32| {
         r.wireguard = Some(pb::WireguardIdentity {
             public_key: key.into(),
             endpoint: endpoint.into(),
-            backend: backend.into(),
+            backend,
         });
         r
     };
@@ -665,7 +678,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
                 register("n1", "198.18.0.9", 2.0),
                 "nope",
                 "198.18.0.9:51820",
-                "userspace",
+                pb::WireguardBackend::Userspace as i32,
             ),
             "wireguard.public_key: \"nope\" is not a base64 32-byte key",
         ),
@@ -674,7 +687,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
                 register("n1", "198.18.0.9", 2.0),
                 KEY,
                 "198.18.0.9",
-                "userspace",
+                pb::WireguardBackend::Userspace as i32,
             ),
             "wireguard.endpoint: \"198.18.0.9\" is not IP:port",
         ),
@@ -683,9 +696,9 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
                 register("n1", "198.18.0.9", 2.0),
                 KEY,
                 "198.18.0.9:51820",
-                "magic",
+                7,
             ),
-            "wireguard.backend",
+            "wireguard.backend: 7 is not kernel or userspace",
         ),
     ] {
         let err = nodes.register(req).await.expect_err(want);
@@ -740,7 +753,9 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     .await
     .expect("assignment within 10 s");
     assert_eq!(assigned.job, "web");
-    assert!(assigned.spec_json.contains("\"name\":\"web\""));
+    let task = assigned.task.clone().expect("a task");
+    assert_eq!(task.containers.len(), 1);
+    assert!(!task.containers[0].image.is_empty());
 
     // Its report is recorded; a report with an unknown state is refused.
     nodes
@@ -748,7 +763,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
             "n1",
             vec![pb::AllocationReport {
                 id: assigned.id.clone(),
-                state: "running".into(),
+                state: pb::AllocationState::Running as i32,
                 restarts: 2,
                 ..Default::default()
             }],
@@ -760,28 +775,32 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
             "n1",
             vec![pb::AllocationReport {
                 id: assigned.id.clone(),
-                state: "dancing".into(),
+                state: 42,
                 ..Default::default()
             }],
         ))
         .await
         .expect_err("bad state");
     assert!(
-        err.message().contains("unknown state \"dancing\""),
+        err.message()
+            .contains("state 42 is not one an agent reports"),
         "{}",
         err.message()
     );
     let ps = allocations_of(&mut jobs, "web").await;
     assert_eq!(ps.len(), 1);
-    assert_eq!((ps[0].observed.as_str(), ps[0].restarts), ("running", 2));
+    assert_eq!(
+        (ps[0].observed, ps[0].restarts),
+        (pb::AllocationState::Running as i32, 2)
+    );
 
     // A long health output is kept cut to 512 characters, and the same report again writes
     // nothing to the log.
     let unhealthy = pb::AllocationReport {
         id: assigned.id.clone(),
-        state: "running".into(),
+        state: pb::AllocationState::Running as i32,
         restarts: 2,
-        health: "unhealthy".into(),
+        health: pb::Health::Unhealthy as i32,
         health_output: "x".repeat(2000),
         ..Default::default()
     };
@@ -804,8 +823,8 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     assert_eq!(c.member(leader).node().status().last_log_index, written);
     let ps = allocations_of(&mut jobs, "web").await;
     assert_eq!(
-        (ps[0].health.as_str(), ps[0].health_output.len()),
-        ("unhealthy", 512)
+        (ps[0].health, ps[0].health_output.len()),
+        (pb::Health::Unhealthy as i32, 512)
     );
 
     // Drain an unknown node: named.

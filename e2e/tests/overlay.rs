@@ -500,7 +500,7 @@ fn fake_node(
                         wireguard: Some(pb::WireguardIdentity {
                             public_key,
                             endpoint: format!("{address}:51820"),
-                            backend: "userspace".into(),
+                            backend: skiff_proto::v1::WireguardBackend::Userspace as i32,
                         }),
                     })
                     .await?

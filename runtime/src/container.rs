@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub pull: PullPolicy,
     /// Contents for the container's /etc/resolv.conf (the node's DNS), if any.
     pub resolv_conf: Option<String>,
+    /// Labels kept with the container (`skiff-agent container ps -o json` shows them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Runtime failures, each naming what failed.
@@ -259,6 +261,7 @@ impl Runtime {
             cgroup_parent: self.cgroup_parent.clone(),
             log_max_bytes: 10 * 1024 * 1024,
             created_at_ms: now_ms(),
+            labels: opts.labels.clone(),
         })
     }
 

@@ -37,6 +37,9 @@ pub struct ContainerConfig {
     /// Largest size of a log file before it is rotated.
     pub log_max_bytes: u64,
     pub created_at_ms: i64,
+    /// Labels its creator set (the agent marks the containers it runs for allocations).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// When the monitor restarts a container that exited.

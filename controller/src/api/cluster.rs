@@ -49,15 +49,15 @@ impl ClusterApi {
                         } else {
                             s.role
                         };
-                        (role.as_str().to_string(), s.applied_index, s.term)
+                        (super::convert::member_role(role), s.applied_index, s.term)
                     }
-                    Err(_) => ("unreachable".to_string(), 0, 0),
+                    Err(_) => (pb::MemberRole::Unreachable, 0, 0),
                 };
                 pb::Member {
                     id: m.id,
                     rpc_addr: m.member.rpc_addr.clone(),
                     http_addr: m.member.http_addr.clone(),
-                    role,
+                    role: role as i32,
                     voter: m.voter,
                     applied_index: applied,
                     term,

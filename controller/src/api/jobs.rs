@@ -5,11 +5,9 @@ use skiff_proto::v1 as pb;
 use skiff_proto::v1::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
 
-use super::{ApiContext, ApiError, MAX_SPEC_BYTES, now_ms};
+use super::{ApiContext, ApiError, MAX_SPEC_BYTES, convert, now_ms};
 use crate::reconcile;
-use crate::state::{
-    Allocation, AllocationStatus, Command, DesiredStatus, Job, JobSummary, Outcome,
-};
+use crate::state::{Command, DesiredStatus, Job, Outcome};
 
 /// Serves `skiff.v1.Jobs`.
 pub struct JobsApi {
@@ -38,51 +36,9 @@ impl JobsApi {
     }
 }
 
-pub(crate) fn summary_pb(s: &JobSummary) -> pb::JobSummary {
-    pb::JobSummary {
-        namespace: s.namespace.clone(),
-        name: s.name.clone(),
-        version: s.version,
-        status: s.status.as_str().to_string(),
-        replicas: s.replicas,
-        image: s.image.clone(),
-        submitted_at_ms: s.submitted_at_ms,
-        versions: s.versions,
-    }
-}
-
-pub(crate) fn allocation_pb(a: &Allocation) -> pb::Allocation {
-    let (exit_code, reason) = match &a.observed {
-        AllocationStatus::Exited { code } => (Some(*code), String::new()),
-        AllocationStatus::Failed { reason } => (None, reason.clone()),
-        _ => (None, String::new()),
-    };
-    pb::Allocation {
-        id: a.id.clone(),
-        namespace: a.namespace.clone(),
-        job: a.job.clone(),
-        job_version: a.job_version,
-        node: a.node.clone(),
-        desired: match a.desired {
-            DesiredStatus::Run => "run",
-            DesiredStatus::Stop => "stop",
-        }
-        .to_owned(),
-        observed: a.observed.as_str().to_string(),
-        restarts: a.restarts,
-        created_at_ms: a.created_at_ms,
-        observed_at_ms: a.observed_at_ms,
-        exit_code,
-        reason,
-        ip: a.ip.clone().unwrap_or_default(),
-        health: a.health.clone().unwrap_or_default(),
-        health_output: a.health_output.clone(),
-    }
-}
-
 fn job_detail(job: &Job, allocations: Vec<pb::Allocation>) -> pb::GetJobResponse {
     pb::GetJobResponse {
-        job: Some(summary_pb(&job.summary())),
+        job: Some(convert::job_summary(&job.summary())),
         versions: job
             .versions()
             .iter()
@@ -128,7 +84,7 @@ fn applied_pb(outcome: Outcome) -> Result<pb::ApplyJobResponse, ApiError> {
             changed,
             changes,
         } => Ok(pb::ApplyJobResponse {
-            job: Some(summary_pb(&job)),
+            job: Some(convert::job_summary(&job)),
             changed,
             created,
             changes: changes
@@ -185,7 +141,7 @@ impl Jobs for JobsApi {
                 let allocs = applied
                     .state
                     .job_allocations(ns, &req.name)
-                    .map(allocation_pb)
+                    .map(convert::allocation)
                     .collect();
                 Ok(job_detail(job, allocs))
             })
@@ -206,7 +162,7 @@ impl Jobs for JobsApi {
                     jobs: applied
                         .state
                         .jobs(ns)
-                        .map(|j| summary_pb(&j.summary()))
+                        .map(|j| convert::job_summary(&j.summary()))
                         .collect(),
                 })
             })
@@ -249,7 +205,7 @@ impl Jobs for JobsApi {
                     .await?;
                 match result? {
                     Outcome::JobStopped { job, changed } => Ok(pb::StopJobResponse {
-                        job: Some(summary_pb(&job)),
+                        job: Some(convert::job_summary(&job)),
                         changed,
                     }),
                     other => Err(unexpected(other)),
@@ -349,7 +305,7 @@ impl Jobs for JobsApi {
                     .filter(|a| req.namespace.is_empty() || a.namespace == req.namespace)
                     .filter(|a| req.job.is_empty() || a.job == req.job)
                     .filter(|a| req.all || a.desired == DesiredStatus::Run)
-                    .map(allocation_pb)
+                    .map(convert::allocation)
                     .collect();
                 Ok(pb::ListAllocationsResponse { allocations })
             })

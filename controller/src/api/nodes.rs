@@ -11,13 +11,11 @@ use skiff_proto::v1 as pb;
 use skiff_proto::v1::nodes_server::Nodes;
 use tonic::{Request, Response, Status};
 
-use super::{ApiContext, ApiError, now_ms};
+use super::{ApiContext, ApiError, convert, now_ms};
 use crate::raft::Role;
 use crate::reconcile::{self, Heartbeats};
-use crate::scheduler::Usage;
 use crate::state::{
-    AllocationReport, AllocationStatus, ClusterState, Command, DesiredStatus, Node, NodeResources,
-    NodeStatus, Outcome, WireguardIdentity,
+    AllocationReport, ClusterState, Command, Node, NodeResources, NodeStatus, Outcome,
 };
 
 /// How often agents are told to heartbeat.
@@ -38,6 +36,8 @@ pub struct NodesApi {
     /// Each node's last reported WireGuard state (leader memory: it changes every second and
     /// is not worth a log entry).
     wireguard: Arc<Mutex<HashMap<String, pb::WireguardStatus>>>,
+    /// Assignments and services as of the last applied entry, shared by every watch.
+    published: tokio::sync::watch::Receiver<Arc<super::published::Published>>,
 }
 
 impl NodesApi {
@@ -47,12 +47,14 @@ impl NodesApi {
         cluster_cidr: String,
         subnet_prefix: u8,
     ) -> Self {
+        let published = super::published::spawn(ctx.node.clone());
         NodesApi {
             ctx,
             heartbeats,
             cluster_cidr,
             subnet_prefix,
             wireguard: Default::default(),
+            published,
         }
     }
 
@@ -89,7 +91,7 @@ impl NodesApi {
         let wg = self.wireguard_status();
         nodes
             .map(|n| {
-                let mut p = node_pb(n, usage.get(n.name.as_str()));
+                let mut p = convert::node(n, usage.get(n.name.as_str()));
                 p.wireguard_status = wg.get(&n.name).cloned();
                 p
             })
@@ -111,111 +113,6 @@ impl NodesApi {
     }
 }
 
-fn resources_pb(r: &NodeResources) -> pb::NodeResources {
-    pb::NodeResources {
-        cpu: r.cpu,
-        memory: r.memory,
-        pids: r.pids,
-    }
-}
-
-/// A node as the API shows it, with what its allocations hold (from
-/// [`reconcile::usage_by_node`], computed once per request).
-pub(crate) fn node_pb(n: &Node, usage: Option<&(Usage, u32)>) -> pb::Node {
-    let (used, count) = usage.copied().unwrap_or_default();
-    let allocated = NodeResources {
-        cpu: used.millicpu as f64 / 1000.0,
-        memory: used.memory,
-        pids: u32::try_from(used.pids).unwrap_or(u32::MAX),
-    };
-    pb::Node {
-        name: n.name.clone(),
-        address: n.address.clone(),
-        status: n.status.as_str().to_owned(),
-        labels: n.labels.clone().into_iter().collect(),
-        total: Some(resources_pb(&n.resources)),
-        allocated: Some(resources_pb(&allocated)),
-        allocations: count,
-        agent_addr: n.agent_addr.clone(),
-        registered_at_ms: n.registered_at_ms,
-        status_changed_at_ms: n.status_changed_at_ms,
-        subnet: n.subnet.clone().unwrap_or_default(),
-        wireguard: n.wireguard.as_ref().map(|w| pb::WireguardIdentity {
-            public_key: w.public_key.clone(),
-            endpoint: w.endpoint.clone(),
-            backend: w.backend.clone(),
-        }),
-        wireguard_status: None,
-    }
-}
-
-/// Checks an agent's WireGuard identity: a 32-byte base64 key, an `IP:port` endpoint, a
-/// known backend.
-fn wireguard_identity(w: pb::WireguardIdentity) -> Result<WireguardIdentity, ApiError> {
-    use base64::Engine as _;
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(&w.public_key)
-        .ok()
-        .filter(|k| k.len() == 32);
-    if key.is_none() {
-        return Err(ApiError::BadRequest(format!(
-            "wireguard.public_key: {:?} is not a base64 32-byte key",
-            w.public_key
-        )));
-    }
-    if w.endpoint.parse::<std::net::SocketAddr>().is_err() {
-        return Err(ApiError::BadRequest(format!(
-            "wireguard.endpoint: {:?} is not IP:port",
-            w.endpoint
-        )));
-    }
-    if w.backend != "kernel" && w.backend != "userspace" {
-        return Err(ApiError::BadRequest(format!(
-            "wireguard.backend: {:?} is not kernel or userspace",
-            w.backend
-        )));
-    }
-    Ok(WireguardIdentity {
-        public_key: w.public_key,
-        endpoint: w.endpoint,
-        backend: w.backend,
-    })
-}
-
-/// The overlay peers of `node`: every other node that is not down and has a key and a subnet.
-fn overlay_peers(state: &ClusterState, node: &str) -> Vec<pb::OverlayPeer> {
-    state
-        .nodes()
-        .filter(|n| n.name != node && n.status != NodeStatus::Down)
-        .filter_map(|n| {
-            let wg = n.wireguard.as_ref()?;
-            Some(pb::OverlayPeer {
-                node: n.name.clone(),
-                subnet: n.subnet.clone()?,
-                public_key: wg.public_key.clone(),
-                endpoint: wg.endpoint.clone(),
-            })
-        })
-        .collect()
-}
-
-fn report_status(r: &pb::AllocationReport) -> Result<AllocationStatus, ApiError> {
-    Ok(match r.state.as_str() {
-        "pending" => AllocationStatus::Pending,
-        "running" => AllocationStatus::Running,
-        "exited" => AllocationStatus::Exited { code: r.exit_code },
-        "failed" => AllocationStatus::Failed {
-            reason: r.reason.clone(),
-        },
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "allocations: {}: unknown state {other:?}",
-                r.id
-            )));
-        }
-    })
-}
-
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::AssignedAllocations, Status>> + Send>>;
 type ServicesStream = Pin<Box<dyn Stream<Item = Result<pb::ServiceSet, Status>> + Send>>;
 
@@ -233,7 +130,7 @@ impl Nodes for NodesApi {
                 let address: std::net::IpAddr = req.address.parse().map_err(|_| {
                     ApiError::BadRequest(format!("address: {:?} is not an IP address", req.address))
                 })?;
-                let wireguard = req.wireguard.map(wireguard_identity).transpose()?;
+                let wireguard = req.wireguard.map(convert::wireguard_identity).transpose()?;
                 let r = req.resources.unwrap_or_default();
                 if !r.cpu.is_finite() || r.cpu <= 0.0 || r.memory == 0 || r.pids == 0 {
                     return Err(ApiError::BadRequest(
@@ -323,7 +220,7 @@ impl Nodes for NodesApi {
                         self.wireguard_status().insert(req.name.clone(), wg.clone());
                     }
                     for r in &req.allocations {
-                        let status = report_status(r)?;
+                        let (status, health) = convert::report(r)?;
                         // Only what changed goes through the log.
                         let Some(a) = state.allocation(&r.id) else {
                             continue;
@@ -342,16 +239,6 @@ impl Nodes for NodesApi {
                             )));
                         }
                         let new_ip = ip.is_some() && a.ip != ip;
-                        let health = match r.health.as_str() {
-                            "" => None,
-                            "starting" | "healthy" | "unhealthy" => Some(r.health.clone()),
-                            other => {
-                                return Err(ApiError::BadRequest(format!(
-                                    "allocations: {}: unknown health {other:?}",
-                                    r.id
-                                )));
-                            }
-                        };
                         // Stored cut to 512 characters, so compared cut too (else a long
                         // output would be written through the log at every heartbeat).
                         let health_output: String = r.health_output.chars().take(512).collect();
@@ -392,25 +279,34 @@ impl Nodes for NodesApi {
     ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
         let name = req.into_inner().node;
         skiff_common::validate_name("node", &name).map_err(ApiError::from)?;
-        let node = self.ctx.node.clone();
-        let mut applied = node.applied_watch();
+        let mut published = self.published.clone();
         let stream = async_stream(move |tx| async move {
-            let mut last: Option<(Vec<pb::AssignedAllocation>, Vec<pb::OverlayPeer>)> = None;
-            while let Some(index) = applied.changed().await {
-                let current = {
-                    let state = &node.state().state;
-                    (assigned(state, &name), overlay_peers(state, &name))
-                };
-                if last.as_ref() != Some(&current) {
-                    let msg = pb::AssignedAllocations {
-                        allocations: current.0.clone(),
-                        index,
-                        peers: current.1.clone(),
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
+            let mut last: Option<(Arc<Vec<pb::AssignedAllocation>>, Arc<Vec<pb::OverlayPeer>>)> =
+                None;
+            loop {
+                let msg = {
+                    let p = published.borrow_and_update().clone();
+                    let current = (
+                        p.assignments.get(&name).cloned().unwrap_or_default(),
+                        p.peers.clone(),
+                    );
+                    let same = last.as_ref().is_some_and(|(a, peers)| {
+                        Arc::ptr_eq(a, &current.0) && Arc::ptr_eq(peers, &current.1)
+                    });
+                    if same || p.index == 0 {
+                        None
+                    } else {
+                        last = Some(current);
+                        Some(p.assignment_for(&name))
                     }
-                    last = Some(current);
+                };
+                if let Some(msg) = msg
+                    && tx.send(Ok(msg)).await.is_err()
+                {
+                    return;
+                }
+                if published.changed().await.is_err() {
+                    return;
                 }
             }
         });
@@ -427,22 +323,30 @@ impl Nodes for NodesApi {
         if !node.is_empty() {
             skiff_common::validate_name("node", &node).map_err(ApiError::from)?;
         }
-        let raft = self.ctx.node.clone();
-        let mut applied = raft.applied_watch();
+        let mut published = self.published.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let mut last: Option<Vec<pb::ServiceInfo>> = None;
-            while let Some(index) = applied.changed().await {
-                let set = super::services::services(&raft.state().state, None);
-                if last.as_ref() != Some(&set) {
-                    let msg = pb::ServiceSet {
-                        services: set.clone(),
-                        index,
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return;
+            let mut last: Option<Arc<Vec<pb::ServiceInfo>>> = None;
+            loop {
+                let msg = {
+                    let p = published.borrow_and_update().clone();
+                    if p.index == 0 || last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &p.services)) {
+                        None
+                    } else {
+                        last = Some(p.services.clone());
+                        Some(pb::ServiceSet {
+                            services: p.services.as_ref().clone(),
+                            index: p.index,
+                        })
                     }
-                    last = Some(set);
+                };
+                if let Some(msg) = msg
+                    && tx.send(Ok(msg)).await.is_err()
+                {
+                    return;
+                }
+                if published.changed().await.is_err() {
+                    return;
                 }
             }
         });
@@ -564,24 +468,6 @@ impl NodesApi {
             lost: u32::try_from(lost).unwrap_or(u32::MAX),
         })
     }
-}
-
-/// The allocations `node` should run (desired = run), by id.
-fn assigned(state: &ClusterState, node: &str) -> Vec<pb::AssignedAllocation> {
-    state
-        .allocations()
-        .filter(|a| a.node == node && a.desired == DesiredStatus::Run)
-        .filter_map(|a| {
-            let v = state.job(&a.namespace, &a.job)?.version(a.job_version)?;
-            Some(pb::AssignedAllocation {
-                id: a.id.clone(),
-                namespace: a.namespace.clone(),
-                job: a.job.clone(),
-                job_version: a.job_version,
-                spec_json: v.spec.to_canonical_json(),
-            })
-        })
-        .collect()
 }
 
 /// A stream fed by a task through a small channel; the task ends when the client goes away.

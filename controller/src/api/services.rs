@@ -4,7 +4,7 @@
 
 use skiff_proto::v1 as pb;
 
-use crate::state::{AllocationStatus, ClusterState, DesiredStatus, JobStatus};
+use crate::state::{AllocationStatus, ClusterState, DesiredStatus, Health, JobStatus};
 
 /// The services in `namespace` (every namespace when `None`), by namespace then name.
 pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::ServiceInfo> {
@@ -26,14 +26,13 @@ pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::Servic
                     .version(a.job_version)
                     .and_then(|v| v.spec.service.as_ref())
                     .is_some_and(|s| s.check.is_some());
-                let health = a.health.clone().unwrap_or_default();
                 let ip = a.ip.clone().unwrap_or_default();
                 pb::ServiceEndpoint {
                     allocation: a.id.clone(),
                     node: a.node.clone(),
-                    ready: !ip.is_empty() && (!checked || health == "healthy"),
+                    ready: !ip.is_empty() && (!checked || a.health == Some(Health::Healthy)),
                     ip,
-                    health,
+                    health: super::convert::health(a.health) as i32,
                     health_output: a.health_output.clone(),
                 }
             })
@@ -49,7 +48,7 @@ pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::Servic
                 .map(|p| pb::ServicePort {
                     name: p.name.clone(),
                     port: u32::from(p.port),
-                    protocol: p.protocol.to_string(),
+                    protocol: super::convert::protocol(p.protocol) as i32,
                 })
                 .collect(),
             tags: service.tags.clone(),
@@ -110,16 +109,16 @@ mod tests {
             allocations: vec![alloc("a", "n1"), alloc("b", "n2"), alloc("c", "n1")],
         })
         .expect("place");
-        let report = |id: &str, health: &str| AllocationReport {
+        let report = |id: &str, health: Health| AllocationReport {
             id: id.into(),
             status: AllocationStatus::Running,
             restarts: 0,
             ip: Some(format!("10.42.0.{}", id.as_bytes()[0])),
-            health: Some(health.into()),
-            health_output: format!("{health} output"),
+            health: Some(health),
+            health_output: format!("{health:?} output"),
         };
         s.apply(&Command::ReportAllocations {
-            reports: vec![report("a", "healthy"), report("b", "unhealthy")],
+            reports: vec![report("a", Health::Healthy), report("b", Health::Unhealthy)],
             at_ms: 2,
         })
         .expect("report");
@@ -129,12 +128,18 @@ mod tests {
         assert_eq!((web.name.as_str(), web.port_name.as_str()), ("web", "http"));
         assert_eq!(web.ports[0].port, 8080);
         // c is still pending: not an endpoint at all.
-        let eps: Vec<(&str, bool, &str)> = web
+        let eps: Vec<(&str, bool, i32)> = web
             .endpoints
             .iter()
-            .map(|e| (e.allocation.as_str(), e.ready, e.health.as_str()))
+            .map(|e| (e.allocation.as_str(), e.ready, e.health))
             .collect();
-        assert_eq!(eps, vec![("a", true, "healthy"), ("b", false, "unhealthy")]);
+        assert_eq!(
+            eps,
+            vec![
+                ("a", true, pb::Health::Healthy as i32),
+                ("b", false, pb::Health::Unhealthy as i32)
+            ]
+        );
         assert!(services(&s, Some("other")).is_empty());
     }
 }

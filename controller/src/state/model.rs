@@ -163,8 +163,25 @@ pub struct WireguardIdentity {
     pub public_key: String,
     /// Underlay `host:port`.
     pub endpoint: String,
-    /// `kernel` or `userspace`.
-    pub backend: String,
+    pub backend: WireguardBackend,
+}
+
+/// Which WireGuard a node's agent runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireguardBackend {
+    Kernel,
+    Userspace,
+}
+
+/// The verdict of an allocation's health check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Checked, no verdict yet.
+    Starting,
+    Healthy,
+    Unhealthy,
 }
 
 impl Node {
@@ -254,9 +271,9 @@ pub struct Allocation {
     /// The container's overlay address, as its agent reported it.
     #[serde(default)]
     pub ip: Option<String>,
-    /// `starting`, `healthy` or `unhealthy` when its job has a health check.
+    /// The verdict when its job has a health check.
     #[serde(default)]
-    pub health: Option<String>,
+    pub health: Option<Health>,
     /// The last check's output or failure.
     #[serde(default)]
     pub health_output: String,

@@ -1,0 +1,95 @@
+//! The `skiff-agent` commands: the daemon (no subcommand), `container` and `image` by hand,
+//! `network down`, and the hidden re-exec modes (`__monitor`, `__wg-tunnel`).
+
+mod container;
+mod image;
+
+use std::os::fd::OwnedFd;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use crate::config::{Cli, Settings};
+
+#[derive(Subcommand)]
+pub enum NetworkCmd {
+    /// Remove what the agent set up on this host (bridge, tunnel, iptables rules), once the
+    /// agent and its containers are gone.
+    Down,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run and inspect containers by hand.
+    Container {
+        #[command(subcommand)]
+        command: container::ContainerCmd,
+    },
+    /// Images in the local store.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCmd,
+    },
+    /// The host's pod network.
+    Network {
+        #[command(subcommand)]
+        command: NetworkCmd,
+    },
+    #[command(name = "__monitor", hide = true)]
+    Monitor { id: String },
+    /// The userspace WireGuard tunnel (started by the agent, outlives it).
+    #[command(name = "__wg-tunnel", hide = true)]
+    WgTunnel(crate::net::wg::tunnel::TunnelArgs),
+}
+
+/// Runs what the command line asks for (the hidden modes are dispatched before this, by
+/// [`monitor`] and [`tunnel`]).
+pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let cfg = Settings::load(cli)?;
+    match &cli.command {
+        Some(Cmd::Container { command }) => container::run(&cfg, command),
+        Some(Cmd::Image { command }) => image::run(&cfg, command),
+        Some(Cmd::Network {
+            command: NetworkCmd::Down,
+        }) => {
+            for line in crate::net::teardown(&cfg.data_dir) {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Cmd::Monitor { .. } | Cmd::WgTunnel(_)) => {
+            anyhow::bail!("__monitor and __wg-tunnel are started by the agent itself")
+        }
+        None => daemon(&cfg, cli),
+    }
+}
+
+fn daemon(cfg: &Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
+    let config = cfg.daemon(cli)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::daemon::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The per-container monitor: the agent binary re-exec'd by the runtime. It must stay
+/// single-threaded (it clones the container's first process), so it runs before anything
+/// else starts.
+pub fn monitor(data_dir: &std::path::Path, id: &str) -> ExitCode {
+    // Our stdout is the pipe the starter reads one report line from; keep it as the report
+    // fd and put /dev/null in its place.
+    let report: Option<OwnedFd> = nix::unistd::dup(std::io::stdout()).ok();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    let code = skiff_runtime::monitor::run(data_dir, id, report);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// The userspace WireGuard tunnel process (started by the agent, outlives it).
+pub fn tunnel(args: &crate::net::wg::tunnel::TunnelArgs) -> ExitCode {
+    let code = crate::net::wg::tunnel::run(&args.interface, &args.socket);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

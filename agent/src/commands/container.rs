@@ -1,0 +1,297 @@
+//! `skiff-agent container ...`: run and inspect containers by hand.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use skiff_runtime::cgroup::Limits;
+use skiff_runtime::container::{RunOptions, Runtime};
+use skiff_runtime::image::PullPolicy;
+use skiff_runtime::logs;
+use skiff_runtime::store::{RestartPolicy, Status, monitor_alive};
+
+use crate::config::Settings;
+
+#[derive(Subcommand)]
+pub enum ContainerCmd {
+    /// Run a container in the foreground and exit with its exit code.
+    Run {
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Memory limit (e.g. 64Mi).
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit in cores (e.g. 0.5).
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Process limit.
+        #[arg(long)]
+        pids: Option<u64>,
+        #[arg(long)]
+        hostname: Option<String>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// User (name or uid[:gid]) inside the container.
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// never | on-failure | always.
+        #[arg(long, default_value = "never")]
+        restart: String,
+        /// When to pull a registry image: missing | always | never.
+        #[arg(long, default_value = "missing")]
+        pull: PullPolicy,
+        /// Start it and return its id instead of waiting.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Remove the container when it exits.
+        #[arg(long)]
+        rm: bool,
+        /// The command (overrides the image's CMD).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// List containers.
+    Ps {
+        /// Also exited ones.
+        #[arg(short, long)]
+        all: bool,
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Print a container's output.
+    Logs {
+        container: String,
+        /// Keep printing new output until the container exits.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Stop a container: its stop signal, then SIGKILL after the grace period.
+    Stop {
+        container: String,
+        /// Grace period in seconds.
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+    },
+    /// Run a command inside a running container (its namespaces, cgroup, user, capabilities
+    /// and seccomp filter) and exit with its exit code.
+    Exec {
+        container: String,
+        /// KEY=VALUE added to the container's environment, repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Remove a stopped container.
+    Rm {
+        container: String,
+        #[arg(short, long)]
+        force: bool,
+    },
+}
+
+fn parse_restart(s: &str) -> anyhow::Result<RestartPolicy> {
+    Ok(match s {
+        "never" | "no" => RestartPolicy::Never,
+        "on-failure" => RestartPolicy::OnFailure,
+        "always" => RestartPolicy::Always,
+        other => anyhow::bail!("--restart: {other:?} is not never, on-failure or always"),
+    })
+}
+
+fn print_logs(dir: &std::path::Path, from: usize) -> anyhow::Result<usize> {
+    let records = logs::read_all(dir)?;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    for r in records.iter().skip(from) {
+        let end = if r.partial { "" } else { "\n" };
+        match r.stream {
+            logs::Stream::Stdout => write!(out, "{}{end}", r.text)?,
+            logs::Stream::Stderr => write!(err, "{}{end}", r.text)?,
+        }
+    }
+    out.flush()?;
+    Ok(records.len())
+}
+
+pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
+    let mut rt = Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+    rt.set_pull_options(cfg.registry.clone(), Some(indicatif::MultiProgress::new()));
+    // Clean up after interrupted agents (`run` skips it: it is on the start path).
+    if !matches!(cmd, ContainerCmd::Run { .. }) {
+        rt.gc()?;
+    }
+    match cmd {
+        ContainerCmd::Run {
+            image,
+            name,
+            memory,
+            cpus,
+            pids,
+            hostname,
+            env,
+            user,
+            restart,
+            pull,
+            detach,
+            rm,
+            cmd,
+        } => {
+            let memory = match memory {
+                Some(m) => Some(
+                    m.parse::<skiff_common::ByteSize>()
+                        .map_err(|e| anyhow::anyhow!("--memory: {e}"))?
+                        .as_u64(),
+                ),
+                None => None,
+            };
+            let mut envs = Vec::new();
+            for e in env {
+                let (k, v) = e
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--env: {e:?} is not KEY=VALUE"))?;
+                envs.push((k.to_string(), v.to_string()));
+            }
+            let opts = RunOptions {
+                image: image.clone(),
+                name: name.clone(),
+                cmd: cmd.clone(),
+                env: envs,
+                hostname: hostname.clone(),
+                user: user.clone(),
+                limits: Limits {
+                    cpu: *cpus,
+                    memory,
+                    pids: *pids,
+                },
+                restart: parse_restart(restart)?,
+                pull: *pull,
+                ..RunOptions::default()
+            };
+            let (id, mut monitor) = rt.run(&opts)?;
+            if *detach {
+                println!("{id}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let dir = rt.store().dir(&id);
+            // Wait for the monitor on a thread so its exit is seen at once, while this one
+            // copies the log to our stdout/stderr as it grows.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = done_tx.send(monitor.wait());
+            });
+            let mut seen = 0;
+            loop {
+                seen = print_logs(&dir, seen)?;
+                match done_rx.recv_timeout(Duration::from_millis(50)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => break,
+                }
+            }
+            print_logs(&dir, seen)?;
+            let state = rt.store().state(&id)?;
+            let code = state.exit.as_ref().map(|e| e.status_code()).unwrap_or(255);
+            if let Some(e) = &state.exit
+                && e.oom_killed
+            {
+                eprintln!("container {id}: killed by the OOM killer (memory limit)");
+            }
+            if *rm {
+                rt.remove(&id, true)?;
+            }
+            Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(255)))
+        }
+        ContainerCmd::Ps { all, output } => {
+            let list = rt.store().list()?;
+            let rows: Vec<_> = list
+                .into_iter()
+                .filter(|(_, s)| {
+                    *all || matches!(
+                        s.status,
+                        Status::Running | Status::Restarting | Status::Created
+                    )
+                })
+                .collect();
+            if output == "json" {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(c, s)| {
+                        serde_json::json!({
+                            "id": c.id, "name": c.name, "image": c.image, "command": c.args,
+                            "status": s.status.as_str(), "pid": s.pid, "restarts": s.restarts,
+                            "exit": s.exit, "error": s.error, "monitor_alive": monitor_alive(s),
+                            "created_at_ms": c.created_at_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<14}{:<18}{:<21}{:<9}{:<9}COMMAND",
+                    "ID", "NAME", "STATUS", "PID", "RESTARTS"
+                );
+                for (c, s) in rows {
+                    let status = match (&s.status, &s.exit) {
+                        (Status::Exited, Some(e)) => format!("exited({})", e.describe()),
+                        (st, _) => st.as_str().to_string(),
+                    };
+                    println!(
+                        "{:<14}{:<18}{:<21}{:<9}{:<9}{}",
+                        &c.id[..12.min(c.id.len())],
+                        c.name,
+                        status,
+                        s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        s.restarts,
+                        c.args.join(" ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Logs { container, follow } => {
+            let id = rt.store().resolve(container)?;
+            let dir = rt.store().dir(&id);
+            let mut seen = print_logs(&dir, 0)?;
+            while *follow && monitor_alive(&rt.store().state(&id)?) {
+                std::thread::sleep(Duration::from_millis(100));
+                seen = print_logs(&dir, seen)?;
+            }
+            if *follow {
+                print_logs(&dir, seen)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Stop { container, time } => {
+            let state = rt.stop(container, Duration::from_secs(*time))?;
+            let how = state
+                .exit
+                .map(|e| e.describe())
+                .unwrap_or_else(|| "stopped".into());
+            println!("{container}: {how}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Exec {
+            container,
+            env,
+            cmd,
+        } => {
+            let id = rt.store().resolve(container)?;
+            for e in env {
+                if !e.contains('=') {
+                    anyhow::bail!("--env: {e:?} is not KEY=VALUE");
+                }
+            }
+            let code = skiff_runtime::exec::exec(rt.store(), &id, cmd, env)?;
+            Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(255)))
+        }
+        ContainerCmd::Rm { container, force } => {
+            rt.remove(container, *force)?;
+            println!("{container}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

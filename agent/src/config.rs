@@ -1,0 +1,351 @@
+//! The agent's settings: flags (each also `SKIFF_*`) over the `--config` TOML file over
+//! defaults and what the host has, merged and validated before anything starts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde::Deserialize;
+use skiff_runtime::image::RegistryOptions;
+
+use crate::commands::Cmd;
+use crate::daemon::DaemonConfig;
+
+#[derive(Parser)]
+#[command(name = "skiff-agent", version, about = "Skiff's node agent")]
+pub struct Cli {
+    /// A TOML file with defaults for these flags (`data_dir`, `cgroup_parent`,
+    /// `insecure_registries`, `auth_file`). Flags and SKIFF_* variables override it.
+    #[arg(long, global = true, env = "SKIFF_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where containers, images and state live [default: /var/lib/skiff/agent].
+    #[arg(long, global = true, env = "SKIFF_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Cgroup parent for containers, relative to each hierarchy root [default: skiff].
+    #[arg(long, global = true, env = "SKIFF_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
+    /// A registry (HOST:PORT) reached over plain HTTP instead of HTTPS. Repeatable.
+    #[arg(
+        long = "insecure-registry",
+        global = true,
+        env = "SKIFF_INSECURE_REGISTRY",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials in Docker's config.json format ({"auths": {"HOST:PORT":
+    /// {"auth": "base64(user:password)"}}}).
+    #[arg(long, global = true, env = "SKIFF_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Run as the node agent: the controllers' gRPC addresses, comma-separated.
+    #[arg(long, env = "SKIFF_CONTROLLER", value_delimiter = ',')]
+    pub controller: Vec<String>,
+    /// This node's name [default: the host name].
+    #[arg(long, env = "SKIFF_NAME")]
+    pub name: Option<String>,
+    /// The address other hosts reach this one at.
+    #[arg(long, env = "SKIFF_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<std::net::IpAddr>,
+    /// Node labels for placement constraints: k=v,k=v.
+    #[arg(long, env = "SKIFF_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Cores offered to workloads [default: the host's].
+    #[arg(long, env = "SKIFF_CPUS")]
+    pub cpus: Option<f64>,
+    /// Memory offered to workloads, e.g. 4Gi [default: the host's].
+    #[arg(long, env = "SKIFF_MEMORY")]
+    pub memory: Option<String>,
+    /// Processes offered to workloads [default: 32768].
+    #[arg(long, env = "SKIFF_PIDS")]
+    pub pids: Option<u32>,
+    /// Where the agent's API (logs, exec) listens [default: ADVERTISE_ADDR:7801].
+    #[arg(long, env = "SKIFF_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Where Prometheus scrapes the agent's /metrics [default: ADVERTISE_ADDR:7802].
+    #[arg(long, env = "SKIFF_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Which WireGuard runs the overlay: the kernel's when present (auto), or one of them.
+    #[arg(long, env = "SKIFF_WIREGUARD", value_enum)]
+    pub wireguard: Option<crate::net::BackendChoice>,
+    /// The UDP port WireGuard listens on [default: 51820].
+    #[arg(long, env = "SKIFF_WIREGUARD_PORT")]
+    pub wireguard_port: Option<u16>,
+    /// Persistent keepalive to every peer in seconds, 0 = off [default: 25].
+    #[arg(long, env = "SKIFF_WIREGUARD_KEEPALIVE")]
+    pub wireguard_keepalive: Option<u16>,
+    /// The pod MTU [default: the underlay link's MTU minus 80 for WireGuard].
+    #[arg(long, env = "SKIFF_MTU")]
+    pub mtu: Option<u32>,
+    /// Resolvers the node's DNS forwards names outside skiff.internal to, IP[:PORT],...
+    /// [default: the host's /etc/resolv.conf nameservers].
+    #[arg(long, env = "SKIFF_DNS_UPSTREAM", value_delimiter = ',')]
+    pub dns_upstream: Vec<String>,
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub cgroup_parent: Option<String>,
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    pub auth_file: Option<PathBuf>,
+    #[serde(default)]
+    pub controllers: Vec<String>,
+    pub name: Option<String>,
+    pub advertise_addr: Option<std::net::IpAddr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub cpus: Option<f64>,
+    pub memory: Option<String>,
+    pub pids: Option<u32>,
+    pub listen: Option<std::net::SocketAddr>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub wireguard: Option<crate::net::BackendChoice>,
+    pub wireguard_port: Option<u16>,
+    pub wireguard_keepalive: Option<u16>,
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub dns_upstream: Vec<String>,
+}
+
+/// Flags over the config file over defaults.
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub cgroup_parent: String,
+    pub registry: RegistryOptions,
+    pub file: FileConfig,
+}
+
+impl Settings {
+    pub fn load(cli: &Cli) -> anyhow::Result<Settings> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--config {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let mut insecure = file.insecure_registries.clone();
+        for r in &cli.insecure_registries {
+            if r.is_empty() || r.contains('/') {
+                anyhow::bail!("--insecure-registry: {r:?} is not HOST[:PORT]");
+            }
+            if !insecure.contains(r) {
+                insecure.push(r.clone());
+            }
+        }
+        Ok(Settings {
+            data_dir: cli
+                .data_dir
+                .clone()
+                .or(file.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("/var/lib/skiff/agent")),
+            cgroup_parent: cli
+                .cgroup_parent
+                .clone()
+                .or(file.cgroup_parent.clone())
+                .unwrap_or_else(|| "skiff".to_owned()),
+            registry: RegistryOptions {
+                insecure,
+                auth_file: cli.auth_file.clone().or(file.auth_file.clone()),
+            },
+            file,
+        })
+    }
+
+    /// The daemon's settings: flags over the file over what the host has.
+    pub fn daemon(&self, cli: &Cli) -> anyhow::Result<DaemonConfig> {
+        let controllers = if cli.controller.is_empty() {
+            self.file.controllers.clone()
+        } else {
+            cli.controller.clone()
+        };
+        if controllers.is_empty() {
+            anyhow::bail!("--controller: at least one controller address is needed");
+        }
+        let name = match cli.name.clone().or(self.file.name.clone()) {
+            Some(n) => n,
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        };
+        let advertise_addr = cli
+            .advertise_addr
+            .or(self.file.advertise_addr)
+            .ok_or_else(|| anyhow::anyhow!("--advertise-addr: required to run as the agent"))?;
+        let mut labels = self.file.labels.clone();
+        for l in &cli.labels {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--labels: {l:?} is not key=value"))?;
+            labels.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        let memory = match cli.memory.clone().or(self.file.memory.clone()) {
+            Some(m) => m
+                .parse::<skiff_common::ByteSize>()
+                .map_err(|e| anyhow::anyhow!("--memory: {e}"))?
+                .as_u64(),
+            None => host_memory()?,
+        };
+        let cpu = match cli.cpus.or(self.file.cpus) {
+            Some(c) if c.is_finite() && c > 0.0 => c,
+            Some(c) => anyhow::bail!("--cpus: {c} is not a positive number"),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+        };
+        Ok(DaemonConfig {
+            controllers,
+            name,
+            advertise_addr,
+            labels,
+            data_dir: self.data_dir.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            registry: self.registry.clone(),
+            listen: cli
+                .listen
+                .or(self.file.listen)
+                .unwrap_or(std::net::SocketAddr::new(advertise_addr, 7801)),
+            metrics_listen: cli
+                .metrics_listen
+                .or(self.file.metrics_listen)
+                .unwrap_or(std::net::SocketAddr::new(advertise_addr, 7802)),
+            cpu,
+            memory,
+            pids: cli.pids.or(self.file.pids).unwrap_or(32768),
+            dns_upstreams: if cli.dns_upstream.is_empty() {
+                self.file.dns_upstream.clone()
+            } else {
+                cli.dns_upstream.clone()
+            },
+            net: crate::net::NetOptions {
+                data_dir: self.data_dir.clone(),
+                advertise: advertise_addr,
+                wg_port: cli
+                    .wireguard_port
+                    .or(self.file.wireguard_port)
+                    .unwrap_or(crate::net::wg::DEFAULT_PORT),
+                keepalive: match cli
+                    .wireguard_keepalive
+                    .or(self.file.wireguard_keepalive)
+                    .unwrap_or(25)
+                {
+                    0 => None,
+                    k => Some(k),
+                },
+                backend: cli.wireguard.or(self.file.wireguard).unwrap_or_default(),
+                mtu: match cli.mtu.or(self.file.mtu) {
+                    Some(m) if !(1280..=65535).contains(&m) => {
+                        anyhow::bail!("--mtu: {m} is not between 1280 and 65535")
+                    }
+                    m => m,
+                },
+            },
+        })
+    }
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+fn host_memory() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| anyhow::anyhow!("/proc/meminfo: no MemTotal"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str], file: Option<&str>) -> anyhow::Result<(Cli, Settings)> {
+        let dir = tempfile::tempdir()?;
+        let mut argv = vec!["skiff-agent".to_owned()];
+        if let Some(text) = file {
+            let path = dir.path().join("agent.toml");
+            std::fs::write(&path, text)?;
+            argv.push("--config".into());
+            argv.push(path.display().to_string());
+        }
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let cli = Cli::try_parse_from(argv)?;
+        let settings = Settings::load(&cli)?;
+        Ok((cli, settings))
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() -> anyhow::Result<()> {
+        let file = r#"
+            data_dir = "/srv/agent"
+            controllers = ["10.0.0.1:7700"]
+            name = "from-file"
+            advertise_addr = "10.0.0.5"
+            labels = { zone = "a", disk = "ssd" }
+            cpus = 2.0
+            memory = "1Gi"
+            wireguard_port = 51000
+        "#;
+        let (cli, s) = settings(
+            &["--name", "n5", "--labels", "zone=b", "--cpus", "1.5"],
+            Some(file),
+        )?;
+        assert_eq!(s.data_dir, PathBuf::from("/srv/agent"));
+        assert_eq!(s.cgroup_parent, "skiff");
+        let d = s.daemon(&cli)?;
+        assert_eq!(d.name, "n5");
+        assert_eq!(d.controllers, ["10.0.0.1:7700"]);
+        assert_eq!(d.labels.get("zone").map(String::as_str), Some("b"));
+        assert_eq!(d.labels.get("disk").map(String::as_str), Some("ssd"));
+        assert_eq!(d.cpu, 1.5);
+        assert_eq!(d.memory, 1 << 30);
+        assert_eq!(d.pids, 32768);
+        assert_eq!(d.net.wg_port, 51000);
+        assert_eq!(d.listen.to_string(), "10.0.0.5:7801");
+        assert_eq!(d.metrics_listen.to_string(), "10.0.0.5:7802");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_are_named() -> anyhow::Result<()> {
+        let base = [
+            "--controller",
+            "127.0.0.1:7700",
+            "--advertise-addr",
+            "10.0.0.5",
+        ];
+        for (extra, expect) in [
+            (
+                &["--labels", "zone"][..],
+                "--labels: \"zone\" is not key=value",
+            ),
+            (&["--cpus=-1"][..], "--cpus: -1 is not a positive number"),
+            (&["--memory", "lots"][..], "--memory: "),
+            (
+                &["--mtu", "100"][..],
+                "--mtu: 100 is not between 1280 and 65535",
+            ),
+        ] {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let (cli, s) = settings(&args, None)?;
+            let err = s.daemon(&cli).expect_err(expect).to_string();
+            assert!(err.starts_with(expect), "{err}");
+        }
+        let (cli, s) = settings(&["--advertise-addr", "10.0.0.5"], None)?;
+        let err = s.daemon(&cli).expect_err("no controller").to_string();
+        assert!(err.contains("--controller"), "{err}");
+        let err = settings(&["--insecure-registry", "a/b"], None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--insecure-registry"), "{err}");
+        let err = settings(&[], Some("colour = \"red\""))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! `skiff ps | logs | exec`: allocations, and what only their node's agent can do.
+
+use std::io::Write;
+
+use skiff_proto::v1 as pb;
+
+use crate::client::{Controllers, rpc};
+use crate::render::{self, Out, age, print_table};
+
+pub async fn ps(
+    ctl: &Controllers,
+    out: Out,
+    job: Option<String>,
+    namespace: Option<String>,
+    all: bool,
+) -> anyhow::Result<()> {
+    let req = pb::ListAllocationsRequest {
+        namespace: namespace.unwrap_or_default(),
+        job: job.unwrap_or_default(),
+        all,
+        read: None,
+    };
+    let resp = rpc!(ctl, jobs, list_allocations, req)?;
+    if out.json {
+        return out.json(
+            &resp
+                .allocations
+                .iter()
+                .map(render::allocation_json)
+                .collect::<Vec<_>>(),
+        );
+    }
+    let rows = resp
+        .allocations
+        .iter()
+        .map(|a| {
+            let mut status = render::allocation_state(a.observed).to_owned();
+            if a.desired == pb::DesiredState::Stop as i32 {
+                status = format!("{status} (stopping)");
+            }
+            if let Some(code) = a.exit_code {
+                status = format!("{status} ({code})");
+            }
+            let health = render::health(a.health);
+            if !health.is_empty() && a.observed == pb::AllocationState::Running as i32 {
+                status = format!("{status}, {health}");
+            }
+            vec![
+                a.id.clone(),
+                format!("{}/{}", a.namespace, a.job),
+                a.job_version.to_string(),
+                a.node.clone(),
+                if a.ip.is_empty() {
+                    "-".into()
+                } else {
+                    a.ip.clone()
+                },
+                status,
+                a.restarts.to_string(),
+                age(a.created_at_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ALLOCATION",
+            "JOB",
+            "VERSION",
+            "NODE",
+            "IP",
+            "STATUS",
+            "RESTARTS",
+            "AGE",
+        ],
+        rows,
+    );
+    Ok(())
+}
+
+/// The agent address and full id of an allocation (by id or unique prefix).
+async fn locate(ctl: &Controllers, allocation: &str) -> anyhow::Result<(String, String)> {
+    let req = pb::ListAllocationsRequest {
+        all: true,
+        ..Default::default()
+    };
+    let allocs = rpc!(ctl, jobs, list_allocations, req)?.allocations;
+    let found: Vec<&pb::Allocation> = allocs
+        .iter()
+        .filter(|a| a.id.starts_with(allocation))
+        .collect();
+    let a = match found.as_slice() {
+        [a] => *a,
+        [] => anyhow::bail!("allocation {allocation} not found"),
+        many => anyhow::bail!(
+            "allocation {allocation} is ambiguous ({} match); give more of its id",
+            many.len()
+        ),
+    };
+    let nodes = rpc!(ctl, nodes, list_nodes, pb::ListNodesRequest::default())?.nodes;
+    let node = nodes
+        .iter()
+        .find(|n| n.name == a.node)
+        .ok_or_else(|| anyhow::anyhow!("node {} of allocation {} is gone", a.node, a.id))?;
+    if node.agent_addr.is_empty() {
+        anyhow::bail!("node {} does not serve the agent API", node.name);
+    }
+    Ok((format!("http://{}", node.agent_addr), a.id.clone()))
+}
+
+async fn agent_client(
+    addr: &str,
+) -> anyhow::Result<pb::agent_client::AgentClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(addr.to_owned())?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("agent at {addr}: {e}"))?;
+    Ok(pb::agent_client::AgentClient::new(ch))
+}
+
+pub async fn logs(ctl: &Controllers, allocation: String, follow: bool) -> anyhow::Result<()> {
+    let (addr, id) = locate(ctl, &allocation).await?;
+    let mut client = agent_client(&addr).await?;
+    let mut stream = client
+        .logs(pb::LogsRequest {
+            allocation: id,
+            follow,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    while let Some(c) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    {
+        let end = if c.partial { "" } else { "\n" };
+        if c.stream == pb::LogStream::Stderr as i32 {
+            let mut e = std::io::stderr().lock();
+            write!(e, "{}{end}", c.text)?;
+        } else {
+            let mut o = std::io::stdout().lock();
+            write!(o, "{}{end}", c.text)?;
+            o.flush()?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn exec(
+    ctl: &Controllers,
+    allocation: String,
+    command: Vec<String>,
+    env: Vec<String>,
+) -> anyhow::Result<i32> {
+    let (addr, id) = locate(ctl, &allocation).await?;
+    let mut client = agent_client(&addr).await?;
+    let resp = client
+        .exec(pb::ExecRequest {
+            allocation: id,
+            command,
+            env,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    std::io::stdout().write_all(&resp.stdout)?;
+    std::io::stderr().write_all(&resp.stderr)?;
+    Ok(resp.exit_code)
+}

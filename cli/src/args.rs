@@ -1,0 +1,162 @@
+//! The command line: every command, flag and argument (clap).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "skiff",
+    version,
+    about = "Deploy and inspect workloads on a Skiff cluster"
+)]
+pub struct Cli {
+    /// Controller gRPC addresses, comma-separated; tried in turn until one answers.
+    #[arg(
+        long,
+        global = true,
+        env = "SKIFF_CONTROLLER",
+        default_value = "127.0.0.1:7700",
+        value_delimiter = ','
+    )]
+    pub controller: Vec<String>,
+    /// Output format for what a command prints.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Create or update a job from a spec file (TOML or JSON; `-` reads stdin).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List jobs.
+    Jobs {
+        /// Only this namespace (default: all).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Allow a possibly stale read from the member answering.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Inspect one job.
+    Job {
+        #[command(subcommand)]
+        command: JobCmd,
+    },
+    /// Stop a job (its versions are kept).
+    Stop {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// The controller cluster itself.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+    /// Show what applying a spec would do (placements, stops) without doing it.
+    Plan {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Set a job's number of replicas.
+    Scale {
+        name: String,
+        replicas: u32,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// List nodes: address, status, labels, allocated/total resources.
+    Nodes {
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Services (jobs with a `service` section), their endpoints and health.
+    Services {
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Drain or undrain a node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCmd,
+    },
+    /// An allocation's output (through its node's agent).
+    Logs {
+        allocation: String,
+        /// Keep printing new output until it stops.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in an allocation's container and exit with its exit code.
+    Exec {
+        allocation: String,
+        /// KEY=VALUE added to the environment, repeatable.
+        #[arg(short, long)]
+        env: Vec<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List allocations (of one job, or all).
+    Ps {
+        job: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Also stopped ones.
+        #[arg(short, long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Move the node's allocations elsewhere and place nothing new on it.
+    Drain { name: String },
+    /// Make a drained node schedulable again.
+    Undrain { name: String },
+    /// Forget a node that is down for good (a decommissioned host): its pod subnet is freed
+    /// and it leaves `skiff nodes`. Refused while the node is not down.
+    #[command(alias = "remove")]
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum JobCmd {
+    /// A job's versions and allocations.
+    Status {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Members with their role and applied index.
+    Members,
+    /// The current leader.
+    Leader,
+    /// Add a member (it is promoted to voter once caught up).
+    Add {
+        id: u64,
+        #[arg(long)]
+        rpc_addr: String,
+        #[arg(long)]
+        http_addr: String,
+    },
+    /// Remove a member.
+    Remove { id: u64 },
+}

@@ -1,0 +1,409 @@
+//! Every conversion between the wire (`skiff_proto`) and the controller's own types, in one
+//! place: what the API sends is built here, and what agents report is checked here, once,
+//! where it enters. Enums cross the wire as proto enums, never as strings compared with
+//! literals.
+
+use skiff_common::JobSpec;
+use skiff_common::spec::{CheckKind, Protocol, RestartPolicy};
+use skiff_proto::v1 as pb;
+
+use super::ApiError;
+use crate::raft::Role;
+use crate::scheduler::Usage;
+use crate::state::{
+    Allocation, AllocationStatus, DesiredStatus, Health, JobStatus, JobSummary, Node,
+    NodeResources, NodeStatus, WireguardBackend, WireguardIdentity,
+};
+
+/// What an agent runs for an allocation of `spec`: the spec resolved (port names to numbers,
+/// the stop signal to its number, durations to milliseconds). Computed once per job version
+/// by the assignment cache, not once per watching agent.
+pub fn task(spec: &JobSpec) -> pb::Task {
+    let port_of = |name: &str| spec.port(name).map_or(0, |p| u32::from(p.port));
+    let check = spec
+        .service
+        .as_ref()
+        .and_then(|s| s.check.as_ref())
+        .map(|c| {
+            let kind = match &c.kind {
+                CheckKind::Http {
+                    path,
+                    port,
+                    expected_status,
+                } => pb::health_check::Kind::Http(pb::HttpCheck {
+                    path: path.clone(),
+                    port: port.as_deref().map_or(0, port_of),
+                    expected_status: u32::from(*expected_status),
+                }),
+                CheckKind::Tcp { port } => pb::health_check::Kind::Tcp(pb::TcpCheck {
+                    port: port_of(port),
+                }),
+                CheckKind::Exec { command } => pb::health_check::Kind::Exec(pb::ExecCheck {
+                    command: command.clone(),
+                }),
+            };
+            pb::HealthCheck {
+                kind: Some(kind),
+                interval_ms: millis(c.interval),
+                timeout_ms: millis(c.timeout),
+                healthy_threshold: c.healthy_threshold,
+                unhealthy_threshold: c.unhealthy_threshold,
+            }
+        });
+    pb::Task {
+        containers: vec![pb::ContainerTask {
+            name: "main".into(),
+            image: spec.image.clone(),
+            entrypoint: spec.command.clone(),
+            args: spec.args.clone(),
+            env: spec.env.clone().into_iter().collect(),
+            restart: match spec.restart {
+                RestartPolicy::Never => pb::RestartPolicy::Never,
+                RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
+                RestartPolicy::Always => pb::RestartPolicy::Always,
+            } as i32,
+            // Validated at apply: a known name.
+            stop_signal: skiff_common::spec::signal_number(&spec.stop_signal).unwrap_or(15),
+            stop_grace_ms: millis(spec.stop_grace),
+            resources: Some(pb::ContainerResources {
+                cpu: spec.resources.cpu,
+                memory: spec.resources.memory.as_u64(),
+                pids: spec.resources.pids,
+            }),
+        }],
+        ports: spec
+            .ports
+            .iter()
+            .map(|p| pb::TaskPort {
+                name: p.name.clone(),
+                port: u32::from(p.port),
+                protocol: protocol(p.protocol) as i32,
+            })
+            .collect(),
+        check,
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub fn protocol(p: Protocol) -> pb::Protocol {
+    match p {
+        Protocol::Tcp => pb::Protocol::Tcp,
+        Protocol::Udp => pb::Protocol::Udp,
+    }
+}
+
+pub fn job_status(s: JobStatus) -> pb::JobStatus {
+    match s {
+        JobStatus::Running => pb::JobStatus::Running,
+        JobStatus::Stopped => pb::JobStatus::Stopped,
+    }
+}
+
+pub fn job_summary(s: &JobSummary) -> pb::JobSummary {
+    pb::JobSummary {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        version: s.version,
+        status: job_status(s.status) as i32,
+        replicas: s.replicas,
+        image: s.image.clone(),
+        submitted_at_ms: s.submitted_at_ms,
+        versions: s.versions,
+    }
+}
+
+pub fn health(h: Option<Health>) -> pb::Health {
+    match h {
+        None => pb::Health::Unspecified,
+        Some(Health::Starting) => pb::Health::Starting,
+        Some(Health::Healthy) => pb::Health::Healthy,
+        Some(Health::Unhealthy) => pb::Health::Unhealthy,
+    }
+}
+
+pub fn allocation_state(s: &AllocationStatus) -> pb::AllocationState {
+    match s {
+        AllocationStatus::Pending => pb::AllocationState::Pending,
+        AllocationStatus::Running => pb::AllocationState::Running,
+        AllocationStatus::Exited { .. } => pb::AllocationState::Exited,
+        AllocationStatus::Failed { .. } => pb::AllocationState::Failed,
+        AllocationStatus::Lost => pb::AllocationState::Lost,
+    }
+}
+
+pub fn allocation(a: &Allocation) -> pb::Allocation {
+    let (exit_code, reason) = match &a.observed {
+        AllocationStatus::Exited { code } => (Some(*code), String::new()),
+        AllocationStatus::Failed { reason } => (None, reason.clone()),
+        _ => (None, String::new()),
+    };
+    pb::Allocation {
+        id: a.id.clone(),
+        namespace: a.namespace.clone(),
+        job: a.job.clone(),
+        job_version: a.job_version,
+        node: a.node.clone(),
+        desired: match a.desired {
+            DesiredStatus::Run => pb::DesiredState::Run,
+            DesiredStatus::Stop => pb::DesiredState::Stop,
+        } as i32,
+        observed: allocation_state(&a.observed) as i32,
+        restarts: a.restarts,
+        created_at_ms: a.created_at_ms,
+        observed_at_ms: a.observed_at_ms,
+        exit_code,
+        reason,
+        ip: a.ip.clone().unwrap_or_default(),
+        health: health(a.health) as i32,
+        health_output: a.health_output.clone(),
+    }
+}
+
+pub fn member_role(r: Role) -> pb::MemberRole {
+    match r {
+        Role::Leader => pb::MemberRole::Leader,
+        Role::Follower => pb::MemberRole::Follower,
+        Role::Candidate => pb::MemberRole::Candidate,
+        Role::Learner => pb::MemberRole::Learner,
+        Role::Shutdown => pb::MemberRole::Unreachable,
+    }
+}
+
+fn resources(r: &NodeResources) -> pb::NodeResources {
+    pb::NodeResources {
+        cpu: r.cpu,
+        memory: r.memory,
+        pids: r.pids,
+    }
+}
+
+pub fn node_status(s: NodeStatus) -> pb::NodeStatus {
+    match s {
+        NodeStatus::Ready => pb::NodeStatus::Ready,
+        NodeStatus::Draining => pb::NodeStatus::Draining,
+        NodeStatus::Down => pb::NodeStatus::Down,
+    }
+}
+
+fn backend(b: WireguardBackend) -> pb::WireguardBackend {
+    match b {
+        WireguardBackend::Kernel => pb::WireguardBackend::Kernel,
+        WireguardBackend::Userspace => pb::WireguardBackend::Userspace,
+    }
+}
+
+/// A node as the API shows it, with what its allocations hold (from
+/// [`crate::reconcile::usage_by_node`], computed once per request).
+pub fn node(n: &Node, usage: Option<&(Usage, u32)>) -> pb::Node {
+    let (used, count) = usage.copied().unwrap_or_default();
+    let allocated = NodeResources {
+        cpu: used.millicpu as f64 / 1000.0,
+        memory: used.memory,
+        pids: u32::try_from(used.pids).unwrap_or(u32::MAX),
+    };
+    pb::Node {
+        name: n.name.clone(),
+        address: n.address.clone(),
+        status: node_status(n.status) as i32,
+        labels: n.labels.clone().into_iter().collect(),
+        total: Some(resources(&n.resources)),
+        allocated: Some(resources(&allocated)),
+        allocations: count,
+        agent_addr: n.agent_addr.clone(),
+        registered_at_ms: n.registered_at_ms,
+        status_changed_at_ms: n.status_changed_at_ms,
+        subnet: n.subnet.clone().unwrap_or_default(),
+        wireguard: n.wireguard.as_ref().map(|w| pb::WireguardIdentity {
+            public_key: w.public_key.clone(),
+            endpoint: w.endpoint.clone(),
+            backend: backend(w.backend) as i32,
+        }),
+        wireguard_status: None,
+    }
+}
+
+/// Checks an agent's WireGuard identity: a 32-byte base64 key, an `IP:port` endpoint, a
+/// known backend.
+pub fn wireguard_identity(w: pb::WireguardIdentity) -> Result<WireguardIdentity, ApiError> {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(&w.public_key)
+        .ok()
+        .filter(|k| k.len() == 32);
+    if key.is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "wireguard.public_key: {:?} is not a base64 32-byte key",
+            w.public_key
+        )));
+    }
+    if w.endpoint.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::BadRequest(format!(
+            "wireguard.endpoint: {:?} is not IP:port",
+            w.endpoint
+        )));
+    }
+    let backend = match pb::WireguardBackend::try_from(w.backend) {
+        Ok(pb::WireguardBackend::Kernel) => WireguardBackend::Kernel,
+        Ok(pb::WireguardBackend::Userspace) => WireguardBackend::Userspace,
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "wireguard.backend: {} is not kernel or userspace",
+                w.backend
+            )));
+        }
+    };
+    Ok(WireguardIdentity {
+        public_key: w.public_key,
+        endpoint: w.endpoint,
+        backend,
+    })
+}
+
+/// What an agent reports of an allocation: its state (PENDING, RUNNING, EXITED, FAILED; LOST is
+/// the controllers' to say) and its health verdict.
+pub fn report(r: &pb::AllocationReport) -> Result<(AllocationStatus, Option<Health>), ApiError> {
+    let bad = |what: String| ApiError::BadRequest(format!("allocations: {}: {what}", r.id));
+    let status = match pb::AllocationState::try_from(r.state) {
+        Ok(pb::AllocationState::Pending) => AllocationStatus::Pending,
+        Ok(pb::AllocationState::Running) => AllocationStatus::Running,
+        Ok(pb::AllocationState::Exited) => AllocationStatus::Exited { code: r.exit_code },
+        Ok(pb::AllocationState::Failed) => AllocationStatus::Failed {
+            reason: r.reason.clone(),
+        },
+        _ => {
+            return Err(bad(format!(
+                "state {} is not one an agent reports",
+                r.state
+            )));
+        }
+    };
+    let health = match pb::Health::try_from(r.health) {
+        Ok(pb::Health::Unspecified) => None,
+        Ok(pb::Health::Starting) => Some(Health::Starting),
+        Ok(pb::Health::Healthy) => Some(Health::Healthy),
+        Ok(pb::Health::Unhealthy) => Some(Health::Unhealthy),
+        Err(_) => return Err(bad(format!("unknown health {}", r.health))),
+    };
+    Ok((status, health))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> JobSpec {
+        skiff_common::parse_job_spec(text, skiff_common::SpecFormat::Toml).expect("spec")
+    }
+
+    #[test]
+    fn task_resolves_ports_signals_and_durations() {
+        let t = task(&spec(
+            r#"
+            name = "web"
+            image = "127.0.0.1:5000/web:1"
+            command = ["/bin/httpd"]
+            args = ["-f"]
+            env = { A = "1" }
+            restart = "always"
+            stop_signal = "SIGQUIT"
+            stop_grace = "3s"
+            [resources]
+            memory = "32Mi"
+            [[ports]]
+            name = "http"
+            port = 8080
+            [service]
+            port = "http"
+            check = { http = "/healthz", interval = "2s", timeout = "1s" }
+            "#,
+        ));
+        let c = &t.containers[0];
+        assert_eq!(c.image, "127.0.0.1:5000/web:1");
+        assert_eq!(c.entrypoint, ["/bin/httpd"]);
+        assert_eq!(c.args, ["-f"]);
+        assert_eq!(c.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(c.restart, pb::RestartPolicy::Always as i32);
+        assert_eq!(c.stop_signal, 3);
+        assert_eq!(c.stop_grace_ms, 3000);
+        assert_eq!(c.resources.as_ref().map(|r| r.memory), Some(32 << 20));
+        assert_eq!(t.ports[0].port, 8080);
+        let check = t.check.expect("check");
+        assert_eq!((check.interval_ms, check.timeout_ms), (2000, 1000));
+        assert_eq!(
+            check.kind,
+            Some(pb::health_check::Kind::Http(pb::HttpCheck {
+                path: "/healthz".into(),
+                port: 8080,
+                expected_status: 200,
+            }))
+        );
+    }
+
+    #[test]
+    fn reports_are_checked() {
+        let mut r = pb::AllocationReport {
+            id: "a1".into(),
+            state: pb::AllocationState::Exited as i32,
+            exit_code: 3,
+            health: pb::Health::Healthy as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            report(&r).expect("valid"),
+            (AllocationStatus::Exited { code: 3 }, Some(Health::Healthy))
+        );
+        for (state, health, expect) in [
+            (
+                pb::AllocationState::Lost as i32,
+                0,
+                "state 5 is not one an agent reports",
+            ),
+            (0, 0, "state 0 is not one an agent reports"),
+            (2, 9, "unknown health 9"),
+        ] {
+            r.state = state;
+            r.health = health;
+            let e = report(&r).expect_err(expect).to_string();
+            assert_eq!(e, format!("allocations: a1: {expect}"));
+        }
+    }
+
+    #[test]
+    fn wireguard_identities_are_checked() {
+        let ok = pb::WireguardIdentity {
+            public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            endpoint: "198.18.0.2:51820".into(),
+            backend: pb::WireguardBackend::Userspace as i32,
+        };
+        assert!(wireguard_identity(ok.clone()).is_ok());
+        for (w, expect) in [
+            (
+                pb::WireguardIdentity {
+                    public_key: "short".into(),
+                    ..ok.clone()
+                },
+                "wireguard.public_key",
+            ),
+            (
+                pb::WireguardIdentity {
+                    endpoint: "nowhere".into(),
+                    ..ok.clone()
+                },
+                "wireguard.endpoint",
+            ),
+            (
+                pb::WireguardIdentity {
+                    backend: 0,
+                    ..ok.clone()
+                },
+                "wireguard.backend: 0 is not kernel or userspace",
+            ),
+        ] {
+            let e = wireguard_identity(w).expect_err(expect).to_string();
+            assert!(e.starts_with(expect), "{e}");
+        }
+    }
+}

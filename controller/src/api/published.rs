@@ -1,0 +1,151 @@
+//! What the controller streams to agents, computed once per applied log entry and shared by
+//! every open watch: each node's assignment (its allocations with their tasks), the overlay
+//! peers, and the service set. A watch only compares pointers and sends what changed.
+//!
+//! Tasks are converted from a job version's spec once ever (versions never change), the
+//! per-node lists once per entry; a node whose list is unchanged keeps the same `Arc`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use skiff_proto::v1 as pb;
+use tokio::sync::watch;
+
+use super::convert;
+use crate::raft::RaftNode;
+use crate::state::{ClusterState, DesiredStatus, NodeStatus};
+
+/// One applied entry's view.
+#[derive(Default)]
+pub struct Published {
+    /// The applied log index it was computed at.
+    pub index: u64,
+    /// Each node's allocations to run, by node name (nodes with none are absent).
+    pub assignments: HashMap<String, Arc<Vec<pb::AssignedAllocation>>>,
+    /// Every node the overlay should reach: not down, with a key and a subnet. A node's own
+    /// entry is left out when its message is built.
+    pub peers: Arc<Vec<pb::OverlayPeer>>,
+    /// Every service and its endpoints.
+    pub services: Arc<Vec<pb::ServiceInfo>>,
+}
+
+impl Published {
+    /// The message for `node`'s watch.
+    pub fn assignment_for(&self, node: &str) -> pb::AssignedAllocations {
+        pb::AssignedAllocations {
+            allocations: self
+                .assignments
+                .get(node)
+                .map(|a| a.as_ref().clone())
+                .unwrap_or_default(),
+            index: self.index,
+            peers: self
+                .peers
+                .iter()
+                .filter(|p| p.node != node)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// Starts the task that follows the applied index; returns the receiver watches subscribe to.
+pub fn spawn(node: RaftNode) -> watch::Receiver<Arc<Published>> {
+    let (tx, rx) = watch::channel(Arc::new(Published::default()));
+    tokio::spawn(async move {
+        let mut applied = node.applied_watch();
+        let mut tasks: HashMap<(String, String, u64), pb::Task> = HashMap::new();
+        while let Some(index) = applied.changed().await {
+            let prev = tx.borrow().clone();
+            let next = {
+                let snapshot = node.state();
+                build(&snapshot.state, index, &prev, &mut tasks)
+            };
+            if tx.send(Arc::new(next)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn build(
+    state: &ClusterState,
+    index: u64,
+    prev: &Published,
+    tasks: &mut HashMap<(String, String, u64), pb::Task>,
+) -> Published {
+    let mut by_node: BTreeMap<&str, Vec<pb::AssignedAllocation>> = BTreeMap::new();
+    let mut used = HashSet::new();
+    for a in state.allocations() {
+        if a.desired != DesiredStatus::Run {
+            continue;
+        }
+        let key = (a.namespace.clone(), a.job.clone(), a.job_version);
+        used.insert(key.clone());
+        let task = match tasks.get(&key) {
+            Some(t) => t.clone(),
+            None => {
+                let Some(v) = state
+                    .job(&a.namespace, &a.job)
+                    .and_then(|j| j.version(a.job_version))
+                else {
+                    continue;
+                };
+                let t = convert::task(&v.spec);
+                tasks.insert(key, t.clone());
+                t
+            }
+        };
+        by_node
+            .entry(a.node.as_str())
+            .or_default()
+            .push(pb::AssignedAllocation {
+                id: a.id.clone(),
+                namespace: a.namespace.clone(),
+                job: a.job.clone(),
+                job_version: a.job_version,
+                task: Some(task),
+            });
+    }
+    // Tasks of versions no allocation runs any more are dropped from the cache.
+    tasks.retain(|key, _| used.contains(key));
+    let assignments = by_node
+        .into_iter()
+        .map(|(node, list)| {
+            let shared = match prev.assignments.get(node) {
+                Some(old) if old.as_ref() == &list => old.clone(),
+                _ => Arc::new(list),
+            };
+            (node.to_owned(), shared)
+        })
+        .collect();
+    let peers: Vec<pb::OverlayPeer> = state
+        .nodes()
+        .filter(|n| n.status != NodeStatus::Down)
+        .filter_map(|n| {
+            let wg = n.wireguard.as_ref()?;
+            Some(pb::OverlayPeer {
+                node: n.name.clone(),
+                subnet: n.subnet.clone()?,
+                public_key: wg.public_key.clone(),
+                endpoint: wg.endpoint.clone(),
+            })
+        })
+        .collect();
+    let services = super::services::services(state, None);
+    Published {
+        index,
+        assignments,
+        peers: if prev.peers.as_ref() == &peers {
+            prev.peers.clone()
+        } else {
+            Arc::new(peers)
+        },
+        services: if prev.services.as_ref() == &services {
+            prev.services.clone()
+        } else {
+            Arc::new(services)
+        },
+    }
+}
