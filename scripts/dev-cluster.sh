@@ -4,7 +4,8 @@
 # builds (runtime/tests/fixtures/make-busybox-image.sh), so nothing is downloaded.
 #   sudo scripts/dev-cluster.sh        start (or reuse) the cluster and deploy the example
 #   sudo scripts/dev-cluster.sh down   stop it, remove its containers and state
-# State lives in .skiff-dev/ at the repository root. Only loopback addresses are used. The agent
+# State lives in .skiff-dev/ at the repository root (SKIFF_DEV_DIR moves it; SKIFF_DEV_CGROUP
+# names the containers' cgroup parent, default skiff-dev). Only loopback addresses are used. The agent
 # runs containers, so this needs root. It also sets up the pod network on this host: a bridge
 # skiff0 (10.42.0.1/24), a userspace WireGuard tunnel skiff-wg (no peers on one host), iptables
 # masquerade for pod egress and net.ipv4.ip_forward=1; `down` removes all of it and puts
@@ -16,7 +17,7 @@ rpc=127.0.0.1:7700
 http=127.0.0.1:7780
 agent_api=127.0.0.1:7801
 bin="$root/target/debug"
-cgroup_parent=skiff-dev
+cgroup_parent="${SKIFF_DEV_CGROUP:-skiff-dev}"
 
 stop_pid() {
   if [ -f "$1" ]; then

@@ -22,24 +22,16 @@ const FIXTURE: &str = concat!(
 );
 const AGENT: &str = env!("CARGO_BIN_EXE_skiff-agent");
 
-/// Whether this test can run here; says why not.
+/// Whether this test can run here: root, a registry, skopeo (a missing one fails the test
+/// unless SKIFF_TEST_SKIP opts out).
 fn can_run() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return false;
-    }
-    for tool in ["docker-registry", "skopeo"] {
-        if !Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            eprintln!("skipped: needs {tool} (apt-get install docker-registry skopeo)");
-            return false;
-        }
-    }
-    true
+    use skiff_testkit::{Need, require, tool};
+    require(&[
+        Need::Root,
+        Need::Cgroupfs,
+        tool("docker-registry", "docker-registry"),
+        tool("skopeo", "skopeo"),
+    ])
 }
 
 /// A docker-registry process on 127.0.0.1, storage and log in a temp dir; killed on drop.
@@ -1100,8 +1092,7 @@ fn r20_progress_on_a_terminal() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("skipped: needs script(1) from util-linux for a pseudo-terminal");
+    if !skiff_testkit::require(&[skiff_testkit::tool("script", "util-linux")]) {
         return Ok(());
     }
     let (reg, tmp, layout) = registry_with(

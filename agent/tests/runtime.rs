@@ -7,14 +7,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 macro_rules! need_root {
     () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (namespaces, mounts, cgroups)");
+        if !skiff_testkit::require(&[skiff_testkit::Need::Root, skiff_testkit::Need::Cgroupfs]) {
             return;
         }
     };

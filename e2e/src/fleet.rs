@@ -148,17 +148,17 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Whether this machine can run a fleet: root and `ip netns`. Says why not.
+/// Whether this machine can run a fleet: root, cgroups, `ip netns`, `nsenter`. A missing one
+/// fails the test unless SKIFF_TEST_SKIP opts out of it.
 pub fn can_run() -> bool {
-    if !crate::is_root() {
-        eprintln!("skipped: the fleet needs root (network namespaces, containers)");
-        return false;
-    }
-    if Command::new("ip").args(["netns", "list"]).output().is_err() {
-        eprintln!("skipped: the fleet needs iproute2 (ip netns)");
-        return false;
-    }
-    true
+    use skiff_testkit::{Need, require, tool};
+    require(&[
+        Need::Root,
+        Need::Cgroupfs,
+        tool("ip", "iproute2"),
+        tool("nsenter", "util-linux"),
+        tool("iptables", "iptables"),
+    ])
 }
 
 impl Fleet {

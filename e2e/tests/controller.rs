@@ -218,11 +218,11 @@ fn bad_input_is_refused_with_one_clear_line() {
 /// A real Prometheus scrapes every member; `promtool` accepts the exposition.
 #[test]
 fn prometheus_scrapes_every_member() {
-    for tool in ["/usr/bin/prometheus", "/usr/bin/promtool"] {
-        assert!(
-            std::path::Path::new(tool).exists(),
-            "{tool} is missing: install Debian's prometheus package (scripts/test.sh does)"
-        );
+    if !skiff_testkit::require(&[
+        skiff_testkit::tool("/usr/bin/prometheus", "prometheus"),
+        skiff_testkit::tool("/usr/bin/promtool", "prometheus"),
+    ]) {
+        return;
     }
     let root = tempfile::Builder::new()
         .prefix("skiff-e2e-prom-")

@@ -1,56 +1,93 @@
 //! README command 1 stays true: `scripts/dev-cluster.sh` brings up a controller and an agent
-//! on this host and runs the example service, and `down` removes it all. Needs root; skipped
-//! when the dev cluster's ports are taken (a developer's own dev cluster may be running).
+//! and runs the example service, and `down` removes it all. The script runs in a network
+//! namespace of this test's own (loopback up, nothing else), so its fixed ports, bridge and
+//! WireGuard port are never taken by a developer's own dev cluster and nothing it sets up
+//! touches the host's network; its state dir and cgroup parent are per run too.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
-struct Down<'a>(&'a Path);
+/// The test's own network namespace and what the script left there; removed on drop.
+struct Sandbox {
+    netns: String,
+    state: std::path::PathBuf,
+    cgroup: String,
+}
 
-impl Drop for Down<'_> {
+impl Sandbox {
+    /// Runs `args` inside the namespace (network only: /sys and the cgroup mounts stay the
+    /// host's, which the agent needs).
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .args(args)
+            .env("SKIFF_DEV_DIR", &self.state)
+            .env("SKIFF_DEV_CGROUP", &self.cgroup)
+            .output()
+            .expect("nsenter")
+    }
+
+    fn script(&self, arg: &str) -> Output {
+        self.run(&["bash", &format!("{ROOT}/scripts/dev-cluster.sh"), arg])
+    }
+
+    fn has_link(&self, name: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.netns, "link", "show", name])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Drop for Sandbox {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(format!("{ROOT}/scripts/dev-cluster.sh"))
-            .arg("down")
-            .env("SKIFF_DEV_DIR", self.0)
+        let _ = self.script("down");
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
             .output();
     }
 }
 
 #[test]
 fn readme_dev_cluster_runs_the_example_service() {
-    if !skiff_e2e::is_root() {
-        eprintln!("skipped: the dev cluster's agent runs containers (needs root)");
+    use skiff_testkit::{Need, require, tool};
+    if !require(&[
+        Need::Root,
+        Need::Cgroupfs,
+        tool("ip", "iproute2"),
+        tool("nsenter", "util-linux"),
+        tool("iptables", "iptables"),
+    ]) {
         return;
     }
-    for port in [7700, 7780, 7801, 7802] {
-        if TcpListener::bind(("127.0.0.1", port)).is_err() {
-            eprintln!("skipped: 127.0.0.1:{port} is in use (a dev cluster already running?)");
-            return;
-        }
-    }
-    if std::net::UdpSocket::bind(("0.0.0.0", 51820)).is_err()
-        || Path::new("/sys/class/net/skiff0").exists()
-    {
-        eprintln!("skipped: WireGuard's port 51820 or the skiff0 bridge is taken on this host");
-        return;
-    }
-    let forward_before =
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("ip_forward");
     let dir = tempfile::Builder::new()
         .prefix("skiff-dev-test-")
         .tempdir()
         .expect("tempdir");
-    let state = dir.path().join("state");
-    let _down = Down(&state);
-    let out = Command::new("bash")
-        .arg(format!("{ROOT}/scripts/dev-cluster.sh"))
-        .env("SKIFF_DEV_DIR", &state)
-        .output()
-        .expect("dev-cluster.sh");
+    let run = format!("skdev{}", std::process::id());
+    let sandbox = Sandbox {
+        netns: run.clone(),
+        state: dir.path().join("state"),
+        cgroup: format!("skiff-devtest-{}", std::process::id()),
+    };
+    let made = Command::new("ip")
+        .args(["netns", "add", &sandbox.netns])
+        .status()
+        .expect("ip netns add");
+    assert!(made.success(), "ip netns add {}", sandbox.netns);
+    let lo = Command::new("ip")
+        .args(["-n", &sandbox.netns, "link", "set", "lo", "up"])
+        .status()
+        .expect("ip link");
+    assert!(lo.success());
+    let forward_before = sandbox
+        .run(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+        .stdout;
+
+    let out = sandbox.script("up");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -59,7 +96,7 @@ fn readme_dev_cluster_runs_the_example_service() {
     );
     assert!(text.contains("hello from skiff"), "{text}");
     // Each replica has a pod address on the bridge, shown by `skiff ps`.
-    assert!(Path::new("/sys/class/net/skiff0").exists(), "no bridge");
+    assert!(sandbox.has_link("skiff0"), "no bridge");
     assert_eq!(
         text.lines()
             .filter(|l| l.contains("default/web") && l.contains(" 10.42.0."))
@@ -74,45 +111,39 @@ fn readme_dev_cluster_runs_the_example_service() {
         3,
         "{text}"
     );
-    let out = Command::new("bash")
-        .arg(format!("{ROOT}/scripts/dev-cluster.sh"))
-        .arg("down")
-        .env("SKIFF_DEV_DIR", &state)
-        .output()
-        .expect("down");
-    assert!(out.status.success());
-    assert!(!state.exists(), "state removed");
+
+    let out = sandbox.script("down");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!sandbox.state.exists(), "state removed");
     let left = std::fs::read_dir("/sys/fs/cgroup")
         .into_iter()
         .flatten()
         .flatten()
-        .any(|h| h.path().join("skiff-dev").exists());
+        .any(|h| h.path().join(&sandbox.cgroup).exists());
     assert!(!left, "cgroup parent removed");
     // The network is gone too: bridge, tunnel, iptables rules; ip_forward as it was.
-    assert!(
-        !Path::new("/sys/class/net/skiff0").exists(),
-        "bridge removed"
-    );
-    let rules = Command::new("iptables")
-        .args(["-t", "nat", "-S", "POSTROUTING"])
-        .output()
-        .expect("iptables");
+    assert!(!sandbox.has_link("skiff0"), "bridge removed");
+    let rules = sandbox.run(&["iptables", "-t", "nat", "-S", "POSTROUTING"]);
     assert!(
         !String::from_utf8_lossy(&rules.stdout).contains("skiff pod egress"),
         "masquerade rule removed"
     );
     for _ in 0..50 {
-        if !Path::new("/sys/class/net/skiff-wg").exists() {
+        if !sandbox.has_link("skiff-wg") {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert!(
-        !Path::new("/sys/class/net/skiff-wg").exists(),
-        "tunnel stopped"
-    );
+    assert!(!sandbox.has_link("skiff-wg"), "tunnel stopped");
     assert_eq!(
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("ip_forward"),
+        sandbox
+            .run(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+            .stdout,
         forward_before
     );
+    assert!(Path::new(&format!("/run/netns/{run}")).exists());
 }

@@ -129,7 +129,13 @@ fn in_subnet(ip: &str, subnet: &str) -> bool {
 
 #[test]
 fn o10_cross_host_traffic_is_encrypted_and_survives_agent_restarts() -> Result<()> {
-    if !can_run() {
+    if !can_run()
+        || !skiff_testkit::require(&[
+            skiff_testkit::tool("tcpdump", "tcpdump"),
+            skiff_testkit::tool("wg", "wireguard-tools"),
+            skiff_testkit::tool("curl", "curl"),
+        ])
+    {
         return Ok(());
     }
     let _serial = serial();
@@ -534,13 +540,11 @@ fn o30_userspace_tunnel_talks_to_wireguard_go() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    for tool in ["wireguard-go", "wg"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            eprintln!(
-                "skipped: {tool} is not installed (apt-get install wireguard-go wireguard-tools)"
-            );
-            return Ok(());
-        }
+    if !skiff_testkit::require(&[
+        skiff_testkit::tool("wireguard-go", "wireguard-go"),
+        skiff_testkit::tool("wg", "wireguard-tools"),
+    ]) {
+        return Ok(());
     }
     let _serial = serial();
     let fleet = Fleet::start(1, 1, GRACE)?;

@@ -222,12 +222,10 @@ fn s20_dns_serves_services_on_every_host() -> Result<()> {
     if !can_run() {
         return Ok(());
     }
-    if std::process::Command::new("dig")
-        .arg("-v")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: dig is not installed (apt-get install bind9-dnsutils)");
+    if !skiff_testkit::require(&[
+        skiff_testkit::tool("dig", "bind9-dnsutils"),
+        skiff_testkit::tool("python3", "python3"),
+    ]) {
         return Ok(());
     }
     let _serial = serial();

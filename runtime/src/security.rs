@@ -194,11 +194,7 @@ mod tests {
     use std::ffi::CString;
 
     pub(super) fn is_root() -> bool {
-        if nix::unistd::geteuid().is_root() {
-            return true;
-        }
-        println!("skipped: needs root");
-        false
+        skiff_testkit::require(&[skiff_testkit::Need::Root])
     }
 
     /// Copies this thread's /proc status into `out`; false on any failure.
@@ -331,8 +327,7 @@ mod tests {
         if !is_root() {
             return;
         }
-        if !std::path::Path::new("/bin/cat").exists() {
-            println!("skipped: needs /bin/cat");
+        if !skiff_testkit::require(&[skiff_testkit::tool("/bin/cat", "coreutils")]) {
             return;
         }
         let keep = default_capabilities();

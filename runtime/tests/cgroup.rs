@@ -20,12 +20,7 @@ use skiff_runtime::cgroup::{self, CgroupError, Limits};
 const MIB: u64 = 1024 * 1024;
 
 fn host_ready() -> bool {
-    let has_cgroupfs = fs::read_dir("/sys/fs/cgroup").is_ok_and(|mut d| d.next().is_some());
-    let ok = nix::unistd::geteuid().is_root() && has_cgroupfs;
-    if !ok {
-        println!("skipped: needs root and cgroupfs");
-    }
-    ok
+    skiff_testkit::require(&[skiff_testkit::Need::Root, skiff_testkit::Need::Cgroupfs])
 }
 
 /// Mount points of every cgroup and cgroup2 filesystem.

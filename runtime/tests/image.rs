@@ -20,11 +20,7 @@ const FIXTURE: &str = concat!(
 );
 
 fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped: needs root");
-    false
+    skiff_testkit::require(&[skiff_testkit::Need::Root])
 }
 
 /// Runs the fixture script: an OCI layout of busybox at `dir` with `tags`.

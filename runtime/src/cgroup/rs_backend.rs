@@ -632,13 +632,10 @@ mod tests {
     /// never takes otherwise, against a shell that keeps forking.
     #[test]
     fn freezer_path_kills_a_forking_tree() {
-        let layout = match Layout::detect() {
-            Ok(layout) if nix::unistd::geteuid().is_root() => layout,
-            _ => {
-                println!("skipped: needs root and cgroupfs");
-                return;
-            }
-        };
+        if !skiff_testkit::require(&[skiff_testkit::Need::Root, skiff_testkit::Need::Cgroupfs]) {
+            return;
+        }
+        let layout = Layout::detect().expect("cgroup layout of this host");
         let parent = format!(
             "skiff-unit-{}-{:08x}",
             std::process::id(),
