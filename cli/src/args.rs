@@ -145,6 +145,11 @@ pub enum JobCmd {
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
+    /// The cluster-wide settings fixed at bootstrap (pod network), the leader, and counts.
+    Info {
+        #[arg(long)]
+        stale: bool,
+    },
     /// Members with their role and applied index.
     Members,
     /// The current leader.

@@ -17,6 +17,43 @@ pub async fn leader(ctl: &Controllers, out: Out) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn info(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<()> {
+    let req = pb::ClusterInfoRequest {
+        read: Some(pb::ReadOptions { stale }),
+    };
+    let r = rpc!(ctl, cluster, info, req)?;
+    if out.json {
+        return out.json(&serde_json::json!({
+            "cluster_cidr": r.cluster_cidr,
+            "node_subnet_prefix": r.node_subnet_prefix,
+            "leader_id": r.leader_id,
+            "term": r.term,
+            "members": r.members,
+            "nodes": r.nodes,
+            "jobs": r.jobs,
+        }));
+    }
+    if r.cluster_cidr.is_empty() {
+        println!("cluster settings: not committed yet (no leader since bootstrap)");
+    } else {
+        println!("cluster cidr:       {}", r.cluster_cidr);
+        println!("node subnet prefix: /{}", r.node_subnet_prefix);
+    }
+    println!(
+        "leader:             {} (term {})",
+        if r.leader_id == 0 {
+            "none".to_owned()
+        } else {
+            r.leader_id.to_string()
+        },
+        r.term
+    );
+    println!("members:            {}", r.members);
+    println!("nodes:              {}", r.nodes);
+    println!("jobs:               {}", r.jobs);
+    Ok(())
+}
+
 pub async fn members(ctl: &Controllers, out: Out) -> anyhow::Result<()> {
     let resp = rpc!(ctl, cluster, list_members, pb::ListMembersRequest {})?;
     print_members(out, &resp.members)

@@ -45,6 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
         } => jobs::scale(&ctl, out, name, namespace, replicas).await,
         Cmd::Cluster { command } => match command {
+            ClusterCmd::Info { stale } => cluster::info(&ctl, out, stale).await,
             ClusterCmd::Members => cluster::members(&ctl, out).await,
             ClusterCmd::Leader => cluster::leader(&ctl, out).await,
             ClusterCmd::Add {

@@ -48,6 +48,9 @@ pub enum ApiError {
     Raft(#[from] RaftNodeError),
     #[error("{0}")]
     BadRequest(String),
+    /// The member cannot answer yet (try again shortly).
+    #[error("{0}")]
+    NotReady(String),
 }
 
 impl From<ApiError> for Status {
@@ -55,15 +58,16 @@ impl From<ApiError> for Status {
         match e {
             ApiError::Spec(e) => Status::invalid_argument(e.to_string()),
             ApiError::BadRequest(m) => Status::invalid_argument(m),
+            ApiError::NotReady(m) => Status::unavailable(m),
             ApiError::Apply(e) => match e {
                 ApplyError::JobNotFound { .. }
                 | ApplyError::NodeNotFound { .. }
                 | ApplyError::AllocationNotFound { .. } => Status::not_found(e.to_string()),
                 ApplyError::AllocationExists { .. } => Status::already_exists(e.to_string()),
                 ApplyError::NoSubnet { .. } => Status::resource_exhausted(e.to_string()),
-                ApplyError::BadCidr { .. } | ApplyError::NodeNotDown { .. } => {
-                    Status::failed_precondition(e.to_string())
-                }
+                ApplyError::BadCidr { .. }
+                | ApplyError::NodeNotDown { .. }
+                | ApplyError::SettingsConflict { .. } => Status::failed_precondition(e.to_string()),
                 ApplyError::InvalidSpec { .. } | ApplyError::UnknownJobVersion { .. } => {
                     Status::invalid_argument(e.to_string())
                 }

@@ -9,6 +9,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::raft::RaftSettings;
+use crate::state::ClusterSettings;
 
 /// Command-line flags (each also readable from a `SKIFF_*` environment variable).
 #[derive(Debug, Default, Parser)]
@@ -56,9 +57,11 @@ pub struct Args {
     #[arg(long, env = "SKIFF_NODE_GRACE")]
     pub node_grace: Option<String>,
     /// The network nodes' pod subnets (/24 each) are taken from [default: 10.42.0.0/16].
+    /// Cluster-wide: fixed at bootstrap; a member given another value refuses to start.
     #[arg(long, env = "SKIFF_CLUSTER_CIDR")]
     pub cluster_cidr: Option<String>,
     /// The prefix length of each node's pod subnet, 16 to 30 [default: 24, 253 addresses].
+    /// Cluster-wide: fixed at bootstrap; a member given another value refuses to start.
     #[arg(long, env = "SKIFF_NODE_SUBNET_PREFIX")]
     pub node_subnet_prefix: Option<u8>,
 }
@@ -102,11 +105,67 @@ pub struct Config {
     pub raft: RaftSettings,
     /// A node not heard from for this long is down.
     pub node_grace: std::time::Duration,
-    /// Pod subnets come from here.
-    pub cluster_cidr: String,
-    /// Each node's pod subnet is this long a prefix.
-    pub node_subnet_prefix: u8,
+    /// Cluster-wide settings given on this start (flag, env or file); `None` where not given.
+    pub cluster: ClusterFlags,
 }
+
+/// The cluster-wide settings as given to one member at one start. They take effect only at
+/// bootstrap (the first leader commits them, defaults for what was not given); afterwards
+/// they live in the replicated state, and a member given a value that differs refuses to run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterFlags {
+    pub cluster_cidr: Option<String>,
+    pub node_subnet_prefix: Option<u8>,
+}
+
+impl ClusterFlags {
+    /// What a new cluster is bootstrapped with.
+    pub fn for_bootstrap(&self) -> ClusterSettings {
+        ClusterSettings {
+            cluster_cidr: self
+                .cluster_cidr
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CLUSTER_CIDR.to_owned()),
+            node_subnet_prefix: self
+                .node_subnet_prefix
+                .unwrap_or(DEFAULT_NODE_SUBNET_PREFIX),
+        }
+    }
+
+    /// Why these flags conflict with the cluster's settings, naming both values; `None` when
+    /// every value given matches.
+    pub fn conflict(&self, cluster: &ClusterSettings) -> Option<String> {
+        let mut out = Vec::new();
+        if let Some(c) = &self.cluster_cidr
+            && *c != cluster.cluster_cidr
+        {
+            out.push(format!(
+                "--cluster-cidr {c}, but the cluster was bootstrapped with {}",
+                cluster.cluster_cidr
+            ));
+        }
+        if let Some(p) = self.node_subnet_prefix
+            && p != cluster.node_subnet_prefix
+        {
+            out.push(format!(
+                "--node-subnet-prefix {p}, but the cluster was bootstrapped with {}",
+                cluster.node_subnet_prefix
+            ));
+        }
+        (!out.is_empty()).then(|| {
+            format!(
+                "{} (cluster-wide settings are fixed at bootstrap: drop the flag, or give the \
+                 cluster's value; `skiff cluster info` shows them)",
+                out.join("; ")
+            )
+        })
+    }
+}
+
+/// The pod network when none is given at bootstrap.
+pub const DEFAULT_CLUSTER_CIDR: &str = "10.42.0.0/16";
+/// A node's pod subnet prefix when none is given at bootstrap (253 addresses).
+pub const DEFAULT_NODE_SUBNET_PREFIX: u8 = 24;
 
 /// A configuration problem, named precisely.
 #[derive(Debug, thiserror::Error)]
@@ -202,23 +261,20 @@ impl Config {
                 .filter(|d| *d >= std::time::Duration::from_secs(1))
                 .ok_or(ConfigError::NodeGrace(s))?,
         };
-        let cluster_cidr = args
-            .cluster_cidr
-            .or(file.cluster_cidr)
-            .unwrap_or_else(|| "10.42.0.0/16".to_owned());
-        let Some((_, cluster_prefix)) = crate::state::parse_cidr(&cluster_cidr) else {
-            return Err(ConfigError::ClusterCidr(cluster_cidr));
+        let cluster = ClusterFlags {
+            cluster_cidr: args.cluster_cidr.or(file.cluster_cidr),
+            node_subnet_prefix: args.node_subnet_prefix.or(file.node_subnet_prefix),
         };
-        let node_subnet_prefix = args
-            .node_subnet_prefix
-            .or(file.node_subnet_prefix)
-            .unwrap_or(24);
-        if !(16..=30).contains(&node_subnet_prefix)
-            || u32::from(node_subnet_prefix) < cluster_prefix
+        let bootstrap = cluster.for_bootstrap();
+        let Some((_, cluster_prefix)) = crate::state::parse_cidr(&bootstrap.cluster_cidr) else {
+            return Err(ConfigError::ClusterCidr(bootstrap.cluster_cidr));
+        };
+        if !(16..=30).contains(&bootstrap.node_subnet_prefix)
+            || u32::from(bootstrap.node_subnet_prefix) < cluster_prefix
         {
             return Err(ConfigError::NodeSubnetPrefix {
-                prefix: node_subnet_prefix,
-                cidr: cluster_cidr,
+                prefix: bootstrap.node_subnet_prefix,
+                cidr: bootstrap.cluster_cidr,
             });
         }
         Ok(Config {
@@ -229,8 +285,7 @@ impl Config {
             formation,
             raft,
             node_grace,
-            cluster_cidr,
-            node_subnet_prefix,
+            cluster,
         })
     }
 }
@@ -338,5 +393,40 @@ mod tests {
         .expect_err("unspecified")
         .to_string();
         assert!(err.contains("specific IP"), "{err}");
+    }
+
+    #[test]
+    fn cluster_flags_take_effect_at_bootstrap_and_conflicts_name_both_values() {
+        let none = ClusterFlags::default();
+        assert_eq!(
+            none.for_bootstrap(),
+            ClusterSettings {
+                cluster_cidr: "10.42.0.0/16".into(),
+                node_subnet_prefix: 24
+            }
+        );
+        let cluster = ClusterSettings {
+            cluster_cidr: "10.50.0.0/16".into(),
+            node_subnet_prefix: 26,
+        };
+        // Nothing given: no conflict, whatever the cluster has.
+        assert_eq!(none.conflict(&cluster), None);
+        let same = ClusterFlags {
+            cluster_cidr: Some("10.50.0.0/16".into()),
+            node_subnet_prefix: None,
+        };
+        assert_eq!(same.conflict(&cluster), None);
+        let other = ClusterFlags {
+            cluster_cidr: Some("10.60.0.0/16".into()),
+            node_subnet_prefix: Some(24),
+        };
+        let why = other.conflict(&cluster).expect("conflict");
+        assert!(
+            why.starts_with(
+                "--cluster-cidr 10.60.0.0/16, but the cluster was bootstrapped with \
+                 10.50.0.0/16; --node-subnet-prefix 24, but the cluster was bootstrapped with 26"
+            ),
+            "{why}"
+        );
     }
 }

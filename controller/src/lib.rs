@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod raft;
 pub mod reconcile;
 pub mod scheduler;
+pub mod settings;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -49,6 +50,9 @@ pub enum ControllerError {
     },
     #[error("raft core stopped: {0}")]
     Fatal(String),
+    /// A cluster-wide setting given to this member differs from the cluster's.
+    #[error("{0}")]
+    Settings(String),
 }
 
 /// A running controller member.
@@ -58,6 +62,8 @@ pub struct Controller {
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Set when this member learns that the cluster's settings differ from its flags.
+    conflict: watch::Receiver<Option<String>>,
     _data_dir: DataDir,
 }
 
@@ -116,6 +122,13 @@ impl Controller {
             metrics.apply_seconds.clone(),
         )
         .await?;
+        // What this member already knows of the cluster (its own log and snapshot): a flag
+        // that contradicts the cluster's settings stops it here, before it serves anything.
+        let known = node.state().state.settings().cloned();
+        if let Some(why) = known.and_then(|current| config.cluster.conflict(&current)) {
+            node.shutdown().await;
+            return Err(ControllerError::Settings(why));
+        }
         let ctx = ApiContext {
             node: node.clone(),
             metrics: metrics.clone(),
@@ -141,15 +154,17 @@ impl Controller {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
-                NodesServer::new(NodesApi::new(
-                    ctx.clone(),
-                    heartbeats.clone(),
-                    config.cluster_cidr.clone(),
-                    config.node_subnet_prefix,
-                ))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                NodesServer::new(NodesApi::new(ctx.clone(), heartbeats.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
+        let (conflict_tx, conflict) = watch::channel(None);
+        tasks.push(tokio::spawn(settings::keep(
+            node.clone(),
+            config.cluster.clone(),
+            conflict_tx,
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(reconcile::run(
             node.clone(),
             heartbeats,
@@ -228,6 +243,7 @@ impl Controller {
             http_addr,
             stop,
             tasks,
+            conflict,
             _data_dir: data_dir,
         })
     }
@@ -244,9 +260,16 @@ impl Controller {
         self.http_addr
     }
 
-    /// Resolves with the reason if the Raft core stops on a fatal error (e.g. storage).
-    pub async fn fatal(&self) -> String {
-        self.node.fatal().await
+    /// Resolves with the reason if the Raft core stops on a fatal error (e.g. storage), or
+    /// when this member learns that its flags contradict the cluster's settings.
+    pub async fn fatal(&self) -> ControllerError {
+        let mut conflict = self.conflict.clone();
+        tokio::select! {
+            reason = self.node.fatal() => ControllerError::Fatal(reason),
+            Ok(why) = conflict.wait_for(Option::is_some) => {
+                ControllerError::Settings(why.clone().unwrap_or_default())
+            }
+        }
     }
 
     /// Stops the servers and the Raft core, and releases the data dir.
@@ -276,7 +299,7 @@ pub async fn run(config: Config) -> Result<(), ControllerError> {
     let res = tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
-        reason = controller.fatal() => Err(ControllerError::Fatal(reason)),
+        e = controller.fatal() => Err(e),
     };
     tracing::info!("shutting down");
     controller.shutdown().await;

@@ -77,6 +77,31 @@ pub enum Command {
         name: String,
         pending: Option<String>,
     },
+    /// Fix the cluster-wide settings: written once, by the first leader after bootstrap (or
+    /// the first leader of a cluster that predates them). The same settings again change
+    /// nothing; different ones are refused.
+    InitCluster { settings: ClusterSettings },
+}
+
+/// Settings of the whole cluster, fixed at bootstrap and kept in the replicated state, so a
+/// member restarted with only `--id` and `--data-dir` (or with other defaults) cannot hand out
+/// addresses from another range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// Pod subnets are cut from this network.
+    pub cluster_cidr: String,
+    /// The prefix length of each node's pod subnet.
+    pub node_subnet_prefix: u8,
+}
+
+impl std::fmt::Display for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cluster-cidr {}, node-subnet-prefix {}",
+            self.cluster_cidr, self.node_subnet_prefix
+        )
+    }
 }
 
 /// One allocation's state as its agent reports it.
@@ -115,6 +140,7 @@ impl Command {
             Command::ReportAllocations { .. } => "report_allocations",
             Command::StopAllocations { .. } => "stop_allocations",
             Command::SetJobPending { .. } => "set_job_pending",
+            Command::InitCluster { .. } => "init_cluster",
         }
     }
 }
@@ -148,6 +174,7 @@ impl std::fmt::Display for Command {
             Command::SetJobPending {
                 namespace, name, ..
             } => write!(f, "set_job_pending({namespace}/{name})"),
+            Command::InitCluster { settings } => write!(f, "init_cluster({settings})"),
         }
     }
 }
@@ -193,6 +220,9 @@ pub enum Outcome {
     JobPendingSet {
         changed: bool,
     },
+    ClusterInitialized {
+        changed: bool,
+    },
 }
 
 /// A command the state machine refused. The state is unchanged.
@@ -218,6 +248,11 @@ pub enum ApplyError {
     BadCidr { cidr: String },
     #[error("invalid job spec: {message}")]
     InvalidSpec { message: String },
+    #[error("the cluster was bootstrapped with {current}, not {requested}")]
+    SettingsConflict {
+        current: ClusterSettings,
+        requested: ClusterSettings,
+    },
     #[error(
         "allocation {id} refers to job {namespace}/{name} version {version}, which does not exist"
     )]
@@ -257,6 +292,9 @@ pub struct ClusterState {
     nodes: OrdMap<String, Node>,
     /// Allocations by id.
     allocations: OrdMap<String, Allocation>,
+    /// Fixed at bootstrap; `None` until the first leader commits them.
+    #[serde(default)]
+    settings: Option<ClusterSettings>,
 }
 
 /// `a.b.c.d/p` with 8 <= p <= 24 -> (network address as u32, p); host bits must be zero.
@@ -299,10 +337,16 @@ impl ClusterState {
                 cluster_cidr,
                 subnet_prefix,
             } => {
+                // The cluster's own settings win over what an entry carries (entries written
+                // before the settings existed carry the leader's flags).
+                let (cidr, prefix) = match &self.settings {
+                    Some(s) => (s.cluster_cidr.as_str(), s.node_subnet_prefix),
+                    None => (cluster_cidr.as_str(), *subnet_prefix),
+                };
                 let mut node = node.clone();
                 node.subnet = match self.nodes.get(&node.name).and_then(|n| n.subnet.clone()) {
                     Some(kept) => Some(kept),
-                    None => Some(self.free_subnet(cluster_cidr, *subnet_prefix, &node.name)?),
+                    None => Some(self.free_subnet(cidr, prefix, &node.name)?),
                 };
                 let created = !self.nodes.contains_key(&node.name);
                 let name = node.name.clone();
@@ -415,7 +459,30 @@ impl ClusterState {
                 job.pending = pending.clone();
                 Ok(Outcome::JobPendingSet { changed })
             }
+            Command::InitCluster { settings } => match &self.settings {
+                None => {
+                    if parse_cidr(&settings.cluster_cidr).is_none() {
+                        return Err(ApplyError::BadCidr {
+                            cidr: settings.cluster_cidr.clone(),
+                        });
+                    }
+                    self.settings = Some(settings.clone());
+                    Ok(Outcome::ClusterInitialized { changed: true })
+                }
+                Some(current) if current == settings => {
+                    Ok(Outcome::ClusterInitialized { changed: false })
+                }
+                Some(current) => Err(ApplyError::SettingsConflict {
+                    current: current.clone(),
+                    requested: settings.clone(),
+                }),
+            },
         }
+    }
+
+    /// The cluster-wide settings, once the first leader committed them.
+    pub fn settings(&self) -> Option<&ClusterSettings> {
+        self.settings.as_ref()
     }
 
     /// The lowest /24 of `cidr` no node holds.

@@ -88,8 +88,7 @@ impl TestCluster {
                     formation: formation.clone(),
                     raft: c.settings.clone(),
                     node_grace: Duration::from_secs(10),
-                    cluster_cidr: "10.42.0.0/16".into(),
-                    node_subnet_prefix: 24,
+                    cluster: Default::default(),
                 })
                 .await;
                 match res {
@@ -178,8 +177,7 @@ impl TestCluster {
             formation: Formation::Wait,
             raft: self.settings.clone(),
             node_grace: Duration::from_secs(10),
-            cluster_cidr: "10.42.0.0/16".into(),
-            node_subnet_prefix: 24,
+            cluster: Default::default(),
         })
         .await
         .expect("restart member");

@@ -399,3 +399,64 @@ fn config_from_environment_and_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("heartbeat"), "{err}");
 }
+
+/// Cluster-wide settings are fixed at bootstrap: a member restarted with only `--id` and
+/// `--data-dir` keeps them (it used to fall back to defaults), and one restarted with another
+/// value refuses to start, naming both.
+#[test]
+fn cluster_settings_survive_restarts_and_conflicts_are_refused() {
+    let root = tempfile::Builder::new()
+        .prefix("skiff-e2e-settings-")
+        .tempdir()
+        .expect("tempdir");
+    let (rpc, http) = (free_addr(), free_addr());
+    let mut m = skiff_e2e::ControllerProc::start(
+        root.path(),
+        1,
+        rpc,
+        http,
+        &[
+            "--bootstrap",
+            "--cluster-cidr",
+            "10.50.0.0/16",
+            "--node-subnet-prefix",
+            "26",
+        ],
+    );
+    let info = || skiff_e2e::skiff_json(&[rpc], &["cluster", "info"]);
+    let cidr_is = |want: &str| {
+        let out = skiff(&[rpc], &["cluster", "info", "-o", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v["cluster_cidr"] == want)
+    };
+    eventually("settings committed", Duration::from_secs(20), || {
+        cidr_is("10.50.0.0/16")
+    });
+    assert_eq!(info()["node_subnet_prefix"], 26);
+    let text = skiff(&[rpc], &["cluster", "info"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("cluster cidr:       10.50.0.0/16"), "{text}");
+
+    m.kill();
+    m.restart();
+    eventually("restarted member answers", Duration::from_secs(20), || {
+        cidr_is("10.50.0.0/16")
+    });
+    assert_eq!(info()["node_subnet_prefix"], 26, "not the default 24");
+    m.kill();
+
+    let out = std::process::Command::new(skiff_e2e::bin("skiff-controller"))
+        .args(["--id", "1", "--data-dir"])
+        .arg(&m.data_dir)
+        .args(["--cluster-cidr", "10.60.0.0/16"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "a conflicting member must not start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "--cluster-cidr 10.60.0.0/16, but the cluster was bootstrapped with 10.50.0.0/16"
+        ),
+        "{err}"
+    );
+}

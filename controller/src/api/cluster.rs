@@ -137,4 +137,33 @@ impl Cluster for ClusterApi {
             })
             .await
     }
+
+    async fn info(
+        &self,
+        req: Request<pb::ClusterInfoRequest>,
+    ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx
+            .track("Info", async {
+                self.ctx.read_barrier(req.read.as_ref()).await?;
+                let status = self.ctx.node.status();
+                let members = self.ctx.node.members().len();
+                let applied = self.ctx.node.state();
+                let state = &applied.state;
+                let settings = state.settings().cloned();
+                Ok(pb::ClusterInfoResponse {
+                    cluster_cidr: settings
+                        .as_ref()
+                        .map(|s| s.cluster_cidr.clone())
+                        .unwrap_or_default(),
+                    node_subnet_prefix: settings.map_or(0, |s| u32::from(s.node_subnet_prefix)),
+                    leader_id: status.leader.unwrap_or(0),
+                    term: status.term,
+                    members: u32::try_from(members).unwrap_or(u32::MAX),
+                    nodes: u32::try_from(state.nodes().count()).unwrap_or(u32::MAX),
+                    jobs: u32::try_from(state.jobs(None).count()).unwrap_or(u32::MAX),
+                })
+            })
+            .await
+    }
 }

@@ -31,8 +31,6 @@ const FORWARDED_METADATA: &str = "x-skiff-forwarded";
 pub struct NodesApi {
     ctx: ApiContext,
     heartbeats: Heartbeats,
-    cluster_cidr: String,
-    subnet_prefix: u8,
     /// Each node's last reported WireGuard state (leader memory: it changes every second and
     /// is not worth a log entry).
     wireguard: Arc<Mutex<HashMap<String, pb::WireguardStatus>>>,
@@ -41,18 +39,11 @@ pub struct NodesApi {
 }
 
 impl NodesApi {
-    pub fn new(
-        ctx: ApiContext,
-        heartbeats: Heartbeats,
-        cluster_cidr: String,
-        subnet_prefix: u8,
-    ) -> Self {
+    pub fn new(ctx: ApiContext, heartbeats: Heartbeats) -> Self {
         let published = super::published::spawn(ctx.node.clone());
         NodesApi {
             ctx,
             heartbeats,
-            cluster_cidr,
-            subnet_prefix,
             wireguard: Default::default(),
             published,
         }
@@ -137,7 +128,19 @@ impl Nodes for NodesApi {
                         "resources: cpu, memory and pids must be positive".into(),
                     ));
                 }
-                let existing = self.ctx.node.state().state.node(&req.name).cloned();
+                let (existing, settings) = {
+                    let applied = self.ctx.node.state();
+                    (
+                        applied.state.node(&req.name).cloned(),
+                        applied.state.settings().cloned(),
+                    )
+                };
+                let settings = settings.ok_or_else(|| {
+                    ApiError::NotReady(
+                        "the cluster's settings are not committed yet; register again shortly"
+                            .into(),
+                    )
+                })?;
                 let now = now_ms();
                 let node = Node {
                     name: req.name.clone(),
@@ -170,8 +173,8 @@ impl Nodes for NodesApi {
                         .node
                         .write(Command::RegisterNode {
                             node,
-                            cluster_cidr: self.cluster_cidr.clone(),
-                            subnet_prefix: self.subnet_prefix,
+                            cluster_cidr: settings.cluster_cidr.clone(),
+                            subnet_prefix: settings.node_subnet_prefix,
                         })
                         .await?;
                     match result? {
@@ -194,7 +197,7 @@ impl Nodes for NodesApi {
                 Ok(pb::RegisterNodeResponse {
                     heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
                     subnet,
-                    cluster_cidr: self.cluster_cidr.clone(),
+                    cluster_cidr: settings.cluster_cidr,
                 })
             })
             .await

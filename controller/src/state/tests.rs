@@ -395,3 +395,68 @@ fn only_a_down_node_is_removed_and_its_subnet_is_free_again() {
     let err = remove(&mut s, "n1").expect_err("gone");
     assert!(matches!(err, ApplyError::NodeNotFound { .. }), "{err}");
 }
+
+#[test]
+fn cluster_settings_are_fixed_once_and_win_over_registrations() {
+    let mut s = ClusterState::default();
+    assert_eq!(s.settings(), None);
+    let settings = ClusterSettings {
+        cluster_cidr: "10.50.0.0/16".into(),
+        node_subnet_prefix: 26,
+    };
+    assert_eq!(
+        s.apply(&Command::InitCluster {
+            settings: settings.clone()
+        }),
+        Ok(Outcome::ClusterInitialized { changed: true })
+    );
+    // The same again: nothing changes. Others: refused, naming both, state unchanged.
+    assert_eq!(
+        s.apply(&Command::InitCluster {
+            settings: settings.clone()
+        }),
+        Ok(Outcome::ClusterInitialized { changed: false })
+    );
+    let before = s.clone();
+    let other = ClusterSettings {
+        cluster_cidr: "10.60.0.0/16".into(),
+        node_subnet_prefix: 24,
+    };
+    let e = s
+        .apply(&Command::InitCluster { settings: other })
+        .expect_err("conflict");
+    assert_eq!(
+        e.to_string(),
+        "the cluster was bootstrapped with cluster-cidr 10.50.0.0/16, node-subnet-prefix 26, \
+         not cluster-cidr 10.60.0.0/16, node-subnet-prefix 24"
+    );
+    assert_eq!(s, before);
+    // A registration carrying other values (a member with other flags) gets the cluster's.
+    s.apply(&Command::RegisterNode {
+        node: node("n1"),
+        cluster_cidr: "10.99.0.0/16".into(),
+        subnet_prefix: 24,
+    })
+    .expect("register");
+    assert_eq!(
+        s.node("n1").and_then(|n| n.subnet.clone()).as_deref(),
+        Some("10.50.0.0/26")
+    );
+    // Kept through a snapshot.
+    let back: ClusterState =
+        serde_json::from_str(&serde_json::to_string(&s).expect("serialize")).expect("parse");
+    assert_eq!(back.settings(), Some(&settings));
+    // A bad network is refused before anything is set.
+    let mut fresh = ClusterState::default();
+    assert!(
+        fresh
+            .apply(&Command::InitCluster {
+                settings: ClusterSettings {
+                    cluster_cidr: "10.50.0.1/16".into(),
+                    node_subnet_prefix: 24,
+                }
+            })
+            .is_err()
+    );
+    assert_eq!(fresh.settings(), None);
+}
