@@ -221,6 +221,8 @@ pub fn report(id: &str, s: &State) -> pb::AllocationReport {
         exit_code,
         reason,
         restarts: s.restarts,
+        log_dropped_bytes: s.log_dropped_bytes,
+        log_error: s.log_error.clone().unwrap_or_default(),
         ..Default::default()
     }
 }

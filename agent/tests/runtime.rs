@@ -596,3 +596,59 @@ fn exec_joins_the_container_without_exposing_the_host_binary() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A full disk: output the log cannot take is counted and reported (`container ps` shows
+/// how much was lost and why), not silently dropped; the container keeps running.
+#[test]
+fn output_lost_to_a_full_disk_is_counted_and_reported() {
+    need_root!();
+    /// The agent's data dir on a small tmpfs of its own (the image fits, the output does
+    /// not); the agent's cleanup runs before the unmount (fields drop in order).
+    struct OnSmallDisk {
+        agent: Agent,
+        _unmount: Unmount,
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let agent = Agent::new();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "skiff-test-full"])
+        .arg(agent.dir.path())
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "mount tmpfs");
+    let dir = agent.dir.path().to_path_buf();
+    let small = OnSmallDisk {
+        agent,
+        _unmount: Unmount(dir),
+    };
+    let agent = &small.agent;
+    let out = agent.run(
+        &["--name", "chatty", "-d"],
+        &["sh", "-c", "i=0; while [ $i -lt 400 ]; do head -c 65536 /dev/zero | tr '\\0' x; echo; i=$((i+1)); done; echo done"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while agent.find("chatty")["status"] != "exited" {
+        assert!(std::time::Instant::now() < deadline, "chatty never exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let c = agent.find("chatty");
+    assert_eq!(
+        c["exit"]["code"], 0,
+        "a full disk does not fail the container: {c}"
+    );
+    let lost = c["log_dropped_bytes"].as_u64().unwrap_or(0);
+    assert!(lost > 1 << 20, "nothing counted as lost: {c}");
+    let why = c["log_error"].as_str().unwrap_or_default();
+    assert!(why.contains("No space left on device"), "{c}");
+    agent.agent_ok(&["container", "rm", "-f", "chatty"]);
+}

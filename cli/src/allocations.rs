@@ -45,6 +45,9 @@ pub async fn ps(
             if !health.is_empty() && a.observed == pb::AllocationState::Running as i32 {
                 status = format!("{status}, {health}");
             }
+            if a.log_dropped_bytes > 0 {
+                status = format!("{status}, {} B of output lost", a.log_dropped_bytes);
+            }
             vec![
                 a.id.clone(),
                 format!("{}/{}", a.namespace, a.job),

@@ -212,7 +212,8 @@ pub fn allocation_json(a: &pb::Allocation) -> Value {
         "node": a.node, "ip": a.ip, "health": health(a.health), "health_output": a.health_output,
         "desired": desired_state(a.desired), "status": allocation_state(a.observed),
         "restarts": a.restarts, "exit_code": a.exit_code, "reason": a.reason,
-        "created_at_ms": a.created_at_ms,
+        "created_at_ms": a.created_at_ms, "log_dropped_bytes": a.log_dropped_bytes,
+        "log_error": a.log_error,
     })
 }
 

@@ -220,6 +220,8 @@ pub fn plan_job(
                 ip: None,
                 health: None,
                 health_output: String::new(),
+                log_dropped_bytes: 0,
+                log_error: String::new(),
             });
         }
         plan.unplaced = placed.unplaced;

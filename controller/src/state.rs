@@ -118,6 +118,11 @@ pub struct AllocationReport {
     pub health: Option<Health>,
     #[serde(default)]
     pub health_output: String,
+    /// Bytes of its output its node could not log (a full disk), and why.
+    #[serde(default)]
+    pub log_dropped_bytes: u64,
+    #[serde(default)]
+    pub log_error: String,
 }
 
 fn default_subnet_prefix() -> u8 {
@@ -433,6 +438,10 @@ impl ClusterState {
                             if r.health.is_some() {
                                 alloc.health = r.health;
                                 alloc.health_output = r.health_output.clone();
+                            }
+                            if r.log_dropped_bytes > alloc.log_dropped_bytes {
+                                alloc.log_dropped_bytes = r.log_dropped_bytes;
+                                alloc.log_error = r.log_error.clone();
                             }
                             count += 1;
                         }

@@ -815,7 +815,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         .expect("heartbeat");
     let written = c.member(leader).node().status().last_log_index;
     nodes
-        .heartbeat(beat("n1", vec![unhealthy]))
+        .heartbeat(beat("n1", vec![unhealthy.clone()]))
         .await
         .expect("heartbeat");
     assert_eq!(c.member(leader).node().status().last_log_index, written);
@@ -824,6 +824,20 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         (ps[0].health, ps[0].health_output.len()),
         (pb::Health::Unhealthy as i32, 512)
     );
+
+    // Output its node could not log (a full disk) is recorded and shown with the allocation.
+    let full = pb::AllocationReport {
+        log_dropped_bytes: 3 << 20,
+        log_error: "writing container.log: No space left on device (os error 28)".into(),
+        ..unhealthy.clone()
+    };
+    nodes
+        .heartbeat(beat("n1", vec![full]))
+        .await
+        .expect("heartbeat");
+    let ps = allocations_of(&mut jobs, "web").await;
+    assert_eq!(ps[0].log_dropped_bytes, 3 << 20);
+    assert!(ps[0].log_error.contains("No space left"), "{:?}", ps[0]);
 
     // Drain an unknown node: named.
     let err = nodes

@@ -41,10 +41,10 @@ mod xattr;
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -774,29 +774,16 @@ impl ImageStore {
         self.images.join(format!("{name}.json"))
     }
 
-    /// Writes the record atomically (temp file + rename), so a reader never sees half of it.
+    /// Writes the record atomically and durably, so a reader never sees half of it.
     fn write_record(&self, record: &ImageRecord) -> Result<(), ImageError> {
         let path = self.record_path(&record.reference);
-        // Unique among this process's threads and other processes.
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let tmp = path.with_extension(format!("json.tmp.{}.{seq}", std::process::id()));
         let json = serde_json::to_vec_pretty(record).map_err(|e| ImageError::Io {
             path: path.clone(),
             source: io::Error::other(e),
         })?;
-        let write = || -> io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|source| {
-            let _ = fs::remove_file(&tmp);
-            ImageError::Io {
-                path: path.clone(),
-                source,
-            }
+        crate::durable::write_atomic(&path, &json).map_err(|source| ImageError::Io {
+            path: path.clone(),
+            source,
         })
     }
 }

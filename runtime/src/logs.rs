@@ -59,6 +59,9 @@ pub struct LogWriter {
     max_bytes: u64,
     /// Unterminated tail of each stream, waiting for its newline.
     pending: [Vec<u8>; 2],
+    /// Bytes of records that could not be written (a full disk), and the last such error.
+    dropped: u64,
+    last_error: Option<String>,
 }
 
 /// Longest line kept whole; longer ones are split into `P` records.
@@ -75,10 +78,19 @@ impl LogWriter {
             size,
             max_bytes: max_bytes.max(4096),
             pending: [Vec::new(), Vec::new()],
+            dropped: 0,
+            last_error: None,
         })
     }
 
-    /// Feeds raw bytes read from one stream.
+    /// Bytes of output lost because they could not be written, and the last reason.
+    pub fn dropped(&self) -> (u64, Option<&str>) {
+        (self.dropped, self.last_error.as_deref())
+    }
+
+    /// Feeds raw bytes read from one stream. A record that cannot be written (a full disk) is
+    /// dropped and counted ([`LogWriter::dropped`]), never retried into memory without bound;
+    /// the error is returned too.
     pub fn write(&mut self, stream: Stream, data: &[u8]) -> io::Result<()> {
         let idx = stream as usize;
         let mut buf = std::mem::take(&mut self.pending[idx]);
@@ -120,12 +132,23 @@ impl LogWriter {
         .into_bytes();
         line.extend_from_slice(text);
         line.push(b'\n');
-        if self.size + line.len() as u64 > self.max_bytes && self.size > 0 {
-            self.rotate()?;
+        let written = (|| {
+            if self.size + line.len() as u64 > self.max_bytes && self.size > 0 {
+                self.rotate()?;
+            }
+            self.file.write_all(&line)
+        })();
+        match written {
+            Ok(()) => {
+                self.size += line.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.dropped += text.len() as u64 + u64::from(full);
+                self.last_error = Some(format!("writing {}: {e}", self.path.display()));
+                Err(e)
+            }
         }
-        self.file.write_all(&line)?;
-        self.size += line.len() as u64;
-        Ok(())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -189,6 +212,23 @@ pub fn read_all(dir: &Path) -> io::Result<Vec<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a full disk (here /dev/full) records are dropped and counted, not kept in memory.
+    #[test]
+    fn unwritable_output_is_counted_as_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(LOG_FILE)).expect("symlink");
+        let mut w = LogWriter::open(dir.path(), 1 << 20).expect("open");
+        assert_eq!(w.dropped(), (0, None));
+        assert!(w.write(Stream::Stdout, b"lost line\n").is_err());
+        assert!(w.write(Stream::Stderr, b"another\n").is_err());
+        let (bytes, why) = w.dropped();
+        assert_eq!(bytes, 18);
+        assert!(
+            why.is_some_and(|e| e.contains("No space left on device")),
+            "{why:?}"
+        );
+    }
 
     #[test]
     fn lines_are_framed_split_and_rotated() {

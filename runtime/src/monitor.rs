@@ -122,9 +122,27 @@ impl Monitor {
         })
     }
 
+    /// Output the log could not take (a full disk) is counted in the state, saved at most
+    /// once a second (the save itself may fail while the disk is full; the count is kept and
+    /// saved again later).
+    fn note_dropped(&mut self, log: &LogWriter, last_save: &mut Option<Instant>) {
+        let (bytes, why) = log.dropped();
+        self.state.log_dropped_bytes = bytes;
+        self.state.log_error = why.map(str::to_owned);
+        if last_save.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last_save = Some(Instant::now());
+            // The disk is full: keep the reserve for the state saved at the exit.
+            if let Err(e) = self.store.save_state_keeping_reserve(&self.id, &self.state) {
+                note(format_args!("monitor {}: saving state: {e}", self.id));
+            }
+        }
+    }
+
     fn save(&self) {
         if let Err(e) = self.store.save_state(&self.id, &self.state) {
-            eprintln!("monitor {}: saving state: {e}", self.id);
+            // Never eprintln! here: on a full disk writing to the log file fails, and a
+            // panicking monitor would orphan its container.
+            note(format_args!("monitor {}: saving state: {e}", self.id));
         }
     }
 
@@ -165,6 +183,10 @@ impl Monitor {
             let oom_before = self.cgroup.stats().map(|s| s.oom_kills).unwrap_or(0);
             let exit = self.watch(started, &mut log);
             let _ = log.flush();
+            // The final count goes with the exit state saved below.
+            let (dropped, why) = log.dropped();
+            self.state.log_dropped_bytes = dropped;
+            self.state.log_error = why.map(str::to_owned);
             self.kill_leftovers();
             let oom_after = self.cgroup.stats().map(|s| s.oom_kills).unwrap_or(0);
             let exit = ExitInfo {
@@ -256,6 +278,7 @@ impl Monitor {
     fn watch(&mut self, mut s: Started, log: &mut LogWriter) -> ExitInfo {
         let mut exit: Option<ExitInfo> = None;
         let mut kill_at: Option<Instant> = None;
+        let mut last_drop_save: Option<Instant> = None;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // After pid 1 exits the kernel kills the rest of its pid namespace; the pipes then
@@ -342,7 +365,9 @@ impl Monitor {
                         match nix::unistd::read(fd, &mut buf) {
                             Ok(0) => *slot = None,
                             Ok(n) => {
-                                let _ = log.write(stream, &buf[..n]);
+                                if log.write(stream, &buf[..n]).is_err() {
+                                    self.note_dropped(log, &mut last_drop_save);
+                                }
                             }
                             Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
                             Err(_) => *slot = None,
@@ -398,7 +423,7 @@ impl Monitor {
     fn cleanup(&mut self) {
         self.kill_leftovers();
         if let Err(e) = self.cgroup.delete() {
-            eprintln!("monitor {}: removing cgroup: {e}", self.id);
+            note(format_args!("monitor {}: removing cgroup: {e}", self.id));
         }
         remove_netns(&self.netns);
         let _ = std::fs::remove_file(self.dir.join(STOP_FILE));
@@ -439,6 +464,13 @@ fn reap(pid: Pid) -> Option<ExitInfo> {
             Ok(_) => {}
         }
     }
+}
+
+/// A line on the monitor's stderr (its `monitor.log`), ignoring failures: a full disk must
+/// not stop the monitor.
+fn note(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{args}");
 }
 
 /// Creates a network namespace with only loopback, up, and binds it at `path`, so it

@@ -4,7 +4,6 @@
 //! agent: a restarted agent re-reads these files and re-adopts running containers.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -140,6 +139,12 @@ pub struct State {
     pub error: Option<String>,
     /// Set once a stop was asked for: the monitor will not restart the container.
     pub stopping: bool,
+    /// Bytes of the container's output that could not be written to its log (a full disk).
+    #[serde(default)]
+    pub log_dropped_bytes: u64,
+    /// Why, the last time it happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_error: Option<String>,
 }
 
 impl State {
@@ -154,6 +159,8 @@ impl State {
             exit: None,
             error: None,
             stopping: false,
+            log_dropped_bytes: 0,
+            log_error: None,
         }
     }
 }
@@ -183,20 +190,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// Writes a file atomically (temp file, rename): a reader never sees half a record, also if
-/// the writer is killed. Not fsync'd: after a power loss the agent re-derives state from what
-/// is actually running, as it does after any crash.
+/// Writes a record atomically and durably ([`crate::durable::write_atomic`]: a unique
+/// temporary, fsync, rename, fsync of the directory): a reader never sees half a record, also
+/// after a kill or a power loss.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io(path))
+    crate::durable::write_atomic(path, &bytes).map_err(io(path))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
@@ -205,6 +207,18 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreErro
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// Space set aside in each container's directory (allocated, not sparse) and given up when
+/// its state cannot be saved on a full disk.
+const RESERVE_FILE: &str = "reserve";
+const RESERVE_BYTES: i64 = 64 * 1024;
+
+/// Allocates the reserve; best effort (a filesystem without fallocate gets none).
+fn reserve(path: &Path) {
+    if let Ok(f) = fs::File::create(path) {
+        let _ = nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, RESERVE_BYTES);
+    }
 }
 
 /// The container directories under one data dir.
@@ -231,6 +245,7 @@ impl Store {
         }
         let dir = self.dir(&config.id);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
+        reserve(&dir.join(RESERVE_FILE));
         write_json_atomic(&dir.join("state.json"), &State::created())?;
         write_json_atomic(&dir.join("config.json"), config)?;
         Ok(dir)
@@ -244,7 +259,25 @@ impl Store {
         read_json(&self.dir(id).join("state.json"))
     }
 
+    /// Saves what happened. On a full disk the container's reserve (see [`Store::create`]) is
+    /// given up to make room, so the record of an exit is not lost to the output that filled
+    /// the disk.
     pub fn save_state(&self, id: &str, state: &State) -> Result<(), StoreError> {
+        let path = self.dir(id).join("state.json");
+        match self.save_state_keeping_reserve(id, state) {
+            Err(StoreError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::ENOSPC)
+                    && fs::remove_file(self.dir(id).join(RESERVE_FILE)).is_ok() =>
+            {
+                write_json_atomic(&path, state)
+            }
+            other => other,
+        }
+    }
+
+    /// [`Store::save_state`] that leaves the reserve alone: for updates that may fail on a full
+    /// disk without harm (a running count), so the reserve is still there for the exit.
+    pub fn save_state_keeping_reserve(&self, id: &str, state: &State) -> Result<(), StoreError> {
         write_json_atomic(&self.dir(id).join("state.json"), state)
     }
 

@@ -123,7 +123,10 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
     rt.set_pull_options(cfg.registry.clone(), Some(indicatif::MultiProgress::new()));
     // Clean up after interrupted agents (`run` skips it: it is on the start path).
     if !matches!(cmd, ContainerCmd::Run { .. }) {
-        rt.gc()?;
+        // A read must work on a full disk too: what cannot be cleaned now is left for later.
+        if let Err(e) = rt.gc() {
+            eprintln!("warning: cleaning up after interrupted containers: {e}");
+        }
     }
     match cmd {
         ContainerCmd::Run {
@@ -223,6 +226,8 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                         serde_json::json!({
                             "id": c.id, "name": c.name, "image": c.image, "command": c.args,
                             "status": s.status.as_str(), "pid": s.pid, "restarts": s.restarts,
+                            "labels": c.labels, "log_dropped_bytes": s.log_dropped_bytes,
+                            "log_error": s.log_error,
                             "exit": s.exit, "error": s.error, "monitor_alive": monitor_alive(s),
                             "created_at_ms": c.created_at_ms,
                         })

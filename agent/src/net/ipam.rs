@@ -1,14 +1,19 @@
 //! Pod addresses, persisted on disk like CNI's host-local plugin: one file per address in use
-//! (named by the address, holding the container id), created with `O_EXCL` so an address is
+//! (named by the address, holding the container id), created exclusively so an address is
 //! never handed out twice, even by two agents racing or across an agent restart. Allocation
 //! goes round-robin from the last address handed out, so a freed address is not reused at once
 //! (a peer still talking to the old container does not reach the new one).
+//!
+//! Every write is atomic and durable ([`skiff_runtime::durable`]): an address file appears
+//! whole with its owner (a hard link of a complete, fsync'd temporary file, never an empty
+//! file after a crash), `.last` is replaced by rename, and each change of the directory is
+//! fsync'd; temporary names are unique per writer.
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
+
+use skiff_runtime::durable;
 
 use super::{NetError, Subnet};
 
@@ -87,17 +92,13 @@ impl Ipam {
             let candidate = first + (after - first + step) % count;
             let ip = Ipv4Addr::from(candidate);
             let path = self.dir.join(ip.to_string());
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    f.write_all(id.as_bytes())
-                        .and_then(|()| f.sync_all())
-                        .map_err(|e| NetError::io(&path, e))?;
-                    let _ = nix::unistd::fsync(f.as_fd());
-                    std::fs::write(&last_path, ip.to_string())
+            match durable::create_new(&path, id.as_bytes()) {
+                Ok(true) => {
+                    durable::write_atomic(&last_path, ip.to_string().as_bytes())
                         .map_err(|e| NetError::io(&last_path, e))?;
                     return Ok(ip);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Ok(false) => continue,
                 Err(e) => return Err(NetError::io(&path, e)),
             }
         }
@@ -112,11 +113,7 @@ impl Ipam {
         for (ip, owner) in self.entries()? {
             if owner == id {
                 let path = self.dir.join(ip.to_string());
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(NetError::io(&path, e)),
-                }
+                durable::remove(&path).map_err(|e| NetError::io(&path, e))?;
             }
         }
         Ok(())
@@ -174,5 +171,39 @@ mod tests {
         ipam.release("a").expect("release");
         let b = ipam.allocate("b").expect("b");
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn racing_allocations_never_share_an_address_and_leave_no_temporaries() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let ipam = Ipam::open(tmp.path().to_path_buf(), subnet("10.42.5.0/26")).expect("open");
+        let got: Vec<Ipv4Addr> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|t| {
+                    let ipam = &ipam;
+                    s.spawn(move || {
+                        (0..7)
+                            .map(|i| ipam.allocate(&format!("t{t}-{i}")).expect("allocate"))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let distinct: std::collections::BTreeSet<_> = got.iter().collect();
+        assert_eq!(distinct.len(), got.len(), "an address handed out twice");
+        let stray: Vec<_> = std::fs::read_dir(&ipam.dir)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+        // Every address file holds its owner whole.
+        for (ip, owner) in ipam.entries().expect("entries") {
+            assert!(owner.starts_with('t'), "{ip}: {owner:?}");
+        }
     }
 }

@@ -163,22 +163,11 @@ pub fn load_or_create_key(dir: &Path) -> Result<Key, NetError> {
     match std::fs::read_to_string(&path) {
         Ok(s) => Key::from_base64(&s).ok_or_else(|| NetError::BadKey { path: path.clone() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
             std::fs::create_dir_all(dir).map_err(|e| NetError::io(dir, e))?;
             let key = Key::generate();
-            let tmp = dir.join("private.key.tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| NetError::io(&tmp, e))?;
-            f.write_all(format!("{}\n", key.to_base64()).as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(|e| NetError::io(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| NetError::io(&path, e))?;
+            let text = format!("{}\n", key.to_base64());
+            skiff_runtime::durable::write_atomic_mode(&path, text.as_bytes(), 0o600)
+                .map_err(|e| NetError::io(&path, e))?;
             info!(public_key = %Key(key.public()).to_base64(), "generated the host's WireGuard key");
             Ok(key)
         }

@@ -159,6 +159,8 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
         ip: a.ip.clone().unwrap_or_default(),
         health: health(a.health) as i32,
         health_output: a.health_output.clone(),
+        log_dropped_bytes: a.log_dropped_bytes,
+        log_error: a.log_error.clone(),
     }
 }
 

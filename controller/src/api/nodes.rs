@@ -247,7 +247,26 @@ impl Nodes for NodesApi {
                         let health_output: String = r.health_output.chars().take(512).collect();
                         let new_health = health.is_some()
                             && (a.health != health || a.health_output != health_output);
-                        if a.observed != status || a.restarts < r.restarts || new_ip || new_health {
+                        // Lost output is recorded when it starts and then as it grows by a tenth
+                        // (at least 64 KiB), not at every heartbeat of a full disk.
+                        let old = a.log_dropped_bytes;
+                        let new_drops = r.log_dropped_bytes > old
+                            && (old == 0 || r.log_dropped_bytes >= old + (old / 10).max(64 << 10));
+                        if a.observed != status
+                            || a.restarts < r.restarts
+                            || new_ip
+                            || new_health
+                            || new_drops
+                        {
+                            if new_drops {
+                                tracing::warn!(
+                                    alloc = %r.id,
+                                    node = %req.name,
+                                    bytes = r.log_dropped_bytes,
+                                    error = %r.log_error,
+                                    "allocation output lost: its node cannot write the log"
+                                );
+                            }
                             reports.push(AllocationReport {
                                 id: r.id.clone(),
                                 status,
@@ -255,6 +274,8 @@ impl Nodes for NodesApi {
                                 ip,
                                 health,
                                 health_output,
+                                log_dropped_bytes: r.log_dropped_bytes,
+                                log_error: r.log_error.chars().take(512).collect(),
                             });
                         }
                     }

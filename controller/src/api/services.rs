@@ -81,6 +81,8 @@ mod tests {
             ip: None,
             health: None,
             health_output: String::new(),
+            log_dropped_bytes: 0,
+            log_error: String::new(),
         }
     }
 
@@ -116,6 +118,8 @@ mod tests {
             ip: Some(format!("10.42.0.{}", id.as_bytes()[0])),
             health: Some(health),
             health_output: format!("{health:?} output"),
+            log_dropped_bytes: 0,
+            log_error: String::new(),
         };
         s.apply(&Command::ReportAllocations {
             reports: vec![report("a", Health::Healthy), report("b", Health::Unhealthy)],

@@ -277,6 +277,11 @@ pub struct Allocation {
     /// The last check's output or failure.
     #[serde(default)]
     pub health_output: String,
+    /// Bytes of its output its node could not write to the log (a full disk), and why.
+    #[serde(default)]
+    pub log_dropped_bytes: u64,
+    #[serde(default)]
+    pub log_error: String,
 }
 
 impl Allocation {

@@ -31,6 +31,8 @@ fn alloc(id: &str, node: &str, version: u64) -> Allocation {
         ip: None,
         health: None,
         health_output: String::new(),
+        log_dropped_bytes: 0,
+        log_error: String::new(),
     }
 }
 

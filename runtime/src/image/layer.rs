@@ -4,6 +4,12 @@
 //! Any source of layer blobs (an OCI layout, later a registry) calls [`LayerStore::ensure`]
 //! with a way to open the blob as a byte stream; the store decompresses, unpacks, and checks
 //! size, digest and diff-id in one pass, and only then renames the result into place.
+//!
+//! **Invariant:** a layer is trusted only when `layers/complete/<hex>` exists. The unpacked
+//! tree is flushed to disk (syncfs) before the rename that publishes it, the rename is made
+//! durable, and only then is the marker written. A layer directory without its marker was torn
+//! by a crash or a power loss somewhere in that sequence: it is removed and fetched again,
+//! never used.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
@@ -62,6 +68,8 @@ pub(crate) struct LayerStore {
     tmp: PathBuf,
     /// `root/locks`
     locks: PathBuf,
+    /// `root/layers/complete`: one marker per layer known to be whole on disk.
+    complete: PathBuf,
 }
 
 impl LayerStore {
@@ -70,8 +78,9 @@ impl LayerStore {
             dir: root.join("layers/sha256"),
             tmp: root.join("tmp"),
             locks: root.join("locks"),
+            complete: root.join("layers/complete"),
         };
-        for d in [&store.dir, &store.tmp, &store.locks] {
+        for d in [&store.dir, &store.tmp, &store.locks, &store.complete] {
             fs::create_dir_all(d).map_err(ImageError::io(d))?;
         }
         Ok(store)
@@ -81,11 +90,29 @@ impl LayerStore {
         self.dir.join(blob::hex_of(diff_id))
     }
 
-    /// The layer's directory if it is in the store.
+    fn marker(&self, diff_id: &str) -> PathBuf {
+        self.complete.join(blob::hex_of(diff_id))
+    }
+
+    /// Whether the layer is in the store and known to be whole.
+    fn is_complete(&self, diff_id: &str) -> bool {
+        self.path(diff_id).is_dir() && self.marker(diff_id).is_file()
+    }
+
+    /// The layer's directory if it is in the store, whole (see the module's invariant).
     pub(crate) fn existing(&self, diff_id: &str) -> Option<PathBuf> {
         blob::parse_sha256(diff_id)?;
-        let path = self.path(diff_id);
-        path.is_dir().then_some(path)
+        self.is_complete(diff_id).then(|| self.path(diff_id))
+    }
+
+    /// Flushes the unpacked tree at `tmp`, renames it to `final_dir` and writes the marker,
+    /// each step durable before the next.
+    fn publish(&self, tmp: &Path, final_dir: &Path, diff_id: &str) -> Result<(), ImageError> {
+        crate::durable::sync_filesystem(tmp).map_err(ImageError::io(tmp))?;
+        fs::rename(tmp, final_dir).map_err(ImageError::io(final_dir))?;
+        crate::durable::fsync_dir(&self.dir).map_err(ImageError::io(&self.dir))?;
+        let marker = self.marker(diff_id);
+        crate::durable::write_atomic(&marker, diff_id.as_bytes()).map_err(ImageError::io(&marker))
     }
 
     /// Returns the layer's directory, unpacking it first if it is not in the store. `open` is
@@ -97,7 +124,7 @@ impl LayerStore {
         open: impl FnOnce() -> Result<R, ImageError>,
     ) -> Result<PathBuf, ImageError> {
         let final_dir = self.path(layer.diff_id);
-        if final_dir.is_dir() {
+        if self.is_complete(layer.diff_id) {
             return Ok(final_dir);
         }
         if !LAYER_TYPES.contains(&layer.media_type) {
@@ -111,12 +138,24 @@ impl LayerStore {
         let lock_path = self.locks.join(format!("{hex}.lock"));
         let lock = File::create(&lock_path).map_err(ImageError::io(&lock_path))?;
         lock.lock().map_err(ImageError::io(&lock_path))?;
-        if final_dir.is_dir() {
+        if self.is_complete(layer.diff_id) {
             debug!(
                 diff_id = layer.diff_id,
                 "layer unpacked by another process meanwhile"
             );
             return Ok(final_dir);
+        }
+        if final_dir.exists() {
+            // We hold the lock and there is no marker: torn by a crash or power loss.
+            tracing::warn!(
+                diff_id = layer.diff_id,
+                path = %final_dir.display(),
+                "layer was not completely written (crash or power loss); fetching it again"
+            );
+            let doomed = self.tmp.join(format!("torn-{hex}"));
+            remove_if_present(&doomed)?;
+            fs::rename(&final_dir, &doomed).map_err(ImageError::io(&final_dir))?;
+            remove_if_present(&doomed)?;
         }
 
         // We hold the lock, so a leftover temp dir is from a crashed unpack: start over.
@@ -127,7 +166,7 @@ impl LayerStore {
             .map_err(ImageError::io(&tmp))
             .and_then(|()| open())
             .and_then(|reader| unpack_verified(reader, layer, &tmp))
-            .and_then(|()| fs::rename(&tmp, &final_dir).map_err(ImageError::io(&final_dir)));
+            .and_then(|()| self.publish(&tmp, &final_dir, layer.diff_id));
         if let Err(e) = result {
             if let Err(rm) = fs::remove_dir_all(&tmp) {
                 tracing::warn!(path = %tmp.display(), error = %rm, "cannot remove partial layer");
@@ -161,11 +200,16 @@ impl LayerStore {
             let Some(hex) = name.to_str() else { continue };
             let diff_id = format!("sha256:{hex}");
             let path = entry.path();
-            if blob::parse_sha256(&diff_id).is_none() || keep(&diff_id, &path) {
+            let torn = !self.marker(&diff_id).is_file();
+            if blob::parse_sha256(&diff_id).is_none() || (keep(&diff_id, &path) && !torn) {
                 continue;
             }
             let doomed = self.tmp.join(format!("gc-{hex}"));
             remove_if_present(&doomed)?;
+            // Marker first: a crash in between leaves a layer without one (torn, fetched
+            // again), never a marker vouching for a layer being deleted.
+            let marker = self.marker(&diff_id);
+            crate::durable::remove(&marker).map_err(ImageError::io(&marker))?;
             fs::rename(&path, &doomed).map_err(ImageError::io(&path))?;
             debug!(%diff_id, "layer removed");
             removed.push(diff_id);
@@ -343,6 +387,43 @@ mod tests {
         assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e}");
         assert!(!store.path(&other).exists());
         assert_eq!(fs::read_dir(&store.tmp).expect("tmp").count(), 0);
+    }
+
+    /// A layer directory without its marker (a crash or power loss between unpacking and
+    /// the marker) is never used: it is fetched and unpacked again, and prune drops it.
+    #[test]
+    fn a_torn_layer_is_fetched_again_and_never_trusted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::open(dir.path()).expect("open");
+        let tar = tar_with_file("hello.txt", b"hi\n");
+        let digest = blob::digest_bytes(&tar);
+        let layer = LayerBlob {
+            digest: Some(&digest),
+            size: tar.len() as u64,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+            diff_id: &digest,
+        };
+        let path = store.ensure(&layer, || Ok(&tar[..])).expect("ensure");
+        assert!(store.existing(&digest).is_some());
+        // Torn: the marker is gone and the tree half written.
+        fs::remove_file(store.marker(&digest)).expect("drop marker");
+        fs::write(path.join("hello.txt"), b"h").expect("truncate");
+        assert_eq!(store.existing(&digest), None, "a torn layer is not offered");
+        let opened = std::cell::Cell::new(false);
+        let again = store
+            .ensure(&layer, || {
+                opened.set(true);
+                Ok(&tar[..])
+            })
+            .expect("ensure again");
+        assert!(opened.get(), "the blob is fetched again");
+        assert_eq!(fs::read(again.join("hello.txt")).expect("read"), b"hi\n");
+        assert!(store.existing(&digest).is_some());
+        // Prune removes a torn layer even when an image still names it.
+        fs::remove_file(store.marker(&digest)).expect("drop marker");
+        let (removed, _) = store.prune(|_, _| true).expect("prune");
+        assert_eq!(removed, std::slice::from_ref(&digest));
+        assert!(!path.exists());
     }
 
     #[test]
