@@ -21,6 +21,15 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| PathBuf::from("/var/lib/skiff/agent"));
         return commands::monitor(&data_dir, id);
     }
+    // wireguard-control starts WG_USERSPACE_IMPLEMENTATION when a userspace device does not
+    // answer; the agent supervises its own tunnel, so nothing may be started behind its back.
+    if let Err(e) = skiff_runtime::sys::set_env_single_threaded(
+        "WG_USERSPACE_IMPLEMENTATION",
+        skiff_agent::net::wg::NO_USERSPACE_FALLBACK,
+    ) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // The tunnel logs too (to its tunnel.log): SKIFF_LOG=boringtun=debug shows the handshakes.
     tracing_subscriber::fmt()
         .with_env_filter(

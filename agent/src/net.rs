@@ -41,8 +41,8 @@ pub enum NetError {
     NoKernelWireguard,
     #[error("{reason}")]
     Tunnel { reason: String },
-    #[error("WireGuard UAPI: {0}")]
-    Uapi(#[from] wg::uapi::UapiError),
+    #[error("WireGuard: {what}: {reason}")]
+    Wireguard { what: String, reason: String },
     #[error("{what} {value:?}: {reason}")]
     Invalid {
         what: &'static str,
@@ -516,11 +516,7 @@ pub fn teardown(data_dir: &Path) -> Vec<String> {
             }
         }
     }
-    let link = Path::new("/run/wireguard").join(format!("{}.sock", wg::INTERFACE));
-    if std::fs::read_link(&link).is_ok_and(|t| t.starts_with(&wg_dir)) {
-        let _ = std::fs::remove_file(&link);
-        // The directory too, when nothing else is in it.
-        let _ = std::fs::remove_dir("/run/wireguard");
+    for link in wg::unlink_run_sockets(&wg_dir) {
         done.push(format!("removed {}", link.display()));
     }
     done

@@ -680,6 +680,16 @@ impl Drop for Fleet {
             for pid in tunnel_pids(data) {
                 crate::signal(pid, nix::sys::signal::Signal::SIGKILL);
             }
+            // The links agents make in the shared /run/wireguard to their UAPI sockets.
+            for link in std::fs::read_dir("/run/wireguard")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if std::fs::read_link(link.path()).is_ok_and(|t| t.starts_with(data)) {
+                    let _ = std::fs::remove_file(link.path());
+                }
+            }
             let ids = agent_cmd(data, parent, &["container", "ps", "-a", "-o", "json"])
                 .output()
                 .ok()

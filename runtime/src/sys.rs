@@ -314,6 +314,18 @@ pub fn lgetxattr(path: &CStr, name: &CStr) -> nix::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Sets an environment variable, refused unless the process is single-threaded (with other
+/// threads, a concurrent `getenv` could read freed memory; hence `set_var` is `unsafe`).
+pub fn set_env_single_threaded(key: &str, value: &str) -> io::Result<()> {
+    if !single_threaded() {
+        return Err(not_single_threaded("setenv"));
+    }
+    // SAFETY: the process has one thread (checked just above), so nothing reads the
+    // environment concurrently.
+    unsafe { std::env::set_var(key, value) };
+    Ok(())
+}
+
 /// `fork()`, refused unless the process is single-threaded (the CLI before it starts any
 /// thread, or a re-exec'd helper): see [`fork_unchecked`].
 pub fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {

@@ -2,25 +2,28 @@
 //! kernel's when the module is there, else a userspace tunnel process of our own), and
 //! reconciling its peers to the other nodes.
 //!
+//! Both backends are configured and read through `wireguard-control`: the kernel's over
+//! generic netlink, the userspace tunnel over the standard UAPI socket, exactly as `wg` does.
+//!
 //! The userspace tunnel ([`tunnel`]) is a separate process (the agent binary re-exec'd), started
 //! detached so that it outlives agent restarts: pod traffic keeps flowing while the agent is
-//! down. It serves the standard UAPI socket; the agent configures it through that socket like
-//! `wg` does. The socket lives under the agent's data dir (several agents in separate network
-//! namespaces on one machine would collide on `/run/wireguard`); an agent in the machine's
-//! initial network namespace also links it from `/run/wireguard/skiff-wg.sock`, so plain
-//! `wg show` finds it.
+//! down. It serves the UAPI protocol on a socket under the agent's data dir, linked from
+//! `/run/wireguard/NAME.sock` where `wireguard-control` and `wg` look for it. NAME is
+//! `skiff-wg` (the TUN device's name, so `wg show skiff-wg` works) in the machine's initial
+//! network namespace; an agent in another namespace (simulated hosts sharing one filesystem)
+//! uses `skwg-` and a hash of its data dir, so agents never share a link.
 
-pub mod kernel;
 pub mod tunnel;
 pub mod uapi;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use base64::Engine as _;
-use tracing::{info, warn};
+use tracing::info;
+use wireguard_control as wgc;
 
 use super::{NetError, nl};
 
@@ -152,8 +155,48 @@ pub struct Device {
     pub private_key: Key,
     pub listen_port: u16,
     dir: PathBuf,
-    /// The UAPI socket (userspace).
+    /// The UAPI socket the userspace tunnel serves.
     socket: PathBuf,
+    /// The name `wireguard-control` reaches the device by: the kernel link, or the
+    /// userspace tunnel through `/run/wireguard/NAME.sock`.
+    control: wgc::InterfaceName,
+}
+
+/// What `WG_USERSPACE_IMPLEMENTATION` is set to in the agent: a program that does not exist,
+/// so `wireguard-control` never starts a userspace WireGuard of its own.
+pub const NO_USERSPACE_FALLBACK: &str = "/nonexistent/skiff-agent-supervises-its-own-tunnel";
+
+/// Where `wireguard-control` and `wg` look for userspace devices' sockets.
+const RUN_DIR: &str = "/run/wireguard";
+
+/// The UAPI name of the userspace device of the agent whose WireGuard dir is `dir`.
+pub fn uapi_name(dir: &Path) -> String {
+    if in_initial_netns() {
+        return INTERFACE.to_owned();
+    }
+    // FNV-1a over the path: stable across restarts, distinct per agent.
+    let hash = dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("skwg-{:010x}", hash & 0xff_ffff_ffff)
+}
+
+fn control_name(name: &str) -> Result<wgc::InterfaceName, NetError> {
+    name.parse().map_err(|e| NetError::Wireguard {
+        what: format!("interface name {name:?}"),
+        reason: format!("{e}"),
+    })
+}
+
+fn wg_err(what: &str, e: std::io::Error) -> NetError {
+    NetError::Wireguard {
+        what: what.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 /// Loads the host's private key from `dir/private.key`, generating it (mode 0600) on first
@@ -186,12 +229,15 @@ impl Device {
     ) -> Result<Device, NetError> {
         std::fs::create_dir_all(dir).map_err(|e| NetError::io(dir, e))?;
         let socket = dir.join(format!("{INTERFACE}.sock"));
+        let uapi = control_name(&uapi_name(dir))?;
+        link_run_socket(&socket, &uapi.to_string())?;
         let backend = match choice {
             BackendChoice::Userspace => Backend::Userspace,
             BackendChoice::Kernel | BackendChoice::Auto => {
                 // A running userspace tunnel keeps the interface name; stay with it.
-                let tunnel_up = choice == BackendChoice::Auto && uapi::get(&socket).is_ok();
-                if !tunnel_up && kernel::create_link()? != nl::WireguardLink::Unsupported {
+                let tunnel_up = choice == BackendChoice::Auto
+                    && wgc::Device::get(&uapi, wgc::Backend::Userspace).is_ok();
+                if !tunnel_up && create_kernel_link()? != nl::WireguardLink::Unsupported {
                     Backend::Kernel
                 } else if choice == BackendChoice::Kernel {
                     return Err(NetError::NoKernelWireguard);
@@ -200,12 +246,17 @@ impl Device {
                 }
             }
         };
+        let control = match backend {
+            Backend::Kernel => control_name(INTERFACE)?,
+            Backend::Userspace => uapi,
+        };
         let dev = Device {
             backend,
             private_key,
             listen_port,
             dir: dir.to_path_buf(),
             socket,
+            control,
         };
         dev.ensure_running()?;
         Ok(dev)
@@ -221,13 +272,13 @@ impl Device {
     /// routes must be applied again).
     pub fn ensure_running(&self) -> Result<bool, NetError> {
         let created = match self.backend {
-            Backend::Kernel => match kernel::create_link()? {
+            Backend::Kernel => match create_kernel_link()? {
                 nl::WireguardLink::Created => true,
                 nl::WireguardLink::Existed => false,
                 nl::WireguardLink::Unsupported => return Err(NetError::NoKernelWireguard),
             },
             Backend::Userspace => {
-                if uapi::get(&self.socket).is_ok() {
+                if self.tunnel_answers() {
                     false
                 } else {
                     self.spawn_tunnel()?;
@@ -276,7 +327,7 @@ impl Device {
         })?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if uapi::get(&self.socket).is_ok() {
+            if self.tunnel_answers() {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -305,22 +356,94 @@ impl Device {
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        link_well_known_socket(&self.socket);
         Ok(())
     }
 
-    pub fn status(&self) -> Result<DeviceStatus, NetError> {
+    /// Whether the userspace tunnel serves its socket.
+    fn tunnel_answers(&self) -> bool {
+        wgc::Device::get(&self.control, wgc::Backend::Userspace).is_ok()
+    }
+
+    fn control_backend(&self) -> wgc::Backend {
         match self.backend {
-            Backend::Kernel => kernel::get(),
-            Backend::Userspace => uapi::get(&self.socket).map_err(NetError::from),
+            Backend::Kernel => wgc::Backend::Kernel,
+            Backend::Userspace => wgc::Backend::Userspace,
         }
     }
 
+    /// The device as `wg show` would print it.
+    pub fn status(&self) -> Result<DeviceStatus, NetError> {
+        let dev = wgc::Device::get(&self.control, self.control_backend())
+            .map_err(|e| wg_err(&format!("reading {}", self.control), e))?;
+        Ok(DeviceStatus {
+            public_key: dev.public_key.map(|k| Key(k.0)),
+            listen_port: dev.listen_port.unwrap_or(0),
+            peers: dev
+                .peers
+                .iter()
+                .map(|p| PeerStatus {
+                    public_key: Key(p.config.public_key.0),
+                    endpoint: p.config.endpoint,
+                    allowed_ips: p
+                        .config
+                        .allowed_ips
+                        .iter()
+                        .map(|a| (a.address, a.cidr))
+                        .collect(),
+                    last_handshake: p
+                        .stats
+                        .last_handshake_time
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map(|d| {
+                            (
+                                i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                                i64::from(d.subsec_nanos()),
+                            )
+                        }),
+                    rx_bytes: p.stats.rx_bytes,
+                    tx_bytes: p.stats.tx_bytes,
+                    keepalive: p.config.persistent_keepalive_interval.unwrap_or(0),
+                })
+                .collect(),
+        })
+    }
+
+    /// Applies a change, as `wg set` does.
     pub fn apply(&self, update: &DeviceUpdate) -> Result<(), NetError> {
-        match self.backend {
-            Backend::Kernel => kernel::set(update),
-            Backend::Userspace => uapi::set(&self.socket, update).map_err(NetError::from),
+        let mut b = wgc::DeviceUpdate::new();
+        if let Some(k) = update.private_key {
+            b = b.set_private_key(wgc::Key(k.0));
         }
+        if let Some(port) = update.listen_port {
+            b = b.set_listen_port(port);
+        }
+        if update.replace_peers {
+            b = b.replace_peers();
+        }
+        for p in &update.peers {
+            let mut pc = wgc::PeerConfigBuilder::new(&wgc::Key(p.public_key.0));
+            if p.remove {
+                pc = pc.remove();
+            }
+            if let Some(e) = p.endpoint {
+                pc = pc.set_endpoint(e);
+            }
+            if let Some(k) = p.keepalive {
+                pc = pc.set_persistent_keepalive_interval(k);
+            }
+            if p.replace_allowed_ips {
+                pc = pc.replace_allowed_ips();
+            }
+            for (ip, cidr) in &p.allowed_ips {
+                pc = pc.add_allowed_ip(*ip, *cidr);
+            }
+            b = b.add_peer(pc);
+        }
+        // A userspace device that does not answer makes wireguard-control start
+        // WG_USERSPACE_IMPLEMENTATION; the agent sets that to a program that does not exist
+        // (see `main`), so a dead tunnel is an error here and is restarted by `ensure_running`.
+        b.apply(&self.control, self.control_backend())
+            .map_err(|e| wg_err(&format!("configuring {}", self.control), e))
     }
 
     /// Brings the peers to `want`: removes the others (a node gone, or one whose key changed),
@@ -389,26 +512,51 @@ fn in_initial_netns() -> bool {
         .any(|e| id(&e.path()) == Some(me))
 }
 
-/// In the machine's initial network namespace, `/run/wireguard/skiff-wg.sock` points at our
-/// socket so `wg show` works as usual. Elsewhere (simulated hosts sharing one filesystem) the
-/// path would be shared by every agent, so it is left alone.
-fn link_well_known_socket(socket: &Path) {
-    if !in_initial_netns() {
-        return;
+/// Creates the kernel link `skiff-wg` unless it exists (through rtnetlink); `Unsupported`
+/// when this kernel has no WireGuard.
+pub fn create_kernel_link() -> Result<nl::WireguardLink, NetError> {
+    nl::with_handle(None, "creating the kernel WireGuard link", |h| async move {
+        nl::create_wireguard_link(&h, INTERFACE).await
+    })
+}
+
+/// Points `/run/wireguard/NAME.sock` at our socket (see the module docs), replacing only a
+/// link of ours; a socket we did not create is refused.
+fn link_run_socket(socket: &Path, name: &str) -> Result<(), NetError> {
+    let dir = Path::new(RUN_DIR);
+    let link = dir.join(format!("{name}.sock"));
+    if let Ok(meta) = std::fs::symlink_metadata(&link) {
+        if !meta.file_type().is_symlink() {
+            return Err(NetError::Tunnel {
+                reason: format!(
+                    "{} is a socket this agent did not create (another WireGuard named {name}?)",
+                    link.display()
+                ),
+            });
+        }
+        if std::fs::read_link(&link).is_ok_and(|t| t == socket) {
+            return Ok(());
+        }
     }
-    let dir = Path::new("/run/wireguard");
-    let link = dir.join(format!("{INTERFACE}.sock"));
-    if let Ok(meta) = std::fs::symlink_metadata(&link)
-        && !meta.file_type().is_symlink()
-    {
-        warn!(path = %link.display(), "not replacing a socket we did not create");
-        return;
-    }
-    let _ = std::fs::create_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| NetError::io(dir, e))?;
     let _ = std::fs::remove_file(&link);
-    if let Err(e) = std::os::unix::fs::symlink(socket, &link) {
-        warn!(path = %link.display(), error = %e, "cannot link the UAPI socket for wg");
+    std::os::unix::fs::symlink(socket, &link).map_err(|e| NetError::io(&link, e))
+}
+
+/// Removes the `/run/wireguard` links that point into `dir` (for `network down`).
+pub fn unlink_run_sockets(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(RUN_DIR).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if std::fs::read_link(&path).is_ok_and(|t| t.starts_with(dir))
+            && std::fs::remove_file(&path).is_ok()
+        {
+            removed.push(path);
+        }
     }
+    // The directory too, when nothing else is in it.
+    let _ = std::fs::remove_dir(RUN_DIR);
+    removed
 }
 
 #[cfg(test)]

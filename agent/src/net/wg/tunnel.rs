@@ -71,15 +71,14 @@ impl State {
     }
 
     fn new_tunn(&self, private: &Key, public: &Key, keepalive: u16, index: u32) -> Option<Tunn> {
-        Tunn::new(
+        Some(Tunn::new(
             StaticSecret::from(private.0),
             PublicKey::from(public.0),
             None,
             (keepalive > 0).then_some(keepalive),
             index,
             None,
-        )
-        .ok()
+        ))
     }
 }
 

@@ -1,25 +1,15 @@
 //! WireGuard's cross-platform userspace API (the text protocol `wg` speaks over
-//! `/var/run/wireguard/IFACE.sock`, https://www.wireguard.com/xplatform/): encoding and parsing
-//! of `get=1` and `set=1`, and a client. The tunnel process serves it; the agent and `wg` use it.
+//! `/run/wireguard/IFACE.sock`, https://www.wireguard.com/xplatform/), the server's side: the
+//! tunnel process parses `set=1` requests and prints `get=1` answers. Clients (the agent through
+//! `wireguard-control`, and `wg`) bring their own.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, SocketAddr};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::Duration;
+use std::net::IpAddr;
 
-use super::{DeviceStatus, DeviceUpdate, Key, PeerStatus, PeerUpdate};
+use super::{DeviceStatus, DeviceUpdate, Key, PeerUpdate};
 
-/// A protocol or transport failure.
+/// A request the tunnel cannot take, naming the line.
 #[derive(Debug, thiserror::Error)]
 pub enum UapiError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: the device answered errno={errno}")]
-    Errno { path: String, errno: i32 },
     #[error("bad line {line:?}: {reason}")]
     Parse { line: String, reason: String },
 }
@@ -55,41 +45,6 @@ fn parse_allowed(line: &str, v: &str) -> Result<(IpAddr, u8), UapiError> {
 }
 
 impl DeviceUpdate {
-    /// The `set=1` body (without the leading `set=1` line, with the closing blank line).
-    pub fn to_uapi(&self) -> String {
-        let mut s = String::new();
-        if let Some(k) = &self.private_key {
-            s += &format!("private_key={}\n", hex::encode(k.0));
-        }
-        if let Some(p) = self.listen_port {
-            s += &format!("listen_port={p}\n");
-        }
-        if self.replace_peers {
-            s += "replace_peers=true\n";
-        }
-        for p in &self.peers {
-            s += &format!("public_key={}\n", hex::encode(p.public_key.0));
-            if p.remove {
-                s += "remove=true\n";
-                continue;
-            }
-            if let Some(e) = p.endpoint {
-                s += &format!("endpoint={e}\n");
-            }
-            if let Some(k) = p.keepalive {
-                s += &format!("persistent_keepalive_interval={k}\n");
-            }
-            if p.replace_allowed_ips {
-                s += "replace_allowed_ips=true\n";
-            }
-            for (ip, prefix) in &p.allowed_ips {
-                s += &format!("allowed_ip={ip}/{prefix}\n");
-            }
-        }
-        s += "\n";
-        s
-    }
-
     /// Parses a `set=1` body, line by line, up to the blank line.
     pub fn parse_uapi(lines: &mut dyn Iterator<Item = String>) -> Result<DeviceUpdate, UapiError> {
         let mut u = DeviceUpdate::default();
@@ -156,164 +111,61 @@ impl DeviceStatus {
         }
         s
     }
-
-    /// Parses a `get=1` answer up to (and checking) its `errno=` line.
-    pub fn parse_uapi(lines: &mut dyn Iterator<Item = String>) -> Result<DeviceStatus, UapiError> {
-        let mut d = DeviceStatus::default();
-        for line in lines {
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| parse_err(&line, "no '='"))?;
-            let num = |what: &str| -> Result<u64, UapiError> {
-                v.parse()
-                    .map_err(|_| parse_err(&line, format!("bad {what}")))
-            };
-            match (k, d.peers.last_mut()) {
-                ("errno", _) => {
-                    let errno = num("errno")? as i32;
-                    if errno != 0 {
-                        return Err(UapiError::Errno {
-                            path: String::new(),
-                            errno,
-                        });
-                    }
-                    return Ok(d);
-                }
-                ("private_key", None) => {
-                    d.public_key = Some(Key(parse_key(&line, v)?.public()));
-                }
-                ("listen_port", None) => d.listen_port = num("port")? as u16,
-                ("public_key", _) => d.peers.push(PeerStatus {
-                    public_key: parse_key(&line, v)?,
-                    ..PeerStatus::default()
-                }),
-                ("endpoint", Some(p)) => {
-                    p.endpoint = v.parse::<SocketAddr>().ok();
-                }
-                ("last_handshake_time_sec", Some(p)) => {
-                    let sec = num("time")? as i64;
-                    let nsec = p.last_handshake.map_or(0, |h| h.1);
-                    p.last_handshake = (sec != 0).then_some((sec, nsec));
-                }
-                ("last_handshake_time_nsec", Some(p)) => {
-                    let nsec = num("time")? as i64;
-                    if let Some(h) = &mut p.last_handshake {
-                        h.1 = nsec;
-                    }
-                }
-                ("tx_bytes", Some(p)) => p.tx_bytes = num("count")?,
-                ("rx_bytes", Some(p)) => p.rx_bytes = num("count")?,
-                ("persistent_keepalive_interval", Some(p)) => p.keepalive = num("interval")? as u16,
-                ("allowed_ip", Some(p)) => p.allowed_ips.push(parse_allowed(&line, v)?),
-                _ => {}
-            }
-        }
-        Err(parse_err("", "the answer ended before errno="))
-    }
-}
-
-fn connect(path: &Path) -> Result<UnixStream, UapiError> {
-    let io = |source| UapiError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let s = UnixStream::connect(path).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io)?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))
-        .map_err(io)?;
-    Ok(s)
-}
-
-fn lines(s: UnixStream) -> impl Iterator<Item = String> {
-    BufReader::new(s).lines().map_while(Result::ok)
-}
-
-/// `get=1` on the device at `path`.
-pub fn get(path: &Path) -> Result<DeviceStatus, UapiError> {
-    let mut s = connect(path)?;
-    s.write_all(b"get=1\n\n").map_err(|source| UapiError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    DeviceStatus::parse_uapi(&mut lines(s)).map_err(|e| with_path(e, path))
-}
-
-/// `set=1` on the device at `path`.
-pub fn set(path: &Path, update: &DeviceUpdate) -> Result<(), UapiError> {
-    let mut s = connect(path)?;
-    let body = format!("set=1\n{}", update.to_uapi());
-    s.write_all(body.as_bytes())
-        .map_err(|source| UapiError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-    for line in lines(s) {
-        if let Some(v) = line.strip_prefix("errno=") {
-            let errno: i32 = v.trim().parse().unwrap_or(-1);
-            if errno == 0 {
-                return Ok(());
-            }
-            return Err(UapiError::Errno {
-                path: path.display().to_string(),
-                errno,
-            });
-        }
-    }
-    Err(UapiError::Io {
-        path: path.display().to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no errno= answer"),
-    })
-}
-
-fn with_path(e: UapiError, path: &Path) -> UapiError {
-    match e {
-        UapiError::Errno { errno, .. } => UapiError::Errno {
-            path: path.display().to_string(),
-            errno,
-        },
-        other => other,
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::PeerStatus;
     use super::*;
 
+    /// What `wireguard-control` (and `wg set`) send.
     #[test]
-    fn set_round_trips_and_bad_lines_are_named() {
-        let u = DeviceUpdate {
-            private_key: Some(Key([7; 32])),
-            listen_port: Some(51820),
-            replace_peers: false,
-            peers: vec![
-                PeerUpdate {
-                    public_key: Key([1; 32]),
-                    endpoint: Some("198.18.0.3:51820".parse().expect("addr")),
-                    keepalive: Some(25),
-                    replace_allowed_ips: true,
-                    allowed_ips: vec![("10.42.1.0".parse().expect("ip"), 24)],
-                    remove: false,
-                },
-                PeerUpdate {
-                    public_key: Key([2; 32]),
-                    remove: true,
-                    ..PeerUpdate::default()
-                },
-            ],
-        };
-        let text = u.to_uapi();
+    fn set_requests_parse_and_bad_lines_are_named() {
+        let text = "private_key=0707070707070707070707070707070707070707070707070707070707070707\n\
+            listen_port=51820\n\
+            public_key=0101010101010101010101010101010101010101010101010101010101010101\n\
+            replace_allowed_ips=true\n\
+            endpoint=198.18.0.3:51820\n\
+            persistent_keepalive_interval=25\n\
+            allowed_ip=10.42.1.0/24\n\
+            public_key=0202020202020202020202020202020202020202020202020202020202020202\n\
+            remove=true\n\n";
         let parsed = DeviceUpdate::parse_uapi(&mut text.lines().map(str::to_owned)).expect("parse");
-        assert_eq!(parsed, u);
+        assert_eq!(
+            parsed,
+            DeviceUpdate {
+                private_key: Some(Key([7; 32])),
+                listen_port: Some(51820),
+                replace_peers: false,
+                peers: vec![
+                    PeerUpdate {
+                        public_key: Key([1; 32]),
+                        endpoint: Some("198.18.0.3:51820".parse().expect("addr")),
+                        keepalive: Some(25),
+                        replace_allowed_ips: true,
+                        allowed_ips: vec![("10.42.1.0".parse().expect("ip"), 24)],
+                        remove: false,
+                    },
+                    PeerUpdate {
+                        public_key: Key([2; 32]),
+                        remove: true,
+                        ..PeerUpdate::default()
+                    },
+                ],
+            }
+        );
         let bad = "public_key=zz\n\n";
         let err = DeviceUpdate::parse_uapi(&mut bad.lines().map(str::to_owned)).expect_err("bad");
         assert!(err.to_string().contains("key is not hex"), "{err}");
         let orphan = "endpoint=1.2.3.4:5\n\n";
         assert!(DeviceUpdate::parse_uapi(&mut orphan.lines().map(str::to_owned)).is_err());
+        let unended = "listen_port=1\n";
+        assert!(DeviceUpdate::parse_uapi(&mut unended.lines().map(str::to_owned)).is_err());
     }
 
+    /// The answer as `wg show` and `wireguard-control` read it.
     #[test]
-    fn get_answer_parses_as_wg_prints_it() {
+    fn get_answers_print_as_a_device_does() {
         let status = DeviceStatus {
             public_key: Some(Key(Key([9; 32]).public())),
             listen_port: 51820,
@@ -327,8 +179,23 @@ mod tests {
                 keepalive: 25,
             }],
         };
-        let text = format!("{}errno=0\n\n", status.to_uapi(Some(&Key([9; 32]))));
-        let parsed = DeviceStatus::parse_uapi(&mut text.lines().map(str::to_owned)).expect("parse");
-        assert_eq!(parsed, status);
+        let text = status.to_uapi(Some(&Key([9; 32])));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "private_key=0909090909090909090909090909090909090909090909090909090909090909",
+                "listen_port=51820",
+                "public_key=0303030303030303030303030303030303030303030303030303030303030303",
+                "endpoint=198.18.0.4:51820",
+                "last_handshake_time_sec=1700000000",
+                "last_handshake_time_nsec=5",
+                "tx_bytes=20",
+                "rx_bytes=10",
+                "persistent_keepalive_interval=25",
+                "allowed_ip=10.42.2.0/24",
+                "protocol_version=1",
+            ]
+        );
     }
 }
