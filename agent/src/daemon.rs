@@ -219,6 +219,16 @@ fn session_err(s: tonic::Status) -> SessionEnd {
     SessionEnd::Failed(format!("{}: {}", s.code(), s.message()))
 }
 
+/// Where other hosts reach the agent's API: the listen address, or the advertise address on
+/// the listen port when listening on all addresses.
+fn agent_addr(listen: std::net::SocketAddr, advertise: IpAddr) -> std::net::SocketAddr {
+    if listen.ip().is_unspecified() {
+        std::net::SocketAddr::new(advertise, listen.port())
+    } else {
+        listen
+    }
+}
+
 async fn connect(addr: &str) -> Result<Channel, SessionEnd> {
     let uri = if addr.contains("://") {
         addr.to_owned()
@@ -255,11 +265,7 @@ async fn session(
             memory: cfg.memory,
             pids: cfg.pids,
         }),
-        agent_addr: if cfg.listen.ip().is_unspecified() {
-            std::net::SocketAddr::new(cfg.advertise_addr, cfg.listen.port()).to_string()
-        } else {
-            cfg.listen.to_string()
-        },
+        agent_addr: agent_addr(cfg.listen, cfg.advertise_addr).to_string(),
         wireguard: Some(pb::WireguardIdentity {
             public_key: network.public_key().to_base64(),
             endpoint: network.endpoint().to_string(),
@@ -485,4 +491,34 @@ fn wireguard_status(network: &Network) -> Option<pb::WireguardStatus> {
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_redirect_names_the_leader_and_other_errors_end_the_session() {
+        let mut s = tonic::Status::failed_precondition("not the leader");
+        s.metadata_mut().insert(
+            LEADER_METADATA,
+            "198.18.0.2:7700".parse().expect("metadata value"),
+        );
+        assert!(matches!(session_err(s), SessionEnd::Leader(l) if l == "198.18.0.2:7700"));
+        let plain = tonic::Status::failed_precondition("not the leader");
+        assert!(matches!(session_err(plain), SessionEnd::Failed(_)));
+        let down = tonic::Status::unavailable("connection refused");
+        assert!(
+            matches!(session_err(down), SessionEnd::Failed(m) if m.contains("connection refused"))
+        );
+    }
+
+    #[test]
+    fn the_agent_api_is_advertised_where_others_reach_it() {
+        let adv: IpAddr = "198.18.0.5".parse().expect("ip");
+        let any: std::net::SocketAddr = "0.0.0.0:7801".parse().expect("addr");
+        assert_eq!(agent_addr(any, adv).to_string(), "198.18.0.5:7801");
+        let specific: std::net::SocketAddr = "10.0.0.5:9000".parse().expect("addr");
+        assert_eq!(agent_addr(specific, adv), specific);
+    }
 }

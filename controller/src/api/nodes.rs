@@ -211,7 +211,7 @@ impl Nodes for NodesApi {
         let req = req.into_inner();
         self.ctx
             .track("Heartbeat", async {
-                let mut reports = Vec::new();
+                let reports;
                 {
                     let applied = self.ctx.node.state();
                     let state = &applied.state;
@@ -222,63 +222,7 @@ impl Nodes for NodesApi {
                     if let Some(wg) = &req.wireguard {
                         self.wireguard_status().insert(req.name.clone(), wg.clone());
                     }
-                    for r in &req.allocations {
-                        let (status, health) = convert::report(r)?;
-                        // Only what changed goes through the log.
-                        let Some(a) = state.allocation(&r.id) else {
-                            continue;
-                        };
-                        if a.node != req.name {
-                            continue;
-                        }
-                        let ip = Some(r.ip.clone()).filter(|ip| !ip.is_empty());
-                        if ip
-                            .as_ref()
-                            .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_err())
-                        {
-                            return Err(ApiError::BadRequest(format!(
-                                "allocations: {}: ip {:?} is not an IP address",
-                                r.id, r.ip
-                            )));
-                        }
-                        let new_ip = ip.is_some() && a.ip != ip;
-                        // Stored cut to 512 characters, so compared cut too (else a long
-                        // output would be written through the log at every heartbeat).
-                        let health_output: String = r.health_output.chars().take(512).collect();
-                        let new_health = health.is_some()
-                            && (a.health != health || a.health_output != health_output);
-                        // Lost output is recorded when it starts and then as it grows by a tenth
-                        // (at least 64 KiB), not at every heartbeat of a full disk.
-                        let old = a.log_dropped_bytes;
-                        let new_drops = r.log_dropped_bytes > old
-                            && (old == 0 || r.log_dropped_bytes >= old + (old / 10).max(64 << 10));
-                        if a.observed != status
-                            || a.restarts < r.restarts
-                            || new_ip
-                            || new_health
-                            || new_drops
-                        {
-                            if new_drops {
-                                tracing::warn!(
-                                    alloc = %r.id,
-                                    node = %req.name,
-                                    bytes = r.log_dropped_bytes,
-                                    error = %r.log_error,
-                                    "allocation output lost: its node cannot write the log"
-                                );
-                            }
-                            reports.push(AllocationReport {
-                                id: r.id.clone(),
-                                status,
-                                restarts: r.restarts,
-                                ip,
-                                health,
-                                health_output,
-                                log_dropped_bytes: r.log_dropped_bytes,
-                                log_error: r.log_error.chars().take(512).collect(),
-                            });
-                        }
-                    }
+                    reports = changed_reports(state, &req.name, &req.allocations)?;
                 }
                 if !reports.is_empty() {
                     self.ctx
@@ -494,6 +438,69 @@ impl NodesApi {
     }
 }
 
+/// What of an agent's reports must go through the log: only what changed (state, restarts,
+/// address, health, lost output), and only for allocations of that node. Bad reports are
+/// refused whole, naming the allocation and the field.
+fn changed_reports(
+    state: &ClusterState,
+    node: &str,
+    reports: &[pb::AllocationReport],
+) -> Result<Vec<AllocationReport>, ApiError> {
+    let mut out = Vec::new();
+    for r in reports {
+        let (status, health) = convert::report(r)?;
+        let Some(a) = state.allocation(&r.id) else {
+            continue;
+        };
+        if a.node != node {
+            continue;
+        }
+        let ip = Some(r.ip.clone()).filter(|ip| !ip.is_empty());
+        if ip
+            .as_ref()
+            .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_err())
+        {
+            return Err(ApiError::BadRequest(format!(
+                "allocations: {}: ip {:?} is not an IP address",
+                r.id, r.ip
+            )));
+        }
+        let new_ip = ip.is_some() && a.ip != ip;
+        // Stored cut to 512 characters, so compared cut too (else a long output would be
+        // written through the log at every heartbeat).
+        let health_output: String = r.health_output.chars().take(512).collect();
+        let new_health =
+            health.is_some() && (a.health != health || a.health_output != health_output);
+        // Lost output is recorded when it starts and then as it grows by a tenth (at least
+        // 64 KiB), not at every heartbeat of a full disk.
+        let old = a.log_dropped_bytes;
+        let new_drops = r.log_dropped_bytes > old
+            && (old == 0 || r.log_dropped_bytes >= old + (old / 10).max(64 << 10));
+        if a.observed != status || a.restarts < r.restarts || new_ip || new_health || new_drops {
+            if new_drops {
+                tracing::warn!(
+                    alloc = %r.id,
+                    node,
+                    bytes = r.log_dropped_bytes,
+                    error = %r.log_error,
+                    "allocation output lost: its node cannot write the log"
+                );
+            }
+            out.push(AllocationReport {
+                id: r.id.clone(),
+                status,
+                restarts: r.restarts,
+                ip,
+                health,
+                health_output,
+                log_dropped_bytes: r.log_dropped_bytes,
+                log_error: r.log_error.chars().take(512).collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// A stream fed by a task through a small channel; the task ends when the client goes away.
 fn async_stream<F, Fut>(f: F) -> WatchStream
 where
@@ -503,4 +510,154 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Allocation, AllocationStatus, DesiredStatus, Health};
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for n in ["n1", "n2"] {
+            s.apply(&Command::UpsertNode {
+                node: Node::for_test(n),
+            })
+            .expect("node");
+        }
+        s.apply(&Command::ApplyJob {
+            spec: Box::new(skiff_common::JobSpec::new("web", "img")),
+            at_ms: 1,
+        })
+        .expect("job");
+        let alloc = |id: &str, node: &str| Allocation {
+            id: id.into(),
+            namespace: "default".into(),
+            job: "web".into(),
+            job_version: 1,
+            node: node.into(),
+            desired: DesiredStatus::Run,
+            observed: AllocationStatus::Running,
+            restarts: 0,
+            created_at_ms: 1,
+            observed_at_ms: 1,
+            ip: Some("10.42.0.2".into()),
+            health: Some(Health::Healthy),
+            health_output: "ok".into(),
+            log_dropped_bytes: 0,
+            log_error: String::new(),
+        };
+        s.apply(&Command::PlaceAllocations {
+            allocations: vec![alloc("a1", "n1"), alloc("b1", "n2")],
+        })
+        .expect("place");
+        s
+    }
+
+    fn same(id: &str) -> pb::AllocationReport {
+        pb::AllocationReport {
+            id: id.into(),
+            state: pb::AllocationState::Running as i32,
+            ip: "10.42.0.2".into(),
+            health: pb::Health::Healthy as i32,
+            health_output: "ok".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_changes_of_the_nodes_own_allocations_go_through_the_log() {
+        let s = state();
+        // Nothing new; another node's allocation and an unknown one are ignored.
+        let quiet = [same("a1"), same("b1"), same("ghost")];
+        assert!(changed_reports(&s, "n1", &quiet).expect("valid").is_empty());
+        // Each kind of change is one report.
+        for change in [
+            pb::AllocationReport {
+                state: pb::AllocationState::Exited as i32,
+                ..same("a1")
+            },
+            pb::AllocationReport {
+                restarts: 1,
+                ..same("a1")
+            },
+            pb::AllocationReport {
+                ip: "10.42.0.9".into(),
+                ..same("a1")
+            },
+            pb::AllocationReport {
+                health: pb::Health::Unhealthy as i32,
+                ..same("a1")
+            },
+            pb::AllocationReport {
+                log_dropped_bytes: 100,
+                ..same("a1")
+            },
+        ] {
+            let out = changed_reports(&s, "n1", std::slice::from_ref(&change)).expect("valid");
+            assert_eq!(out.len(), 1, "{change:?}");
+        }
+        // A long health output is compared as it is stored, cut.
+        let mut s2 = s.clone();
+        let long = pb::AllocationReport {
+            health_output: "x".repeat(2000),
+            ..same("a1")
+        };
+        let out = changed_reports(&s2, "n1", std::slice::from_ref(&long)).expect("valid");
+        s2.apply(&Command::ReportAllocations {
+            reports: out,
+            at_ms: 2,
+        })
+        .expect("report");
+        assert!(
+            changed_reports(&s2, "n1", &[long])
+                .expect("valid")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn lost_output_is_written_when_it_starts_and_as_it_grows_by_a_tenth() {
+        let mut s = state();
+        let lost = |bytes: u64| pb::AllocationReport {
+            log_dropped_bytes: bytes,
+            ..same("a1")
+        };
+        let out = changed_reports(&s, "n1", &[lost(1 << 20)]).expect("valid");
+        s.apply(&Command::ReportAllocations {
+            reports: out,
+            at_ms: 2,
+        })
+        .expect("report");
+        assert!(
+            changed_reports(&s, "n1", &[lost((1 << 20) + 1000)])
+                .expect("valid")
+                .is_empty()
+        );
+        assert_eq!(
+            changed_reports(&s, "n1", &[lost(2 << 20)])
+                .expect("valid")
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_bad_report_is_refused_naming_the_allocation() {
+        let s = state();
+        let bad_ip = pb::AllocationReport {
+            ip: "not-an-ip".into(),
+            ..same("a1")
+        };
+        let e = changed_reports(&s, "n1", &[same("a1"), bad_ip]).expect_err("bad ip");
+        assert_eq!(
+            e.to_string(),
+            "allocations: a1: ip \"not-an-ip\" is not an IP address"
+        );
+        let lost = pb::AllocationReport {
+            state: pb::AllocationState::Lost as i32,
+            ..same("a1")
+        };
+        assert!(changed_reports(&s, "n1", &[lost]).is_err());
+    }
 }

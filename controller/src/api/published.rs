@@ -149,3 +149,127 @@ fn build(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{
+        Allocation, AllocationStatus, Command, Node, WireguardBackend, WireguardIdentity,
+    };
+
+    fn node(name: &str, n: u8) -> Node {
+        let mut node = Node::for_test(name);
+        node.subnet = Some(format!("10.42.{n}.0/24"));
+        node.wireguard = Some(WireguardIdentity {
+            public_key: format!("key-{name}"),
+            endpoint: format!("198.18.0.{n}:51820"),
+            backend: WireguardBackend::Userspace,
+        });
+        node
+    }
+
+    fn alloc(id: &str, node: &str, version: u64) -> Allocation {
+        Allocation {
+            id: id.into(),
+            namespace: "default".into(),
+            job: "web".into(),
+            job_version: version,
+            node: node.into(),
+            desired: DesiredStatus::Run,
+            observed: AllocationStatus::Pending,
+            restarts: 0,
+            created_at_ms: 1,
+            observed_at_ms: 1,
+            ip: None,
+            health: None,
+            health_output: String::new(),
+            log_dropped_bytes: 0,
+            log_error: String::new(),
+        }
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for (name, n) in [("n1", 1), ("n2", 2), ("n3", 3)] {
+            s.apply(&Command::UpsertNode {
+                node: node(name, n),
+            })
+            .expect("node");
+        }
+        s.apply(&Command::ApplyJob {
+            spec: Box::new(skiff_common::JobSpec::new("web", "reg/web:1")),
+            at_ms: 1,
+        })
+        .expect("job");
+        s.apply(&Command::PlaceAllocations {
+            allocations: vec![alloc("a1", "n1", 1), alloc("a2", "n2", 1)],
+        })
+        .expect("place");
+        s
+    }
+
+    #[test]
+    fn each_node_gets_its_allocations_and_every_peer_but_itself() {
+        let s = state();
+        let mut tasks = HashMap::new();
+        let p = build(&s, 7, &Published::default(), &mut tasks);
+        let msg = p.assignment_for("n1");
+        assert_eq!(msg.index, 7);
+        assert_eq!(
+            msg.allocations
+                .iter()
+                .map(|a| a.id.as_str())
+                .collect::<Vec<_>>(),
+            ["a1"]
+        );
+        let task = msg.allocations[0].task.as_ref().expect("task");
+        assert_eq!(task.containers[0].image, "reg/web:1");
+        let peers: Vec<&str> = msg.peers.iter().map(|p| p.node.as_str()).collect();
+        assert_eq!(peers, ["n2", "n3"]);
+        // A node with nothing to run still learns its peers.
+        let n3 = p.assignment_for("n3");
+        assert!(n3.allocations.is_empty());
+        assert_eq!(n3.peers.len(), 2);
+        // The task of a version is converted once and kept while it runs somewhere.
+        assert_eq!(tasks.len(), 1);
+    }
+
+    #[test]
+    fn unchanged_parts_keep_their_arc_and_changes_replace_it() {
+        let mut s = state();
+        let mut tasks = HashMap::new();
+        let first = build(&s, 7, &Published::default(), &mut tasks);
+        // A change on n2 only, and n3 goes down (it leaves the peers).
+        s.apply(&Command::SetAllocationDesired {
+            id: "a2".into(),
+            desired: DesiredStatus::Stop,
+        })
+        .expect("stop a2");
+        s.apply(&Command::SetNodeStatus {
+            name: "n3".into(),
+            status: NodeStatus::Down,
+            at_ms: 2,
+        })
+        .expect("down");
+        let second = build(&s, 9, &first, &mut tasks);
+        assert!(Arc::ptr_eq(
+            &first.assignments["n1"],
+            &second.assignments["n1"]
+        ));
+        assert!(
+            !second.assignments.contains_key("n2"),
+            "n2 runs nothing now"
+        );
+        assert!(!Arc::ptr_eq(&first.peers, &second.peers));
+        assert_eq!(second.assignment_for("n1").peers.len(), 1);
+        assert!(Arc::ptr_eq(&first.services, &second.services));
+        // Stopping every replica of the version drops its task from the cache.
+        s.apply(&Command::SetAllocationDesired {
+            id: "a1".into(),
+            desired: DesiredStatus::Stop,
+        })
+        .expect("stop a1");
+        build(&s, 10, &second, &mut tasks);
+        assert!(tasks.is_empty());
+    }
+}

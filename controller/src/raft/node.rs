@@ -710,3 +710,132 @@ impl RaftNode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ClusterSettings, Outcome};
+
+    fn settings() -> RaftSettings {
+        RaftSettings {
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            ..RaftSettings::default()
+        }
+    }
+
+    async fn open(dir: &Path, id: MemberId) -> RaftNode {
+        let me = Member {
+            rpc_addr: format!("127.0.0.1:{}", 7700 + id),
+            http_addr: format!("127.0.0.1:{}", 7780 + id),
+        };
+        RaftNode::open(id, me, dir, &settings(), Histogram::new([0.001]))
+            .await
+            .expect("open")
+    }
+
+    async fn leader(node: &RaftNode) {
+        node.raft()
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.state == ServerState::Leader, "leader")
+            .await
+            .expect("becomes leader");
+    }
+
+    fn init(cidr: &str) -> Command {
+        Command::InitCluster {
+            settings: ClusterSettings {
+                cluster_cidr: cidr.into(),
+                node_subnet_prefix: 24,
+            },
+        }
+    }
+
+    /// A one-member cluster: bootstrap, a write through the log is applied and its result
+    /// returned, the applied watch moves, a linearizable read passes; restarted from its data
+    /// dir it has the state back.
+    #[tokio::test]
+    async fn bootstraps_writes_and_reopens_with_its_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = open(dir.path(), 1).await;
+        assert!(!node.is_initialized().await.expect("initialized?"));
+        node.bootstrap().await.expect("bootstrap");
+        leader(&node).await;
+        assert_eq!(node.status().role, Role::Leader);
+        assert_eq!(node.leader().map(|l| l.0), Some(1));
+        let mut watch = node.applied_watch();
+        let first = watch.changed().await.expect("index");
+        let (result, index) = node.write(init("10.50.0.0/16")).await.expect("write");
+        assert_eq!(result, Ok(Outcome::ClusterInitialized { changed: true }));
+        assert!(index > first);
+        assert!(watch.changed().await.expect("index") >= index);
+        node.linearize().await.expect("read barrier");
+        // A refused command is the state machine's answer, not a Raft error.
+        let (refused, _) = node.write(init("10.60.0.0/16")).await.expect("write");
+        assert!(refused.is_err(), "{refused:?}");
+        node.shutdown().await;
+        drop(node);
+
+        let again = open(dir.path(), 1).await;
+        assert!(again.is_initialized().await.expect("initialized?"));
+        // Bootstrapping again does nothing.
+        again.bootstrap().await.expect("bootstrap again");
+        leader(&again).await;
+        again.linearize().await.expect("read barrier");
+        let cidr = again
+            .state()
+            .state
+            .settings()
+            .map(|s| s.cluster_cidr.clone());
+        assert_eq!(cidr.as_deref(), Some("10.50.0.0/16"));
+        again.shutdown().await;
+    }
+
+    /// Membership changes that cannot be right are refused, naming why, and change nothing.
+    #[tokio::test]
+    async fn bad_membership_changes_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = open(dir.path(), 1).await;
+        node.bootstrap().await.expect("bootstrap");
+        leader(&node).await;
+        let e = node.remove_member(1).await.expect_err("last voter");
+        assert_eq!(
+            e.to_string(),
+            "membership change refused: refused: member 1 is the last voter"
+        );
+        let e = node.remove_member(9).await.expect_err("unknown");
+        assert!(
+            e.to_string().contains("member 9 is not in the cluster"),
+            "{e}"
+        );
+        let other = Member {
+            rpc_addr: "127.0.0.1:9999".into(),
+            http_addr: "127.0.0.1:9998".into(),
+        };
+        let e = node.add_member(1, other).await.expect_err("id reuse");
+        assert!(
+            e.to_string().contains("already belongs to 127.0.0.1:7701"),
+            "{e}"
+        );
+        assert_eq!(node.members().len(), 1);
+        node.shutdown().await;
+    }
+
+    #[test]
+    fn a_refused_forwarded_change_stays_a_refusal() {
+        let refused = membership_status(
+            "127.0.0.1:7701",
+            tonic::Status::failed_precondition("refused: member 2 is the last voter"),
+        );
+        assert!(
+            matches!(refused, RaftNodeError::Membership(_)),
+            "{refused:?}"
+        );
+        let unreachable = membership_status("127.0.0.1:7701", tonic::Status::unavailable("down"));
+        assert!(
+            matches!(unreachable, RaftNodeError::Peer(_)),
+            "{unreachable:?}"
+        );
+    }
+}
