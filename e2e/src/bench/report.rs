@@ -18,9 +18,57 @@ each with the command that produced it and its anchor measured in the same run.\
 /// Everything measured for one system.
 pub struct SystemResult {
     pub name: String,
+    /// The median round of each throughput phase.
     pub seq: Throughput,
     pub conc: Throughput,
+    /// Writes/s of that phase in every round.
+    pub seq_rounds: Vec<f64>,
+    pub conc_rounds: Vec<f64>,
     pub failover: Vec<FailoverRound>,
+}
+
+/// One result from several rounds: for each throughput phase the round with the median
+/// writes/s (its latencies go with it), every round's writes/s, and the failover rounds.
+pub fn median_rounds(rounds: Vec<SystemResult>) -> SystemResult {
+    let seq_rounds: Vec<f64> = rounds.iter().map(|r| r.seq.writes_per_sec()).collect();
+    let conc_rounds: Vec<f64> = rounds.iter().map(|r| r.conc.writes_per_sec()).collect();
+    let median_index = |v: &[f64]| {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|a, b| v[*a].total_cmp(&v[*b]));
+        idx[idx.len() / 2]
+    };
+    let (si, ci) = (median_index(&seq_rounds), median_index(&conc_rounds));
+    let name = rounds.first().map(|r| r.name.clone()).unwrap_or_default();
+    let mut failover = Vec::new();
+    let mut seq = None;
+    let mut conc = None;
+    for (i, r) in rounds.into_iter().enumerate() {
+        failover.extend(r.failover);
+        if i == si {
+            seq = Some(r.seq.clone());
+        }
+        if i == ci {
+            conc = Some(r.conc);
+        }
+    }
+    SystemResult {
+        name,
+        seq: seq.unwrap_or_default(),
+        conc: conc.unwrap_or_default(),
+        seq_rounds,
+        conc_rounds,
+        failover,
+    }
+}
+
+/// `median (lo to hi)` of writes/s over the rounds.
+fn range(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let med = s.get(s.len() / 2).copied().unwrap_or(0.0);
+    format!("{med:.0} ({lo:.0} to {hi:.0})")
 }
 
 /// Where and how the run happened.
@@ -32,6 +80,7 @@ pub struct RunInfo {
     pub conc_writes: usize,
     pub concurrency: usize,
     pub rounds: usize,
+    pub throughput_rounds: usize,
 }
 
 fn ms(d: Duration) -> String {
@@ -181,6 +230,21 @@ pub fn section(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> S
     s.push_str(
         "\nRatio: skiff/etcd for writes/s; etcd/skiff for latencies and failover times. \
          In every row a ratio above 1 means skiff is better, below 1 means etcd is better.\n\n",
+    );
+    let _ = writeln!(
+        s,
+        "Writes/s over {} interleaved rounds (fresh clusters each round; the table shows each \
+         phase's median round, its latencies with it), median (range): {} 1 client {}, {} \
+         clients {}; {} 1 client {}, {} clients {}.\n",
+        info.throughput_rounds,
+        skiff.name,
+        range(&skiff.seq_rounds),
+        info.concurrency,
+        range(&skiff.conc_rounds),
+        anchor.name,
+        range(&anchor.seq_rounds),
+        info.concurrency,
+        range(&anchor.conc_rounds),
     );
     s.push_str("Per phase:\n\n");
     s.push_str(&details(skiff));

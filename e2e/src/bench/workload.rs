@@ -22,7 +22,7 @@ const FAILOVER_DEADLINE: Duration = Duration::from_secs(30);
 const HEALTH_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The result of one throughput phase.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Throughput {
     pub concurrency: usize,
     pub ok: usize,

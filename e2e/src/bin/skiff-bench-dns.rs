@@ -4,6 +4,10 @@
 //! serving the same A and SRV records. Queries/s, average latency, and the server's CPU time per
 //! query (from /proc/PID/stat around each run).
 //!
+//! Like against like: unbound runs as many threads as the agent has DNS sockets (one per
+//! core); dnsmasq is single-threaded by design. Half the load carries EDNS0 (two dnsperf
+//! processes at once, one with `-e`), as resolvers that advertise a larger UDP size send it.
+//!
 //!   SKIFF_BIN_DIR=target/release target/release/skiff-bench-dns [--seconds 10] [--write-md BENCHMARKS.md]
 
 #![forbid(unsafe_code)]
@@ -23,6 +27,9 @@ struct Args {
     /// Seconds per dnsperf run.
     #[arg(long, default_value_t = 10)]
     seconds: u32,
+    /// Interleaved rounds (each server once per round); medians and ranges are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Replace (or add) the DNS section of this markdown file.
     #[arg(long)]
     write_md: Option<PathBuf>,
@@ -39,41 +46,69 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// Medians over the rounds, and the range of queries/s.
+struct Summary {
+    qps: f64,
+    qps_lo: f64,
+    qps_hi: f64,
+    latency_us: f64,
+    cpu_us_per_query: f64,
+    edns_share: f64,
+}
+
+impl Summary {
+    fn of(runs: &[Result1]) -> Summary {
+        let median = |f: fn(&Result1) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let qps: Vec<f64> = runs.iter().map(|r| r.qps).collect();
+        Summary {
+            qps: median(|r| r.qps),
+            qps_lo: qps.iter().copied().fold(f64::INFINITY, f64::min),
+            qps_hi: qps.iter().copied().fold(0.0, f64::max),
+            latency_us: median(|r| r.latency_us),
+            cpu_us_per_query: median(|r| r.cpu_us_per_query),
+            edns_share: median(|r| r.edns_share),
+        }
+    }
+}
+
 struct Result1 {
     qps: f64,
     latency_us: f64,
     cpu_us_per_query: f64,
+    /// The share of completed queries that carried EDNS0.
+    edns_share: f64,
 }
 
-fn dnsperf(
+/// One dnsperf process's figures.
+struct Half {
+    completed: f64,
+    qps: f64,
+    latency_s: f64,
+}
+
+fn dnsperf_one(
     fleet: &Fleet,
     host: &str,
     server: &str,
     port: u16,
     data: &std::path::Path,
     seconds: u32,
-    pid: u32,
-) -> Result<Result1> {
-    let before = cpu_seconds(pid);
-    let out = fleet.on_host(
-        host,
-        &[
-            "dnsperf",
-            "-s",
-            server,
-            "-p",
-            &port.to_string(),
-            "-d",
-            &data.display().to_string(),
-            "-l",
-            &seconds.to_string(),
-            "-c",
-            "4",
-            "-q",
-            "200",
-        ],
-    )?;
-    let cpu = cpu_seconds(pid) - before;
+    edns: bool,
+) -> Result<Half> {
+    let port = port.to_string();
+    let data = data.display().to_string();
+    let seconds = seconds.to_string();
+    let mut argv = vec![
+        "dnsperf", "-s", server, "-p", &port, "-d", &data, "-l", &seconds, "-c", "2", "-q", "100",
+    ];
+    if edns {
+        argv.push("-e");
+    }
+    let out = fleet.on_host(host, &argv)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(out.status.success(), "dnsperf {server}:{port}: {text}");
     let field = |key: &str| -> Option<f64> {
@@ -89,10 +124,46 @@ fn dnsperf(
         completed > 0.0 && lost / (completed + lost) < 0.01,
         "{server}:{port} lost queries: {text}"
     );
-    Ok(Result1 {
+    Ok(Half {
+        completed,
         qps: field("Queries per second").context("dnsperf: qps")?,
-        latency_us: field("Average Latency (s)").context("dnsperf: latency")? * 1e6,
+        latency_s: field("Average Latency (s)").context("dnsperf: latency")?,
+    })
+}
+
+/// The mixed load: two dnsperf processes at once (4 clients, 200 outstanding in all), one
+/// sending EDNS0 with every query; the server's CPU time is read around both.
+fn dnsperf(
+    fleet: &Fleet,
+    host: &str,
+    server: &str,
+    port: u16,
+    data: &std::path::Path,
+    seconds: u32,
+    pid: u32,
+) -> Result<Result1> {
+    let before = cpu_seconds(pid);
+    let (plain, edns) = std::thread::scope(|s| {
+        let plain = s.spawn(|| dnsperf_one(fleet, host, server, port, data, seconds, false));
+        let edns = s.spawn(|| dnsperf_one(fleet, host, server, port, data, seconds, true));
+        (
+            plain
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("dnsperf thread"))),
+            edns.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("dnsperf thread"))),
+        )
+    });
+    let (plain, edns) = (plain?, edns?);
+    let cpu = cpu_seconds(pid) - before;
+    let completed = plain.completed + edns.completed;
+    Ok(Result1 {
+        qps: plain.qps + edns.qps,
+        latency_us: (plain.latency_s * plain.completed + edns.latency_s * edns.completed)
+            / completed
+            * 1e6,
         cpu_us_per_query: cpu / completed * 1e6,
+        edns_share: edns.completed / completed,
     })
 }
 
@@ -173,11 +244,13 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
         "--pid-file=".into(),
     ];
     dnsmasq.extend(srv_args);
+    // As many unbound threads as the agent has DNS sockets (one per core).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let unbound_conf = dir.join("unbound.conf");
     std::fs::write(
         &unbound_conf,
         format!(
-            "server:\n    interface: 127.0.0.1@5303\n    num-threads: 1\n    do-daemonize: no\n    chroot: \"\"\n\
+            "server:\n    interface: 127.0.0.1@5303\n    num-threads: {cores}\n    so-reuseport: yes\n    do-daemonize: no\n    chroot: \"\"\n\
              username: \"\"\n    directory: \"{}\"\n    pidfile: \"\"\n    use-syslog: no\n    logfile: \"\"\n\
              verbosity: 0\n    access-control: 127.0.0.0/8 allow\n    do-ip6: no\n\
              local-zone: \"skiff.internal.\" static\n{local_data}",
@@ -250,19 +323,20 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
     std::fs::write(&data, q)?;
 
     let s = args.seconds;
-    eprintln!("dnsperf: skiff");
-    let skiff = dnsperf(fleet, "a1", &gateway, 53, &data, s, agent)?;
-    eprintln!("dnsperf: dnsmasq");
-    let dnsmasq = dnsperf(fleet, "a1", "127.0.0.1", 5302, &data, s, pids[0])?;
-    eprintln!("dnsperf: unbound");
-    let unbound = dnsperf(fleet, "a1", "127.0.0.1", 5303, &data, s, pids[1])?;
+    let mut runs: [Vec<Result1>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 1..=args.rounds.max(1) {
+        eprintln!("round {round}/{}: skiff, dnsmasq, unbound", args.rounds);
+        runs[0].push(dnsperf(fleet, "a1", &gateway, 53, &data, s, agent)?);
+        runs[1].push(dnsperf(fleet, "a1", "127.0.0.1", 5302, &data, s, pids[0])?);
+        runs[2].push(dnsperf(fleet, "a1", "127.0.0.1", 5303, &data, s, pids[1])?);
+    }
+    let [skiff, dnsmasq, unbound] = runs.map(|v| Summary::of(&v));
 
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let head = "## DNS: the agent's server vs dnsmasq and unbound";
-    let row = |name: &str, r: &Result1, note: String| {
+    let row = |name: &str, r: &Summary, note: String| {
         format!(
-            "| {name} | {:.0} | {:.0} | {:.1} | {note} |",
-            r.qps, r.latency_us, r.cpu_us_per_query
+            "| {name} | {:.0} ({:.0} to {:.0}) | {:.0} | {:.1} | {note} |",
+            r.qps, r.qps_lo, r.qps_hi, r.latency_us, r.cpu_us_per_query
         )
     };
     let lines = [
@@ -271,20 +345,23 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
         format!(
             "- Date: {} (UTC); machine: {cores} cores; release build; command: \
              `SKIFF_BIN_DIR=target/release target/release/skiff-bench-dns --write-md BENCHMARKS.md` \
-             (dnsperf {s} s per server, 4 clients, 200 outstanding; queries: 50% A for a 5-endpoint \
-             service, 30% its SRV, 20% NXDOMAIN).",
-            skiff_e2e::utc_date()
+             ({} interleaved rounds, medians; dnsperf {s} s per server per round: two processes at once, each 2 clients and 100 outstanding, \
+             one sending EDNS0 ({:.0}% of the queries Skiff completed); names: 50% A for a \
+             5-endpoint service, 30% its SRV, 20% NXDOMAIN).",
+            skiff_e2e::utc_date(),
+            args.rounds,
+            skiff.edns_share * 100.0
         ),
         "- All three on the same simulated host (netns), dnsperf alongside; the agent's DNS is \
          measured inside the running agent (its CPU time includes heartbeats and reconcile \
-         passes); dnsmasq (`--addn-hosts`, `--srv-host`) and unbound (`local-zone static`, one \
-         thread) serve the same records. The agent answers zone queries from answers prepared \
-         per (name, type) at each service-set change (hickory-proto for everything else), with \
-         one UDP socket per core (SO_REUSEPORT); before that lean path it did ~71k queries/s at \
-         14.5 µs CPU per query (0.54x dnsmasq)."
+         passes); dnsmasq (`--addn-hosts`, `--srv-host`) and unbound (`local-zone static`, \
+         threads, one per core) serve the same records. The agent answers plain zone queries \
+         from answers prepared per (name, type) at each service-set change and everything else \
+         (EDNS0 among it) through hickory-proto, with one UDP socket per core (SO_REUSEPORT). \
+         unbound gets as many threads as the agent has sockets; dnsmasq has one by design."
             .to_owned(),
         String::new(),
-        "| server | queries/s | avg latency µs | CPU µs/query | |".to_owned(),
+        "| server | queries/s, median (range) | avg latency µs | CPU µs/query | |".to_owned(),
         "|---|---|---|---|---|".to_owned(),
         row(
             "skiff-agent DNS",

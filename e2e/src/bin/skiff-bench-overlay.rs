@@ -25,7 +25,7 @@ struct Args {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
-    /// iperf3 runs per path (the median is reported).
+    /// Interleaved rounds, one iperf3 run per path each (median and range are reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Replace (or add) the overlay section of this markdown file.
@@ -45,57 +45,52 @@ impl Ns {
     }
 }
 
-/// Median Gbit/s of `runs` iperf3 runs from `client` to `server_ip` (server in `server`).
-fn iperf(server: &Ns, client: &Ns, server_ip: &str, seconds: u32, runs: usize) -> Result<f64> {
-    let mut results = Vec::new();
-    for _ in 0..runs {
-        let mut srv = server
-            .cmd(&[
-                "iperf3",
-                "-s",
-                "-1",
-                "--forceflush",
-                "-B",
-                server_ip,
-                "-p",
-                "5299",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut out = BufReader::new(srv.stdout.take().context("iperf3 stdout")?);
-        let mut line = String::new();
-        // "Server listening on 5299" once it is ready.
-        while out.read_line(&mut line)? > 0 && !line.contains("listening") {
-            line.clear();
-        }
-        let res = client
-            .cmd(&[
-                "iperf3",
-                "-c",
-                server_ip,
-                "-p",
-                "5299",
-                "-t",
-                &seconds.to_string(),
-                "-J",
-            ])
-            .output()?;
-        let _ = srv.kill();
-        let _ = srv.wait();
-        ensure!(
-            res.status.success(),
-            "iperf3 to {server_ip}: {}",
-            String::from_utf8_lossy(&res.stdout)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&res.stdout)?;
-        let bps = v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .context("iperf3: no sum_received")?;
-        results.push(bps / 1e9);
+/// Gbit/s of one iperf3 run from `client` to `server_ip` (server in `server`).
+fn iperf(server: &Ns, client: &Ns, server_ip: &str, seconds: u32) -> Result<f64> {
+    let mut srv = server
+        .cmd(&[
+            "iperf3",
+            "-s",
+            "-1",
+            "--forceflush",
+            "-B",
+            server_ip,
+            "-p",
+            "5299",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut out = BufReader::new(srv.stdout.take().context("iperf3 stdout")?);
+    let mut line = String::new();
+    // "Server listening on 5299" once it is ready.
+    while out.read_line(&mut line)? > 0 && !line.contains("listening") {
+        line.clear();
     }
-    results.sort_by(f64::total_cmp);
-    Ok(results[results.len() / 2])
+    let res = client
+        .cmd(&[
+            "iperf3",
+            "-c",
+            server_ip,
+            "-p",
+            "5299",
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ])
+        .output()?;
+    let _ = srv.kill();
+    let _ = srv.wait();
+    ensure!(
+        res.status.success(),
+        "iperf3 to {server_ip}: {}",
+        String::from_utf8_lossy(&res.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&res.stdout)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no sum_received")?;
+    Ok(bps / 1e9)
 }
 
 /// Average ping RTT in microseconds (200 pings, 10 ms apart).
@@ -278,18 +273,7 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
     ping(&c1.3, &c2.2)?;
 
     let (s, r) = (args.seconds, args.runs);
-    eprintln!("measuring: container to container across hosts (Skiff overlay)");
-    let overlay = (iperf(&c2.3, &c1.3, &c2.2, s, r)?, ping(&c1.3, &c2.2)?);
-    let tunnel_pid = fleet.tunnel_pid("a1")?.context("a1's tunnel")?;
-    let tunnel_rss = peak_rss_mib(tunnel_pid).max(peak_rss_mib(
-        fleet.tunnel_pid("a2")?.context("a2's tunnel")?,
-    ));
-    eprintln!("measuring: container to container on one host (bridge)");
-    let same_host = (iperf(&l2.3, &l1.3, &l2.2, s, r)?, ping(&l1.3, &l2.2)?);
-    eprintln!("measuring: host to host, plain veth routing");
-    let veth = (iperf(&h2, &h1, &h2_addr, s, r)?, ping(&h1, &h2_addr)?);
-
-    eprintln!("measuring: host to host through wireguard-go");
+    // The anchor's tunnel, set up once beside Skiff's.
     let dir = fleet.dir();
     let (k1, p1) = keypair(dir, "wgb1")?;
     let (k2, p2) = keypair(dir, "wgb2")?;
@@ -314,7 +298,43 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
         "10.99.0.1",
     )?);
     ping(&h1, "10.99.0.2")?;
-    let wg_go = (iperf(&h2, &h1, "10.99.0.2", s, r)?, ping(&h1, "10.99.0.2")?);
+    // What actually carries Skiff's overlay (detected, not assumed), and the anchor's version.
+    let backend = fleet.cli_json(&["nodes"])?[0]["wireguard"]["backend"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_owned();
+    let wgo_version = Command::new("wireguard-go")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+
+    // Interleaved rounds: every path once per round, so a slow moment of the machine does not
+    // land on one path only. Median of the rounds and the range.
+    let mut overlay_runs = Vec::new();
+    let mut same_runs = Vec::new();
+    let mut veth_runs = Vec::new();
+    let mut wgo_runs = Vec::new();
+    for round in 1..=r {
+        eprintln!("round {round}/{r}: Skiff overlay, one host, plain veth, wireguard-go");
+        overlay_runs.push(iperf(&c2.3, &c1.3, &c2.2, s)?);
+        same_runs.push(iperf(&l2.3, &l1.3, &l2.2, s)?);
+        veth_runs.push(iperf(&h2, &h1, &h2_addr, s)?);
+        wgo_runs.push(iperf(&h2, &h1, "10.99.0.2", s)?);
+    }
+    let stat = |v: &[f64]| -> (f64, f64, f64) {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let overlay = (stat(&overlay_runs), ping(&c1.3, &c2.2)?);
+    let same_host = (stat(&same_runs), ping(&l1.3, &l2.2)?);
+    let veth = (stat(&veth_runs), ping(&h1, &h2_addr)?);
+    let wg_go = (stat(&wgo_runs), ping(&h1, "10.99.0.2")?);
+    let tunnel_pid = fleet.tunnel_pid("a1")?.context("a1's tunnel")?;
+    let tunnel_rss = peak_rss_mib(tunnel_pid).max(peak_rss_mib(
+        fleet.tunnel_pid("a2")?.context("a2's tunnel")?,
+    ));
     let wgo_pids: Vec<i32> = std::fs::read_dir("/proc")?
         .flatten()
         .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
@@ -331,8 +351,8 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let head = "## Overlay network: container to container vs veth and wireguard-go";
-    let row = |name: &str, (gbps, rtt): (f64, f64), note: &str| {
-        format!("| {name} | {gbps:.2} | {rtt:.0} | {note} |")
+    let row = |name: &str, ((gbps, lo, hi), rtt): ((f64, f64, f64), f64), note: &str| {
+        format!("| {name} | {gbps:.2} ({lo:.2} to {hi:.2}) | {rtt:.0} | {note} |")
     };
     let lines = [
         head.to_owned(),
@@ -340,23 +360,27 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
         format!(
             "- Date: {} (UTC); machine: {cores} cores; release build; command: \
              `SKIFF_BIN_DIR=target/release target/release/skiff-bench-overlay --write-md BENCHMARKS.md` \
-             ({s} s iperf3 runs, median of {r}; 200 pings 10 ms apart).",
+             ({s} s iperf3 runs, {r} interleaved rounds: median and range; 200 pings 10 ms apart).",
             skiff_e2e::utc_date()
         ),
-        "- Setup: a netns fleet (one controller, two agents, hosts on a bridge, MTU 1500). Skiff's \
-         tunnel is the userspace one (this kernel has no WireGuard module): boringtun's Noise in a \
-         process of its own, 4 MiB UDP buffers, pod MTU 1420. iperf3 and ping run in the \
-         containers' network namespaces. The overlay path crosses two more veths and bridges \
-         than the host-to-host anchors; wireguard-go gets the same hosts, MTU and buffers \
-         defaults as it ships."
-            .to_owned(),
+        format!(
+            "- Setup: a netns fleet (one controller, two agents, hosts on a bridge, MTU 1500). Skiff's \
+             WireGuard backend as the agents report it: {backend} (this kernel has no WireGuard module, \
+             so userspace: boringtun's Noise in a process of its own, 4 MiB UDP buffers), pod MTU 1420. \
+             iperf3 and ping run in the containers' network namespaces. The overlay path crosses two \
+             more veths and bridges than the host-to-host anchors; wireguard-go ({wgo_version}, \
+             Debian's) gets the same hosts, MTU and buffer defaults as it ships."
+        ),
         String::new(),
         "| path | iperf3 Gbit/s | ping avg µs | |".to_owned(),
         "|---|---|---|---|".to_owned(),
         row(
             "Skiff overlay, container to container across hosts",
             overlay,
-            &format!("{:.2}x wireguard-go's throughput", overlay.0 / wg_go.0),
+            &format!(
+                "{:.2}x wireguard-go's throughput",
+                (overlay.0).0 / (wg_go.0).0
+            ),
         ),
         row(
             "wireguard-go (Debian), host to host, same hosts",
@@ -366,7 +390,10 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
         row(
             "plain veth routing, host to host",
             veth,
-            &format!("ceiling; the overlay gets {:.0}% of it", overlay.0 / veth.0 * 100.0),
+            &format!(
+                "ceiling; the overlay gets {:.0}% of it",
+                (overlay.0).0 / (veth.0).0 * 100.0
+            ),
         ),
         row(
             "Skiff, two containers on one host",

@@ -65,6 +65,10 @@ struct Args {
     /// Leader-kill rounds per system.
     #[arg(long, default_value_t = 5)]
     failover_rounds: usize,
+    /// Rounds of the throughput phases, interleaved (skiff, etcd, skiff, ...), each on fresh
+    /// clusters; the table shows the median round of each phase, the ranges follow it.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Replace (or append) the section "## Controller: Raft writes vs etcd" in this file.
     #[arg(long)]
     write_md: Option<PathBuf>,
@@ -80,6 +84,9 @@ impl Args {
     fn validate(&self) -> Result<()> {
         if self.writes == 0 || self.concurrent_writes == 0 || self.concurrency == 0 {
             bail!("--writes, --concurrency and --concurrent-writes must be positive");
+        }
+        if self.rounds == 0 {
+            bail!("--rounds must be positive");
         }
         if self.failover_rounds == 0 {
             bail!("--failover-rounds must be positive");
@@ -173,6 +180,7 @@ async fn run(args: Args) -> Result<()> {
         conc_writes: args.concurrent_writes,
         concurrency: args.concurrency,
         rounds: args.failover_rounds,
+        throughput_rounds: args.rounds,
     };
 
     let result = measure_both(&args, &controller, tmp.path()).await;
@@ -197,36 +205,52 @@ async fn measure_both(
     controller: &Path,
     dir: &Path,
 ) -> Result<(SystemResult, SystemResult)> {
-    eprintln!("starting 3 skiff-controller members");
-    let skiff_result = {
-        let mut s = skiff::Skiff::start(controller, dir, Instant::now() + START_DEADLINE).await?;
-        let r = measure(&mut s, args).await;
-        if r.is_err() {
-            eprintln!(
-                "member logs: {}/*.log (pass --keep-dir to keep them)",
-                dir.display()
-            );
-        }
-        r?
-        // `s` is dropped here: every member is killed before etcd starts.
-    };
-    eprintln!("starting 3 etcd members");
-    let etcd_result = {
-        let mut e = etcd::Etcd::start(&args.etcd, dir, Instant::now() + START_DEADLINE).await?;
-        eprintln!("etcd version {}", e.version());
-        let r = measure(&mut e, args).await;
-        if r.is_err() {
-            eprintln!(
-                "member logs: {}/*.log (pass --keep-dir to keep them)",
-                dir.display()
-            );
-        }
-        r?
-    };
-    Ok((skiff_result, etcd_result))
+    let mut skiff_rounds = Vec::new();
+    let mut etcd_rounds = Vec::new();
+    for round in 1..=args.rounds {
+        // Failover is measured once, in the last round (it has rounds of its own).
+        let last = round == args.rounds;
+        let rdir = dir.join(format!("round{round}"));
+        std::fs::create_dir_all(&rdir)?;
+        eprintln!(
+            "round {round}/{}: starting 3 skiff-controller members",
+            args.rounds
+        );
+        skiff_rounds.push({
+            let mut s =
+                skiff::Skiff::start(controller, &rdir, Instant::now() + START_DEADLINE).await?;
+            let r = measure(&mut s, args, last).await;
+            if r.is_err() {
+                eprintln!(
+                    "member logs: {}/*.log (pass --keep-dir to keep them)",
+                    rdir.display()
+                );
+            }
+            r?
+            // `s` is dropped here: every member is killed before etcd starts.
+        });
+        eprintln!("round {round}/{}: starting 3 etcd members", args.rounds);
+        etcd_rounds.push({
+            let mut e =
+                etcd::Etcd::start(&args.etcd, &rdir, Instant::now() + START_DEADLINE).await?;
+            eprintln!("etcd version {}", e.version());
+            let r = measure(&mut e, args, last).await;
+            if r.is_err() {
+                eprintln!(
+                    "member logs: {}/*.log (pass --keep-dir to keep them)",
+                    rdir.display()
+                );
+            }
+            r?
+        });
+    }
+    Ok((
+        report::median_rounds(skiff_rounds),
+        report::median_rounds(etcd_rounds),
+    ))
 }
 
-async fn measure(c: &mut impl Cluster, args: &Args) -> Result<SystemResult> {
+async fn measure(c: &mut impl Cluster, args: &Args, with_failover: bool) -> Result<SystemResult> {
     let name = c.name();
     eprintln!("{name}: warm-up");
     for (prefix, conc, n) in [
@@ -279,7 +303,7 @@ async fn measure(c: &mut impl Cluster, args: &Args) -> Result<SystemResult> {
     }
 
     let mut failover = Vec::with_capacity(args.failover_rounds);
-    for round in 1..=args.failover_rounds {
+    for round in (1..=args.failover_rounds).filter(|_| with_failover) {
         let r = workload::failover_round(c, round).await?;
         eprintln!(
             "{name}: failover {round}/{}: killed {}, new leader {}, {:?} to the next acked write",
@@ -289,6 +313,8 @@ async fn measure(c: &mut impl Cluster, args: &Args) -> Result<SystemResult> {
     }
     Ok(SystemResult {
         name,
+        seq_rounds: vec![seq.writes_per_sec()],
+        conc_rounds: vec![conc.writes_per_sec()],
         seq,
         conc,
         failover,
