@@ -31,7 +31,7 @@ agent="$root/target/release/skiff-agent"
 work=$(mktemp -d /tmp/skiff-bench-pull.XXXXXX)
 reg_pid=""
 cleanup() {
-  [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null && wait "$reg_pid" 2>/dev/null
+  [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null && { wait "$reg_pid" 2>/dev/null || true; }
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -171,7 +171,8 @@ async fn through_raft(nodes: usize, allocations: u32) -> anyhow::Result<ThroughR
     let dir = tempfile::Builder::new()
         .prefix("skiff-bench-sched-")
         .tempdir()?;
-    let grace = ["--node-grace", "1h"];
+    // 5,000 nodes need 5,000 pod subnets: a /8 split into /24s has 65,536.
+    let grace = ["--node-grace", "1h", "--cluster-cidr", "10.0.0.0/8"];
     let (r1, r2, r3) = (free_addr(), free_addr(), free_addr());
     let c1 = ControllerProc::start(
         dir.path(),

@@ -52,6 +52,23 @@ fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
     }
 }
 
+/// Replaces `path` with `bytes` atomically but not durably: a reader sees the old content or
+/// the new, never a mix, but after a power loss either may be there, or neither if the file
+/// is new. For state that is re-derived after a crash anyway (a container's live status); a
+/// unique temporary per writer, no fsync.
+pub fn replace_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = temp_name(path);
+    let written = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// Replaces `path` with `bytes` atomically and durably (file mode 0644).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_mode(path, bytes, 0o644)

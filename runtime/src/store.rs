@@ -221,6 +221,18 @@ fn reserve(path: &Path) {
     }
 }
 
+/// Writes the monitor's live status atomically (readers never see half of it) but without
+/// fsync: it changes at every start, exit and restart, and after a power loss it says nothing
+/// true anyway (every container is gone); the agent re-derives what runs from what it finds.
+/// The record of what to run (`config.json`) is durable.
+fn write_state(path: &Path, state: &State) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    crate::durable::replace_atomic(path, &bytes).map_err(io(path))
+}
+
 /// The container directories under one data dir.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -246,7 +258,7 @@ impl Store {
         let dir = self.dir(&config.id);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         reserve(&dir.join(RESERVE_FILE));
-        write_json_atomic(&dir.join("state.json"), &State::created())?;
+        write_state(&dir.join("state.json"), &State::created())?;
         write_json_atomic(&dir.join("config.json"), config)?;
         Ok(dir)
     }
@@ -264,12 +276,12 @@ impl Store {
     /// the disk.
     pub fn save_state(&self, id: &str, state: &State) -> Result<(), StoreError> {
         let path = self.dir(id).join("state.json");
-        match self.save_state_keeping_reserve(id, state) {
+        match write_state(&path, state) {
             Err(StoreError::Io { source, .. })
                 if source.raw_os_error() == Some(libc::ENOSPC)
                     && fs::remove_file(self.dir(id).join(RESERVE_FILE)).is_ok() =>
             {
-                write_json_atomic(&path, state)
+                write_state(&path, state)
             }
             other => other,
         }
@@ -278,7 +290,7 @@ impl Store {
     /// [`Store::save_state`] that leaves the reserve alone: for updates that may fail on a full
     /// disk without harm (a running count), so the reserve is still there for the exit.
     pub fn save_state_keeping_reserve(&self, id: &str, state: &State) -> Result<(), StoreError> {
-        write_json_atomic(&self.dir(id).join("state.json"), state)
+        write_state(&self.dir(id).join("state.json"), state)
     }
 
     /// Every container with a readable config, ordered by creation time. A directory without
@@ -288,9 +300,16 @@ impl Store {
         for entry in fs::read_dir(&self.root).map_err(io(&self.root))? {
             let entry = entry.map_err(io(&self.root))?;
             let id = entry.file_name().to_string_lossy().to_string();
-            let (Ok(c), Ok(s)) = (self.config(&id), self.state(&id)) else {
+            let Ok(c) = self.config(&id) else {
                 continue;
             };
+            // The live status is not fsync'd (see `write_state`): after a power loss it may be
+            // unreadable; the container is then over, not invisible.
+            let s = self.state(&id).unwrap_or_else(|e| State {
+                status: Status::Exited,
+                error: Some(format!("its state was lost (crash or power loss): {e}")),
+                ..State::created()
+            });
             out.push((c, s));
         }
         out.sort_by_key(|(c, _)| (c.created_at_ms, c.id.clone()));
@@ -361,4 +380,59 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(id: &str) -> ContainerConfig {
+        ContainerConfig {
+            id: id.into(),
+            name: format!("c-{id}"),
+            image: "oci:/x".into(),
+            layers: vec![],
+            args: vec!["/bin/true".into()],
+            env: vec![],
+            cwd: String::new(),
+            user: String::new(),
+            hostname: "h".into(),
+            limits: Limits::default(),
+            nofile: 1024,
+            restart: RestartPolicy::Never,
+            stop_signal: 15,
+            stop_grace_ms: 1000,
+            cgroup_parent: "p".into(),
+            log_max_bytes: 4096,
+            created_at_ms: 1,
+            labels: Default::default(),
+        }
+    }
+
+    /// The live status is not fsync'd: after a power loss it may be empty. The container
+    /// then shows as over, with the reason, instead of vanishing from the list.
+    #[test]
+    fn a_container_whose_state_was_lost_is_listed_as_over() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("open");
+        store.create(&config("a1")).expect("create");
+        store.create(&config("a2")).expect("create");
+        std::fs::write(store.dir("a2").join("state.json"), b"").expect("truncate");
+        let list = store.list().expect("list");
+        assert_eq!(list.len(), 2);
+        let (_, lost) = list.iter().find(|(c, _)| c.id == "a2").expect("a2 listed");
+        assert_eq!(lost.status, Status::Exited);
+        assert!(
+            lost.error
+                .as_deref()
+                .is_some_and(|e| e.contains("state was lost")),
+            "{lost:?}"
+        );
+        let stray: Vec<_> = std::fs::read_dir(store.dir("a1"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
+    }
 }

@@ -306,7 +306,14 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
     let wgo_version = Command::new("wireguard-go")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
         .unwrap_or_default();
 
     // Interleaved rounds: every path once per round, so a slow moment of the machine does not
