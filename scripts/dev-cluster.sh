@@ -79,9 +79,10 @@ curl -fsS "http://$http/readyz" || { echo "controller did not become ready; see 
 if [ -f "$state/agent.pid" ] && kill -0 "$(cat "$state/agent.pid")" 2>/dev/null; then
   echo "agent already running (pid $(cat "$state/agent.pid"))"
 else
+  mkdir -p "$state/images"
   "$bin/skiff-agent" --data-dir "$state/agent" --cgroup-parent "$cgroup_parent" \
     --controller "$rpc" --name dev-1 --advertise-addr 127.0.0.1 --listen "$agent_api" \
-    --labels zone=a >"$state/agent.log" 2>&1 &
+    --labels zone=a --local-image-dir "$state/images" >"$state/agent.log" 2>&1 &
   echo $! >"$state/agent.pid"
   echo "agent started (pid $!, log $state/agent.log)"
 fi

@@ -23,7 +23,7 @@ pub enum Cmd {
     /// Run and inspect containers by hand.
     Container {
         #[command(subcommand)]
-        command: container::ContainerCmd,
+        command: Box<container::ContainerCmd>,
     },
     /// Images in the local store.
     Image {

@@ -76,6 +76,22 @@ pub struct Cli {
     /// The pod MTU [default: the underlay link's MTU minus 80 for WireGuard].
     #[arg(long, env = "SKIFF_MTU")]
     pub mtu: Option<u32>,
+    /// A directory cluster jobs may take local images (oci:, oci-archive:, docker-archive:)
+    /// from. Repeatable; none by default (registry images only).
+    #[arg(
+        long = "local-image-dir",
+        env = "SKIFF_LOCAL_IMAGE_DIR",
+        value_delimiter = ','
+    )]
+    pub local_image_dirs: Vec<PathBuf>,
+    /// A host device cluster jobs may be granted (`[[devices]]` in a job). Repeatable; none by
+    /// default.
+    #[arg(
+        long = "allow-device",
+        env = "SKIFF_ALLOW_DEVICE",
+        value_delimiter = ','
+    )]
+    pub allow_devices: Vec<PathBuf>,
     /// Resolvers the node's DNS forwards names outside skiff.internal to, IP[:PORT],...
     /// [default: the host's /etc/resolv.conf nameservers].
     #[arg(long, env = "SKIFF_DNS_UPSTREAM", value_delimiter = ',')]
@@ -108,6 +124,10 @@ pub struct FileConfig {
     pub wireguard_port: Option<u16>,
     pub wireguard_keepalive: Option<u16>,
     pub mtu: Option<u32>,
+    #[serde(default)]
+    pub local_image_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    pub allow_devices: Vec<PathBuf>,
     #[serde(default)]
     pub dns_upstream: Vec<String>,
 }
@@ -196,7 +216,40 @@ impl Settings {
             Some(c) => anyhow::bail!("--cpus: {c} is not a positive number"),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
         };
+        let image_dirs = if cli.local_image_dirs.is_empty() {
+            &self.file.local_image_dirs
+        } else {
+            &cli.local_image_dirs
+        };
+        let local_image_dirs = image_dirs
+            .iter()
+            .map(|d| {
+                std::fs::canonicalize(d)
+                    .map_err(|e| anyhow::anyhow!("--local-image-dir {}: {e}", d.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let allowed_devices = if cli.allow_devices.is_empty() {
+            self.file.allow_devices.clone()
+        } else {
+            cli.allow_devices.clone()
+        };
+        for d in &allowed_devices {
+            use std::os::unix::fs::FileTypeExt as _;
+            let meta = std::fs::metadata(d)
+                .map_err(|e| anyhow::anyhow!("--allow-device {}: {e}", d.display()))?;
+            let ft = meta.file_type();
+            if !d.is_absolute() || !(ft.is_char_device() || ft.is_block_device()) {
+                anyhow::bail!(
+                    "--allow-device {}: not an absolute path to a device node",
+                    d.display()
+                );
+            }
+        }
         Ok(DaemonConfig {
+            policy: crate::policy::Policy {
+                local_image_dirs,
+                allowed_devices,
+            },
             controllers,
             name,
             advertise_addr,

@@ -46,6 +46,9 @@ pub struct ContainerTask {
     pub stop_signal: i32,
     pub stop_grace: Duration,
     pub limits: Limits,
+    /// Host devices asked for: path and access (`skiff_runtime::devices::ACC_*`). The node's
+    /// policy decides whether they are granted.
+    pub devices: Vec<(String, u32)>,
 }
 
 /// A health check, ports resolved to numbers.
@@ -100,6 +103,16 @@ fn task(t: pb::Task) -> Result<Task, String> {
     }
     let resources = c.resources.unwrap_or_default();
     let check = t.check.map(check).transpose()?;
+    let devices = c
+        .devices
+        .iter()
+        .map(|d| {
+            let access = skiff_runtime::devices::parse_access(&d.permissions).ok_or_else(|| {
+                format!("task: device {}: permissions {:?}", d.path, d.permissions)
+            })?;
+            Ok((d.path.clone(), access))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(Task {
         container: ContainerTask {
             image: c.image,
@@ -119,6 +132,7 @@ fn task(t: pb::Task) -> Result<Task, String> {
                 memory: (resources.memory > 0).then_some(resources.memory),
                 pids: (resources.pids > 0).then_some(u64::from(resources.pids)),
             },
+            devices,
         },
         check,
     })

@@ -54,6 +54,8 @@ pub struct DaemonConfig {
     pub net: crate::net::NetOptions,
     /// `--dns-upstream`; empty: the host's resolv.conf.
     pub dns_upstreams: Vec<String>,
+    /// What tasks may use of the host (local image dirs, devices).
+    pub policy: crate::policy::Policy,
 }
 
 /// The node's DNS server: the zone it answers from (kept when the controllers are away) and
@@ -61,6 +63,7 @@ pub struct DaemonConfig {
 struct Dns {
     zone: crate::dns::SharedZone,
     upstreams: Arc<Vec<std::net::SocketAddr>>,
+    stats: Arc<crate::dns::DnsStats>,
     started: std::sync::atomic::AtomicBool,
 }
 
@@ -70,9 +73,13 @@ impl Dns {
             return;
         }
         let addr = std::net::SocketAddr::new(gateway.into(), 53);
-        let (zone, upstreams) = (self.zone.clone(), self.upstreams.clone());
+        let (zone, upstreams, stats) = (
+            self.zone.clone(),
+            self.upstreams.clone(),
+            self.stats.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = crate::dns::serve(addr, zone, upstreams).await {
+            if let Err(e) = crate::dns::serve(addr, zone, upstreams, stats).await {
                 warn!(%addr, error = %e, "DNS server not running");
             }
         });
@@ -115,6 +122,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .add_service(skiff_proto::v1::agent_server::AgentServer::new(api))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+    let dns_stats: Arc<crate::dns::DnsStats> = Arc::default();
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
         .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", cfg.metrics_listen))?;
@@ -124,6 +132,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             crate::metrics::router(crate::metrics::Sources {
                 network: network.clone(),
                 runtime: runtime.clone(),
+                dns: dns_stats.clone(),
             }),
         )
         .into_future(),
@@ -131,6 +140,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let dns = Arc::new(Dns {
         zone: Default::default(),
         upstreams: Arc::new(crate::dns::upstreams(&cfg.dns_upstreams)),
+        stats: dns_stats.clone(),
         started: Default::default(),
     });
     let (desired_tx, desired_rx) = watch::channel::<Option<Vec<Assigned>>>(None);
@@ -142,6 +152,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         runtime.clone(),
         network.clone(),
         checker,
+        Arc::new(cfg.policy.clone()),
         desired_rx,
         reports.clone(),
     ));
@@ -391,6 +402,7 @@ async fn reconcile_loop(
     runtime: Arc<Runtime>,
     network: Arc<Network>,
     checker: crate::health::Checker,
+    policy: Arc<crate::policy::Policy>,
     mut desired: watch::Receiver<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) {
@@ -405,10 +417,15 @@ async fn reconcile_loop(
             Err(e) => warn!(error = %e, "network sync panicked"),
         }
         if let Some(want) = want {
-            let (rt, f, c) = (runtime.clone(), failures.clone(), checker.clone());
+            let (rt, f, c, p) = (
+                runtime.clone(),
+                failures.clone(),
+                checker.clone(),
+                policy.clone(),
+            );
             let dns = network.subnet().map(|s| s.gateway());
             match tokio::task::spawn_blocking(move || {
-                let mut reports = reconcile::reconcile_once(rt.as_ref(), &want, &f, dns);
+                let mut reports = reconcile::reconcile_once(rt.as_ref(), &want, &f, &p, dns);
                 reconcile::health_checks(rt.as_ref(), &want, &c, &mut reports);
                 reports
             })

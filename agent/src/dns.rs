@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -378,6 +379,64 @@ pub fn upstreams(flag: &[String]) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Forwards in flight at once; a query beyond them is answered SERVFAIL at once (and counted)
+/// rather than queued: a flood of out-of-zone names cannot take the agent's memory.
+pub const MAX_FORWARDS: usize = 256;
+/// TCP connections served at once; more wait in the kernel's backlog.
+const MAX_TCP: usize = 128;
+
+/// What the DNS server counts (shown on the agent's `/metrics`).
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    /// Queries relayed to an upstream.
+    pub forwarded: AtomicU64,
+    /// Queries answered SERVFAIL because [`MAX_FORWARDS`] were in flight.
+    pub forwards_refused: AtomicU64,
+    /// Receive, send and accept errors (each logged; the socket keeps serving).
+    pub socket_errors: AtomicU64,
+}
+
+/// The bound on forwards, and the counters.
+#[derive(Clone)]
+struct Forwarding {
+    upstreams: Arc<Vec<SocketAddr>>,
+    permits: Arc<tokio::sync::Semaphore>,
+    stats: Arc<DnsStats>,
+}
+
+impl Forwarding {
+    /// A slot for one forward, or `None` (counted) when all are taken.
+    fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(p) => {
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                Some(p)
+            }
+            Err(_) => {
+                self.stats.forwards_refused.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+/// Backs off after a socket error (doubling from 10 ms to 1 s), so an error that repeats
+/// does not spin a core; reset by the next success.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(Duration::ZERO)
+    }
+    async fn failed(&mut self) {
+        self.0 = (self.0 * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::time::sleep(self.0).await;
+    }
+    fn ok(&mut self) {
+        self.0 = Duration::ZERO;
+    }
+}
+
 /// Relays a query to the upstreams in turn; `None` when none answered.
 async fn forward(query: &[u8], upstreams: &[SocketAddr], tcp: bool) -> Option<Vec<u8>> {
     for up in upstreams {
@@ -428,11 +487,19 @@ fn servfail(query: &[u8]) -> Option<Vec<u8>> {
 
 /// Serves DNS on `addr` (UDP and TCP) until the task is dropped: one UDP socket per core
 /// (SO_REUSEPORT; the kernel spreads clients over them), each read by a task of its own.
+/// Errors on a socket are logged and counted, never the end of it; out-of-zone names are
+/// forwarded at most [`MAX_FORWARDS`] at a time.
 pub async fn serve(
     addr: SocketAddr,
     zone: SharedZone,
     upstreams: Arc<Vec<SocketAddr>>,
+    stats: Arc<DnsStats>,
 ) -> std::io::Result<()> {
+    let fwd = Forwarding {
+        upstreams,
+        permits: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS)),
+        stats,
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut sockets = Vec::new();
     for _ in 0..cores {
@@ -447,67 +514,91 @@ pub async fn serve(
         sockets.push(Arc::new(UdpSocket::from_std(s.into())?));
     }
     let tcp = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, sockets = sockets.len(), upstreams = ?upstreams, "DNS serving {ZONE}");
+    tracing::info!(%addr, sockets = sockets.len(), upstreams = ?fwd.upstreams, "DNS serving {ZONE}");
     let mut tasks = Vec::new();
     {
-        let (zone, upstreams) = (zone.clone(), upstreams.clone());
+        let (zone, fwd) = (zone.clone(), fwd.clone());
+        let conns = Arc::new(tokio::sync::Semaphore::new(MAX_TCP));
         tasks.push(tokio::spawn(async move {
+            let mut backoff = Backoff::new();
             loop {
-                let Ok((conn, _)) = tcp.accept().await else {
-                    continue;
+                let Ok(permit) = conns.clone().acquire_owned().await else {
+                    return;
                 };
-                let (zone, upstreams) = (zone.clone(), upstreams.clone());
+                let conn = match tcp.accept().await {
+                    Ok((conn, _)) => {
+                        backoff.ok();
+                        conn
+                    }
+                    Err(e) => {
+                        fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(%addr, error = %e, "DNS TCP accept failed; backing off");
+                        backoff.failed().await;
+                        continue;
+                    }
+                };
+                let (zone, fwd) = (zone.clone(), fwd.clone());
                 tokio::spawn(async move {
-                    let _ = serve_tcp(conn, zone, upstreams).await;
+                    let _ = serve_tcp(conn, zone, fwd).await;
+                    drop(permit);
                 });
             }
         }));
     }
-    let mut udp_tasks = Vec::new();
     for udp in sockets {
-        let (zone, upstreams) = (zone.clone(), upstreams.clone());
-        udp_tasks.push(tokio::spawn(serve_udp(udp, zone, upstreams)));
+        let (zone, fwd) = (zone.clone(), fwd.clone());
+        tasks.push(tokio::spawn(serve_udp(udp, zone, fwd)));
     }
-    let mut result = Ok(());
-    for t in udp_tasks {
-        if let Ok(Err(e)) = t.await {
-            result = Err(e);
-        }
-    }
+    // The tasks never end by themselves; this one waits until it is dropped.
     for t in tasks {
-        t.abort();
+        let _ = t.await;
     }
-    if let Err(e) = &result {
-        warn!(error = %e, "DNS server stopped");
-    }
-    result
+    Ok(())
 }
 
-async fn serve_udp(
-    udp: Arc<UdpSocket>,
-    zone: SharedZone,
-    upstreams: Arc<Vec<SocketAddr>>,
-) -> std::io::Result<()> {
+/// Reads one UDP socket forever: an error is logged, counted and backed off from, never the
+/// end of the socket.
+async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
     let mut buf = vec![0u8; 65535];
+    let mut backoff = Backoff::new();
     loop {
         let (n, peer) = match udp.recv_from(&mut buf).await {
-            Ok(r) => r,
+            Ok(r) => {
+                backoff.ok();
+                r
+            }
+            // An ICMP error for an earlier answer; nothing is wrong with the socket.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-            Err(e) => return Err(e),
+            Err(e) => {
+                fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "DNS UDP receive failed; the socket keeps serving");
+                backoff.failed().await;
+                continue;
+            }
         };
         let query = &buf[..n];
         match answer(query, &current(&zone), true) {
             Reply::Answer(b) => {
-                let _ = udp.send_to(&b, peer).await;
+                if let Err(e) = udp.send_to(&b, peer).await {
+                    fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(%peer, error = %e, "DNS UDP send failed");
+                }
             }
             Reply::Drop => {}
             Reply::Forward => {
-                let (q, udp, upstreams) = (query.to_vec(), udp.clone(), upstreams.clone());
+                let Some(permit) = fwd.slot() else {
+                    if let Some(b) = servfail(query) {
+                        let _ = udp.send_to(&b, peer).await;
+                    }
+                    continue;
+                };
+                let (q, udp, fwd) = (query.to_vec(), udp.clone(), fwd.clone());
                 tokio::spawn(async move {
-                    let reply = match forward(&q, &upstreams, false).await {
+                    let reply = match forward(&q, &fwd.upstreams, false).await {
                         Some(b) => Some(b),
                         None => servfail(&q),
                     };
+                    drop(permit);
                     if let Some(b) = reply {
                         let _ = udp.send_to(&b, peer).await;
                     }
@@ -520,7 +611,7 @@ async fn serve_udp(
 async fn serve_tcp(
     mut conn: tokio::net::TcpStream,
     zone: SharedZone,
-    upstreams: Arc<Vec<SocketAddr>>,
+    fwd: Forwarding,
 ) -> std::io::Result<()> {
     loop {
         let len = match tokio::time::timeout(Duration::from_secs(10), conn.read_u16()).await {
@@ -534,9 +625,12 @@ async fn serve_tcp(
         let reply = match answer(&q, &current(&zone), false) {
             Reply::Answer(b) => Some(b),
             Reply::Drop => return Ok(()),
-            Reply::Forward => match forward(&q, &upstreams, true).await {
-                Some(b) => Some(b),
+            Reply::Forward => match fwd.slot() {
                 None => servfail(&q),
+                Some(_permit) => match forward(&q, &fwd.upstreams, true).await {
+                    Some(b) => Some(b),
+                    None => servfail(&q),
+                },
             },
         };
         if let Some(b) = reply {
@@ -717,5 +811,92 @@ mod tests {
             resolv_conf(Ipv4Addr::new(10, 42, 1, 1), "shop"),
             "# written by skiff-agent\nnameserver 10.42.1.1\nsearch shop.skiff.internal skiff.internal\noptions ndots:2\n"
         );
+    }
+
+    /// A flood of out-of-zone names against an upstream that never answers: at most
+    /// MAX_FORWARDS are in flight, the rest are answered SERVFAIL at once and counted, and
+    /// zone names are still answered meanwhile.
+    #[tokio::test]
+    async fn forwards_are_bounded_and_the_excess_gets_servfail() {
+        // An upstream that reads nothing and answers nothing.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("upstream");
+        let upstream = silent.local_addr().expect("addr");
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let zone: SharedZone = Arc::new(RwLock::new(Arc::new(Zone::build(&[service(
+            &[("aaaa000000000001", "10.42.1.2")],
+            &[],
+        )]))));
+        let stats = Arc::new(DnsStats::default());
+        let server = tokio::spawn(serve(addr, zone, Arc::new(vec![upstream]), stats.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        let query = |id: u16, name: &str| {
+            let mut m = Message::query();
+            m.metadata.id = id;
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(
+                Name::from_ascii(name).expect("name"),
+                RecordType::A,
+            ));
+            m.to_vec().expect("encode")
+        };
+        // Wait until the server answers a zone name.
+        let mut buf = vec![0u8; 4096];
+        let mut up = false;
+        for _ in 0..100 {
+            let _ = client
+                .send_to(&query(1, "web.default.skiff.internal."), addr)
+                .await;
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(50), client.recv_from(&mut buf)).await
+            {
+                up = true;
+                break;
+            }
+        }
+        assert!(up, "the DNS server did not come up");
+        let flood = MAX_FORWARDS + 50;
+        for i in 0..flood {
+            let q = query(1000 + i as u16, &format!("n{i}.example.org."));
+            client.send_to(&q, addr).await.expect("send");
+        }
+        // The excess is refused at once, not after the upstream timeout.
+        let mut servfails = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while servfails < 50 {
+            let Ok(Ok((n, _))) =
+                tokio::time::timeout_at(deadline, client.recv_from(&mut buf)).await
+            else {
+                break;
+            };
+            let m = Message::from_vec(&buf[..n]).expect("answer");
+            if m.metadata.response_code == ResponseCode::ServFail {
+                servfails += 1;
+            }
+        }
+        assert!(servfails >= 50, "{servfails} SERVFAIL answers");
+        assert!(stats.forwards_refused.load(Ordering::Relaxed) >= 50);
+        assert_eq!(stats.forwarded.load(Ordering::Relaxed), MAX_FORWARDS as u64);
+        // The zone is still answered while the forwards wait.
+        client
+            .send_to(&query(7, "web.default.skiff.internal."), addr)
+            .await
+            .expect("send");
+        let mut answered = false;
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(500), client.recv_from(&mut buf)).await
+        {
+            let m = Message::from_vec(&buf[..n]).expect("answer");
+            if m.metadata.id == 7 {
+                answered = m.answers.len() == 1;
+                break;
+            }
+        }
+        assert!(answered, "zone answers keep coming during a forward flood");
+        server.abort();
+        drop(silent);
     }
 }

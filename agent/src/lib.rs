@@ -16,4 +16,5 @@ pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod reconcile;

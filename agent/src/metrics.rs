@@ -20,6 +20,7 @@ use crate::net::wg::DeviceStatus;
 pub struct Sources {
     pub network: Arc<Network>,
     pub runtime: Arc<skiff_runtime::container::Runtime>,
+    pub dns: Arc<crate::dns::DnsStats>,
 }
 
 pub fn router(sources: Sources) -> Router {
@@ -42,7 +43,9 @@ async fn metrics(State(s): State<Sources>) -> impl IntoResponse {
                     .count()
             })
             .unwrap_or(0);
-        render(&s.network, status.as_ref(), running)
+        let mut text = render(&s.network, status.as_ref(), running);
+        render_dns(&mut text, &s.dns);
+        text
     })
     .await
     .unwrap_or_default();
@@ -53,6 +56,30 @@ async fn metrics(State(s): State<Sources>) -> impl IntoResponse {
         )],
         text,
     )
+}
+
+/// The DNS server's counters.
+pub fn render_dns(o: &mut String, s: &crate::dns::DnsStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for (name, help, v) in [
+        (
+            "skiff_agent_dns_forwarded_total",
+            "Queries for names outside skiff.internal relayed to an upstream.",
+            s.forwarded.load(Relaxed),
+        ),
+        (
+            "skiff_agent_dns_forwards_refused_total",
+            "Queries answered SERVFAIL because too many forwards were in flight.",
+            s.forwards_refused.load(Relaxed),
+        ),
+        (
+            "skiff_agent_dns_socket_errors_total",
+            "Receive, send and accept errors of the DNS sockets (each logged; serving goes on).",
+            s.socket_errors.load(Relaxed),
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    }
 }
 
 fn escape(v: &str) -> String {

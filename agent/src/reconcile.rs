@@ -18,6 +18,8 @@ use tracing::{info, warn};
 
 use crate::contract::{self, Assigned, Check, Task};
 use crate::health::{Checker, Probe};
+use crate::policy::Policy;
+use skiff_runtime::devices::DeviceNode;
 
 /// The label that marks a container as the one this agent runs for an allocation; its value is
 /// the allocation id.
@@ -42,9 +44,14 @@ pub trait Containers: Send + Sync {
     /// The containers this agent runs for allocations.
     fn list(&self) -> Result<Vec<Observed>, String>;
     /// Starts the container of `alloc` (detached; its image pulled if missing), labelled with
-    /// [`ALLOC_LABEL`]; returns its id.
-    fn start(&self, alloc: &Assigned, task: &Task, dns: Option<Ipv4Addr>)
-    -> Result<String, String>;
+    /// [`ALLOC_LABEL`], with the host devices the node's policy granted; returns its id.
+    fn start(
+        &self,
+        alloc: &Assigned,
+        task: &Task,
+        devices: &[DeviceNode],
+        dns: Option<Ipv4Addr>,
+    ) -> Result<String, String>;
     /// Stops a container: its stop signal, then SIGKILL after `grace`.
     fn stop(&self, id: &str, grace: Duration) -> Result<State, String>;
     /// Removes a stopped container and what it holds (its address, its files).
@@ -67,6 +74,7 @@ pub fn reconcile_once(
     rt: &dyn Containers,
     want: &[Assigned],
     failures: &Failures,
+    policy: &Policy,
     dns: Option<Ipv4Addr>,
 ) -> Vec<pb::AllocationReport> {
     let existing = match rt.list() {
@@ -144,7 +152,10 @@ pub fn reconcile_once(
             out.push(contract::failed(&a.id, reason));
             continue;
         }
-        match rt.start(a, task, dns) {
+        let started = policy
+            .admit(task)
+            .and_then(|devices| rt.start(a, task, &devices, dns));
+        match started {
             Ok(container) => {
                 failures.remove(&a.id);
                 info!(alloc = %a.id, container = %container, image = %task.container.image, "started");
@@ -228,6 +239,7 @@ impl Containers for skiff_runtime::container::Runtime {
         &self,
         alloc: &Assigned,
         task: &Task,
+        devices: &[DeviceNode],
         dns: Option<Ipv4Addr>,
     ) -> Result<String, String> {
         let c = &task.container;
@@ -247,6 +259,7 @@ impl Containers for skiff_runtime::container::Runtime {
             pull: skiff_runtime::image::PullPolicy::Missing,
             resolv_conf: dns.map(|server| crate::dns::resolv_conf(server, &alloc.namespace)),
             labels: [(ALLOC_LABEL.to_owned(), alloc.id.clone())].into(),
+            devices: devices.to_vec(),
         };
         let (id, mut monitor) = self.run(&opts).map_err(|e| e.to_string())?;
         // The monitor is our child until we exit: reap it when it ends.
@@ -305,7 +318,13 @@ mod tests {
         fn list(&self) -> Result<Vec<Observed>, String> {
             Ok(lock(&self.containers).clone())
         }
-        fn start(&self, alloc: &Assigned, _: &Task, _: Option<Ipv4Addr>) -> Result<String, String> {
+        fn start(
+            &self,
+            alloc: &Assigned,
+            _: &Task,
+            _: &[DeviceNode],
+            _: Option<Ipv4Addr>,
+        ) -> Result<String, String> {
             if let Some(e) = lock(&self.fail_start).clone() {
                 return Err(e);
             }
@@ -357,7 +376,7 @@ mod tests {
     fn task() -> Task {
         Task {
             container: ContainerTask {
-                image: "oci:/images/web".into(),
+                image: "127.0.0.1:5000/web:1".into(),
                 entrypoint: None,
                 args: vec![],
                 env: Default::default(),
@@ -365,6 +384,7 @@ mod tests {
                 stop_signal: 15,
                 stop_grace: Duration::from_secs(1),
                 limits: Default::default(),
+                devices: vec![],
             },
             check: None,
         }
@@ -398,6 +418,7 @@ mod tests {
             &rt,
             &[assigned("a1"), assigned("a2")],
             &Failures::default(),
+            &Policy::default(),
             None,
         );
         assert_eq!(*lock(&rt.started), ["a2"], "a1 adopted, not restarted");
@@ -412,7 +433,13 @@ mod tests {
     #[test]
     fn stops_and_removes_what_is_no_longer_assigned_and_reports_it_once_more() {
         let rt = Fake::with(vec![running("c-a1", "a1"), running("c-old", "old")]);
-        let reports = reconcile_once(&rt, &[assigned("a1")], &Failures::default(), None);
+        let reports = reconcile_once(
+            &rt,
+            &[assigned("a1")],
+            &Failures::default(),
+            &Policy::default(),
+            None,
+        );
         assert_eq!(*lock(&rt.stopped), ["c-old"]);
         assert_eq!(*lock(&rt.removed), ["c-old"]);
         let old = reports
@@ -421,22 +448,57 @@ mod tests {
             .expect("old reported");
         assert_eq!(old.state, pb::AllocationState::Exited as i32);
         // An empty assignment stops everything of ours.
-        reconcile_once(&rt, &[], &Failures::default(), None);
+        reconcile_once(&rt, &[], &Failures::default(), &Policy::default(), None);
         assert!(lock(&rt.containers).is_empty());
+    }
+
+    #[test]
+    fn what_the_node_policy_refuses_is_reported_and_never_started() {
+        let rt = Fake::default();
+        let mut local = assigned("a1");
+        if let Ok(t) = &mut local.task {
+            t.container.image = "oci:/etc".into();
+        }
+        let mut device = assigned("a2");
+        if let Ok(t) = &mut device.task {
+            t.container.devices = vec![("/dev/fuse".into(), 6)];
+        }
+        let reports = reconcile_once(
+            &rt,
+            &[local, device],
+            &Failures::default(),
+            &Policy::default(),
+            None,
+        );
+        assert!(lock(&rt.started).is_empty());
+        for r in &reports {
+            assert_eq!(r.state, pb::AllocationState::Failed as i32, "{r:?}");
+        }
+        assert!(
+            reports[0].reason.contains("--local-image-dir"),
+            "{reports:?}"
+        );
+        assert!(
+            reports[1]
+                .reason
+                .contains("device /dev/fuse is not allowed"),
+            "{reports:?}"
+        );
     }
 
     #[test]
     fn a_failed_start_is_reported_and_retried_only_after_a_pause() {
         let rt = Fake::default();
-        *lock(&rt.fail_start) = Some("pulling oci:/images/web: no such directory".into());
+        *lock(&rt.fail_start) = Some("pulling 127.0.0.1:5000/web:1: no such directory".into());
         let failures = Failures::default();
         for _ in 0..3 {
-            let reports = reconcile_once(&rt, &[assigned("a1")], &failures, None);
+            let reports =
+                reconcile_once(&rt, &[assigned("a1")], &failures, &Policy::default(), None);
             assert_eq!(reports[0].state, pb::AllocationState::Failed as i32);
             assert!(reports[0].reason.contains("no such directory"));
         }
         *lock(&rt.fail_start) = None;
-        reconcile_once(&rt, &[assigned("a1")], &failures, None);
+        reconcile_once(&rt, &[assigned("a1")], &failures, &Policy::default(), None);
         assert!(lock(&rt.started).is_empty(), "retried before START_RETRY");
     }
 
@@ -445,7 +507,7 @@ mod tests {
         let rt = Fake::default();
         let mut a = assigned("a1");
         a.task = Err("this agent runs exactly one container per allocation; upgrade it".into());
-        let reports = reconcile_once(&rt, &[a], &Failures::default(), None);
+        let reports = reconcile_once(&rt, &[a], &Failures::default(), &Policy::default(), None);
         assert_eq!(reports[0].state, pb::AllocationState::Failed as i32);
         assert!(reports[0].reason.contains("upgrade it"));
         assert!(lock(&rt.started).is_empty());
@@ -467,7 +529,8 @@ mod tests {
             });
         }
         let want = [a, assigned("a2")];
-        let mut reports = reconcile_once(&rt, &want, &Failures::default(), None);
+        let mut reports =
+            reconcile_once(&rt, &want, &Failures::default(), &Policy::default(), None);
         let checker = Checker::default();
         health_checks(&rt, &want, &checker, &mut reports);
         let health = |id: &str| reports.iter().find(|r| r.id == id).map(|r| r.health);

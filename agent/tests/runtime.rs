@@ -273,7 +273,7 @@ fn capabilities_seccomp_and_descriptors() {
     // Docker's default capability set.
     assert_eq!(
         a.ok(&[], &["sh", "-c", "grep CapEff /proc/self/status"]),
-        "CapEff:\t00000000a80425fb"
+        "CapEff:\t00000000a00425fb"
     );
     assert_eq!(
         a.ok(
@@ -330,6 +330,65 @@ fn capabilities_seccomp_and_descriptors() {
             "{p} is not masked"
         );
     }
+}
+
+/// Device accesses a container's shell tries, `name:ok` or `name:no` each.
+const DEVICE_PROBE: &str = r#"t() { if eval "$2" 2>/dev/null; then echo "$1:ok"; else echo "$1:no"; fi; }
+t null 'echo x >/dev/null'
+t zero 'head -c 4 /dev/zero | wc -c | grep -q 4'
+t urandom 'head -c 4 /dev/urandom >/dev/null'
+t ptmx 'true <>/dev/ptmx'
+t mknod 'mknod /tmp/loop b 7 0'
+t fuse-read 'true </dev/fuse'
+t fuse-write 'test -c /dev/fuse && true >/dev/fuse'
+t tun 'true </dev/net/tun'"#;
+
+#[test]
+fn devices_are_the_default_list_plus_what_is_granted() {
+    need_root!();
+    let a = Agent::new();
+    let probe = |extra: &[&str]| {
+        a.ok(extra, &["sh", "-c", DEVICE_PROBE])
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        probe(&[]),
+        "null:ok zero:ok urandom:ok ptmx:ok mknod:no fuse-read:no fuse-write:no tun:no"
+    );
+    for dev in ["/dev/fuse", "/dev/net/tun"] {
+        assert!(Path::new(dev).exists(), "this test needs {dev} on the host");
+    }
+    // Granted read-only, /dev/fuse can be opened to read and not to write; /dev/net/tun is
+    // made in its own directory.
+    assert_eq!(
+        probe(&["--device", "/dev/fuse:r", "--device", "/dev/net/tun"]),
+        "null:ok zero:ok urandom:ok ptmx:ok mknod:no fuse-read:ok fuse-write:no tun:ok"
+    );
+    // Device nodes that came in the image open nothing: the root filesystem is nodev.
+    let root = a.ok(
+        &[],
+        &["sh", "-c", "awk '$2 == \"/\" { print $4 }' /proc/mounts"],
+    );
+    assert!(root.split(',').any(|o| o == "nodev"), "root mounted {root}");
+    // The workload cannot make nodes, not even of a granted device.
+    let out = a.run(
+        &["--device", "/dev/fuse:r"],
+        &["sh", "-c", "mknod /tmp/fuse c 10 229"],
+    );
+    assert!(!out.status.success(), "mknod worked");
+    let bad = a.run(&["--device", "/etc/passwd"], &["true"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--device /etc/passwd: /etc/passwd is not a device"),
+        "{err}"
+    );
+    let bad = a.run(&["--device", "/dev/null:rx"], &["true"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("permissions are r, w and m"), "{err}");
 }
 
 #[test]
@@ -563,7 +622,7 @@ fn exec_joins_the_container_without_exposing_the_host_binary() {
     let lines: Vec<&str> = text.lines().collect();
     assert_ne!(lines[0], "1", "exec'd process must not be pid 1");
     assert_eq!(lines[1], "inside");
-    assert!(text.contains("CapEff:\t00000000a80425fb"), "{text}");
+    assert!(text.contains("CapEff:\t00000000a00425fb"), "{text}");
     assert!(text.contains("NoNewPrivs:\t1"), "{text}");
     // Every process the container can see runs the container's own binaries.
     assert!(

@@ -126,6 +126,11 @@ pub struct JobSpec {
     /// `[update]`: how a new version rolls out. Not supported yet (refused at apply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateStrategy>,
+    /// `[[devices]]`: host devices the replicas may use beyond the default set (null, zero,
+    /// full, random, urandom, tty, ptmx, pts); each agent grants only those it allows
+    /// (`--allow-device`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceGrant>,
     /// `[mesh]`: the sidecar's mTLS policy; no sidecar when absent. Not supported yet
     /// (refused at apply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,6 +226,21 @@ pub struct Service {
     /// `check`: the health check gating endpoints; none means healthy once running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
+}
+
+/// A host device a job asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceGrant {
+    /// `path`: the device on the host, also its path in the container (`/dev/...`).
+    pub path: String,
+    /// `permissions`: `r`, `w`, `m` (mknod) letters; default `rw`.
+    #[serde(default = "default_device_permissions")]
+    pub permissions: String,
+}
+
+fn default_device_permissions() -> String {
+    "rw".to_owned()
 }
 
 /// Where replicas may run.
@@ -334,6 +354,7 @@ impl JobSpec {
             service: None,
             placement: Placement::default(),
             update: None,
+            devices: Vec::new(),
             mesh: None,
         }
     }

@@ -359,6 +359,9 @@ impl Fleet {
             // to this machine's resolvers.
             "--dns-upstream".into(),
             format!("{}:53", self.host("cli")?.addr),
+            // The fleet's image is a local OCI layout: the agents may read it from there.
+            "--local-image-dir".into(),
+            self.image.display().to_string(),
         ];
         let log = self.dir.path().join(format!("{}.log", host.name));
         self.agents

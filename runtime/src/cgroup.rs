@@ -108,6 +108,11 @@ pub trait Cgroup: Send + Sync {
     /// The directories (one per hierarchy, deduplicated, or the v2 dir) — the runtime
     /// bind-mounts the container's own cgroup read-only.
     fn paths(&self) -> Vec<PathBuf>;
+    /// Allows exactly `rules` of device access (mknod, read, write) to the processes in it,
+    /// everything else denied: the v1 `devices` list where that hierarchy is mounted, a
+    /// cgroup v2 device program where cgroup2 is (both on a hybrid host). An error when
+    /// neither is available: the policy would not be enforced.
+    fn set_devices(&self, rules: &[crate::devices::DeviceRule]) -> Result<(), CgroupError>;
 }
 
 /// The host's cgroup manager for a parent path like "skiff" or "skiff/agent-2" (relative to
@@ -149,6 +154,8 @@ pub enum CgroupError {
     },
     #[error("cgroup {path} already exists")]
     AlreadyExists { path: String },
+    #[error("cannot set the device policy of cgroup {path}: {detail}")]
+    Devices { path: String, detail: String },
     #[error("cannot create cgroup {path}: {detail}")]
     Create { path: String, detail: String },
     #[error("cannot set {limit} limit {value} on cgroup {path}: {detail}")]

@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub resolv_conf: Option<String>,
     /// Labels kept with the container (`skiff-agent container ps -o json` shows them).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Host devices granted beyond the default allow-list (the caller decides which may be).
+    pub devices: Vec<crate::devices::DeviceNode>,
 }
 
 /// Runtime failures, each naming what failed.
@@ -262,6 +264,7 @@ impl Runtime {
             log_max_bytes: 10 * 1024 * 1024,
             created_at_ms: now_ms(),
             labels: opts.labels.clone(),
+            devices: opts.devices.clone(),
         })
     }
 
@@ -281,6 +284,19 @@ impl Runtime {
         // Check the limits (and that cgroups work) before anything is written.
         let manager = cgroup::host(&self.cgroup_parent)?;
         let cg = manager.create(&config.id, &config.limits)?;
+        // The device policy is in force before any process of the container runs.
+        let mut rules = crate::devices::default_rules();
+        // Granted nodes also get `m`: the container's init makes them in its /dev (the
+        // workload itself has no CAP_MKNOD).
+        rules.extend(config.devices.iter().map(|n| {
+            let mut r = crate::devices::DeviceRule::from(n);
+            r.access |= crate::devices::ACC_MKNOD;
+            r
+        }));
+        if let Err(e) = cg.set_devices(&rules) {
+            let _ = cg.delete();
+            return Err(e.into());
+        }
         let id = config.id.clone();
         if let Err(e) = self.store.create(&config) {
             let _ = cg.delete();

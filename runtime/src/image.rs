@@ -277,6 +277,16 @@ struct LayerRecord {
     size: u64,
 }
 
+/// The file or directory a local image source (`oci:DIR`, `oci-archive:FILE`,
+/// `docker-archive:FILE`) reads, as written; `None` for a registry reference.
+pub fn local_source_path(reference: &str) -> Result<Option<PathBuf>, ImageError> {
+    Ok(match Source::parse(reference)? {
+        Source::Oci { dir, .. } => Some(dir),
+        Source::OciArchive { file, .. } | Source::DockerArchive { file, .. } => Some(file),
+        Source::Registry(_) => None,
+    })
+}
+
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq)]
 enum Source {

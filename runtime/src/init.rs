@@ -125,13 +125,14 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
         upper.display(),
         work.display()
     );
+    // nodev: a device node in an image layer (or one the workload makes) opens nothing.
     ctx(
         "mount overlay rootfs",
         mount(
             Some("overlay"),
             &rootfs,
             Some("overlay"),
-            MsFlags::empty(),
+            MsFlags::MS_NODEV,
             Some(opts.as_str()),
         ),
     )?;
@@ -146,7 +147,7 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
         ),
     )?;
 
-    mount_proc_dev_sys(&root)?;
+    mount_proc_dev_sys(&root, &cfg.devices)?;
     for path in security::MASKED_PATHS {
         mask(&root, path)?;
     }
@@ -187,7 +188,10 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
     }))
 }
 
-fn mount_proc_dev_sys(root: &OwnedFd) -> Result<(), String> {
+fn mount_proc_dev_sys(
+    root: &OwnedFd,
+    granted: &[crate::devices::DeviceNode],
+) -> Result<(), String> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let proc_dir = ctx("/proc mount point", sys::ensure_dir_in_root(root, "proc"))?;
     ctx(
@@ -237,6 +241,50 @@ fn mount_proc_dev_sys(root: &OwnedFd) -> Result<(), String> {
             &format!("chmod /dev/{name}"),
             nix::sys::stat::fchmodat(
                 &dev,
+                name,
+                Mode::from_bits_truncate(0o666),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            ),
+        )?;
+    }
+    // Host devices granted to this container (their cgroup rules allow them).
+    for d in granted {
+        let rel = d
+            .path
+            .strip_prefix("/dev/")
+            .filter(|r| {
+                !r.is_empty() && !r.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            })
+            .ok_or_else(|| format!("device {}: not a path under /dev", d.path))?;
+        let (dir, name) = match rel.rsplit_once('/') {
+            Some((dir, name)) => (
+                ctx(
+                    &format!("device {}", d.path),
+                    sys::ensure_dir_in_root(root, &format!("dev/{dir}")),
+                )?,
+                name,
+            ),
+            None => (ctx("open /dev", sys::open_in_root(root, "dev", true))?, rel),
+        };
+        let kind = match d.kind {
+            crate::devices::DeviceKind::Char => SFlag::S_IFCHR,
+            crate::devices::DeviceKind::Block => SFlag::S_IFBLK,
+        };
+        ctx(
+            &format!("mknod {}", d.path),
+            mknodat(
+                &dir,
+                name,
+                kind,
+                Mode::from_bits_truncate(0o666),
+                makedev(u64::from(d.major), u64::from(d.minor)),
+            ),
+        )?;
+        // What the workload may do with it is the cgroup's access mask, not the mode.
+        ctx(
+            &format!("chmod {}", d.path),
+            nix::sys::stat::fchmodat(
+                &dir,
                 name,
                 Mode::from_bits_truncate(0o666),
                 nix::sys::stat::FchmodatFlags::FollowSymlink,

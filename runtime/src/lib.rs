@@ -15,6 +15,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod devices;
 pub mod durable;
 pub mod exec;
 pub mod image;

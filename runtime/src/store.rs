@@ -39,6 +39,9 @@ pub struct ContainerConfig {
     /// Labels its creator set (the agent marks the containers it runs for allocations).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Host devices granted beyond the default allow-list, made in its `/dev`.
+    #[serde(default)]
+    pub devices: Vec<crate::devices::DeviceNode>,
 }
 
 /// When the monitor restarts a container that exited.
@@ -406,6 +409,7 @@ mod tests {
             log_max_bytes: 4096,
             created_at_ms: 1,
             labels: Default::default(),
+            devices: vec![],
         }
     }
 

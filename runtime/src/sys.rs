@@ -347,6 +347,155 @@ unsafe fn fork_unchecked() -> io::Result<nix::unistd::ForkResult> {
     unsafe { nix::unistd::fork() }.map_err(io::Error::from)
 }
 
+// bpf(2) for the device controller of cgroup v2 (the kernel's UAPI values; `libc` has only
+// SYS_bpf). Each attr struct is a prefix of `union bpf_attr`, zero-initialised.
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+}
+
+/// The whole 64-byte query layout: some kernels write past a shorter one.
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// One bpf(2) call with `attr`, a zero-initialised prefix of `union bpf_attr`.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, initialised `#[repr(C)]` struct laid out as the prefix of
+    // `union bpf_attr` that `cmd` reads, and its size is passed, so the kernel reads and writes
+    // only within it; every pointer stored in it is the caller's and outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// Loads `program` as a BPF_PROG_TYPE_CGROUP_DEVICE program and attaches it to the cgroup v2
+/// directory `cgroup_dir` (with BPF_F_ALLOW_MULTI, so programs of parent cgroups keep
+/// applying too). The attachment holds the program: it applies until the cgroup is removed.
+/// A program the verifier refuses is an error carrying the verifier's log.
+pub fn attach_device_program(
+    cgroup_dir: &Path,
+    program: &[crate::devices::BpfInsn],
+) -> io::Result<()> {
+    let license = b"Apache\0";
+    let load = |log: &mut [u8], level: u32| {
+        let mut attr = BpfProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+            insn_cnt: u32::try_from(program.len()).unwrap_or(u32::MAX),
+            insns: program.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: level,
+            log_size: u32::try_from(log.len()).unwrap_or(0),
+            log_buf: if log.is_empty() {
+                0
+            } else {
+                log.as_mut_ptr() as u64
+            },
+            ..BpfProgLoadAttr::default()
+        };
+        attr.prog_name[..11].copy_from_slice(b"skiff_devcg");
+        bpf(BPF_PROG_LOAD, &mut attr)
+    };
+    let fd = match load(&mut [], 0) {
+        Ok(fd) => fd,
+        Err(first) => {
+            // Again with the verifier's log, to say why.
+            let mut log = vec![0u8; 64 * 1024];
+            let _ = load(&mut log, 1);
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            return Err(io::Error::new(
+                first.kind(),
+                format!(
+                    "loading the device program: {first}: {}",
+                    String::from_utf8_lossy(&log[..end]).trim()
+                ),
+            ));
+        }
+    };
+    // SAFETY: the kernel returned a new program fd that nothing else owns.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let dir = std::fs::File::open(cgroup_dir)?;
+    let mut attach = BpfProgAttachAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        replace_bpf_fd: 0,
+    };
+    bpf(BPF_PROG_ATTACH, &mut attach).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "attaching the device program to {}: {e}",
+                cgroup_dir.display()
+            ),
+        )
+    })?;
+    Ok(())
+}
+
+/// How many device programs are attached to the cgroup v2 directory `cgroup_dir` itself.
+pub fn device_programs_attached(cgroup_dir: &Path) -> io::Result<u32> {
+    let dir = std::fs::File::open(cgroup_dir)?;
+    let mut q = BpfProgQueryAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        ..BpfProgQueryAttr::default()
+    };
+    bpf(BPF_PROG_QUERY, &mut q)?;
+    Ok(q.prog_cnt)
+}
+
 /// TUNSETIFF: makes `file` (an open `/dev/net/tun`) the TUN interface `name`, without the
 /// packet-information header.
 pub fn tun_attach(file: &std::fs::File, name: &str) -> io::Result<()> {

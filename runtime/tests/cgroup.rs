@@ -115,11 +115,15 @@ fn remove_tree(dir: &Path) {
 /// A `sh -c` child that blocks reading stdin until [`release`]d, so it can be put in a
 /// cgroup before it allocates or forks anything.
 fn gated(script: &str) -> Result<Child> {
+    gated_to(script, Stdio::null())
+}
+
+fn gated_to(script: &str, stdout: Stdio) -> Result<Child> {
     Command::new("sh")
         .arg("-c")
         .arg(format!("read x && {{ {script}\n}}"))
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .context("spawn sh")
@@ -587,5 +591,124 @@ fn t80_cpu_quota_throttles_and_usage_is_counted() -> Result<()> {
     );
     assert!(throttled >= 1, "never throttled");
     cg.delete()?;
+    Ok(())
+}
+
+/// Device accesses a shell tries, printing `name:ok` or `name:no` for each (`true`, not `:`:
+/// a failed redirection on a special builtin ends the shell). `$DIR` is a scratch
+/// directory for mknod.
+const DEVICE_PROBE: &str = r#"
+t() { if eval "$2" 2>/dev/null; then echo "$1:ok"; else echo "$1:no"; fi; }
+t read-null 'true </dev/null'
+t write-null 'echo x >/dev/null'
+t read-urandom 'head -c 8 /dev/urandom >/dev/null'
+t read-kmsg 'true </dev/kmsg'
+t write-kmsg 'true >/dev/kmsg'
+t open-tun 'true </dev/net/tun'
+t mknod-null "mknod $DIR/null c 1 3"
+t mknod-loop "mknod $DIR/loop b 7 0"
+"#;
+
+/// The default list plus /dev/kmsg read-only.
+fn probe_rules() -> Vec<skiff_runtime::devices::DeviceRule> {
+    use skiff_runtime::devices::{ACC_READ, DeviceKind, DeviceRule, default_rules};
+    let mut rules = default_rules();
+    rules.push(DeviceRule {
+        kind: DeviceKind::Char,
+        major: Some(1),
+        minor: Some(11),
+        access: ACC_READ,
+    });
+    rules
+}
+
+const PROBE_EXPECTED: &str = "read-null:ok write-null:ok read-urandom:ok read-kmsg:ok \
+                              write-kmsg:no open-tun:no mknod-null:ok mknod-loop:no";
+
+/// Runs the probe, put in a cgroup by `enter` first (or left where it is with `None`).
+fn run_probe(enter: Option<&dyn Fn(i32) -> Result<()>>) -> Result<String> {
+    let scratch = tempfile::tempdir()?;
+    let script = format!("DIR={}\n{DEVICE_PROBE}", scratch.path().display());
+    let mut child = gated_to(&script, Stdio::piped())?;
+    if let Some(enter) = enter {
+        enter(pid_of(&child))?;
+    }
+    release(&mut child)?;
+    let status = wait_timeout(&mut child, Duration::from_secs(10))?;
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .context("probe stdout")?
+        .read_to_string(&mut out)?;
+    ensure!(status.success(), "probe: {status:?}: {out}");
+    Ok(out.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+#[test]
+fn t90_device_policy_allows_its_list_and_denies_the_rest() -> Result<()> {
+    if !host_ready() {
+        return Ok(());
+    }
+    // Outside any policy, root may do all of it: every "no" below is the policy's.
+    let free = run_probe(None)?;
+    assert_eq!(free, PROBE_EXPECTED.replace(":no", ":ok"), "unconfined");
+
+    let parent = TestParent::new("devices");
+    let mgr = cgroup::host(&parent.path)?;
+    let cg = mgr.create("dev", &Limits::default())?;
+    cg.set_devices(&probe_rules())?;
+    let paths = cg.paths();
+    // Every mechanism this host has is in force: the v1 list and/or the v2 program.
+    let mut mechanisms = vec![];
+    if let Ok(list) = read_trimmed(&paths, "devices.list") {
+        let mut lines: Vec<&str> = list.lines().collect();
+        lines.sort_unstable();
+        let mut want: Vec<String> = probe_rules().iter().map(|r| r.v1_line()).collect();
+        want.sort_unstable();
+        assert_eq!(lines, want, "devices.list");
+        mechanisms.push("v1 devices.list");
+    }
+    if let Some(v2) = skiff_testkit::cgroup2_mount() {
+        let dir = paths
+            .iter()
+            .find(|p| p.starts_with(&v2))
+            .context("no cgroup2 directory")?;
+        assert_eq!(skiff_runtime::sys::device_programs_attached(dir)?, 1);
+        mechanisms.push("v2 device program");
+    }
+    println!("enforced by: {mechanisms:?}");
+    ensure!(!mechanisms.is_empty(), "nothing enforces the policy");
+    let confined = run_probe(Some(&|pid| Ok(cg.add_process(pid)?)))?;
+    assert_eq!(confined, PROBE_EXPECTED);
+    cg.kill_all()?;
+    cg.delete()?;
+    Ok(())
+}
+
+/// The cgroup v2 device program on its own (on a hybrid host the v1 devices controller would
+/// otherwise also be enforcing): attached to a bare cgroup2 directory.
+#[test]
+fn t91_device_program_alone_enforces_the_policy() -> Result<()> {
+    if !skiff_testkit::require(&[skiff_testkit::Need::Root, skiff_testkit::Need::Cgroup2]) {
+        return Ok(());
+    }
+    let v2 = skiff_testkit::cgroup2_mount().context("cgroup2 mount")?;
+    let parent = TestParent::new("devprog");
+    let dir = v2.join(&parent.path);
+    fs::create_dir(&dir)?;
+    let program = skiff_runtime::devices::device_program(&probe_rules());
+    skiff_runtime::sys::attach_device_program(&dir, &program)?;
+    assert_eq!(skiff_runtime::sys::device_programs_attached(&dir)?, 1);
+    println!(
+        "{} instructions attached to {}",
+        program.len(),
+        dir.display()
+    );
+    let confined = run_probe(Some(&|pid| {
+        fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        Ok(())
+    }))?;
+    assert_eq!(confined, PROBE_EXPECTED);
     Ok(())
 }

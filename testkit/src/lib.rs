@@ -27,6 +27,8 @@ pub enum Need {
     },
     /// A mounted cgroup filesystem under /sys/fs/cgroup.
     Cgroupfs,
+    /// A mounted cgroup2 filesystem (the unified hierarchy), where device programs attach.
+    Cgroup2,
 }
 
 /// `Need::Tool` in short.
@@ -43,6 +45,7 @@ impl Need {
             Need::Cgroupfs => {
                 std::fs::read_dir("/sys/fs/cgroup").is_ok_and(|mut d| d.next().is_some())
             }
+            Need::Cgroup2 => cgroup2_mount().is_some(),
         }
     }
 
@@ -54,6 +57,9 @@ impl Need {
                 format!("{name} (apt-get install {package})")
             }
             Need::Cgroupfs => "a cgroup filesystem mounted under /sys/fs/cgroup".into(),
+            Need::Cgroup2 => "a mounted cgroup2 filesystem (cgroup_no_v1 or systemd's \
+                              hybrid/unified hierarchy)"
+                .into(),
         }
     }
 
@@ -62,11 +68,21 @@ impl Need {
         list.split(',').map(str::trim).any(|w| {
             w == "all"
                 || match self {
-                    Need::Root | Need::Cgroupfs => w == "root",
+                    Need::Root | Need::Cgroupfs | Need::Cgroup2 => w == "root",
                     Need::Tool { name, .. } => w == "tools" || w == *name,
                 }
         })
     }
+}
+
+/// Where the cgroup2 filesystem is mounted (the root on a v2 host, usually
+/// `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split(' ').next()? == "cgroup2").then(|| left.split(' ').nth(4).map(Into::into))?
+    })
 }
 
 fn on_path(name: &str) -> bool {
@@ -114,7 +130,7 @@ pub fn require(needs: &[Need]) -> bool {
             "{test} needs {}; set SKIFF_TEST_SKIP={} to skip such tests explicitly",
             need.describe(),
             match need {
-                Need::Root | Need::Cgroupfs => "root".to_owned(),
+                Need::Root | Need::Cgroupfs | Need::Cgroup2 => "root".to_owned(),
                 Need::Tool { name, .. } => (*name).to_owned(),
             }
         );

@@ -44,6 +44,10 @@ pub enum ContainerCmd {
         /// When to pull a registry image: missing | always | never.
         #[arg(long, default_value = "missing")]
         pull: PullPolicy,
+        /// A host device to give the container, PATH[:PERMISSIONS] (r, w, m; default rw),
+        /// made at the same path in its /dev. Repeatable.
+        #[arg(long = "device")]
+        devices: Vec<String>,
         /// Start it and return its id instead of waiting.
         #[arg(short = 'd', long)]
         detach: bool,
@@ -141,6 +145,7 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
             restart,
             pull,
             detach,
+            devices,
             rm,
             cmd,
         } => {
@@ -173,6 +178,18 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                 },
                 restart: parse_restart(restart)?,
                 pull: *pull,
+                devices: devices
+                    .iter()
+                    .map(|d| {
+                        let (path, perms) = d.split_once(':').unwrap_or((d.as_str(), "rw"));
+                        let access =
+                            skiff_runtime::devices::parse_access(perms).ok_or_else(|| {
+                                anyhow::anyhow!("--device {d}: permissions are r, w and m")
+                            })?;
+                        crate::policy::host_device(path, access)
+                            .map_err(|e| anyhow::anyhow!("--device {d}: {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
                 ..RunOptions::default()
             };
             let (id, mut monitor) = rt.run(&opts)?;

@@ -664,3 +664,32 @@ fn fields_nothing_implements_are_refused_with_their_line() {
     assert!(parse_job_spec(&with("init = false\n"), SpecFormat::Toml).is_ok());
     assert!(NOT_SUPPORTED_YET.contains(&"update"));
 }
+
+#[test]
+fn devices_are_paths_under_dev_with_rwm_permissions() {
+    let spec = parse(&with(
+        "[[devices]]\npath = \"/dev/fuse\"\n[[devices]]\npath = \"/dev/net/tun\"\npermissions = \"rwm\"\n",
+    ));
+    assert_eq!(spec.devices.len(), 2);
+    assert_eq!(spec.devices[0].permissions, "rw");
+    for (extra, field) in [
+        ("[[devices]]\npath = \"/etc/passwd\"\n", "devices[0].path"),
+        ("[[devices]]\npath = \"/dev/../etc\"\n", "devices[0].path"),
+        ("[[devices]]\npath = \"/dev/\"\n", "devices[0].path"),
+        (
+            "[[devices]]\npath = \"/dev/fuse\"\n[[devices]]\npath = \"/dev/fuse\"\n",
+            "devices[1].path",
+        ),
+        (
+            "[[devices]]\npath = \"/dev/fuse\"\npermissions = \"rx\"\n",
+            "devices[0].permissions",
+        ),
+        (
+            "[[devices]]\npath = \"/dev/fuse\"\npermissions = \"rr\"\n",
+            "devices[0].permissions",
+        ),
+    ] {
+        let e = toml_err(&with(extra));
+        assert_eq!(e.field, field, "{e}");
+    }
+}

@@ -107,9 +107,49 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         })?;
     }
     validate_update(spec)?;
+    validate_devices(&spec.devices)?;
     if let Some(mesh) = &spec.mesh {
         validate_service_refs("mesh.upstreams", &mesh.upstreams)?;
         validate_service_refs("mesh.allow_from", &mesh.allow_from)?;
+    }
+    Ok(())
+}
+
+/// Device paths under `/dev/`, plain (no `.`, `..` or empty components), each once;
+/// permissions out of `r`, `w`, `m`, each at most once.
+fn validate_devices(devices: &[super::DeviceGrant]) -> Result<(), SpecError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, d) in devices.iter().enumerate() {
+        let rel = d.path.strip_prefix("/dev/").unwrap_or("");
+        if rel.is_empty()
+            || d.path.len() > 255
+            || rel
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == ".." || c.contains('\0'))
+        {
+            return Err(err(
+                format!("devices[{i}].path"),
+                format!("{:?} is not a device path under /dev/", d.path),
+            ));
+        }
+        if !seen.insert(d.path.as_str()) {
+            return Err(err(
+                format!("devices[{i}].path"),
+                format!("{} is granted twice", d.path),
+            ));
+        }
+        let mut letters = std::collections::BTreeSet::new();
+        if d.permissions.is_empty()
+            || !d
+                .permissions
+                .chars()
+                .all(|c| matches!(c, 'r' | 'w' | 'm') && letters.insert(c))
+        {
+            return Err(err(
+                format!("devices[{i}].permissions"),
+                format!("{:?} is not made of r, w and m, each once", d.permissions),
+            ));
+        }
     }
     Ok(())
 }

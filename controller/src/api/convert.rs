@@ -70,6 +70,14 @@ pub fn task(spec: &JobSpec) -> pb::Task {
                 memory: spec.resources.memory.as_u64(),
                 pids: spec.resources.pids,
             }),
+            devices: spec
+                .devices
+                .iter()
+                .map(|d| pb::DeviceGrant {
+                    path: d.path.clone(),
+                    permissions: d.permissions.clone(),
+                })
+                .collect(),
         }],
         ports: spec
             .ports

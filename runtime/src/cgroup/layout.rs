@@ -43,9 +43,10 @@ pub(crate) struct Layout {
 
 /// v1 controllers without which no limit can be set.
 const V1_REQUIRED: [&str; 3] = ["memory", "cpu", "pids"];
-/// v1 hierarchies joined when mounted: cpu usage, the freezer for `kill_all`, and systemd's
-/// tracking hierarchy (so `systemctl stop` of the agent does not take its containers along).
-const V1_OPTIONAL: [&str; 3] = ["cpuacct", "freezer", "name=systemd"];
+/// v1 hierarchies joined when mounted: cpu usage, the freezer for `kill_all`, systemd's
+/// tracking hierarchy (so `systemctl stop` of the agent does not take its containers along)
+/// and the device list (without it, or cgroup2, `set_devices` refuses: see there).
+const V1_OPTIONAL: [&str; 4] = ["cpuacct", "freezer", "name=systemd", "devices"];
 /// v2 controllers enabled for our cgroups.
 const V2_REQUIRED: [&str; 3] = ["cpu", "memory", "pids"];
 
@@ -240,7 +241,8 @@ mod tests {
                 "pids",
                 "cpuacct",
                 "freezer",
-                "name=systemd"
+                "name=systemd",
+                "devices"
             ]
         );
         assert_eq!(

@@ -592,6 +592,52 @@ impl Cgroup for RsCgroup {
         Ok(())
     }
 
+    fn set_devices(&self, rules: &[crate::devices::DeviceRule]) -> Result<(), CgroupError> {
+        let err = |path: &Path, detail: String| CgroupError::Devices {
+            path: path.display().to_string(),
+            detail,
+        };
+        let mut enforced = false;
+        if !self.v2()
+            && let Some(dc) = self
+                .cg
+                .controller_of::<cgroups_rs::fs::devices::DevicesController>()
+        {
+            let dir = dc.path().to_path_buf();
+            // Empty the list first (only possible while the cgroup has no children), then
+            // one rule per write: the kernel takes one line per write.
+            std::fs::write(dir.join("devices.deny"), "a")
+                .map_err(|e| err(&dir, format!("devices.deny a: {}", lower(&e))))?;
+            for r in rules {
+                let line = r.v1_line();
+                std::fs::write(dir.join("devices.allow"), &line)
+                    .map_err(|e| err(&dir, format!("devices.allow {line}: {}", lower(&e))))?;
+            }
+            enforced = true;
+        }
+        let v2_dir = if self.v2() {
+            Some(self.main_dir())
+        } else {
+            self.unified.clone()
+        };
+        if let Some(dir) = v2_dir {
+            let program = crate::devices::device_program(rules);
+            crate::sys::attach_device_program(&dir, &program).map_err(|e| err(&dir, lower(&e)))?;
+            enforced = true;
+        }
+        if !enforced {
+            return Err(CgroupError::MissingController {
+                controller: "devices",
+                detail: format!(
+                    "cgroup {} has neither a v1 devices hierarchy nor cgroup2: the device \
+                     policy cannot be enforced",
+                    self.rel
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn paths(&self) -> Vec<PathBuf> {
         self.dirs()
     }
