@@ -9,7 +9,9 @@
 # runs containers, so this needs root. It also sets up the pod network on this host: a bridge
 # skiff0 (10.42.0.1/24), a userspace WireGuard tunnel skiff-wg (no peers on one host), iptables
 # masquerade for pod egress and net.ipv4.ip_forward=1; `down` removes all of it and puts
-# ip_forward back as it was.
+# ip_forward back as it was. Everything talks mutual TLS: the controller creates the cluster
+# CA and writes admin credentials to $state/controller-1/admin.creds (the skiff commands
+# below use them through SKIFF_CREDENTIALS); the agent enrolls with a join token.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 state="${SKIFF_DEV_DIR:-$root/.skiff-dev}"
@@ -74,13 +76,21 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 curl -fsS "http://$http/readyz" || { echo "controller did not become ready; see $state/controller.log" >&2; exit 1; }
+export SKIFF_CREDENTIALS="$state/controller-1/admin.creds"
+for _ in $(seq 100); do [ -f "$SKIFF_CREDENTIALS" ] && break; sleep 0.1; done
 
 [ -f "$state/ip_forward.before" ] || cat /proc/sys/net/ipv4/ip_forward >"$state/ip_forward.before"
 if [ -f "$state/agent.pid" ] && kill -0 "$(cat "$state/agent.pid")" 2>/dev/null; then
   echo "agent already running (pid $(cat "$state/agent.pid"))"
 else
   mkdir -p "$state/images"
-  "$bin/skiff-agent" --data-dir "$state/agent" --cgroup-parent "$cgroup_parent" \
+  token=""
+  for _ in $(seq 100); do
+    token=$("$bin/skiff" --controller "$rpc" token create --role agent --ttl 10m --uses 1 2>/dev/null) && break
+    sleep 0.1
+  done
+  [ -n "$token" ] || { echo "no join token; see $state/controller.log" >&2; exit 1; }
+  SKIFF_JOIN_TOKEN="$token" "$bin/skiff-agent" --data-dir "$state/agent" --cgroup-parent "$cgroup_parent" \
     --controller "$rpc" --name dev-1 --advertise-addr 127.0.0.1 --listen "$agent_api" \
     --labels zone=a --local-image-dir "$state/images" >"$state/agent.log" 2>&1 &
   echo $! >"$state/agent.pid"
@@ -110,7 +120,8 @@ echo "\$ skiff exec $alloc -- wget -qO- http://$other_ip:8080/    # another repl
 "$bin/skiff" --controller "$rpc" exec "$alloc" -- wget -qO- "http://$other_ip:8080/"
 cat <<TXT
 
-Skiff dev cluster is up: controller gRPC $rpc, HTTP http://$http, agent dev-1 ($agent_api)
+Skiff dev cluster is up: controller gRPC $rpc (mutual TLS), HTTP http://$http, agent dev-1 ($agent_api)
+  export SKIFF_CREDENTIALS=$SKIFF_CREDENTIALS
   $bin/skiff ps web                   # the example's allocations (3 busybox httpd replicas)
   $bin/skiff logs $alloc        # one replica's output
   $bin/skiff exec $alloc -- ps  # a command inside it

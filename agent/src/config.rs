@@ -96,6 +96,10 @@ pub struct Cli {
     /// [default: the host's /etc/resolv.conf nameservers].
     #[arg(long, env = "SKIFF_DNS_UPSTREAM", value_delimiter = ',')]
     pub dns_upstream: Vec<String>,
+    /// The join token (`skiff token create --role agent`) this node enrolls with on its
+    /// first start; later starts use the certificate kept in the data dir.
+    #[arg(long, env = "SKIFF_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
     #[command(subcommand)]
     pub command: Option<Cmd>,
 }
@@ -130,6 +134,7 @@ pub struct FileConfig {
     pub allow_devices: Vec<PathBuf>,
     #[serde(default)]
     pub dns_upstream: Vec<String>,
+    pub join_token: Option<String>,
 }
 
 /// Flags over the config file over defaults.
@@ -245,7 +250,15 @@ impl Settings {
                 );
             }
         }
+        let join_token = match cli.join_token.clone().or(self.file.join_token.clone()) {
+            None => None,
+            Some(t) => Some(
+                t.parse::<skiff_tls::JoinToken>()
+                    .map_err(|e| anyhow::anyhow!("--join-token: {e}"))?,
+            ),
+        };
         Ok(DaemonConfig {
+            join_token,
             policy: crate::policy::Policy {
                 local_image_dirs,
                 allowed_devices,

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::nodes_client::NodesClient;
+use skiff_tls::TlsContext;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::contract::{self, Assigned};
@@ -56,6 +57,8 @@ pub struct DaemonConfig {
     pub dns_upstreams: Vec<String>,
     /// What tasks may use of the host (local image dirs, devices).
     pub policy: crate::policy::Policy,
+    /// The token to enroll with when the node has no certificate yet.
+    pub join_token: Option<skiff_tls::JoinToken>,
 }
 
 /// The node's DNS server: the zone it answers from (kept when the controllers are away) and
@@ -109,6 +112,25 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             );
         }
     }
+    let tls_dir = crate::tls::tls_dir(&cfg.data_dir);
+    let sans = crate::tls::sans(cfg.advertise_addr, cfg.listen);
+    let material = crate::tls::material(
+        &tls_dir,
+        &cfg.name,
+        &cfg.controllers,
+        cfg.join_token.as_ref(),
+        &sans,
+    )
+    .await?;
+    let tls = TlsContext::new(material)?;
+    let trust: Arc<crate::tls::Trust> = Arc::default();
+    let renewal = tokio::spawn(crate::tls::renew_when_due(
+        tls.clone(),
+        tls_dir.clone(),
+        trust.clone(),
+        cfg.controllers.clone(),
+        sans,
+    ));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
@@ -119,8 +141,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     );
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(skiff_tls::AuthzLayer::new(tls.clone(), crate::tls::policy))
             .add_service(skiff_proto::v1::agent_server::AgentServer::new(api))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(skiff_tls::net::incoming(listener, tls.clone(), false)),
     );
     let dns_stats: Arc<crate::dns::DnsStats> = Arc::default();
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
@@ -157,10 +180,15 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         reports.clone(),
     ));
     let control = tokio::spawn(control_loop(
-        cfg.clone(),
-        runtime.clone(),
-        network,
-        dns,
+        Session {
+            cfg: cfg.clone(),
+            runtime: runtime.clone(),
+            network,
+            dns,
+            tls,
+            tls_dir,
+            trust,
+        },
         desired_tx,
         reports,
     ));
@@ -171,6 +199,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     info!("agent stopping; containers keep running");
     control.abort();
+    renewal.abort();
     reconciler.abort();
     checks.abort();
     server.abort();
@@ -180,14 +209,23 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
 
 /// Connects to a controller (following leader hints), registers, then heartbeats and watches
 /// until the connection breaks; then the next controller.
-async fn control_loop(
+/// What a session with the controllers works with.
+struct Session {
     cfg: DaemonConfig,
     runtime: Arc<Runtime>,
     network: Arc<Network>,
     dns: Arc<Dns>,
+    tls: Arc<TlsContext>,
+    tls_dir: PathBuf,
+    trust: Arc<crate::tls::Trust>,
+}
+
+async fn control_loop(
+    s: Session,
     desired: watch::Sender<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) {
+    let cfg = &s.cfg;
     let mut next = 0usize;
     let mut hint: Option<String> = None;
     loop {
@@ -199,11 +237,16 @@ async fn control_loop(
                 a
             }
         };
-        match session(&cfg, &runtime, &network, &dns, &addr, &desired, &reports).await {
+        match session(&s, &addr, &desired, &reports).await {
             Ok(()) => {}
             Err(SessionEnd::Leader(leader)) => {
                 debug!(%addr, %leader, "redirected to the leader");
                 hint = Some(leader);
+                continue;
+            }
+            Err(SessionEnd::Renewed) => {
+                info!(controller = %addr, "reconnecting with the renewed certificate");
+                hint = Some(addr);
                 continue;
             }
             Err(SessionEnd::Failed(e)) => {
@@ -217,6 +260,8 @@ async fn control_loop(
 enum SessionEnd {
     /// Talk to this address instead.
     Leader(String),
+    /// The node's certificate was renewed: connect again with it.
+    Renewed,
     Failed(String),
 }
 
@@ -240,32 +285,29 @@ fn agent_addr(listen: std::net::SocketAddr, advertise: IpAddr) -> std::net::Sock
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, SessionEnd> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    Endpoint::from_shared(uri)
+async fn connect(addr: &str, tls: &Arc<TlsContext>) -> Result<Channel, SessionEnd> {
+    let addr = addr.strip_prefix("http://").unwrap_or(addr);
+    let ep = skiff_tls::net::endpoint(addr)
         .map_err(|e| SessionEnd::Failed(e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| SessionEnd::Failed(format!("connecting to {addr}: {e}")))
+        .timeout(Duration::from_secs(10));
+    skiff_tls::net::channel(tls, ep).await.map_err(|e| {
+        SessionEnd::Failed(format!(
+            "connecting to {addr}: {}",
+            crate::tls::error_chain(&e)
+        ))
+    })
 }
 
 async fn session(
-    cfg: &DaemonConfig,
-    runtime: &Arc<Runtime>,
-    network: &Arc<Network>,
-    dns: &Arc<Dns>,
+    s: &Session,
     addr: &str,
     desired: &watch::Sender<Option<Vec<Assigned>>>,
     reports: &Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) -> Result<(), SessionEnd> {
-    let channel = connect(addr).await?;
+    let (cfg, runtime, network, dns) = (&s.cfg, &s.runtime, &s.network, &s.dns);
+    let serial = s.tls.info().serial;
+    let channel = connect(addr, &s.tls).await?;
     let mut client = NodesClient::new(channel.clone());
     let register = pb::RegisterNodeRequest {
         name: cfg.name.clone(),
@@ -366,6 +408,11 @@ async fn session(
             }
             _ = tick.tick() => {}
         }
+        if s.tls.info().serial != serial {
+            watch.abort();
+            services.abort();
+            return Err(SessionEnd::Renewed);
+        }
         let allocations = reports
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -375,8 +422,14 @@ async fn session(
                 name: cfg.name.clone(),
                 allocations,
                 wireguard: wireguard_status(network),
+                trust_version: s.trust.version.load(std::sync::atomic::Ordering::SeqCst),
             })
             .await;
+        if let Ok(r) = &reply
+            && let Some(bundle) = &r.get_ref().trust
+        {
+            crate::tls::apply_bundle(&s.tls, &s.tls_dir, &s.trust, bundle);
+        }
         match reply {
             Ok(r) if r.get_ref().known => {}
             Ok(_) => {

@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod reconcile;
+pub mod tls;

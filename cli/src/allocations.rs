@@ -111,31 +111,31 @@ async fn locate(ctl: &Controllers, allocation: &str) -> anyhow::Result<(String, 
 }
 
 async fn agent_client(
+    ctl: &Controllers,
     addr: &str,
 ) -> anyhow::Result<pb::agent_client::AgentClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(addr.to_owned())?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .connect()
+    let ch = ctl
+        .channel_to(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("agent at {addr}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("agent at {e}"))?;
     Ok(pb::agent_client::AgentClient::new(ch))
 }
 
 pub async fn logs(ctl: &Controllers, allocation: String, follow: bool) -> anyhow::Result<()> {
     let (addr, id) = locate(ctl, &allocation).await?;
-    let mut client = agent_client(&addr).await?;
+    let mut client = agent_client(ctl, &addr).await?;
     let mut stream = client
         .logs(pb::LogsRequest {
             allocation: id,
             follow,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| anyhow::anyhow!("{}", crate::client::status_message(&s)))?
         .into_inner();
     while let Some(c) = stream
         .message()
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| anyhow::anyhow!("{}", crate::client::status_message(&s)))?
     {
         let end = if c.partial { "" } else { "\n" };
         if c.stream == pb::LogStream::Stderr as i32 {
@@ -157,7 +157,7 @@ pub async fn exec(
     env: Vec<String>,
 ) -> anyhow::Result<i32> {
     let (addr, id) = locate(ctl, &allocation).await?;
-    let mut client = agent_client(&addr).await?;
+    let mut client = agent_client(ctl, &addr).await?;
     let resp = client
         .exec(pb::ExecRequest {
             allocation: id,
@@ -165,7 +165,7 @@ pub async fn exec(
             env,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| anyhow::anyhow!("{}", crate::client::status_message(&s)))?
         .into_inner();
     std::io::stdout().write_all(&resp.stdout)?;
     std::io::stderr().write_all(&resp.stderr)?;

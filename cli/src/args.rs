@@ -11,15 +11,14 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "Deploy and inspect workloads on a Skiff cluster"
 )]
 pub struct Cli {
-    /// Controller gRPC addresses, comma-separated; tried in turn until one answers.
-    #[arg(
-        long,
-        global = true,
-        env = "SKIFF_CONTROLLER",
-        default_value = "127.0.0.1:7700",
-        value_delimiter = ','
-    )]
+    /// Controller gRPC addresses, comma-separated; tried in turn until one answers
+    /// [default: the credentials file's, else 127.0.0.1:7700].
+    #[arg(long, global = true, env = "SKIFF_CONTROLLER", value_delimiter = ',')]
     pub controller: Vec<String>,
+    /// Credentials file (cluster CA, your certificate and key; see `skiff credentials
+    /// create`) [default: ~/.config/skiff/credentials].
+    #[arg(long, global = true, env = "SKIFF_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
     /// Output format for what a command prints.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -108,6 +107,21 @@ pub enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Join tokens for new agents and controller members.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+    /// Credentials (client certificates) for people and CI, and the certificates issued.
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCmd,
+    },
+    /// The cluster CA: rotate it, retire the old one.
+    Ca {
+        #[command(subcommand)]
+        command: CaCmd,
+    },
     /// List allocations (of one job, or all).
     Ps {
         job: Option<String>,
@@ -116,6 +130,81 @@ pub enum Cmd {
         /// Also stopped ones.
         #[arg(short, long)]
         all: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JoinRole {
+    Agent,
+    Controller,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UserRole {
+    Admin,
+    Operator,
+    Reader,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Print a new join token, alone on stdout.
+    Create {
+        #[arg(long, value_enum)]
+        role: JoinRole,
+        /// How long it can be used, e.g. 1h, 30m, 7d [default: 1h].
+        #[arg(long)]
+        ttl: Option<String>,
+        /// How many joins it pays for [default: unlimited until it expires].
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// List tokens (never their secrets).
+    Ls,
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum CredentialsCmd {
+    /// Make credentials for a person or CI: the key is generated here and stays in FILE.
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        role: UserRole,
+        /// Where to write them (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime, e.g. 30d [default: 90d].
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Certificates the cluster issued and not yet expired.
+    Ls,
+    /// Revoke a certificate by serial, or every certificate of an identity.
+    Revoke {
+        #[arg(
+            long,
+            conflicts_with = "identity",
+            required_unless_present = "identity"
+        )]
+        serial: Option<String>,
+        /// node/NAME, member/ID or user/ROLE/NAME.
+        #[arg(long)]
+        identity: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CaCmd {
+    /// Start a CA rotation: a new CA is trusted next to the old one and issues from now on;
+    /// nodes and members renew their certificates at once.
+    Rotate,
+    /// End a rotation: stop trusting the old CA (refused while a valid certificate of it
+    /// remains, unless --force).
+    Retire {
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -3,33 +3,87 @@
 //! that answers.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_proto::v1::cluster_client::ClusterClient;
 use skiff_proto::v1::jobs_client::JobsClient;
 use skiff_proto::v1::nodes_client::NodesClient;
+use skiff_proto::v1::pki_client::PkiClient;
+use skiff_tls::Credentials;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-/// The controller addresses the user gave.
+/// Where credentials are looked for when `--credentials` is not given.
+pub fn default_credentials() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("skiff").join("credentials"))
+}
+
+/// Loads the user's credentials, saying how to get some when there are none.
+pub fn load_credentials(path: Option<&Path>) -> anyhow::Result<Credentials> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => default_credentials().ok_or_else(|| {
+            anyhow::anyhow!("no credentials: give --credentials FILE (or SKIFF_CREDENTIALS)")
+        })?,
+    };
+    if !path.exists() {
+        anyhow::bail!(
+            "no credentials at {}: every command needs a client certificate from the cluster. \
+             Use --credentials FILE (or SKIFF_CREDENTIALS): the bootstrap member wrote \
+             <data-dir>/admin.creds, and an admin makes more with `skiff credentials create \
+             NAME --role operator --out FILE`",
+            path.display()
+        );
+    }
+    Ok(Credentials::load(&path)?)
+}
+
+/// The controller addresses the user gave, and the user's TLS identity.
 pub struct Controllers {
     endpoints: Vec<(String, Endpoint)>,
+    tls: Arc<skiff_tls::rustls::ClientConfig>,
+}
+
+/// `http://` for tonic (the TLS is the connector's); a scheme the user gave is dropped.
+pub fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
+    let a = addr
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    Ok(skiff_tls::net::endpoint(a)?)
+}
+
+/// A failed call as the user should read it: TLS refusals say so.
+pub fn status_message(s: &Status) -> String {
+    use std::error::Error as _;
+    let mut msg = s.message().to_string();
+    let mut src = s.source();
+    while let Some(c) = src {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        src = c.source();
+    }
+    if msg.contains("alert") || msg.contains("certificate") && s.code() == Code::Unknown {
+        format!("the server refused this client's certificate ({msg})")
+    } else {
+        msg
+    }
 }
 
 impl Controllers {
-    pub fn new(addrs: Vec<String>) -> anyhow::Result<Self> {
+    pub fn new(addrs: Vec<String>, creds: &Credentials) -> anyhow::Result<Self> {
         let mut endpoints = Vec::new();
         for a in addrs
             .into_iter()
             .map(|a| a.trim().to_string())
             .filter(|a| !a.is_empty())
         {
-            let uri = if a.contains("://") {
-                a.clone()
-            } else {
-                format!("http://{a}")
-            };
-            let ep = Endpoint::from_shared(uri)
+            let ep = endpoint(&a)
                 .map_err(|e| anyhow::anyhow!("--controller: {a:?} is not an address: {e}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(30));
@@ -38,7 +92,18 @@ impl Controllers {
         if endpoints.is_empty() {
             anyhow::bail!("--controller: no address given");
         }
-        Ok(Controllers { endpoints })
+        Ok(Controllers {
+            endpoints,
+            tls: creds.client_config()?,
+        })
+    }
+
+    /// A channel to `addr` (an agent) with the user's certificate.
+    pub async fn channel_to(&self, addr: &str) -> anyhow::Result<Channel> {
+        let ep = endpoint(addr)?.connect_timeout(Duration::from_secs(3));
+        skiff_tls::net::channel_with(self.tls.clone(), ep)
+            .await
+            .map_err(|e| anyhow::anyhow!("{addr}: {}", chain(&e)))
     }
 
     /// Calls `f` on each controller in turn until one answers. Only "unreachable" moves on to
@@ -50,10 +115,10 @@ impl Controllers {
     {
         let mut tried = Vec::new();
         for (addr, ep) in &self.endpoints {
-            let channel = match ep.connect().await {
+            let channel = match skiff_tls::net::channel_with(self.tls.clone(), ep.clone()).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tried.push(format!("{addr}: {e}"));
+                    tried.push(format!("{addr}: {}", chain(&e)));
                     continue;
                 }
             };
@@ -64,7 +129,7 @@ impl Controllers {
                 {
                     tried.push(format!("{addr}: {}", s.message()));
                 }
-                Err(s) => anyhow::bail!("{}", s.message()),
+                Err(s) => anyhow::bail!("{}", status_message(&s)),
             }
         }
         anyhow::bail!("no controller answered ({})", tried.join("; "))
@@ -86,6 +151,14 @@ impl Controllers {
         self.call(ClusterClient::new, f).await
     }
 
+    pub async fn pki<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(PkiClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call(PkiClient::new, f).await
+    }
+
     pub async fn nodes<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
     where
         F: Fn(NodesClient<Channel>) -> Fut,
@@ -93,6 +166,17 @@ impl Controllers {
     {
         self.call(NodesClient::new, f).await
     }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// One RPC on the first controller that answers: `rpc!(ctl, jobs, list_jobs, request)` (the

@@ -9,6 +9,7 @@ mod client;
 mod cluster;
 mod jobs;
 mod nodes;
+mod pki;
 mod render;
 mod services;
 
@@ -17,12 +18,20 @@ use std::process::ExitCode;
 use clap::Parser;
 use skiff_proto::v1 as pb;
 
-use crate::args::{Cli, ClusterCmd, Cmd, Format, JobCmd, NodeCmd};
+use crate::args::{CaCmd, Cli, ClusterCmd, Cmd, CredentialsCmd, Format, JobCmd, NodeCmd, TokenCmd};
 use crate::client::Controllers;
 use crate::render::Out;
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let ctl = Controllers::new(cli.controller.clone())?;
+    let creds = client::load_credentials(cli.credentials.as_deref())?;
+    let addrs = if !cli.controller.is_empty() {
+        cli.controller.clone()
+    } else if !creds.controllers.is_empty() {
+        creds.controllers.clone()
+    } else {
+        vec!["127.0.0.1:7700".to_string()]
+    };
+    let ctl = Controllers::new(addrs, &creds)?;
     let out = Out {
         json: cli.output == Format::Json,
     };
@@ -74,6 +83,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             all,
         } => allocations::ps(&ctl, out, job, namespace, all).await,
+        Cmd::Token { command } => match command {
+            TokenCmd::Create { role, ttl, uses } => {
+                pki::token_create(&ctl, out, role, ttl, uses).await
+            }
+            TokenCmd::Ls => pki::token_ls(&ctl, out).await,
+            TokenCmd::Revoke { id } => pki::token_revoke(&ctl, out, id).await,
+        },
+        Cmd::Credentials { command } => match command {
+            CredentialsCmd::Create {
+                name,
+                role,
+                out: file,
+                ttl,
+            } => pki::credentials_create(&ctl, &creds, out, name, role, &file, ttl).await,
+            CredentialsCmd::Ls => pki::credentials_ls(&ctl, out).await,
+            CredentialsCmd::Revoke { serial, identity } => {
+                pki::credentials_revoke(&ctl, out, serial, identity).await
+            }
+        },
+        Cmd::Ca { command } => match command {
+            CaCmd::Rotate => pki::ca_rotate(&ctl, out).await,
+            CaCmd::Retire { force } => pki::ca_retire(&ctl, out, force).await,
+        },
         Cmd::Logs { allocation, follow } => allocations::logs(&ctl, allocation, follow).await,
         Cmd::Exec {
             allocation,

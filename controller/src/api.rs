@@ -7,6 +7,7 @@ pub mod convert;
 mod http;
 mod jobs;
 mod nodes;
+mod pki;
 mod published;
 mod services;
 
@@ -22,6 +23,7 @@ pub use cluster::ClusterApi;
 pub use http::router;
 pub use jobs::JobsApi;
 pub use nodes::{LEADER_METADATA, NodesApi};
+pub use pki::PkiApi;
 
 use crate::metrics::Metrics;
 use crate::raft::{Member, RaftNode, RaftNodeError, node_error_status};
@@ -71,6 +73,7 @@ impl From<ApiError> for Status {
                 ApplyError::InvalidSpec { .. } | ApplyError::UnknownJobVersion { .. } => {
                     Status::invalid_argument(e.to_string())
                 }
+                ApplyError::Pki { .. } => Status::permission_denied(e.to_string()),
             },
             ApiError::Raft(e) => node_error_status(e),
         }
@@ -119,6 +122,22 @@ impl ApiContext {
             return Ok(());
         }
         Ok(self.node.linearize().await?)
+    }
+}
+
+/// Refuses a node call made with another node's certificate: node n1 can register,
+/// heartbeat and watch only as n1. Members (forwarding) may act for any node.
+pub fn act_as_node<T>(req: &tonic::Request<T>, name: &str) -> Result<(), Status> {
+    match skiff_tls::peer_of(req).map(|p| &p.identity) {
+        Some(skiff_tls::Identity::Node(n)) if n == name => Ok(()),
+        Some(skiff_tls::Identity::Member(_)) => Ok(()),
+        Some(other) => {
+            tracing::warn!(caller = %other, node = name, "a node call for another identity refused");
+            Err(Status::permission_denied(format!(
+                "{other} may not act as node {name}"
+            )))
+        }
+        None => Err(Status::unauthenticated("a node certificate is required")),
     }
 }
 

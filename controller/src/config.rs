@@ -40,6 +40,18 @@ pub struct Args {
     /// Join the cluster through the gRPC address of any member (first start only).
     #[arg(long, env = "SKIFF_JOIN")]
     pub join: Option<String>,
+    /// The join token (`skiff token create --role controller`) a new member enrolls with:
+    /// it pins the cluster CA and pays for this member's first certificate.
+    #[arg(long, env = "SKIFF_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Extra names (IP addresses or DNS names) for this member's server certificate, beyond
+    /// its gRPC address, 127.0.0.1, ::1 and localhost. Repeatable.
+    #[arg(long = "tls-san", env = "SKIFF_TLS_SANS", value_delimiter = ',')]
+    pub tls_sans: Vec<String>,
+    /// Lifetime of the node and member certificates this member issues, e.g. 7d [default: 7d].
+    /// They are renewed at two thirds of it.
+    #[arg(long, env = "SKIFF_CERT_TTL")]
+    pub cert_ttl: Option<String>,
     /// Leader heartbeat interval in ms [default: 100].
     #[arg(long, env = "SKIFF_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -77,6 +89,10 @@ pub struct FileConfig {
     #[serde(default)]
     pub bootstrap: bool,
     pub join: Option<String>,
+    pub join_token: Option<String>,
+    #[serde(default)]
+    pub tls_sans: Vec<String>,
+    pub cert_ttl: Option<String>,
     pub raft: Option<RaftSettings>,
     pub node_grace: Option<String>,
     pub cluster_cidr: Option<String>,
@@ -107,6 +123,12 @@ pub struct Config {
     pub node_grace: std::time::Duration,
     /// Cluster-wide settings given on this start (flag, env or file); `None` where not given.
     pub cluster: ClusterFlags,
+    /// The token a new (joining) member enrolls with.
+    pub join_token: Option<skiff_tls::JoinToken>,
+    /// Extra server certificate names.
+    pub tls_sans: Vec<String>,
+    /// Lifetime of the node and member certificates this member issues.
+    pub cert_ttl: std::time::Duration,
 }
 
 /// The cluster-wide settings as given to one member at one start. They take effect only at
@@ -198,7 +220,12 @@ pub enum ConfigError {
     ElectionRange(String),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("{0}")]
+    Tls(String),
 }
+
+/// Node and member certificates live a week unless `--cert-ttl` says otherwise.
+pub const DEFAULT_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 impl Config {
     /// Builds the configuration from flags, environment (through clap) and the config file.
@@ -277,6 +304,24 @@ impl Config {
                 cidr: bootstrap.cluster_cidr,
             });
         }
+        let join_token = match args.join_token.or(file.join_token) {
+            None => None,
+            Some(t) => Some(
+                t.parse::<skiff_tls::JoinToken>()
+                    .map_err(|e| ConfigError::Tls(e.to_string()))?,
+            ),
+        };
+        let mut tls_sans = file.tls_sans;
+        tls_sans.extend(args.tls_sans);
+        let cert_ttl = match args.cert_ttl.or(file.cert_ttl) {
+            None => DEFAULT_CERT_TTL,
+            Some(s) => humantime::parse_duration(&s)
+                .ok()
+                .filter(|d| *d >= std::time::Duration::from_secs(30))
+                .ok_or_else(|| {
+                    ConfigError::Tls(format!("cert-ttl {s:?}: a duration of at least 30s"))
+                })?,
+        };
         Ok(Config {
             id,
             data_dir,
@@ -286,6 +331,9 @@ impl Config {
             raft,
             node_grace,
             cluster,
+            join_token,
+            tls_sans,
+            cert_ttl,
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod config;
 pub mod datadir;
 pub mod metrics;
+pub mod pki;
 pub mod raft;
 pub mod reconcile;
 pub mod scheduler;
@@ -24,12 +25,14 @@ use skiff_proto::MAX_MESSAGE_BYTES;
 use skiff_proto::v1::cluster_server::ClusterServer;
 use skiff_proto::v1::jobs_server::JobsServer;
 use skiff_proto::v1::nodes_server::NodesServer;
+use skiff_proto::v1::pki_server::PkiServer;
 use skiff_proto::v1::raft_internal_server::RaftInternalServer;
+use skiff_tls::{AuthzLayer, Need, TlsContext};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{ApiContext, ClusterApi, JobsApi, NodesApi};
+use crate::api::{ApiContext, ClusterApi, JobsApi, NodesApi, PkiApi};
 use crate::config::{Config, Formation};
 use crate::datadir::{DataDir, DataDirError};
 use crate::metrics::Metrics;
@@ -53,6 +56,33 @@ pub enum ControllerError {
     /// A cluster-wide setting given to this member differs from the cluster's.
     #[error("{0}")]
     Settings(String),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
+/// What each gRPC method of the controller needs of its caller.
+pub fn policy(path: &str) -> Need {
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or(("", ""));
+    match (service, method) {
+        ("skiff.v1.RaftInternal", _) => Need::Member,
+        ("skiff.v1.Pki", "Join") => Need::Nothing,
+        ("skiff.v1.Pki", "Renew") => Need::Node,
+        ("skiff.v1.Pki", _) => Need::Admin,
+        ("skiff.v1.Nodes", "Register" | "Heartbeat" | "WatchAllocations" | "WatchServices") => {
+            Need::Node
+        }
+        ("skiff.v1.Nodes", "ListNodes") => Need::Reader,
+        ("skiff.v1.Nodes", "SetDrain") => Need::Operator,
+        ("skiff.v1.Nodes", "RemoveNode") => Need::Admin,
+        ("skiff.v1.Jobs", "ApplyJob" | "StopJob" | "ScaleJob") => Need::Operator,
+        ("skiff.v1.Jobs", _) => Need::Reader,
+        ("skiff.v1.Cluster", "AddMember" | "RemoveMember") => Need::Admin,
+        ("skiff.v1.Cluster", _) => Need::Reader,
+        _ => Need::Member,
+    }
 }
 
 /// A running controller member.
@@ -114,12 +144,15 @@ impl Controller {
                 addr: ident.http_addr,
                 source,
             })?;
+        let material = pki::material(&config, &ident).await?;
+        let tls = TlsContext::new(material).map_err(pki::PkiError::from)?;
         let node = RaftNode::open(
             config.id,
             me,
             &data_dir.raft_dir(),
             &config.raft,
             metrics.apply_seconds.clone(),
+            tls.clone(),
         )
         .await?;
         // What this member already knows of the cluster (its own log and snapshot): a flag
@@ -138,6 +171,12 @@ impl Controller {
         let mut tasks = Vec::new();
 
         let grpc = tonic::transport::Server::builder()
+            .layer(AuthzLayer::new(tls.clone(), policy))
+            .add_service(
+                PkiServer::new(PkiApi::new(ctx.clone(), config.cert_ttl))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .add_service(
                 RaftInternalServer::new(RaftService::new(node.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -159,6 +198,14 @@ impl Controller {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         let (conflict_tx, conflict) = watch::channel(None);
+        tasks.push(tokio::spawn(pki::keep(
+            node.clone(),
+            tls.clone(),
+            pki::tls_dir(&config.data_dir),
+            config.cert_ttl,
+            pki::member_sans(&ident, &config.tls_sans),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(settings::keep(
             node.clone(),
             config.cluster.clone(),
@@ -175,15 +222,14 @@ impl Controller {
             stop_rx.clone(),
         )));
         let mut rx = stop_rx.clone();
+        let tls_server = tls.clone();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
             if let Err(e) = grpc
                 .serve_with_incoming_shutdown(
-                    // Nagle on these sockets costs a 40 ms delayed-ACK stall per Raft round trip.
-                    tonic::transport::server::TcpIncoming::from(rpc_listener)
-                        .with_nodelay(Some(true)),
+                    skiff_tls::net::incoming(rpc_listener, tls_server, true),
                     shutdown,
                 )
                 .await

@@ -7,6 +7,7 @@
 //! leaves the state exactly as it was.
 
 mod model;
+pub mod pki;
 
 use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
@@ -81,6 +82,8 @@ pub enum Command {
     /// the first leader of a cluster that predates them). The same settings again change
     /// nothing; different ones are refused.
     InitCluster { settings: ClusterSettings },
+    /// A change to the cluster PKI (CA, certificates, join tokens).
+    Pki { change: pki::PkiOp },
 }
 
 /// Settings of the whole cluster, fixed at bootstrap and kept in the replicated state, so a
@@ -146,6 +149,7 @@ impl Command {
             Command::StopAllocations { .. } => "stop_allocations",
             Command::SetJobPending { .. } => "set_job_pending",
             Command::InitCluster { .. } => "init_cluster",
+            Command::Pki { .. } => "pki",
         }
     }
 }
@@ -180,6 +184,19 @@ impl std::fmt::Display for Command {
                 namespace, name, ..
             } => write!(f, "set_job_pending({namespace}/{name})"),
             Command::InitCluster { settings } => write!(f, "init_cluster({settings})"),
+            Command::Pki { change } => match change {
+                pki::PkiOp::Init { .. } => write!(f, "pki(init)"),
+                pki::PkiOp::CreateToken { id, .. } => write!(f, "pki(create_token {id})"),
+                pki::PkiOp::RevokeToken { id } => write!(f, "pki(revoke_token {id})"),
+                pki::PkiOp::RecordCert { record, .. } => {
+                    write!(f, "pki(record_cert {})", record.identity)
+                }
+                pki::PkiOp::Revoke { serials, identity } => {
+                    write!(f, "pki(revoke {} {identity:?})", serials.len())
+                }
+                pki::PkiOp::RotateCa { .. } => write!(f, "pki(rotate_ca)"),
+                pki::PkiOp::RetireCa { .. } => write!(f, "pki(retire_ca)"),
+            },
         }
     }
 }
@@ -228,6 +245,10 @@ pub enum Outcome {
     ClusterInitialized {
         changed: bool,
     },
+    /// A PKI change; the serials it issued or revoked.
+    Pki {
+        serials: Vec<String>,
+    },
 }
 
 /// A command the state machine refused. The state is unchanged.
@@ -267,6 +288,8 @@ pub enum ApplyError {
         name: String,
         version: u64,
     },
+    #[error("{message}")]
+    Pki { message: String },
 }
 
 /// The result the state machine returns for one command.
@@ -300,6 +323,9 @@ pub struct ClusterState {
     /// Fixed at bootstrap; `None` until the first leader commits them.
     #[serde(default)]
     settings: Option<ClusterSettings>,
+    /// The cluster PKI; empty until the bootstrapper's first leader commits its CA.
+    #[serde(default)]
+    pki: pki::PkiState,
 }
 
 /// `a.b.c.d/p` with 8 <= p <= 24 -> (network address as u32, p); host bits must be zero.
@@ -401,6 +427,9 @@ impl ClusterState {
                     .collect();
                 let lost = self.stop_allocations(&held, true, *at_ms);
                 let subnet = self.nodes.remove(name).and_then(|n| n.subnet);
+                // A removed node's certificates stop working at once.
+                self.pki
+                    .revoke_identity(&skiff_tls::Identity::Node(name.clone()).uri());
                 Ok(Outcome::NodeRemoved {
                     name: name.clone(),
                     subnet,
@@ -486,10 +515,15 @@ impl ClusterState {
                     requested: settings.clone(),
                 }),
             },
+            Command::Pki { change } => self.pki.apply(change),
         }
     }
 
     /// The cluster-wide settings, once the first leader committed them.
+    pub fn pki(&self) -> &pki::PkiState {
+        &self.pki
+    }
+
     pub fn settings(&self) -> Option<&ClusterSettings> {
         self.settings.as_ref()
     }

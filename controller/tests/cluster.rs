@@ -13,6 +13,8 @@ use skiff_controller::raft::{RaftSettings, Role};
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::cluster_client::ClusterClient;
 use skiff_proto::v1::jobs_client::JobsClient;
+use skiff_proto::v1::pki_client::PkiClient;
+use skiff_tls::Credentials;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -22,6 +24,31 @@ struct TestCluster {
     members: Vec<Option<Controller>>,
     rpc: Vec<SocketAddr>,
     settings: RaftSettings,
+    /// What the bootstrapper wrote to `admin.creds`.
+    admin: Option<Credentials>,
+}
+
+/// A mutual-TLS channel to `addr` with `creds`.
+async fn channel_as(addr: SocketAddr, creds: &Credentials) -> Channel {
+    let ep = skiff_tls::net::endpoint(&addr.to_string()).expect("endpoint");
+    skiff_tls::net::channel_with(creds.client_config().expect("tls config"), ep)
+        .await
+        .expect("connect")
+}
+
+/// Credentials made of a member's own certificate (members may act for any node).
+fn member_creds(data_dir: &std::path::Path) -> Credentials {
+    let m = skiff_tls::Material::load(&data_dir.join("tls"))
+        .expect("material")
+        .expect("a member certificate");
+    Credentials {
+        controllers: vec![],
+        name: "member".into(),
+        role: "member".into(),
+        ca: m.ca_pem,
+        cert: m.cert_pem,
+        key: m.key_pem,
+    }
 }
 
 use skiff_e2e::free_addr;
@@ -67,6 +94,7 @@ impl TestCluster {
             members: Vec::new(),
             rpc: Vec::new(),
             settings,
+            admin: None,
         };
         for i in 0..n {
             let id = i as u64 + 1;
@@ -74,6 +102,11 @@ impl TestCluster {
                 Formation::Bootstrap
             } else {
                 Formation::Join(c.rpc[0].to_string())
+            };
+            let join_token = if i == 0 {
+                None
+            } else {
+                Some(c.token("controller", 0, 3600).await.parse().expect("token"))
             };
             // A port picked free may be taken (by another test's connection) before we bind
             // it: start afresh on new ports.
@@ -89,6 +122,9 @@ impl TestCluster {
                     raft: c.settings.clone(),
                     node_grace: Duration::from_secs(10),
                     cluster: Default::default(),
+                    join_token: join_token.clone(),
+                    tls_sans: vec![],
+                    cert_ttl: skiff_controller::config::DEFAULT_CERT_TTL,
                 })
                 .await;
                 match res {
@@ -104,10 +140,45 @@ impl TestCluster {
             c.members.push(Some(ctl));
             if i == 0 {
                 c.wait_leader().await;
+                c.admin = Some(
+                    Credentials::load(&c.data_dir(1).join("admin.creds")).expect("admin.creds"),
+                );
             }
         }
         c.wait_voters(n).await;
         c
+    }
+
+    fn admin(&self) -> &Credentials {
+        self.admin.as_ref().expect("admin credentials")
+    }
+
+    /// A join token, made as admin through member 1 (retried until the CA is committed).
+    async fn token(&self, role: &str, uses: u32, ttl_seconds: u64) -> String {
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut pki = PkiClient::new(channel_as(self.rpc[0], self.admin()).await);
+            let res = pki
+                .create_token(pb::CreateTokenRequest {
+                    role: role.to_string(),
+                    ttl_seconds,
+                    uses,
+                })
+                .await;
+            match res {
+                Ok(r) => return r.into_inner().token,
+                Err(e) => assert!(tokio::time::Instant::now() < until, "no join token: {e:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn channel(&self, id: u64, creds: &Credentials) -> Channel {
+        channel_as(self.rpc[id as usize - 1], creds).await
+    }
+
+    async fn member_channel(&self, id: u64) -> Channel {
+        self.channel(id, &member_creds(&self.data_dir(1))).await
     }
 
     fn data_dir(&self, id: u64) -> PathBuf {
@@ -178,6 +249,9 @@ impl TestCluster {
             raft: self.settings.clone(),
             node_grace: Duration::from_secs(10),
             cluster: Default::default(),
+            join_token: None,
+            tls_sans: vec![],
+            cert_ttl: skiff_controller::config::DEFAULT_CERT_TTL,
         })
         .await
         .expect("restart member");
@@ -185,15 +259,11 @@ impl TestCluster {
     }
 
     async fn jobs(&self, id: u64) -> JobsClient<Channel> {
-        JobsClient::connect(format!("http://{}", self.rpc[id as usize - 1]))
-            .await
-            .expect("connect")
+        JobsClient::new(self.channel(id, self.admin()).await)
     }
 
     async fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
-        ClusterClient::connect(format!("http://{}", self.rpc[id as usize - 1]))
-            .await
-            .expect("connect")
+        ClusterClient::new(self.channel(id, self.admin()).await)
     }
 
     /// Job names present in a member's state (read locally, no barrier).
@@ -227,6 +297,7 @@ fn beat(node: &str, allocations: Vec<pb::AllocationReport>) -> pb::HeartbeatRequ
         name: node.into(),
         allocations,
         wireguard: None,
+        trust_version: 0,
     }
 }
 
@@ -453,12 +524,8 @@ async fn t30_bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(err.message(), "job default/ghost not found");
 
     // Malformed and misaddressed member-to-member traffic.
-    let mut raw = skiff_proto::v1::raft_internal_client::RaftInternalClient::connect(format!(
-        "http://{}",
-        c.rpc[0]
-    ))
-    .await
-    .expect("connect");
+    let mut raw =
+        skiff_proto::v1::raft_internal_client::RaftInternalClient::new(c.member_channel(1).await);
     let err = raw
         .append_entries(pb::RaftRequest {
             target: 1,
@@ -622,8 +689,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     let c = TestCluster::start(3, TestCluster::settings()).await;
     let leader = c.wait_leader().await;
     let follower = (1..=3).find(|id| *id != leader).expect("a follower");
-    let addr = |id: u64| format!("http://{}", c.rpc[id as usize - 1]);
-    let mut nodes = NodesClient::connect(addr(leader)).await.expect("connect");
+    let mut nodes = NodesClient::new(c.member_channel(leader).await);
     let register = |name: &str, address: &str, cpu: f64| pb::RegisterNodeRequest {
         name: name.into(),
         address: address.into(),
@@ -648,7 +714,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     };
 
     // A follower points at the leader.
-    let mut via_follower = NodesClient::connect(addr(follower)).await.expect("connect");
+    let mut via_follower = NodesClient::new(c.member_channel(follower).await);
     let err = via_follower
         .register(register("n1", "198.18.0.9", 2.0))
         .await
@@ -731,9 +797,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         .expect("register again")
         .into_inner();
     assert_eq!(reply.subnet, "10.42.0.0/24");
-    let mut watch = NodesClient::connect(addr(follower))
-        .await
-        .expect("connect")
+    let mut watch = NodesClient::new(c.member_channel(follower).await)
         .watch_allocations(pb::WatchAllocationsRequest { node: "n1".into() })
         .await
         .expect("watch")
@@ -875,5 +939,333 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         .into_inner()
         .nodes;
     assert!(listed.iter().any(|n| n.name == "n1"));
+    c.shutdown().await;
+}
+
+/// Credentials with another certificate and key, trusting the cluster CA.
+fn forged(admin: &Credentials, cert: String, key: String) -> Credentials {
+    Credentials {
+        cert,
+        key,
+        ..admin.clone()
+    }
+}
+
+fn pki_counts(c: &TestCluster) -> (usize, usize) {
+    let st = c.member(1).node().state();
+    let pki = st.state.pki();
+    (
+        pki.certs.len(),
+        pki.tokens.values().map(|t| t.used as usize).sum(),
+    )
+}
+
+/// Mutual TLS and authorization on the controller port: forged, foreign, expired and revoked
+/// certificates, a node acting as another, a reader writing, a plain-text client, spent,
+/// expired and revoked tokens, a token pinning another CA. Each is refused with a clear
+/// error and leaves the state as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
+    use skiff_controller::state::Command;
+    use skiff_controller::state::pki::{JoinRole, PkiOp, TokenRecord};
+    use skiff_proto::v1::nodes_client::NodesClient;
+    use skiff_tls::pki::{key_and_csr, now_unix};
+    use skiff_tls::{CaKey, Identity, JoinToken, Role};
+
+    let c = TestCluster::start(1, TestCluster::settings()).await;
+    let addr = c.rpc[0];
+    let admin = c.admin().clone();
+    let mut jobs = c.jobs(1).await;
+    apply(&mut jobs, spec("kept", 1)).await.expect("apply");
+
+    // A plain-text gRPC client gets no response.
+    let plain = JobsClient::connect(format!("http://{addr}")).await;
+    if let Ok(mut plain) = plain {
+        let err = plain
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .expect_err("plain text must not be answered");
+        assert_ne!(err.code(), Code::Ok);
+    }
+
+    // Self-signed, another CA's, and expired client certificates.
+    let rogue = CaKey::generate("rogue").expect("rogue CA");
+    let self_signed = forged(&admin, rogue.cert_pem.clone(), rogue.key_pem.clone());
+    let (k, csr) = key_and_csr("x").expect("csr");
+    let foreign_cert = rogue
+        .issue(
+            &csr,
+            &Identity::User {
+                role: Role::Admin,
+                name: "admin".into(),
+            },
+            &[],
+            Duration::from_secs(3600),
+        )
+        .expect("foreign");
+    let foreign = forged(&admin, foreign_cert.cert_pem, k);
+    let ca = c
+        .member(1)
+        .node()
+        .state()
+        .state
+        .pki()
+        .active()
+        .cloned()
+        .expect("CA");
+    let (k, csr) = key_and_csr("x").expect("csr");
+    let now = now_unix();
+    let expired_cert = ca
+        .key
+        .issue_between(
+            &csr,
+            &Identity::User {
+                role: Role::Admin,
+                name: "old".into(),
+            },
+            &[],
+            now - 7200,
+            now - 3600,
+        )
+        .expect("expired");
+    let expired = forged(&admin, expired_cert.cert_pem, k);
+    for (what, creds) in [
+        ("self-signed", &self_signed),
+        ("foreign CA", &foreign),
+        ("expired", &expired),
+    ] {
+        let ep = skiff_tls::net::endpoint(&addr.to_string()).expect("endpoint");
+        let res = match skiff_tls::net::channel_with(creds.client_config().expect("cfg"), ep).await
+        {
+            Err(_) => continue,
+            Ok(ch) => {
+                JobsClient::new(ch)
+                    .apply_job(pb::ApplyJobRequest {
+                        spec: spec("forged", 1),
+                        format: pb::SpecFormat::Toml as i32,
+                    })
+                    .await
+            }
+        };
+        let err = res.expect_err(what);
+        let text = format!("{err:?}");
+        assert!(
+            text.contains("alert") || text.contains("certificate") || text.contains("transport"),
+            "{what}: {text}"
+        );
+    }
+
+    // A reader reads but cannot write; its revocation takes effect on the open connection.
+    let (rk, rcsr) = key_and_csr("r").expect("csr");
+    let mut pki = PkiClient::new(c.channel(1, &admin).await);
+    let issued = pki
+        .create_credentials(pb::CreateCredentialsRequest {
+            name: "ro".into(),
+            role: "reader".into(),
+            csr_pem: rcsr,
+            ttl_seconds: 0,
+        })
+        .await
+        .expect("reader credentials")
+        .into_inner();
+    let reader = forged(&admin, issued.cert_pem, rk);
+    let mut as_reader = JobsClient::new(c.channel(1, &reader).await);
+    let listed = as_reader
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("a reader reads");
+    assert_eq!(listed.into_inner().jobs.len(), 1);
+    let err = apply(&mut as_reader, spec("nope", 1))
+        .await
+        .expect_err("reader apply");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("reader ro may not call /skiff.v1.Jobs/ApplyJob"),
+        "{}",
+        err.message()
+    );
+    let mut raft =
+        skiff_proto::v1::raft_internal_client::RaftInternalClient::new(c.channel(1, &admin).await);
+    let err = raft
+        .propose(pb::RaftRequest {
+            target: 1,
+            from: 1,
+            payload: b"{}".to_vec(),
+        })
+        .await
+        .expect_err("admin is not a member");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let serial = skiff_tls::Material {
+        ca_pem: reader.ca.clone(),
+        cert_pem: reader.cert.clone(),
+        key_pem: String::new(),
+    }
+    .info()
+    .expect("info")
+    .serial;
+    pki.revoke_certificate(pb::RevokeCertificateRequest {
+        serial: serial.clone(),
+        identity: String::new(),
+    })
+    .await
+    .expect("revoke");
+    let err = as_reader
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect_err("revoked");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+
+    // Node n1 enrolls with a one-use token, and cannot act as n2.
+    let before = pki_counts(&c);
+    let token: JoinToken = c.token("agent", 1, 3600).await.parse().expect("token");
+    let m = skiff_tls::enroll::join(&addr.to_string(), &token, "n1", 0, &["198.18.0.9".into()])
+        .await
+        .expect("n1 enrolls");
+    let n1 = forged(&admin, m.cert_pem, m.key_pem);
+    let again = skiff_tls::enroll::join(&addr.to_string(), &token, "n3", 0, &[])
+        .await
+        .expect_err("used token");
+    assert!(again.message.contains("already used"), "{}", again.message);
+    assert!(!again.retryable);
+    let mut as_n1 = NodesClient::new(c.channel(1, &n1).await);
+    let reg = |name: &str, key: &str| pb::RegisterNodeRequest {
+        name: name.into(),
+        address: "198.18.0.9".into(),
+        labels: Default::default(),
+        resources: Some(pb::NodeResources {
+            cpu: 1.0,
+            memory: 1 << 30,
+            pids: 100,
+        }),
+        agent_addr: String::new(),
+        wireguard: Some(pb::WireguardIdentity {
+            public_key: key.into(),
+            endpoint: "198.18.0.9:51820".into(),
+            backend: pb::WireguardBackend::Userspace as i32,
+        }),
+    };
+    const KEY1: &str = "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE=";
+    const KEY2: &str = "aGVsbG8gd29ybGQgdGhpcyBpcyBhIHRlc3Qga2V5ISE=";
+    as_n1
+        .register(reg("n1", KEY1))
+        .await
+        .expect("n1 registers as itself");
+    let mut as_member = NodesClient::new(c.member_channel(1).await);
+    as_member
+        .register(reg("n2", KEY2))
+        .await
+        .expect("n2 registered");
+    let err = as_n1.register(reg("n2", KEY1)).await.expect_err("n1 as n2");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("node n1 may not act as node n2"),
+        "{}",
+        err.message()
+    );
+    let err = as_n1
+        .heartbeat(beat("n2", vec![]))
+        .await
+        .expect_err("heartbeat as n2");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = as_n1
+        .watch_allocations(pb::WatchAllocationsRequest { node: "n2".into() })
+        .await
+        .expect_err("watch as n2");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let n2_key = c
+        .member(1)
+        .node()
+        .state()
+        .state
+        .node("n2")
+        .and_then(|n| n.wireguard.clone())
+        .map(|w| w.public_key);
+    assert_eq!(
+        n2_key.as_deref(),
+        Some(KEY2),
+        "n2's WireGuard key unchanged"
+    );
+    // A node is no user: it cannot apply jobs.
+    let err = apply(&mut JobsClient::new(c.channel(1, &n1).await), spec("x", 1))
+        .await
+        .expect_err("node apply");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Expired and revoked tokens; a token whose pin is another CA's.
+    let after_n1 = pki_counts(&c);
+    assert_eq!(after_n1.0, before.0 + 1, "one certificate: n1's");
+    let stale = JoinToken::generate(&ca.key.hash().expect("hash"));
+    c.member(1)
+        .node()
+        .write(Command::Pki {
+            change: PkiOp::CreateToken {
+                id: stale.id.clone(),
+                record: TokenRecord {
+                    role: JoinRole::Agent,
+                    secret_hash: stale.secret_hash(),
+                    created_at: now - 7200,
+                    expires_at: now - 3600,
+                    uses: 0,
+                    used: 0,
+                    revoked: false,
+                },
+            },
+        })
+        .await
+        .expect("write")
+        .0
+        .expect("token created");
+    let err = skiff_tls::enroll::join(&addr.to_string(), &stale, "n4", 0, &[])
+        .await
+        .expect_err("expired token");
+    assert!(err.message.contains("expired"), "{}", err.message);
+    let revoked: JoinToken = c.token("agent", 0, 3600).await.parse().expect("token");
+    pki.revoke_token(pb::RevokeTokenRequest {
+        id: revoked.id.clone(),
+    })
+    .await
+    .expect("revoke token");
+    let err = skiff_tls::enroll::join(&addr.to_string(), &revoked, "n5", 0, &[])
+        .await
+        .expect_err("revoked token");
+    assert!(err.message.contains("revoked"), "{}", err.message);
+    let mut wrong_pin = revoked.clone();
+    wrong_pin.ca_hash = rogue.hash().expect("hash");
+    let err = skiff_tls::enroll::join(&addr.to_string(), &wrong_pin, "n6", 0, &[])
+        .await
+        .expect_err("wrong pin");
+    assert!(err.message.contains("pin"), "{}", err.message);
+    assert!(!err.retryable);
+    let mut bad_secret = c
+        .token("agent", 0, 3600)
+        .await
+        .parse::<JoinToken>()
+        .expect("token");
+    bad_secret.secret = "0".repeat(32);
+    let err = skiff_tls::enroll::join(&addr.to_string(), &bad_secret, "n7", 0, &[])
+        .await
+        .expect_err("bad secret");
+    assert!(
+        err.message.contains("secret does not match"),
+        "{}",
+        err.message
+    );
+    let after = pki_counts(&c);
+    assert_eq!(
+        after.0, after_n1.0,
+        "no certificate recorded for a refused join"
+    );
+    let names: BTreeSet<String> = c
+        .member(1)
+        .node()
+        .state()
+        .state
+        .nodes()
+        .map(|n| n.name.clone())
+        .collect();
+    assert_eq!(names, ["n1", "n2"].into_iter().map(String::from).collect());
+    assert_eq!(c.job_names(1), ["kept".to_string()].into_iter().collect());
     c.shutdown().await;
 }

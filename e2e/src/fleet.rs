@@ -112,6 +112,8 @@ pub struct Fleet {
     agent_dirs: Vec<(PathBuf, String)>,
     image: PathBuf,
     controller_args: Vec<String>,
+    /// Join tokens made so far, by role (agent, controller).
+    tokens: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// `skiff-agent --data-dir DATA --cgroup-parent PARENT ARGS` on this host (not in a netns).
@@ -193,6 +195,7 @@ impl Fleet {
             image: dir.path().join("image"),
             dir,
             controller_args: controller_args.iter().map(|s| (*s).to_owned()).collect(),
+            tokens: Default::default(),
         };
         fleet.build_network(controllers, agents)?;
         let out = Command::new("sh")
@@ -326,6 +329,8 @@ impl Fleet {
         } else {
             args.push("--join".into());
             args.push(format!("{}:{RPC_PORT}", self.host("c1")?.addr));
+            args.push("--join-token".into());
+            args.push(self.token("controller")?);
         }
         let log = self.dir.path().join(format!("{}.log", host.name));
         self.controllers
@@ -362,12 +367,33 @@ impl Fleet {
             // The fleet's image is a local OCI layout: the agents may read it from there.
             "--local-image-dir".into(),
             self.image.display().to_string(),
+            "--join-token".into(),
+            self.token("agent")?,
         ];
         let log = self.dir.path().join(format!("{}.log", host.name));
         self.agents
             .push(Proc::spawn(&host, "skiff-agent", args, log)?);
         self.agent_dirs.push((data, parent));
         Ok(())
+    }
+
+    /// The admin credentials the first controller wrote.
+    pub fn credentials(&self) -> PathBuf {
+        self.dir.path().join("c1").join("admin.creds")
+    }
+
+    /// A join token for `role` (agent, controller), made once per fleet.
+    pub fn token(&self, role: &str) -> Result<String> {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tokens.get(role) {
+            return Ok(t.clone());
+        }
+        let t = self
+            .cli_ok(&["token", "create", "--role", role, "--ttl", "2h"])?
+            .trim()
+            .to_string();
+        tokens.insert(role.to_string(), t.clone());
+        Ok(t)
     }
 
     /// The busybox image every agent can run (`oci:` path on the shared file system).
@@ -389,6 +415,8 @@ impl Fleet {
             .arg(format!("--net=/run/netns/{}", host.netns))
             .arg("--")
             .arg(bin("skiff"))
+            .arg("--credentials")
+            .arg(self.credentials())
             .arg("--controller")
             .arg(self.controller_addrs())
             .args(args)

@@ -181,6 +181,30 @@ impl ControllerProc {
         }
     }
 
+    /// The admin credentials a bootstrapper wrote.
+    pub fn creds(&self) -> PathBuf {
+        self.data_dir.join("admin.creds")
+    }
+
+    /// A join token made through this member with its admin credentials (waits until the
+    /// member has written them and committed the CA).
+    pub fn join_token(&self, role: &str) -> String {
+        let mut token = String::new();
+        eventually("a join token", Duration::from_secs(30), || {
+            if !self.creds().exists() {
+                return false;
+            }
+            let out = skiff(
+                &self.creds(),
+                &[self.rpc],
+                &["token", "create", "--role", role],
+            );
+            token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            out.status.success()
+        });
+        token
+    }
+
     /// GET a path on the member's HTTP address; (status code, body).
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.http, path)
@@ -229,14 +253,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-/// Runs `skiff` with the given controller addresses and arguments.
-pub fn skiff(controllers: &[SocketAddr], args: &[&str]) -> Output {
+/// Runs `skiff --credentials CREDS --controller ADDRS ARGS`.
+pub fn skiff(creds: &Path, controllers: &[SocketAddr], args: &[&str]) -> Output {
     let list = controllers
         .iter()
         .map(|a| a.to_string())
         .collect::<Vec<_>>()
         .join(",");
     Command::new(bin("skiff"))
+        .arg("--credentials")
+        .arg(creds)
         .arg("--controller")
         .arg(list)
         .args(args)
@@ -258,10 +284,10 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// `skiff ... -o json` parsed; panics with stderr if the command failed.
-pub fn skiff_json(controllers: &[SocketAddr], args: &[&str]) -> serde_json::Value {
+pub fn skiff_json(creds: &Path, controllers: &[SocketAddr], args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
-    let out = skiff(controllers, &all);
+    let out = skiff(creds, controllers, &all);
     assert!(
         out.status.success(),
         "skiff {args:?} failed: {}",

@@ -16,10 +16,10 @@ fn write_spec(dir: &std::path::Path, name: &str, replicas: u32) -> String {
     path.display().to_string()
 }
 
-fn leader_of(addrs: &[std::net::SocketAddr]) -> u64 {
+fn leader_of(creds: &std::path::Path, addrs: &[std::net::SocketAddr]) -> u64 {
     let mut leader = 0;
     eventually("a leader", Duration::from_secs(20), || {
-        let out = skiff(addrs, &["cluster", "leader", "-o", "json"]);
+        let out = skiff(creds, addrs, &["cluster", "leader", "-o", "json"]);
         if !out.status.success() {
             return false;
         }
@@ -45,18 +45,20 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
         &["--bootstrap"],
     )];
     let join = first_rpc.to_string();
+    let creds = members[0].creds();
+    let token = members[0].join_token("controller");
     for id in 2..=3 {
         members.push(ControllerProc::start(
             root.path(),
             id,
             free_addr(),
             free_addr(),
-            &["--join", &join],
+            &["--join", &join, "--join-token", &token],
         ));
     }
     let addrs: Vec<_> = members.iter().map(|m| m.rpc).collect();
     eventually("three voters, all ready", Duration::from_secs(30), || {
-        let out = skiff(&addrs, &["cluster", "members", "-o", "json"]);
+        let out = skiff(&creds, &addrs, &["cluster", "members", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let voters = v
             .as_array()
@@ -70,7 +72,7 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
 
     // Apply through a follower; the CLI prints the version and what changed.
     let spec = write_spec(root.path(), "web", 3);
-    let out = skiff(&addrs[2..], &["apply", "-f", &spec]);
+    let out = skiff(&creds, &addrs[2..], &["apply", "-f", &spec]);
     assert!(
         out.status.success(),
         "{}",
@@ -81,18 +83,18 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
         "job default/web created: version 1"
     );
     let spec5 = write_spec(root.path(), "web", 5);
-    let out = skiff(&addrs[1..2], &["apply", "-f", &spec5]);
+    let out = skiff(&creds, &addrs[1..2], &["apply", "-f", &spec5]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("version 2") && text.contains("replicas: 3 -> 5"),
         "{text}"
     );
-    let out = skiff(&addrs, &["apply", "-f", &spec5]);
+    let out = skiff(&creds, &addrs, &["apply", "-f", &spec5]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
 
     // SIGKILL the leader; with every address given, the CLI finds a live member and writes
     // go on under a new leader.
-    let leader = leader_of(&addrs);
+    let leader = leader_of(&creds, &addrs);
     members[leader as usize - 1].kill();
     let mut acked = vec!["web".to_string()];
     for i in 0..5 {
@@ -103,13 +105,15 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
             "a write after the leader died",
             Duration::from_secs(15),
             || {
-                ok = skiff(&addrs, &["apply", "-f", &spec]).status.success();
+                ok = skiff(&creds, &addrs, &["apply", "-f", &spec])
+                    .status
+                    .success();
                 ok
             },
         );
         acked.push(name);
     }
-    let new_leader = leader_of(&addrs);
+    let new_leader = leader_of(&creds, &addrs);
     assert_ne!(new_leader, leader);
 
     // The killed member restarts from its data dir with only --id and --data-dir, catches up,
@@ -117,7 +121,7 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
     members[leader as usize - 1].restart();
     for m in &members {
         eventually("member to catch up", Duration::from_secs(20), || {
-            let out = skiff(&[m.rpc], &["jobs", "--stale", "-o", "json"]);
+            let out = skiff(&creds, &[m.rpc], &["jobs", "--stale", "-o", "json"]);
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             let names: Vec<&str> = v
                 .as_array()
@@ -126,15 +130,15 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
             acked.iter().all(|a| names.contains(&a.as_str()))
         });
     }
-    let status = skiff_json(&addrs, &["job", "status", "web"]);
+    let status = skiff_json(&creds, &addrs, &["job", "status", "web"]);
     assert_eq!(status["job"]["version"], 2);
     assert_eq!(status["versions"].as_array().map(Vec::len), Some(2));
     assert_eq!(status["versions"][0]["spec"]["replicas"], 5);
 
     // Stop keeps the job's versions.
-    let out = skiff(&addrs, &["stop", "web"]);
+    let out = skiff(&creds, &addrs, &["stop", "web"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped"));
-    let status = skiff_json(&addrs, &["job", "status", "web"]);
+    let status = skiff_json(&creds, &addrs, &["job", "status", "web"]);
     assert_eq!(status["job"]["status"], "stopped");
 
     // Metrics and health from every member.
@@ -162,13 +166,18 @@ fn bad_input_is_refused_with_one_clear_line() {
         .expect("tempdir");
     let mut m = ControllerProc::start(root.path(), 1, free_addr(), free_addr(), &["--bootstrap"]);
     let addrs = [m.rpc];
+    let creds = m.creds();
     eventually("ready", Duration::from_secs(20), || {
         m.http_get("/readyz").is_some_and(|(c, _)| c == 200)
     });
 
     let bad = root.path().join("bad.toml");
     std::fs::write(&bad, "name = \"web\"\nimage = \"x\"\nreplicas = -2\n").expect("write");
-    let out = skiff(&addrs, &["apply", "-f", bad.to_str().expect("utf8")]);
+    let out = skiff(
+        &creds,
+        &addrs,
+        &["apply", "-f", bad.to_str().expect("utf8")],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -177,7 +186,7 @@ fn bad_input_is_refused_with_one_clear_line() {
         "{err}"
     );
     assert!(err.contains("(line 3)"), "{err}");
-    let jobs = skiff_json(&addrs, &["jobs"]);
+    let jobs = skiff_json(&creds, &addrs, &["jobs"]);
     assert_eq!(
         jobs.as_array().map(Vec::len),
         Some(0),
@@ -185,7 +194,7 @@ fn bad_input_is_refused_with_one_clear_line() {
     );
 
     // No controller reachable: a clear error, non-zero exit.
-    let out = skiff(&[free_addr()], &["jobs"]);
+    let out = skiff(&creds, &[free_addr()], &["jobs"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: no controller answered"));
 
@@ -236,13 +245,15 @@ fn prometheus_scrapes_every_member() {
         free_addr(),
         &["--bootstrap"],
     )];
+    let creds = members[0].creds();
+    let token = members[0].join_token("controller");
     for id in 2..=3 {
         members.push(ControllerProc::start(
             root.path(),
             id,
             free_addr(),
             free_addr(),
-            &["--join", &first.to_string()],
+            &["--join", &first.to_string(), "--join-token", &token],
         ));
     }
     let addrs: Vec<_> = members.iter().map(|m| m.rpc).collect();
@@ -250,7 +261,7 @@ fn prometheus_scrapes_every_member() {
         members
             .iter()
             .all(|m| m.http_get("/readyz").is_some_and(|(c, _)| c == 200))
-            && skiff_json(&addrs, &["cluster", "members"])
+            && skiff_json(&creds, &addrs, &["cluster", "members"])
                 .as_array()
                 .map(Vec::len)
                 == Some(3)
@@ -423,9 +434,10 @@ fn cluster_settings_survive_restarts_and_conflicts_are_refused() {
             "26",
         ],
     );
-    let info = || skiff_e2e::skiff_json(&[rpc], &["cluster", "info"]);
+    let creds = m.creds();
+    let info = || skiff_e2e::skiff_json(&creds, &[rpc], &["cluster", "info"]);
     let cidr_is = |want: &str| {
-        let out = skiff(&[rpc], &["cluster", "info", "-o", "json"]);
+        let out = skiff(&creds, &[rpc], &["cluster", "info", "-o", "json"]);
         serde_json::from_slice::<serde_json::Value>(&out.stdout)
             .is_ok_and(|v| v["cluster_cidr"] == want)
     };
@@ -433,7 +445,7 @@ fn cluster_settings_survive_restarts_and_conflicts_are_refused() {
         cidr_is("10.50.0.0/16")
     });
     assert_eq!(info()["node_subnet_prefix"], 26);
-    let text = skiff(&[rpc], &["cluster", "info"]);
+    let text = skiff(&creds, &[rpc], &["cluster", "info"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("cluster cidr:       10.50.0.0/16"), "{text}");
 

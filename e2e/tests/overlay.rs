@@ -474,9 +474,12 @@ fn o20_a_full_pod_subnet_is_a_scheduling_error() -> Result<()> {
 /// A node that is not an agent: registers with a WireGuard key (as a peer run by wireguard-go)
 /// from inside the `cli` host's network namespace, is drained (nothing scheduled on it), and
 /// heartbeats until `stop`. Sends its pod subnet once registered.
+#[allow(clippy::too_many_arguments)]
 fn fake_node(
     netns: String,
     controller: String,
+    token: String,
+    admin: std::path::PathBuf,
     address: String,
     public_key: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -490,8 +493,33 @@ fn fake_node(
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let mut c =
-                    pb::nodes_client::NodesClient::connect(format!("http://{controller}")).await?;
+                // The node enrolls with a join token, as an agent does; the drain is an
+                // operator's call, made with the fleet's admin credentials.
+                let token: skiff_tls::JoinToken = token.parse()?;
+                let m = skiff_tls::enroll::join(
+                    &controller,
+                    &token,
+                    "wgx",
+                    0,
+                    std::slice::from_ref(&address),
+                )
+                .await?;
+                let node = skiff_tls::Credentials {
+                    controllers: vec![],
+                    name: "wgx".into(),
+                    role: "node".into(),
+                    ca: m.ca_pem,
+                    cert: m.cert_pem,
+                    key: m.key_pem,
+                };
+                let ep = skiff_tls::net::endpoint(&controller)?;
+                let mut c = pb::nodes_client::NodesClient::new(
+                    skiff_tls::net::channel_with(node.client_config()?, ep.clone()).await?,
+                );
+                let admin = skiff_tls::Credentials::load(&admin)?;
+                let mut op = pb::nodes_client::NodesClient::new(
+                    skiff_tls::net::channel_with(admin.client_config()?, ep).await?,
+                );
                 let r = c
                     .register(pb::RegisterNodeRequest {
                         name: "wgx".into(),
@@ -511,7 +539,7 @@ fn fake_node(
                     })
                     .await?
                     .into_inner();
-                c.set_drain(pb::SetDrainRequest {
+                op.set_drain(pb::SetDrainRequest {
                     name: "wgx".into(),
                     drain: true,
                 })
@@ -522,6 +550,7 @@ fn fake_node(
                         name: "wgx".into(),
                         allocations: vec![],
                         wireguard: None,
+                        trust_version: 0,
                     })
                     .await?;
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -606,9 +635,12 @@ fn interop(
     let cli = fleet.host("cli")?.clone();
     let a1 = fleet.host("a1")?.addr.clone();
     let (tx, rx) = std::sync::mpsc::channel();
+    let token = fleet.token("agent")?;
     fake_node(
         cli.netns.clone(),
         format!("{}:7700", fleet.host("c1")?.addr),
+        token,
+        fleet.credentials(),
         cli.addr.clone(),
         public.clone(),
         stop.clone(),

@@ -60,12 +60,10 @@ impl NodesApi {
         req: &pb::ListNodesRequest,
     ) -> Option<pb::ListNodesResponse> {
         let (_, leader) = self.ctx.node.leader()?;
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", leader.rpc_addr))
-            .ok()?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(5));
-        let mut client = pb::nodes_client::NodesClient::new(ep.connect().await.ok()?);
+        let mut client =
+            pb::nodes_client::NodesClient::new(self.ctx.node.channel(&leader.rpc_addr).ok()?);
         let mut r = Request::new(*req);
+        r.set_timeout(Duration::from_secs(5));
         r.metadata_mut().insert(
             FORWARDED_METADATA,
             tonic::metadata::MetadataValue::from_static("1"),
@@ -114,6 +112,7 @@ impl Nodes for NodesApi {
         req: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
         self.require_leader()?;
+        super::act_as_node(&req, &req.get_ref().name)?;
         let req = req.into_inner();
         self.ctx
             .track("Register", async {
@@ -208,16 +207,31 @@ impl Nodes for NodesApi {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.require_leader()?;
+        super::act_as_node(&req, &req.get_ref().name)?;
         let req = req.into_inner();
         self.ctx
             .track("Heartbeat", async {
                 let reports;
+                let trust;
                 {
                     let applied = self.ctx.node.state();
                     let state = &applied.state;
                     if state.node(&req.name).is_none() {
-                        return Ok(pb::HeartbeatResponse { known: false });
+                        return Ok(pb::HeartbeatResponse {
+                            known: false,
+                            trust: None,
+                        });
                     }
+                    let pki = state.pki();
+                    trust = (pki.version != req.trust_version).then(|| pb::TrustBundle {
+                        version: pki.version,
+                        ca_pem: pki.ca_bundle(),
+                        revoked_serials: pki.revoked().cloned().collect(),
+                        active_ca_pem: pki
+                            .active()
+                            .map(|c| c.key.cert_pem.clone())
+                            .unwrap_or_default(),
+                    });
                     self.heartbeats.beat(&req.name);
                     if let Some(wg) = &req.wireguard {
                         self.wireguard_status().insert(req.name.clone(), wg.clone());
@@ -234,7 +248,7 @@ impl Nodes for NodesApi {
                         .await?
                         .0?;
                 }
-                Ok(pb::HeartbeatResponse { known: true })
+                Ok(pb::HeartbeatResponse { known: true, trust })
             })
             .await
     }
@@ -245,6 +259,7 @@ impl Nodes for NodesApi {
         &self,
         req: Request<pb::WatchAllocationsRequest>,
     ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
+        super::act_as_node(&req, &req.get_ref().node)?;
         let name = req.into_inner().node;
         skiff_common::validate_name("node", &name).map_err(ApiError::from)?;
         let mut published = self.published.clone();
@@ -287,6 +302,7 @@ impl Nodes for NodesApi {
         &self,
         req: Request<pb::WatchServicesRequest>,
     ) -> Result<Response<Self::WatchServicesStream>, Status> {
+        super::act_as_node(&req, &req.get_ref().node)?;
         let node = req.into_inner().node;
         if !node.is_empty() {
             skiff_common::validate_name("node", &node).map_err(ApiError::from)?;

@@ -50,37 +50,45 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
-/// Builds tonic channels to members, shared by the Raft network and write forwarding.
-#[derive(Clone, Default)]
+/// Builds tonic channels to members (mutual TLS with this member's certificate), shared by
+/// the Raft network and write forwarding.
+#[derive(Clone)]
 pub struct Channels {
     cache: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Arc<skiff_tls::TlsContext>,
 }
 
 impl Channels {
+    pub fn new(tls: Arc<skiff_tls::TlsContext>) -> Channels {
+        Channels {
+            cache: Arc::default(),
+            tls,
+        }
+    }
+
     pub fn get(&self, addr: &str) -> Result<Channel, PeerError> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cache.get(addr) {
             return Ok(c.clone());
         }
-        let ch = Self::fresh(addr)?;
+        let ch = self.fresh(addr)?;
         cache.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
 
     /// A channel of its own (not cached): snapshots use one so a large transfer never
     /// delays heartbeats on the shared connection.
-    pub fn fresh(addr: &str) -> Result<Channel, PeerError> {
+    pub fn fresh(&self, addr: &str) -> Result<Channel, PeerError> {
         let ep =
             Endpoint::from_shared(format!("http://{addr}")).map_err(|e| PeerError::BadAddress {
                 addr: addr.to_string(),
                 reason: e.to_string(),
             })?;
-        Ok(ep
+        let ep = ep
             .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy())
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(skiff_tls::net::channel_lazy(&self.tls, ep))
     }
 
     pub fn client(&self, addr: &str) -> Result<RaftInternalClient<Channel>, PeerError> {
@@ -146,7 +154,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             me: self.me,
             target,
             addr: node.rpc_addr.clone(),
-            channel: Channels::fresh(&node.rpc_addr),
+            channel: self.channels.fresh(&node.rpc_addr),
         }
     }
 }

@@ -205,6 +205,7 @@ impl RaftNode {
         dir: &Path,
         settings: &RaftSettings,
         apply_seconds: Histogram,
+        tls: Arc<skiff_tls::TlsContext>,
     ) -> Result<Self, RaftNodeError> {
         let storage_err = |source| RaftNodeError::Storage {
             path: dir.display().to_string(),
@@ -230,7 +231,7 @@ impl RaftNode {
         }
         .validate()
         .map_err(|e| RaftNodeError::Settings(e.to_string()))?;
-        let channels = Channels::default();
+        let channels = Channels::new(tls);
         let network = NetworkFactory {
             me: id,
             channels: channels.clone(),
@@ -251,6 +252,11 @@ impl RaftNode {
 
     pub fn id(&self) -> MemberId {
         self.inner.id
+    }
+
+    /// A (cached, mutual TLS) channel to a member.
+    pub fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, PeerError> {
+        self.inner.channels.get(addr)
     }
 
     pub fn me(&self) -> &Member {
@@ -632,6 +638,18 @@ impl RaftNode {
             .await
             .map_err(|e| RaftNodeError::Membership(e.to_string()))?;
         tracing::info!(member = id, "member removed");
+        // Its certificates stop working at once: it can no longer talk to the cluster.
+        let revoke = Command::Pki {
+            change: crate::state::pki::PkiOp::Revoke {
+                serials: vec![],
+                identity: Some(skiff_tls::Identity::Member(id).uri()),
+            },
+        };
+        match self.write(revoke).await {
+            Ok((Ok(_), _)) => {}
+            Ok((Err(e), _)) => tracing::warn!(member = id, error = %e, "revoking its certificates"),
+            Err(e) => tracing::warn!(member = id, error = %e, "revoking its certificates"),
+        }
         Ok(())
     }
 
@@ -730,7 +748,8 @@ mod tests {
             rpc_addr: format!("127.0.0.1:{}", 7700 + id),
             http_addr: format!("127.0.0.1:{}", 7780 + id),
         };
-        RaftNode::open(id, me, dir, &settings(), Histogram::new([0.001]))
+        let tls = skiff_tls::TlsContext::ephemeral(&skiff_tls::Identity::Member(id)).expect("tls");
+        RaftNode::open(id, me, dir, &settings(), Histogram::new([0.001]), tls)
             .await
             .expect("open")
     }

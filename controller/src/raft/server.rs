@@ -157,6 +157,16 @@ impl RaftInternal for RaftService {
         &self,
         req: Request<AddMemberRequest>,
     ) -> Result<Response<AddMemberResponse>, Status> {
+        // A member joins only as itself: its certificate names the id it asks to be.
+        match skiff_tls::peer_of(&req).map(|p| &p.identity) {
+            Some(skiff_tls::Identity::Member(id)) if *id == req.get_ref().id => {}
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "refused: a member joins as the id its certificate names ({})",
+                    other.map(|i| i.describe()).unwrap_or_else(|| "none".into())
+                )));
+            }
+        }
         let req = req.into_inner();
         let member = crate::api::validate_member(&req).map_err(Status::invalid_argument)?;
         self.node
