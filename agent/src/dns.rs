@@ -95,7 +95,9 @@ impl Zone {
     /// Builds the wire answer of every (name, A|SRV) once, through the same [`answer`] path.
     fn prepare(&mut self) {
         let mut prepared = std::collections::HashMap::new();
-        for name in &self.names {
+        // A '\\' reads as an escape in a text name: such names (kept out by spec validation)
+        // are not prepared; the general path answers them.
+        for name in self.names.iter().filter(|n| !n.contains('\\')) {
             for t in [RecordType::A, RecordType::SRV, RecordType::AAAA] {
                 let Ok(n) = Name::from_ascii(format!("{name}.")) else {
                     continue;
@@ -227,12 +229,16 @@ fn answer_fast(query: &[u8], zone: &Zone, udp: bool) -> Option<Reply> {
             name.push('.');
         }
         for &b in label {
-            if b == b'.' || !b.is_ascii_graphic() {
+            // '\\' would read as an escape in the zone's text names: the general path.
+            if b == b'.' || b == b'\\' || !b.is_ascii_graphic() {
                 return None;
             }
             name.push(char::from(b.to_ascii_lowercase()));
         }
         i += 1 + len;
+    }
+    if i - 12 > 255 {
+        return None; // longer than a name may be: the general path answers FORMERR
     }
     let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
     let qclass = u16::from_be_bytes([*query.get(i + 2)?, *query.get(i + 3)?]);

@@ -58,20 +58,47 @@ pub fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
     Ok(skiff_tls::net::endpoint(a)?)
 }
 
-/// A failed call as the user should read it: TLS refusals say so.
+/// A failed call as the user should read it: TLS refusals say what was refused and why.
 pub fn status_message(s: &Status) -> String {
     use std::error::Error as _;
-    let mut msg = s.message().to_string();
+    let mut chain = vec![s.message().to_string()];
     let mut src = s.source();
     while let Some(c) = src {
-        msg.push_str(": ");
-        msg.push_str(&c.to_string());
+        let t = c.to_string();
+        if !chain.iter().any(|x| x.contains(&t)) {
+            chain.push(t);
+        }
         src = c.source();
     }
-    if msg.contains("alert") || msg.contains("certificate") && s.code() == Code::Unknown {
-        format!("the server refused this client's certificate ({msg})")
-    } else {
-        msg
+    let msg = chain.join(": ");
+    let why = [
+        ("CertificateRevoked", "it is revoked"),
+        ("CertificateExpired", "it has expired"),
+        ("UnknownCA", "it is not from this cluster's CA"),
+        ("BadCertificate", "it is not from this cluster's CA"),
+        ("CertificateUnknown", "it is not from this cluster's CA"),
+        ("CertificateRequired", "none was presented"),
+    ]
+    .iter()
+    .find(|(alert, _)| msg.contains(alert));
+    match why {
+        Some((_, why)) => format!("the server refused this client's certificate: {why} ({msg})"),
+        // TLS 1.3: a refused client certificate may show only as a closed connection.
+        None if [
+            "broken pipe",
+            "connection reset",
+            "stream closed",
+            "connection closed",
+        ]
+        .iter()
+        .any(|m| msg.contains(m)) =>
+        {
+            format!(
+                "{msg} (the server closed the connection: it may have refused this client's \
+                 certificate as revoked, expired or from another CA; its log says why)"
+            )
+        }
+        None => msg,
     }
 }
 

@@ -182,26 +182,36 @@ async fn through_raft(nodes: usize, allocations: u32) -> anyhow::Result<ThroughR
         &[&["--bootstrap"][..], &grace[..]].concat(),
     );
     let j = r1.to_string();
+    let token = tokio::task::block_in_place(|| c1.join_token("controller"));
     let c2 = ControllerProc::start(
         dir.path(),
         2,
         r2,
         free_addr(),
-        &[&["--join", &j][..], &grace[..]].concat(),
+        &[&["--join", &j, "--join-token", &token][..], &grace[..]].concat(),
     );
     let c3 = ControllerProc::start(
         dir.path(),
         3,
         r3,
         free_addr(),
-        &[&["--join", &j][..], &grace[..]].concat(),
+        &[&["--join", &j, "--join-token", &token][..], &grace[..]].concat(),
     );
-    let url = format!("http://{r1}");
+    // Member 1's own certificate: a member may register any node (as it forwards for them),
+    // so 5,000 nodes need no 5,000 enrollments. Every call is mutual TLS.
+    let m = skiff_tls::Material::load(&c1.data_dir.join("tls"))?
+        .ok_or_else(|| anyhow::anyhow!("member 1 has no certificate"))?;
+    let creds = skiff_tls::Credentials {
+        controllers: vec![],
+        name: "member".into(),
+        role: "member".into(),
+        ca: m.ca_pem,
+        cert: m.cert_pem,
+        key: m.key_pem,
+    };
     let channel = loop {
-        if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone())?
-            .connect()
-            .await
-        {
+        let ep = skiff_tls::net::endpoint(&r1.to_string())?;
+        if let Ok(c) = skiff_tls::net::channel_with(creds.client_config()?, ep).await {
             break c;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

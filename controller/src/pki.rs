@@ -119,6 +119,7 @@ fn bootstrap(
     let entry = CaEntry {
         subject: subject_hash(&ca.cert_pem)?,
         key: ca.clone(),
+        cross_pem: None,
     };
     let (key_pem, csr) = key_and_csr("member")?;
     let me = ca.issue(&csr, &Identity::Member(config.id), sans, config.cert_ttl)?;

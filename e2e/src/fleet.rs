@@ -112,6 +112,8 @@ pub struct Fleet {
     agent_dirs: Vec<(PathBuf, String)>,
     image: PathBuf,
     controller_args: Vec<String>,
+    /// Extra flags for every agent.
+    agent_args: Vec<String>,
     /// Join tokens made so far, by role (agent, controller).
     tokens: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
@@ -177,6 +179,17 @@ impl Fleet {
         node_grace: &str,
         controller_args: &[&str],
     ) -> Result<Fleet> {
+        Fleet::start_full(controllers, agents, node_grace, controller_args, &[])
+    }
+
+    /// As [`Fleet::start_with`], with extra flags for every agent too.
+    pub fn start_full(
+        controllers: usize,
+        agents: usize,
+        node_grace: &str,
+        controller_args: &[&str],
+        agent_args: &[&str],
+    ) -> Result<Fleet> {
         let prefix = format!(
             "sk{}{}",
             std::process::id() % 100_000,
@@ -196,6 +209,7 @@ impl Fleet {
             dir,
             controller_args: controller_args.iter().map(|s| (*s).to_owned()).collect(),
             tokens: Default::default(),
+            agent_args: agent_args.iter().map(|s| (*s).to_owned()).collect(),
         };
         fleet.build_network(controllers, agents)?;
         let out = Command::new("sh")
@@ -369,7 +383,10 @@ impl Fleet {
             self.image.display().to_string(),
             "--join-token".into(),
             self.token("agent")?,
-        ];
+        ]
+        .into_iter()
+        .chain(self.agent_args.iter().cloned())
+        .collect::<Vec<_>>();
         let log = self.dir.path().join(format!("{}.log", host.name));
         self.agents
             .push(Proc::spawn(&host, "skiff-agent", args, log)?);
@@ -410,13 +427,18 @@ impl Fleet {
 
     /// Runs `skiff ARGS` from the client host against every controller.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        self.cli_with(&self.credentials(), args)
+    }
+
+    /// As [`Fleet::cli`], with other credentials.
+    pub fn cli_with(&self, credentials: &Path, args: &[&str]) -> Result<Output> {
         let host = self.host("cli")?;
         Ok(Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", host.netns))
             .arg("--")
             .arg(bin("skiff"))
             .arg("--credentials")
-            .arg(self.credentials())
+            .arg(credentials)
             .arg("--controller")
             .arg(self.controller_addrs())
             .args(args)

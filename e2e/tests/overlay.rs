@@ -385,9 +385,11 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
         "a3 still listed after node rm"
     );
 
-    // The host comes back re-installed (a new key): it registers afresh (the lowest free
-    // subnet is its old one) and its peer is replaced everywhere.
+    // The host comes back re-installed (a new key; `node rm` revoked its certificate, so it
+    // enrolls again with its join token): it registers afresh (the lowest free subnet is its
+    // old one) and its peer is replaced everywhere.
     std::fs::remove_file(fleet.agent_data("a3")?.join("net/wg/private.key"))?;
+    std::fs::remove_dir_all(fleet.agent_data("a3")?.join("tls"))?;
     fleet.restart_agent("a3")?;
     let mut new_key = String::new();
     fleet.wait_for("a3's new key on a1 and a2", Duration::from_secs(20), |f| {

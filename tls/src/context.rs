@@ -55,6 +55,10 @@ pub struct TlsContext {
     provider: Arc<CryptoProvider>,
     revoked: Revoked,
     built: RwLock<Arc<Built>>,
+    /// Bumped by every [`TlsContext::update`]: a client holding connections made with an
+    /// older certificate makes new ones (a server refuses calls on a connection whose
+    /// certificate has expired).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for TlsContext {
@@ -78,6 +82,7 @@ impl TlsContext {
             provider,
             revoked,
             built: RwLock::new(Arc::new(built)),
+            generation: Default::default(),
         }))
     }
 
@@ -88,7 +93,14 @@ impl TlsContext {
         }
         let built = build(&self.provider, &self.revoked, material)?;
         *self.built.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(built);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// See the field's docs.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Replaces the set of revoked serials.

@@ -92,26 +92,48 @@ impl CaKey {
     pub fn generate(name: &str) -> Result<CaKey, TlsError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(pki_err("generating the CA key"))?;
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.distinguished_name.push(DnType::OrganizationName, "skiff");
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
         let now = OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::hours(1);
-        p.not_after = now + time::Duration::days(3650);
-        p.serial_number = Some(random_serial());
-        p.key_identifier_method = KeyIdMethod::Sha256;
+        let p = ca_params(
+            name,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(3650),
+        );
         let cert = p.self_signed(&key).map_err(pki_err("signing the CA"))?;
         Ok(CaKey {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// `other`'s CA certificate signed by this CA: during a rotation, servers whose
+    /// certificate the new CA issued present it so that clients trusting only the old CA
+    /// still verify them.
+    pub fn cross_sign(&self, other: &CaKey) -> Result<String, TlsError> {
+        let der = first_cert(&other.cert_pem)?;
+        let (_, x) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| TlsError::Invalid(format!("the new CA: {e}")))?;
+        let name = x
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .ok_or_else(|| TlsError::Invalid("the new CA has no common name".into()))?;
+        let at = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t)
+                .map_err(|_| TlsError::Invalid("CA validity out of range".into()))
+        };
+        let params = ca_params(
+            name,
+            at(x.validity().not_before.timestamp())?,
+            at(x.validity().not_after.timestamp())?,
+        );
+        let other_key = KeyPair::from_pem(&other.key_pem).map_err(pki_err("the new CA key"))?;
+        let key = KeyPair::from_pem(&self.key_pem).map_err(pki_err("the CA key"))?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &key).map_err(pki_err("the CA"))?;
+        Ok(params
+            .signed_by(&other_key, &issuer)
+            .map_err(pki_err("cross-signing"))?
+            .pem())
     }
 
     /// SHA-256 of the CA certificate (what tokens pin).
@@ -131,8 +153,10 @@ impl CaKey {
         let ttl = i64::try_from(ttl.as_secs())
             .map_err(|_| TlsError::Invalid("certificate lifetime too long".into()))?;
         let now = now_unix();
-        // Five minutes early, for clocks that are a little behind.
-        self.issue_between(csr_pem, identity, sans, now - 300, now + ttl)
+        // Valid a little early, for clocks that are behind: five minutes, or a tenth of a
+        // short life (renewal is due at two thirds of the whole span).
+        let early = (ttl / 10).min(300);
+        self.issue_between(csr_pem, identity, sans, now - early, now + ttl)
     }
 
     /// As [`CaKey::issue`], valid from `not_before` to `not_after` (Unix seconds).
@@ -190,6 +214,30 @@ impl CaKey {
             not_after: parsed.not_after,
         })
     }
+}
+
+/// A CA's certificate: the same subject and key identifier for a self-signed and a
+/// cross-signed certificate of one CA.
+fn ca_params(
+    name: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.distinguished_name.push(DnType::OrganizationName, "skiff");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p.serial_number = Some(random_serial());
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    p
 }
 
 /// An IP address or a DNS name as a SAN.
@@ -317,8 +365,8 @@ impl fmt::Debug for Material {
 }
 
 impl CertInfo {
-    /// Whether it is time to renew: two thirds of its life have passed (its clock starts
-    /// five minutes early to allow for skew), or `issuer` is not the CA that issued it.
+    /// Whether it is time to renew: two thirds of its validity have passed, or
+    /// `active_ca_subject` is not the CA that issued it.
     pub fn wants_renewal(&self, now: i64, active_ca_subject: Option<&str>) -> bool {
         let life = (self.not_after - self.not_before).max(1);
         now >= self.not_before + life * 2 / 3 || active_ca_subject.is_some_and(|a| a != self.issuer)
@@ -425,5 +473,42 @@ mod tests {
                 .is_err()
         );
         assert!(!format!("{ca:?}").contains("PRIVATE"));
+    }
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_at_two_thirds_of_the_life_also_for_short_ones() {
+        let ca = CaKey::generate("t").expect("ca");
+        for ttl in [60u64, 3600, 7 * 86_400] {
+            let (_k, csr) = key_and_csr("n").expect("csr");
+            let issued = ca
+                .issue(
+                    &csr,
+                    &Identity::Node("n".into()),
+                    &[],
+                    Duration::from_secs(ttl),
+                )
+                .expect("issue");
+            let info =
+                parse_cert(first_cert(&issued.cert_pem).expect("pem").as_ref()).expect("info");
+            let now = now_unix();
+            assert!(
+                !info.wants_renewal(now, Some(&info.issuer)),
+                "ttl {ttl}: due at once"
+            );
+            let due = now + (ttl as i64) * 2 / 3 + 1;
+            assert!(
+                info.wants_renewal(due, Some(&info.issuer)),
+                "ttl {ttl}: not due at 2/3"
+            );
+            assert!(
+                info.wants_renewal(now, Some("another CA")),
+                "a rotation makes it due"
+            );
+        }
     }
 }

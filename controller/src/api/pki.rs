@@ -394,9 +394,18 @@ impl Pki for PkiApi {
                     .map_err(|e| ApiError::NotReady(e.to_string()))?;
                 let subject =
                     subject_hash(&ca.cert_pem).map_err(|e| ApiError::NotReady(e.to_string()))?;
+                let (old, _) = self.active()?;
+                let cross = old
+                    .key
+                    .cross_sign(&ca)
+                    .map_err(|e| ApiError::NotReady(e.to_string()))?;
                 let pem = ca.cert_pem.clone();
                 self.write(PkiOp::RotateCa {
-                    ca: CaEntry { key: ca, subject },
+                    ca: CaEntry {
+                        key: ca,
+                        subject,
+                        cross_pem: Some(cross),
+                    },
                 })
                 .await?;
                 tracing::info!("CA rotation started: a new CA issues from now on");

@@ -54,7 +54,8 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 /// the Raft network and write forwarding.
 #[derive(Clone)]
 pub struct Channels {
-    cache: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Channels by address, made with the certificate of the TLS generation kept with them.
+    cache: Arc<Mutex<(u64, HashMap<String, Channel>)>>,
     tls: Arc<skiff_tls::TlsContext>,
 }
 
@@ -68,11 +69,16 @@ impl Channels {
 
     pub fn get(&self, addr: &str) -> Result<Channel, PeerError> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.get(addr) {
+        // A renewed certificate: new connections (the old ones close once their calls end).
+        let generation = self.tls.generation();
+        if cache.0 != generation {
+            *cache = (generation, HashMap::new());
+        }
+        if let Some(c) = cache.1.get(addr) {
             return Ok(c.clone());
         }
         let ch = self.fresh(addr)?;
-        cache.insert(addr.to_string(), ch.clone());
+        cache.1.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
 
@@ -145,7 +151,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             me: self.me,
             target,
             addr: node.rpc_addr.clone(),
-            channel: self.channels.get(&node.rpc_addr),
+            channels: self.channels.clone(),
+            own_channel: false,
         }
     }
 
@@ -154,7 +161,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             me: self.me,
             target,
             addr: node.rpc_addr.clone(),
-            channel: self.channels.fresh(&node.rpc_addr),
+            channels: self.channels.clone(),
+            own_channel: true,
         }
     }
 }
@@ -164,7 +172,9 @@ pub struct PeerClient {
     me: MemberId,
     target: MemberId,
     addr: String,
-    channel: Result<Channel, PeerError>,
+    channels: Channels,
+    /// A channel of its own for each call (snapshots), else the shared one.
+    own_channel: bool,
 }
 
 fn to_rpc_error(e: PeerError) -> RPCError<TypeConfig> {
@@ -179,14 +189,10 @@ fn to_rpc_error(e: PeerError) -> RPCError<TypeConfig> {
 
 impl PeerClient {
     fn client(&self) -> Result<RaftInternalClient<Channel>, PeerError> {
-        let ch = match &self.channel {
-            Ok(c) => c.clone(),
-            Err(e) => {
-                return Err(PeerError::BadAddress {
-                    addr: self.addr.clone(),
-                    reason: e.to_string(),
-                });
-            }
+        let ch = if self.own_channel {
+            self.channels.fresh(&self.addr)?
+        } else {
+            self.channels.get(&self.addr)?
         };
         Ok(RaftInternalClient::new(ch)
             .max_decoding_message_size(skiff_proto::MAX_MESSAGE_BYTES)

@@ -86,6 +86,9 @@ pub struct TokenUse {
 pub struct CaEntry {
     pub key: CaKey,
     pub subject: String,
+    /// During a rotation: this CA's certificate signed by the previous CA.
+    #[serde(default)]
+    pub cross_pem: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -152,7 +155,14 @@ impl PkiState {
 
     /// Every trusted CA certificate, PEM.
     pub fn ca_bundle(&self) -> String {
-        self.cas.iter().map(|c| c.key.cert_pem.as_str()).collect()
+        let mut pem = String::new();
+        for c in &self.cas {
+            pem.push_str(&c.key.cert_pem);
+            if let Some(x) = &c.cross_pem {
+                pem.push_str(x);
+            }
+        }
+        pem
     }
 
     pub fn revoked(&self) -> impl Iterator<Item = &String> {
@@ -327,10 +337,18 @@ impl PkiState {
                 if self.cas.len() == 1 {
                     return Err(refuse("there is no old CA to retire"));
                 }
+                // Old-CA certificates still in use: live, and their identity has no live
+                // certificate of the new CA yet (a renewed one supersedes them).
+                let reissued = |identity: &str| {
+                    self.certs.values().any(|r| {
+                        r.identity == identity && r.ca == active && !r.revoked && r.not_after > *at
+                    })
+                };
                 let stale: Vec<String> = self
                     .certs
                     .iter()
                     .filter(|(_, r)| r.ca != active && !r.revoked && r.not_after > *at)
+                    .filter(|(_, r)| !reissued(&r.identity))
                     .map(|(_, r)| r.identity.clone())
                     .collect();
                 if !stale.is_empty() && !force {
@@ -342,6 +360,9 @@ impl PkiState {
                     )));
                 }
                 self.cas.retain(|c| c.subject == active);
+                for c in &mut self.cas {
+                    c.cross_pem = None;
+                }
                 self.version += 1;
                 Ok(Outcome::Pki { serials: vec![] })
             }

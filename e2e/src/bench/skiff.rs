@@ -33,6 +33,56 @@ pub struct Skiff {
     bin: PathBuf,
     members: Vec<Member>,
     procs: Procs,
+    /// The bootstrapper's admin credentials; `None` for a build from before mutual TLS (the
+    /// same harness measures both, to show what TLS costs).
+    creds: Option<skiff_tls::Credentials>,
+}
+
+impl Skiff {
+    /// Whether the cluster talks mutual TLS.
+    pub fn tls(&self) -> bool {
+        self.creds.is_some()
+    }
+
+    async fn channel(&self, addr: &str) -> Result<tonic::transport::Channel> {
+        match &self.creds {
+            None => channel(addr).await,
+            Some(c) => {
+                let ep = skiff_tls::net::endpoint(addr)?.connect_timeout(POLL_TIMEOUT);
+                skiff_tls::net::channel_with(c.client_config()?, ep)
+                    .await
+                    .with_context(|| format!("connect {addr}"))
+            }
+        }
+    }
+
+    /// A controller join token (retried until the bootstrapper has committed its CA).
+    async fn token(&self, deadline: Instant) -> Result<String> {
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            let ask = async {
+                let mut c = skiff_proto::v1::pki_client::PkiClient::new(
+                    self.channel(&self.members[0].rpc).await?,
+                );
+                let r = c
+                    .create_token(skiff_proto::v1::CreateTokenRequest {
+                        role: "controller".into(),
+                        ttl_seconds: 600,
+                        uses: 0,
+                    })
+                    .await
+                    .context("CreateToken")?;
+                anyhow::Ok(r.into_inner().token)
+            };
+            match timeout(POLL_TIMEOUT, ask).await {
+                Ok(Ok(t)) => return Ok(t),
+                Ok(Err(e)) => last = format!("{e:#}"),
+                Err(_) => last = "CreateToken timed out".into(),
+            }
+            sleep(POLL).await;
+        }
+        bail!("skiff: no join token before the deadline ({last})")
+    }
 }
 
 impl Skiff {
@@ -53,6 +103,7 @@ impl Skiff {
             bin: bin.to_path_buf(),
             members,
             procs: Procs::default(),
+            creds: None,
         };
         for i in 0..3 {
             let m = &s.members[i];
@@ -69,9 +120,18 @@ impl Skiff {
                 cmd.arg("--bootstrap");
             } else {
                 cmd.arg("--join").arg(&s.members[0].rpc);
+                if s.tls() {
+                    cmd.arg("--join-token").arg(s.token(deadline).await?);
+                }
             }
             s.procs.spawn(&label(i), cmd, &m.log)?;
             s.wait_healthy(i, deadline).await?;
+            if i == 0 {
+                let path = s.members[0].data_dir.join("admin.creds");
+                if path.exists() {
+                    s.creds = Some(skiff_tls::Credentials::load(&path)?);
+                }
+            }
         }
         s.wait_voters(deadline).await?;
         Ok(s)
@@ -93,7 +153,7 @@ impl Skiff {
     }
 
     async fn list_voters(&self) -> Result<usize> {
-        let mut c = ClusterClient::new(channel(&self.members[0].rpc).await?);
+        let mut c = ClusterClient::new(self.channel(&self.members[0].rpc).await?);
         let resp = timeout(POLL_TIMEOUT, c.list_members(ListMembersRequest {}))
             .await
             .context("ListMembers timed out")??
@@ -108,7 +168,11 @@ fn label(i: usize) -> String {
 
 impl Cluster for Skiff {
     fn name(&self) -> String {
-        "skiff".into()
+        if self.tls() {
+            "skiff (mTLS)".into()
+        } else {
+            "skiff (plain)".into()
+        }
     }
 
     fn size(&self) -> usize {
@@ -123,7 +187,7 @@ impl Cluster for Skiff {
                     continue;
                 }
                 let ask = async {
-                    let mut c = ClusterClient::new(channel(&m.rpc).await?);
+                    let mut c = ClusterClient::new(self.channel(&m.rpc).await?);
                     let r = c
                         .leader(LeaderRequest {})
                         .await
@@ -151,7 +215,7 @@ impl Cluster for Skiff {
 
     async fn connect(&self, member: usize) -> Result<Writer> {
         Ok(Writer::Skiff(JobsClient::new(
-            channel(&self.members[member].rpc).await?,
+            self.channel(&self.members[member].rpc).await?,
         )))
     }
 
