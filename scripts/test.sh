@@ -14,8 +14,9 @@ cd "$root"
 # wireguard-tools (wg), wireguard-go: the overlay test checks peers with `wg show` and talks to
 # a wireguard-go peer.
 # bind9-dnsutils (dig), python3: the DNS tests query each host's DNS and send it garbage.
+# openssl: the security test checks the controller's and agent's TLS with s_client.
 need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2
-  iptables tcpdump wireguard-tools wireguard-go bind9-dnsutils python3)
+  iptables tcpdump wireguard-tools wireguard-go bind9-dnsutils python3 openssl)
 missing=()
 for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
