@@ -406,6 +406,33 @@ async fn t20_add_and_remove_member() {
         .expect("remove")
         .into_inner();
     assert!(resp.members.iter().all(|m| m.id != 3), "{resp:?}");
+    // Its certificates are revoked with it: it can no longer talk to the cluster.
+    eventually(
+        "member 3's certificates revoked",
+        Duration::from_secs(10),
+        || {
+            let st = c.member(1).node().state();
+            let pki = st.state.pki();
+            let uri = skiff_tls::Identity::Member(3).uri();
+            let all: Vec<_> = pki.certs.values().filter(|r| r.identity == uri).collect();
+            let ok = !all.is_empty() && all.iter().all(|r| r.revoked);
+            async move { ok }
+        },
+    )
+    .await;
+    let err = c
+        .jobs(1)
+        .await
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .map(|_| ());
+    assert!(err.is_ok(), "the admin still works");
+    let removed = member_creds(&c.data_dir(3));
+    let err = JobsClient::new(c.channel(1, &removed).await)
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect_err("a removed member's certificate");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     c.kill(3).await;
     // Two voters still commit.
     let mut client = c.jobs(1).await;
