@@ -432,7 +432,12 @@ async fn t20_add_and_remove_member() {
         .list_jobs(pb::ListJobsRequest::default())
         .await
         .expect_err("a removed member's certificate");
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // Refused at the handshake (a transport error on the client) or, on a connection that
+    // raced the revocation, by the call's check.
+    assert!(
+        matches!(err.code(), Code::Unknown | Code::Unauthenticated),
+        "{err:?}"
+    );
     c.kill(3).await;
     // Two voters still commit.
     let mut client = c.jobs(1).await;
