@@ -1276,6 +1276,7 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
         .parse::<JoinToken>()
         .expect("token");
     bad_secret.secret = "0".repeat(32);
+    let index = c.member(1).node().status().applied_index;
     let err = skiff_tls::enroll::join(&addr.to_string(), &bad_secret, "n7", 0, &[])
         .await
         .expect_err("bad secret");
@@ -1283,6 +1284,12 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
         err.message.contains("secret does not match"),
         "{}",
         err.message
+    );
+    // Refused before anything is signed or written: the log did not move.
+    assert_eq!(
+        c.member(1).node().status().applied_index,
+        index,
+        "a refused join wrote to the log"
     );
     let after = pki_counts(&c);
     assert_eq!(

@@ -156,6 +156,26 @@ impl Pki for PkiApi {
                     id: token.id.clone(),
                     secret_hash: token.secret_hash(),
                 };
+                // Check the token before signing anything or writing to the log: an
+                // unauthenticated caller must not cost a signature and a Raft entry. The
+                // state machine checks again, atomically with spending it.
+                self.ctx.node.linearize().await?;
+                {
+                    let st = self.ctx.node.state();
+                    let refuse = |message: String| {
+                        ApiError::Apply(crate::state::ApplyError::Pki { message })
+                    };
+                    let t = st
+                        .state
+                        .pki()
+                        .tokens
+                        .get(&use_.id)
+                        .ok_or_else(|| refuse("unknown join token".into()))?;
+                    if t.secret_hash != use_.secret_hash {
+                        return Err(refuse("the join token's secret does not match".into()));
+                    }
+                    t.usable(now_unix()).map_err(refuse)?;
+                }
                 self.issue(
                     &req.csr_pem,
                     &identity,
