@@ -130,7 +130,7 @@ impl Controllers {
         let ep = endpoint(addr)?.connect_timeout(Duration::from_secs(3));
         skiff_tls::net::channel_with(self.tls.clone(), ep)
             .await
-            .map_err(|e| anyhow::anyhow!("{addr}: {}", chain(&e)))
+            .map_err(|e| anyhow::anyhow!("{addr}: {}", skiff_tls::enroll::error_chain(&e)))
     }
 
     /// Calls `f` on each controller in turn until one answers. Only "unreachable" moves on to
@@ -145,7 +145,7 @@ impl Controllers {
             let channel = match skiff_tls::net::channel_with(self.tls.clone(), ep.clone()).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tried.push(format!("{addr}: {}", chain(&e)));
+                    tried.push(format!("{addr}: {}", skiff_tls::enroll::error_chain(&e)));
                     continue;
                 }
             };
@@ -193,17 +193,6 @@ impl Controllers {
     {
         self.call(NodesClient::new, f).await
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// One RPC on the first controller that answers: `rpc!(ctl, jobs, list_jobs, request)` (the

@@ -201,14 +201,7 @@ async fn through_raft(nodes: usize, allocations: u32) -> anyhow::Result<ThroughR
     // so 5,000 nodes need no 5,000 enrollments. Every call is mutual TLS.
     let m = skiff_tls::Material::load(&c1.data_dir.join("tls"))?
         .ok_or_else(|| anyhow::anyhow!("member 1 has no certificate"))?;
-    let creds = skiff_tls::Credentials {
-        controllers: vec![],
-        name: "member".into(),
-        role: "member".into(),
-        ca: m.ca_pem,
-        cert: m.cert_pem,
-        key: m.key_pem,
-    };
+    let creds = skiff_tls::Credentials::of("member", "member", &m);
     let channel = loop {
         let ep = skiff_tls::net::endpoint(&r1.to_string())?;
         if let Ok(c) = skiff_tls::net::channel_with(creds.client_config()?, ep).await {

@@ -86,6 +86,12 @@ impl DataDir {
             source,
         };
         fs::create_dir_all(path).map_err(io)?;
+        // The log and snapshots hold the cluster CA's key: a data dir that is ours is the
+        // owner's alone (a foreign one is refused below, untouched).
+        let private = || {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io)
+        };
         let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -133,6 +139,7 @@ impl DataDir {
                         });
                     }
                 }
+                private()?;
                 Ok(DataDir {
                     path: path.to_path_buf(),
                     identity,
@@ -160,6 +167,7 @@ impl DataDir {
                     formation: formation.clone(),
                 };
                 write_atomic(path, IDENTITY_FILE, &identity).map_err(io)?;
+                private()?;
                 Ok(DataDir {
                     path: path.to_path_buf(),
                     identity,

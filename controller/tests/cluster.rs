@@ -41,14 +41,7 @@ fn member_creds(data_dir: &std::path::Path) -> Credentials {
     let m = skiff_tls::Material::load(&data_dir.join("tls"))
         .expect("material")
         .expect("a member certificate");
-    Credentials {
-        controllers: vec![],
-        name: "member".into(),
-        role: "member".into(),
-        ca: m.ca_pem,
-        cert: m.cert_pem,
-        key: m.key_pem,
-    }
+    Credentials::of("member", "member", &m)
 }
 
 use skiff_e2e::free_addr;
@@ -1142,10 +1135,21 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
     })
     .await
     .expect("revoke");
-    let err = as_reader
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .expect_err("revoked");
+    // Member 1 refuses the certificate once it has applied the revocation (a follower
+    // learns of the commit on the leader's next append, so this may take a heartbeat).
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match as_reader.list_jobs(pb::ListJobsRequest::default()).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "member 1 never applied the revocation"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("revoked"), "{}", err.message());
 
@@ -1276,6 +1280,19 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
         .parse::<JoinToken>()
         .expect("token");
     bad_secret.secret = "0".repeat(32);
+    // Every member has applied the token's creation before we read where the log stands.
+    eventually(
+        "members to apply the same index",
+        Duration::from_secs(10),
+        || {
+            let indexes: Vec<_> = c
+                .running()
+                .map(|m| m.node().status().applied_index)
+                .collect();
+            async move { indexes.windows(2).all(|w| w[0] == w[1]) }
+        },
+    )
+    .await;
     let index = c.member(1).node().status().applied_index;
     let err = skiff_tls::enroll::join(&addr.to_string(), &bad_secret, "n7", 0, &[])
         .await

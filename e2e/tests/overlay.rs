@@ -506,14 +506,7 @@ fn fake_node(
                     std::slice::from_ref(&address),
                 )
                 .await?;
-                let node = skiff_tls::Credentials {
-                    controllers: vec![],
-                    name: "wgx".into(),
-                    role: "node".into(),
-                    ca: m.ca_pem,
-                    cert: m.cert_pem,
-                    key: m.key_pem,
-                };
+                let node = skiff_tls::Credentials::of("wgx", "node", &m);
                 let ep = skiff_tls::net::endpoint(&controller)?;
                 let mut c = pb::nodes_client::NodesClient::new(
                     skiff_tls::net::channel_with(node.client_config()?, ep.clone()).await?,

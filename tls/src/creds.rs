@@ -44,6 +44,19 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// Credentials made of a member's or node's material (tests, benchmarks, tools run on
+    /// that host).
+    pub fn of(name: &str, role: &str, m: &Material) -> Credentials {
+        Credentials {
+            controllers: vec![],
+            name: name.into(),
+            role: role.into(),
+            ca: m.ca_pem.clone(),
+            cert: m.cert_pem.clone(),
+            key: m.key_pem.clone(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Credentials, TlsError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| TlsError::Io(format!("reading credentials {}: {e}", path.display())))?;
