@@ -1,6 +1,7 @@
-//! The agent's own gRPC API (`skiff.v1.Agent`): an allocation's logs and exec into it, for
-//! `skiff logs` and `skiff exec`. Allocations are found by their container's name (the
-//! allocation id, or a unique prefix of it).
+//! The agent's own gRPC API (`skiff.v1.Agent`): an allocation's logs and exec into one of its
+//! containers, for `skiff logs` and `skiff exec`; the node's named volumes, for `skiff
+//! volumes` and `skiff volume rm`. Allocations are found by the label their containers carry
+//! (the allocation id, or a unique prefix of it).
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -17,27 +18,39 @@ use skiff_runtime::container::Runtime;
 use skiff_runtime::logs;
 use skiff_runtime::store::monitor_alive;
 
+use crate::pods::NodeRuntime;
+use crate::reconcile::{ALLOC_LABEL, CONTAINER_LABEL, LIFECYCLE_LABEL};
+use crate::volumes::VolumeKey;
+
 /// The longest an exec may run before it is killed.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Serves `skiff.v1.Agent`.
 pub struct AgentApi {
     runtime: Arc<Runtime>,
+    node: Arc<NodeRuntime>,
     data_dir: PathBuf,
     cgroup_parent: String,
 }
 
 impl AgentApi {
-    pub fn new(runtime: Arc<Runtime>, data_dir: PathBuf, cgroup_parent: String) -> Self {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        node: Arc<NodeRuntime>,
+        data_dir: PathBuf,
+        cgroup_parent: String,
+    ) -> Self {
         AgentApi {
             runtime,
+            node,
             data_dir,
             cgroup_parent,
         }
     }
 
-    /// The container id of an allocation (by id or unique id prefix).
-    fn container(&self, allocation: &str) -> Result<String, Status> {
+    /// The container id of an allocation's container (by allocation id or unique prefix;
+    /// `name` empty: its first main container).
+    fn container(&self, allocation: &str, name: &str) -> Result<String, Status> {
         if allocation.is_empty() || !allocation.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Status::invalid_argument(format!(
                 "allocation: {allocation:?} is not an allocation id"
@@ -48,20 +61,57 @@ impl AgentApi {
             .store()
             .list()
             .map_err(|e| Status::internal(e.to_string()))?;
-        let matches: Vec<_> = list
+        let ours: Vec<_> = list
             .iter()
-            .filter(|(c, _)| c.name.len() == 16 && c.name.starts_with(allocation))
+            .filter_map(|(c, _)| {
+                let alloc = c.labels.get(ALLOC_LABEL)?;
+                alloc.starts_with(allocation).then_some((alloc, c))
+            })
             .collect();
-        match matches.as_slice() {
-            [(c, _)] => Ok(c.id.clone()),
-            [] => Err(Status::not_found(format!(
-                "allocation {allocation} has no container on this node"
-            ))),
-            _ => Err(Status::invalid_argument(format!(
-                "allocation {allocation}: prefix matches {} allocations",
-                matches.len()
-            ))),
+        let mut allocs: Vec<&String> = ours.iter().map(|(a, _)| *a).collect();
+        allocs.sort();
+        allocs.dedup();
+        match allocs.len() {
+            0 => {
+                return Err(Status::not_found(format!(
+                    "allocation {allocation} has no container on this node"
+                )));
+            }
+            1 => {}
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "allocation {allocation}: prefix matches {n} allocations"
+                )));
+            }
         }
+        let lifecycle = |c: &skiff_runtime::store::ContainerConfig| {
+            c.labels.get(LIFECYCLE_LABEL).cloned().unwrap_or_default()
+        };
+        let names = |c: &skiff_runtime::store::ContainerConfig| {
+            c.labels.get(CONTAINER_LABEL).cloned().unwrap_or_default()
+        };
+        let found = if name.is_empty() {
+            // The first main container (a container from before groups has no labels but
+            // the allocation's).
+            let mut mains: Vec<_> = ours
+                .iter()
+                .filter(|(_, c)| matches!(lifecycle(c).as_str(), "" | "main"))
+                .collect();
+            mains.sort_by_key(|(_, c)| c.created_at_ms);
+            mains.first().map(|(_, c)| c.id.clone())
+        } else {
+            ours.iter()
+                .find(|(_, c)| names(c) == name)
+                .map(|(_, c)| c.id.clone())
+        };
+        found.ok_or_else(|| {
+            let mut have: Vec<String> = ours.iter().map(|(_, c)| names(c)).collect();
+            have.sort();
+            Status::not_found(format!(
+                "allocation {allocation} has no container {name:?} on this node (it has {})",
+                have.join(", ")
+            ))
+        })
     }
 }
 
@@ -87,7 +137,7 @@ impl Agent for AgentApi {
         req: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
         let req = req.into_inner();
-        let id = self.container(&req.allocation)?;
+        let id = self.container(&req.allocation, &req.container)?;
         let runtime = self.runtime.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::task::spawn_blocking(move || {
@@ -140,7 +190,7 @@ impl Agent for AgentApi {
                 "env: {bad:?} is not KEY=VALUE"
             )));
         }
-        let id = self.container(&req.allocation)?;
+        let id = self.container(&req.allocation, &req.container)?;
         // `container exec` in a fresh process: joining a container's namespaces is done from a
         // single-threaded process, never from this one.
         let exe = std::env::current_exe().map_err(|e| Status::internal(e.to_string()))?;
@@ -168,5 +218,57 @@ impl Agent for AgentApi {
             stdout: out.stdout,
             stderr: out.stderr,
         }))
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let node = self.node.clone();
+        let volumes = tokio::task::spawn_blocking(move || {
+            node.volumes
+                .list()
+                .into_iter()
+                .map(|v| pb::NodeVolume {
+                    node: String::new(),
+                    used_by: node.volume_users(&v.key),
+                    namespace: v.key.namespace,
+                    job: v.key.job,
+                    name: v.key.name,
+                    size_bytes: v.size_bytes,
+                    created_at_ms: v.created_at_ms,
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn remove_volume(
+        &self,
+        req: Request<pb::RemoveVolumeRequest>,
+    ) -> Result<Response<pb::RemoveVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let key = VolumeKey::new(&req.namespace, &req.job, &req.name)
+            .map_err(|e| Status::invalid_argument(format!("volume: {e}")))?;
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || {
+            let users = node.volume_users(&key);
+            if !users.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {key} is in use by allocation {} (stop the job first)",
+                    users.join(", ")
+                )));
+            }
+            match node.volumes.remove(&key) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Status::not_found(format!("no volume {key} on this node"))),
+                Err(e) => Err(Status::internal(e)),
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(pb::RemoveVolumeResponse {}))
     }
 }

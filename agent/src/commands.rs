@@ -52,6 +52,12 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Some(Cmd::Network {
             command: NetworkCmd::Down,
         }) => {
+            // Pods first: their namespaces and tmpfs volumes are mounts under the data dir.
+            let rt = skiff_runtime::container::Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+            for pod in rt.pods() {
+                rt.remove_pod(&pod);
+                println!("removed pod {pod}");
+            }
             for line in crate::net::teardown(&cfg.data_dir) {
                 println!("{line}");
             }

@@ -92,6 +92,14 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub allow_devices: Vec<PathBuf>,
+    /// A directory under which cluster jobs may mount host volumes (`type = "host"`).
+    /// Repeatable; none by default.
+    #[arg(
+        long = "host-volume-dir",
+        env = "SKIFF_HOST_VOLUME_DIR",
+        value_delimiter = ','
+    )]
+    pub host_volume_dirs: Vec<PathBuf>,
     /// Resolvers the node's DNS forwards names outside skiff.internal to, IP[:PORT],...
     /// [default: the host's /etc/resolv.conf nameservers].
     #[arg(long, env = "SKIFF_DNS_UPSTREAM", value_delimiter = ',')]
@@ -132,6 +140,8 @@ pub struct FileConfig {
     pub local_image_dirs: Vec<PathBuf>,
     #[serde(default)]
     pub allow_devices: Vec<PathBuf>,
+    #[serde(default)]
+    pub host_volume_dirs: Vec<PathBuf>,
     #[serde(default)]
     pub dns_upstream: Vec<String>,
     pub join_token: Option<String>,
@@ -250,6 +260,25 @@ impl Settings {
                 );
             }
         }
+        let volume_dirs = if cli.host_volume_dirs.is_empty() {
+            &self.file.host_volume_dirs
+        } else {
+            &cli.host_volume_dirs
+        };
+        let host_volume_dirs = volume_dirs
+            .iter()
+            .map(|d| {
+                let real = std::fs::canonicalize(d)
+                    .map_err(|e| anyhow::anyhow!("--host-volume-dir {}: {e}", d.display()))?;
+                if real == std::path::Path::new("/") || !real.is_dir() {
+                    anyhow::bail!(
+                        "--host-volume-dir {}: not a directory other than /",
+                        d.display()
+                    );
+                }
+                Ok(real)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let join_token = match cli.join_token.clone().or(self.file.join_token.clone()) {
             None => None,
             Some(t) => Some(
@@ -262,6 +291,7 @@ impl Settings {
             policy: crate::policy::Policy {
                 local_image_dirs,
                 allowed_devices,
+                host_volume_dirs,
             },
             controllers,
             name,

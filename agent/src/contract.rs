@@ -8,8 +8,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub use skiff_common::spec::Lifecycle;
 use skiff_proto::v1 as pb;
 use skiff_runtime::cgroup::Limits;
+pub use skiff_runtime::pod::PodNetwork;
 use skiff_runtime::store::{RestartPolicy, State, Status};
 
 use crate::health::Health;
@@ -26,16 +28,36 @@ pub struct Assigned {
     pub task: Result<Task, String>,
 }
 
-/// What to run for an allocation.
+/// What to run for an allocation: a pod of containers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Task {
-    pub container: ContainerTask,
+    /// In the order the spec gives them (init containers run in this order).
+    pub containers: Vec<ContainerTask>,
     pub check: Option<Check>,
+    pub volumes: Vec<VolumeTask>,
+    pub network: PodNetwork,
+    pub ports: Vec<PortTask>,
 }
 
-/// The allocation's container.
+impl Task {
+    /// The first main container: where exec checks, `logs` and `exec` go by default.
+    pub fn main(&self) -> Option<&ContainerTask> {
+        self.containers
+            .iter()
+            .find(|c| c.lifecycle == Lifecycle::Main)
+    }
+
+    /// The container named `name`.
+    pub fn container(&self, name: &str) -> Option<&ContainerTask> {
+        self.containers.iter().find(|c| c.name == name)
+    }
+}
+
+/// One container of the allocation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ContainerTask {
+    pub name: String,
+    pub lifecycle: Lifecycle,
     pub image: String,
     /// Replaces the image's ENTRYPOINT when `Some`.
     pub entrypoint: Option<Vec<String>>,
@@ -49,7 +71,71 @@ pub struct ContainerTask {
     /// Host devices asked for: path and access (`skiff_runtime::devices::ACC_*`). The node's
     /// policy decides whether they are granted.
     pub devices: Vec<(String, u32)>,
+    /// A minimal init as PID 1.
+    pub init: bool,
+    pub mounts: Vec<MountTask>,
 }
+
+impl ContainerTask {
+    /// A main container running `image` with the defaults of a spec (restart on failure,
+    /// SIGTERM, 10 s grace, no limits, devices or mounts).
+    pub fn new(name: &str, image: &str) -> ContainerTask {
+        ContainerTask {
+            name: name.to_owned(),
+            lifecycle: Lifecycle::Main,
+            image: image.to_owned(),
+            entrypoint: None,
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            restart: RestartPolicy::OnFailure,
+            stop_signal: 15,
+            stop_grace: Duration::from_secs(10),
+            limits: Limits::default(),
+            devices: Vec::new(),
+            init: false,
+            mounts: Vec::new(),
+        }
+    }
+}
+
+/// Where a container sees one of the task's volumes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountTask {
+    pub volume: String,
+    pub path: String,
+    pub read_only: bool,
+}
+
+/// One of the task's volumes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeTask {
+    pub name: String,
+    pub kind: VolumeKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VolumeKind {
+    Ephemeral,
+    /// Persists on the node, keyed by namespace, job and name.
+    Named,
+    /// A directory of the node; the node's policy decides whether it may be mounted.
+    Host(String),
+    /// Memory, of this many bytes.
+    Tmpfs(u64),
+}
+
+/// A port of the allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortTask {
+    pub name: String,
+    pub port: u16,
+    pub udp: bool,
+    /// Published on the node's advertise address at this port.
+    pub host_port: Option<u16>,
+}
+
+/// The size of a tmpfs volume whose task gives none.
+pub const DEFAULT_TMPFS: u64 = 64 << 20;
 
 /// A health check, ports resolved to numbers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,15 +180,121 @@ pub fn assigned(a: pb::AssignedAllocation) -> Assigned {
 }
 
 fn task(t: pb::Task) -> Result<Task, String> {
-    let mut containers = t.containers.into_iter();
-    let (Some(c), None) = (containers.next(), containers.next()) else {
-        return Err("this agent runs exactly one container per allocation; upgrade it".into());
+    if t.containers.is_empty() {
+        return Err("task: no containers".into());
+    }
+    let check = t.check.map(check).transpose()?;
+    let volumes = t
+        .volumes
+        .into_iter()
+        .map(volume)
+        .collect::<Result<Vec<_>, String>>()?;
+    for (i, v) in volumes.iter().enumerate() {
+        if volumes[..i].iter().any(|w| w.name == v.name) {
+            return Err(format!("task: volume {} is declared twice", v.name));
+        }
+    }
+    let containers = t
+        .containers
+        .into_iter()
+        .map(|c| container(c, &volumes))
+        .collect::<Result<Vec<_>, String>>()?;
+    for (i, c) in containers.iter().enumerate() {
+        if containers[..i].iter().any(|d| d.name == c.name) {
+            return Err(format!("task: container {} is named twice", c.name));
+        }
+    }
+    if !containers.iter().any(|c| c.lifecycle == Lifecycle::Main) {
+        return Err("task: no main container".into());
+    }
+    let network = match pb::NetworkMode::try_from(t.network) {
+        Ok(pb::NetworkMode::Unspecified | pb::NetworkMode::Bridge) => PodNetwork::Bridge,
+        Ok(pb::NetworkMode::Host) => PodNetwork::Host,
+        Ok(pb::NetworkMode::None) => PodNetwork::None,
+        Err(_) => {
+            return Err(format!(
+                "task: network mode {} is one this agent does not know; upgrade it",
+                t.network
+            ));
+        }
     };
+    let ports =
+        t.ports
+            .iter()
+            .map(|p| {
+                let port = u16::try_from(p.port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("task: port {}: {} is not a port", p.name, p.port))?;
+                let host_port = match p.host_port {
+                    0 => None,
+                    h => Some(u16::try_from(h).map_err(|_| {
+                        format!("task: port {}: host port {h} is not a port", p.name)
+                    })?),
+                };
+                Ok(PortTask {
+                    name: p.name.clone(),
+                    port,
+                    udp: p.protocol == pb::Protocol::Udp as i32,
+                    host_port,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+    Ok(Task {
+        containers,
+        check,
+        volumes,
+        network,
+        ports,
+    })
+}
+
+/// A plain absolute path: no empty, `.` or `..` components, not `/` itself.
+fn plain_abs(path: &str) -> bool {
+    path.len() > 1
+        && path.len() <= 4096
+        && path.starts_with('/')
+        && !path.contains('\0')
+        && path[1..]
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+fn volume(v: pb::VolumeTask) -> Result<VolumeTask, String> {
+    skiff_common::validate_name("volume", &v.name)
+        .map_err(|e| format!("task: volume: {}", e.message))?;
+    let kind = match pb::VolumeType::try_from(v.r#type) {
+        Ok(pb::VolumeType::Unspecified | pb::VolumeType::Ephemeral) => VolumeKind::Ephemeral,
+        Ok(pb::VolumeType::Named) => VolumeKind::Named,
+        Ok(pb::VolumeType::Host) => {
+            if !plain_abs(&v.host_path) {
+                return Err(format!(
+                    "task: volume {}: {:?} is not a plain absolute path",
+                    v.name, v.host_path
+                ));
+            }
+            VolumeKind::Host(v.host_path)
+        }
+        Ok(pb::VolumeType::Tmpfs) => {
+            VolumeKind::Tmpfs(if v.size == 0 { DEFAULT_TMPFS } else { v.size })
+        }
+        Err(_) => {
+            return Err(format!(
+                "task: volume {}: a type this agent does not know; upgrade it",
+                v.name
+            ));
+        }
+    };
+    Ok(VolumeTask { name: v.name, kind })
+}
+
+fn container(c: pb::ContainerTask, volumes: &[VolumeTask]) -> Result<ContainerTask, String> {
+    skiff_common::validate_name("container", &c.name)
+        .map_err(|e| format!("task: container: {}", e.message))?;
     if c.image.is_empty() {
-        return Err("task: container has no image".into());
+        return Err(format!("task: container {} has no image", c.name));
     }
     let resources = c.resources.unwrap_or_default();
-    let check = t.check.map(check).transpose()?;
     let devices = c
         .devices
         .iter()
@@ -113,28 +305,63 @@ fn task(t: pb::Task) -> Result<Task, String> {
             Ok((d.path.clone(), access))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    Ok(Task {
-        container: ContainerTask {
-            image: c.image,
-            entrypoint: (!c.entrypoint.is_empty()).then_some(c.entrypoint),
-            args: c.args,
-            env: c.env.into_iter().collect(),
-            restart: match pb::RestartPolicy::try_from(c.restart) {
-                Ok(pb::RestartPolicy::Never) => RestartPolicy::Never,
-                Ok(pb::RestartPolicy::Always) => RestartPolicy::Always,
-                // On failure is the spec's default, and the safe reading of a value unknown here.
-                _ => RestartPolicy::OnFailure,
-            },
-            stop_signal: if c.stop_signal > 0 { c.stop_signal } else { 15 },
-            stop_grace: Duration::from_millis(c.stop_grace_ms),
-            limits: Limits {
-                cpu: (resources.cpu > 0.0).then_some(resources.cpu),
-                memory: (resources.memory > 0).then_some(resources.memory),
-                pids: (resources.pids > 0).then_some(u64::from(resources.pids)),
-            },
-            devices,
+    let mounts = c
+        .mounts
+        .iter()
+        .map(|m| {
+            if !volumes.iter().any(|v| v.name == m.volume) {
+                return Err(format!(
+                    "task: container {}: mounts volume {:?}, which the task does not declare",
+                    c.name, m.volume
+                ));
+            }
+            if !plain_abs(&m.path) {
+                return Err(format!(
+                    "task: container {}: mount path {:?} is not a plain absolute path",
+                    c.name, m.path
+                ));
+            }
+            Ok(MountTask {
+                volume: m.volume.clone(),
+                path: m.path.clone(),
+                read_only: m.read_only,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let lifecycle = match pb::ContainerLifecycle::try_from(c.lifecycle) {
+        Ok(pb::ContainerLifecycle::Init) => Lifecycle::Init,
+        Ok(pb::ContainerLifecycle::Sidecar) => Lifecycle::Sidecar,
+        Ok(pb::ContainerLifecycle::Unspecified | pb::ContainerLifecycle::Main) => Lifecycle::Main,
+        Err(_) => {
+            return Err(format!(
+                "task: container {}: a lifecycle this agent does not know; upgrade it",
+                c.name
+            ));
+        }
+    };
+    Ok(ContainerTask {
+        name: c.name,
+        lifecycle,
+        image: c.image,
+        entrypoint: (!c.entrypoint.is_empty()).then_some(c.entrypoint),
+        args: c.args,
+        env: c.env.into_iter().collect(),
+        restart: match pb::RestartPolicy::try_from(c.restart) {
+            Ok(pb::RestartPolicy::Never) => RestartPolicy::Never,
+            Ok(pb::RestartPolicy::Always) => RestartPolicy::Always,
+            // On failure is the spec's default, and the safe reading of a value unknown here.
+            _ => RestartPolicy::OnFailure,
         },
-        check,
+        stop_signal: if c.stop_signal > 0 { c.stop_signal } else { 15 },
+        stop_grace: Duration::from_millis(c.stop_grace_ms),
+        limits: Limits {
+            cpu: (resources.cpu > 0.0).then_some(resources.cpu),
+            memory: (resources.memory > 0).then_some(resources.memory),
+            pids: (resources.pids > 0).then_some(u64::from(resources.pids)),
+        },
+        devices,
+        init: c.init,
+        mounts,
     })
 }
 
@@ -211,33 +438,51 @@ pub fn failed(id: &str, reason: &str) -> pb::AllocationReport {
     }
 }
 
-/// A report of an allocation from its container's state.
-pub fn report(id: &str, s: &State) -> pb::AllocationReport {
+/// A container's state as reported: state, exit status (when it ended) and why.
+pub fn container_state(s: &State) -> (pb::AllocationState, Option<i32>, String) {
     use pb::AllocationState as A;
-    let (state, exit_code, reason) = match s.status {
-        Status::Running | Status::Restarting => (A::Running, 0, String::new()),
-        Status::Created => (A::Pending, 0, String::new()),
+    match s.status {
+        Status::Running | Status::Restarting => (A::Running, None, String::new()),
+        Status::Created => (A::Pending, None, String::new()),
         Status::Exited => match (&s.exit, &s.error) {
-            (_, Some(err)) => (A::Failed, 0, err.clone()),
-            (Some(e), None) if e.code == Some(0) => (A::Exited, 0, String::new()),
-            (Some(e), None) => (A::Failed, e.status_code(), e.describe()),
-            (None, None) => (A::Failed, 0, "exited".into()),
+            (_, Some(err)) => (
+                A::Failed,
+                s.exit.as_ref().map(|e| e.status_code()),
+                err.clone(),
+            ),
+            (Some(e), None) if e.code == Some(0) => (A::Exited, Some(0), String::new()),
+            (Some(e), None) => (A::Failed, Some(e.status_code()), e.describe()),
+            (None, None) => (A::Failed, None, "exited".into()),
         },
         Status::Failed => (
             A::Failed,
-            0,
+            s.exit.as_ref().map(|e| e.status_code()),
             s.error.clone().unwrap_or_else(|| "failed to start".into()),
         ),
-    };
+    }
+}
+
+/// A report of an allocation from its one container's state (a container without a pod:
+/// started by an agent from before groups, or its last state once stopped).
+pub fn report(id: &str, s: &State) -> pb::AllocationReport {
+    let (state, exit_code, reason) = container_state(s);
     pb::AllocationReport {
         id: id.to_owned(),
         state: state as i32,
-        exit_code,
+        exit_code: exit_code.unwrap_or(0),
         reason,
         restarts: s.restarts,
         log_dropped_bytes: s.log_dropped_bytes,
         log_error: s.log_error.clone().unwrap_or_default(),
         ..Default::default()
+    }
+}
+
+pub fn lifecycle(l: Lifecycle) -> pb::ContainerLifecycle {
+    match l {
+        Lifecycle::Init => pb::ContainerLifecycle::Init,
+        Lifecycle::Sidecar => pb::ContainerLifecycle::Sidecar,
+        Lifecycle::Main => pb::ContainerLifecycle::Main,
     }
 }
 
@@ -283,14 +528,18 @@ mod tests {
                 healthy_threshold: 0,
                 unhealthy_threshold: 3,
             }),
+            ..Default::default()
         })));
         let t = a.task.expect("runnable");
-        assert_eq!(t.container.image, "reg/web:1");
-        assert_eq!(t.container.entrypoint, None);
-        assert_eq!(t.container.restart, RestartPolicy::Always);
-        assert_eq!(t.container.stop_signal, 3);
-        assert_eq!(t.container.stop_grace, Duration::from_millis(2500));
-        assert_eq!(t.container.limits.memory, Some(64 << 20));
+        let c = &t.containers[0];
+        assert_eq!(c.image, "reg/web:1");
+        assert_eq!(c.entrypoint, None);
+        assert_eq!(c.restart, RestartPolicy::Always);
+        assert_eq!(c.stop_signal, 3);
+        assert_eq!(c.stop_grace, Duration::from_millis(2500));
+        assert_eq!(c.limits.memory, Some(64 << 20));
+        assert_eq!(c.lifecycle, Lifecycle::Main, "unspecified reads as main");
+        assert_eq!(t.network, PodNetwork::Bridge, "unspecified reads as bridge");
         let c = t.check.expect("check");
         assert_eq!(c.kind, CheckKind::Tcp { port: 8080 });
         assert_eq!(c.healthy_threshold, 1, "0 read as 1");
@@ -302,10 +551,55 @@ mod tests {
             (None, "sent no task"),
             (
                 Some(pb::Task {
-                    containers: vec![container("a"), container("b")],
+                    containers: vec![container("a"), container("a")],
                     ..Default::default()
                 }),
-                "exactly one container",
+                "named twice",
+            ),
+            (
+                Some(pb::Task {
+                    containers: vec![pb::ContainerTask {
+                        lifecycle: pb::ContainerLifecycle::Sidecar as i32,
+                        ..container("a")
+                    }],
+                    ..Default::default()
+                }),
+                "no main container",
+            ),
+            (
+                Some(pb::Task {
+                    containers: vec![pb::ContainerTask {
+                        mounts: vec![pb::VolumeMountTask {
+                            volume: "data".into(),
+                            path: "/data".into(),
+                            read_only: false,
+                        }],
+                        ..container("a")
+                    }],
+                    ..Default::default()
+                }),
+                "which the task does not declare",
+            ),
+            (
+                Some(pb::Task {
+                    containers: vec![container("a")],
+                    volumes: vec![pb::VolumeTask {
+                        name: "data".into(),
+                        r#type: pb::VolumeType::Host as i32,
+                        host_path: "/srv/../etc".into(),
+                        size: 0,
+                    }],
+                    ..Default::default()
+                }),
+                "not a plain absolute path",
+            ),
+            (
+                Some(pb::Task {
+                    containers: vec![container("a")],
+                    network: 42,
+                    ..Default::default()
+                }),
+                "network mode 42",
             ),
             (
                 Some(pb::Task {
@@ -350,8 +644,8 @@ mod tests {
         })))
         .task
         .expect("runnable");
-        assert_eq!(t.container.restart, RestartPolicy::OnFailure);
-        assert_eq!(t.container.stop_signal, 15);
+        assert_eq!(t.containers[0].restart, RestartPolicy::OnFailure);
+        assert_eq!(t.containers[0].stop_signal, 15);
     }
 
     #[test]

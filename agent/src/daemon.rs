@@ -134,8 +134,15 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
+    let node_runtime = Arc::new(crate::pods::NodeRuntime {
+        runtime: runtime.clone(),
+        volumes: crate::volumes::Volumes::new(&cfg.data_dir),
+        policy: Arc::new(cfg.policy.clone()),
+        advertise: cfg.advertise_addr,
+    });
     let api = crate::api::AgentApi::new(
         runtime.clone(),
+        node_runtime.clone(),
         cfg.data_dir.clone(),
         cfg.cgroup_parent.clone(),
     );
@@ -172,10 +179,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let checker = crate::health::Checker::default();
     let checks = tokio::spawn(checker.clone().run());
     let reconciler = tokio::spawn(reconcile_loop(
-        runtime.clone(),
+        node_runtime.clone(),
         network.clone(),
         checker,
-        Arc::new(cfg.policy.clone()),
         desired_rx,
         reports.clone(),
     ));
@@ -324,6 +330,12 @@ async fn session(
             endpoint: network.endpoint().to_string(),
             backend: contract::backend(network.backend()) as i32,
         }),
+        host_volume_dirs: cfg
+            .policy
+            .host_volume_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect(),
     };
     let registered = client
         .register(register.clone())
@@ -423,6 +435,7 @@ async fn session(
                 allocations,
                 wireguard: wireguard_status(network),
                 trust_version: s.trust.version.load(std::sync::atomic::Ordering::SeqCst),
+                named_volumes: crate::volumes::Volumes::new(&cfg.data_dir).keys(),
             })
             .await;
         if let Ok(r) = &reply
@@ -452,10 +465,9 @@ async fn session(
 
 /// Reconciles whenever the assignment changes, and every 2 s to follow container state.
 async fn reconcile_loop(
-    runtime: Arc<Runtime>,
+    runtime: Arc<crate::pods::NodeRuntime>,
     network: Arc<Network>,
     checker: crate::health::Checker,
-    policy: Arc<crate::policy::Policy>,
     mut desired: watch::Receiver<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
 ) {
@@ -470,15 +482,11 @@ async fn reconcile_loop(
             Err(e) => warn!(error = %e, "network sync panicked"),
         }
         if let Some(want) = want {
-            let (rt, f, c, p) = (
-                runtime.clone(),
-                failures.clone(),
-                checker.clone(),
-                policy.clone(),
-            );
+            let (rt, f, c) = (runtime.clone(), failures.clone(), checker.clone());
             let dns = network.subnet().map(|s| s.gateway());
             match tokio::task::spawn_blocking(move || {
-                let mut reports = reconcile::reconcile_once(rt.as_ref(), &want, &f, &p, dns);
+                let mut reports =
+                    reconcile::reconcile_once(rt.as_ref(), &want, &f, &rt.policy, dns);
                 reconcile::health_checks(rt.as_ref(), &want, &c, &mut reports);
                 reports
             })
@@ -515,11 +523,13 @@ async fn configure_network(
     let (subnet, cluster) = (registered.subnet.clone(), registered.cluster_cidr.clone());
     tokio::task::spawn_blocking(move || {
         net.configure(&subnet, &cluster)?;
-        let live: std::collections::HashSet<String> = rt
+        // Addresses are held by pods, and by containers from before pods.
+        let mut live: std::collections::HashSet<String> = rt
             .store()
             .list()
             .map(|l| l.into_iter().map(|(c, _)| c.id).collect())
             .unwrap_or_default();
+        live.extend(rt.pods());
         let freed = net.gc(&live);
         if freed > 0 {
             info!(freed, "released addresses of containers that are gone");

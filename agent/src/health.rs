@@ -40,11 +40,12 @@ impl Health {
 #[derive(Clone, Debug)]
 pub enum Probe {
     Tcp {
-        netns: PathBuf,
+        /// Where to connect from: the allocation's network namespace; `None`: the node's.
+        netns: Option<PathBuf>,
         addr: SocketAddr,
     },
     Http {
-        netns: PathBuf,
+        netns: Option<PathBuf>,
         addr: SocketAddr,
         path: String,
         expected: u16,
@@ -57,9 +58,15 @@ pub enum Probe {
 }
 
 impl Probe {
-    /// The probe for `check` of a container (its id, netns and address).
-    pub fn new(check: &Check, data_dir: &Path, container: &str, ip: Option<IpAddr>) -> Probe {
-        let netns = skiff_runtime::monitor::netns_path(data_dir, container);
+    /// The probe for `check` of a container (its id), run from `netns` (the allocation's
+    /// network namespace; `None`: the node's) against `ip`.
+    pub fn new(
+        check: &Check,
+        data_dir: &Path,
+        container: &str,
+        netns: Option<PathBuf>,
+        ip: Option<IpAddr>,
+    ) -> Probe {
         let ip = ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         match &check.kind {
             CheckKind::Tcp { port } => Probe::Tcp {
@@ -89,7 +96,7 @@ impl Probe {
         match self {
             Probe::Tcp { netns, addr } => {
                 let addr = *addr;
-                in_netns(netns, move || {
+                in_netns(netns.as_deref(), move || {
                     TcpStream::connect_timeout(&addr, timeout)
                         .map(|_| format!("connected to {addr}"))
                         .map_err(|e| format!("connecting to {addr}: {e}"))
@@ -102,7 +109,9 @@ impl Probe {
                 expected,
             } => {
                 let (addr, path, expected) = (*addr, path.clone(), *expected);
-                in_netns(netns, move || http_get(addr, &path, expected, timeout))
+                in_netns(netns.as_deref(), move || {
+                    http_get(addr, &path, expected, timeout)
+                })
             }
             Probe::Exec {
                 data_dir,
@@ -113,11 +122,15 @@ impl Probe {
     }
 }
 
-/// Runs `f` on a thread joined to the network namespace bound at `netns`.
-fn in_netns<F>(netns: &Path, f: F) -> Result<String, String>
+/// Runs `f` on a thread joined to the network namespace bound at `netns` (`None`: the
+/// node's own, where this process is).
+fn in_netns<F>(netns: Option<&Path>, f: F) -> Result<String, String>
 where
     F: FnOnce() -> Result<String, String> + Send + 'static,
 {
+    let Some(netns) = netns else {
+        return f();
+    };
     let ns = std::fs::File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
     std::thread::spawn(move || {
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)

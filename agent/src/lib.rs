@@ -16,6 +16,8 @@ pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod net;
+pub mod pods;
 pub mod policy;
 pub mod reconcile;
 pub mod tls;
+pub mod volumes;

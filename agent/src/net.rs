@@ -4,6 +4,7 @@
 //! subnet. Containers on one host talk over the bridge (no tunnel); across hosts through
 //! WireGuard. All link, address and route changes go through rtnetlink ([`nl`]).
 
+pub mod hostport;
 pub mod ipam;
 pub mod nl;
 pub mod wg;
@@ -515,6 +516,10 @@ pub fn teardown(data_dir: &Path) -> Vec<String> {
                 done.push(format!("removed iptables rule -t {table} {rule}"));
             }
         }
+    }
+    for alloc in hostport::published() {
+        hostport::unpublish(&alloc);
+        done.push(format!("removed the host port rules of allocation {alloc}"));
     }
     for link in wg::unlink_run_sockets(&wg_dir) {
         done.push(format!("removed {}", link.display()));

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use skiff_runtime::devices::{DeviceKind, DeviceNode};
 
-use crate::contract::Task;
+use crate::contract::ContainerTask;
 
 /// The node's policy.
 #[derive(Clone, Debug, Default)]
@@ -19,17 +19,52 @@ pub struct Policy {
     pub local_image_dirs: Vec<PathBuf>,
     /// Host devices tasks may be granted.
     pub allowed_devices: Vec<PathBuf>,
+    /// Directories under which host volumes may be mounted (canonical paths).
+    pub host_volume_dirs: Vec<PathBuf>,
 }
 
 impl Policy {
-    /// Checks `task` against the policy; returns the device nodes to grant.
-    pub fn admit(&self, task: &Task) -> Result<Vec<DeviceNode>, String> {
-        self.image(&task.container.image)?;
-        task.container
+    /// Checks one container of a task against the policy; returns the device nodes to grant.
+    pub fn admit(&self, container: &ContainerTask) -> Result<Vec<DeviceNode>, String> {
+        self.image(&container.image)?;
+        container
             .devices
             .iter()
             .map(|(path, access)| self.device(path, *access))
             .collect()
+    }
+
+    /// A host volume's directory must exist and resolve (symlinks and `..` followed) to a
+    /// path under an allowed directory; returns the resolved path, the one mounted.
+    pub fn host_volume(&self, name: &str, path: &str) -> Result<PathBuf, String> {
+        let refused = |why: String| {
+            format!(
+                "host volume {name}: {why}; host volumes come only from the directories this \
+                 agent allows (--host-volume-dir {})",
+                if self.host_volume_dirs.is_empty() {
+                    "is not set".to_owned()
+                } else {
+                    self.host_volume_dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )
+        };
+        let real = std::fs::canonicalize(path).map_err(|e| refused(format!("{path}: {e}")))?;
+        if !real.is_dir() {
+            return Err(refused(format!("{path} is not a directory")));
+        }
+        if self
+            .host_volume_dirs
+            .iter()
+            .any(|d| real.starts_with(d) && real != *d)
+        {
+            Ok(real)
+        } else {
+            Err(refused(format!("{} is not allowed", real.display())))
+        }
     }
 
     /// A local image source must resolve (symlinks followed) to a path under an allowed
@@ -99,23 +134,11 @@ pub fn host_device(path: &str, access: u32) -> Result<DeviceNode, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::ContainerTask;
 
-    fn task(image: &str, devices: &[(&str, u32)]) -> Task {
-        Task {
-            container: ContainerTask {
-                image: image.into(),
-                entrypoint: None,
-                args: vec![],
-                env: Default::default(),
-                restart: skiff_runtime::store::RestartPolicy::Never,
-                stop_signal: 15,
-                stop_grace: std::time::Duration::from_secs(1),
-                limits: Default::default(),
-                devices: devices.iter().map(|(p, a)| (p.to_string(), *a)).collect(),
-            },
-            check: None,
-        }
+    fn task(image: &str, devices: &[(&str, u32)]) -> ContainerTask {
+        let mut c = ContainerTask::new("main", image);
+        c.devices = devices.iter().map(|(p, a)| (p.to_string(), *a)).collect();
+        c
     }
 
     #[test]
@@ -129,7 +152,7 @@ mod tests {
             .expect("symlink");
         let policy = Policy {
             local_image_dirs: vec![std::fs::canonicalize(allowed.path()).expect("real")],
-            allowed_devices: vec![],
+            ..Policy::default()
         };
         let ok = format!("oci:{}/web:1", allowed.path().display());
         assert!(policy.admit(&task(&ok, &[])).is_ok());
@@ -151,8 +174,8 @@ mod tests {
     #[test]
     fn devices_only_those_allowed_and_as_they_are_on_the_host() {
         let policy = Policy {
-            local_image_dirs: vec![],
             allowed_devices: vec![PathBuf::from("/dev/null")],
+            ..Policy::default()
         };
         let nodes = policy
             .admit(&task("reg/x:1", &[("/dev/null", 6)]))
@@ -171,5 +194,33 @@ mod tests {
             .admit(&task("reg/x:1", &[("/dev/loop0", 6)]))
             .expect_err("not allowed");
         assert!(e.contains("device /dev/loop0 is not allowed"), "{e}");
+    }
+
+    #[test]
+    fn host_volumes_only_under_allowed_directories_after_resolving() {
+        let allowed = tempfile::tempdir().expect("tmp");
+        let other = tempfile::tempdir().expect("tmp");
+        let root = std::fs::canonicalize(allowed.path()).expect("real");
+        std::fs::create_dir(root.join("data")).expect("dir");
+        std::os::unix::fs::symlink(other.path(), root.join("escape")).expect("symlink");
+        let policy = Policy {
+            host_volume_dirs: vec![root.clone()],
+            ..Policy::default()
+        };
+        let data = format!("{}/data", root.display());
+        assert_eq!(
+            policy.host_volume("v", &data).expect("allowed"),
+            root.join("data")
+        );
+        for bad in [
+            format!("{}/escape", root.display()),
+            format!("{}/data/../..", root.display()),
+            format!("{}", root.display()),
+            format!("{}/missing", root.display()),
+            "/etc".to_owned(),
+        ] {
+            let e = policy.host_volume("v", &bad).expect_err(&bad);
+            assert!(e.contains("--host-volume-dir"), "{e}");
+        }
     }
 }

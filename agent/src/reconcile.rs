@@ -3,9 +3,17 @@
 //! through [`Containers`], so every decision here is unit-tested with a fake (as youki tests
 //! against its `Syscall` trait).
 //!
-//! A container is ours when it carries the [`ALLOC_LABEL`] label we set when starting it;
-//! containers started by hand are left alone, whatever their names. Containers outlive the
-//! agent: a restarted agent finds them by label and adopts them instead of starting them again.
+//! An allocation is a pod (its network and IPC namespaces, its volumes, its host ports) and
+//! the containers of its task, started in lifecycle order: init containers one after another,
+//! each to successful completion, then the sidecars, then the main containers. A failed init
+//! container (after its restart policy) fails the allocation and nothing else starts; once every
+//! main container has ended for good, the sidecars are stopped. An allocation that is no longer
+//! assigned stops main containers first, then sidecars, then its pod goes.
+//!
+//! A container is ours when it carries the [`ALLOC_LABEL`] label we set when starting it (and
+//! [`CONTAINER_LABEL`], its name in the allocation); containers started by hand are left
+//! alone, whatever their names. Containers and pods outlive the agent: a restarted agent
+//! finds them by label and adopts them instead of starting them again.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -16,17 +24,27 @@ use skiff_proto::v1 as pb;
 use skiff_runtime::store::{State, Status};
 use tracing::{info, warn};
 
-use crate::contract::{self, Assigned, Check, Task};
+use crate::contract::{self, Assigned, Check, ContainerTask, Lifecycle, Task};
 use crate::health::{Checker, Probe};
 use crate::policy::Policy;
 use skiff_runtime::devices::DeviceNode;
 
-/// The label that marks a container as the one this agent runs for an allocation; its value is
+/// The label that marks a container as one this agent runs for an allocation; its value is
 /// the allocation id.
 pub const ALLOC_LABEL: &str = "skiff.alloc";
 
+/// The label holding a container's name within its allocation.
+pub const CONTAINER_LABEL: &str = "skiff.container";
+
+/// The label holding a container's lifecycle (`init`, `sidecar`, `main`), so an allocation
+/// whose task is gone still stops in order.
+pub const LIFECYCLE_LABEL: &str = "skiff.lifecycle";
+
 /// How long a failed start waits before it is tried again.
 pub const START_RETRY: Duration = Duration::from_secs(5);
+
+/// How many of a failed init container's last output lines its allocation's report carries.
+const INIT_TAIL_LINES: usize = 5;
 
 /// A container of ours as the runtime last saw it.
 #[derive(Clone, Debug)]
@@ -35,31 +53,56 @@ pub struct Observed {
     pub id: String,
     /// The allocation it runs (its [`ALLOC_LABEL`]).
     pub alloc: String,
+    /// Its name in the allocation ([`CONTAINER_LABEL`]); empty for a container started by an
+    /// agent from before groups.
+    pub name: String,
+    /// Its [`LIFECYCLE_LABEL`]; main when absent.
+    pub lifecycle: Lifecycle,
     pub state: State,
     pub stop_grace: Duration,
+}
+
+impl Observed {
+    fn live(&self) -> bool {
+        matches!(
+            self.state.status,
+            Status::Running | Status::Restarting | Status::Created
+        )
+    }
 }
 
 /// What the reconciler needs from the container runtime.
 pub trait Containers: Send + Sync {
     /// The containers this agent runs for allocations.
     fn list(&self) -> Result<Vec<Observed>, String>;
-    /// Starts the container of `alloc` (detached; its image pulled if missing), labelled with
-    /// [`ALLOC_LABEL`], with the host devices the node's policy granted; returns its id.
+    /// The allocations that have a pod on this node.
+    fn pods(&self) -> Vec<String>;
+    /// Makes the allocation's pod (namespaces, address, volumes, host ports); idempotent.
+    fn create_pod(&self, alloc: &Assigned, task: &Task) -> Result<(), String>;
+    /// Takes the allocation's pod apart; idempotent.
+    fn remove_pod(&self, alloc: &str);
+    /// Starts one container of `alloc` in its pod (detached; its image pulled if missing),
+    /// labelled with [`ALLOC_LABEL`] and [`CONTAINER_LABEL`], with the host devices the
+    /// node's policy granted; returns its id.
     fn start(
         &self,
         alloc: &Assigned,
         task: &Task,
+        container: &ContainerTask,
         devices: &[DeviceNode],
         dns: Option<Ipv4Addr>,
     ) -> Result<String, String>;
     /// Stops a container: its stop signal, then SIGKILL after `grace`.
     fn stop(&self, id: &str, grace: Duration) -> Result<State, String>;
-    /// Removes a stopped container and what it holds (its address, its files).
+    /// Removes a stopped container and what it holds.
     fn remove(&self, id: &str) -> Result<(), String>;
-    /// The container's pod address.
-    fn address(&self, id: &str) -> Option<IpAddr>;
-    /// The probe that runs `check` against the container.
-    fn probe(&self, id: &str, check: &Check) -> Probe;
+    /// The allocation's address: its pod's, or (a container from before groups) the
+    /// container's own.
+    fn address(&self, alloc: &str, container: &str) -> Option<IpAddr>;
+    /// The probe that runs `check` against the allocation (`container`: its main container).
+    fn probe(&self, alloc: &str, container: &str, check: &Check) -> Probe;
+    /// The last `lines` lines a container wrote.
+    fn tail(&self, id: &str, lines: usize) -> String;
 }
 
 /// Remembered start failures, so a failing start is retried every [`START_RETRY`], not at
@@ -67,9 +110,13 @@ pub trait Containers: Send + Sync {
 #[derive(Default)]
 pub struct Failures(Mutex<HashMap<String, (Instant, String)>>);
 
-/// One pass: start what is assigned and missing, stop and remove what is ours and no longer
-/// assigned; returns the reports of every assigned allocation (and the last state of those
-/// just stopped).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One pass: start what is assigned and missing (in lifecycle order), stop sidecars whose
+/// main containers are done, stop and remove what is ours and no longer assigned; returns
+/// the reports of every assigned allocation (and the last state of those just stopped).
 pub fn reconcile_once(
     rt: &dyn Containers,
     want: &[Assigned],
@@ -84,58 +131,58 @@ pub fn reconcile_once(
             return Vec::new();
         }
     };
-    let by_alloc: HashMap<&str, &Observed> =
-        existing.iter().map(|o| (o.alloc.as_str(), o)).collect();
+    let mut by_alloc: HashMap<&str, Vec<&Observed>> = HashMap::new();
+    for o in &existing {
+        by_alloc.entry(o.alloc.as_str()).or_default().push(o);
+    }
     let wanted: HashMap<&str, &Assigned> = want.iter().map(|a| (a.id.as_str(), a)).collect();
 
-    // Stop and remove what is no longer assigned, all at once (each may wait out its grace
-    // period); their last state is reported once more.
+    // Stop and remove what is no longer assigned, every allocation at once (each may wait
+    // out grace periods): main containers first, then sidecars, then the pod. Their last
+    // state is reported once more.
     let stopped: Mutex<Vec<pb::AllocationReport>> = Mutex::default();
-    let stopped_ref = &stopped;
+    let mut gone: Vec<&str> = by_alloc
+        .keys()
+        .copied()
+        .filter(|a| !wanted.contains_key(a))
+        .collect();
+    let pods = rt.pods();
+    for p in &pods {
+        if !wanted.contains_key(p.as_str()) && !gone.contains(&p.as_str()) {
+            gone.push(p.as_str());
+        }
+    }
     std::thread::scope(|scope| {
-        for o in existing
-            .iter()
-            .filter(|o| !wanted.contains_key(o.alloc.as_str()))
-        {
+        for alloc in &gone {
+            let containers = by_alloc.get(alloc).cloned().unwrap_or_default();
+            let stopped = &stopped;
             scope.spawn(move || {
-                info!(alloc = %o.alloc, "stopping: no longer assigned");
-                let last = if matches!(
-                    o.state.status,
-                    Status::Running | Status::Restarting | Status::Created
-                ) {
-                    rt.stop(&o.id, o.stop_grace).unwrap_or_else(|e| {
-                        warn!(alloc = %o.alloc, error = %e, "stop failed");
-                        o.state.clone()
-                    })
-                } else {
-                    o.state.clone()
-                };
-                stopped_ref
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(contract::report(&o.alloc, &last));
-                if let Err(e) = rt.remove(&o.id) {
-                    warn!(alloc = %o.alloc, error = %e, "remove failed");
+                info!(alloc = %alloc, "stopping: no longer assigned");
+                let last = stop_allocation(rt, &containers);
+                if let Some(report) = last.map(|s| contract::report(alloc, &s)) {
+                    lock(stopped).push(report);
                 }
+                for o in &containers {
+                    if let Err(e) = rt.remove(&o.id) {
+                        warn!(alloc = %o.alloc, container = %o.name, error = %e, "remove failed");
+                    }
+                }
+                rt.remove_pod(alloc);
             });
         }
     });
 
-    let mut failures = failures
-        .0
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut failures = lock(&failures.0);
     failures.retain(|id, _| wanted.contains_key(id.as_str()));
     let mut out = stopped
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     for a in want {
-        if let Some(o) = by_alloc.get(a.id.as_str()) {
-            let mut r = contract::report(&a.id, &o.state);
-            r.ip = rt
-                .address(&o.id)
-                .map(|ip| ip.to_string())
-                .unwrap_or_default();
+        let observed = by_alloc.get(a.id.as_str()).cloned().unwrap_or_default();
+        // A container from before groups (no name label): adopted as it is.
+        if let Some(legacy) = observed.iter().find(|o| o.name.is_empty()) {
+            let mut r = contract::report(&a.id, &legacy.state);
+            r.ip = ip_string(rt.address(&a.id, &legacy.id));
             out.push(r);
             continue;
         }
@@ -149,29 +196,25 @@ pub fn reconcile_once(
         if let Some((at, reason)) = failures.get(&a.id)
             && at.elapsed() < START_RETRY
         {
-            out.push(contract::failed(&a.id, reason));
+            out.push(with_containers(
+                contract::failed(&a.id, reason),
+                task,
+                &observed,
+            ));
             continue;
         }
-        let started = policy
-            .admit(task)
-            .and_then(|devices| rt.start(a, task, &devices, dns));
-        match started {
-            Ok(container) => {
+        match step(rt, a, task, &observed, policy, dns) {
+            Ok(report) => {
                 failures.remove(&a.id);
-                info!(alloc = %a.id, container = %container, image = %task.container.image, "started");
-                out.push(pb::AllocationReport {
-                    id: a.id.clone(),
-                    state: pb::AllocationState::Running as i32,
-                    ip: rt
-                        .address(&container)
-                        .map(|ip| ip.to_string())
-                        .unwrap_or_default(),
-                    ..Default::default()
-                });
+                out.push(report);
             }
             Err(reason) => {
                 warn!(alloc = %a.id, job = %format!("{}/{}", a.namespace, a.job), error = %reason, "start failed");
-                out.push(contract::failed(&a.id, &reason));
+                out.push(with_containers(
+                    contract::failed(&a.id, &reason),
+                    task,
+                    &observed,
+                ));
                 failures.insert(a.id.clone(), (Instant::now(), reason));
             }
         }
@@ -179,30 +222,303 @@ pub fn reconcile_once(
     out
 }
 
-/// Keeps one health check per running allocation whose task has one, and puts each verdict in
-/// its allocation's report.
+fn ip_string(ip: Option<IpAddr>) -> String {
+    ip.map(|ip| ip.to_string()).unwrap_or_default()
+}
+
+/// Stops an allocation's live containers, main and init ones first, then sidecars; returns
+/// the state to report last: a main container's.
+fn stop_allocation(rt: &dyn Containers, containers: &[&Observed]) -> Option<State> {
+    let stop_all = |list: Vec<&Observed>| -> Vec<State> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = list
+                .into_iter()
+                .map(|o| {
+                    scope.spawn(move || {
+                        if !o.live() {
+                            return o.state.clone();
+                        }
+                        rt.stop(&o.id, o.stop_grace).unwrap_or_else(|e| {
+                            warn!(alloc = %o.alloc, container = %o.name, error = %e, "stop failed");
+                            o.state.clone()
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    };
+    let (sidecars, others): (Vec<&Observed>, Vec<&Observed>) = containers
+        .iter()
+        .copied()
+        .partition(|o| o.lifecycle == Lifecycle::Sidecar);
+    // Main containers come first in `others`, so the state reported is a main's.
+    let mut others = others;
+    others.sort_by_key(|o| o.lifecycle != Lifecycle::Main);
+    let states = stop_all(others);
+    stop_all(sidecars);
+    states.into_iter().next()
+}
+
+/// Whether a container has ended for good (its monitor gave up restarting it, or it was
+/// never going to be restarted).
+fn ended(s: &State) -> bool {
+    matches!(s.status, Status::Exited | Status::Failed)
+}
+
+/// Whether an ended container succeeded.
+fn succeeded(s: &State) -> bool {
+    s.status == Status::Exited
+        && s.error.is_none()
+        && s.exit.as_ref().is_some_and(|e| e.code == Some(0))
+}
+
+/// One allocation's pass: its pod, then the next containers in lifecycle order; the report.
+fn step(
+    rt: &dyn Containers,
+    a: &Assigned,
+    task: &Task,
+    observed: &[&Observed],
+    policy: &Policy,
+    dns: Option<Ipv4Addr>,
+) -> Result<pb::AllocationReport, String> {
+    let mut now: HashMap<String, (String, State)> = observed
+        .iter()
+        .map(|o| (o.name.clone(), (o.id.clone(), o.state.clone())))
+        .collect();
+    let started_state = || {
+        let mut s = State::created();
+        s.status = Status::Running;
+        s
+    };
+    let start = |c: &ContainerTask, now: &mut HashMap<String, (String, State)>| {
+        // Idempotent: made before the first container, and again if it was lost.
+        rt.create_pod(a, task)?;
+        let devices = policy.admit(c)?;
+        let id = rt
+            .start(a, task, c, &devices, dns)
+            .map_err(|e| format!("container {}: {e}", c.name))?;
+        info!(alloc = %a.id, container = %c.name, id = %id, image = %c.image, "started");
+        now.insert(c.name.clone(), (id, started_state()));
+        Ok::<(), String>(())
+    };
+
+    // Init containers, one after another, each to success.
+    for c in task
+        .containers
+        .iter()
+        .filter(|c| c.lifecycle == Lifecycle::Init)
+    {
+        match now.get(&c.name).map(|(id, s)| (id.clone(), s.clone())) {
+            None => {
+                start(c, &mut now)?;
+                return Ok(group_report(
+                    rt,
+                    a,
+                    task,
+                    &now,
+                    pb::AllocationState::Pending,
+                    format!("init container {} running", c.name),
+                ));
+            }
+            Some((_, s)) if !ended(&s) => {
+                return Ok(group_report(
+                    rt,
+                    a,
+                    task,
+                    &now,
+                    pb::AllocationState::Pending,
+                    format!("init container {} running", c.name),
+                ));
+            }
+            Some((_, s)) if succeeded(&s) => {}
+            Some((id, s)) => {
+                let (_, _, why) = contract::container_state(&s);
+                let tail = rt.tail(&id, INIT_TAIL_LINES);
+                let mut reason = format!("init container {} failed: {why}", c.name);
+                if !tail.trim().is_empty() {
+                    reason.push_str(&format!("; last output: {}", tail.trim()));
+                }
+                let mut r = group_report(rt, a, task, &now, pb::AllocationState::Failed, reason);
+                r.exit_code = s.exit.as_ref().map_or(0, |e| e.status_code());
+                return Ok(r);
+            }
+        }
+    }
+
+    // Main containers that have all ended for good take their sidecars with them, and
+    // nothing is started again.
+    let mains: Vec<&ContainerTask> = task
+        .containers
+        .iter()
+        .filter(|c| c.lifecycle == Lifecycle::Main)
+        .collect();
+    let mains_done = mains
+        .iter()
+        .all(|c| now.get(&c.name).is_some_and(|(_, s)| ended(s)));
+    if mains_done {
+        for o in observed
+            .iter()
+            .filter(|o| o.lifecycle == Lifecycle::Sidecar && o.live())
+        {
+            info!(alloc = %a.id, container = %o.name, "stopping sidecar: the main containers have ended");
+            match rt.stop(&o.id, o.stop_grace) {
+                Ok(s) => {
+                    now.insert(o.name.clone(), (o.id.clone(), s));
+                }
+                Err(e) => warn!(alloc = %a.id, container = %o.name, error = %e, "stop failed"),
+            }
+        }
+    } else {
+        // Sidecars first, then the main containers.
+        for lifecycle in [Lifecycle::Sidecar, Lifecycle::Main] {
+            for c in task.containers.iter().filter(|c| c.lifecycle == lifecycle) {
+                if !now.contains_key(&c.name) {
+                    start(c, &mut now)?;
+                }
+            }
+        }
+    }
+
+    // The allocation is where its main containers are.
+    let states: Vec<(&str, &State)> = mains
+        .iter()
+        .filter_map(|c| now.get(&c.name).map(|(_, s)| (c.name.as_str(), s)))
+        .collect();
+    let failed = states.iter().find(|(_, s)| ended(s) && !succeeded(s));
+    let (state, reason, exit_code) = if let Some((name, s)) = failed {
+        let (_, code, why) = contract::container_state(s);
+        (
+            pb::AllocationState::Failed,
+            if task.containers.len() > 1 {
+                format!("container {name}: {why}")
+            } else {
+                why
+            },
+            code.unwrap_or(0),
+        )
+    } else if states.len() == mains.len() && states.iter().all(|(_, s)| succeeded(s)) {
+        (pb::AllocationState::Exited, String::new(), 0)
+    } else if states
+        .iter()
+        .any(|(_, s)| matches!(s.status, Status::Running | Status::Restarting))
+    {
+        (pb::AllocationState::Running, String::new(), 0)
+    } else {
+        (pb::AllocationState::Pending, String::new(), 0)
+    };
+    let mut r = group_report(rt, a, task, &now, state, reason);
+    r.exit_code = exit_code;
+    Ok(r)
+}
+
+/// The allocation's report: its state and reason, its address, and each container's status.
+fn group_report(
+    rt: &dyn Containers,
+    a: &Assigned,
+    task: &Task,
+    now: &HashMap<String, (String, State)>,
+    state: pb::AllocationState,
+    reason: String,
+) -> pb::AllocationReport {
+    let main_id = task
+        .main()
+        .and_then(|m| now.get(&m.name))
+        .map(|(id, _)| id.as_str())
+        .unwrap_or("");
+    let mut r = pb::AllocationReport {
+        id: a.id.clone(),
+        state: state as i32,
+        reason,
+        ip: ip_string(rt.address(&a.id, main_id)),
+        ..Default::default()
+    };
+    for (_, s) in now.values() {
+        r.restarts = r.restarts.saturating_add(s.restarts);
+        r.log_dropped_bytes = r.log_dropped_bytes.saturating_add(s.log_dropped_bytes);
+        if r.log_error.is_empty() {
+            r.log_error = s.log_error.clone().unwrap_or_default();
+        }
+    }
+    r.containers = container_statuses(task, now);
+    r
+}
+
+fn container_statuses(
+    task: &Task,
+    now: &HashMap<String, (String, State)>,
+) -> Vec<pb::ContainerStatus> {
+    task.containers
+        .iter()
+        .map(|c| {
+            let (state, exit_code, reason, restarts) = match now.get(&c.name) {
+                Some((_, s)) => {
+                    let (state, code, why) = contract::container_state(s);
+                    (state, code, why, s.restarts)
+                }
+                None => (
+                    pb::AllocationState::Pending,
+                    None,
+                    "not started".to_owned(),
+                    0,
+                ),
+            };
+            pb::ContainerStatus {
+                name: c.name.clone(),
+                lifecycle: contract::lifecycle(c.lifecycle) as i32,
+                state: state as i32,
+                exit_code,
+                restarts,
+                reason,
+            }
+        })
+        .collect()
+}
+
+/// A failure report with what is known of each container.
+fn with_containers(
+    mut r: pb::AllocationReport,
+    task: &Task,
+    observed: &[&Observed],
+) -> pb::AllocationReport {
+    let now: HashMap<String, (String, State)> = observed
+        .iter()
+        .map(|o| (o.name.clone(), (o.id.clone(), o.state.clone())))
+        .collect();
+    r.containers = container_statuses(task, &now);
+    r
+}
+
+/// Keeps one health check per running allocation whose task has one (run against its main
+/// container and its address), and puts each verdict in its allocation's report.
 pub fn health_checks(
     rt: &dyn Containers,
     want: &[Assigned],
     checker: &Checker,
     reports: &mut [pb::AllocationReport],
 ) {
-    let running: HashMap<String, String> = rt
+    let running: HashMap<(String, String), String> = rt
         .list()
         .unwrap_or_default()
         .into_iter()
         .filter(|o| o.state.status == Status::Running)
-        .map(|o| (o.alloc, o.id))
+        .map(|o| ((o.alloc, o.name), o.id))
         .collect();
     let mut checks = HashMap::new();
     for a in want {
-        let Some(check) = a.task.as_ref().ok().and_then(|t| t.check.clone()) else {
+        let Some(task) = a.task.as_ref().ok() else {
             continue;
         };
-        let Some(container) = running.get(&a.id) else {
+        let (Some(check), Some(main)) = (task.check.clone(), task.main()) else {
             continue;
         };
-        let probe = rt.probe(container, &check);
+        let container = running
+            .get(&(a.id.clone(), main.name.clone()))
+            .or_else(|| running.get(&(a.id.clone(), String::new())));
+        let Some(container) = container else {
+            continue;
+        };
+        let probe = rt.probe(&a.id, container, &check);
         checks.insert(a.id.clone(), (check, probe));
     }
     checker.set(checks);
@@ -217,124 +533,93 @@ pub fn health_checks(
     }
 }
 
-/// The real runtime behind the reconciler.
-impl Containers for skiff_runtime::container::Runtime {
-    fn list(&self) -> Result<Vec<Observed>, String> {
-        let list = self.store().list().map_err(|e| e.to_string())?;
-        Ok(list
-            .into_iter()
-            .filter_map(|(c, state)| {
-                let alloc = c.labels.get(ALLOC_LABEL)?.clone();
-                Some(Observed {
-                    id: c.id,
-                    alloc,
-                    state,
-                    stop_grace: Duration::from_millis(c.stop_grace_ms),
-                })
-            })
-            .collect())
-    }
-
-    fn start(
-        &self,
-        alloc: &Assigned,
-        task: &Task,
-        devices: &[DeviceNode],
-        dns: Option<Ipv4Addr>,
-    ) -> Result<String, String> {
-        let c = &task.container;
-        let opts = skiff_runtime::container::RunOptions {
-            image: c.image.clone(),
-            name: Some(alloc.id.clone()),
-            cmd: c.args.clone(),
-            entrypoint: c.entrypoint.clone(),
-            env: c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            hostname: None,
-            user: None,
-            cwd: None,
-            limits: c.limits.clone(),
-            restart: c.restart,
-            stop_signal: Some(c.stop_signal),
-            stop_grace: Some(c.stop_grace),
-            pull: skiff_runtime::image::PullPolicy::Missing,
-            resolv_conf: dns.map(|server| crate::dns::resolv_conf(server, &alloc.namespace)),
-            labels: [(ALLOC_LABEL.to_owned(), alloc.id.clone())].into(),
-            devices: devices.to_vec(),
-        };
-        let (id, mut monitor) = self.run(&opts).map_err(|e| e.to_string())?;
-        // The monitor is our child until we exit: reap it when it ends.
-        std::thread::spawn(move || {
-            let _ = monitor.wait();
-        });
-        Ok(id)
-    }
-
-    fn stop(&self, id: &str, grace: Duration) -> Result<State, String> {
-        skiff_runtime::container::Runtime::stop(self, id, grace).map_err(|e| e.to_string())
-    }
-
-    fn remove(&self, id: &str) -> Result<(), String> {
-        skiff_runtime::container::Runtime::remove(self, id, true).map_err(|e| e.to_string())
-    }
-
-    fn address(&self, id: &str) -> Option<IpAddr> {
-        skiff_runtime::container::Runtime::address(self, id)
-    }
-
-    fn probe(&self, id: &str, check: &Check) -> Probe {
-        Probe::new(check, self.data_dir(), id, self.address(id))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::ContainerTask;
+    use crate::contract::{ContainerTask, PodNetwork};
 
     /// A runtime in memory: records what the reconciler asks of it.
     #[derive(Default)]
     struct Fake {
         containers: Mutex<Vec<Observed>>,
+        pods: Mutex<Vec<String>>,
         started: Mutex<Vec<String>>,
         stopped: Mutex<Vec<String>>,
         removed: Mutex<Vec<String>>,
         fail_start: Mutex<Option<String>>,
+        /// Containers (by name) that start and end at once with this exit code.
+        exits: Mutex<HashMap<String, i32>>,
     }
 
     impl Fake {
         fn with(containers: Vec<Observed>) -> Fake {
             Fake {
+                pods: Mutex::new(containers.iter().map(|c| c.alloc.clone()).collect()),
                 containers: Mutex::new(containers),
                 ..Fake::default()
             }
         }
+
+        fn exit(&self, name: &str, code: i32) {
+            lock(&self.exits).insert(name.into(), code);
+        }
     }
 
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn exited(code: i32) -> State {
+        let mut s = State::created();
+        s.status = Status::Exited;
+        s.exit = Some(skiff_runtime::store::ExitInfo {
+            code: Some(code),
+            signal: None,
+            oom_killed: false,
+            at_ms: 0,
+        });
+        s
     }
 
     impl Containers for Fake {
         fn list(&self) -> Result<Vec<Observed>, String> {
             Ok(lock(&self.containers).clone())
         }
+        fn pods(&self) -> Vec<String> {
+            lock(&self.pods).clone()
+        }
+        fn create_pod(&self, alloc: &Assigned, _: &Task) -> Result<(), String> {
+            let mut pods = lock(&self.pods);
+            if !pods.contains(&alloc.id) {
+                pods.push(alloc.id.clone());
+            }
+            Ok(())
+        }
+        fn remove_pod(&self, alloc: &str) {
+            lock(&self.pods).retain(|p| p != alloc);
+        }
         fn start(
             &self,
             alloc: &Assigned,
             _: &Task,
+            c: &ContainerTask,
             _: &[DeviceNode],
             _: Option<Ipv4Addr>,
         ) -> Result<String, String> {
             if let Some(e) = lock(&self.fail_start).clone() {
                 return Err(e);
             }
-            let id = format!("c-{}", alloc.id);
-            lock(&self.started).push(alloc.id.clone());
-            let mut state = State::created();
-            state.status = Status::Running;
+            let id = format!("c-{}-{}", alloc.id, c.name);
+            lock(&self.started).push(format!("{}/{}", alloc.id, c.name));
+            let state = match lock(&self.exits).get(&c.name) {
+                Some(code) => exited(*code),
+                None => {
+                    let mut s = State::created();
+                    s.status = Status::Running;
+                    s
+                }
+            };
             lock(&self.containers).push(Observed {
                 id: id.clone(),
                 alloc: alloc.id.clone(),
+                name: c.name.clone(),
+                lifecycle: c.lifecycle,
                 state,
                 stop_grace: Duration::from_secs(1),
             });
@@ -342,14 +627,10 @@ mod tests {
         }
         fn stop(&self, id: &str, _: Duration) -> Result<State, String> {
             lock(&self.stopped).push(id.to_owned());
-            let mut s = State::created();
-            s.status = Status::Exited;
-            s.exit = Some(skiff_runtime::store::ExitInfo {
-                code: Some(0),
-                signal: None,
-                oom_killed: false,
-                at_ms: 0,
-            });
+            let s = exited(0);
+            for c in lock(&self.containers).iter_mut().filter(|c| c.id == id) {
+                c.state = s.clone();
+            }
             Ok(s)
         }
         fn remove(&self, id: &str) -> Result<(), String> {
@@ -357,47 +638,67 @@ mod tests {
             lock(&self.containers).retain(|c| c.id != id);
             Ok(())
         }
-        fn address(&self, id: &str) -> Option<IpAddr> {
-            id.starts_with("c-")
+        fn address(&self, alloc: &str, _: &str) -> Option<IpAddr> {
+            lock(&self.pods)
+                .iter()
+                .any(|p| p == alloc)
                 .then_some(IpAddr::V4(Ipv4Addr::new(10, 42, 0, 2)))
         }
-        fn probe(&self, id: &str, check: &Check) -> Probe {
+        fn probe(&self, _: &str, container: &str, check: &Check) -> Probe {
             let crate::contract::CheckKind::Exec { command } = &check.kind else {
                 panic!("the tests use exec checks");
             };
             Probe::Exec {
                 data_dir: "/nonexistent".into(),
-                container: id.to_owned(),
+                container: container.to_owned(),
                 command: command.clone(),
             }
+        }
+        fn tail(&self, _: &str, _: usize) -> String {
+            "migration: table exists".into()
         }
     }
 
     fn task() -> Task {
         Task {
-            container: ContainerTask {
-                image: "127.0.0.1:5000/web:1".into(),
-                entrypoint: None,
-                args: vec![],
-                env: Default::default(),
-                restart: skiff_runtime::store::RestartPolicy::OnFailure,
-                stop_signal: 15,
-                stop_grace: Duration::from_secs(1),
-                limits: Default::default(),
-                devices: vec![],
-            },
+            containers: vec![ContainerTask::new("web", "127.0.0.1:5000/web:1")],
             check: None,
+            volumes: vec![],
+            network: PodNetwork::Bridge,
+            ports: vec![],
         }
     }
 
-    fn assigned(id: &str) -> Assigned {
+    fn container(name: &str, lifecycle: Lifecycle) -> ContainerTask {
+        let mut c = ContainerTask::new(name, "127.0.0.1:5000/web:1");
+        c.lifecycle = lifecycle;
+        c
+    }
+
+    /// migrate (init), then shipper (sidecar) and web (main).
+    fn group() -> Task {
+        Task {
+            containers: vec![
+                container("migrate", Lifecycle::Init),
+                container("web", Lifecycle::Main),
+                container("shipper", Lifecycle::Sidecar),
+            ],
+            ..task()
+        }
+    }
+
+    fn assigned_with(id: &str, task: Task) -> Assigned {
         Assigned {
             id: id.into(),
             namespace: "default".into(),
             job: "web".into(),
             version: 1,
-            task: Ok(task()),
+            task: Ok(task),
         }
+    }
+
+    fn assigned(id: &str) -> Assigned {
+        assigned_with(id, task())
     }
 
     fn running(id: &str, alloc: &str) -> Observed {
@@ -406,50 +707,156 @@ mod tests {
         Observed {
             id: id.into(),
             alloc: alloc.into(),
+            name: "web".into(),
+            lifecycle: Lifecycle::Main,
             state,
             stop_grace: Duration::from_secs(1),
         }
     }
 
+    fn pass(rt: &Fake, want: &[Assigned]) -> Vec<pb::AllocationReport> {
+        reconcile_once(rt, want, &Failures::default(), &Policy::default(), None)
+    }
+
+    fn state_of(reports: &[pb::AllocationReport], id: &str) -> i32 {
+        reports
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.state)
+            .unwrap_or(-1)
+    }
+
     #[test]
     fn starts_what_is_missing_and_adopts_what_runs() {
         let rt = Fake::with(vec![running("c-a1", "a1")]);
-        let reports = reconcile_once(
-            &rt,
-            &[assigned("a1"), assigned("a2")],
-            &Failures::default(),
-            &Policy::default(),
-            None,
-        );
-        assert_eq!(*lock(&rt.started), ["a2"], "a1 adopted, not restarted");
+        let reports = pass(&rt, &[assigned("a1"), assigned("a2")]);
+        assert_eq!(*lock(&rt.started), ["a2/web"], "a1 adopted, not restarted");
         assert!(lock(&rt.stopped).is_empty());
         assert_eq!(reports.len(), 2);
         for r in &reports {
             assert_eq!(r.state, pb::AllocationState::Running as i32, "{r:?}");
             assert_eq!(r.ip, "10.42.0.2");
+            assert_eq!(r.containers.len(), 1);
         }
     }
 
     #[test]
     fn stops_and_removes_what_is_no_longer_assigned_and_reports_it_once_more() {
         let rt = Fake::with(vec![running("c-a1", "a1"), running("c-old", "old")]);
-        let reports = reconcile_once(
-            &rt,
-            &[assigned("a1")],
-            &Failures::default(),
-            &Policy::default(),
-            None,
-        );
+        let reports = pass(&rt, &[assigned("a1")]);
         assert_eq!(*lock(&rt.stopped), ["c-old"]);
         assert_eq!(*lock(&rt.removed), ["c-old"]);
+        assert_eq!(*lock(&rt.pods), ["a1"], "the old pod is gone");
         let old = reports
             .iter()
             .find(|r| r.id == "old")
             .expect("old reported");
         assert_eq!(old.state, pb::AllocationState::Exited as i32);
         // An empty assignment stops everything of ours.
-        reconcile_once(&rt, &[], &Failures::default(), &Policy::default(), None);
+        pass(&rt, &[]);
         assert!(lock(&rt.containers).is_empty());
+        assert!(lock(&rt.pods).is_empty());
+    }
+
+    #[test]
+    fn init_containers_run_first_one_at_a_time_then_sidecars_then_mains() {
+        let rt = Fake::default();
+        let want = [assigned_with("a1", group())];
+        let r = pass(&rt, &want);
+        assert_eq!(*lock(&rt.started), ["a1/migrate"]);
+        assert_eq!(state_of(&r, "a1"), pb::AllocationState::Pending as i32);
+        assert!(r[0].reason.contains("init container migrate"), "{r:?}");
+        // Still running: nothing else starts.
+        pass(&rt, &want);
+        assert_eq!(lock(&rt.started).len(), 1);
+        // It succeeds: the sidecar, then the main container.
+        for c in lock(&rt.containers).iter_mut() {
+            c.state = exited(0);
+        }
+        let r = pass(&rt, &want);
+        assert_eq!(*lock(&rt.started), ["a1/migrate", "a1/shipper", "a1/web"]);
+        assert_eq!(state_of(&r, "a1"), pb::AllocationState::Running as i32);
+        let names: Vec<(&str, i32)> = r[0]
+            .containers
+            .iter()
+            .map(|c| (c.name.as_str(), c.state))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("migrate", pb::AllocationState::Exited as i32),
+                ("web", pb::AllocationState::Running as i32),
+                ("shipper", pb::AllocationState::Running as i32),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_init_container_fails_the_allocation_and_blocks_the_rest() {
+        let rt = Fake::default();
+        rt.exit("migrate", 3);
+        let want = [assigned_with("a1", group())];
+        pass(&rt, &want);
+        let r = pass(&rt, &want);
+        assert_eq!(
+            *lock(&rt.started),
+            ["a1/migrate"],
+            "nothing after it starts"
+        );
+        assert_eq!(state_of(&r, "a1"), pb::AllocationState::Failed as i32);
+        assert_eq!(r[0].exit_code, 3);
+        assert!(
+            r[0].reason
+                .contains("init container migrate failed: exit 3"),
+            "{r:?}"
+        );
+        assert!(
+            r[0].reason.contains("table exists"),
+            "its last output: {r:?}"
+        );
+    }
+
+    #[test]
+    fn sidecars_stop_once_the_main_containers_have_ended() {
+        let rt = Fake::default();
+        rt.exit("web", 0);
+        let mut t = group();
+        t.containers.remove(0);
+        let want = [assigned_with("a1", t)];
+        pass(&rt, &want);
+        // web ended at once (a batch job): the sidecar is stopped, not left running.
+        let r = pass(&rt, &want);
+        assert_eq!(*lock(&rt.stopped), ["c-a1-shipper"]);
+        assert_eq!(state_of(&r, "a1"), pb::AllocationState::Exited as i32);
+        // And it is not started again.
+        pass(&rt, &want);
+        assert_eq!(lock(&rt.started).len(), 2);
+    }
+
+    #[test]
+    fn a_main_container_that_fails_fails_the_allocation_naming_it() {
+        let rt = Fake::default();
+        rt.exit("web", 2);
+        let mut t = group();
+        t.containers.remove(0);
+        let want = [assigned_with("a1", t)];
+        pass(&rt, &want);
+        let r = pass(&rt, &want);
+        assert_eq!(state_of(&r, "a1"), pb::AllocationState::Failed as i32);
+        assert_eq!(r[0].exit_code, 2);
+        assert!(r[0].reason.contains("container web: exit 2"), "{r:?}");
+    }
+
+    #[test]
+    fn an_allocation_going_away_stops_mains_before_sidecars() {
+        let rt = Fake::default();
+        let mut t = group();
+        t.containers.remove(0);
+        pass(&rt, &[assigned_with("a1", t)]);
+        pass(&rt, &[]);
+        assert_eq!(*lock(&rt.stopped), ["c-a1-web", "c-a1-shipper"]);
+        assert!(lock(&rt.containers).is_empty());
+        assert!(lock(&rt.pods).is_empty());
     }
 
     #[test]
@@ -457,19 +864,13 @@ mod tests {
         let rt = Fake::default();
         let mut local = assigned("a1");
         if let Ok(t) = &mut local.task {
-            t.container.image = "oci:/etc".into();
+            t.containers[0].image = "oci:/etc".into();
         }
         let mut device = assigned("a2");
         if let Ok(t) = &mut device.task {
-            t.container.devices = vec![("/dev/fuse".into(), 6)];
+            t.containers[0].devices = vec![("/dev/fuse".into(), 6)];
         }
-        let reports = reconcile_once(
-            &rt,
-            &[local, device],
-            &Failures::default(),
-            &Policy::default(),
-            None,
-        );
+        let reports = pass(&rt, &[local, device]);
         assert!(lock(&rt.started).is_empty());
         for r in &reports {
             assert_eq!(r.state, pb::AllocationState::Failed as i32, "{r:?}");
@@ -506,8 +907,8 @@ mod tests {
     fn a_task_this_agent_cannot_run_is_reported_failed() {
         let rt = Fake::default();
         let mut a = assigned("a1");
-        a.task = Err("this agent runs exactly one container per allocation; upgrade it".into());
-        let reports = reconcile_once(&rt, &[a], &Failures::default(), &Policy::default(), None);
+        a.task = Err("task: network mode 9 is one this agent does not know; upgrade it".into());
+        let reports = pass(&rt, &[a]);
         assert_eq!(reports[0].state, pb::AllocationState::Failed as i32);
         assert!(reports[0].reason.contains("upgrade it"));
         assert!(lock(&rt.started).is_empty());
@@ -529,8 +930,7 @@ mod tests {
             });
         }
         let want = [a, assigned("a2")];
-        let mut reports =
-            reconcile_once(&rt, &want, &Failures::default(), &Policy::default(), None);
+        let mut reports = pass(&rt, &want);
         let checker = Checker::default();
         health_checks(&rt, &want, &checker, &mut reports);
         let health = |id: &str| reports.iter().find(|r| r.id == id).map(|r| r.health);

@@ -22,6 +22,7 @@ pub fn tls_dir(data_dir: &Path) -> PathBuf {
 pub fn policy(path: &str) -> Need {
     match path {
         "/skiff.v1.Agent/Exec" | "/skiff.v1.Agent/Logs" => Need::Operator,
+        "/skiff.v1.Agent/ListVolumes" => Need::Reader,
         _ => Need::Admin,
     }
 }

@@ -711,3 +711,108 @@ fn output_lost_to_a_full_disk_is_counted_and_reported() {
     assert!(why.contains("No space left on device"), "{c}");
     agent.agent_ok(&["container", "rm", "-f", "chatty"]);
 }
+
+#[test]
+fn init_reaps_orphans_and_forwards_signals() {
+    need_root!();
+    let a = Agent::new();
+    // Without an init, PID 1 (sleep) never reaps the orphan a short-lived shell leaves: it
+    // stays a zombie. With one, it is reaped.
+    let orphan = "sh -c 'sleep 0.2 & exit 0'";
+    for (flags, zombies) in [(&[][..], true), (&["--init"][..], false)] {
+        let mut args = vec!["-d"];
+        args.extend_from_slice(flags);
+        let id = a.ok(&args, &["sleep", "1000"]);
+        a.agent_ok(&["container", "exec", &id, "--", "sh", "-c", orphan]);
+        // Bounded wait for the orphan to end and be reaped (or not).
+        let mut seen = String::new();
+        for _ in 0..50 {
+            let out = a.agent_ok(&["container", "exec", &id, "--", "ps", "-o", "stat,comm"]);
+            seen = String::from_utf8_lossy(&out.stdout).into_owned();
+            let has_zombie = seen.lines().any(|l| l.trim_start().starts_with('Z'));
+            let orphan_alive = seen.lines().filter(|l| l.contains("sleep")).count() > 1;
+            if !orphan_alive && has_zombie == zombies {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            seen.lines().any(|l| l.trim_start().starts_with('Z')),
+            zombies,
+            "flags {flags:?}: {seen}"
+        );
+        // A stop's SIGTERM reaches the workload through the init (it dies of it: 128 + 15);
+        // without an init PID 1 ignores it and is killed after the grace period (signal 9).
+        let out = a.agent_ok(&["container", "stop", "-t", "2", &id]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if zombies {
+            assert!(text.contains("signal 9"), "{text}");
+        } else {
+            assert!(text.contains("exit 143"), "{text}");
+        }
+    }
+}
+
+#[test]
+fn volumes_are_bind_mounted_read_write_or_read_only() {
+    need_root!();
+    let a = Agent::new();
+    let host = tempfile::tempdir().expect("tempdir");
+    std::fs::write(host.path().join("hello"), "from the host\n").expect("write");
+    let rw = format!("{}:/data", host.path().display());
+    let out = a.ok(
+        &["-v", &rw],
+        &[
+            "sh",
+            "-c",
+            "cat /data/hello; echo from-container > /data/back",
+        ],
+    );
+    assert_eq!(out, "from the host");
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("back")).expect("read"),
+        "from-container\n"
+    );
+    let ro = format!("{}:/srv/ro:ro", host.path().display());
+    let out = a.run(
+        &["-v", &ro],
+        &["sh", "-c", "cat /srv/ro/hello && touch /srv/ro/x"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a read-only volume refuses writes"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!host.path().join("x").exists());
+    // The mount is nosuid and nodev whatever the host directory's mount is.
+    let opts = a.ok(&["-v", &rw], &["sh", "-c", "grep ' /data ' /proc/mounts"]);
+    assert!(opts.contains("nosuid") && opts.contains("nodev"), "{opts}");
+    // A symlink in the image on the way to the mount point is refused, not followed.
+    let out = a.run(
+        &["-v", &format!("{}:/bin/sh/x", host.path().display())],
+        &["true"],
+    );
+    assert!(!out.status.success());
+}
+
+#[test]
+fn host_network_sees_the_hosts_interfaces() {
+    need_root!();
+    let a = Agent::new();
+    let own = a.ok(&[], &["cat", "/proc/net/dev"]);
+    let host = a.ok(&["--net-host"], &["cat", "/proc/net/dev"]);
+    let ifaces = |t: &str| -> Vec<String> {
+        t.lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next().map(|s| s.trim().to_owned()))
+            .collect()
+    };
+    assert_eq!(ifaces(&own), ["lo"], "its own namespace has loopback only");
+    let real = std::fs::read_to_string("/proc/net/dev").expect("host");
+    assert_eq!(ifaces(&host).len(), ifaces(&real).len(), "{host}");
+}

@@ -94,6 +94,9 @@ pub enum Cmd {
     /// An allocation's output (through its node's agent).
     Logs {
         allocation: String,
+        /// Which container of the allocation (default: its first main container).
+        #[arg(short, long)]
+        container: Option<String>,
         /// Keep printing new output until it stops.
         #[arg(short, long)]
         follow: bool,
@@ -101,11 +104,25 @@ pub enum Cmd {
     /// Run a command in an allocation's container and exit with its exit code.
     Exec {
         allocation: String,
+        /// Which container of the allocation (default: its first main container).
+        #[arg(short, long)]
+        container: Option<String>,
         /// KEY=VALUE added to the environment, repeatable.
         #[arg(short, long)]
         env: Vec<String>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Named volumes on every node (through each node's agent).
+    Volumes {
+        /// Only this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// A named volume.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCmd,
     },
     /// Join tokens for new agents and controller members.
     Token {
@@ -253,4 +270,17 @@ pub enum ClusterCmd {
     },
     /// Remove a member.
     Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCmd {
+    /// Remove a named volume and its data (refused while an allocation uses it).
+    #[command(alias = "remove")]
+    Rm {
+        /// NAMESPACE/JOB/NAME, or JOB/NAME in the default namespace.
+        volume: String,
+        /// The node holding it (needed when several nodes hold one of that name).
+        #[arg(long)]
+        node: Option<String>,
+    },
 }

@@ -18,7 +18,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use skiff_proto::v1 as pb;
 
-use crate::args::{CaCmd, Cli, ClusterCmd, Cmd, CredentialsCmd, Format, JobCmd, NodeCmd, TokenCmd};
+use crate::args::{
+    CaCmd, Cli, ClusterCmd, Cmd, CredentialsCmd, Format, JobCmd, NodeCmd, TokenCmd, VolumeCmd,
+};
 use crate::client::Controllers;
 use crate::render::Out;
 
@@ -106,12 +108,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             CaCmd::Rotate => pki::ca_rotate(&ctl, out).await,
             CaCmd::Retire { force } => pki::ca_retire(&ctl, out, force).await,
         },
-        Cmd::Logs { allocation, follow } => allocations::logs(&ctl, allocation, follow).await,
+        Cmd::Logs {
+            allocation,
+            container,
+            follow,
+        } => allocations::logs(&ctl, allocation, container, follow).await,
+        Cmd::Volumes { namespace } => allocations::volumes(&ctl, out, namespace).await,
+        Cmd::Volume {
+            command: VolumeCmd::Rm { volume, node },
+        } => allocations::volume_rm(&ctl, out, volume, node).await,
         Cmd::Exec {
             allocation,
+            container,
             env,
             command,
-        } => match allocations::exec(&ctl, allocation, command, env).await? {
+        } => match allocations::exec(&ctl, allocation, container, command, env).await? {
             0 => Ok(()),
             code => Err(ExitWith(code).into()),
         },

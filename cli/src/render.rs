@@ -214,6 +214,29 @@ pub fn allocation_json(a: &pb::Allocation) -> Value {
         "restarts": a.restarts, "exit_code": a.exit_code, "reason": a.reason,
         "created_at_ms": a.created_at_ms, "log_dropped_bytes": a.log_dropped_bytes,
         "log_error": a.log_error,
+        "containers": a.containers.iter().map(container_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn container_json(c: &pb::ContainerStatus) -> Value {
+    json!({
+        "name": c.name, "lifecycle": lifecycle(c.lifecycle), "state": allocation_state(c.state),
+        "exit_code": c.exit_code, "restarts": c.restarts, "reason": c.reason,
+    })
+}
+
+pub fn lifecycle(l: i32) -> &'static str {
+    match pb::ContainerLifecycle::try_from(l) {
+        Ok(pb::ContainerLifecycle::Init) => "init",
+        Ok(pb::ContainerLifecycle::Sidecar) => "sidecar",
+        _ => "main",
+    }
+}
+
+pub fn volume_json(v: &pb::NodeVolume) -> Value {
+    json!({
+        "node": v.node, "namespace": v.namespace, "job": v.job, "name": v.name,
+        "size_bytes": v.size_bytes, "used_by": v.used_by, "created_at_ms": v.created_at_ms,
     })
 }
 
@@ -236,7 +259,8 @@ pub fn node_json(n: &pb::Node) -> Value {
     };
     json!({
         "name": n.name, "address": n.address, "status": node_status(n.status), "labels": n.labels,
-        "subnet": n.subnet,
+        "subnet": n.subnet, "host_volume_dirs": n.host_volume_dirs,
+        "named_volumes": n.named_volumes,
         "wireguard": n.wireguard.as_ref().map(|w| wireguard_json(w, n.wireguard_status.as_ref())),
         "total": res(&n.total), "allocated": res(&n.allocated), "allocations": n.allocations,
         "registered_at_ms": n.registered_at_ms, "status_changed_at_ms": n.status_changed_at_ms,
@@ -270,4 +294,22 @@ pub fn service_json(s: &pb::ServiceInfo) -> Value {
             "health": health(e.health), "health_output": e.health_output, "ready": e.ready,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// Bytes for people: `512 B`, `3.2 KiB`, `1.5 MiB`, `2.0 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
 }

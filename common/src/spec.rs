@@ -70,22 +70,78 @@ impl SpecFormat {
     }
 }
 
-/// One job: what to run, how many, with which resources, and how to publish and update it.
+/// One job: a group of containers run together as one allocation per replica, how many
+/// replicas, their volumes and network, and how to publish and update them.
 ///
-/// Field docs give the spec key and its default. Later a job may hold several containers sharing
-/// one network namespace; the container fields (`image` .. `stop_grace`, `resources`, `ports`)
-/// would then move into a `containers` list, keeping their meaning.
+/// Field docs give the spec key and its default. The containers of an allocation share its
+/// network namespace (one address; `127.0.0.1` between them), its IPC namespace and the volumes
+/// they mount; each has its own mount and pid namespaces, cgroup and limits.
+///
+/// A spec with one container may be written in the shorthand form: the container's fields
+/// (`image`, `command`, `args`, `env`, `restart`, `init`, `stop_signal`, `stop_grace`,
+/// `resources`, `devices`) at the top level instead of a `[[containers]]` entry. It parses to
+/// the general form with one main container named after the job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawJobSpec")]
 pub struct JobSpec {
     /// `name`: required; `[a-z0-9-]`, unique per namespace.
     pub name: String,
     /// `namespace`: default `"default"`.
-    #[serde(default = "default_namespace")]
     pub namespace: String,
     /// `replicas`: default 1, at most [`MAX_REPLICAS`]; 0 keeps the job but runs nothing.
-    #[serde(default = "default_replicas", deserialize_with = "encoding::u32_int")]
     pub replicas: u32,
+    /// `[[containers]]`: at least one, at most [`MAX_CONTAINERS`], at least one of them main.
+    pub containers: Vec<ContainerSpec>,
+    /// `[[volumes]]`: volumes the containers mount by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// `[network]`: the allocation's network.
+    pub network: Network,
+    /// `[[ports]]`: named ports the workload listens on.
+    pub ports: Vec<Port>,
+    /// `[service]`: publishes `<service>.<namespace>.skiff.internal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Service>,
+    /// `[placement]`: where replicas may run.
+    pub placement: Placement,
+    /// `[update]`: how a new version rolls out. Not supported yet (refused at apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateStrategy>,
+    /// `[mesh]`: the sidecar's mTLS policy; no sidecar when absent. Not supported yet
+    /// (refused at apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<Mesh>,
+    /// Whether the text used the shorthand form: error paths then name the top-level field
+    /// (`image`), not `containers[0].image`. Never part of equality or of the canonical form.
+    #[serde(skip)]
+    written: Written,
+}
+
+/// How a spec was written; equal whatever it holds (see [`JobSpec`]'s `written`).
+#[derive(Clone, Copy, Debug, Default)]
+struct Written {
+    shorthand: bool,
+}
+
+impl PartialEq for Written {
+    fn eq(&self, _: &Written) -> bool {
+        true
+    }
+}
+
+/// The most containers one allocation may hold.
+pub const MAX_CONTAINERS: usize = 16;
+
+/// One container of an allocation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    /// `name`: required; `[a-z0-9-]`, unique in the job.
+    pub name: String,
+    /// `lifecycle`: `init` (runs to completion, one after another, before the others start),
+    /// `sidecar` (starts before the main containers, stops after them) or `main` (default).
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
     /// `image`: required; a registry reference, or `oci:DIR[:TAG]`, `oci-archive:FILE`,
     /// `docker-archive:FILE`.
     pub image: String,
@@ -98,43 +154,293 @@ pub struct JobSpec {
     /// `env`: added to the image's environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// `restart`: default `on-failure`.
+    /// `restart`: default `on-failure`; an init container's is `never` or `on-failure`.
     #[serde(default)]
     pub restart: RestartPolicy,
     /// `init`: run a minimal init as PID 1 that reaps orphans and forwards signals (like
-    /// `docker run --init`); default false. `true` is not supported yet (refused at apply).
+    /// `docker run --init`); default false.
     #[serde(default)]
     pub init: bool,
-    /// `stop_signal`: sent first when stopping a replica; default `SIGTERM`.
+    /// `stop_signal`: sent first when stopping; default `SIGTERM`.
     #[serde(default = "default_stop_signal")]
     pub stop_signal: String,
     /// `stop_grace`: how long after `stop_signal` before SIGKILL; default 10s.
     #[serde(default = "default_stop_grace", with = "encoding::duration")]
     pub stop_grace: Duration,
-    /// `[resources]`: limits of one replica.
+    /// `[resources]`: this container's limits; the allocation asks for the sum.
     #[serde(default)]
     pub resources: Resources,
-    /// `[[ports]]`: named ports the workload listens on.
-    #[serde(default)]
-    pub ports: Vec<Port>,
-    /// `[service]`: publishes `<service>.<namespace>.skiff.internal`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<Service>,
-    /// `[placement]`: where replicas may run.
-    #[serde(default)]
-    pub placement: Placement,
-    /// `[update]`: how a new version rolls out. Not supported yet (refused at apply).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub update: Option<UpdateStrategy>,
-    /// `[[devices]]`: host devices the replicas may use beyond the default set (null, zero,
+    /// `volumes`: the job's volumes this container mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    /// `[[devices]]`: host devices the container may use beyond the default set (null, zero,
     /// full, random, urandom, tty, ptmx, pts); each agent grants only those it allows
     /// (`--allow-device`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceGrant>,
-    /// `[mesh]`: the sidecar's mTLS policy; no sidecar when absent. Not supported yet
-    /// (refused at apply).
+}
+
+impl ContainerSpec {
+    /// A main container named `name` running `image`, every other field at its default.
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> ContainerSpec {
+        ContainerSpec {
+            name: name.into(),
+            lifecycle: Lifecycle::Main,
+            image: image.into(),
+            command: Vec::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            restart: RestartPolicy::default(),
+            init: false,
+            stop_signal: default_stop_signal(),
+            stop_grace: default_stop_grace(),
+            resources: Resources::default(),
+            volumes: Vec::new(),
+            devices: Vec::new(),
+        }
+    }
+}
+
+/// When a container runs within its allocation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lifecycle {
+    /// Runs to successful completion before the sidecars and main containers start.
+    Init,
+    /// Starts before the main containers and stops after them.
+    Sidecar,
+    /// The allocation's workload: it is healthy when these are.
+    #[default]
+    Main,
+}
+
+impl std::fmt::Display for Lifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lifecycle::Init => "init",
+            Lifecycle::Sidecar => "sidecar",
+            Lifecycle::Main => "main",
+        })
+    }
+}
+
+/// A volume of the job, mounted by its containers by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// `name`: `[a-z0-9-]`, unique in the job.
+    pub name: String,
+    /// `type`: `ephemeral` (default: lives and dies with the allocation), `named` (persists on
+    /// the node across allocations of this job; placement sticks to that node while it
+    /// lives), `host` (`path` under a directory the agent allows) or `tmpfs` (memory, `size`).
+    #[serde(default, rename = "type")]
+    pub kind: VolumeKind,
+    /// `path`: for `host`, the absolute directory on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mesh: Option<Mesh>,
+    pub path: Option<String>,
+    /// `size`: for `tmpfs`, its size (default 64Mi); counted in no container's memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ByteSize>,
+}
+
+/// What backs a [`Volume`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeKind {
+    #[default]
+    Ephemeral,
+    Named,
+    Host,
+    Tmpfs,
+}
+
+impl std::fmt::Display for VolumeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeKind::Ephemeral => "ephemeral",
+            VolumeKind::Named => "named",
+            VolumeKind::Host => "host",
+            VolumeKind::Tmpfs => "tmpfs",
+        })
+    }
+}
+
+/// Where a container sees one of the job's volumes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// `name`: one of the job's `volumes`.
+    pub name: String,
+    /// `path`: absolute, in the container.
+    pub path: String,
+    /// `read_only`: default false.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The allocation's network.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// `mode`: `bridge` (default: an address of its own on the overlay), `host` (the node's
+    /// network namespace; ports must be free on the node) or `none` (loopback only).
+    #[serde(default)]
+    pub mode: NetworkMode,
+}
+
+/// See [`Network`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    #[default]
+    Bridge,
+    Host,
+    None,
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NetworkMode::Bridge => "bridge",
+            NetworkMode::Host => "host",
+            NetworkMode::None => "none",
+        })
+    }
+}
+
+/// A spec as written: the general form's fields and the shorthand's, before
+/// [`RawJobSpec::into_spec`] folds the shorthand into one container.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawJobSpec {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default = "default_replicas", deserialize_with = "encoding::u32_int")]
+    replicas: u32,
+    #[serde(default)]
+    containers: Vec<ContainerSpec>,
+    #[serde(default)]
+    volumes: Vec<Volume>,
+    #[serde(default)]
+    network: Network,
+    #[serde(default)]
+    ports: Vec<Port>,
+    #[serde(default)]
+    service: Option<Service>,
+    #[serde(default)]
+    placement: Placement,
+    #[serde(default)]
+    update: Option<UpdateStrategy>,
+    #[serde(default)]
+    mesh: Option<Mesh>,
+    // The shorthand: one container's fields at the top level.
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    restart: Option<RestartPolicy>,
+    #[serde(default)]
+    init: Option<bool>,
+    #[serde(default)]
+    stop_signal: Option<String>,
+    #[serde(default, deserialize_with = "encoding::opt_duration")]
+    stop_grace: Option<Duration>,
+    #[serde(default)]
+    resources: Option<Resources>,
+    #[serde(default)]
+    devices: Option<Vec<DeviceGrant>>,
+}
+
+impl RawJobSpec {
+    /// The spec in its general form. The shorthand and `[[containers]]` do not mix; a
+    /// container field at the top level without `image` is an error naming it.
+    fn into_spec(self) -> Result<JobSpec, SpecError> {
+        let shorthand_fields = [
+            ("command", self.command.is_some()),
+            ("args", self.args.is_some()),
+            ("env", self.env.is_some()),
+            ("restart", self.restart.is_some()),
+            ("init", self.init.is_some()),
+            ("stop_signal", self.stop_signal.is_some()),
+            ("stop_grace", self.stop_grace.is_some()),
+            ("resources", self.resources.is_some()),
+            ("devices", self.devices.is_some()),
+        ];
+        let mut containers = self.containers;
+        let shorthand = self.image.is_some();
+        match self.image {
+            Some(image) => {
+                if !containers.is_empty() {
+                    return Err(SpecError::new(
+                        "image",
+                        "a top-level image is the one-container shorthand: with [[containers]], \
+                         give each container its image",
+                    ));
+                }
+                containers.push(ContainerSpec {
+                    name: self.name.clone(),
+                    lifecycle: Lifecycle::Main,
+                    image,
+                    command: self.command.unwrap_or_default(),
+                    args: self.args.unwrap_or_default(),
+                    env: self.env.unwrap_or_default(),
+                    restart: self.restart.unwrap_or_default(),
+                    init: self.init.unwrap_or_default(),
+                    stop_signal: self.stop_signal.unwrap_or_else(default_stop_signal),
+                    stop_grace: self.stop_grace.unwrap_or_else(default_stop_grace),
+                    resources: self.resources.unwrap_or_default(),
+                    volumes: Vec::new(),
+                    devices: self.devices.unwrap_or_default(),
+                });
+            }
+            None => {
+                if let Some((field, _)) = shorthand_fields.iter().find(|(_, set)| *set) {
+                    let hint = if containers.is_empty() {
+                        "it belongs to a container: add `image` (one container) or give it in \
+                         [[containers]]"
+                    } else {
+                        "with [[containers]], set it on each container"
+                    };
+                    return Err(SpecError::new(*field, hint));
+                }
+                if containers.is_empty() {
+                    return Err(SpecError::new(
+                        "image",
+                        "missing required field (give `image` for one container, or \
+                         [[containers]])",
+                    ));
+                }
+            }
+        }
+        Ok(JobSpec {
+            name: self.name,
+            namespace: self.namespace,
+            replicas: self.replicas,
+            containers,
+            volumes: self.volumes,
+            network: self.network,
+            ports: self.ports,
+            service: self.service,
+            placement: self.placement,
+            update: self.update,
+            mesh: self.mesh,
+            written: Written { shorthand },
+        })
+    }
+}
+
+impl TryFrom<RawJobSpec> for JobSpec {
+    type Error = SpecError;
+
+    fn try_from(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
+        raw.into_spec()
+    }
 }
 
 /// What happens when a replica's process exits.
@@ -187,6 +493,14 @@ pub struct Port {
     /// `protocol`: default `tcp`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// `host_port`: also published on the node's advertise address at this port; the
+    /// scheduler puts at most one allocation using it on a node.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "encoding::opt_u16_int"
+    )]
+    pub host_port: Option<u16>,
 }
 
 /// The transport protocol of a [`Port`].
@@ -335,28 +649,72 @@ fn default_true() -> bool {
 }
 
 impl JobSpec {
-    /// A spec with the given name and image and every other field at its default.
+    /// A spec with the given name and one main container (named after the job) running
+    /// `image`, every other field at its default.
     pub fn new(name: impl Into<String>, image: impl Into<String>) -> JobSpec {
+        let name = name.into();
         JobSpec {
-            name: name.into(),
+            containers: vec![ContainerSpec::new(name.clone(), image)],
+            name,
             namespace: default_namespace(),
             replicas: default_replicas(),
-            image: image.into(),
-            command: Vec::new(),
-            args: Vec::new(),
-            env: BTreeMap::new(),
-            restart: RestartPolicy::default(),
-            init: false,
-            stop_signal: default_stop_signal(),
-            stop_grace: default_stop_grace(),
-            resources: Resources::default(),
+            volumes: Vec::new(),
+            network: Network::default(),
             ports: Vec::new(),
             service: None,
             placement: Placement::default(),
             update: None,
-            devices: Vec::new(),
             mesh: None,
+            written: Written { shorthand: true },
         }
+    }
+
+    /// The first main container: in the shorthand form, the only one. Every valid spec has one.
+    pub fn main(&self) -> Option<&ContainerSpec> {
+        self.containers
+            .iter()
+            .find(|c| c.lifecycle == Lifecycle::Main)
+    }
+
+    /// The container named `name`.
+    pub fn container(&self, name: &str) -> Option<&ContainerSpec> {
+        self.containers.iter().find(|c| c.name == name)
+    }
+
+    /// What one replica asks of a node: the sum of its containers' resources.
+    pub fn total_resources(&self) -> Resources {
+        self.containers.iter().fold(
+            Resources {
+                cpu: 0.0,
+                memory: ByteSize::bytes(0),
+                pids: 0,
+            },
+            |sum, c| Resources {
+                cpu: sum.cpu + c.resources.cpu,
+                memory: ByteSize::bytes(
+                    sum.memory
+                        .as_u64()
+                        .saturating_add(c.resources.memory.as_u64()),
+                ),
+                pids: sum.pids.saturating_add(c.resources.pids),
+            },
+        )
+    }
+
+    /// The ports the allocation takes on its node: every `host_port`, and in host network
+    /// mode every port (the allocation listens on the node itself).
+    pub fn node_ports(&self) -> Vec<(u16, Protocol)> {
+        let mut out: Vec<(u16, Protocol)> = self
+            .ports
+            .iter()
+            .filter_map(|p| match self.network.mode {
+                NetworkMode::Host => Some((p.host_port.unwrap_or(p.port), p.protocol)),
+                _ => p.host_port.map(|h| (h, p.protocol)),
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The job's namespace.
@@ -403,7 +761,15 @@ impl JobSpec {
 
     /// Checks every rule of the spec; the error names the first offending field.
     pub fn validate(&self) -> Result<(), SpecError> {
-        validate::validate(self)
+        validate::validate(self).map_err(|mut e| {
+            // The shorthand's one container was written at the top level.
+            if self.written.shorthand
+                && let Some(rest) = e.field.strip_prefix("containers[0].")
+            {
+                e.field = rest.to_owned();
+            }
+            e
+        })
     }
 
     /// The complete spec as compact JSON: every field, in a fixed order, maps sorted by key.
@@ -418,15 +784,14 @@ impl JobSpec {
 /// Spec fields that are parsed and validated but that nothing implements yet. A spec that uses
 /// one is refused by [`parse_job_spec`] with "not supported yet: FIELD", never accepted and
 /// ignored; the issue that implements a field removes it from here.
-pub const NOT_SUPPORTED_YET: &[&str] = &["update", "mesh", "init"];
+pub const NOT_SUPPORTED_YET: &[&str] = &["update", "mesh"];
 
 impl JobSpec {
-    /// The first field of [`NOT_SUPPORTED_YET`] this spec uses (`init` only when true).
+    /// The first field of [`NOT_SUPPORTED_YET`] this spec uses.
     pub fn unsupported_field(&self) -> Option<&'static str> {
         NOT_SUPPORTED_YET.iter().copied().find(|f| match *f {
             "update" => self.update.is_some(),
             "mesh" => self.mesh.is_some(),
-            "init" => self.init,
             _ => false,
         })
     }
@@ -462,12 +827,13 @@ pub fn parse_job_spec_unchecked(text: &str, format: SpecFormat) -> Result<JobSpe
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let format = format.detect(text);
-    let mut spec: JobSpec = match format {
+    let raw: RawJobSpec = match format {
         SpecFormat::Json => error::from_json(text)?,
         _ => error::from_toml(text)?,
     };
+    let locate = |e: SpecError| e.located(|path| locate::line_of(text, format, path));
+    let mut spec = raw.into_spec().map_err(locate)?;
     spec.normalize();
-    spec.validate()
-        .map_err(|e| e.located(|path| locate::line_of(text, format, path)))?;
+    spec.validate().map_err(locate)?;
     Ok(spec)
 }

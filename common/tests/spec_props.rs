@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::sample::select;
-use skiff_common::spec::DeviceGrant;
+use skiff_common::spec::{
+    ContainerSpec, DeviceGrant, Lifecycle, NetworkMode, Volume, VolumeKind, VolumeMount,
+};
 use skiff_common::{
     ByteSize, Check, CheckKind, Constraint, ConstraintOp, JobSpec, Placement, Port, Protocol,
     Resources, RestartPolicy, Service, SpecFormat, diff_specs, parse_job_spec,
@@ -107,9 +109,12 @@ fn error_is_useful(text: &str, e: &skiff_common::SpecError) -> Result<(), TestCa
 /// ulps) and nothing else.
 fn forgive_cpu_ulp(spec: &JobSpec, back: &JobSpec) -> JobSpec {
     let mut back = back.clone();
-    let (a, b) = (spec.resources.cpu, back.resources.cpu);
+    let (a, b) = (
+        spec.containers[0].resources.cpu,
+        back.containers[0].resources.cpu,
+    );
     if a.is_finite() && b.is_finite() && a.to_bits().abs_diff(b.to_bits()) <= 16 {
-        back.resources.cpu = a;
+        back.containers[0].resources.cpu = a;
     }
     back
 }
@@ -230,6 +235,7 @@ fn ports() -> impl Strategy<Value = Vec<Port>> {
                 name,
                 port,
                 protocol,
+                host_port: None,
             });
         }
         out
@@ -346,18 +352,25 @@ prop_compose! {
         constraints in prop::collection::vec(constraint(), 0..3),
         spread in any::<bool>(),
         devices in prop::collection::btree_map("[a-z0-9]{1,8}", device(), 0..3),
+        extra in prop::collection::vec(
+            (select(vec![Lifecycle::Init, Lifecycle::Sidecar, Lifecycle::Main]), image(), any::<bool>()),
+            0..3,
+        ),
+        volumes in prop::collection::btree_map(dns_name(), volume_kind(), 0..3),
+        mounts in prop::collection::vec(any::<(bool, bool)>(), 0..4),
+        mode in select(vec![NetworkMode::Bridge, NetworkMode::Host, NetworkMode::None]),
     ) -> JobSpec {
         let mut spec = JobSpec::new(name, image);
         spec.namespace = namespace;
         spec.replicas = replicas;
         // The first word of a command line is the program: not empty.
-        spec.command = fix_argv(command);
-        spec.args = fix_argv(args);
-        spec.env = env;
-        spec.restart = restart;
-        spec.stop_signal = stop_signal.to_owned();
-        spec.stop_grace = stop_grace;
-        spec.resources = Resources { cpu, memory, pids };
+        spec.containers[0].command = fix_argv(command);
+        spec.containers[0].args = fix_argv(args);
+        spec.containers[0].env = env;
+        spec.containers[0].restart = restart;
+        spec.containers[0].stop_signal = stop_signal.to_owned();
+        spec.containers[0].stop_grace = stop_grace;
+        spec.containers[0].resources = Resources { cpu, memory, pids };
         spec.ports = ports;
         spec.service = service;
         spec.placement = Placement { constraints, spread };
@@ -366,10 +379,55 @@ prop_compose! {
         for d in devices.into_values() {
             by_path.entry(d.path.clone()).or_insert(d);
         }
-        spec.devices = by_path.into_values().collect();
+        spec.containers[0].devices = by_path.into_values().collect();
+        // A group: more containers (init ones never restart always), volumes, mounts.
+        for (i, (lifecycle, image, init)) in extra.into_iter().enumerate() {
+            let mut c = ContainerSpec::new(format!("c{i}"), image);
+            c.lifecycle = lifecycle;
+            c.init = init;
+            if lifecycle == Lifecycle::Init {
+                c.restart = RestartPolicy::OnFailure;
+            }
+            spec.containers.push(c);
+        }
+        spec.volumes = volumes
+            .into_iter()
+            .map(|(name, (kind, path, size))| Volume { name, kind, path, size })
+            .collect();
+        let names: Vec<String> = spec.volumes.iter().map(|v| v.name.clone()).collect();
+        let n = spec.containers.len();
+        for (i, (ro, _)) in mounts.iter().enumerate() {
+            if let Some(v) = names.get(i % names.len().max(1)) {
+                let c = &mut spec.containers[i % n];
+                let path = format!("/mnt/{v}");
+                if !c.volumes.iter().any(|m| m.path == path) {
+                    c.volumes.push(VolumeMount { name: v.clone(), path, read_only: *ro });
+                }
+            }
+        }
+        // No address to publish in mode none; no host ports are generated.
+        spec.network.mode = if spec.service.is_some() && mode == NetworkMode::None {
+            NetworkMode::Bridge
+        } else {
+            mode
+        };
         spec.normalize();
         spec
     }
+}
+
+/// A volume's type with what it needs: a plain directory for host, a size (or none) for tmpfs.
+fn volume_kind() -> impl Strategy<Value = (VolumeKind, Option<String>, Option<ByteSize>)> {
+    prop_oneof![
+        Just((VolumeKind::Ephemeral, None, None)),
+        Just((VolumeKind::Named, None, None)),
+        "(/[a-z0-9]{1,8}){1,3}".prop_map(|p| (VolumeKind::Host, Some(p), None)),
+        prop::option::of((1u64..=1024).prop_map(ByteSize::mib)).prop_map(|size| (
+            VolumeKind::Tmpfs,
+            None,
+            size
+        )),
+    ]
 }
 
 fn fix_argv(mut argv: Vec<String>) -> Vec<String> {
@@ -742,11 +800,11 @@ fn canonical_json_keeps_every_cpu_value_exactly() {
         let spec = parse_job_spec(&text, SpecFormat::Toml).expect("a valid spec");
         let back = parse_job_spec(&spec.to_canonical_json(), SpecFormat::Json).expect("its JSON");
         assert_eq!(
-            back.resources.cpu.to_bits(),
-            spec.resources.cpu.to_bits(),
+            back.containers[0].resources.cpu.to_bits(),
+            spec.containers[0].resources.cpu.to_bits(),
             "cpu {cpu}: {} came back as {}",
-            spec.resources.cpu,
-            back.resources.cpu
+            spec.containers[0].resources.cpu,
+            back.containers[0].resources.cpu
         );
         assert_eq!(back, spec);
     }

@@ -61,6 +61,8 @@ fn node(i: usize) -> Node {
         agent_addr: String::new(),
         subnet: None,
         wireguard: None,
+        host_volume_dirs: Vec::new(),
+        named_volumes: Default::default(),
     }
 }
 
@@ -240,6 +242,7 @@ async fn through_raft(nodes: usize, allocations: u32) -> anyhow::Result<ThroughR
                     }),
                     agent_addr: String::new(),
                     wireguard: None,
+                    host_volume_dirs: Vec::new(),
                 })
                 .await
             }));

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use skiff_common::JobSpec;
+use skiff_common::spec::Protocol;
 use tracing::{debug, info, warn};
 
 use crate::api::now_ms;
@@ -85,13 +86,33 @@ pub struct JobPlan {
     pub pending: Option<String>,
 }
 
-/// What an allocation of `spec` asks of its node.
+/// What an allocation of `spec` asks of its node: the sum of its containers, and a pod
+/// address unless it has no network of its own (host or none).
 pub fn ask(spec: &JobSpec) -> Usage {
-    Usage::new(
-        spec.resources.cpu,
-        spec.resources.memory.as_u64(),
-        u64::from(spec.resources.pids),
-    )
+    let r = spec.total_resources();
+    let mut u = Usage::new(r.cpu, r.memory.as_u64(), u64::from(r.pids));
+    if spec.network.mode != skiff_common::spec::NetworkMode::Bridge {
+        u.addresses = 0;
+    }
+    u
+}
+
+/// The job's named volumes as nodes report them: `namespace/job/name`.
+pub fn named_volume_keys(spec: &JobSpec) -> Vec<String> {
+    spec.volumes
+        .iter()
+        .filter(|v| v.kind == skiff_common::spec::VolumeKind::Named)
+        .map(|v| format!("{}/{}/{}", spec.namespace, spec.name, v.name))
+        .collect()
+}
+
+/// The node directories the job's host volumes mount.
+pub fn host_paths(spec: &JobSpec) -> Vec<String> {
+    spec.volumes
+        .iter()
+        .filter(|v| v.kind == skiff_common::spec::VolumeKind::Host)
+        .filter_map(|v| v.path.clone())
+        .collect()
 }
 
 /// Whether an allocation holds its node's resources: it should run and is not gone.
@@ -101,7 +122,17 @@ fn holds(a: &Allocation) -> bool {
 
 /// What the live allocations on each node hold, and how many there are.
 pub fn usage_by_node(state: &ClusterState) -> BTreeMap<&str, (Usage, u32)> {
-    let mut used: BTreeMap<&str, (Usage, u32)> = BTreeMap::new();
+    node_holdings(state)
+        .into_iter()
+        .map(|(node, (usage, count, _))| (node, (usage, count)))
+        .collect()
+}
+
+type Holdings<'a> = BTreeMap<&'a str, (Usage, u32, std::collections::BTreeSet<(u16, Protocol)>)>;
+
+/// Per node: what its live allocations hold, how many there are, and the ports they publish.
+fn node_holdings(state: &ClusterState) -> Holdings<'_> {
+    let mut used: Holdings<'_> = BTreeMap::new();
     for a in state.allocations().filter(|a| holds(a)) {
         let entry = used.entry(a.node.as_str()).or_default();
         entry.1 += 1;
@@ -111,20 +142,25 @@ pub fn usage_by_node(state: &ClusterState) -> BTreeMap<&str, (Usage, u32)> {
             .map(|v| &v.spec)
         {
             entry.0.add(ask(spec));
+            entry.2.extend(spec.node_ports());
         }
     }
     used
 }
 
-/// The scheduler's view of every node: resources held by live allocations.
+/// The scheduler's view of every node: resources and ports held by live allocations.
 pub fn node_view(state: &ClusterState) -> Vec<Candidate<'_>> {
-    let used = usage_by_node(state);
+    let mut held = node_holdings(state);
     state
         .nodes()
-        .map(|n| Candidate {
-            node: n,
-            used: used.get(n.name.as_str()).map(|u| u.0).unwrap_or_default(),
-            job_replicas: 0,
+        .map(|n| {
+            let (used, _, ports) = held.remove(n.name.as_str()).unwrap_or_default();
+            Candidate {
+                node: n,
+                used,
+                job_replicas: 0,
+                ports,
+            }
         })
         .collect()
 }
@@ -194,6 +230,9 @@ pub fn plan_job(
             }
         }
     } else if current.len() < want {
+        let ports = latest.spec.node_ports();
+        let host_paths = host_paths(&latest.spec);
+        let named_volumes = named_volume_keys(&latest.spec);
         let req = Request {
             ask: ask(&latest.spec),
             constraints: &latest.spec.placement.constraints,
@@ -203,6 +242,9 @@ pub fn plan_job(
                 Strategy::BinPack
             },
             count: (want - current.len()) as u32,
+            ports: &ports,
+            host_paths: &host_paths,
+            named_volumes: &named_volumes,
         };
         let placed = scheduler::place(view, &req);
         for node in placed.placements {
@@ -222,6 +264,7 @@ pub fn plan_job(
                 health_output: String::new(),
                 log_dropped_bytes: 0,
                 log_error: String::new(),
+                containers: Vec::new(),
             });
         }
         plan.unplaced = placed.unplaced;

@@ -3,17 +3,18 @@
 //! leader can compute it and every member can check it.
 //!
 //! Filters, in order (the first that rejects a node is the reason counted for it): the node is
-//! down, draining, fails a constraint on its labels, or lacks free cpu, memory, pids or pod
-//! addresses (its subnet's size).
+//! down, draining, fails a constraint on its labels, is not where the job's named volumes live,
+//! does not allow a host volume's directory, has a port the replica would publish taken, or
+//! lacks free cpu, memory, pids or pod addresses (its subnet's size).
 //! Scoring among the nodes that pass: replicas of the same job repel each other (a node with
 //! fewer of them always wins: anti-affinity), then bin-pack (fullest node after placement
 //! first, the default) or spread (emptiest first), then the node name (deterministic
 //! tie-break).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use skiff_common::spec::Constraint;
+use skiff_common::spec::{Constraint, Protocol};
 
 use crate::state::{Node, NodeStatus};
 
@@ -53,6 +54,20 @@ pub struct Candidate<'a> {
     pub node: &'a Node,
     pub used: Usage,
     pub job_replicas: u32,
+    /// Ports of the node that live allocations publish (host ports, host network mode).
+    pub ports: BTreeSet<(u16, Protocol)>,
+}
+
+impl<'a> Candidate<'a> {
+    /// An empty node.
+    pub fn new(node: &'a Node) -> Candidate<'a> {
+        Candidate {
+            node,
+            used: Usage::default(),
+            job_replicas: 0,
+            ports: BTreeSet::new(),
+        }
+    }
 }
 
 /// How to choose among nodes that fit.
@@ -72,6 +87,33 @@ pub struct Request<'a> {
     pub constraints: &'a [Constraint],
     pub strategy: Strategy,
     pub count: u32,
+    /// Ports each replica publishes on its node.
+    pub ports: &'a [(u16, Protocol)],
+    /// Host directories each replica mounts: its node must allow every one.
+    pub host_paths: &'a [String],
+    /// The job's named volumes (`namespace/job/name`): where one lives already, replicas go
+    /// only there.
+    pub named_volumes: &'a [String],
+}
+
+impl Request<'_> {
+    /// A request with no ports, host paths or named volumes.
+    pub fn simple(
+        ask: Usage,
+        constraints: &[Constraint],
+        strategy: Strategy,
+        count: u32,
+    ) -> Request<'_> {
+        Request {
+            ask,
+            constraints,
+            strategy,
+            count,
+            ports: &[],
+            host_paths: &[],
+            named_volumes: &[],
+        }
+    }
 }
 
 /// The outcome: one node name per placed replica (in placement order), and for the replicas
@@ -107,7 +149,7 @@ impl fmt::Display for Rejections {
 
 /// Why a node cannot take a replica, or `None` when it can. Static reasons (status,
 /// constraints) come first.
-fn reject(c: &Candidate<'_>, req: &Request<'_>) -> Option<String> {
+fn reject(c: &Candidate<'_>, req: &Request<'_>, sticky: &BTreeSet<String>) -> Option<String> {
     match c.node.status {
         NodeStatus::Down => return Some("node down".to_owned()),
         NodeStatus::Draining => return Some("node draining".to_owned()),
@@ -115,6 +157,58 @@ fn reject(c: &Candidate<'_>, req: &Request<'_>) -> Option<String> {
     }
     if let Some(failed) = req.constraints.iter().find(|k| !k.matches(&c.node.labels)) {
         return Some(format!("constraint {failed}"));
+    }
+    reject_static(c, req, sticky).or_else(|| reject_dynamic(c, req))
+}
+
+/// The nodes where one of the job's named volumes lives, if any does.
+fn sticky_nodes<'a>(
+    req: &Request<'_>,
+    candidates: impl Iterator<Item = &'a Candidate<'a>>,
+) -> BTreeSet<String> {
+    if req.named_volumes.is_empty() {
+        return BTreeSet::new();
+    }
+    candidates
+        .filter(|c| {
+            req.named_volumes
+                .iter()
+                .any(|v| c.node.named_volumes.contains(v))
+        })
+        .map(|c| c.node.name.clone())
+        .collect()
+}
+
+/// Reasons that hold for the whole request: named volumes elsewhere, host paths not allowed.
+fn reject_static(
+    c: &Candidate<'_>,
+    req: &Request<'_>,
+    sticky: &BTreeSet<String>,
+) -> Option<String> {
+    if !sticky.is_empty() && !sticky.contains(&c.node.name) {
+        let held: Vec<&str> = req
+            .named_volumes
+            .iter()
+            .map(String::as_str)
+            .filter(|v| !c.node.named_volumes.contains(*v))
+            .collect();
+        return Some(format!(
+            "named volume {} lives on another node",
+            held.first().copied().unwrap_or("?")
+        ));
+    }
+    if let Some(p) = req.host_paths.iter().find(|p| !c.node.allows_host_path(p)) {
+        return Some(format!(
+            "host volume {p} not under the node's --host-volume-dir"
+        ));
+    }
+    None
+}
+
+/// Reasons that change as replicas are placed: ports taken, resources.
+fn reject_dynamic(c: &Candidate<'_>, req: &Request<'_>) -> Option<String> {
+    if let Some((port, proto)) = req.ports.iter().find(|p| c.ports.contains(p)) {
+        return Some(format!("port {port}/{proto} in use on the node"));
     }
     reject_resources(c, req.ask)
 }
@@ -169,11 +263,13 @@ fn fit_score(c: &Candidate<'_>, ask: Usage, strategy: Strategy) -> u64 {
 /// view).
 pub fn place(candidates: &mut [Candidate<'_>], req: &Request<'_>) -> Plan {
     // Static filters once per request.
+    let sticky = sticky_nodes(req, candidates.iter());
     let eligible: Vec<usize> = (0..candidates.len())
         .filter(|&i| {
             let c = &candidates[i];
             c.node.status == NodeStatus::Ready
                 && req.constraints.iter().all(|k| k.matches(&c.node.labels))
+                && reject_static(c, req, &sticky).is_none()
         })
         .collect();
     let mut plan = Plan::default();
@@ -181,7 +277,7 @@ pub fn place(candidates: &mut [Candidate<'_>], req: &Request<'_>) -> Plan {
         let mut best: Option<(usize, (u32, u64))> = None;
         for &i in &eligible {
             let c = &candidates[i];
-            if reject_resources(c, req.ask).is_some() {
+            if reject_dynamic(c, req).is_some() {
                 continue;
             }
             // Fewer replicas of this job first, then the higher fit score.
@@ -207,6 +303,7 @@ pub fn place(candidates: &mut [Candidate<'_>], req: &Request<'_>) -> Plan {
         let c = &mut candidates[i];
         c.used.add(req.ask);
         c.job_replicas += 1;
+        c.ports.extend(req.ports.iter().copied());
         plan.placements.push(c.node.name.clone());
     }
     plan
@@ -221,8 +318,9 @@ fn rejections(candidates: &[Candidate<'_>], req: &Request<'_>) -> Rejections {
         nodes: candidates.len() as u32,
         reasons: BTreeMap::new(),
     };
+    let sticky = sticky_nodes(req, candidates.iter());
     for c in candidates {
-        if let Some(reason) = reject(c, req) {
+        if let Some(reason) = reject(c, req, &sticky) {
             *r.reasons.entry(reason).or_default() += 1;
         }
     }

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use skiff_common::{FieldChange, JobSpec, diff_specs};
 
 pub use model::{
-    Allocation, AllocationStatus, DesiredStatus, Health, Job, JobStatus, JobVersion, Node,
-    NodeResources, NodeStatus, WireguardBackend, WireguardIdentity,
+    Allocation, AllocationStatus, ContainerState, ContainerStatus, DesiredStatus, Health, Job,
+    JobStatus, JobVersion, Node, NodeResources, NodeStatus, WireguardBackend, WireguardIdentity,
 };
 
 /// A change to the cluster state, replicated through the Raft log.
@@ -65,6 +65,11 @@ pub enum Command {
     ReportAllocations {
         reports: Vec<AllocationReport>,
         at_ms: i64,
+    },
+    /// Record the named volumes a node holds (`namespace/job/name`), as its agent reported.
+    SetNodeVolumes {
+        name: String,
+        volumes: std::collections::BTreeSet<String>,
     },
     /// Stop allocations (desired = stop); with `lost`, also record that their node is gone.
     StopAllocations {
@@ -126,6 +131,10 @@ pub struct AllocationReport {
     pub log_dropped_bytes: u64,
     #[serde(default)]
     pub log_error: String,
+    /// Each container of the allocation; `None`: not reported (an older agent), keep what
+    /// is recorded.
+    #[serde(default)]
+    pub containers: Option<Vec<ContainerStatus>>,
 }
 
 fn default_subnet_prefix() -> u8 {
@@ -147,6 +156,7 @@ impl Command {
             Command::ReportAllocation { .. } => "report_allocation",
             Command::ReportAllocations { .. } => "report_allocations",
             Command::StopAllocations { .. } => "stop_allocations",
+            Command::SetNodeVolumes { .. } => "set_node_volumes",
             Command::SetJobPending { .. } => "set_job_pending",
             Command::InitCluster { .. } => "init_cluster",
             Command::Pki { .. } => "pki",
@@ -179,6 +189,9 @@ impl std::fmt::Display for Command {
             }
             Command::StopAllocations { ids, lost, .. } => {
                 write!(f, "stop_allocations({}, lost={lost})", ids.len())
+            }
+            Command::SetNodeVolumes { name, volumes } => {
+                write!(f, "set_node_volumes({name}, {})", volumes.len())
             }
             Command::SetJobPending {
                 namespace, name, ..
@@ -375,6 +388,10 @@ impl ClusterState {
                     None => (cluster_cidr.as_str(), *subnet_prefix),
                 };
                 let mut node = node.clone();
+                // What the node reported since it first registered stays until it reports again.
+                if let Some(known) = self.nodes.get(&node.name) {
+                    node.named_volumes = known.named_volumes.clone();
+                }
                 node.subnet = match self.nodes.get(&node.name).and_then(|n| n.subnet.clone()) {
                     Some(kept) => Some(kept),
                     None => Some(self.free_subnet(cidr, prefix, &node.name)?),
@@ -472,11 +489,26 @@ impl ClusterState {
                                 alloc.log_dropped_bytes = r.log_dropped_bytes;
                                 alloc.log_error = r.log_error.clone();
                             }
+                            if let Some(containers) = &r.containers {
+                                alloc.containers = containers.clone();
+                            }
                             count += 1;
                         }
                     }
                 }
                 Ok(Outcome::AllocationsUpdated { count })
+            }
+            Command::SetNodeVolumes { name, volumes } => {
+                let node = self
+                    .nodes
+                    .get_mut(name)
+                    .ok_or_else(|| ApplyError::NodeNotFound { name: name.clone() })?;
+                let changed = node.named_volumes != *volumes;
+                node.named_volumes = volumes.clone();
+                Ok(Outcome::NodeStatusSet {
+                    name: name.clone(),
+                    changed,
+                })
             }
             Command::StopAllocations { ids, lost, at_ms } => Ok(Outcome::AllocationsUpdated {
                 count: self.stop_allocations(ids, *lost, *at_ms),

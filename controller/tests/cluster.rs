@@ -291,6 +291,7 @@ fn beat(node: &str, allocations: Vec<pb::AllocationReport>) -> pb::HeartbeatRequ
         allocations,
         wireguard: None,
         trust_version: 0,
+        named_volumes: Vec::new(),
     }
 }
 
@@ -726,6 +727,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         }),
         agent_addr: "198.18.0.9:7801".into(),
         wireguard: None,
+        host_volume_dirs: Vec::new(),
     };
 
     const KEY: &str = "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE=";
@@ -1181,6 +1183,7 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
             endpoint: "198.18.0.9:51820".into(),
             backend: pb::WireguardBackend::Userspace as i32,
         }),
+        host_volume_dirs: Vec::new(),
     };
     const KEY1: &str = "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE=";
     const KEY2: &str = "aGVsbG8gd29ybGQgdGhpcyBpcyBhIHRlc3Qga2V5ISE=";

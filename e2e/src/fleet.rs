@@ -656,7 +656,16 @@ impl Fleet {
         container: &str,
         args: &[&str],
     ) -> Result<Output> {
-        let ns = self.agent_data(agent)?.join("run/netns").join(container);
+        // Its own namespace, or (a container of a pod) the one its config says it joins.
+        let data = self.agent_data(agent)?;
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(data.join("containers").join(container).join("config.json"))
+                .with_context(|| format!("container {container} on {agent}"))?,
+        )?;
+        let ns = match config["network"]["join"].as_str() {
+            Some(path) => PathBuf::from(path),
+            None => data.join("run/netns").join(container),
+        };
         Ok(Command::new("nsenter")
             .arg(format!("--net={}", ns.display()))
             .arg("--")

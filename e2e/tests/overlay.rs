@@ -531,6 +531,7 @@ fn fake_node(
                             endpoint: format!("{address}:51820"),
                             backend: skiff_proto::v1::WireguardBackend::Userspace as i32,
                         }),
+                        host_volume_dirs: Vec::new(),
                     })
                     .await?
                     .into_inner();
@@ -546,6 +547,7 @@ fn fake_node(
                         allocations: vec![],
                         wireguard: None,
                         trust_version: 0,
+                        named_volumes: Vec::new(),
                     })
                     .await?;
                     tokio::time::sleep(Duration::from_millis(300)).await;

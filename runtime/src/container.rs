@@ -14,7 +14,8 @@ use super::image::{
 };
 use super::monitor::{self, STOP_FILE};
 use super::store::{
-    ContainerConfig, RestartPolicy, State, Status, Store, StoreError, monitor_alive, now_ms,
+    ContainerConfig, Mount, NetworkAttach, RestartPolicy, State, Status, Store, StoreError,
+    monitor_alive, now_ms,
 };
 
 /// What the user asked to run.
@@ -42,6 +43,14 @@ pub struct RunOptions {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Host devices granted beyond the default allow-list (the caller decides which may be).
     pub devices: Vec<crate::devices::DeviceNode>,
+    /// Its network namespace: its own (plumbed by the network hook), its pod's, or the host's.
+    pub network: NetworkAttach,
+    /// Its pod's IPC namespace, if it shares one.
+    pub ipc: Option<PathBuf>,
+    /// Host directories bind-mounted into it.
+    pub mounts: Vec<Mount>,
+    /// A minimal init as PID 1.
+    pub init: bool,
 }
 
 /// Runtime failures, each naming what failed.
@@ -129,6 +138,11 @@ impl Runtime {
     /// Containers started from now on are plumbed by `network`.
     pub fn set_network(&mut self, network: std::sync::Arc<dyn NetworkHook>) {
         self.network = Some(network);
+    }
+
+    /// The network hook containers and pods are plumbed by, if any.
+    pub fn network_hook(&self) -> Option<&std::sync::Arc<dyn NetworkHook>> {
+        self.network.as_ref()
     }
 
     /// Where containers and images live.
@@ -265,6 +279,10 @@ impl Runtime {
             created_at_ms: now_ms(),
             labels: opts.labels.clone(),
             devices: opts.devices.clone(),
+            network: opts.network.clone(),
+            ipc: opts.ipc.clone(),
+            mounts: opts.mounts.clone(),
+            init: opts.init,
         })
     }
 
@@ -281,6 +299,22 @@ impl Runtime {
         let image = images.ensure(&opts.image, opts.pull, &pull)?;
         let mut config = self.resolve(opts, &image.config, image.layers.clone())?;
         config.image = image.reference.clone();
+        for m in &config.mounts {
+            if !m.source.is_dir() {
+                return Err(RuntimeError::Invalid {
+                    field: "mounts",
+                    reason: format!("{} is not a directory", m.source.display()),
+                });
+            }
+        }
+        if let NetworkAttach::Join(ns) = &config.network
+            && !ns.exists()
+        {
+            return Err(RuntimeError::Invalid {
+                field: "network",
+                reason: format!("no network namespace at {}", ns.display()),
+            });
+        }
         // Check the limits (and that cgroups work) before anything is written.
         let manager = cgroup::host(&self.cgroup_parent)?;
         let cg = manager.create(&config.id, &config.limits)?;
@@ -316,7 +350,11 @@ impl Runtime {
                 });
             }
         }
-        if let Some(net) = &self.network {
+        if let Some(net) = self
+            .network
+            .as_ref()
+            .filter(|_| config.network == NetworkAttach::Own)
+        {
             // The namespace exists before the workload does, so it starts with its network.
             let netns = monitor::netns_path(&self.data_dir, &id);
             let attached = monitor::create_netns(&netns).and_then(|()| net.attach(&id, &netns));

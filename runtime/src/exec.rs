@@ -131,5 +131,6 @@ fn child_setup(
         args,
         env,
         seccomp,
+        init: false,
     })
 }

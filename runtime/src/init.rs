@@ -27,7 +27,8 @@ use super::sys;
 pub struct Child<'a> {
     pub config: &'a ContainerConfig,
     pub dir: &'a Path,
-    pub netns: &'a Path,
+    /// The network namespace to join; `None`: stay in the host's.
+    pub netns: Option<&'a Path>,
     pub sync_read: &'a OwnedFd,
     pub err_write: &'a OwnedFd,
     pub stdout: &'a OwnedFd,
@@ -90,15 +91,27 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
     }
     ctx("set non-dumpable", sys::set_non_dumpable())?;
     ctx("new cgroup namespace", unshare(CloneFlags::CLONE_NEWCGROUP))?;
-    let netns = ctx(
-        &format!("open {}", c.netns.display()),
-        std::fs::File::open(c.netns),
-    )?;
-    ctx(
-        "join network namespace",
-        setns(netns.as_fd(), CloneFlags::CLONE_NEWNET),
-    )?;
-    drop(netns);
+    if let Some(path) = c.netns {
+        let netns = ctx(
+            &format!("open {}", path.display()),
+            std::fs::File::open(path),
+        )?;
+        ctx(
+            "join network namespace",
+            setns(netns.as_fd(), CloneFlags::CLONE_NEWNET),
+        )?;
+    }
+    // A pod's containers share its IPC namespace (the clone made none of our own).
+    if let Some(path) = &cfg.ipc {
+        let ipcns = ctx(
+            &format!("open {}", path.display()),
+            std::fs::File::open(path),
+        )?;
+        ctx(
+            "join IPC namespace",
+            setns(ipcns.as_fd(), CloneFlags::CLONE_NEWIPC),
+        )?;
+    }
 
     // Nothing we mount may propagate back to the host.
     ctx(
@@ -148,6 +161,9 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
     )?;
 
     mount_proc_dev_sys(&root, &cfg.devices)?;
+    for m in &cfg.mounts {
+        bind_volume(&root, m)?;
+    }
     for path in security::MASKED_PATHS {
         mask(&root, path)?;
     }
@@ -185,7 +201,46 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
         args: &cfg.args,
         env: &cfg.env,
         seccomp: c.seccomp,
+        init: cfg.init,
     }))
+}
+
+/// Bind-mounts a volume's host directory at its path in the rootfs (made if missing; a
+/// symlink in the image on the way is refused), never suid or device-bearing, read-only when
+/// asked.
+fn bind_volume(root: &OwnedFd, m: &crate::store::Mount) -> Result<(), String> {
+    let what = format!("volume at {}", m.target);
+    let rel = m.target.trim_start_matches('/');
+    if rel.is_empty()
+        || rel
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!("{what}: not a plain absolute path"));
+    }
+    let target = ctx(&what, sys::ensure_dir_in_root(root, rel))?;
+    let source = m.source.display().to_string();
+    ctx(
+        &what,
+        sys::mount_on(
+            Some(source.as_str()),
+            &target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        ),
+    )?;
+    // Re-open to reach the bind mount itself, then set its flags.
+    let mounted = ctx(&what, sys::open_in_root(root, rel, true))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if m.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let p = sys::fd_path(&mounted);
+    ctx(
+        &what,
+        mount(None::<&str>, p.as_str(), None::<&str>, flags, None::<&str>),
+    )
 }
 
 fn mount_proc_dev_sys(

@@ -22,6 +22,8 @@ pub mod image;
 pub mod init;
 pub mod logs;
 pub mod monitor;
+pub mod pod;
+pub mod reaper;
 pub mod security;
 pub mod store;
 #[allow(unsafe_code)]

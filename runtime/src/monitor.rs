@@ -21,7 +21,9 @@ use super::cgroup::{self, Cgroup};
 use super::init;
 use super::logs::{LogWriter, Stream};
 use super::security;
-use super::store::{ContainerConfig, ExitInfo, State, Status, Store, now_ms, process_start_time};
+use super::store::{
+    ContainerConfig, ExitInfo, NetworkAttach, State, Status, Store, now_ms, process_start_time,
+};
 use super::sys;
 
 /// Restarts are given up after this many in a row.
@@ -71,7 +73,8 @@ struct Monitor {
     config: ContainerConfig,
     state: State,
     cgroup: Box<dyn Cgroup>,
-    netns: PathBuf,
+    /// The network namespace to join; `None`: the host's.
+    netns: Option<PathBuf>,
     signals: SignalFd,
     seccomp: security::SeccompProgram,
 }
@@ -107,8 +110,15 @@ impl Monitor {
                 .map_err(|e| e.to_string())?,
         };
         let seccomp = security::default_seccomp().map_err(|e| e.to_string())?;
-        let netns = netns_path(data_dir, id);
-        create_netns(&netns)?;
+        let netns = match &config.network {
+            NetworkAttach::Own => {
+                let own = netns_path(data_dir, id);
+                create_netns(&own)?;
+                Some(own)
+            }
+            NetworkAttach::Join(path) => Some(path.clone()),
+            NetworkAttach::Host => None,
+        };
         Ok(Monitor {
             dir: store.dir(id),
             store,
@@ -234,17 +244,19 @@ impl Monitor {
         let child = init::Child {
             config: &self.config,
             dir: &self.dir,
-            netns: &self.netns,
+            netns: self.netns.as_deref(),
             sync_read: &sync_read,
             err_write: &err_write,
             stdout: &out_write,
             stderr: &errs_write,
             seccomp: &self.seccomp,
         };
-        let flags = CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC;
+        let mut flags =
+            CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
+        // A pod's containers share its IPC namespace: the child joins it instead.
+        if self.config.ipc.is_none() {
+            flags |= CloneFlags::CLONE_NEWIPC;
+        }
         let pid = sys::clone_child(flags, Box::new(|| init::run(&child)))
             .map_err(|e| format!("clone: {e}"))?;
         drop(err_write);
@@ -425,7 +437,12 @@ impl Monitor {
         if let Err(e) = self.cgroup.delete() {
             note(format_args!("monitor {}: removing cgroup: {e}", self.id));
         }
-        remove_netns(&self.netns);
+        // Only a namespace made for this container goes with it; a pod's stays for the pod.
+        if self.config.network == NetworkAttach::Own
+            && let Some(netns) = &self.netns
+        {
+            remove_netns(netns);
+        }
         let _ = std::fs::remove_file(self.dir.join(STOP_FILE));
         self.state.monitor_pid = None;
         self.state.monitor_start = None;
@@ -507,7 +524,41 @@ pub fn create_netns(path: &Path) -> Result<(), String> {
     })
 }
 
-fn is_mountpoint(path: &Path) -> bool {
+/// Creates an IPC namespace and binds it at `path`, as [`create_netns`] does for a network
+/// namespace (on a thread of its own), so a pod's containers can share it.
+pub fn create_ipcns(path: &Path) -> Result<(), String> {
+    if path.exists() && is_mountpoint(path) {
+        return Ok(());
+    }
+    let parent = path.parent().ok_or("ipc namespace path has no parent")?;
+    std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    let target = path.to_path_buf();
+    let made = std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::unshare(CloneFlags::CLONE_NEWIPC).map_err(|e| format!("unshare: {e}"))?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/ipc"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind mount: {e}"))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the namespace thread panicked".into()));
+    made.map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        format!("creating IPC namespace {}: {e}", path.display())
+    })
+}
+
+/// Unmounts and removes a bound namespace file (network or IPC). Idempotent.
+pub fn remove_ns(path: &Path) {
+    remove_netns(path)
+}
+
+pub fn is_mountpoint(path: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };

@@ -42,6 +42,42 @@ pub struct ContainerConfig {
     /// Host devices granted beyond the default allow-list, made in its `/dev`.
     #[serde(default)]
     pub devices: Vec<crate::devices::DeviceNode>,
+    /// Which network namespace it runs in.
+    #[serde(default)]
+    pub network: NetworkAttach,
+    /// The IPC namespace (a bind-mounted `ns/ipc`) it shares with the rest of its pod; `None`:
+    /// one of its own.
+    #[serde(default)]
+    pub ipc: Option<PathBuf>,
+    /// Directories of the host bind-mounted into it (volumes).
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// Run a minimal init as PID 1 that reaps orphans and forwards signals to the workload.
+    #[serde(default)]
+    pub init: bool,
+}
+
+/// The network namespace a container runs in.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkAttach {
+    /// A namespace of its own, made for it (plumbed by the runtime's network hook, if any).
+    #[default]
+    Own,
+    /// An existing namespace bound at this path (its pod's).
+    Join(PathBuf),
+    /// The host's.
+    Host,
+}
+
+/// A host directory bind-mounted into a container.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Mount {
+    /// The directory on the host.
+    pub source: PathBuf,
+    /// Absolute path in the container (plain: no `.`, `..` or empty components).
+    pub target: String,
+    pub read_only: bool,
 }
 
 /// When the monitor restarts a container that exited.
@@ -410,6 +446,10 @@ mod tests {
             created_at_ms: 1,
             labels: Default::default(),
             devices: vec![],
+            network: NetworkAttach::Own,
+            ipc: None,
+            mounts: vec![],
+            init: false,
         }
     }
 

@@ -209,6 +209,19 @@ pub fn cloexec_from(first: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Closes every descriptor from `first` up. Only for a process that owns all of them (a
+/// forked child about to become something else): a descriptor another part of the process
+/// still holds as an `OwnedFd` would be closed under it.
+pub fn close_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range passes no memory; the caller owns every descriptor it closes (this
+    // function's contract above).
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Brings the loopback interface of the current network namespace up.
 pub fn loopback_up() -> io::Result<()> {
     let sock = nix::sys::socket::socket(

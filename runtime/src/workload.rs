@@ -7,7 +7,8 @@
 //! dir → program looked up in the container's `PATH` → arguments and environment checked →
 //! capabilities cut to Docker's default set → `no_new_privs` → supplementary groups, gid, uid
 //! (also for root: the host's supplementary groups never reach the workload) → seccomp →
-//! every fd ≥ 3 close-on-exec → `execve`.
+//! every fd ≥ 3 close-on-exec → with `init`, fork (the parent becomes [`crate::reaper`]) →
+//! `execve`.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -31,6 +32,9 @@ pub struct Workload<'a> {
     pub env: &'a [String],
     /// The filter installed last before `execve`.
     pub seccomp: &'a SeccompProgram,
+    /// Fork first: the parent stays as PID 1, reaping orphans and forwarding signals (as
+    /// `docker run --init`), with the same user, capabilities and filter as the workload.
+    pub init: bool,
 }
 
 /// Becomes the workload and execs it. Returns only on failure, with the reason naming the
@@ -76,6 +80,16 @@ fn become_and_exec(w: &Workload<'_>) -> Result<Never, String> {
     ctx("setuid", nix::unistd::setuid(Uid::from_raw(uid)))?;
     ctx("seccomp", security::install_seccomp(w.seccomp))?;
     ctx("close descriptors", sys::cloexec_from(3))?;
+    if w.init {
+        match ctx("fork the workload", sys::fork_single_threaded())? {
+            nix::unistd::ForkResult::Child => {}
+            nix::unistd::ForkResult::Parent { child } => {
+                // Whoever waits for our exec to close the error pipe is not kept waiting.
+                let _ = sys::close_from(3);
+                crate::reaper::run(child);
+            }
+        }
+    }
     let e = nix::unistd::execve(&program, &argv, &envp)
         .err()
         .map(|e| e.desc())

@@ -13,6 +13,8 @@ use skiff_runtime::store::{RestartPolicy, Status, monitor_alive};
 
 use crate::config::Settings;
 
+// Parsed once per process from the command line: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum ContainerCmd {
     /// Run a container in the foreground and exit with its exit code.
@@ -48,6 +50,15 @@ pub enum ContainerCmd {
         /// made at the same path in its /dev. Repeatable.
         #[arg(long = "device")]
         devices: Vec<String>,
+        /// A host directory to bind-mount, SRC:DST[:ro]. Repeatable.
+        #[arg(long = "volume", short = 'v')]
+        volumes: Vec<String>,
+        /// Run a minimal init as PID 1 that reaps orphans and forwards signals.
+        #[arg(long)]
+        init: bool,
+        /// Use the host's network namespace instead of one of its own.
+        #[arg(long = "net-host")]
+        net_host: bool,
         /// Start it and return its id instead of waiting.
         #[arg(short = 'd', long)]
         detach: bool,
@@ -146,9 +157,35 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
             pull,
             detach,
             devices,
+            volumes,
+            init,
+            net_host,
             rm,
             cmd,
         } => {
+            let mounts = volumes
+                .iter()
+                .map(|v| {
+                    let mut parts = v.splitn(3, ':');
+                    let (Some(src), Some(dst)) = (parts.next(), parts.next()) else {
+                        anyhow::bail!("--volume {v}: not SRC:DST[:ro]");
+                    };
+                    let read_only = match parts.next() {
+                        None | Some("rw") => false,
+                        Some("ro") => true,
+                        Some(o) => anyhow::bail!("--volume {v}: {o:?} is not ro or rw"),
+                    };
+                    if !dst.starts_with('/') {
+                        anyhow::bail!("--volume {v}: {dst} is not an absolute path");
+                    }
+                    Ok(skiff_runtime::store::Mount {
+                        source: std::fs::canonicalize(src)
+                            .map_err(|e| anyhow::anyhow!("--volume {v}: {src}: {e}"))?,
+                        target: dst.to_owned(),
+                        read_only,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let memory = match memory {
                 Some(m) => Some(
                     m.parse::<skiff_common::ByteSize>()
@@ -190,6 +227,13 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                             .map_err(|e| anyhow::anyhow!("--device {d}: {e}"))
                     })
                     .collect::<anyhow::Result<_>>()?,
+                mounts,
+                init: *init,
+                network: if *net_host {
+                    skiff_runtime::store::NetworkAttach::Host
+                } else {
+                    skiff_runtime::store::NetworkAttach::Own
+                },
                 ..RunOptions::default()
             };
             let (id, mut monitor) = rt.run(&opts)?;

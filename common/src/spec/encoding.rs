@@ -118,3 +118,15 @@ impl Visitor<'_> for CoresVisitor {
         Ok(v as f64)
     }
 }
+
+/// An optional port number: absent, or 1 to 65535 as [`u16_int`] reads it.
+pub(crate) fn opt_u16_int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    u16_int(d).map(Some)
+}
+
+/// An optional [`duration`].
+pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    duration::deserialize(d).map(Some)
+}

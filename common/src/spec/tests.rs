@@ -31,13 +31,16 @@ fn design_example_parses_with_every_field() {
     assert_eq!(spec.namespace(), "default");
     assert_eq!(spec.key(), "default/web");
     assert_eq!(spec.replicas, 3);
-    assert_eq!(spec.image, "127.0.0.1:5000/demo/web:1.0");
-    assert_eq!(spec.command, ["/bin/httpd"]);
-    assert_eq!(spec.args, ["-f", "-p", "8080", "-h", "/www"]);
-    assert_eq!(spec.env.get("GREETING").map(String::as_str), Some("hello"));
-    assert_eq!(spec.restart, RestartPolicy::OnFailure);
+    assert_eq!(spec.containers[0].image, "127.0.0.1:5000/demo/web:1.0");
+    assert_eq!(spec.containers[0].command, ["/bin/httpd"]);
+    assert_eq!(spec.containers[0].args, ["-f", "-p", "8080", "-h", "/www"]);
     assert_eq!(
-        spec.resources,
+        spec.containers[0].env.get("GREETING").map(String::as_str),
+        Some("hello")
+    );
+    assert_eq!(spec.containers[0].restart, RestartPolicy::OnFailure);
+    assert_eq!(
+        spec.containers[0].resources,
         Resources {
             cpu: 0.25,
             memory: ByteSize::mib(64),
@@ -49,7 +52,8 @@ fn design_example_parses_with_every_field() {
         [Port {
             name: "http".into(),
             port: 8080,
-            protocol: Protocol::Tcp
+            protocol: Protocol::Tcp,
+            host_port: None,
         }]
     );
     let service = spec.service.as_ref().unwrap();
@@ -84,9 +88,9 @@ fn design_example_parses_with_every_field() {
         })
     );
     // Not in the example: defaults.
-    assert!(!spec.init);
-    assert_eq!(spec.stop_signal, "SIGTERM");
-    assert_eq!(spec.stop_grace, Duration::from_secs(10));
+    assert!(!spec.containers[0].init);
+    assert_eq!(spec.containers[0].stop_signal, "SIGTERM");
+    assert_eq!(spec.containers[0].stop_grace, Duration::from_secs(10));
 }
 
 #[test]
@@ -94,10 +98,10 @@ fn minimal_spec_gets_every_default() {
     let spec = parse(MINIMAL_TOML);
     assert_eq!(spec, JobSpec::new("hello", "busybox"));
     assert_eq!(spec.replicas, 1);
-    assert_eq!(spec.resources.cpu, 0.1);
-    assert_eq!(spec.resources.memory, ByteSize::mib(64));
-    assert_eq!(spec.resources.pids, 256);
-    assert_eq!(spec.restart, RestartPolicy::OnFailure);
+    assert_eq!(spec.containers[0].resources.cpu, 0.1);
+    assert_eq!(spec.containers[0].resources.memory, ByteSize::mib(64));
+    assert_eq!(spec.containers[0].resources.pids, 256);
+    assert_eq!(spec.containers[0].restart, RestartPolicy::OnFailure);
     assert_eq!(spec.update, None);
     let update = UpdateStrategy::default();
     assert_eq!(update.max_surge, 1);
@@ -113,11 +117,11 @@ fn minimal_spec_gets_every_default() {
 fn json_is_accepted() {
     let spec = parse(DNS_JSON);
     assert_eq!(spec.key(), "infra/dns");
-    assert!(spec.init);
-    assert_eq!(spec.stop_signal, "SIGQUIT");
-    assert_eq!(signal_number(&spec.stop_signal), Some(3));
-    assert_eq!(spec.resources.cpu, 1.0);
-    assert_eq!(spec.resources.memory, ByteSize::mib(128));
+    assert!(spec.containers[0].init);
+    assert_eq!(spec.containers[0].stop_signal, "SIGQUIT");
+    assert_eq!(signal_number(&spec.containers[0].stop_signal), Some(3));
+    assert_eq!(spec.containers[0].resources.cpu, 1.0);
+    assert_eq!(spec.containers[0].resources.memory, ByteSize::mib(128));
     assert_eq!(spec.ports[0].protocol, Protocol::Udp);
     assert_eq!(spec.ports[1].protocol, Protocol::Tcp);
     let check = spec.service.as_ref().unwrap().check.as_ref().unwrap();
@@ -271,7 +275,7 @@ fn unknown_fields_list_the_expected_ones() {
 fn missing_required_fields() {
     assert_eq!(
         toml_err("name = \"web\"\n").to_string(),
-        "image: missing required field"
+        "image: missing required field (give `image` for one container, or [[containers]])"
     );
     let e = toml_err(&with("\n[[ports]]\nport = 80\n"));
     assert_eq!(
@@ -296,7 +300,7 @@ fn bad_memory_size() {
     let e = toml_err(&with("resources = { memory = -5 }\n"));
     assert_eq!(e.field, "resources.memory");
     assert_eq!(
-        parse(&with("resources = { memory = \"512M\" }\n"))
+        parse(&with("resources = { memory = \"512M\" }\n")).containers[0]
             .resources
             .memory,
         ByteSize(512_000_000)
@@ -524,6 +528,7 @@ fn validate_works_on_specs_built_in_code() {
         name: "grpc".into(),
         port: 7000,
         protocol: Protocol::Tcp,
+        host_port: None,
     });
     spec.service = Some(Service {
         name: None,
@@ -572,16 +577,17 @@ fn diff_lists_leaf_changes_in_path_order() {
     let old = parse(WEB_TOML);
     let mut new = old.clone();
     new.replicas = 5;
-    new.env.insert("FOO".into(), "x".into());
-    new.env.remove("GREETING");
-    new.args.push("-v".into());
+    new.containers[0].env.insert("FOO".into(), "x".into());
+    new.containers[0].env.remove("GREETING");
+    new.containers[0].args.push("-v".into());
     new.ports[0].port = 8081;
     new.ports.push(Port {
         name: "metrics".into(),
         port: 9100,
         protocol: Protocol::Tcp,
+        host_port: None,
     });
-    new.resources.memory = ByteSize::mib(128);
+    new.containers[0].resources.memory = ByteSize::mib(128);
     new.mesh = None;
     let lines: Vec<String> = diff_specs(&old, &new)
         .iter()
@@ -590,9 +596,10 @@ fn diff_lists_leaf_changes_in_path_order() {
     assert_eq!(
         lines,
         [
-            r#"args: ["-f","-p","8080","-h","/www"] -> ["-f","-p","8080","-h","/www","-v"]"#,
-            r#"env.FOO: (none) -> "x""#,
-            r#"env.GREETING: "hello" -> (none)"#,
+            r#"containers[0].args: ["-f","-p","8080","-h","/www"] -> ["-f","-p","8080","-h","/www","-v"]"#,
+            r#"containers[0].env.FOO: (none) -> "x""#,
+            r#"containers[0].env.GREETING: "hello" -> (none)"#,
+            r#"containers[0].resources.memory: "64Mi" -> "128Mi""#,
             r#"mesh.allow_from: ["frontend"] -> (none)"#,
             r#"mesh.upstreams: ["api"] -> (none)"#,
             r#"ports[0].port: 8080 -> 8081"#,
@@ -600,7 +607,6 @@ fn diff_lists_leaf_changes_in_path_order() {
             r#"ports[1].port: (none) -> 9100"#,
             r#"ports[1].protocol: (none) -> "tcp""#,
             "replicas: 3 -> 5",
-            r#"resources.memory: "64Mi" -> "128Mi""#,
         ]
     );
     assert!(diff_specs(&old, &old).is_empty());
@@ -650,7 +656,6 @@ fn fields_nothing_implements_are_refused_with_their_line() {
     for (extra, field) in [
         ("\n[update]\nmax_surge = 2\n", "update"),
         ("\n[mesh]\nupstreams = [\"api\"]\n", "mesh"),
-        ("init = true\n", "init"),
     ] {
         let text = with(extra);
         assert!(parse_job_spec_unchecked(&text, SpecFormat::Toml).is_ok());
@@ -660,8 +665,8 @@ fn fields_nothing_implements_are_refused_with_their_line() {
         assert_eq!(e.line, line, "{e}");
         assert!(e.to_string().starts_with("not supported yet: "), "{e}");
     }
-    // The default of a field is not a use of it.
-    assert!(parse_job_spec(&with("init = false\n"), SpecFormat::Toml).is_ok());
+    // init is implemented now.
+    assert!(parse_job_spec(&with("init = true\n"), SpecFormat::Toml).is_ok());
     assert!(NOT_SUPPORTED_YET.contains(&"update"));
 }
 
@@ -670,8 +675,8 @@ fn devices_are_paths_under_dev_with_rwm_permissions() {
     let spec = parse(&with(
         "[[devices]]\npath = \"/dev/fuse\"\n[[devices]]\npath = \"/dev/net/tun\"\npermissions = \"rwm\"\n",
     ));
-    assert_eq!(spec.devices.len(), 2);
-    assert_eq!(spec.devices[0].permissions, "rw");
+    assert_eq!(spec.containers[0].devices.len(), 2);
+    assert_eq!(spec.containers[0].devices[0].permissions, "rw");
     for (extra, field) in [
         ("[[devices]]\npath = \"/etc/passwd\"\n", "devices[0].path"),
         ("[[devices]]\npath = \"/dev/../etc\"\n", "devices[0].path"),
@@ -691,5 +696,218 @@ fn devices_are_paths_under_dev_with_rwm_permissions() {
     ] {
         let e = toml_err(&with(extra));
         assert_eq!(e.field, field, "{e}");
+    }
+}
+
+const GROUP_TOML: &str = r#"name = "app"
+replicas = 2
+
+[[containers]]
+name = "migrate"
+lifecycle = "init"
+image = "reg/app:1"
+command = ["/bin/sh", "-c", "echo ready > /data/state"]
+volumes = [{ name = "data", path = "/data" }]
+
+[[containers]]
+name = "web"
+image = "reg/app:1"
+volumes = [{ name = "data", path = "/data", read_only = true }]
+[containers.resources]
+memory = "32Mi"
+
+[[containers]]
+name = "shipper"
+lifecycle = "sidecar"
+image = "reg/ship:1"
+init = true
+
+[[volumes]]
+name = "data"
+
+[[volumes]]
+name = "scratch"
+type = "tmpfs"
+size = "8Mi"
+
+[network]
+mode = "bridge"
+
+[[ports]]
+name = "http"
+port = 8080
+host_port = 18080
+"#;
+
+#[test]
+fn a_group_parses_with_lifecycles_volumes_and_host_ports() {
+    let spec = parse(GROUP_TOML);
+    let names: Vec<(&str, Lifecycle)> = spec
+        .containers
+        .iter()
+        .map(|c| (c.name.as_str(), c.lifecycle))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("migrate", Lifecycle::Init),
+            ("web", Lifecycle::Main),
+            ("shipper", Lifecycle::Sidecar)
+        ]
+    );
+    assert_eq!(spec.main().map(|c| c.name.as_str()), Some("web"));
+    assert!(spec.containers[2].init);
+    assert!(spec.containers[1].volumes[0].read_only);
+    assert_eq!(spec.volumes[0].kind, VolumeKind::Ephemeral, "the default");
+    assert_eq!(spec.volumes[1].size, Some(ByteSize::mib(8)));
+    assert_eq!(spec.network.mode, NetworkMode::Bridge);
+    assert_eq!(spec.ports[0].host_port, Some(18080));
+    assert_eq!(spec.node_ports(), [(18080, Protocol::Tcp)]);
+    // The allocation asks for the sum: 64 + 32 + 64 MiB, 0.3 cores.
+    let total = spec.total_resources();
+    assert_eq!(total.memory, ByteSize::mib(160));
+    assert!((total.cpu - 0.3).abs() < 1e-9);
+    assert_eq!(total.pids, 768);
+    // The canonical form parses back equal.
+    let back = parse_job_spec_unchecked(&spec.to_canonical_json(), SpecFormat::Json).unwrap();
+    assert_eq!(back, spec);
+}
+
+#[test]
+fn the_shorthand_is_one_main_container_named_after_the_job() {
+    let short = parse("name = \"web\"\nimage = \"reg/web:1\"\ncommand = [\"httpd\"]\n");
+    let long = parse(
+        "name = \"web\"\n[[containers]]\nname = \"web\"\nimage = \"reg/web:1\"\ncommand = [\"httpd\"]\n",
+    );
+    assert_eq!(short, long);
+    assert_eq!(short.containers.len(), 1);
+    assert_eq!(short.containers[0].lifecycle, Lifecycle::Main);
+    // Errors in the shorthand name the top-level field, with its line.
+    let e = toml_err("name = \"web\"\nimage = \"\"\n");
+    assert_eq!((e.field.as_str(), e.line), ("image", Some(2)), "{e}");
+    let e = toml_err("name = \"web\"\nimage = \"x\"\n[resources]\nmemory = \"1Mi\"\n");
+    assert_eq!(e.field, "resources.memory", "{e}");
+    // A node that applied an old spec (devices at the top level) still reads it.
+    let old = parse("{\"name\":\"web\",\"image\":\"x\",\"devices\":[{\"path\":\"/dev/fuse\"}]}");
+    assert_eq!(old.containers[0].devices[0].path, "/dev/fuse");
+}
+
+#[test]
+fn bad_groups_are_refused_naming_the_field() {
+    let c = |extra: &str| {
+        format!("name = \"app\"\n[[containers]]\nname = \"web\"\nimage = \"x\"\n{extra}")
+    };
+    for (text, field, says) in [
+        ("name = \"app\"\n".to_owned(), "", "missing required field"),
+        (
+            "name = \"app\"\nimage = \"y\"\n[[containers]]\nname = \"a\"\nimage = \"x\"\n"
+                .to_owned(),
+            "",
+            "",
+        ),
+        (
+            "name = \"app\"\ncommand = [\"x\"]\n[[containers]]\nname = \"a\"\nimage = \"x\"\n"
+                .to_owned(),
+            "command",
+            "set it on each container",
+        ),
+        (
+            c("[[containers]]\nname = \"web\"\nimage = \"y\"\n"),
+            "containers[1].name",
+            "already the name",
+        ),
+        (
+            c("lifecycle = \"sidecar\"\n"),
+            "containers",
+            "at least one main container",
+        ),
+        (
+            c("lifecycle = \"init\"\nrestart = \"always\"\n"),
+            "containers[0].restart",
+            "never or on-failure",
+        ),
+        (
+            c("volumes = [{ name = \"nope\", path = \"/d\" }]\n"),
+            "containers[0].volumes[0].name",
+            "does not name a volume",
+        ),
+        (
+            c("volumes = [{ name = \"v\", path = \"d\" }]\n[[volumes]]\nname = \"v\"\n"),
+            "containers[0].volumes[0].path",
+            "plain absolute",
+        ),
+        (
+            c("volumes = [{ name = \"v\", path = \"/a/../b\" }]\n[[volumes]]\nname = \"v\"\n"),
+            "containers[0].volumes[0].path",
+            "plain absolute",
+        ),
+        (
+            c("volumes = [{ name = \"v\", path = \"/proc/x\" }]\n[[volumes]]\nname = \"v\"\n"),
+            "containers[0].volumes[0].path",
+            "reserved",
+        ),
+        (
+            c("[[volumes]]\nname = \"v\"\ntype = \"host\"\n"),
+            "volumes[0].path",
+            "needs the directory",
+        ),
+        (
+            c("[[volumes]]\nname = \"v\"\ntype = \"host\"\npath = \"/srv/../etc\"\n"),
+            "volumes[0].path",
+            "plain absolute",
+        ),
+        (
+            c("[[volumes]]\nname = \"v\"\ntype = \"named\"\npath = \"/srv\"\n"),
+            "volumes[0].path",
+            "only a host volume",
+        ),
+        (
+            c("[[volumes]]\nname = \"v\"\ntype = \"tmpfs\"\nsize = \"1Ki\"\n"),
+            "volumes[0].size",
+            "from 1Mi",
+        ),
+        (
+            c("[[volumes]]\nname = \"v\"\n[[volumes]]\nname = \"v\"\n"),
+            "volumes[1].name",
+            "already the name",
+        ),
+        (
+            c("[network]\nmode = \"none\"\n[[ports]]\nname = \"p\"\nport = 80\nhost_port = 8080\n"),
+            "ports[0].host_port",
+            "cannot be reached",
+        ),
+        (
+            c("[network]\nmode = \"host\"\n[[ports]]\nname = \"p\"\nport = 80\nhost_port = 8080\n"),
+            "ports[0].host_port",
+            "the node's already",
+        ),
+        (
+            c(
+                "[[ports]]\nname = \"p\"\nport = 80\nhost_port = 8080\n[[ports]]\nname = \"q\"\nport = 81\nhost_port = 8080\n",
+            ),
+            "ports[1].host_port",
+            "already published",
+        ),
+        (
+            c(
+                "[network]\nmode = \"none\"\n[[ports]]\nname = \"p\"\nport = 80\n[service]\nport = \"p\"\n",
+            ),
+            "service",
+            "no address to publish",
+        ),
+    ] {
+        let e = toml_err(&text);
+        if field.is_empty() {
+            // No container at all, or both forms at once.
+            assert_eq!(e.field, "image", "{e}");
+            assert!(
+                e.message.contains("one-container shorthand") || e.message.contains(says),
+                "{e}"
+            );
+            continue;
+        }
+        assert_eq!(e.field, field, "{text}\n{e}");
+        assert!(e.message.contains(says), "{e}");
+        assert!(e.line.is_some(), "a line for {field}: {e}");
     }
 }

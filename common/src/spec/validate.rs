@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{
-    CheckKind, JobSpec, MAX_CPU, MAX_REPLICAS, MIN_MEMORY, Port, Protocol, Service, SpecError,
+    ByteSize, CheckKind, ContainerSpec, JobSpec, Lifecycle, MAX_CONTAINERS, MAX_CPU, MAX_REPLICAS,
+    MIN_MEMORY, NetworkMode, Port, Protocol, RestartPolicy, Service, SpecError, Volume, VolumeKind,
 };
 
 /// The longest name (job, namespace, service, port): one DNS label.
@@ -78,24 +79,48 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             format!("must be at most {MAX_REPLICAS}, found {}", spec.replicas),
         ));
     }
-    validate_image(&spec.image)?;
-    validate_argv("command", &spec.command)?;
-    validate_argv("args", &spec.args)?;
-    validate_env(&spec.env)?;
-    if signal_number(&spec.stop_signal).is_none() {
-        let names: Vec<&str> = KNOWN_SIGNALS.iter().map(|(n, _)| *n).collect();
+    validate_volumes(&spec.volumes)?;
+    if spec.containers.is_empty() {
+        return Err(err("containers", "must hold at least one container"));
+    }
+    if spec.containers.len() > MAX_CONTAINERS {
         return Err(err(
-            "stop_signal",
+            "containers",
             format!(
-                "{:?} is not a known signal (expected one of {})",
-                spec.stop_signal,
-                names.join(", ")
+                "must hold at most {MAX_CONTAINERS} containers, found {}",
+                spec.containers.len()
             ),
         ));
     }
-    validate_resources(spec)?;
-    validate_ports(&spec.ports)?;
+    for (i, c) in spec.containers.iter().enumerate() {
+        let at = format!("containers[{i}]");
+        name_at(&format!("{at}.name"), "container name", &c.name)?;
+        if let Some(j) = spec.containers[..i].iter().position(|d| d.name == c.name) {
+            return Err(err(
+                format!("{at}.name"),
+                format!("{:?} is already the name of containers[{j}]", c.name),
+            ));
+        }
+        validate_container(&at, c, &spec.volumes)?;
+    }
+    if !spec
+        .containers
+        .iter()
+        .any(|c| c.lifecycle == Lifecycle::Main)
+    {
+        return Err(err(
+            "containers",
+            "needs at least one main container (lifecycle = \"main\", the default)",
+        ));
+    }
+    validate_ports(&spec.ports, spec.network.mode)?;
     if let Some(service) = &spec.service {
+        if spec.network.mode == NetworkMode::None {
+            return Err(err(
+                "service",
+                "a job in network mode none has no address to publish (use bridge or host)",
+            ));
+        }
         validate_service(service, &spec.ports)?;
     }
     for (i, c) in spec.placement.constraints.iter().enumerate() {
@@ -107,7 +132,6 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         })?;
     }
     validate_update(spec)?;
-    validate_devices(&spec.devices)?;
     if let Some(mesh) = &spec.mesh {
         validate_service_refs("mesh.upstreams", &mesh.upstreams)?;
         validate_service_refs("mesh.allow_from", &mesh.allow_from)?;
@@ -115,9 +139,146 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     Ok(())
 }
 
+fn validate_container(at: &str, c: &ContainerSpec, volumes: &[Volume]) -> Result<(), SpecError> {
+    validate_image(&format!("{at}.image"), &c.image)?;
+    validate_argv(&format!("{at}.command"), &c.command)?;
+    validate_argv(&format!("{at}.args"), &c.args)?;
+    validate_env(at, &c.env)?;
+    if signal_number(&c.stop_signal).is_none() {
+        let names: Vec<&str> = KNOWN_SIGNALS.iter().map(|(n, _)| *n).collect();
+        return Err(err(
+            format!("{at}.stop_signal"),
+            format!(
+                "{:?} is not a known signal (expected one of {})",
+                c.stop_signal,
+                names.join(", ")
+            ),
+        ));
+    }
+    if c.lifecycle == Lifecycle::Init && c.restart == RestartPolicy::Always {
+        return Err(err(
+            format!("{at}.restart"),
+            "an init container runs to completion: restart must be never or on-failure",
+        ));
+    }
+    validate_resources(at, &c.resources)?;
+    validate_devices(at, &c.devices)?;
+    for (i, m) in c.volumes.iter().enumerate() {
+        let field = format!("{at}.volumes[{i}]");
+        if !volumes.iter().any(|v| v.name == m.name) {
+            let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+            let expected = if names.is_empty() {
+                "the job declares no [[volumes]]".to_owned()
+            } else {
+                format!("expected one of {}", names.join(", "))
+            };
+            return Err(err(
+                format!("{field}.name"),
+                format!("{:?} does not name a volume ({expected})", m.name),
+            ));
+        }
+        check_abs_path(&format!("{field}.path"), &m.path, "mount path")?;
+        if ["/", "/proc", "/sys", "/dev"]
+            .iter()
+            .any(|p| m.path == *p || (*p != "/" && m.path.starts_with(&format!("{p}/"))))
+        {
+            return Err(err(
+                format!("{field}.path"),
+                format!(
+                    "{} is reserved (the container's root, /proc, /sys and /dev are the runtime's)",
+                    m.path
+                ),
+            ));
+        }
+        if let Some(j) = c.volumes[..i].iter().position(|n| n.path == m.path) {
+            return Err(err(
+                format!("{field}.path"),
+                format!("{} is already the path of volumes[{j}]", m.path),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An absolute path written plainly: no empty, `.` or `..` components, no trailing `/`, no
+/// NUL, at most 4096 bytes.
+fn check_abs_path(field: &str, path: &str, what: &str) -> Result<(), SpecError> {
+    let plain = path.starts_with('/')
+        && path.len() <= 4096
+        && !path.contains('\0')
+        && (path == "/"
+            || path[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".."));
+    if plain {
+        Ok(())
+    } else {
+        Err(err(
+            field,
+            format!(
+                "{path:?} is not a plain absolute {what} (start with '/', no '.', '..' or empty \
+                 components, no trailing '/')"
+            ),
+        ))
+    }
+}
+
+/// The largest tmpfs volume.
+const MAX_TMPFS: ByteSize = ByteSize::gib(64);
+
+fn validate_volumes(volumes: &[Volume]) -> Result<(), SpecError> {
+    for (i, v) in volumes.iter().enumerate() {
+        let at = format!("volumes[{i}]");
+        name_at(&format!("{at}.name"), "volume name", &v.name)?;
+        if let Some(j) = volumes[..i].iter().position(|w| w.name == v.name) {
+            return Err(err(
+                format!("{at}.name"),
+                format!("{:?} is already the name of volumes[{j}]", v.name),
+            ));
+        }
+        match (v.kind, &v.path) {
+            (VolumeKind::Host, None) => {
+                return Err(err(
+                    format!("{at}.path"),
+                    "a host volume needs the directory on the node",
+                ));
+            }
+            (VolumeKind::Host, Some(p)) => {
+                check_abs_path(&format!("{at}.path"), p, "directory")?;
+                if p == "/" {
+                    return Err(err(format!("{at}.path"), "the node's root is not a volume"));
+                }
+            }
+            (kind, Some(_)) => {
+                return Err(err(
+                    format!("{at}.path"),
+                    format!("only a host volume has a path (this one is {kind})"),
+                ));
+            }
+            (_, None) => {}
+        }
+        match (v.kind, v.size) {
+            (VolumeKind::Tmpfs, Some(size)) if size < ByteSize::mib(1) || size > MAX_TMPFS => {
+                return Err(err(
+                    format!("{at}.size"),
+                    format!("must be from 1Mi to {MAX_TMPFS}, found {size}"),
+                ));
+            }
+            (VolumeKind::Tmpfs, _) | (_, None) => {}
+            (kind, Some(_)) => {
+                return Err(err(
+                    format!("{at}.size"),
+                    format!("only a tmpfs volume has a size (this one is {kind})"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Device paths under `/dev/`, plain (no `.`, `..` or empty components), each once;
 /// permissions out of `r`, `w`, `m`, each at most once.
-fn validate_devices(devices: &[super::DeviceGrant]) -> Result<(), SpecError> {
+fn validate_devices(at: &str, devices: &[super::DeviceGrant]) -> Result<(), SpecError> {
     let mut seen = std::collections::BTreeSet::new();
     for (i, d) in devices.iter().enumerate() {
         let rel = d.path.strip_prefix("/dev/").unwrap_or("");
@@ -128,13 +289,13 @@ fn validate_devices(devices: &[super::DeviceGrant]) -> Result<(), SpecError> {
                 .any(|c| c.is_empty() || c == "." || c == ".." || c.contains('\0'))
         {
             return Err(err(
-                format!("devices[{i}].path"),
+                format!("{at}.devices[{i}].path"),
                 format!("{:?} is not a device path under /dev/", d.path),
             ));
         }
         if !seen.insert(d.path.as_str()) {
             return Err(err(
-                format!("devices[{i}].path"),
+                format!("{at}.devices[{i}].path"),
                 format!("{} is granted twice", d.path),
             ));
         }
@@ -146,7 +307,7 @@ fn validate_devices(devices: &[super::DeviceGrant]) -> Result<(), SpecError> {
                 .all(|c| matches!(c, 'r' | 'w' | 'm') && letters.insert(c))
         {
             return Err(err(
-                format!("devices[{i}].permissions"),
+                format!("{at}.devices[{i}].permissions"),
                 format!("{:?} is not made of r, w and m, each once", d.permissions),
             ));
         }
@@ -154,15 +315,12 @@ fn validate_devices(devices: &[super::DeviceGrant]) -> Result<(), SpecError> {
     Ok(())
 }
 
-fn validate_image(image: &str) -> Result<(), SpecError> {
+fn validate_image(field: &str, image: &str) -> Result<(), SpecError> {
     if image.is_empty() {
-        return Err(err("image", "must not be empty"));
+        return Err(err(field, "must not be empty"));
     }
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(err(
-            "image",
-            format!("{image:?} must not contain whitespace"),
-        ));
+        return Err(err(field, format!("{image:?} must not contain whitespace")));
     }
     Ok(())
 }
@@ -193,9 +351,9 @@ fn is_env_name(key: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn validate_env(env: &BTreeMap<String, String>) -> Result<(), SpecError> {
+fn validate_env(at: &str, env: &BTreeMap<String, String>) -> Result<(), SpecError> {
     for (key, value) in env {
-        let field = format!("env.{key}");
+        let field = format!("{at}.env.{key}");
         if !is_env_name(key) {
             return Err(err(
                 field,
@@ -212,11 +370,10 @@ fn validate_env(env: &BTreeMap<String, String>) -> Result<(), SpecError> {
     Ok(())
 }
 
-fn validate_resources(spec: &JobSpec) -> Result<(), SpecError> {
-    let r = &spec.resources;
+fn validate_resources(at: &str, r: &super::Resources) -> Result<(), SpecError> {
     if !(r.cpu.is_finite() && r.cpu > 0.0 && r.cpu <= MAX_CPU) {
         return Err(err(
-            "resources.cpu",
+            format!("{at}.resources.cpu"),
             format!(
                 "must be more than 0 and at most {MAX_CPU} cores, found {}",
                 r.cpu
@@ -225,17 +382,17 @@ fn validate_resources(spec: &JobSpec) -> Result<(), SpecError> {
     }
     if r.memory < MIN_MEMORY {
         return Err(err(
-            "resources.memory",
+            format!("{at}.resources.memory"),
             format!("must be at least {MIN_MEMORY}, found {}", r.memory),
         ));
     }
     if r.pids == 0 {
-        return Err(err("resources.pids", "must be at least 1"));
+        return Err(err(format!("{at}.resources.pids"), "must be at least 1"));
     }
     Ok(())
 }
 
-fn validate_ports(ports: &[Port]) -> Result<(), SpecError> {
+fn validate_ports(ports: &[Port], mode: NetworkMode) -> Result<(), SpecError> {
     for (i, p) in ports.iter().enumerate() {
         name_at(&format!("ports[{i}].name"), "port name", &p.name)?;
         if p.port == 0 {
@@ -257,6 +414,37 @@ fn validate_ports(ports: &[Port]) -> Result<(), SpecError> {
             return Err(err(
                 format!("ports[{i}].port"),
                 format!("{}/{} is already used by ports[{j}]", p.port, p.protocol),
+            ));
+        }
+        let Some(host) = p.host_port else { continue };
+        match mode {
+            NetworkMode::Bridge => {}
+            NetworkMode::Host => {
+                return Err(err(
+                    format!("ports[{i}].host_port"),
+                    "in network mode host the port is the node's already (leave host_port out)",
+                ));
+            }
+            NetworkMode::None => {
+                return Err(err(
+                    format!("ports[{i}].host_port"),
+                    "a job in network mode none cannot be reached from outside",
+                ));
+            }
+        }
+        if host == 0 {
+            return Err(err(
+                format!("ports[{i}].host_port"),
+                "must be between 1 and 65535, found 0",
+            ));
+        }
+        if let Some(j) = ports[..i]
+            .iter()
+            .position(|q| q.host_port == Some(host) && q.protocol == p.protocol)
+        {
+            return Err(err(
+                format!("ports[{i}].host_port"),
+                format!("{host}/{} is already published by ports[{j}]", p.protocol),
             ));
         }
     }

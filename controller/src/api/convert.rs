@@ -4,15 +4,17 @@
 //! literals.
 
 use skiff_common::JobSpec;
-use skiff_common::spec::{CheckKind, Protocol, RestartPolicy};
+use skiff_common::spec::{
+    CheckKind, ContainerSpec, Lifecycle, NetworkMode, Protocol, RestartPolicy, VolumeKind,
+};
 use skiff_proto::v1 as pb;
 
 use super::ApiError;
 use crate::raft::Role;
 use crate::scheduler::Usage;
 use crate::state::{
-    Allocation, AllocationStatus, DesiredStatus, Health, JobStatus, JobSummary, Node,
-    NodeResources, NodeStatus, WireguardBackend, WireguardIdentity,
+    Allocation, AllocationStatus, ContainerState, ContainerStatus, DesiredStatus, Health,
+    JobStatus, JobSummary, Node, NodeResources, NodeStatus, WireguardBackend, WireguardIdentity,
 };
 
 /// What an agent runs for an allocation of `spec`: the spec resolved (port names to numbers,
@@ -51,34 +53,7 @@ pub fn task(spec: &JobSpec) -> pb::Task {
             }
         });
     pb::Task {
-        containers: vec![pb::ContainerTask {
-            name: "main".into(),
-            image: spec.image.clone(),
-            entrypoint: spec.command.clone(),
-            args: spec.args.clone(),
-            env: spec.env.clone().into_iter().collect(),
-            restart: match spec.restart {
-                RestartPolicy::Never => pb::RestartPolicy::Never,
-                RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
-                RestartPolicy::Always => pb::RestartPolicy::Always,
-            } as i32,
-            // Validated at apply: a known name.
-            stop_signal: skiff_common::spec::signal_number(&spec.stop_signal).unwrap_or(15),
-            stop_grace_ms: millis(spec.stop_grace),
-            resources: Some(pb::ContainerResources {
-                cpu: spec.resources.cpu,
-                memory: spec.resources.memory.as_u64(),
-                pids: spec.resources.pids,
-            }),
-            devices: spec
-                .devices
-                .iter()
-                .map(|d| pb::DeviceGrant {
-                    path: d.path.clone(),
-                    permissions: d.permissions.clone(),
-                })
-                .collect(),
-        }],
+        containers: spec.containers.iter().map(container_task).collect(),
         ports: spec
             .ports
             .iter()
@@ -86,9 +61,80 @@ pub fn task(spec: &JobSpec) -> pb::Task {
                 name: p.name.clone(),
                 port: u32::from(p.port),
                 protocol: protocol(p.protocol) as i32,
+                host_port: p.host_port.map_or(0, u32::from),
             })
             .collect(),
         check,
+        volumes: spec
+            .volumes
+            .iter()
+            .map(|v| pb::VolumeTask {
+                name: v.name.clone(),
+                r#type: match v.kind {
+                    VolumeKind::Ephemeral => pb::VolumeType::Ephemeral,
+                    VolumeKind::Named => pb::VolumeType::Named,
+                    VolumeKind::Host => pb::VolumeType::Host,
+                    VolumeKind::Tmpfs => pb::VolumeType::Tmpfs,
+                } as i32,
+                host_path: v.path.clone().unwrap_or_default(),
+                size: v.size.map_or(0, |s| s.as_u64()),
+            })
+            .collect(),
+        network: match spec.network.mode {
+            NetworkMode::Bridge => pb::NetworkMode::Bridge,
+            NetworkMode::Host => pb::NetworkMode::Host,
+            NetworkMode::None => pb::NetworkMode::None,
+        } as i32,
+    }
+}
+
+fn container_task(c: &ContainerSpec) -> pb::ContainerTask {
+    pb::ContainerTask {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        entrypoint: c.command.clone(),
+        args: c.args.clone(),
+        env: c.env.clone().into_iter().collect(),
+        restart: match c.restart {
+            RestartPolicy::Never => pb::RestartPolicy::Never,
+            RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
+            RestartPolicy::Always => pb::RestartPolicy::Always,
+        } as i32,
+        // Validated at apply: a known name.
+        stop_signal: skiff_common::spec::signal_number(&c.stop_signal).unwrap_or(15),
+        stop_grace_ms: millis(c.stop_grace),
+        resources: Some(pb::ContainerResources {
+            cpu: c.resources.cpu,
+            memory: c.resources.memory.as_u64(),
+            pids: c.resources.pids,
+        }),
+        devices: c
+            .devices
+            .iter()
+            .map(|d| pb::DeviceGrant {
+                path: d.path.clone(),
+                permissions: d.permissions.clone(),
+            })
+            .collect(),
+        lifecycle: lifecycle(c.lifecycle) as i32,
+        init: c.init,
+        mounts: c
+            .volumes
+            .iter()
+            .map(|m| pb::VolumeMountTask {
+                volume: m.name.clone(),
+                path: m.path.clone(),
+                read_only: m.read_only,
+            })
+            .collect(),
+    }
+}
+
+pub fn lifecycle(l: Lifecycle) -> pb::ContainerLifecycle {
+    match l {
+        Lifecycle::Init => pb::ContainerLifecycle::Init,
+        Lifecycle::Sidecar => pb::ContainerLifecycle::Sidecar,
+        Lifecycle::Main => pb::ContainerLifecycle::Main,
     }
 }
 
@@ -169,6 +215,7 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
         health_output: a.health_output.clone(),
         log_dropped_bytes: a.log_dropped_bytes,
         log_error: a.log_error.clone(),
+        containers: a.containers.iter().map(container_status).collect(),
     }
 }
 
@@ -232,6 +279,122 @@ pub fn node(n: &Node, usage: Option<&(Usage, u32)>) -> pb::Node {
             backend: backend(w.backend) as i32,
         }),
         wireguard_status: None,
+        host_volume_dirs: n.host_volume_dirs.clone(),
+        named_volumes: n.named_volumes.iter().cloned().collect(),
+    }
+}
+
+/// The most host volume directories or named volumes one node may report.
+const MAX_NODE_VOLUMES: usize = 1024;
+
+/// An agent's `--host-volume-dir`s: plain absolute paths, not `/`.
+pub fn host_volume_dirs(dirs: &[String]) -> Result<Vec<String>, ApiError> {
+    if dirs.len() > MAX_NODE_VOLUMES {
+        return Err(ApiError::BadRequest(format!(
+            "host_volume_dirs: {} is more than {MAX_NODE_VOLUMES}",
+            dirs.len()
+        )));
+    }
+    for d in dirs {
+        let plain = d.starts_with('/')
+            && d.len() > 1
+            && d.len() <= 4096
+            && d[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'));
+        if !plain {
+            return Err(ApiError::BadRequest(format!(
+                "host_volume_dirs: {d:?} is not a plain absolute directory"
+            )));
+        }
+    }
+    Ok(dirs.to_vec())
+}
+
+/// An agent's named volumes, `namespace/job/name` of three valid names; `None` when the
+/// report carries none and nothing is recorded (an agent that does not report volumes).
+pub fn named_volumes(
+    keys: &[String],
+) -> Result<Option<std::collections::BTreeSet<String>>, ApiError> {
+    if keys.len() > MAX_NODE_VOLUMES {
+        return Err(ApiError::BadRequest(format!(
+            "named_volumes: {} is more than {MAX_NODE_VOLUMES}",
+            keys.len()
+        )));
+    }
+    let mut out = std::collections::BTreeSet::new();
+    for k in keys {
+        let parts: Vec<&str> = k.split('/').collect();
+        let ok = parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| skiff_common::validate_name("volume", p).is_ok());
+        if !ok {
+            return Err(ApiError::BadRequest(format!(
+                "named_volumes: {k:?} is not namespace/job/name"
+            )));
+        }
+        out.insert(k.clone());
+    }
+    Ok(Some(out))
+}
+
+/// The containers of an allocation as an agent reported them; `None` when it reported none
+/// (an agent from before groups).
+pub fn container_statuses(
+    list: &[pb::ContainerStatus],
+) -> Result<Option<Vec<ContainerStatus>>, ApiError> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    if list.len() > skiff_common::spec::MAX_CONTAINERS {
+        return Err(ApiError::BadRequest(format!(
+            "containers: {} is more than {}",
+            list.len(),
+            skiff_common::spec::MAX_CONTAINERS
+        )));
+    }
+    list.iter()
+        .map(|c| {
+            skiff_common::validate_name("container", &c.name)
+                .map_err(|e| ApiError::BadRequest(format!("containers: {}", e.message)))?;
+            let state = match pb::AllocationState::try_from(c.state) {
+                Ok(pb::AllocationState::Running) => ContainerState::Running,
+                Ok(pb::AllocationState::Exited) => ContainerState::Exited,
+                Ok(pb::AllocationState::Failed) => ContainerState::Failed,
+                _ => ContainerState::Pending,
+            };
+            let lifecycle = match pb::ContainerLifecycle::try_from(c.lifecycle) {
+                Ok(pb::ContainerLifecycle::Init) => Lifecycle::Init,
+                Ok(pb::ContainerLifecycle::Sidecar) => Lifecycle::Sidecar,
+                _ => Lifecycle::Main,
+            };
+            Ok(ContainerStatus {
+                name: c.name.clone(),
+                lifecycle,
+                state,
+                exit_code: c.exit_code,
+                restarts: c.restarts,
+                reason: c.reason.chars().take(512).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+pub fn container_status(c: &ContainerStatus) -> pb::ContainerStatus {
+    pb::ContainerStatus {
+        name: c.name.clone(),
+        lifecycle: lifecycle(c.lifecycle) as i32,
+        state: match c.state {
+            ContainerState::Pending => pb::AllocationState::Pending,
+            ContainerState::Running => pb::AllocationState::Running,
+            ContainerState::Exited => pb::AllocationState::Exited,
+            ContainerState::Failed => pb::AllocationState::Failed,
+        } as i32,
+        exit_code: c.exit_code,
+        restarts: c.restarts,
+        reason: c.reason.clone(),
     }
 }
 

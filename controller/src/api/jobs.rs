@@ -24,6 +24,7 @@ impl JobsApi {
         &self,
         spec: skiff_common::JobSpec,
     ) -> Result<pb::ApplyJobResponse, ApiError> {
+        self.check_host_volumes(&spec)?;
         let (result, _index) = self
             .ctx
             .node
@@ -33,6 +34,39 @@ impl JobsApi {
             })
             .await?;
         applied_pb(result?)
+    }
+}
+
+impl JobsApi {
+    /// A host volume must lie under a directory some node allows (`--host-volume-dir`):
+    /// otherwise no node could ever run the job, and the user hears it now, not as a pending
+    /// reason later.
+    fn check_host_volumes(&self, spec: &skiff_common::JobSpec) -> Result<(), ApiError> {
+        let applied = self.ctx.node.state();
+        let nodes: Vec<_> = applied.state.nodes().collect();
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let Some(path) = v.path.as_deref() else {
+                continue;
+            };
+            if nodes.iter().any(|n| n.allows_host_path(path)) {
+                continue;
+            }
+            let mut allowed: Vec<&str> = nodes
+                .iter()
+                .flat_map(|n| n.host_volume_dirs.iter().map(String::as_str))
+                .collect();
+            allowed.sort_unstable();
+            allowed.dedup();
+            let allowed = if allowed.is_empty() {
+                "no node allows host volumes (start agents with --host-volume-dir)".to_owned()
+            } else {
+                format!("nodes allow {}", allowed.join(", "))
+            };
+            return Err(ApiError::BadRequest(format!(
+                "volumes[{i}].path: {path} is not under any node's host volume directories ({allowed})"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -224,6 +258,7 @@ impl Jobs for JobsApi {
                 let spec = parse_request_spec(&req)?;
                 let (ns, name) = (spec.namespace().to_owned(), spec.name.clone());
                 self.ctx.read_barrier(None).await?;
+                self.check_host_volumes(&spec)?;
                 // Apply to a copy (O(1) with persistent maps) and plan that.
                 let mut state = self.ctx.node.state().state.clone();
                 let outcome = state.apply(&Command::ApplyJob {

@@ -121,6 +121,7 @@ impl Nodes for NodesApi {
                     ApiError::BadRequest(format!("address: {:?} is not an IP address", req.address))
                 })?;
                 let wireguard = req.wireguard.map(convert::wireguard_identity).transpose()?;
+                let host_volume_dirs = convert::host_volume_dirs(&req.host_volume_dirs)?;
                 let r = req.resources.unwrap_or_default();
                 if !r.cpu.is_finite() || r.cpu <= 0.0 || r.memory == 0 || r.pids == 0 {
                     return Err(ApiError::BadRequest(
@@ -163,6 +164,11 @@ impl Nodes for NodesApi {
                     agent_addr: req.agent_addr,
                     subnet: existing.as_ref().and_then(|n| n.subnet.clone()),
                     wireguard,
+                    host_volume_dirs,
+                    named_volumes: existing
+                        .as_ref()
+                        .map(|n| n.named_volumes.clone())
+                        .unwrap_or_default(),
                 };
                 self.heartbeats.beat(&node.name);
                 let name = node.name.clone();
@@ -213,6 +219,7 @@ impl Nodes for NodesApi {
             .track("Heartbeat", async {
                 let reports;
                 let trust;
+                let volumes;
                 {
                     let applied = self.ctx.node.state();
                     let state = &applied.state;
@@ -237,6 +244,18 @@ impl Nodes for NodesApi {
                         self.wireguard_status().insert(req.name.clone(), wg.clone());
                     }
                     reports = changed_reports(state, &req.name, &req.allocations)?;
+                    volumes = convert::named_volumes(&req.named_volumes)?
+                        .filter(|v| state.node(&req.name).is_some_and(|n| n.named_volumes != *v));
+                }
+                if let Some(volumes) = volumes {
+                    self.ctx
+                        .node
+                        .write(Command::SetNodeVolumes {
+                            name: req.name.clone(),
+                            volumes,
+                        })
+                        .await?
+                        .0?;
                 }
                 if !reports.is_empty() {
                     self.ctx
@@ -482,6 +501,8 @@ fn changed_reports(
             )));
         }
         let new_ip = ip.is_some() && a.ip != ip;
+        let containers = convert::container_statuses(&r.containers)?;
+        let new_containers = containers.as_ref().is_some_and(|c| *c != a.containers);
         // Stored cut to 512 characters, so compared cut too (else a long output would be
         // written through the log at every heartbeat).
         let health_output: String = r.health_output.chars().take(512).collect();
@@ -492,7 +513,13 @@ fn changed_reports(
         let old = a.log_dropped_bytes;
         let new_drops = r.log_dropped_bytes > old
             && (old == 0 || r.log_dropped_bytes >= old + (old / 10).max(64 << 10));
-        if a.observed != status || a.restarts < r.restarts || new_ip || new_health || new_drops {
+        if a.observed != status
+            || a.restarts < r.restarts
+            || new_ip
+            || new_health
+            || new_drops
+            || new_containers
+        {
             if new_drops {
                 tracing::warn!(
                     alloc = %r.id,
@@ -511,6 +538,7 @@ fn changed_reports(
                 health_output,
                 log_dropped_bytes: r.log_dropped_bytes,
                 log_error: r.log_error.chars().take(512).collect(),
+                containers,
             });
         }
     }
@@ -562,6 +590,7 @@ mod tests {
             health_output: "ok".into(),
             log_dropped_bytes: 0,
             log_error: String::new(),
+            containers: Vec::new(),
         };
         s.apply(&Command::PlaceAllocations {
             allocations: vec![alloc("a1", "n1"), alloc("b1", "n2")],

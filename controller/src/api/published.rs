@@ -185,6 +185,7 @@ mod tests {
             health_output: String::new(),
             log_dropped_bytes: 0,
             log_error: String::new(),
+            containers: Vec::new(),
         }
     }
 

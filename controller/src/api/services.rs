@@ -83,6 +83,7 @@ mod tests {
             health_output: String::new(),
             log_dropped_bytes: 0,
             log_error: String::new(),
+            containers: Vec::new(),
         }
     }
 
@@ -120,6 +121,7 @@ mod tests {
             health_output: format!("{health:?} output"),
             log_dropped_bytes: 0,
             log_error: String::new(),
+            containers: None,
         };
         s.apply(&Command::ReportAllocations {
             reports: vec![report("a", Health::Healthy), report("b", Health::Unhealthy)],

@@ -168,7 +168,7 @@ fn drain_moves_replicas_and_a_stopped_job_stops() {
 fn what_does_not_fit_stays_pending_with_the_reason() {
     let mut w = World::new(&["n1"]);
     let mut s = spec(3, "img:1");
-    s.resources.cpu = 1.5;
+    s.containers[0].resources.cpu = 1.5;
     w.apply(s);
     let plan = w.reconcile();
     assert_eq!((plan.place.len(), plan.unplaced), (2, 1));

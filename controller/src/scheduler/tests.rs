@@ -19,14 +19,7 @@ fn node(name: &str, cpu: f64, memory_mib: u64, labels: &[(&str, &str)]) -> Node 
 }
 
 fn candidates(nodes: &[Node]) -> Vec<Candidate<'_>> {
-    nodes
-        .iter()
-        .map(|n| Candidate {
-            node: n,
-            used: Usage::default(),
-            job_replicas: 0,
-        })
-        .collect()
+    nodes.iter().map(Candidate::new).collect()
 }
 
 fn ask(cpu: f64, memory_mib: u64) -> Usage {
@@ -34,12 +27,7 @@ fn ask(cpu: f64, memory_mib: u64) -> Usage {
 }
 
 fn request(count: u32, ask: Usage, constraints: &[Constraint]) -> Request<'_> {
-    Request {
-        ask,
-        constraints,
-        strategy: Strategy::BinPack,
-        count,
-    }
+    Request::simple(ask, constraints, Strategy::BinPack, count)
 }
 
 #[test]
@@ -183,5 +171,81 @@ fn a_full_pod_subnet_refuses_more_replicas_with_a_reason() {
     assert_eq!(
         plan.rejections.expect("reasons").to_string(),
         "0/1 nodes fit: 1 no free pod address (subnet 10.42.0.0/29 full)"
+    );
+}
+
+#[test]
+fn a_host_port_takes_the_node_and_the_reason_names_it() {
+    let nodes = [node("a", 4.0, 4096, &[]), node("b", 4.0, 4096, &[])];
+    let mut view = candidates(&nodes);
+    let ports = [(18080, Protocol::Tcp)];
+    let mut req = request(3, ask(0.1, 64), &[]);
+    req.ports = &ports;
+    let plan = place(&mut view, &req);
+    assert_eq!(plan.placements, ["a", "b"], "one per node");
+    assert_eq!(plan.unplaced, 1);
+    assert_eq!(
+        plan.rejections.expect("why").to_string(),
+        "0/2 nodes fit: 2 port 18080/tcp in use on the node"
+    );
+    // The same number over udp is another port.
+    let udp = [(18080, Protocol::Udp)];
+    req.ports = &udp;
+    req.count = 1;
+    assert_eq!(place(&mut view, &req).unplaced, 0);
+}
+
+#[test]
+fn named_volumes_keep_replicas_where_they_live() {
+    let mut b = node("b", 4.0, 4096, &[]);
+    b.named_volumes.insert("default/db/data".into());
+    let nodes = [node("a", 4.0, 4096, &[]), b, node("c", 4.0, 4096, &[])];
+    let vols = ["default/db/data".to_owned()];
+    let mut view = candidates(&nodes);
+    let mut req = request(2, ask(0.1, 64), &[]);
+    req.named_volumes = &vols;
+    let plan = place(&mut view, &req);
+    assert_eq!(plan.placements, ["b", "b"], "both on the volume's node");
+    // Where it lives no longer fits: pending, naming the volume.
+    let mut view = candidates(&nodes);
+    view[1].used = ask(4.0, 4096);
+    let plan = place(&mut view, &request(1, ask(0.1, 64), &[]));
+    assert_eq!(plan.unplaced, 0, "a job without the volume goes anywhere");
+    let mut view = candidates(&nodes);
+    view[1].used = ask(4.0, 4096);
+    req.count = 1;
+    let plan = place(&mut view, &req);
+    assert_eq!(plan.unplaced, 1);
+    assert_eq!(
+        plan.rejections.expect("why").to_string(),
+        "0/3 nodes fit: 2 named volume default/db/data lives on another node, 1 insufficient cpu"
+    );
+    // A volume that lives nowhere yet does not restrict placement.
+    let fresh = ["default/new/data".to_owned()];
+    let mut view = candidates(&nodes);
+    req.named_volumes = &fresh;
+    assert_eq!(place(&mut view, &req).placements.len(), 1);
+}
+
+#[test]
+fn host_volumes_only_on_nodes_that_allow_their_directory() {
+    let mut b = node("b", 4.0, 4096, &[]);
+    b.host_volume_dirs = vec!["/srv/skiff".into()];
+    let nodes = [node("a", 4.0, 4096, &[]), b];
+    let mut view = candidates(&nodes);
+    let paths = ["/srv/skiff/site".to_owned()];
+    let mut req = request(1, ask(0.1, 64), &[]);
+    req.host_paths = &paths;
+    assert_eq!(place(&mut view, &req).placements, ["b"]);
+    // A sibling with the same prefix is not under it.
+    let sneaky = ["/srv/skiffy/site".to_owned()];
+    req.host_paths = &sneaky;
+    let plan = place(&mut candidates(&nodes), &req);
+    assert_eq!(plan.unplaced, 1);
+    assert!(
+        plan.rejections
+            .expect("why")
+            .to_string()
+            .contains("2 host volume /srv/skiffy/site not under the node's --host-volume-dir"),
     );
 }

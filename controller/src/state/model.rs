@@ -98,7 +98,15 @@ impl Job {
             version: latest.version,
             status: self.status,
             replicas: latest.spec.replicas,
-            image: latest.spec.image.clone(),
+            // The shorthand's one image; a group's main images.
+            image: latest
+                .spec
+                .containers
+                .iter()
+                .filter(|c| c.lifecycle == skiff_common::spec::Lifecycle::Main)
+                .map(|c| c.image.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             submitted_at_ms: latest.submitted_at_ms,
             versions: u32::try_from(self.versions.len()).unwrap_or(u32::MAX),
         }
@@ -154,6 +162,50 @@ pub struct Node {
     /// The node's WireGuard identity, when its agent runs the overlay.
     #[serde(default)]
     pub wireguard: Option<WireguardIdentity>,
+    /// Directories under which jobs may mount host volumes (the agent's
+    /// `--host-volume-dir`).
+    #[serde(default)]
+    pub host_volume_dirs: Vec<String>,
+    /// The named volumes on the node, `namespace/job/name`, as its agent last reported.
+    #[serde(default)]
+    pub named_volumes: std::collections::BTreeSet<String>,
+}
+
+impl Node {
+    /// Whether `path` (a plain absolute path) lies under one of the node's host volume
+    /// directories.
+    pub fn allows_host_path(&self, path: &str) -> bool {
+        self.host_volume_dirs.iter().any(|dir| {
+            let dir = dir.trim_end_matches('/');
+            path.strip_prefix(dir)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+}
+
+/// One container of an allocation as its agent last reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    pub name: String,
+    pub lifecycle: skiff_common::spec::Lifecycle,
+    /// `pending`, `running`, `exited` or `failed`.
+    pub state: ContainerState,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Where a container of an allocation is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerState {
+    Pending,
+    Running,
+    Exited,
+    Failed,
 }
 
 /// What other nodes need to reach a node through the overlay.
@@ -203,6 +255,8 @@ impl Node {
             agent_addr: String::new(),
             subnet: None,
             wireguard: None,
+            host_volume_dirs: Vec::new(),
+            named_volumes: Default::default(),
         }
     }
 
@@ -282,6 +336,9 @@ pub struct Allocation {
     pub log_dropped_bytes: u64,
     #[serde(default)]
     pub log_error: String,
+    /// Each container, as its agent last reported it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<ContainerStatus>,
 }
 
 impl Allocation {

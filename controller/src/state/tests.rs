@@ -33,6 +33,7 @@ fn alloc(id: &str, node: &str, version: u64) -> Allocation {
         health_output: String::new(),
         log_dropped_bytes: 0,
         log_error: String::new(),
+        containers: Vec::new(),
     }
 }
 

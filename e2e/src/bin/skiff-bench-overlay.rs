@@ -231,16 +231,12 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
         {
             let node = a["node"].as_str().unwrap_or_default().to_owned();
             let id = a["id"].as_str().unwrap_or_default().to_owned();
-            let container = fleet
-                .containers(&node)?
-                .into_iter()
-                .find(|c| c.1 == id)
-                .context("container of allocation")?
-                .0;
+            // The allocation's pod namespace (its containers join it).
             let ns = Ns(fleet
                 .agent_data(&node)?
-                .join("run/netns")
-                .join(container)
+                .join("pods")
+                .join(&id)
+                .join("net")
                 .display()
                 .to_string());
             allocs.push((
