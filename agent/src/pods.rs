@@ -241,6 +241,13 @@ impl Containers for NodeRuntime {
         self.runtime.stop(id, grace).map_err(|e| e.to_string())
     }
 
+    fn request_stop(&self, id: &str, grace: Duration) -> Result<(), String> {
+        self.runtime
+            .request_stop(id, grace)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     fn remove(&self, id: &str) -> Result<(), String> {
         self.runtime.remove(id, true).map_err(|e| e.to_string())
     }

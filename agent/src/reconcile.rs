@@ -92,8 +92,10 @@ pub trait Containers: Send + Sync {
         devices: &[DeviceNode],
         dns: Option<Ipv4Addr>,
     ) -> Result<String, String>;
-    /// Stops a container: its stop signal, then SIGKILL after `grace`.
+    /// Stops a container: its stop signal, then SIGKILL after `grace`; waits for its end.
     fn stop(&self, id: &str, grace: Duration) -> Result<State, String>;
+    /// As `stop`, without waiting (asking again while it stops changes nothing).
+    fn request_stop(&self, id: &str, grace: Duration) -> Result<(), String>;
     /// Removes a stopped container and what it holds.
     fn remove(&self, id: &str) -> Result<(), String>;
     /// The allocation's address: its pod's, or (a container from before groups) the
@@ -361,12 +363,12 @@ fn step(
             .iter()
             .filter(|o| o.lifecycle == Lifecycle::Sidecar && o.live())
         {
-            info!(alloc = %a.id, container = %o.name, "stopping sidecar: the main containers have ended");
-            match rt.stop(&o.id, o.stop_grace) {
-                Ok(s) => {
-                    now.insert(o.name.clone(), (o.id.clone(), s));
-                }
-                Err(e) => warn!(alloc = %a.id, container = %o.name, error = %e, "stop failed"),
+            // Not waited for here (it may take its grace period): the next passes see it end.
+            if !o.state.stopping {
+                info!(alloc = %a.id, container = %o.name, "stopping sidecar: the main containers have ended");
+            }
+            if let Err(e) = rt.request_stop(&o.id, o.stop_grace) {
+                warn!(alloc = %a.id, container = %o.name, error = %e, "stop failed");
             }
         }
     } else {
@@ -632,6 +634,9 @@ mod tests {
                 c.state = s.clone();
             }
             Ok(s)
+        }
+        fn request_stop(&self, id: &str, grace: Duration) -> Result<(), String> {
+            self.stop(id, grace).map(|_| ())
         }
         fn remove(&self, id: &str) -> Result<(), String> {
             lock(&self.removed).push(id.to_owned());

@@ -148,6 +148,31 @@ fn g10_a_group_shares_network_and_volumes_in_lifecycle_order() -> Result<()> {
         let host = fleet.cli_ok(&["exec", &a, "--", "cat", "/proc/1/cmdline"])?;
         ensure!(host.contains("httpd"), "{host:?}");
 
+        // One IPC namespace for the allocation, a pid namespace per container.
+        let ns = |c: &str, kind: &str| -> Result<String> {
+            Ok(fleet
+                .cli_ok(&[
+                    "exec",
+                    &a,
+                    "-c",
+                    c,
+                    "--",
+                    "readlink",
+                    &format!("/proc/1/ns/{kind}"),
+                ])?
+                .trim()
+                .to_owned())
+        };
+        ensure!(ns("web", "ipc")? == ns("shipper", "ipc")?, "IPC not shared");
+        ensure!(
+            ns("web", "net")? == ns("shipper", "net")?,
+            "network not shared"
+        );
+        ensure!(
+            ns("web", "pid")? != ns("shipper", "pid")?,
+            "pid namespace shared"
+        );
+
         // web mounts the volume read-only: writes are refused.
         let out = fleet.cli(&["exec", &a, "-c", "web", "--", "touch", "/data/x"])?;
         ensure!(!out.status.success(), "a read-only volume took a write");
@@ -267,6 +292,64 @@ command = ["sleep", "1000"]
             "web was started: {:?}",
             fleet.containers(node)?
         );
+
+        // A batch job: its main container ends, and the sidecar does not keep it alive.
+        let batch = fleet.spec(
+            "batch",
+            &format!(
+                r#"name = "batch"
+[[containers]]
+name = "job"
+image = "{img}"
+restart = "never"
+command = ["/bin/sh", "-c", "sleep 1; echo done"]
+[[containers]]
+name = "helper"
+lifecycle = "sidecar"
+image = "{img}"
+command = ["sleep", "1000"]
+"#
+            ),
+        )?;
+        fleet.cli_ok(&["apply", "-f", &batch.display().to_string()])?;
+
+        // On this one-node fleet a second job asking a host port already published is
+        // pending, and says why.
+        let port_job = |name: &str| {
+            format!(
+                "name = \"{name}\"\nimage = \"{img}\"\ncommand = [\"sleep\", \"1000\"]\n\
+                 stop_signal = \"SIGKILL\"\n[[ports]]\nname = \"p\"\nport = 80\nhost_port = 18081\n"
+            )
+        };
+        for name in ["first", "second"] {
+            let spec = fleet.spec(name, &port_job(name))?;
+            fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
+        }
+        fleet.wait_for(
+            "second to be pending on the host port",
+            Duration::from_secs(20),
+            |f| {
+                let st = f.cli_json(&["job", "status", "second"])?;
+                Ok(st["pending"].as_str()
+                    == Some("0/1 nodes fit: 1 port 18081/tcp in use on the node"))
+            },
+        )?;
+        ensure!(
+            allocs(&fleet, "first")?.len() == 1 && allocs(&fleet, "second")?.is_empty(),
+            "first runs, second waits"
+        );
+        fleet.wait_for(
+            "the batch job to end with its sidecar",
+            Duration::from_secs(40),
+            |f| {
+                Ok(allocs(f, "batch")?.iter().any(|a| {
+                    a["status"] == "exited"
+                        && containers(a)
+                            .iter()
+                            .all(|c| c.1 == "exited" || c.1 == "failed")
+                }))
+            },
+        )?;
         Ok(())
     })();
     if res.is_err() {

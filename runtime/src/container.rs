@@ -412,13 +412,21 @@ impl Runtime {
         })
     }
 
-    /// Asks the monitor to stop the container: stop signal, then SIGKILL after `grace`.
-    /// Waits until it has exited.
-    pub fn stop(&self, reference: &str, grace: Duration) -> Result<State, RuntimeError> {
+    /// Asks the monitor to stop the container (stop signal, then SIGKILL after `grace`) and
+    /// returns at once; asking again while it stops changes nothing. Returns the state when
+    /// the container has already ended.
+    pub fn request_stop(
+        &self,
+        reference: &str,
+        grace: Duration,
+    ) -> Result<Option<State>, RuntimeError> {
         let id = self.store.resolve(reference)?;
         let state = self.store.state(&id)?;
         if !monitor_alive(&state) {
-            return Ok(self.settle(&id)?);
+            return Ok(Some(self.settle(&id)?));
+        }
+        if state.stopping {
+            return Ok(None);
         }
         let dir = self.store.dir(&id);
         std::fs::write(dir.join(STOP_FILE), grace.as_millis().to_string()).map_err(|e| {
@@ -432,6 +440,16 @@ impl Runtime {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
             );
+        }
+        Ok(None)
+    }
+
+    /// Asks the monitor to stop the container: stop signal, then SIGKILL after `grace`.
+    /// Waits until it has exited.
+    pub fn stop(&self, reference: &str, grace: Duration) -> Result<State, RuntimeError> {
+        let id = self.store.resolve(reference)?;
+        if let Some(ended) = self.request_stop(&id, grace)? {
+            return Ok(ended);
         }
         let waited = grace + Duration::from_secs(10);
         let until = Instant::now() + waited;

@@ -350,8 +350,9 @@ impl Monitor {
                                         exit = Some(e);
                                     }
                                 }
-                                libc::SIGTERM | libc::SIGINT => {
-                                    // A stop request.
+                                // A stop request; a repeated one changes nothing (the grace
+                                // period runs from the first).
+                                libc::SIGTERM | libc::SIGINT if kill_at.is_none() => {
                                     self.state.stopping = true;
                                     self.save();
                                     let grace = std::fs::read_to_string(self.dir.join(STOP_FILE))

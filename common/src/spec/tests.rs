@@ -911,3 +911,19 @@ fn bad_groups_are_refused_naming_the_field() {
         assert!(e.line.is_some(), "a line for {field}: {e}");
     }
 }
+
+#[test]
+fn host_network_mode_takes_every_port_on_the_node() {
+    let spec = parse(&with(
+        "[network]\nmode = \"host\"\n[[ports]]\nname = \"http\"\nport = 8080\n[[ports]]\nname = \"dns\"\nport = 53\nprotocol = \"udp\"\n",
+    ));
+    assert_eq!(
+        spec.node_ports(),
+        [(53, Protocol::Udp), (8080, Protocol::Tcp)]
+    );
+    let bridge = parse(&with("[[ports]]\nname = \"http\"\nport = 8080\n"));
+    assert!(
+        bridge.node_ports().is_empty(),
+        "no host_port: nothing on the node"
+    );
+}
