@@ -42,6 +42,10 @@ impl JobsApi {
     /// otherwise no node could ever run the job, and the user hears it now, not as a pending
     /// reason later.
     fn check_host_volumes(&self, spec: &skiff_common::JobSpec) -> Result<(), ApiError> {
+        // Most specs have none: no need to take the state's lock (the apply path wants it).
+        if spec.volumes.iter().all(|v| v.path.is_none()) {
+            return Ok(());
+        }
         let applied = self.ctx.node.state();
         let nodes: Vec<_> = applied.state.nodes().collect();
         for (i, v) in spec.volumes.iter().enumerate() {
