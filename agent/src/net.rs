@@ -496,17 +496,7 @@ pub fn teardown(data_dir: &Path) -> Vec<String> {
                 continue;
             }
             // `-S` prints the comment quoted; split respecting the quotes.
-            let mut args: Vec<String> = Vec::new();
-            let mut quoted = false;
-            let mut cur = String::new();
-            for ch in spec.chars() {
-                match ch {
-                    '"' => quoted = !quoted,
-                    ' ' if !quoted => args.push(std::mem::take(&mut cur)),
-                    c => cur.push(c),
-                }
-            }
-            args.push(cur);
+            let args = hostport::split_quoted(spec);
             let ok = std::process::Command::new("iptables")
                 .args(["-w", "-t", table, "-D"])
                 .args(&args)

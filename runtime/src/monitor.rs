@@ -498,47 +498,33 @@ fn note(args: std::fmt::Arguments<'_>) {
 /// unshares its network touches nothing the process's other threads use), so this is safe to
 /// call from the multi-threaded agent: nothing forks.
 pub fn create_netns(path: &Path) -> Result<(), String> {
-    if path.exists() && is_mountpoint(path) {
-        return Ok(());
-    }
-    let parent = path.parent().ok_or("netns path has no parent")?;
-    std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-    let target = path.to_path_buf();
-    let made = std::thread::spawn(move || -> Result<(), String> {
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
-        sys::loopback_up().map_err(|e| format!("loopback: {e}"))?;
-        nix::mount::mount(
-            Some("/proc/thread-self/ns/net"),
-            &target,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| format!("bind mount: {e}"))
-    })
-    .join()
-    .unwrap_or_else(|_| Err("the namespace thread panicked".into()));
-    made.map_err(|e| {
-        let _ = std::fs::remove_file(path);
-        format!("creating network namespace {}: {e}", path.display())
-    })
+    create_bound_ns(path, CloneFlags::CLONE_NEWNET, "net", "network namespace")
 }
 
 /// Creates an IPC namespace and binds it at `path`, as [`create_netns`] does for a network
 /// namespace (on a thread of its own), so a pod's containers can share it.
 pub fn create_ipcns(path: &Path) -> Result<(), String> {
+    create_bound_ns(path, CloneFlags::CLONE_NEWIPC, "ipc", "IPC namespace")
+}
+
+/// Unshares `flag` on a thread of its own (bringing loopback up in a new network namespace)
+/// and binds `/proc/thread-self/ns/<kind>` at `path`. Nothing is left on failure.
+fn create_bound_ns(path: &Path, flag: CloneFlags, kind: &str, what: &str) -> Result<(), String> {
     if path.exists() && is_mountpoint(path) {
         return Ok(());
     }
-    let parent = path.parent().ok_or("ipc namespace path has no parent")?;
+    let parent = path.parent().ok_or("namespace path has no parent")?;
     std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
     std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
     let target = path.to_path_buf();
+    let source = format!("/proc/thread-self/ns/{kind}");
     let made = std::thread::spawn(move || -> Result<(), String> {
-        nix::sched::unshare(CloneFlags::CLONE_NEWIPC).map_err(|e| format!("unshare: {e}"))?;
+        nix::sched::unshare(flag).map_err(|e| format!("unshare: {e}"))?;
+        if flag == CloneFlags::CLONE_NEWNET {
+            sys::loopback_up().map_err(|e| format!("loopback: {e}"))?;
+        }
         nix::mount::mount(
-            Some("/proc/thread-self/ns/ipc"),
+            Some(source.as_str()),
             &target,
             None::<&str>,
             nix::mount::MsFlags::MS_BIND,
@@ -550,13 +536,8 @@ pub fn create_ipcns(path: &Path) -> Result<(), String> {
     .unwrap_or_else(|_| Err("the namespace thread panicked".into()));
     made.map_err(|e| {
         let _ = std::fs::remove_file(path);
-        format!("creating IPC namespace {}: {e}", path.display())
+        format!("creating {what} {}: {e}", path.display())
     })
-}
-
-/// Unmounts and removes a bound namespace file (network or IPC). Idempotent.
-pub fn remove_ns(path: &Path) {
-    remove_netns(path)
 }
 
 pub fn is_mountpoint(path: &Path) -> bool {
@@ -566,6 +547,11 @@ pub fn is_mountpoint(path: &Path) -> bool {
     let p = path.display().to_string();
     text.lines()
         .any(|l| l.split_whitespace().nth(4) == Some(p.as_str()))
+}
+
+/// Unmounts and removes a bound namespace file (network or IPC). Idempotent.
+pub fn remove_ns(path: &Path) {
+    remove_netns(path)
 }
 
 /// Unmounts and removes a container's network namespace file. Idempotent.
