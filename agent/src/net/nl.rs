@@ -166,8 +166,19 @@ pub async fn ensure_bridge(
                 .ok_or(rtnetlink::Error::RequestFailed)?
         }
     };
+    // A bridge whose address is not set takes the lowest of its ports' addresses: removing a
+    // pod's veth could change it, and the other pods would keep sending to the old one (their
+    // neighbour entry for the gateway) until it goes stale, tens of seconds without traffic.
+    // An address set once is kept; it is derived from the gateway (locally administered).
+    let [a, b, c, d] = gateway.octets();
     h.link()
-        .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+        .set(
+            LinkUnspec::new_with_index(index)
+                .mtu(mtu)
+                .address(vec![0x02, 0x5b, a, b, c, d])
+                .up()
+                .build(),
+        )
         .execute()
         .await?;
     set_only_address(h, index, gateway, prefix).await?;
