@@ -413,6 +413,48 @@ pub fn overlay_peers(list: &[pb::OverlayPeer]) -> Vec<Peer> {
         .collect()
 }
 
+/// The services that have a virtual IP, as this node programs them: the ready endpoints with
+/// an address, sorted; ports out of range and addresses that do not parse are left out (a
+/// service whose VIP does not parse, or whose name or namespace is not a valid name, is
+/// skipped with a warning).
+pub fn vip_services(list: &[pb::ServiceInfo]) -> Vec<crate::net::vip::VipService> {
+    list.iter()
+        .filter(|s| !s.vip.is_empty())
+        .filter_map(|s| {
+            // Names go into the rules' comments: only what a spec allows is taken.
+            let named = skiff_common::validate_name("service", &s.name).is_ok()
+                && skiff_common::validate_name("namespace", &s.namespace).is_ok();
+            let vip = s.vip.parse::<std::net::Ipv4Addr>();
+            let (true, Ok(vip)) = (named, vip) else {
+                tracing::warn!(service = %s.name, vip = %s.vip, "unusable service (name or VIP); skipped");
+                return None;
+            };
+            let ports = s
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    let port = u16::try_from(p.port).ok().filter(|p| *p > 0)?;
+                    Some((port, p.protocol == pb::Protocol::Udp as i32))
+                })
+                .collect();
+            let mut endpoints: Vec<std::net::Ipv4Addr> = s
+                .endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .filter_map(|e| e.ip.parse().ok())
+                .collect();
+            endpoints.sort();
+            endpoints.dedup();
+            Some(crate::net::vip::VipService {
+                name: format!("{}/{}", s.namespace, s.name),
+                vip,
+                ports,
+                endpoints,
+            })
+        })
+        .collect()
+}
+
 pub fn backend(b: Backend) -> pb::WireguardBackend {
     match b {
         Backend::Kernel => pb::WireguardBackend::Kernel,

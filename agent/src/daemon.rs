@@ -352,7 +352,10 @@ async fn session(
     let mut services_client = NodesClient::new(channel.clone());
     let zone = dns.zone.clone();
     let node = cfg.name.clone();
+    let subnet = network.subnet();
     let mut services = tokio::spawn(async move {
+        // The VIP table last applied in this session: an unchanged one is not re-applied.
+        let mut applied: Option<String> = None;
         let mut stream = services_client
             .watch_services(pb::WatchServicesRequest { node })
             .await?
@@ -362,6 +365,21 @@ async fn session(
             *zone
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = z;
+            if let Some(subnet) = subnet {
+                let rules = crate::net::vip::render(
+                    &contract::vip_services(&msg.services),
+                    &subnet.to_string(),
+                    crate::net::BRIDGE,
+                );
+                if applied.as_ref() != Some(&rules) {
+                    let r = rules.clone();
+                    match tokio::task::spawn_blocking(move || crate::net::vip::apply(&r)).await {
+                        Ok(Ok(())) => applied = Some(rules),
+                        Ok(Err(e)) => warn!(error = %e, "programming service VIPs"),
+                        Err(e) => warn!(error = %e, "programming service VIPs"),
+                    }
+                }
+            }
             debug!(
                 services = msg.services.len(),
                 index = msg.index,
@@ -521,8 +539,13 @@ async fn configure_network(
     }
     let (net, rt) = (network.clone(), runtime.clone());
     let (subnet, cluster) = (registered.subnet.clone(), registered.cluster_cidr.clone());
+    let services = registered.service_cidr.clone();
     tokio::task::spawn_blocking(move || {
-        net.configure(&subnet, &cluster)?;
+        net.configure(
+            &subnet,
+            &cluster,
+            (!services.is_empty()).then_some(services.as_str()),
+        )?;
         // Addresses are held by pods, and by containers from before pods.
         let mut live: std::collections::HashSet<String> = rt
             .store()

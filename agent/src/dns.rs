@@ -5,7 +5,9 @@
 //! client retries over TCP.
 //!
 //! Records, for a service `web` in namespace `default` with a port named `http` (8080/tcp):
-//! `web.default.skiff.internal` A = the ready endpoints' addresses;
+//! `web.default.skiff.internal` A = the service's virtual IP (the ready endpoints' addresses
+//! for a service without one);
+//! `<alloc>.web.default.skiff.internal` A = that endpoint's address;
 //! `_http._tcp.web.default.skiff.internal` SRV = `0 10 8080 <alloc>.web.default.skiff.internal`
 //! per ready endpoint, with those names' A records in the additional section. Names in the zone
 //! that do not exist are NXDOMAIN, with the zone's SOA for negative caching.
@@ -59,8 +61,17 @@ impl Zone {
                 .filter(|e| e.ready)
                 .filter_map(|e| e.ip.parse().ok().map(|ip| (e, ip)))
                 .collect();
-            let mut ips: Vec<Ipv4Addr> = ready.iter().map(|(_, ip)| *ip).collect();
-            ips.sort();
+            // The virtual IP when the service has one (it reaches a ready endpoint per
+            // connection, and stays valid in a client's cache while endpoints move); else the
+            // ready endpoints themselves.
+            let ips: Vec<Ipv4Addr> = match s.vip.parse::<Ipv4Addr>() {
+                Ok(vip) => vec![vip],
+                Err(_) => {
+                    let mut ips: Vec<Ipv4Addr> = ready.iter().map(|(_, ip)| *ip).collect();
+                    ips.sort();
+                    ips
+                }
+            };
             z.add_name(&base);
             z.a.insert(base.clone(), ips);
             for (e, ip) in &ready {
@@ -685,6 +696,7 @@ mod tests {
                 .map(|e| ep(e, true))
                 .chain(unready.iter().map(|e| ep(e, false)))
                 .collect(),
+            vip: String::new(),
         }
     }
 
@@ -768,6 +780,43 @@ mod tests {
             assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{n}");
             assert!(r.answers.is_empty(), "{n}");
         }
+    }
+
+    #[test]
+    fn a_service_with_a_vip_answers_it_and_keeps_endpoint_names_and_srv() {
+        let mut svc = service(
+            &[
+                ("aaaa000000000001", "10.42.1.2"),
+                ("aaaa000000000002", "10.42.2.2"),
+            ],
+            &[],
+        );
+        svc.vip = "10.43.0.7".into();
+        let zone = Zone::build(&[svc.clone()]);
+        let r = ask(&zone, "web.default.skiff.internal.", RecordType::A, true);
+        let ips: Vec<String> = r.answers.iter().map(|a| a.data.to_string()).collect();
+        assert_eq!(ips, vec!["10.43.0.7"]);
+        let r = ask(
+            &zone,
+            "aaaa000000000002.web.default.skiff.internal.",
+            RecordType::A,
+            true,
+        );
+        let ips: Vec<String> = r.answers.iter().map(|a| a.data.to_string()).collect();
+        assert_eq!(ips, vec!["10.42.2.2"]);
+        let r = ask(
+            &zone,
+            "_http._tcp.web.default.skiff.internal.",
+            RecordType::SRV,
+            true,
+        );
+        assert_eq!(r.answers.len(), 2);
+        // With no ready endpoint the name still answers the VIP (connections to it are
+        // refused by the node until one is ready).
+        svc.endpoints.clear();
+        let zone = Zone::build(&[svc]);
+        let r = ask(&zone, "web.default.skiff.internal.", RecordType::A, true);
+        assert_eq!(r.answers.len(), 1);
     }
 
     #[test]

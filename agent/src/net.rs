@@ -7,6 +7,7 @@
 pub mod hostport;
 pub mod ipam;
 pub mod nl;
+pub mod vip;
 pub mod wg;
 
 use std::collections::HashSet;
@@ -242,14 +243,26 @@ impl Network {
     }
 
     /// Sets up the bridge for `subnet` (the node's, from the controllers), forwarding and
-    /// masquerade of traffic leaving `cluster`. Idempotent; a changed subnet moves the bridge.
-    pub fn configure(&self, subnet: &str, cluster: &str) -> Result<(), NetError> {
+    /// masquerade of traffic leaving `cluster`, and a route for the `services` CIDR through the
+    /// bridge (the node's own connections to a VIP need a route before nat OUTPUT rewrites
+    /// them). Idempotent; a changed subnet moves the bridge.
+    pub fn configure(
+        &self,
+        subnet: &str,
+        cluster: &str,
+        services: Option<&str>,
+    ) -> Result<(), NetError> {
         let subnet: Subnet = subnet.parse()?;
         let cluster: Subnet = cluster.parse()?;
+        let services: Option<Subnet> = services.map(str::parse).transpose()?;
         let mtu = self.mtu;
         let gw = subnet.gateway();
         let bridge = nl::with_handle(None, "setting up the bridge skiff0", move |h| async move {
-            nl::ensure_bridge(&h, BRIDGE, gw, subnet.prefix(), mtu).await
+            let index = nl::ensure_bridge(&h, BRIDGE, gw, subnet.prefix(), mtu).await?;
+            if let Some(s) = services {
+                nl::add_route(&h, s.network(), s.prefix(), index, gw).await?;
+            }
+            Ok(index)
         })?;
         let fwd = Path::new("/proc/sys/net/ipv4/ip_forward");
         std::fs::write(fwd, "1").map_err(|e| NetError::io(fwd, e))?;
@@ -507,6 +520,7 @@ pub fn teardown(data_dir: &Path) -> Vec<String> {
             }
         }
     }
+    done.extend(vip::remove());
     for alloc in hostport::published() {
         hostport::unpublish(&alloc);
         done.push(format!("removed the host port rules of allocation {alloc}"));

@@ -524,12 +524,18 @@ fn services() -> impl Strategy<Value = Vec<pb::ServiceInfo>> {
             text,
             prop::collection::vec(port, 0..3),
             prop::collection::vec(endpoint, 0..4),
+            prop_oneof![
+                "10\\.43\\.[0-9]{1,3}\\.[0-9]{1,3}",
+                ".{0,16}",
+                Just(String::new()),
+            ],
         )
-            .prop_map(|(name, namespace, ports, endpoints)| pb::ServiceInfo {
+            .prop_map(|(name, namespace, ports, endpoints, vip)| pb::ServiceInfo {
                 name,
                 namespace,
                 ports,
                 endpoints,
+                vip,
                 ..Default::default()
             }),
         0..4,
@@ -538,6 +544,40 @@ fn services() -> impl Strategy<Value = Vec<pb::ServiceInfo>> {
 
 proptest! {
     #![proptest_config(config(128))]
+
+    /// Any service set gives a VIP table whose every line is one of the rules the node
+    /// writes: names and addresses from the wire cannot add a line or a rule of their own.
+    #[test]
+    fn any_service_set_gives_a_well_formed_vip_table(services in services()) {
+        let vips = skiff_agent::contract::vip_services(&services);
+        for v in &vips {
+            let s = services.iter().find(|s| format!("{}/{}", s.namespace, s.name) == v.name);
+            prop_assert!(s.is_some_and(|s| s.vip == v.vip.to_string()));
+            prop_assert!(v.ports.iter().all(|(p, _)| *p > 0));
+        }
+        let table = skiff_agent::net::vip::render(&vips, "10.42.1.0/24", "skiff0");
+        let mut section = "";
+        for line in table.lines() {
+            match line {
+                "*nat" | "*filter" => section = line,
+                "COMMIT" => {}
+                l if l.starts_with(':') => {}
+                l => {
+                    prop_assert!(l.starts_with("-A "), "{l}");
+                    prop_assert_eq!(l.matches('"').count() % 2, 0, "{}", l);
+                    let chain = l.split(' ').nth(1).unwrap_or_default();
+                    let allowed: &[&str] = if section == "*nat" {
+                        &["SKIFF-SERVICES", "SKIFF-SVC-HAIRPIN"]
+                    } else {
+                        &["SKIFF-SVC-REJECT"]
+                    };
+                    prop_assert!(allowed.contains(&chain), "{l}");
+                }
+            }
+        }
+        let services_with_vip = vips.len();
+        prop_assert_eq!(table.matches("-j REJECT --reject-with tcp-reset").count(), services_with_vip);
+    }
 
     /// Any service set builds a zone without a panic, and queries for every name it could
     /// hold (in any spelling the lean path accepts) are answered as they must be.

@@ -26,6 +26,7 @@ pub async fn info(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<()
         return out.json(&serde_json::json!({
             "cluster_cidr": r.cluster_cidr,
             "node_subnet_prefix": r.node_subnet_prefix,
+            "service_cidr": r.service_cidr,
             "leader_id": r.leader_id,
             "term": r.term,
             "members": r.members,
@@ -38,6 +39,7 @@ pub async fn info(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<()
     } else {
         println!("cluster cidr:       {}", r.cluster_cidr);
         println!("node subnet prefix: /{}", r.node_subnet_prefix);
+        println!("service cidr:       {}", r.service_cidr);
     }
     println!(
         "leader:             {} (term {})",

@@ -284,6 +284,7 @@ pub fn service_json(s: &pb::ServiceInfo) -> Value {
     json!({
         "name": s.name, "namespace": s.namespace, "job": s.job,
         "dns": format!("{}.{}.skiff.internal", s.name, s.namespace),
+        "vip": (!s.vip.is_empty()).then_some(&s.vip),
         "port": s.port_name,
         "ports": s.ports.iter().map(|p| json!({
             "name": p.name, "port": p.port, "protocol": protocol(p.protocol),

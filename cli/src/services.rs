@@ -46,6 +46,11 @@ pub async fn list(ctl: &Controllers, out: Out, namespace: Option<String>) -> any
                 .collect();
             vec![
                 format!("{}.{}.skiff.internal", s.name, s.namespace),
+                if s.vip.is_empty() {
+                    "-".into()
+                } else {
+                    s.vip.clone()
+                },
                 port,
                 format!("{ready}/{}", s.endpoints.len()),
                 if endpoints.is_empty() {
@@ -56,6 +61,6 @@ pub async fn list(ctl: &Controllers, out: Out, namespace: Option<String>) -> any
             ]
         })
         .collect();
-    print_table(&["SERVICE", "PORT", "READY", "ENDPOINTS"], rows);
+    print_table(&["SERVICE", "VIP", "PORT", "READY", "ENDPOINTS"], rows);
     Ok(())
 }

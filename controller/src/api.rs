@@ -66,8 +66,12 @@ impl From<ApiError> for Status {
                 | ApplyError::NodeNotFound { .. }
                 | ApplyError::AllocationNotFound { .. } => Status::not_found(e.to_string()),
                 ApplyError::AllocationExists { .. } => Status::already_exists(e.to_string()),
-                ApplyError::NoSubnet { .. } => Status::resource_exhausted(e.to_string()),
+                ApplyError::ServiceTaken { .. } => Status::already_exists(e.to_string()),
+                ApplyError::NoSubnet { .. } | ApplyError::NoServiceIp { .. } => {
+                    Status::resource_exhausted(e.to_string())
+                }
                 ApplyError::BadCidr { .. }
+                | ApplyError::BadServiceCidr { .. }
                 | ApplyError::NodeNotDown { .. }
                 | ApplyError::SettingsConflict { .. } => Status::failed_precondition(e.to_string()),
                 ApplyError::InvalidSpec { .. } | ApplyError::UnknownJobVersion { .. } => {

@@ -76,6 +76,11 @@ pub struct Args {
     /// Cluster-wide: fixed at bootstrap; a member given another value refuses to start.
     #[arg(long, env = "SKIFF_NODE_SUBNET_PREFIX")]
     pub node_subnet_prefix: Option<u8>,
+    /// The network services' virtual IPs are taken from [default: 10.43.0.0/16]; it must not
+    /// overlap the cluster CIDR. Cluster-wide: fixed at bootstrap; a member given another
+    /// value refuses to start.
+    #[arg(long, env = "SKIFF_SERVICE_CIDR")]
+    pub service_cidr: Option<String>,
 }
 
 /// The config file's shape.
@@ -97,6 +102,7 @@ pub struct FileConfig {
     pub node_grace: Option<String>,
     pub cluster_cidr: Option<String>,
     pub node_subnet_prefix: Option<u8>,
+    pub service_cidr: Option<String>,
 }
 
 /// How a member that has never run forms or joins a cluster.
@@ -138,6 +144,7 @@ pub struct Config {
 pub struct ClusterFlags {
     pub cluster_cidr: Option<String>,
     pub node_subnet_prefix: Option<u8>,
+    pub service_cidr: Option<String>,
 }
 
 impl ClusterFlags {
@@ -151,6 +158,10 @@ impl ClusterFlags {
             node_subnet_prefix: self
                 .node_subnet_prefix
                 .unwrap_or(DEFAULT_NODE_SUBNET_PREFIX),
+            service_cidr: self
+                .service_cidr
+                .clone()
+                .unwrap_or_else(|| crate::state::DEFAULT_SERVICE_CIDR.to_owned()),
         }
     }
 
@@ -172,6 +183,14 @@ impl ClusterFlags {
             out.push(format!(
                 "--node-subnet-prefix {p}, but the cluster was bootstrapped with {}",
                 cluster.node_subnet_prefix
+            ));
+        }
+        if let Some(c) = &self.service_cidr
+            && *c != cluster.service_cidr
+        {
+            out.push(format!(
+                "--service-cidr {c}, but the cluster was bootstrapped with {}",
+                cluster.service_cidr
             ));
         }
         (!out.is_empty()).then(|| {
@@ -214,6 +233,8 @@ pub enum ConfigError {
         "node-subnet-prefix: /{prefix} must be 16 to 30 and no shorter than the cluster CIDR {cidr}"
     )]
     NodeSubnetPrefix { prefix: u8, cidr: String },
+    #[error("service-cidr: {0}")]
+    ServiceCidr(String),
     #[error("node-grace: {0:?} is not a duration of at least 1s (e.g. 10s)")]
     NodeGrace(String),
     #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 400-800)")]
@@ -291,6 +312,7 @@ impl Config {
         let cluster = ClusterFlags {
             cluster_cidr: args.cluster_cidr.or(file.cluster_cidr),
             node_subnet_prefix: args.node_subnet_prefix.or(file.node_subnet_prefix),
+            service_cidr: args.service_cidr.or(file.service_cidr),
         };
         let bootstrap = cluster.for_bootstrap();
         let Some((_, cluster_prefix)) = crate::state::parse_cidr(&bootstrap.cluster_cidr) else {
@@ -304,6 +326,8 @@ impl Config {
                 cidr: bootstrap.cluster_cidr,
             });
         }
+        crate::state::check_service_cidr(&bootstrap.service_cidr, &bootstrap.cluster_cidr)
+            .map_err(|e| ConfigError::ServiceCidr(e.to_string()))?;
         let join_token = match args.join_token.or(file.join_token) {
             None => None,
             Some(t) => Some(
@@ -450,29 +474,35 @@ mod tests {
             none.for_bootstrap(),
             ClusterSettings {
                 cluster_cidr: "10.42.0.0/16".into(),
-                node_subnet_prefix: 24
+                node_subnet_prefix: 24,
+                service_cidr: "10.43.0.0/16".into(),
             }
         );
         let cluster = ClusterSettings {
             cluster_cidr: "10.50.0.0/16".into(),
             node_subnet_prefix: 26,
+            service_cidr: "10.51.0.0/16".into(),
         };
         // Nothing given: no conflict, whatever the cluster has.
         assert_eq!(none.conflict(&cluster), None);
         let same = ClusterFlags {
             cluster_cidr: Some("10.50.0.0/16".into()),
             node_subnet_prefix: None,
+            service_cidr: Some("10.51.0.0/16".into()),
         };
         assert_eq!(same.conflict(&cluster), None);
         let other = ClusterFlags {
             cluster_cidr: Some("10.60.0.0/16".into()),
             node_subnet_prefix: Some(24),
+            service_cidr: Some("10.61.0.0/16".into()),
         };
         let why = other.conflict(&cluster).expect("conflict");
         assert!(
             why.starts_with(
                 "--cluster-cidr 10.60.0.0/16, but the cluster was bootstrapped with \
-                 10.50.0.0/16; --node-subnet-prefix 24, but the cluster was bootstrapped with 26"
+                 10.50.0.0/16; --node-subnet-prefix 24, but the cluster was bootstrapped with \
+                 26; --service-cidr 10.61.0.0/16, but the cluster was bootstrapped with \
+                 10.51.0.0/16"
             ),
             "{why}"
         );

@@ -100,14 +100,25 @@ pub struct ClusterSettings {
     pub cluster_cidr: String,
     /// The prefix length of each node's pod subnet.
     pub node_subnet_prefix: u8,
+    /// Services' virtual IPs are taken from this network. Clusters bootstrapped before it
+    /// existed read the default.
+    #[serde(default = "default_service_cidr")]
+    pub service_cidr: String,
+}
+
+/// The service CIDR of a cluster that was not given one.
+pub const DEFAULT_SERVICE_CIDR: &str = "10.43.0.0/16";
+
+fn default_service_cidr() -> String {
+    DEFAULT_SERVICE_CIDR.to_owned()
 }
 
 impl std::fmt::Display for ClusterSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "cluster-cidr {}, node-subnet-prefix {}",
-            self.cluster_cidr, self.node_subnet_prefix
+            "cluster-cidr {}, node-subnet-prefix {}, service-cidr {}",
+            self.cluster_cidr, self.node_subnet_prefix, self.service_cidr
         )
     }
 }
@@ -287,6 +298,25 @@ pub enum ApplyError {
     BadCidr { cidr: String },
     #[error("invalid job spec: {message}")]
     InvalidSpec { message: String },
+    #[error(
+        "service {service} in namespace {namespace} is already published by job {job}: \
+         give this job another `service.name`, or stop {job}"
+    )]
+    ServiceTaken {
+        namespace: String,
+        service: String,
+        job: String,
+    },
+    #[error("service CIDR {cidr} has no free address left for service {service}")]
+    NoServiceIp { cidr: String, service: String },
+    #[error(
+        "service CIDR {service_cidr:?} must be an IPv4 network of prefix /8 to /28 that does \
+         not overlap the cluster CIDR {cluster_cidr}"
+    )]
+    BadServiceCidr {
+        service_cidr: String,
+        cluster_cidr: String,
+    },
     #[error("the cluster was bootstrapped with {current}, not {requested}")]
     SettingsConflict {
         current: ClusterSettings,
@@ -339,6 +369,10 @@ pub struct ClusterState {
     /// The cluster PKI; empty until the bootstrapper's first leader commits its CA.
     #[serde(default)]
     pki: pki::PkiState,
+    /// Services' virtual IPs by `namespace/service`, kept while a running job publishes the
+    /// service.
+    #[serde(default)]
+    vips: OrdMap<String, std::net::Ipv4Addr>,
 }
 
 /// `a.b.c.d/p` with 8 <= p <= 24 -> (network address as u32, p); host bits must be zero.
@@ -352,6 +386,41 @@ pub fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
     let base = u32::from(addr);
     let host_bits = (1u32 << (32 - prefix)) - 1;
     (base & host_bits == 0).then_some((base, prefix))
+}
+
+/// `a.b.c.d/p` with 8 <= p <= 28 -> (network address, p): a service CIDR; host bits zero.
+pub fn parse_service_cidr(cidr: &str) -> Option<(u32, u32)> {
+    let (addr, prefix) = cidr.split_once('/')?;
+    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+    let prefix: u32 = prefix.parse().ok()?;
+    if !(8..=28).contains(&prefix) {
+        return None;
+    }
+    let base = u32::from(addr);
+    let host_bits = (1u32 << (32 - prefix)) - 1;
+    (base & host_bits == 0).then_some((base, prefix))
+}
+
+/// Whether two networks share an address.
+pub fn cidrs_overlap((a, ap): (u32, u32), (b, bp): (u32, u32)) -> bool {
+    let p = ap.min(bp);
+    let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+    a & mask == b & mask
+}
+
+/// Checks a service CIDR against the cluster CIDR it must stay clear of.
+pub fn check_service_cidr(service_cidr: &str, cluster_cidr: &str) -> Result<(), ApplyError> {
+    let bad = || ApplyError::BadServiceCidr {
+        service_cidr: service_cidr.to_owned(),
+        cluster_cidr: cluster_cidr.to_owned(),
+    };
+    let svc = parse_service_cidr(service_cidr).ok_or_else(bad)?;
+    if let Some(pods) = parse_cidr(cluster_cidr)
+        && cidrs_overlap(svc, pods)
+    {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 fn job_key(namespace: &str, name: &str) -> String {
@@ -536,6 +605,7 @@ impl ClusterState {
                             cidr: settings.cluster_cidr.clone(),
                         });
                     }
+                    check_service_cidr(&settings.service_cidr, &settings.cluster_cidr)?;
                     self.settings = Some(settings.clone());
                     Ok(Outcome::ClusterInitialized { changed: true })
                 }
@@ -575,6 +645,39 @@ impl ClusterState {
             }
         }
         count
+    }
+
+    /// The lowest address of the service CIDR no service holds (not the network's first or
+    /// last address).
+    fn free_vip(&self, service: &str) -> Result<std::net::Ipv4Addr, ApplyError> {
+        let cidr = self
+            .settings
+            .as_ref()
+            .map_or(DEFAULT_SERVICE_CIDR, |s| s.service_cidr.as_str());
+        let (base, prefix) =
+            parse_service_cidr(cidr).ok_or_else(|| ApplyError::BadServiceCidr {
+                service_cidr: cidr.to_owned(),
+                cluster_cidr: self
+                    .settings
+                    .as_ref()
+                    .map(|s| s.cluster_cidr.clone())
+                    .unwrap_or_default(),
+            })?;
+        let taken: std::collections::HashSet<std::net::Ipv4Addr> =
+            self.vips.values().copied().collect();
+        let size = 1u32 << (32 - prefix);
+        (1..size - 1)
+            .map(|i| std::net::Ipv4Addr::from(base + i))
+            .find(|ip| !taken.contains(ip))
+            .ok_or_else(|| ApplyError::NoServiceIp {
+                cidr: cidr.to_owned(),
+                service: service.to_owned(),
+            })
+    }
+
+    /// A service's virtual IP, while a running job publishes it.
+    pub fn vip(&self, namespace: &str, service: &str) -> Option<std::net::Ipv4Addr> {
+        self.vips.get(&job_key(namespace, service)).copied()
     }
 
     fn free_subnet(&self, cidr: &str, subnet_prefix: u8, node: &str) -> Result<String, ApplyError> {
@@ -622,6 +725,47 @@ impl ClusterState {
             message: e.to_string(),
         })?;
         let key = spec.key();
+        // The service's virtual IP: checked and chosen before anything changes.
+        let published = self
+            .jobs
+            .get(&key)
+            .filter(|j| j.status == JobStatus::Running)
+            .and_then(|j| {
+                j.latest()
+                    .spec
+                    .service_name()
+                    .map(|s| job_key(&j.namespace, s))
+            });
+        let publishes = spec.service_name().map(|s| job_key(&spec.namespace, s));
+        let new_vip = match (spec.service_name(), &publishes) {
+            (Some(service), Some(svc_key)) => {
+                if let Some(other) = self.jobs.values().find(|j| {
+                    j.namespace == spec.namespace
+                        && j.name != spec.name
+                        && j.status == JobStatus::Running
+                        && j.latest().spec.service_name() == Some(service)
+                }) {
+                    return Err(ApplyError::ServiceTaken {
+                        namespace: spec.namespace.clone(),
+                        service: service.to_owned(),
+                        job: other.name.clone(),
+                    });
+                }
+                match self.vips.get(svc_key) {
+                    Some(_) => None,
+                    None => Some((svc_key.clone(), self.free_vip(service)?)),
+                }
+            }
+            _ => None,
+        };
+        if published != publishes
+            && let Some(old) = published
+        {
+            self.vips.remove(&old);
+        }
+        if let Some((svc_key, ip)) = new_vip {
+            self.vips.insert(svc_key, ip);
+        }
         match self.jobs.get_mut(&key) {
             None => {
                 let job = Job::new(spec.clone(), at_ms);
@@ -668,6 +812,9 @@ impl ClusterState {
         if changed {
             job.status = JobStatus::Stopped;
             job.status_changed_at_ms = at_ms;
+            if let Some(service) = job.latest().spec.service_name() {
+                self.vips.remove(&job_key(namespace, service));
+            }
             let ids: Vec<String> = self
                 .allocations
                 .values()

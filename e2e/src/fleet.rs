@@ -619,6 +619,21 @@ impl Fleet {
         }
     }
 
+    /// Polls `f` like [`Fleet::wait_for`] until it returns a value, and returns it.
+    pub fn wait_for_value<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&Fleet) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let mut got = None;
+        self.wait_for(what, timeout, |fleet| {
+            got = f(fleet)?;
+            Ok(got.is_some())
+        })?;
+        got.with_context(|| format!("waiting for {what}"))
+    }
+
     /// The fleet's temp dir.
     pub fn dir(&self) -> &Path {
         self.dir.path()

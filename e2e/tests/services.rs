@@ -1,6 +1,7 @@
 //! Services and health checks on the netns fleet (needs root): a job's `service` section lists
 //! its allocations as endpoints; only those whose health check passes take traffic; a failing
-//! check takes an endpoint out and a recovering one puts it back.
+//! check takes an endpoint out and a recovering one puts it back; DNS answers each service's
+//! virtual IP, and a connection to it reaches one ready endpoint.
 
 use std::time::Duration;
 
@@ -36,18 +37,30 @@ fn ready(eps: &[(String, String, String, bool)]) -> usize {
     eps.iter().filter(|e| e.3).count()
 }
 
-/// The A records of web.default.skiff.internal that a1's DNS (at `gw`) answers, one per line.
-fn web_a(fleet: &Fleet, gw: &str) -> Result<String> {
+/// The SRV records of web's http port that a1's DNS (at `gw`) answers, one per line.
+fn web_srv(fleet: &Fleet, gw: &str) -> Result<String> {
     dig(
         fleet,
         "a1",
         &[
             &format!("@{gw}"),
-            "web.default.skiff.internal",
-            "A",
+            "_http._tcp.web.default.skiff.internal",
+            "SRV",
             "+short",
         ],
     )
+}
+
+/// A service's virtual IP as `skiff services` shows it.
+fn vip(fleet: &Fleet, service: &str) -> Result<String> {
+    let list = fleet.cli_json(&["services"])?;
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == service)
+        .and_then(|s| s["vip"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no VIP for {service}: {list}"))
 }
 
 #[test]
@@ -276,22 +289,21 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
             subnet.rsplit_once('.').context("subnet")?.0
         ))
     };
+    let web_vip = vip(fleet, "web")?;
+    ensure!(web_vip.starts_with("10.43."), "VIP {web_vip}");
     for host in ["a1", "a2"] {
         let server = format!("@{}", gateway(host)?);
-        // A: every ready endpoint, over the default EDNS size.
+        // A: the service's virtual IP.
         fleet.wait_for(
-            &format!("{host}'s DNS to list 10 addresses"),
+            &format!("{host}'s DNS to answer the VIP"),
             Duration::from_secs(5),
             |f| {
-                let got: std::collections::BTreeSet<String> = dig(
+                let got = dig(
                     f,
                     host,
                     &[&server, "web.default.skiff.internal", "A", "+short"],
-                )?
-                .lines()
-                .map(str::to_owned)
-                .collect();
-                Ok(got == ips)
+                )?;
+                Ok(got.trim() == web_vip)
             },
         )?;
         // SRV with ports; the targets resolve.
@@ -349,7 +361,13 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
         let tcp = dig(
             fleet,
             host,
-            &[&server, "+tcp", "web.default.skiff.internal", "A", "+short"],
+            &[
+                &server,
+                "+tcp",
+                "_http._tcp.web.default.skiff.internal",
+                "SRV",
+                "+short",
+            ],
         )?;
         ensure!(tcp.lines().count() == 10, "{tcp}");
         // Outside the zone: forwarded upstream.
@@ -371,6 +389,9 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
         "nslookup",
         "web.default.skiff.internal",
     ])?;
+    ensure!(ns.contains(web_vip.as_str()), "{ns}");
+    let one = format!("{alloc}.web.default.skiff.internal");
+    let ns = fleet.cli_ok(&["exec", &alloc, "--", "nslookup", &one])?;
     ensure!(ips.iter().any(|ip| ns.contains(ip.as_str())), "{ns}");
     let page = fleet.cli_ok(&["exec", &alloc, "--", "wget", "-qO-", "http://web:8080/"])?;
     ensure!(page.contains("hello from skiff"), "{page}");
@@ -387,14 +408,14 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
         "{}",
         String::from_utf8_lossy(&sent.stderr)
     );
-    let after = web_a(fleet, &gw)?;
+    let after = web_srv(fleet, &gw)?;
     ensure!(after.lines().count() == 10, "after garbage: {after}");
 
     // Scale down: the records follow.
     fleet.cli_ok(&["scale", "web", "2"])?;
     let t = std::time::Instant::now();
-    fleet.wait_for("2 addresses in DNS", Duration::from_secs(10), |f| {
-        Ok(web_a(f, &gw)?.lines().count() == 2)
+    fleet.wait_for("2 endpoints in DNS", Duration::from_secs(10), |f| {
+        Ok(web_srv(f, &gw)?.lines().count() == 2)
     })?;
     eprintln!(
         "DNS followed the scale-down in {:.2}s",
@@ -403,10 +424,203 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
 
     // The controller goes away: the last view keeps being served.
     fleet.kill_leader()?;
-    let still = web_a(fleet, &gw)?;
+    let still = web_srv(fleet, &gw)?;
     ensure!(
         still.lines().count() == 2,
         "with the controller down: {still}"
     );
+    Ok(())
+}
+
+/// The allocation ids that `count` requests to `url` from inside `client` were answered by
+/// (each endpoint serves its own id at /id). Not `wget -T`: Debian's busybox crashes on it.
+fn answered_by(fleet: &Fleet, client: &str, url: &str, count: u32) -> Result<Vec<String>> {
+    let script =
+        format!("for i in $(seq {count}); do timeout 5 wget -qO- {url} 2>&1 || echo FAILED; done");
+    let out = fleet.cli_ok(&["exec", client, "--", "sh", "-c", &script])?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// The DNAT targets of the VIP table on `host`.
+fn vip_targets(fleet: &Fleet, host: &str) -> Result<Vec<String>> {
+    let out = fleet.on_host(
+        host,
+        &["iptables", "-w", "-t", "nat", "-S", "SKIFF-SERVICES"],
+    )?;
+    ensure!(out.status.success(), "iptables on {host}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("--to-destination ").nth(1))
+        .map(|t| t.split(':').next().unwrap_or_default().to_owned())
+        .collect())
+}
+
+#[test]
+fn s30_service_vips_balance_per_connection_and_follow_endpoints() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    if !skiff_testkit::require(&[skiff_testkit::tool("dig", "bind9-dnsutils")]) {
+        return Ok(());
+    }
+    let _serial = serial();
+    let fleet = Fleet::start(1, 2, "3s")?;
+    let res = vip_checks(&fleet);
+    if res.is_err() {
+        eprintln!("{}", fleet.log_tails(30));
+    }
+    res
+}
+
+fn vip_checks(fleet: &Fleet) -> Result<()> {
+    let image = fleet.image();
+    let web = |replicas: u32| {
+        format!(
+            "name = \"web\"\nreplicas = {replicas}\nimage = \"{image}\"\n\
+             command = [\"/bin/sh\", \"-c\", \"hostname > /www/id && exec httpd -f -p 8080 -h /www\"]\n\
+             stop_signal = \"SIGKILL\"\n\
+             [[ports]]\nname = \"http\"\nport = 8080\n\
+             [service]\nport = \"http\"\ncheck = {{ tcp = \"http\", interval = \"500ms\", timeout = \"400ms\" }}\n\
+             [resources]\ncpu = 0.05\nmemory = \"16Mi\"\n"
+        )
+    };
+    let path = fleet.spec("web", &web(2))?;
+    fleet.cli_ok(&["apply", "-f", &path.display().to_string()])?;
+    let client = fleet.spec(
+        "client",
+        &format!(
+            "name = \"client\"\nreplicas = 1\nimage = \"{image}\"\n\
+             command = [\"/bin/sleep\"]\nargs = [\"3600\"]\nstop_signal = \"SIGKILL\"\n\
+             [resources]\ncpu = 0.05\nmemory = \"16Mi\"\n"
+        ),
+    )?;
+    fleet.cli_ok(&["apply", "-f", &client.display().to_string()])?;
+    fleet.wait_for("2 ready endpoints", Duration::from_secs(40), |f| {
+        Ok(ready(&endpoints(f, "web")?) == 2)
+    })?;
+    let client_alloc =
+        fleet.wait_for_value("the client running", Duration::from_secs(30), |f| {
+            Ok(f.allocations("client")?
+                .into_iter()
+                .find(|a| a.2 == "running")
+                .map(|a| a.0))
+        })?;
+    let eps = endpoints(fleet, "web")?;
+    let ids: std::collections::BTreeSet<String> = eps.iter().map(|e| e.0.clone()).collect();
+    // The replicas are on both nodes, so the client reaches one on its own node (hairpin
+    // through the host) and one across the overlay.
+    let nodes: std::collections::BTreeSet<String> =
+        fleet.allocations("web")?.into_iter().map(|a| a.1).collect();
+    ensure!(nodes.len() == 2, "web's replicas on {nodes:?}");
+    let web_vip = vip(fleet, "web")?;
+    let text = fleet.cli_ok(&["services"])?;
+    ensure!(text.contains(&web_vip), "{text}");
+    // Every agent programs the VIP with both endpoints.
+    fleet.wait_for(
+        "both agents to program the VIP",
+        Duration::from_secs(5),
+        |f| {
+            let want: std::collections::BTreeSet<String> =
+                eps.iter().map(|e| e.1.clone()).collect();
+            for host in ["a1", "a2"] {
+                let got: std::collections::BTreeSet<String> =
+                    vip_targets(f, host)?.into_iter().collect();
+                if got != want {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )?;
+
+    // By name (DNS answers the VIP) and by address: every connection is answered, by both
+    // endpoints (the chance that 40 fair picks miss one is 2^-39).
+    for url in [
+        "http://web.default.skiff.internal:8080/id".to_owned(),
+        format!("http://{web_vip}:8080/id"),
+    ] {
+        let got = answered_by(fleet, &client_alloc, &url, 40)?;
+        ensure!(
+            got.len() == 40 && got.iter().all(|g| ids.contains(g)),
+            "{url}: {got:?}"
+        );
+        let seen: std::collections::BTreeSet<&String> = got.iter().collect();
+        ensure!(
+            seen.len() == 2,
+            "{url}: one endpoint took every connection: {got:?}"
+        );
+    }
+    // From a node itself (the host's own traffic goes through nat OUTPUT).
+    let from_host = fleet.on_host(
+        "a1",
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "3",
+            &format!("http://{web_vip}:8080/id"),
+        ],
+    )?;
+    let body = String::from_utf8_lossy(&from_host.stdout).trim().to_owned();
+    ensure!(ids.contains(&body), "from host a1: {from_host:?}");
+
+    // Scale down: the leaving endpoint gets no new connection once its rules are gone.
+    fleet.cli_ok(&["scale", "web", "1"])?;
+    let t = std::time::Instant::now();
+    let kept = fleet.wait_for_value("one endpoint left", Duration::from_secs(10), |f| {
+        let eps = endpoints(f, "web")?;
+        Ok((eps.len() == 1).then(|| (eps[0].0.clone(), eps[0].1.clone())))
+    })?;
+    fleet.wait_for("both VIP tables to follow", Duration::from_secs(10), |f| {
+        Ok(vip_targets(f, "a1")? == [kept.1.clone()] && vip_targets(f, "a2")? == [kept.1.clone()])
+    })?;
+    eprintln!(
+        "VIP tables followed the scale-down in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+    let got = answered_by(fleet, &client_alloc, "http://web:8080/id", 20)?;
+    ensure!(
+        got.iter().all(|g| *g == kept.0),
+        "after the scale-down: {got:?}"
+    );
+
+    // No endpoint at all: refused at once, not sent off the node.
+    fleet.cli_ok(&["scale", "web", "0"])?;
+    fleet.wait_for("no DNAT left", Duration::from_secs(10), |f| {
+        Ok(vip_targets(f, "a1")?.is_empty() && vip_targets(f, "a2")?.is_empty())
+    })?;
+    let t = std::time::Instant::now();
+    let refused = fleet.cli(&[
+        "exec",
+        &client_alloc,
+        "--",
+        "timeout",
+        "5",
+        "wget",
+        "-qO-",
+        &format!("http://{web_vip}:8080/id"),
+    ])?;
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    ensure!(
+        !refused.status.success(),
+        "answered with no endpoint: {refused:?}"
+    );
+    ensure!(
+        err.contains("refused") && t.elapsed() < Duration::from_secs(4),
+        "not refused at once ({:?}): {err}",
+        t.elapsed()
+    );
+
+    // The job stops: its VIP is released and its rules go.
+    fleet.cli_ok(&["stop", "web"])?;
+    fleet.wait_for("the VIP's rules gone", Duration::from_secs(10), |f| {
+        for host in ["a1", "a2"] {
+            let out = f.on_host(host, &["iptables", "-w", "-S", "SKIFF-SVC-REJECT"])?;
+            if String::from_utf8_lossy(&out.stdout).contains(&web_vip) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
     Ok(())
 }

@@ -156,6 +156,10 @@ impl Cluster for ClusterApi {
                         .as_ref()
                         .map(|s| s.cluster_cidr.clone())
                         .unwrap_or_default(),
+                    service_cidr: settings
+                        .as_ref()
+                        .map(|s| s.service_cidr.clone())
+                        .unwrap_or_default(),
                     node_subnet_prefix: settings.map_or(0, |s| u32::from(s.node_subnet_prefix)),
                     leader_id: status.leader.unwrap_or(0),
                     term: status.term,

@@ -203,6 +203,7 @@ impl Nodes for NodesApi {
                     heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
                     subnet,
                     cluster_cidr: settings.cluster_cidr,
+                    service_cidr: settings.service_cidr,
                 })
             })
             .await

@@ -37,8 +37,13 @@ pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::Servic
                 }
             })
             .collect();
+        let name = spec.service_name().unwrap_or(&job.name);
         out.push(pb::ServiceInfo {
-            name: spec.service_name().unwrap_or(&job.name).to_owned(),
+            vip: state
+                .vip(&job.namespace, name)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
+            name: name.to_owned(),
             namespace: job.namespace.clone(),
             job: job.name.clone(),
             port_name: service.port.clone(),

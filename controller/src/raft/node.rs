@@ -767,6 +767,7 @@ mod tests {
             settings: ClusterSettings {
                 cluster_cidr: cidr.into(),
                 node_subnet_prefix: 24,
+                service_cidr: crate::state::DEFAULT_SERVICE_CIDR.into(),
             },
         }
     }

@@ -406,6 +406,7 @@ fn cluster_settings_are_fixed_once_and_win_over_registrations() {
     let settings = ClusterSettings {
         cluster_cidr: "10.50.0.0/16".into(),
         node_subnet_prefix: 26,
+        service_cidr: "10.43.0.0/16".into(),
     };
     assert_eq!(
         s.apply(&Command::InitCluster {
@@ -424,6 +425,7 @@ fn cluster_settings_are_fixed_once_and_win_over_registrations() {
     let other = ClusterSettings {
         cluster_cidr: "10.60.0.0/16".into(),
         node_subnet_prefix: 24,
+        service_cidr: "10.43.0.0/16".into(),
     };
     let e = s
         .apply(&Command::InitCluster { settings: other })
@@ -431,7 +433,8 @@ fn cluster_settings_are_fixed_once_and_win_over_registrations() {
     assert_eq!(
         e.to_string(),
         "the cluster was bootstrapped with cluster-cidr 10.50.0.0/16, node-subnet-prefix 26, \
-         not cluster-cidr 10.60.0.0/16, node-subnet-prefix 24"
+         service-cidr 10.43.0.0/16, not cluster-cidr 10.60.0.0/16, node-subnet-prefix 24, \
+         service-cidr 10.43.0.0/16"
     );
     assert_eq!(s, before);
     // A registration carrying other values (a member with other flags) gets the cluster's.
@@ -457,9 +460,129 @@ fn cluster_settings_are_fixed_once_and_win_over_registrations() {
                 settings: ClusterSettings {
                     cluster_cidr: "10.50.0.1/16".into(),
                     node_subnet_prefix: 24,
+                    service_cidr: "10.43.0.0/16".into(),
                 }
             })
             .is_err()
     );
     assert_eq!(fresh.settings(), None);
+}
+
+fn service_spec(name: &str, service: Option<&str>) -> JobSpec {
+    let svc = match service {
+        Some(s) => format!("[service]\nname = \"{s}\"\nport = \"http\"\n"),
+        None => String::new(),
+    };
+    skiff_common::parse_job_spec(
+        &format!(
+            "name = \"{name}\"\nimage = \"reg/web:1\"\n[[ports]]\nname = \"http\"\nport = 8080\n{svc}"
+        ),
+        skiff_common::SpecFormat::Toml,
+    )
+    .expect("spec")
+}
+
+#[test]
+fn services_get_virtual_ips_kept_while_published_and_unique_names() {
+    let mut s = ClusterState::default();
+    let apply = |s: &mut ClusterState, spec: JobSpec| {
+        s.apply(&Command::ApplyJob {
+            spec: Box::new(spec),
+            at_ms: 1,
+        })
+    };
+    apply(&mut s, service_spec("web", Some("web"))).expect("web");
+    apply(&mut s, service_spec("api", Some("api"))).expect("api");
+    apply(&mut s, service_spec("batch", None)).expect("batch");
+    let web = s.vip("default", "web").expect("web vip");
+    assert_eq!(web.to_string(), "10.43.0.1");
+    assert_eq!(
+        s.vip("default", "api").map(|i| i.to_string()).as_deref(),
+        Some("10.43.0.2")
+    );
+    assert_eq!(s.vip("default", "batch"), None);
+    // A new version keeps the address.
+    let mut v2 = service_spec("web", Some("web"));
+    v2.replicas = 3;
+    apply(&mut s, v2).expect("v2");
+    assert_eq!(s.vip("default", "web"), Some(web));
+    // Another job may not publish the same name: refused, nothing changed.
+    let before = s.clone();
+    let e = apply(&mut s, service_spec("web2", Some("web"))).expect_err("taken");
+    assert!(
+        e.to_string().contains("already published by job web"),
+        "{e}"
+    );
+    assert_eq!(s, before);
+    // Renaming the service frees the old name's address; the new name gets a fresh one (not
+    // the old one: clients that cached the old name must not reach another service).
+    apply(&mut s, service_spec("web", Some("www"))).expect("rename");
+    assert_eq!(s.vip("default", "web"), None);
+    assert_eq!(
+        s.vip("default", "www").map(|i| i.to_string()).as_deref(),
+        Some("10.43.0.3")
+    );
+    // Stopping frees it; a later job may then take the name.
+    s.apply(&Command::StopJob {
+        namespace: "default".into(),
+        name: "api".into(),
+        at_ms: 2,
+    })
+    .expect("stop");
+    assert_eq!(s.vip("default", "api"), None);
+    apply(&mut s, service_spec("api2", Some("api"))).expect("api2 takes the name");
+    assert!(s.vip("default", "api").is_some());
+    // Kept through a snapshot; a snapshot from before virtual IPs reads as none.
+    let back: ClusterState =
+        serde_json::from_str(&serde_json::to_string(&s).expect("serialize")).expect("parse");
+    assert_eq!(back, s);
+}
+
+#[test]
+fn a_full_service_cidr_refuses_the_job_and_changes_nothing() {
+    let mut s = ClusterState::default();
+    s.apply(&Command::InitCluster {
+        settings: ClusterSettings {
+            cluster_cidr: "10.50.0.0/16".into(),
+            node_subnet_prefix: 24,
+            service_cidr: "10.51.0.0/30".into(),
+        },
+    })
+    .expect_err("a /30 is below the smallest service CIDR");
+    s.apply(&Command::InitCluster {
+        settings: ClusterSettings {
+            cluster_cidr: "10.50.0.0/16".into(),
+            node_subnet_prefix: 24,
+            service_cidr: "10.50.128.0/24".into(),
+        },
+    })
+    .expect_err("overlaps the cluster CIDR");
+    s.apply(&Command::InitCluster {
+        settings: ClusterSettings {
+            cluster_cidr: "10.50.0.0/16".into(),
+            node_subnet_prefix: 24,
+            service_cidr: "10.51.0.0/28".into(),
+        },
+    })
+    .expect("init");
+    for i in 0..14 {
+        let name = format!("s{i}");
+        s.apply(&Command::ApplyJob {
+            spec: Box::new(service_spec(&name, Some(&name))),
+            at_ms: 1,
+        })
+        .expect("fits");
+    }
+    let before = s.clone();
+    let e = s
+        .apply(&Command::ApplyJob {
+            spec: Box::new(service_spec("s14", Some("s14"))),
+            at_ms: 1,
+        })
+        .expect_err("full");
+    assert_eq!(
+        e.to_string(),
+        "service CIDR 10.51.0.0/28 has no free address left for service s14"
+    );
+    assert_eq!(s, before);
 }
