@@ -53,6 +53,9 @@ pub enum ApiError {
     /// The member cannot answer yet (try again shortly).
     #[error("{0}")]
     NotReady(String),
+    /// The caller is authenticated but may not do this.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl From<ApiError> for Status {
@@ -61,6 +64,7 @@ impl From<ApiError> for Status {
             ApiError::Spec(e) => Status::invalid_argument(e.to_string()),
             ApiError::BadRequest(m) => Status::invalid_argument(m),
             ApiError::NotReady(m) => Status::unavailable(m),
+            ApiError::Forbidden(m) => Status::permission_denied(m),
             ApiError::Apply(e) => match e {
                 ApplyError::JobNotFound { .. }
                 | ApplyError::NodeNotFound { .. }

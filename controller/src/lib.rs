@@ -70,6 +70,7 @@ pub fn policy(path: &str) -> Need {
         ("skiff.v1.RaftInternal", _) => Need::Member,
         ("skiff.v1.Pki", "Join") => Need::Nothing,
         ("skiff.v1.Pki", "Renew") => Need::Node,
+        ("skiff.v1.Pki", "SignWorkload") => Need::Node,
         ("skiff.v1.Pki", _) => Need::Admin,
         ("skiff.v1.Nodes", "Register" | "Heartbeat" | "WatchAllocations" | "WatchServices") => {
             Need::Node

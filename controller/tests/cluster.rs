@@ -1349,3 +1349,207 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
     assert_eq!(c.job_names(1), ["kept".to_string()].into_iter().collect());
     c.shutdown().await;
 }
+
+/// Workload identities: a node gets a certificate for `spiffe://skiff/ns/NS/svc/SERVICE` only
+/// for an allocation assigned to it, of a job that publishes a service; the certificate lasts
+/// a day and opens no controller API; users, other nodes and workloads are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t80_workload_certificates_only_for_the_nodes_own_allocations() {
+    use skiff_controller::state::{Allocation, AllocationStatus, Command, DesiredStatus};
+    use skiff_tls::pki::{key_and_csr, now_unix};
+    use skiff_tls::{Identity, JoinToken};
+
+    let c = TestCluster::start(1, TestCluster::settings()).await;
+    let addr = c.rpc[0];
+    let admin = c.admin().clone();
+    let mut jobs = c.jobs(1).await;
+    apply(
+        &mut jobs,
+        "name = \"web\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\nnamespace = \"shop\"\n\
+         [[ports]]\nname = \"http\"\nport = 8080\n[service]\nname = \"www\"\nport = \"http\"\n"
+            .into(),
+    )
+    .await
+    .expect("apply web");
+    apply(&mut jobs, spec("batch", 1))
+        .await
+        .expect("apply batch");
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2"] {
+        let token: JoinToken = c.token("agent", 1, 3600).await.parse().expect("token");
+        let m = skiff_tls::enroll::join(&addr.to_string(), &token, name, 0, &[])
+            .await
+            .expect("enroll");
+        let creds = forged(&admin, m.cert_pem, m.key_pem);
+        let key = if name == "n1" {
+            "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE="
+        } else {
+            "aGVsbG8gd29ybGQgdGhpcyBpcyBhIHRlc3Qga2V5ISE="
+        };
+        skiff_proto::v1::nodes_client::NodesClient::new(c.channel(1, &creds).await)
+            .register(pb::RegisterNodeRequest {
+                name: name.into(),
+                address: "198.18.0.9".into(),
+                labels: Default::default(),
+                resources: Some(pb::NodeResources {
+                    cpu: 1.0,
+                    memory: 1 << 30,
+                    pids: 100,
+                }),
+                agent_addr: String::new(),
+                wireguard: Some(pb::WireguardIdentity {
+                    public_key: key.into(),
+                    endpoint: "198.18.0.9:51820".into(),
+                    backend: pb::WireguardBackend::Userspace as i32,
+                }),
+                host_volume_dirs: Vec::new(),
+            })
+            .await
+            .expect("register");
+        nodes.push(creds);
+    }
+    let alloc = |id: &str, job: &str, namespace: &str| Allocation {
+        id: id.into(),
+        namespace: namespace.into(),
+        job: job.into(),
+        job_version: 1,
+        node: "n1".into(),
+        desired: DesiredStatus::Run,
+        observed: AllocationStatus::Pending,
+        restarts: 0,
+        created_at_ms: 1,
+        observed_at_ms: 1,
+        ip: None,
+        health: None,
+        health_output: String::new(),
+        log_dropped_bytes: 0,
+        log_error: String::new(),
+        containers: Vec::new(),
+    };
+    c.member(1)
+        .node()
+        .write(Command::PlaceAllocations {
+            allocations: vec![alloc("w1", "web", "shop"), alloc("b1", "batch", "default")],
+        })
+        .await
+        .expect("write")
+        .0
+        .expect("placed");
+
+    let (key, csr) = key_and_csr("workload").expect("csr");
+    let c = &c;
+    let sign = |creds: Credentials, allocation: &str, csr: String| {
+        let allocation = allocation.to_owned();
+        async move {
+            PkiClient::new(c.channel(1, &creds).await)
+                .sign_workload(pb::SignWorkloadRequest {
+                    allocation,
+                    csr_pem: csr,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let issued = sign(nodes[0].clone(), "w1", csr.clone())
+        .await
+        .expect("n1 signs for its allocation");
+    let info = skiff_tls::Material {
+        ca_pem: issued.ca_pem.clone(),
+        cert_pem: issued.cert_pem.clone(),
+        key_pem: key.clone(),
+    }
+    .info()
+    .expect("a cluster certificate");
+    assert_eq!(
+        info.identity,
+        Identity::Workload {
+            namespace: "shop".into(),
+            service: "www".into()
+        }
+    );
+    assert_eq!(info.identity.uri(), "spiffe://skiff/ns/shop/svc/www");
+    let life = info.not_after - now_unix();
+    assert!((86_000..=86_400).contains(&life), "lifetime {life}s");
+    let recorded = c
+        .member(1)
+        .node()
+        .state()
+        .state
+        .pki()
+        .certs
+        .get(&info.serial)
+        .map(|r| r.identity.clone());
+    assert_eq!(recorded.as_deref(), Some("spiffe://skiff/ns/shop/svc/www"));
+
+    // Another node, a job without a service, an unknown allocation, a user, a member-less
+    // identity: refused, with the reason.
+    let before = pki_counts(c);
+    let err = sign(nodes[1].clone(), "w1", csr.clone())
+        .await
+        .expect_err("n2 for n1's allocation");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("not assigned to node n2"),
+        "{}",
+        err.message()
+    );
+    let err = sign(nodes[0].clone(), "b1", csr.clone())
+        .await
+        .expect_err("no service");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("publishes no service"),
+        "{}",
+        err.message()
+    );
+    let err = sign(nodes[0].clone(), "nope", csr.clone())
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = sign(admin.clone(), "w1", csr.clone())
+        .await
+        .expect_err("a user");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = sign(nodes[0].clone(), "w1", "not a csr".into())
+        .await
+        .expect_err("garbage csr");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(pki_counts(c), before, "nothing recorded for a refusal");
+
+    // The workload's certificate opens no controller API, and is not renewed by itself.
+    let workload = forged(&admin, issued.cert_pem, key);
+    let err = JobsClient::new(c.channel(1, &workload).await)
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect_err("a workload lists jobs");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = sign(workload.clone(), "w1", csr.clone())
+        .await
+        .expect_err("a workload signs");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let (_, csr2) = key_and_csr("again").expect("csr");
+    let err = PkiClient::new(c.channel(1, &workload).await)
+        .renew(pb::RenewRequest {
+            csr_pem: csr2,
+            addresses: vec![],
+        })
+        .await
+        .expect_err("a workload renews");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Once the allocation is stopped, no new certificate for it.
+    c.member(1)
+        .node()
+        .write(Command::SetAllocationDesired {
+            id: "w1".into(),
+            desired: DesiredStatus::Stop,
+        })
+        .await
+        .expect("write")
+        .0
+        .expect("stopped");
+    let err = sign(nodes[0].clone(), "w1", csr)
+        .await
+        .expect_err("stopped allocation");
+    assert_eq!(err.code(), Code::PermissionDenied);
+}

@@ -60,6 +60,9 @@ pub enum Identity {
     Node(String),
     /// A person or a CI job.
     User { role: Role, name: String },
+    /// A service's workload (the mesh sidecar of one of its allocations): authenticates to
+    /// other workloads, never to a controller or an agent API.
+    Workload { namespace: String, service: String },
 }
 
 /// A node or user name as it appears in an identity: 1-63 of `[A-Za-z0-9._-]`, not starting
@@ -87,10 +90,13 @@ impl Identity {
             Identity::Member(id) => format!("{URI_PREFIX}member/{id}"),
             Identity::Node(name) => format!("{URI_PREFIX}node/{name}"),
             Identity::User { role, name } => format!("{URI_PREFIX}user/{role}/{name}"),
+            Identity::Workload { namespace, service } => {
+                format!("{URI_PREFIX}ns/{namespace}/svc/{service}")
+            }
         }
     }
 
-    /// Parses a URI SAN; anything that is not exactly one of the three forms is an error.
+    /// Parses a URI SAN; anything that is not exactly one of the four forms is an error.
     pub fn from_uri(uri: &str) -> Result<Identity, TlsError> {
         let bad = |why: &str| TlsError::Invalid(format!("identity {uri:?}: {why}"));
         let rest = uri
@@ -117,12 +123,25 @@ impl Identity {
                     name: (*name).to_string(),
                 })
             }
-            _ => Err(bad("expected member/ID, node/NAME or user/ROLE/NAME")),
+            ["ns", namespace, "svc", service] => {
+                check_name("namespace", namespace)?;
+                check_name("service", service)?;
+                Ok(Identity::Workload {
+                    namespace: (*namespace).to_string(),
+                    service: (*service).to_string(),
+                })
+            }
+            _ => Err(bad(
+                "expected member/ID, node/NAME, user/ROLE/NAME or ns/NAMESPACE/svc/SERVICE",
+            )),
         }
     }
 
     /// Whether this identity may do what `need` asks.
     pub fn satisfies(&self, need: Need) -> bool {
+        if matches!(self, Identity::Workload { .. }) {
+            return need == Need::Nothing;
+        }
         let role = |min: Role| matches!(self, Identity::User { role, .. } if *role >= min);
         let member = matches!(self, Identity::Member(_));
         match need {
@@ -141,6 +160,9 @@ impl Identity {
             Identity::Member(id) => format!("member {id}"),
             Identity::Node(name) => format!("node {name}"),
             Identity::User { role, name } => format!("{role} {name}"),
+            Identity::Workload { namespace, service } => {
+                format!("workload {service}.{namespace}")
+            }
         }
     }
 }
@@ -179,8 +201,26 @@ mod tests {
                 role: Role::Operator,
                 name: "ci".into(),
             },
+            Identity::Workload {
+                namespace: "shop".into(),
+                service: "web".into(),
+            },
         ] {
             assert_eq!(Identity::from_uri(&id.uri()).expect("parse"), id);
+        }
+        let workload = Identity::Workload {
+            namespace: "default".into(),
+            service: "web".into(),
+        };
+        assert_eq!(workload.uri(), "spiffe://skiff/ns/default/svc/web");
+        for need in [
+            Need::Member,
+            Need::Node,
+            Need::Reader,
+            Need::Operator,
+            Need::Admin,
+        ] {
+            assert!(!workload.satisfies(need), "a workload passed {need:?}");
         }
         let reader = Identity::User {
             role: Role::Reader,
@@ -201,6 +241,10 @@ mod tests {
             "spiffe://skiff/user/root/x",
             "spiffe://other/node/x",
             "spiffe://skiff/user/admin/-x",
+            "spiffe://skiff/ns/default/svc/",
+            "spiffe://skiff/ns//svc/web",
+            "spiffe://skiff/ns/default/svc/web/x",
+            "spiffe://skiff/ns/default/job/web",
         ] {
             assert!(Identity::from_uri(bad).is_err(), "{bad}");
         }

@@ -18,6 +18,8 @@ const TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
 const USER_TTL: Duration = Duration::from_secs(90 * 86_400);
 const MAX_USER_TTL: Duration = Duration::from_secs(3 * 365 * 86_400);
+/// Lifetime of a workload certificate; its node renews it at two thirds.
+pub const WORKLOAD_TTL: Duration = Duration::from_secs(86_400);
 
 pub struct PkiApi {
     ctx: ApiContext,
@@ -197,10 +199,18 @@ impl Pki for PkiApi {
         self.ctx
             .track("Renew", async {
                 let peer = peer.ok_or_else(|| ApiError::BadRequest("no certificate".into()))?;
-                if matches!(peer.identity, Identity::User { .. }) {
-                    return Err(ApiError::BadRequest(
-                        "user credentials are renewed with `skiff credentials create`".into(),
-                    ));
+                match peer.identity {
+                    Identity::User { .. } => {
+                        return Err(ApiError::BadRequest(
+                            "user credentials are renewed with `skiff credentials create`".into(),
+                        ));
+                    }
+                    Identity::Workload { .. } => {
+                        return Err(ApiError::BadRequest(
+                            "workload certificates are renewed by their node (SignWorkload)".into(),
+                        ));
+                    }
+                    Identity::Member(_) | Identity::Node(_) => {}
                 }
                 self.issue(
                     &req.csr_pem,
@@ -210,6 +220,62 @@ impl Pki for PkiApi {
                     None,
                 )
                 .await
+            })
+            .await
+    }
+
+    async fn sign_workload(
+        &self,
+        req: Request<pb::SignWorkloadRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let peer = peer_of(&req).cloned();
+        let req = req.into_inner();
+        self.ctx
+            .track("SignWorkload", async {
+                // Only a node, and only for an allocation the state assigns to it: a node
+                // cannot mint another node's services' identities.
+                let node = match peer.map(|p| p.identity) {
+                    Some(Identity::Node(name)) => name,
+                    Some(other) => {
+                        return Err(ApiError::Forbidden(format!(
+                            "{other} is not a node: only a node signs for its allocations"
+                        )));
+                    }
+                    None => return Err(ApiError::BadRequest("no certificate".into())),
+                };
+                self.ctx.node.linearize().await?;
+                let identity = {
+                    let st = self.ctx.node.state();
+                    let alloc = st.state.allocation(&req.allocation).ok_or_else(|| {
+                        ApiError::Apply(crate::state::ApplyError::AllocationNotFound {
+                            id: req.allocation.clone(),
+                        })
+                    })?;
+                    if alloc.node != node || alloc.desired != crate::state::DesiredStatus::Run {
+                        return Err(ApiError::Forbidden(format!(
+                            "allocation {} is not assigned to node {node}",
+                            req.allocation
+                        )));
+                    }
+                    let service = st
+                        .state
+                        .job(&alloc.namespace, &alloc.job)
+                        .and_then(|j| j.version(alloc.job_version))
+                        .and_then(|v| v.spec.service_name().map(str::to_owned))
+                        .ok_or_else(|| {
+                            ApiError::BadRequest(format!(
+                                "allocation {} belongs to job {}/{}, which publishes no \
+                                 service: it has no workload identity",
+                                req.allocation, alloc.namespace, alloc.job
+                            ))
+                        })?;
+                    Identity::Workload {
+                        namespace: alloc.namespace.clone(),
+                        service,
+                    }
+                };
+                self.issue(&req.csr_pem, &identity, &[], WORKLOAD_TTL, None)
+                    .await
             })
             .await
     }
