@@ -134,12 +134,12 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
-    let node_runtime = Arc::new(crate::pods::NodeRuntime {
-        runtime: runtime.clone(),
-        volumes: crate::volumes::Volumes::new(&cfg.data_dir),
-        policy: Arc::new(cfg.policy.clone()),
-        advertise: cfg.advertise_addr,
-    });
+    let node_runtime = Arc::new(crate::pods::NodeRuntime::new(
+        runtime.clone(),
+        crate::volumes::Volumes::new(&cfg.data_dir),
+        Arc::new(cfg.policy.clone()),
+        cfg.advertise_addr,
+    ));
     let api = crate::api::AgentApi::new(
         runtime.clone(),
         node_runtime.clone(),

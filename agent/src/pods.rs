@@ -2,9 +2,9 @@
 //! pods of the `skiff-runtime` crate, their named volumes ([`crate::volumes`]), host volumes
 //! checked against the node's policy, and host ports ([`crate::net::hostport`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use skiff_runtime::container::{RunOptions, Runtime};
@@ -26,9 +26,33 @@ pub struct NodeRuntime {
     pub policy: Arc<Policy>,
     /// The node's advertise address, where host ports are published.
     pub advertise: IpAddr,
+    /// The allocations with host port rules: read from iptables once (rules from before a
+    /// restart are adopted), then kept here, so a reconcile pass does not list the nat table.
+    published: Mutex<BTreeSet<String>>,
 }
 
 impl NodeRuntime {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        volumes: Volumes,
+        policy: Arc<Policy>,
+        advertise: IpAddr,
+    ) -> NodeRuntime {
+        NodeRuntime {
+            runtime,
+            volumes,
+            policy,
+            advertise,
+            published: Mutex::new(hostport::published()),
+        }
+    }
+
+    fn published(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The host directory of each of the task's volumes (named ones made if missing).
     fn pod_volumes(
         &self,
@@ -106,9 +130,9 @@ impl Containers for NodeRuntime {
     fn pods(&self) -> Vec<String> {
         let mut pods = self.runtime.pods();
         // Host port rules left by an allocation whose pod is gone are its too.
-        for alloc in hostport::published() {
-            if !pods.contains(&alloc) {
-                pods.push(alloc);
+        for alloc in self.published().iter() {
+            if !pods.contains(alloc) {
+                pods.push(alloc.clone());
             }
         }
         pods
@@ -143,12 +167,15 @@ impl Containers for NodeRuntime {
                 self.runtime.remove_pod(&alloc.id);
                 return Err(e);
             }
+            self.published().insert(alloc.id.clone());
         }
         Ok(())
     }
 
     fn remove_pod(&self, alloc: &str) {
-        hostport::unpublish(alloc);
+        if self.published().remove(alloc) {
+            hostport::unpublish(alloc);
+        }
         self.runtime.remove_pod(alloc);
     }
 

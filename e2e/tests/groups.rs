@@ -230,6 +230,16 @@ fn g10_a_group_shares_network_and_volumes_in_lifecycle_order() -> Result<()> {
             let out = f.on_host("cli", &["curl", "-sS", "--max-time", "1", &url])?;
             Ok(!String::from_utf8_lossy(&out.stdout).contains("ready"))
         })?;
+        // And its rules are gone from every node.
+        fleet.wait_for("no host port rule left", Duration::from_secs(10), |f| {
+            for host in ["a1", "a2", "a3"].iter().filter(|h| f.host(h).is_ok()) {
+                let out = f.on_host(host, &["iptables", "-w", "-t", "nat", "-S"])?;
+                if String::from_utf8_lossy(&out.stdout).contains("skiff hostport") {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
         Ok(())
     })();
     if res.is_err() {
