@@ -248,24 +248,14 @@ pub fn plan_job(
         };
         let placed = scheduler::place(view, &req);
         for node in placed.placements {
-            plan.place.push(Allocation {
-                id: new_id(),
-                namespace: job.namespace.clone(),
-                job: job.name.clone(),
-                job_version: latest.version,
-                node,
-                desired: DesiredStatus::Run,
-                observed: AllocationStatus::Pending,
-                restarts: 0,
-                created_at_ms: now_ms,
-                observed_at_ms: now_ms,
-                ip: None,
-                health: None,
-                health_output: String::new(),
-                log_dropped_bytes: 0,
-                log_error: String::new(),
-                containers: Vec::new(),
-            });
+            plan.place.push(Allocation::new_pending(
+                &new_id(),
+                &job.namespace,
+                &job.name,
+                latest.version,
+                &node,
+                now_ms,
+            ));
         }
         plan.unplaced = placed.unplaced;
         plan.pending = placed.rejections.map(|r| r.to_string());

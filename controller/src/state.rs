@@ -377,10 +377,15 @@ pub struct ClusterState {
 
 /// `a.b.c.d/p` with 8 <= p <= 24 -> (network address as u32, p); host bits must be zero.
 pub fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
+    parse_network(cidr, 24)
+}
+
+/// `a.b.c.d/p` with 8 <= p <= `longest` -> (network address as u32, p); host bits zero.
+fn parse_network(cidr: &str, longest: u32) -> Option<(u32, u32)> {
     let (addr, prefix) = cidr.split_once('/')?;
     let addr: std::net::Ipv4Addr = addr.parse().ok()?;
     let prefix: u32 = prefix.parse().ok()?;
-    if !(8..=24).contains(&prefix) {
+    if !(8..=longest).contains(&prefix) {
         return None;
     }
     let base = u32::from(addr);
@@ -390,15 +395,7 @@ pub fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
 
 /// `a.b.c.d/p` with 8 <= p <= 28 -> (network address, p): a service CIDR; host bits zero.
 pub fn parse_service_cidr(cidr: &str) -> Option<(u32, u32)> {
-    let (addr, prefix) = cidr.split_once('/')?;
-    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
-    let prefix: u32 = prefix.parse().ok()?;
-    if !(8..=28).contains(&prefix) {
-        return None;
-    }
-    let base = u32::from(addr);
-    let host_bits = (1u32 << (32 - prefix)) - 1;
-    (base & host_bits == 0).then_some((base, prefix))
+    parse_network(cidr, 28)
 }
 
 /// Whether two networks share an address.

@@ -982,6 +982,31 @@ fn forged(admin: &Credentials, cert: String, key: String) -> Credentials {
     }
 }
 
+/// Two WireGuard public keys for test nodes.
+const KEY1: &str = "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE=";
+const KEY2: &str = "aGVsbG8gd29ybGQgdGhpcyBpcyBhIHRlc3Qga2V5ISE=";
+
+/// A node's registration with a small resource vector and WireGuard key `key`.
+fn reg(name: &str, key: &str) -> pb::RegisterNodeRequest {
+    pb::RegisterNodeRequest {
+        name: name.into(),
+        address: "198.18.0.9".into(),
+        labels: Default::default(),
+        resources: Some(pb::NodeResources {
+            cpu: 1.0,
+            memory: 1 << 30,
+            pids: 100,
+        }),
+        agent_addr: String::new(),
+        wireguard: Some(pb::WireguardIdentity {
+            public_key: key.into(),
+            endpoint: "198.18.0.9:51820".into(),
+            backend: pb::WireguardBackend::Userspace as i32,
+        }),
+        host_volume_dirs: Vec::new(),
+    }
+}
+
 fn pki_counts(c: &TestCluster) -> (usize, usize) {
     let st = c.member(1).node().state();
     let pki = st.state.pki();
@@ -1172,25 +1197,6 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
     assert!(again.message.contains("already used"), "{}", again.message);
     assert!(!again.retryable);
     let mut as_n1 = NodesClient::new(c.channel(1, &n1).await);
-    let reg = |name: &str, key: &str| pb::RegisterNodeRequest {
-        name: name.into(),
-        address: "198.18.0.9".into(),
-        labels: Default::default(),
-        resources: Some(pb::NodeResources {
-            cpu: 1.0,
-            memory: 1 << 30,
-            pids: 100,
-        }),
-        agent_addr: String::new(),
-        wireguard: Some(pb::WireguardIdentity {
-            public_key: key.into(),
-            endpoint: "198.18.0.9:51820".into(),
-            backend: pb::WireguardBackend::Userspace as i32,
-        }),
-        host_volume_dirs: Vec::new(),
-    };
-    const KEY1: &str = "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE=";
-    const KEY2: &str = "aGVsbG8gd29ybGQgdGhpcyBpcyBhIHRlc3Qga2V5ISE=";
     as_n1
         .register(reg("n1", KEY1))
         .await
@@ -1355,7 +1361,7 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
 /// a day and opens no controller API; users, other nodes and workloads are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t80_workload_certificates_only_for_the_nodes_own_allocations() {
-    use skiff_controller::state::{Allocation, AllocationStatus, Command, DesiredStatus};
+    use skiff_controller::state::{Allocation, Command, DesiredStatus};
     use skiff_tls::pki::{key_and_csr, now_unix};
     use skiff_tls::{Identity, JoinToken};
 
@@ -1381,50 +1387,15 @@ async fn t80_workload_certificates_only_for_the_nodes_own_allocations() {
             .await
             .expect("enroll");
         let creds = forged(&admin, m.cert_pem, m.key_pem);
-        let key = if name == "n1" {
-            "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE="
-        } else {
-            "aGVsbG8gd29ybGQgdGhpcyBpcyBhIHRlc3Qga2V5ISE="
-        };
+        let key = if name == "n1" { KEY1 } else { KEY2 };
         skiff_proto::v1::nodes_client::NodesClient::new(c.channel(1, &creds).await)
-            .register(pb::RegisterNodeRequest {
-                name: name.into(),
-                address: "198.18.0.9".into(),
-                labels: Default::default(),
-                resources: Some(pb::NodeResources {
-                    cpu: 1.0,
-                    memory: 1 << 30,
-                    pids: 100,
-                }),
-                agent_addr: String::new(),
-                wireguard: Some(pb::WireguardIdentity {
-                    public_key: key.into(),
-                    endpoint: "198.18.0.9:51820".into(),
-                    backend: pb::WireguardBackend::Userspace as i32,
-                }),
-                host_volume_dirs: Vec::new(),
-            })
+            .register(reg(name, key))
             .await
             .expect("register");
         nodes.push(creds);
     }
-    let alloc = |id: &str, job: &str, namespace: &str| Allocation {
-        id: id.into(),
-        namespace: namespace.into(),
-        job: job.into(),
-        job_version: 1,
-        node: "n1".into(),
-        desired: DesiredStatus::Run,
-        observed: AllocationStatus::Pending,
-        restarts: 0,
-        created_at_ms: 1,
-        observed_at_ms: 1,
-        ip: None,
-        health: None,
-        health_output: String::new(),
-        log_dropped_bytes: 0,
-        log_error: String::new(),
-        containers: Vec::new(),
+    let alloc = |id: &str, job: &str, namespace: &str| {
+        Allocation::new_pending(id, namespace, job, 1, "n1", 1)
     };
     c.member(1)
         .node()

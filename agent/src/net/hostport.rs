@@ -19,7 +19,8 @@ pub struct Published {
     pub udp: bool,
 }
 
-fn iptables(args: &[String]) -> Result<bool, String> {
+/// Runs `iptables -w ARGS` quietly: whether it succeeded, or why it could not run.
+pub(crate) fn iptables<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<bool, String> {
     Command::new("iptables")
         .arg("-w")
         .args(args)

@@ -20,6 +20,8 @@ use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
+use super::hostport::iptables;
+
 /// nat chain with the DNAT rules.
 pub const SERVICES: &str = "SKIFF-SERVICES";
 /// nat chain masquerading hairpin connections.
@@ -94,17 +96,6 @@ pub fn render(services: &[VipService], subnet: &str, bridge: &str) -> String {
          -A {HAIRPIN} -s {subnet} -o {bridge} -m conntrack --ctstate DNAT -j MASQUERADE\n\
          COMMIT\n*filter\n:{REJECT} - [0:0]\n{filter}COMMIT\n"
     )
-}
-
-fn iptables(args: &[&str]) -> Result<bool, String> {
-    Command::new("iptables")
-        .arg("-w")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .map_err(|e| format!("iptables: {e}"))
 }
 
 /// Replaces the node's VIP table with `rules` (from [`render`]) and makes sure the built-in

@@ -153,9 +153,7 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{
-        Allocation, AllocationStatus, Command, Node, WireguardBackend, WireguardIdentity,
-    };
+    use crate::state::{Allocation, Command, Node, WireguardBackend, WireguardIdentity};
 
     fn node(name: &str, n: u8) -> Node {
         let mut node = Node::for_test(name);
@@ -169,24 +167,7 @@ mod tests {
     }
 
     fn alloc(id: &str, node: &str, version: u64) -> Allocation {
-        Allocation {
-            id: id.into(),
-            namespace: "default".into(),
-            job: "web".into(),
-            job_version: version,
-            node: node.into(),
-            desired: DesiredStatus::Run,
-            observed: AllocationStatus::Pending,
-            restarts: 0,
-            created_at_ms: 1,
-            observed_at_ms: 1,
-            ip: None,
-            health: None,
-            health_output: String::new(),
-            log_dropped_bytes: 0,
-            log_error: String::new(),
-            containers: Vec::new(),
-        }
+        Allocation::new_pending(id, "default", "web", version, node, 1)
     }
 
     fn state() -> ClusterState {

@@ -72,24 +72,7 @@ mod tests {
     use crate::state::{Allocation, AllocationReport, Command, Node};
 
     fn alloc(id: &str, node: &str) -> Allocation {
-        Allocation {
-            id: id.into(),
-            namespace: "default".into(),
-            job: "web".into(),
-            job_version: 1,
-            node: node.into(),
-            desired: DesiredStatus::Run,
-            observed: AllocationStatus::Pending,
-            restarts: 0,
-            created_at_ms: 1,
-            observed_at_ms: 1,
-            ip: None,
-            health: None,
-            health_output: String::new(),
-            log_dropped_bytes: 0,
-            log_error: String::new(),
-            containers: Vec::new(),
-        }
+        Allocation::new_pending(id, "default", "web", 1, node, 1)
     }
 
     #[test]

@@ -342,6 +342,36 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// A new allocation of `namespace/job` version `job_version` on `node`, to run, not yet
+    /// reported by its agent.
+    pub fn new_pending(
+        id: &str,
+        namespace: &str,
+        job: &str,
+        job_version: u64,
+        node: &str,
+        at_ms: i64,
+    ) -> Allocation {
+        Allocation {
+            id: id.to_owned(),
+            namespace: namespace.to_owned(),
+            job: job.to_owned(),
+            job_version,
+            node: node.to_owned(),
+            desired: DesiredStatus::Run,
+            observed: AllocationStatus::Pending,
+            restarts: 0,
+            created_at_ms: at_ms,
+            observed_at_ms: at_ms,
+            ip: None,
+            health: None,
+            health_output: String::new(),
+            log_dropped_bytes: 0,
+            log_error: String::new(),
+            containers: Vec::new(),
+        }
+    }
+
     pub(super) fn observe(&mut self, status: AllocationStatus, at_ms: i64) {
         let restarted = matches!(
             self.observed,

@@ -17,24 +17,7 @@ fn node(name: &str) -> Node {
 }
 
 fn alloc(id: &str, node: &str, version: u64) -> Allocation {
-    Allocation {
-        id: id.into(),
-        namespace: "default".into(),
-        job: "web".into(),
-        job_version: version,
-        node: node.into(),
-        desired: DesiredStatus::Run,
-        observed: AllocationStatus::Pending,
-        restarts: 0,
-        created_at_ms: 5,
-        observed_at_ms: 5,
-        ip: None,
-        health: None,
-        health_output: String::new(),
-        log_dropped_bytes: 0,
-        log_error: String::new(),
-        containers: Vec::new(),
-    }
+    Allocation::new_pending(id, "default", "web", version, node, 5)
 }
 
 #[test]
