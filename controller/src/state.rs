@@ -672,6 +672,27 @@ impl ClusterState {
             })
     }
 
+    /// Refuses `spec` when another running job of its namespace publishes its service name.
+    /// The API checks before proposing; the state machine checks again when applying.
+    pub fn check_service_free(&self, spec: &JobSpec) -> Result<(), ApplyError> {
+        let Some(service) = spec.service_name() else {
+            return Ok(());
+        };
+        match self.jobs.values().find(|j| {
+            j.namespace == spec.namespace
+                && j.name != spec.name
+                && j.status == JobStatus::Running
+                && j.latest().spec.service_name() == Some(service)
+        }) {
+            Some(other) => Err(ApplyError::ServiceTaken {
+                namespace: spec.namespace.clone(),
+                service: service.to_owned(),
+                job: other.name.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// A service's virtual IP, while a running job publishes it.
     pub fn vip(&self, namespace: &str, service: &str) -> Option<std::net::Ipv4Addr> {
         self.vips.get(&job_key(namespace, service)).copied()
@@ -736,18 +757,7 @@ impl ClusterState {
         let publishes = spec.service_name().map(|s| job_key(&spec.namespace, s));
         let new_vip = match (spec.service_name(), &publishes) {
             (Some(service), Some(svc_key)) => {
-                if let Some(other) = self.jobs.values().find(|j| {
-                    j.namespace == spec.namespace
-                        && j.name != spec.name
-                        && j.status == JobStatus::Running
-                        && j.latest().spec.service_name() == Some(service)
-                }) {
-                    return Err(ApplyError::ServiceTaken {
-                        namespace: spec.namespace.clone(),
-                        service: service.to_owned(),
-                        job: other.name.clone(),
-                    });
-                }
+                self.check_service_free(spec)?;
                 match self.vips.get(svc_key) {
                     Some(_) => None,
                     None => Some((svc_key.clone(), self.free_vip(service)?)),

@@ -470,7 +470,13 @@ async fn t20_add_and_remove_member() {
 async fn t30_bad_input_gets_clear_errors_and_changes_nothing() {
     let c = TestCluster::start(1, TestCluster::settings()).await;
     let mut client = c.jobs(1).await;
-    apply(&mut client, spec("first", 1)).await.expect("write");
+    let published = |job: &str| {
+        format!(
+            "name = \"{job}\"\nimage = \"x\"\n[[ports]]\nname = \"http\"\nport = 80\n\
+             [service]\nname = \"first\"\nport = \"http\"\n"
+        )
+    };
+    apply(&mut client, published("first")).await.expect("write");
     // The reconciler records why "first" is pending (no nodes): wait for that write, so what
     // follows is measured against a settled log.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -512,6 +518,18 @@ async fn t30_bad_input_gets_clear_errors_and_changes_nothing() {
     .await
     .expect_err("unknown field");
     assert!(err.message().contains("replicaz"), "{}", err.message());
+
+    // A service name another job publishes.
+    let err = apply(&mut client, published("second"))
+        .await
+        .expect_err("service taken");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(
+        err.message()
+            .starts_with("service first in namespace default is already published by job first"),
+        "{}",
+        err.message()
+    );
 
     // A field nothing implements yet is refused, not parsed and ignored.
     let err = apply(

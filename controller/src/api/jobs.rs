@@ -25,6 +25,11 @@ impl JobsApi {
         spec: skiff_common::JobSpec,
     ) -> Result<pb::ApplyJobResponse, ApiError> {
         self.check_host_volumes(&spec)?;
+        // A service name taken by another job: refused before it reaches the log (most specs
+        // publish none and skip the state's lock).
+        if spec.service_name().is_some() {
+            self.ctx.node.state().state.check_service_free(&spec)?;
+        }
         let (result, _index) = self
             .ctx
             .node
