@@ -40,6 +40,25 @@ pub enum Cmd {
     /// The userspace WireGuard tunnel (started by the agent, outlives it).
     #[command(name = "__wg-tunnel", hide = true)]
     WgTunnel(crate::net::wg::tunnel::TunnelArgs),
+    /// The mesh sidecar of one allocation (started by the agent).
+    #[command(name = "proxy", hide = true)]
+    Proxy(ProxyArgs),
+}
+
+/// See [`skiff_proxy::Args`].
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    #[arg(long)]
+    pub dir: std::path::PathBuf,
+    #[arg(long)]
+    pub netns: Option<std::path::PathBuf>,
+    #[arg(long, requires = "gid")]
+    pub uid: Option<u32>,
+    #[arg(long, requires = "uid")]
+    pub gid: Option<u32>,
+    /// A cgroup directory to join (repeatable: one per hierarchy).
+    #[arg(long)]
+    pub cgroup: Vec<std::path::PathBuf>,
 }
 
 /// Runs what the command line asks for (the hidden modes are dispatched before this, by
@@ -63,8 +82,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Some(Cmd::Monitor { .. } | Cmd::WgTunnel(_)) => {
-            anyhow::bail!("__monitor and __wg-tunnel are started by the agent itself")
+        Some(Cmd::Monitor { .. } | Cmd::WgTunnel(_) | Cmd::Proxy(_)) => {
+            anyhow::bail!("__monitor, __wg-tunnel and proxy are started by the agent itself")
         }
         None => daemon(&cfg, cli),
     }
@@ -98,4 +117,22 @@ pub fn monitor(data_dir: &std::path::Path, id: &str) -> ExitCode {
 pub fn tunnel(args: &crate::net::wg::tunnel::TunnelArgs) -> ExitCode {
     let code = crate::net::wg::tunnel::run(&args.interface, &args.socket);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// The mesh sidecar: runs until killed.
+pub fn proxy(args: &ProxyArgs) -> ExitCode {
+    let args = skiff_proxy::Args {
+        dir: args.dir.clone(),
+        netns: args.netns.clone(),
+        user: args.uid.zip(args.gid),
+        cgroups: args.cgroup.clone(),
+    };
+    match skiff_proxy::run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "mesh proxy");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -108,6 +108,14 @@ pub struct Cli {
     /// first start; later starts use the certificate kept in the data dir.
     #[arg(long, env = "SKIFF_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// The user (and group) id the mesh sidecars run as; connections of processes with this
+    /// id are not redirected into the sidecar, so workloads must not use it [default: 1337].
+    #[arg(long, env = "SKIFF_MESH_PROXY_UID")]
+    pub mesh_proxy_uid: Option<u32>,
+    /// The lifetime asked for each workload certificate (renewed at two thirds), 30s-24h
+    /// [default: 24h].
+    #[arg(long, env = "SKIFF_MESH_CERT_TTL", value_parser = humantime::parse_duration)]
+    pub mesh_cert_ttl: Option<std::time::Duration>,
     #[command(subcommand)]
     pub command: Option<Cmd>,
 }
@@ -145,6 +153,22 @@ pub struct FileConfig {
     #[serde(default)]
     pub dns_upstream: Vec<String>,
     pub join_token: Option<String>,
+    pub mesh_proxy_uid: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub mesh_cert_ttl: Option<std::time::Duration>,
+}
+
+/// `"24h"`-style durations in the config file.
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// Flags over the config file over defaults.
@@ -286,7 +310,28 @@ impl Settings {
                     .map_err(|e| anyhow::anyhow!("--join-token: {e}"))?,
             ),
         };
+        let mesh_cert_ttl = cli
+            .mesh_cert_ttl
+            .or(self.file.mesh_cert_ttl)
+            .unwrap_or(std::time::Duration::from_secs(86_400));
+        if !(30..=86_400).contains(&mesh_cert_ttl.as_secs()) {
+            anyhow::bail!("--mesh-cert-ttl must be between 30s and 24h");
+        }
+        let mesh_uid = cli
+            .mesh_proxy_uid
+            .or(self.file.mesh_proxy_uid)
+            .unwrap_or(crate::mesh::DEFAULT_PROXY_UID);
+        if mesh_uid == 0 {
+            anyhow::bail!("--mesh-proxy-uid must not be 0: the sidecar runs unprivileged");
+        }
         Ok(DaemonConfig {
+            mesh: crate::mesh::MeshOptions {
+                uid: mesh_uid,
+                gid: mesh_uid,
+                cert_ttl: mesh_cert_ttl,
+                data_dir: self.data_dir.clone(),
+                cgroup_parent: self.cgroup_parent.clone(),
+            },
             join_token,
             policy: crate::policy::Policy {
                 local_image_dirs,

@@ -5,6 +5,7 @@
 //! falls back to the safe default; an assignment it cannot run is reported as failed with the
 //! reason, never dropped silently.
 
+use skiff_proxy::config::ServiceRef;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -37,6 +38,18 @@ pub struct Task {
     pub volumes: Vec<VolumeTask>,
     pub network: PodNetwork,
     pub ports: Vec<PortTask>,
+    /// The mesh sidecar's policy; `None`: no sidecar.
+    pub mesh: Option<MeshTask>,
+}
+
+/// What the sidecar of a job in the mesh enforces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshTask {
+    /// The workload's identity: the service it publishes, or the job's name.
+    pub identity: ServiceRef,
+    pub mode: skiff_proxy::config::Mode,
+    pub allow_from: Vec<ServiceRef>,
+    pub upstreams: Vec<ServiceRef>,
 }
 
 impl Task {
@@ -171,7 +184,7 @@ pub fn assigned(a: pb::AssignedAllocation) -> Assigned {
                 "the controllers sent no task (a controller too old or too new for this agent)"
                     .to_owned()
             })
-            .and_then(task),
+            .and_then(|t| task(t, &a.namespace)),
         id: a.id,
         namespace: a.namespace,
         job: a.job,
@@ -179,7 +192,7 @@ pub fn assigned(a: pb::AssignedAllocation) -> Assigned {
     }
 }
 
-fn task(t: pb::Task) -> Result<Task, String> {
+fn task(t: pb::Task, namespace: &str) -> Result<Task, String> {
     if t.containers.is_empty() {
         return Err("task: no containers".into());
     }
@@ -240,12 +253,43 @@ fn task(t: pb::Task) -> Result<Task, String> {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+    let mesh = t.mesh.map(|m| mesh(m, namespace)).transpose()?;
+    if mesh.is_some() && network != PodNetwork::Bridge {
+        return Err("task: the mesh needs network mode bridge".into());
+    }
     Ok(Task {
         containers,
         check,
         volumes,
         network,
         ports,
+        mesh,
+    })
+}
+
+fn mesh(m: pb::MeshTask, namespace: &str) -> Result<MeshTask, String> {
+    let refs = |what: &str, list: &[String]| {
+        list.iter()
+            .map(|s| ServiceRef::parse(s, namespace).map_err(|e| format!("task: mesh.{what}: {e}")))
+            .collect::<Result<Vec<_>, String>>()
+    };
+    Ok(MeshTask {
+        identity: ServiceRef::parse(&m.identity, namespace)
+            .map_err(|e| format!("task: mesh identity: {e}"))?,
+        mode: match pb::MeshMode::try_from(m.mode) {
+            Ok(pb::MeshMode::Unspecified | pb::MeshMode::Strict) => {
+                skiff_proxy::config::Mode::Strict
+            }
+            Ok(pb::MeshMode::Permissive) => skiff_proxy::config::Mode::Permissive,
+            Err(_) => {
+                return Err(format!(
+                    "task: mesh mode {} is one this agent does not know; upgrade it",
+                    m.mode
+                ));
+            }
+        },
+        allow_from: refs("allow_from", &m.allow_from)?,
+        upstreams: refs("upstreams", &m.upstreams)?,
     })
 }
 
@@ -453,6 +497,49 @@ pub fn vip_services(list: &[pb::ServiceInfo]) -> Vec<crate::net::vip::VipService
             })
         })
         .collect()
+}
+
+/// The service set as the mesh sidecars route it: services with a virtual IP and valid names,
+/// their TCP ports, and their ready endpoints (each marked whether it runs the mesh).
+pub fn mesh_services(list: &[pb::ServiceInfo]) -> skiff_proxy::config::ServiceSet {
+    use skiff_proxy::config::{Target, Upstream};
+    let mut services: Vec<Upstream> = list
+        .iter()
+        .filter_map(|s| {
+            let vip = s.vip.parse::<std::net::Ipv4Addr>().ok()?;
+            let service = ServiceRef::parse(&s.name, &s.namespace).ok()?;
+            let mut ports: Vec<u16> = s
+                .ports
+                .iter()
+                .filter(|p| p.protocol != pb::Protocol::Udp as i32)
+                .filter_map(|p| u16::try_from(p.port).ok().filter(|p| *p > 0))
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            let mut endpoints: Vec<Target> = s
+                .endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .filter_map(|e| {
+                    Some(Target {
+                        ip: e.ip.parse().ok()?,
+                        mesh: e.mesh,
+                    })
+                })
+                .collect();
+            endpoints.sort_by_key(|t| t.ip);
+            endpoints.dedup_by_key(|t| t.ip);
+            Some(Upstream {
+                service,
+                vip,
+                ports,
+                endpoints,
+            })
+        })
+        .collect();
+    services.sort_by_key(|u| u.vip);
+    services.dedup_by_key(|u| u.vip);
+    skiff_proxy::config::ServiceSet { services }
 }
 
 pub fn backend(b: Backend) -> pb::WireguardBackend {

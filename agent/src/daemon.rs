@@ -59,6 +59,8 @@ pub struct DaemonConfig {
     pub policy: crate::policy::Policy,
     /// The token to enroll with when the node has no certificate yet.
     pub join_token: Option<skiff_tls::JoinToken>,
+    /// The mesh sidecars.
+    pub mesh: crate::mesh::MeshOptions,
 }
 
 /// The node's DNS server: the zone it answers from (kept when the controllers are away) and
@@ -134,11 +136,25 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", cfg.listen))?;
+    let mesh = Arc::new(crate::mesh::Mesh::new(
+        cfg.mesh.clone(),
+        tokio::runtime::Handle::current(),
+    )?);
+    let mesh_renewal = {
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                mesh.renew_due().await;
+            }
+        })
+    };
     let node_runtime = Arc::new(crate::pods::NodeRuntime::new(
         runtime.clone(),
         crate::volumes::Volumes::new(&cfg.data_dir),
         Arc::new(cfg.policy.clone()),
         cfg.advertise_addr,
+        mesh.clone(),
     ));
     let api = crate::api::AgentApi::new(
         runtime.clone(),
@@ -194,6 +210,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             tls,
             tls_dir,
             trust,
+            mesh,
         },
         desired_tx,
         reports,
@@ -206,6 +223,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     info!("agent stopping; containers keep running");
     control.abort();
     renewal.abort();
+    mesh_renewal.abort();
     reconciler.abort();
     checks.abort();
     server.abort();
@@ -217,6 +235,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
 /// until the connection breaks; then the next controller.
 /// What a session with the controllers works with.
 struct Session {
+    mesh: Arc<crate::mesh::Mesh>,
     cfg: DaemonConfig,
     runtime: Arc<Runtime>,
     network: Arc<Network>,
@@ -348,11 +367,14 @@ async fn session(
     if let Some(s) = network.subnet() {
         dns.start(s.gateway());
     }
+    s.mesh.set_channel(Some(channel.clone()));
+    s.mesh.set_service_cidr(&registered.service_cidr);
     // The service set for DNS: its own stream; the zone stays as it was if it breaks.
     let mut services_client = NodesClient::new(channel.clone());
     let zone = dns.zone.clone();
     let node = cfg.name.clone();
     let subnet = network.subnet();
+    let mesh = s.mesh.clone();
     let mut services = tokio::spawn(async move {
         // The VIP table last applied in this session: an unchanged one is not re-applied.
         let mut applied: Option<String> = None;
@@ -361,6 +383,7 @@ async fn session(
             .await?
             .into_inner();
         while let Some(msg) = stream.message().await? {
+            mesh.set_services(&msg.services);
             let z = Arc::new(crate::dns::Zone::build(&msg.services));
             *zone
                 .write()

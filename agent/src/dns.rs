@@ -679,6 +679,7 @@ mod tests {
             health: 0,
             health_output: String::new(),
             ready,
+            mesh: false,
         };
         pb::ServiceInfo {
             name: "web".into(),
@@ -697,6 +698,7 @@ mod tests {
                 .chain(unready.iter().map(|e| ep(e, false)))
                 .collect(),
             vip: String::new(),
+            mesh: None,
         }
     }
 

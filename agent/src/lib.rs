@@ -14,6 +14,7 @@ pub mod contract;
 pub mod daemon;
 pub mod dns;
 pub mod health;
+pub mod mesh;
 pub mod metrics;
 pub mod net;
 pub mod pods;

@@ -41,6 +41,10 @@ fn main() -> ExitCode {
     if let Some(Cmd::WgTunnel(args)) = &cli.command {
         return commands::tunnel(args);
     }
+    // The sidecar joins a namespace and drops privileges: still one thread here.
+    if let Some(Cmd::Proxy(args)) = &cli.command {
+        return commands::proxy(args);
+    }
     match commands::run(&cli) {
         Ok(code) => code,
         Err(e) => {

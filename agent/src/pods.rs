@@ -29,6 +29,8 @@ pub struct NodeRuntime {
     /// The allocations with host port rules: read from iptables once (rules from before a
     /// restart are adopted), then kept here, so a reconcile pass does not list the nat table.
     published: Mutex<BTreeSet<String>>,
+    /// The mesh sidecars.
+    pub mesh: Arc<crate::mesh::Mesh>,
 }
 
 impl NodeRuntime {
@@ -37,6 +39,7 @@ impl NodeRuntime {
         volumes: Volumes,
         policy: Arc<Policy>,
         advertise: IpAddr,
+        mesh: Arc<crate::mesh::Mesh>,
     ) -> NodeRuntime {
         NodeRuntime {
             runtime,
@@ -44,7 +47,20 @@ impl NodeRuntime {
             policy,
             advertise,
             published: Mutex::new(hostport::published()),
+            mesh,
         }
+    }
+
+    /// Starts the allocation's mesh sidecar if its job is in the mesh and it is not running.
+    fn ensure_mesh(&self, alloc: &Assigned, task: &Task) -> Result<(), String> {
+        let Some(mesh) = &task.mesh else {
+            return Ok(());
+        };
+        let pod = self
+            .runtime
+            .pod(&alloc.id)
+            .ok_or_else(|| format!("pod {} is gone", alloc.id))?;
+        self.mesh.ensure(alloc, mesh, task, &pod.dir.join("net"))
     }
 
     fn published(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -129,8 +145,15 @@ impl Containers for NodeRuntime {
 
     fn pods(&self) -> Vec<String> {
         let mut pods = self.runtime.pods();
-        // Host port rules left by an allocation whose pod is gone are its too.
-        for alloc in self.published().iter() {
+        // Host port rules and sidecars left by an allocation whose pod is gone are its too.
+        for alloc in self
+            .published()
+            .iter()
+            .cloned()
+            .chain(self.mesh.allocations())
+            .collect::<Vec<_>>()
+            .iter()
+        {
             if !pods.contains(alloc) {
                 pods.push(alloc.clone());
             }
@@ -140,7 +163,7 @@ impl Containers for NodeRuntime {
 
     fn create_pod(&self, alloc: &Assigned, task: &Task) -> Result<(), String> {
         if self.runtime.pod(&alloc.id).is_some() {
-            return Ok(());
+            return self.ensure_mesh(alloc, task);
         }
         let volumes = self.pod_volumes(alloc, task)?;
         let pod = self
@@ -169,10 +192,19 @@ impl Containers for NodeRuntime {
             }
             self.published().insert(alloc.id.clone());
         }
-        Ok(())
+        self.ensure_mesh(alloc, task)
+    }
+
+    fn ensure_sidecar(&self, alloc: &Assigned, task: &Task) -> Result<(), String> {
+        if self.runtime.pod(&alloc.id).is_none() {
+            return Ok(());
+        }
+        self.ensure_mesh(alloc, task)
     }
 
     fn remove_pod(&self, alloc: &str) {
+        // After its containers (the caller stopped them), before its namespace.
+        self.mesh.remove(alloc);
         if self.published().remove(alloc) {
             hostport::unpublish(alloc);
         }

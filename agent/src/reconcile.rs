@@ -81,6 +81,11 @@ pub trait Containers: Send + Sync {
     fn create_pod(&self, alloc: &Assigned, task: &Task) -> Result<(), String>;
     /// Takes the allocation's pod apart; idempotent.
     fn remove_pod(&self, alloc: &str);
+    /// Makes sure the allocation's mesh sidecar runs while its containers do (restarted if
+    /// it died); nothing for a job outside the mesh or an allocation without a pod.
+    fn ensure_sidecar(&self, _alloc: &Assigned, _task: &Task) -> Result<(), String> {
+        Ok(())
+    }
     /// Starts one container of `alloc` in its pod (detached; its image pulled if missing),
     /// labelled with [`ALLOC_LABEL`] and [`CONTAINER_LABEL`], with the host devices the
     /// node's policy granted; returns its id.
@@ -288,6 +293,10 @@ fn step(
         .iter()
         .map(|o| (o.name.clone(), (o.id.clone(), o.state.clone())))
         .collect();
+    // The sidecar runs while any container does (it started before the first).
+    if task.mesh.is_some() && observed.iter().any(|o| !ended(&o.state)) {
+        rt.ensure_sidecar(a, task)?;
+    }
     let started_state = || {
         let mut s = State::created();
         s.status = Status::Running;
@@ -671,6 +680,7 @@ mod tests {
             volumes: vec![],
             network: PodNetwork::Bridge,
             ports: vec![],
+            mesh: None,
         }
     }
 

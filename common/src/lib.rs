@@ -26,7 +26,7 @@
 pub mod spec;
 
 pub use spec::{
-    ByteSize, Check, CheckKind, Constraint, ConstraintOp, FieldChange, JobSpec, Mesh,
+    ByteSize, Check, CheckKind, Constraint, ConstraintOp, FieldChange, JobSpec, Mesh, MeshMode,
     NOT_SUPPORTED_YET, Placement, Port, Protocol, Resources, RestartPolicy, Service, SpecError,
     SpecFormat, UpdateStrategy, diff_specs, parse_job_spec, parse_job_spec_unchecked,
     validate_name,

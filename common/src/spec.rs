@@ -609,9 +609,38 @@ pub struct Mesh {
     /// `upstreams`: services this job calls, `name` or `name.namespace`.
     #[serde(default)]
     pub upstreams: Vec<String>,
-    /// `allow_from`: services allowed to call this one, `name` or `name.namespace`.
+    /// `allow_from`: services allowed to call this one, `name` or `name.namespace`; empty:
+    /// any workload of the cluster (with its mesh certificate).
     #[serde(default)]
     pub allow_from: Vec<String>,
+    /// `mode`: `strict` (default: callers must use mutual TLS) or `permissive` (plain-text
+    /// callers are let through too, for a migration into the mesh).
+    #[serde(default, skip_serializing_if = "MeshMode::is_strict")]
+    pub mode: MeshMode,
+}
+
+/// How a sidecar treats plain-text callers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshMode {
+    /// Mutual TLS only.
+    #[default]
+    Strict,
+    /// Mutual TLS or plain text.
+    Permissive,
+}
+
+impl MeshMode {
+    fn is_strict(&self) -> bool {
+        *self == MeshMode::Strict
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshMode::Strict => "strict",
+            MeshMode::Permissive => "permissive",
+        }
+    }
 }
 
 fn default_namespace() -> String {
@@ -734,6 +763,14 @@ impl JobSpec {
             .map(|s| s.name.as_deref().unwrap_or(&self.name))
     }
 
+    /// The service name in the job's workload identity (`spiffe://skiff/ns/NS/svc/NAME`):
+    /// the service it publishes, or for a job in the mesh that publishes none (a client),
+    /// its own name. `None`: the job has no identity.
+    pub fn workload_name(&self) -> Option<&str> {
+        self.service_name()
+            .or_else(|| self.mesh.as_ref().map(|_| self.name.as_str()))
+    }
+
     /// The port named `name`.
     pub fn port(&self, name: &str) -> Option<&Port> {
         self.ports.iter().find(|p| p.name == name)
@@ -784,14 +821,13 @@ impl JobSpec {
 /// Spec fields that are parsed and validated but that nothing implements yet. A spec that uses
 /// one is refused by [`parse_job_spec`] with "not supported yet: FIELD", never accepted and
 /// ignored; the issue that implements a field removes it from here.
-pub const NOT_SUPPORTED_YET: &[&str] = &["update", "mesh"];
+pub const NOT_SUPPORTED_YET: &[&str] = &["update"];
 
 impl JobSpec {
     /// The first field of [`NOT_SUPPORTED_YET`] this spec uses.
     pub fn unsupported_field(&self) -> Option<&'static str> {
         NOT_SUPPORTED_YET.iter().copied().find(|f| match *f {
             "update" => self.update.is_some(),
-            "mesh" => self.mesh.is_some(),
             _ => false,
         })
     }

@@ -299,8 +299,8 @@ pub enum ApplyError {
     #[error("invalid job spec: {message}")]
     InvalidSpec { message: String },
     #[error(
-        "service {service} in namespace {namespace} is already published by job {job}: \
-         give this job another `service.name`, or stop {job}"
+        "service {service} in namespace {namespace} is already published by job {job} \
+         (as its service or its mesh identity): give this job another `service.name`, or stop {job}"
     )]
     ServiceTaken {
         namespace: String,
@@ -675,22 +675,37 @@ impl ClusterState {
     /// Refuses `spec` when another running job of its namespace publishes its service name.
     /// The API checks before proposing; the state machine checks again when applying.
     pub fn check_service_free(&self, spec: &JobSpec) -> Result<(), ApplyError> {
-        let Some(service) = spec.service_name() else {
-            return Ok(());
+        // A job claims its service name and its workload identity's name (its own name for
+        // a client in the mesh): two jobs claiming one name would share DNS or an identity.
+        let claims = |s: &JobSpec| -> Vec<String> {
+            let mut v: Vec<String> = s
+                .service_name()
+                .into_iter()
+                .chain(s.workload_name())
+                .map(str::to_owned)
+                .collect();
+            v.dedup();
+            v
         };
-        match self.jobs.values().find(|j| {
-            j.namespace == spec.namespace
-                && j.name != spec.name
-                && j.status == JobStatus::Running
-                && j.latest().spec.service_name() == Some(service)
-        }) {
-            Some(other) => Err(ApplyError::ServiceTaken {
-                namespace: spec.namespace.clone(),
-                service: service.to_owned(),
-                job: other.name.clone(),
-            }),
-            None => Ok(()),
+        let mine = claims(spec);
+        if mine.is_empty() {
+            return Ok(());
         }
+        for j in self.jobs.values().filter(|j| {
+            j.namespace == spec.namespace && j.name != spec.name && j.status == JobStatus::Running
+        }) {
+            if let Some(name) = claims(&j.latest().spec)
+                .into_iter()
+                .find(|n| mine.contains(n))
+            {
+                return Err(ApplyError::ServiceTaken {
+                    namespace: spec.namespace.clone(),
+                    service: name,
+                    job: j.name.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// A service's virtual IP, while a running job publishes it.

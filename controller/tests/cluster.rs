@@ -1427,18 +1427,21 @@ async fn t80_workload_certificates_only_for_the_nodes_own_allocations() {
 
     let (key, csr) = key_and_csr("workload").expect("csr");
     let c = &c;
-    let sign = |creds: Credentials, allocation: &str, csr: String| {
+    let sign_for = |creds: Credentials, allocation: &str, csr: String, ttl_seconds: u64| {
         let allocation = allocation.to_owned();
         async move {
             PkiClient::new(c.channel(1, &creds).await)
                 .sign_workload(pb::SignWorkloadRequest {
                     allocation,
                     csr_pem: csr,
+                    ttl_seconds,
                 })
                 .await
                 .map(|r| r.into_inner())
         }
     };
+    let sign =
+        |creds: Credentials, allocation: &str, csr: String| sign_for(creds, allocation, csr, 0);
     let issued = sign(nodes[0].clone(), "w1", csr.clone())
         .await
         .expect("n1 signs for its allocation");
@@ -1459,6 +1462,27 @@ async fn t80_workload_certificates_only_for_the_nodes_own_allocations() {
     assert_eq!(info.identity.uri(), "spiffe://skiff/ns/shop/svc/www");
     let life = info.not_after - now_unix();
     assert!((86_000..=86_400).contains(&life), "lifetime {life}s");
+    // The service's DNS name, which a caller's TLS checks against the name it dialled.
+    assert_eq!(info.names, vec!["www.shop.skiff.internal".to_string()]);
+    // A shorter life when asked (the agent's --mesh-cert-ttl); too short or too long refused.
+    let short = sign_for(nodes[0].clone(), "w1", csr.clone(), 60)
+        .await
+        .expect("a one-minute certificate");
+    let short = skiff_tls::Material {
+        ca_pem: short.ca_pem,
+        cert_pem: short.cert_pem,
+        key_pem: key.clone(),
+    }
+    .info()
+    .expect("a cluster certificate");
+    let life = short.not_after - now_unix();
+    assert!((55..=60).contains(&life), "lifetime {life}s");
+    for ttl in [10, 86_401] {
+        let err = sign_for(nodes[0].clone(), "w1", csr.clone(), ttl)
+            .await
+            .expect_err("lifetime out of bounds");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    }
     let recorded = c
         .member(1)
         .node()
@@ -1487,7 +1511,8 @@ async fn t80_workload_certificates_only_for_the_nodes_own_allocations() {
         .expect_err("no service");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
-        err.message().contains("publishes no service"),
+        err.message()
+            .contains("publishes no service and is not in the mesh"),
         "{}",
         err.message()
     );

@@ -767,6 +767,44 @@ impl Drop for Fleet {
                     let _ = std::fs::remove_file(link.path());
                 }
             }
+            // Mesh sidecars too (their pids beside their directories), then their cgroups.
+            let mut sidecars = Vec::new();
+            for e in std::fs::read_dir(data.join("mesh"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let pid = std::fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok());
+                if let Some(pid) = pid.filter(|_| e.path().extension().is_some_and(|x| x == "pid"))
+                {
+                    crate::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                    sidecars.push(pid);
+                }
+            }
+            let t = std::time::Instant::now();
+            while sidecars.iter().any(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z"))
+            }) && t.elapsed() < std::time::Duration::from_secs(3)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            for h in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for cg in std::fs::read_dir(h.path().join(parent))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    if cg.file_name().to_string_lossy().starts_with("mesh-") {
+                        let _ = std::fs::remove_dir(cg.path());
+                    }
+                }
+            }
             let ids = agent_cmd(data, parent, &["container", "ps", "-a", "-o", "json"])
                 .output()
                 .ok()

@@ -84,7 +84,8 @@ fn design_example_parses_with_every_field() {
         spec.mesh,
         Some(Mesh {
             upstreams: vec!["api".into()],
-            allow_from: vec!["frontend".into()]
+            allow_from: vec!["frontend".into()],
+            mode: MeshMode::Strict,
         })
     );
     // Not in the example: defaults.
@@ -263,7 +264,7 @@ fn unknown_fields_list_the_expected_ones() {
     .unwrap_err();
     assert_eq!(
         e.to_string(),
-        "mesh.upstream: unknown field (expected upstreams or allow_from) (line 2)"
+        "mesh.upstream: unknown field (expected one of upstreams, allow_from, mode) (line 2)"
     );
     let e = toml_err(&with(
         "[service]\nport = \"http\"\ncheck = { http = \"/\", intervall = \"2s\" }\n",
@@ -653,10 +654,8 @@ fn field_change_serializes() {
 
 #[test]
 fn fields_nothing_implements_are_refused_with_their_line() {
-    for (extra, field) in [
-        ("\n[update]\nmax_surge = 2\n", "update"),
-        ("\n[mesh]\nupstreams = [\"api\"]\n", "mesh"),
-    ] {
+    let (extra, field) = ("\n[update]\nmax_surge = 2\n", "update");
+    {
         let text = with(extra);
         assert!(parse_job_spec_unchecked(&text, SpecFormat::Toml).is_ok());
         let e = parse_job_spec(&text, SpecFormat::Toml).expect_err(field);
@@ -665,8 +664,17 @@ fn fields_nothing_implements_are_refused_with_their_line() {
         assert_eq!(e.line, line, "{e}");
         assert!(e.to_string().starts_with("not supported yet: "), "{e}");
     }
-    // init is implemented now.
+    // init and the mesh are implemented now.
     assert!(parse_job_spec(&with("init = true\n"), SpecFormat::Toml).is_ok());
+    let spec = parse_job_spec(
+        &with("\n[mesh]\nupstreams = [\"api\"]\nmode = \"permissive\"\n"),
+        SpecFormat::Toml,
+    )
+    .expect("mesh");
+    assert_eq!(spec.mesh.map(|m| m.mode), Some(MeshMode::Permissive));
+    let e =
+        parse_job_spec(&with("\n[mesh]\nmode = \"open\"\n"), SpecFormat::Toml).expect_err("mode");
+    assert!(e.to_string().contains("open"), "{e}");
     assert!(NOT_SUPPORTED_YET.contains(&"update"));
 }
 

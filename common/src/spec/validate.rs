@@ -133,6 +133,12 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     }
     validate_update(spec)?;
     if let Some(mesh) = &spec.mesh {
+        if spec.network.mode != NetworkMode::Bridge {
+            return Err(err(
+                "mesh",
+                "the mesh sidecar needs network mode bridge (an address of the allocation's own)",
+            ));
+        }
         validate_service_refs("mesh.upstreams", &mesh.upstreams)?;
         validate_service_refs("mesh.allow_from", &mesh.allow_from)?;
     }

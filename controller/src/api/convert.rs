@@ -85,7 +85,22 @@ pub fn task(spec: &JobSpec) -> pb::Task {
             NetworkMode::Host => pb::NetworkMode::Host,
             NetworkMode::None => pb::NetworkMode::None,
         } as i32,
+        mesh: mesh_task(spec),
     }
+}
+
+/// The sidecar's policy of a job in the mesh.
+pub fn mesh_task(spec: &JobSpec) -> Option<pb::MeshTask> {
+    let mesh = spec.mesh.as_ref()?;
+    Some(pb::MeshTask {
+        identity: spec.workload_name().unwrap_or(&spec.name).to_owned(),
+        mode: match mesh.mode {
+            skiff_common::MeshMode::Strict => pb::MeshMode::Strict,
+            skiff_common::MeshMode::Permissive => pb::MeshMode::Permissive,
+        } as i32,
+        allow_from: mesh.allow_from.clone(),
+        upstreams: mesh.upstreams.clone(),
+    })
 }
 
 fn container_task(c: &ContainerSpec) -> pb::ContainerTask {

@@ -244,6 +244,12 @@ impl Pki for PkiApi {
                     None => return Err(ApiError::BadRequest("no certificate".into())),
                 };
                 self.ctx.node.linearize().await?;
+                let ttl = ttl_of(
+                    req.ttl_seconds,
+                    WORKLOAD_TTL,
+                    WORKLOAD_TTL,
+                    "a workload certificate's",
+                )?;
                 let identity = {
                     let st = self.ctx.node.state();
                     let alloc = st.state.allocation(&req.allocation).ok_or_else(|| {
@@ -261,11 +267,11 @@ impl Pki for PkiApi {
                         .state
                         .job(&alloc.namespace, &alloc.job)
                         .and_then(|j| j.version(alloc.job_version))
-                        .and_then(|v| v.spec.service_name().map(str::to_owned))
+                        .and_then(|v| v.spec.workload_name().map(str::to_owned))
                         .ok_or_else(|| {
                             ApiError::BadRequest(format!(
                                 "allocation {} belongs to job {}/{}, which publishes no \
-                                 service: it has no workload identity",
+                                 service and is not in the mesh: it has no workload identity",
                                 req.allocation, alloc.namespace, alloc.job
                             ))
                         })?;
@@ -274,8 +280,13 @@ impl Pki for PkiApi {
                         service,
                     }
                 };
-                self.issue(&req.csr_pem, &identity, &[], WORKLOAD_TTL, None)
-                    .await
+                // The service's DNS name too: a caller's TLS checks the name it dialled (the
+                // identity, in the URI, is what authorizes).
+                let Identity::Workload { namespace, service } = &identity else {
+                    return Err(ApiError::BadRequest("not a workload".into()));
+                };
+                let dns = format!("{service}.{namespace}.skiff.internal");
+                self.issue(&req.csr_pem, &identity, &[dns], ttl, None).await
             })
             .await
     }

@@ -21,11 +21,13 @@ pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::Servic
             .job_allocations(&job.namespace, &job.name)
             .filter(|a| a.desired == DesiredStatus::Run && a.observed == AllocationStatus::Running)
             .map(|a| {
-                // The allocation's own version decides whether it is checked.
-                let checked = job
-                    .version(a.job_version)
-                    .and_then(|v| v.spec.service.as_ref())
+                // The allocation's own version decides whether it is checked and whether it
+                // runs the mesh.
+                let own = job.version(a.job_version).map(|v| &v.spec);
+                let checked = own
+                    .and_then(|s| s.service.as_ref())
                     .is_some_and(|s| s.check.is_some());
+                let mesh = own.is_some_and(|s| s.mesh.is_some());
                 let ip = a.ip.clone().unwrap_or_default();
                 pb::ServiceEndpoint {
                     allocation: a.id.clone(),
@@ -34,6 +36,7 @@ pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::Servic
                     ip,
                     health: super::convert::health(a.health) as i32,
                     health_output: a.health_output.clone(),
+                    mesh,
                 }
             })
             .collect();
@@ -58,6 +61,7 @@ pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::Servic
                 .collect(),
             tags: service.tags.clone(),
             endpoints,
+            mesh: super::convert::mesh_task(spec),
         });
     }
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));

@@ -497,6 +497,29 @@ fn services_get_virtual_ips_kept_while_published_and_unique_names() {
         "{e}"
     );
     assert_eq!(s, before);
+    // A client in the mesh (no service) claims its own name as its identity: a service of
+    // that name elsewhere is refused, both ways round.
+    let mut client = service_spec("client", None);
+    client.mesh = Some(skiff_common::Mesh::default());
+    apply(&mut s, client).expect("mesh client");
+    let before = s.clone();
+    let e = apply(&mut s, service_spec("other", Some("client"))).expect_err("identity taken");
+    assert!(e.to_string().contains("mesh identity"), "{e}");
+    let mut second = service_spec("web", None);
+    second.name = "web3".into();
+    second.mesh = Some(skiff_common::Mesh::default());
+    second.service = None;
+    let mut clash = second.clone();
+    clash.name = "api".into();
+    apply(&mut s, second).expect("another client, another name");
+    assert_ne!(s, before);
+    let mut s2 = s.clone();
+    // A new version of job api itself may join the mesh (same job, same name).
+    apply(&mut s2, clash).expect("same job");
+    let mut third = service_spec("x", Some("web3"));
+    third.name = "x".into();
+    let e = apply(&mut s, third).expect_err("web3 is a mesh identity");
+    assert!(e.to_string().contains("job web3"), "{e}");
     // Renaming the service frees the old name's address; the new name gets a fresh one (not
     // the old one: clients that cached the old name must not reach another service).
     apply(&mut s, service_spec("web", Some("www"))).expect("rename");

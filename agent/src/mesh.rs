@@ -1,0 +1,487 @@
+//! The mesh sidecars: one `skiff-agent proxy` process per allocation of a job with `[mesh]`
+//! (see the `skiff-proxy` crate), in the allocation's network namespace, in a cgroup of its
+//! own, as an unprivileged user.
+//!
+//! For each allocation the agent keeps a directory `<data-dir>/mesh/<alloc>/` owned by the
+//! proxy's user: `proxy.json` (the policy), `services.json` (the cluster's services, rewritten
+//! as they change), and the workload's key, certificate and CA bundle. The key is made here
+//! and never leaves the node; the controllers sign it only for an allocation assigned to this
+//! node. Certificates are renewed at two thirds of their life; the proxy picks up new files
+//! by itself, so open connections are not dropped.
+//!
+//! Inside the allocation's namespace, nat rules send the workload's TCP connections to
+//! service virtual IPs to the proxy's outbound port (except the proxy's own, by user id), and
+//! connections arriving for the workload's TCP ports to its inbound port.
+//!
+//! The proxy outlives agent restarts (like the containers): its pid is kept beside its
+//! directory and adopted when the process is still that proxy.
+
+use std::io::Write as _;
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use skiff_proto::v1 as pb;
+use skiff_proto::v1::pki_client::PkiClient;
+use skiff_proxy::config::{self as pc, ProxyConfig};
+use skiff_runtime::cgroup::{self, Limits};
+use skiff_tls::pki::{first_cert, key_and_csr, now_unix, parse_cert};
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::contract::{Assigned, MeshTask, Task};
+
+/// The sidecars' user and group id unless `--mesh-proxy-uid` says otherwise.
+pub const DEFAULT_PROXY_UID: u32 = 1337;
+/// How long a new sidecar has to answer `/ready`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The sidecar's cgroup limits.
+pub const PROXY_LIMITS: Limits = Limits {
+    cpu: None,
+    memory: Some(64 * 1024 * 1024),
+    pids: Some(64),
+};
+
+/// See [`Mesh`].
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    pub uid: u32,
+    pub gid: u32,
+    /// The lifetime asked for each workload certificate.
+    pub cert_ttl: Duration,
+    pub data_dir: PathBuf,
+    pub cgroup_parent: String,
+}
+
+/// The node's sidecars.
+pub struct Mesh {
+    opts: MeshOptions,
+    /// The binary the sidecar runs (this one).
+    exe: PathBuf,
+    handle: tokio::runtime::Handle,
+    /// A connection to the controllers, while the agent has one.
+    channel: Mutex<Option<Channel>>,
+    /// The cluster's service CIDR (the outbound redirect's target).
+    service_cidr: Mutex<Option<String>>,
+    /// `services.json` as last rendered.
+    services: Mutex<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes `name` in `dir` by rename (the proxy never reads half a file), owned by `uid`.
+fn write_file(dir: &Path, name: &str, text: &str, mode: u32, uid: u32) -> Result<(), String> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let err = |e: std::io::Error| format!("writing {}: {e}", dir.join(name).display());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    chown(&tmp, Some(uid), Some(uid)).map_err(err)?;
+    std::fs::rename(&tmp, dir.join(name)).map_err(err)
+}
+
+use std::os::unix::fs::OpenOptionsExt as _;
+
+/// The nat rules of an allocation's namespace (an `iptables-restore` input for the table).
+pub fn render_rules(uid: u32, service_cidr: &str, ports: &[u16]) -> String {
+    let mut r = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:SKIFF-MESH-IN - [0:0]\n:SKIFF-MESH-OUT - [0:0]\n-A PREROUTING -p tcp -j SKIFF-MESH-IN\n-A OUTPUT -p tcp -j SKIFF-MESH-OUT\n",
+    );
+    // multiport takes at most 15 ports per rule.
+    for chunk in ports.chunks(15) {
+        let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
+        r.push_str(&format!(
+            "-A SKIFF-MESH-IN -p tcp -m multiport --dports {} -j REDIRECT --to-ports {}\n",
+            list.join(","),
+            pc::INBOUND_PORT
+        ));
+    }
+    r.push_str(&format!(
+        "-A SKIFF-MESH-OUT -m owner --uid-owner {uid} -j RETURN\n-A SKIFF-MESH-OUT -d {service_cidr} -p tcp -j REDIRECT --to-ports {}\nCOMMIT\n",
+        pc::OUTBOUND_PORT
+    ));
+    r
+}
+
+/// The proxy's policy for an allocation.
+pub fn proxy_config(mesh: &MeshTask, task: &Task) -> ProxyConfig {
+    let mut inbound_ports: Vec<u16> = task
+        .ports
+        .iter()
+        .filter(|p| !p.udp)
+        .map(|p| p.port)
+        .collect();
+    inbound_ports.sort_unstable();
+    inbound_ports.dedup();
+    ProxyConfig {
+        identity: mesh.identity.clone(),
+        mode: mesh.mode,
+        allow_from: mesh.allow_from.clone(),
+        upstreams: mesh.upstreams.clone(),
+        inbound_ports,
+        outbound_port: pc::OUTBOUND_PORT,
+        inbound_port: pc::INBOUND_PORT,
+        admin_port: pc::ADMIN_PORT,
+    }
+}
+
+/// A workload certificate: (not_before, not_after).
+fn validity(cert_pem: &str) -> Option<(i64, i64)> {
+    let der = first_cert(cert_pem).ok()?;
+    let info = parse_cert(der.as_ref()).ok()?;
+    Some((info.not_before, info.not_after))
+}
+
+/// Whether a certificate valid over (nb, na) is due for renewal at `now`.
+pub fn due(nb: i64, na: i64, now: i64) -> bool {
+    now >= nb + (na - nb) * 2 / 3
+}
+
+impl Mesh {
+    pub fn new(opts: MeshOptions, handle: tokio::runtime::Handle) -> anyhow::Result<Mesh> {
+        let exe = std::env::current_exe()?;
+        let root = opts.data_dir.join("mesh");
+        std::fs::create_dir_all(&root)?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))?;
+        Ok(Mesh {
+            opts,
+            exe,
+            handle,
+            channel: Mutex::default(),
+            service_cidr: Mutex::default(),
+            services: Mutex::new(
+                serde_json::to_string(&pc::ServiceSet::default()).unwrap_or_default(),
+            ),
+        })
+    }
+
+    fn root(&self) -> PathBuf {
+        self.opts.data_dir.join("mesh")
+    }
+
+    fn dir(&self, alloc: &str) -> PathBuf {
+        self.root().join(alloc)
+    }
+
+    fn pid_file(&self, alloc: &str) -> PathBuf {
+        self.root().join(format!("{alloc}.pid"))
+    }
+
+    pub fn set_channel(&self, channel: Option<Channel>) {
+        *lock(&self.channel) = channel;
+    }
+
+    pub fn set_service_cidr(&self, cidr: &str) {
+        *lock(&self.service_cidr) = (!cidr.is_empty()).then(|| cidr.to_owned());
+    }
+
+    /// The allocations with a sidecar directory.
+    pub fn allocations(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.root())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The sidecar's pid, when its process is alive and is that sidecar.
+    pub fn running(&self, alloc: &str) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pid_file(alloc))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let dir = self.dir(alloc);
+        let want = dir.as_os_str().as_encoded_bytes();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // A zombie (ended, not yet reaped) is not running.
+        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+        (cmdline.split(|b| *b == 0).any(|a| a == want) && state != Some(Some('Z'))).then_some(pid)
+    }
+
+    /// The new service set: rewritten for every sidecar when it changed.
+    pub fn set_services(&self, list: &[pb::ServiceInfo]) {
+        let text = serde_json::to_string(&crate::contract::mesh_services(list)).unwrap_or_default();
+        {
+            let mut cur = lock(&self.services);
+            if *cur == text {
+                return;
+            }
+            *cur = text.clone();
+        }
+        for alloc in self.allocations() {
+            if let Err(e) = write_file(
+                &self.dir(&alloc),
+                pc::SERVICES_FILE,
+                &text,
+                0o644,
+                self.opts.uid,
+            ) {
+                warn!(alloc = %alloc, error = %e, "updating the sidecar's service set");
+            }
+        }
+    }
+
+    async fn sign(&self, alloc: &str) -> Result<(String, String, String), String> {
+        let channel = lock(&self.channel)
+            .clone()
+            .ok_or_else(|| "no controller to sign the workload certificate".to_owned())?;
+        let (key, csr) = key_and_csr(alloc).map_err(|e| e.to_string())?;
+        let mut client = PkiClient::new(channel);
+        let call = client.sign_workload(pb::SignWorkloadRequest {
+            allocation: alloc.to_owned(),
+            csr_pem: csr,
+            ttl_seconds: self.opts.cert_ttl.as_secs(),
+        });
+        let r = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .map_err(|_| "signing the workload certificate timed out".to_owned())?
+            .map_err(|s| format!("signing the workload certificate: {}", s.message()))?
+            .into_inner();
+        Ok((key, r.cert_pem, r.ca_pem))
+    }
+
+    fn store_cert(
+        &self,
+        alloc: &str,
+        (key, cert, ca): (String, String, String),
+    ) -> Result<(), String> {
+        let dir = self.dir(alloc);
+        write_file(&dir, pc::CA_FILE, &ca, 0o644, self.opts.uid)?;
+        write_file(&dir, pc::KEY_FILE, &key, 0o400, self.opts.uid)?;
+        write_file(&dir, pc::CERT_FILE, &cert, 0o644, self.opts.uid)
+    }
+
+    /// Renews the certificates that are due (every sidecar's, each on its own).
+    pub async fn renew_due(&self) {
+        let now = now_unix();
+        for alloc in self.allocations() {
+            let cert = std::fs::read_to_string(self.dir(&alloc).join(pc::CERT_FILE));
+            let Some((nb, na)) = cert.ok().as_deref().and_then(validity) else {
+                continue;
+            };
+            if !due(nb, na, now) {
+                continue;
+            }
+            match self.sign(&alloc).await {
+                Ok(m) => match self.store_cert(&alloc, m) {
+                    Ok(()) => info!(alloc = %alloc, "workload certificate renewed"),
+                    Err(e) => warn!(alloc = %alloc, error = %e, "storing a renewed certificate"),
+                },
+                Err(e) => warn!(alloc = %alloc, error = %e, "renewing the workload certificate"),
+            }
+        }
+    }
+
+    /// Makes sure the sidecar of `alloc` runs and is ready (starting it if not): its
+    /// directory, certificate, the namespace's rules, its cgroup and process.
+    pub fn ensure(
+        &self,
+        alloc: &Assigned,
+        mesh: &MeshTask,
+        task: &Task,
+        netns: &Path,
+    ) -> Result<(), String> {
+        if self.running(&alloc.id).is_some() {
+            return Ok(());
+        }
+        let cidr = lock(&self.service_cidr).clone().ok_or_else(|| {
+            "the mesh needs the cluster's service CIDR (not registered yet)".to_owned()
+        })?;
+        let dir = self.dir(&alloc.id);
+        let uid = self.opts.uid;
+        let io = |what: &str, e: std::io::Error| format!("mesh sidecar: {what}: {e}");
+        std::fs::create_dir_all(&dir).map_err(|e| io("its directory", e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io("its directory", e))?;
+        chown(&dir, Some(uid), Some(uid)).map_err(|e| io("its directory", e))?;
+        let cfg = proxy_config(mesh, task);
+        write_file(
+            &dir,
+            pc::CONFIG_FILE,
+            &serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+            0o644,
+            uid,
+        )?;
+        let services = lock(&self.services).clone();
+        write_file(&dir, pc::SERVICES_FILE, &services, 0o644, uid)?;
+        // A certificate still good (the sidecar died, or the agent restarted) is kept.
+        let valid = std::fs::read_to_string(dir.join(pc::CERT_FILE))
+            .ok()
+            .as_deref()
+            .and_then(validity)
+            .is_some_and(|(nb, na)| !due(nb, na, now_unix()))
+            && dir.join(pc::KEY_FILE).exists();
+        if !valid {
+            let m = self.handle.block_on(self.sign(&alloc.id))?;
+            self.store_cert(&alloc.id, m)?;
+        }
+        apply_rules(netns, &render_rules(uid, &cidr, &cfg.inbound_ports))?;
+        let manager = cgroup::host(&self.opts.cgroup_parent).map_err(|e| e.to_string())?;
+        let name = format!("mesh-{}", alloc.id);
+        let cg = match manager.open(&name).map_err(|e| e.to_string())? {
+            Some(cg) => cg,
+            None => manager
+                .create(&name, &PROXY_LIMITS)
+                .map_err(|e| e.to_string())?,
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root().join(format!("{}.log", alloc.id)))
+            .map_err(|e| io("its log", e))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("proxy")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--netns")
+            .arg(netns)
+            .arg("--uid")
+            .arg(uid.to_string())
+            .arg("--gid")
+            .arg(self.opts.gid.to_string());
+        for p in cg.paths() {
+            cmd.arg("--cgroup").arg(p);
+        }
+        use std::os::unix::process::CommandExt as _;
+        let mut child = cmd
+            .env(
+                "SKIFF_LOG",
+                std::env::var("SKIFF_PROXY_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| io("starting it", e))?;
+        let pid = child.id();
+        std::fs::write(self.pid_file(&alloc.id), pid.to_string())
+            .map_err(|e| io("its pid file", e))?;
+        // Our child until we exit: reap it when it ends.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let probe = crate::health::Probe::Http {
+            netns: Some(netns.to_path_buf()),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], pc::ADMIN_PORT)),
+            path: "/ready".into(),
+            expected: 200,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if probe.run(Duration::from_millis(500)).is_ok() {
+                info!(alloc = %alloc.id, pid, identity = %cfg.identity, "mesh sidecar ready");
+                return Ok(());
+            }
+            if self.running(&alloc.id).is_none() || Instant::now() > deadline {
+                let tail = std::fs::read_to_string(self.root().join(format!("{}.log", alloc.id)))
+                    .unwrap_or_default();
+                let last = tail.lines().last().unwrap_or("").to_owned();
+                self.remove(&alloc.id);
+                return Err(format!("mesh sidecar did not become ready: {last}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the sidecar of `alloc` and removes what it had (its rules go with the namespace).
+    pub fn remove(&self, alloc: &str) {
+        if let Some(pid) = self.running(alloc) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if let Ok(manager) = cgroup::host(&self.opts.cgroup_parent)
+            && let Ok(Some(cg)) = manager.open(&format!("mesh-{alloc}"))
+            && let Err(e) = cg.kill_all().and_then(|()| cg.delete())
+        {
+            warn!(alloc = %alloc, error = %e, "removing the sidecar's cgroup");
+        }
+        let _ = std::fs::remove_dir_all(self.dir(alloc));
+        let _ = std::fs::remove_file(self.pid_file(alloc));
+        let _ = std::fs::remove_file(self.root().join(format!("{alloc}.log")));
+    }
+}
+
+/// Loads `rules` into the nat table of the namespace at `netns`.
+fn apply_rules(netns: &Path, rules: &str) -> Result<(), String> {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("iptables-restore")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("mesh sidecar: running nsenter iptables-restore: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(rules.as_bytes())
+            .map_err(|e| format!("mesh sidecar: writing the rules: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("mesh sidecar: iptables-restore: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mesh sidecar: iptables-restore in the allocation's namespace: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_redirect_workload_ports_in_and_service_ips_out_but_not_the_proxy() {
+        let r = render_rules(1337, "10.43.0.0/16", &[8080, 9090]);
+        assert!(r.contains(
+            "-A SKIFF-MESH-IN -p tcp -m multiport --dports 8080,9090 -j REDIRECT --to-ports 15006\n"
+        ));
+        let own = r.find("--uid-owner 1337 -j RETURN").expect("own traffic");
+        let out = r
+            .find("-d 10.43.0.0/16 -p tcp -j REDIRECT --to-ports 15001")
+            .expect("outbound");
+        assert!(
+            own < out,
+            "the proxy's own connections must return first:\n{r}"
+        );
+        assert!(r.ends_with("COMMIT\n"));
+        let many: Vec<u16> = (1..=20).collect();
+        assert_eq!(
+            render_rules(1, "10.43.0.0/16", &many)
+                .matches("multiport")
+                .count(),
+            2
+        );
+        assert!(!render_rules(1, "10.43.0.0/16", &[]).contains("SKIFF-MESH-IN -p tcp -m"));
+    }
+
+    #[test]
+    fn renewal_is_due_at_two_thirds() {
+        assert!(!due(0, 300, 199));
+        assert!(due(0, 300, 200));
+        assert!(due(0, 300, 400));
+    }
+}
