@@ -86,6 +86,11 @@ pub enum Cmd {
         #[arg(short, long)]
         namespace: Option<String>,
     },
+    /// The service mesh.
+    Mesh {
+        #[command(subcommand)]
+        command: MeshCmd,
+    },
     /// Drain or undrain a node.
     Node {
         #[command(subcommand)]
@@ -223,6 +228,12 @@ pub enum CaCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum MeshCmd {
+    /// Workload identities, their certificates' expiry, and who may call each service.
+    Status,
 }
 
 #[derive(Subcommand)]

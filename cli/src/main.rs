@@ -8,6 +8,7 @@ mod args;
 mod client;
 mod cluster;
 mod jobs;
+mod mesh;
 mod nodes;
 mod pki;
 mod render;
@@ -19,7 +20,8 @@ use clap::Parser;
 use skiff_proto::v1 as pb;
 
 use crate::args::{
-    CaCmd, Cli, ClusterCmd, Cmd, CredentialsCmd, Format, JobCmd, NodeCmd, TokenCmd, VolumeCmd,
+    CaCmd, Cli, ClusterCmd, Cmd, CredentialsCmd, Format, JobCmd, MeshCmd, NodeCmd, TokenCmd,
+    VolumeCmd,
 };
 use crate::client::Controllers;
 use crate::render::Out;
@@ -80,6 +82,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             NodeCmd::Rm { name } => nodes::remove(&ctl, out, name).await,
         },
         Cmd::Services { namespace } => services::list(&ctl, out, namespace).await,
+        Cmd::Mesh { command } => match command {
+            MeshCmd::Status => mesh::status(&ctl, out).await,
+        },
         Cmd::Ps {
             job,
             namespace,

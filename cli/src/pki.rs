@@ -20,7 +20,7 @@ fn ttl_seconds(ttl: Option<&str>) -> anyhow::Result<u64> {
     }
 }
 
-fn when(unix: i64) -> String {
+pub fn when(unix: i64) -> String {
     let now = skiff_tls::pki::now_unix();
     let d = Duration::from_secs(unix.abs_diff(now));
     let d = humantime::format_duration(Duration::from_secs(d.as_secs() / 60 * 60)).to_string();

@@ -293,7 +293,13 @@ pub fn service_json(s: &pb::ServiceInfo) -> Value {
         "endpoints": s.endpoints.iter().map(|e| json!({
             "allocation": e.allocation, "node": e.node, "ip": e.ip,
             "health": health(e.health), "health_output": e.health_output, "ready": e.ready,
+            "mesh": e.mesh,
         })).collect::<Vec<_>>(),
+        "mesh": s.mesh.as_ref().map(|m| json!({
+            "identity": m.identity,
+            "mode": if m.mode == pb::MeshMode::Permissive as i32 { "permissive" } else { "strict" },
+            "allow_from": m.allow_from, "upstreams": m.upstreams,
+        })),
     })
 }
 

@@ -126,6 +126,12 @@ fn tls_get(
     ))
 }
 
+fn skiff_tls_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 fn openssl(args: &[&str]) -> Result<()> {
     let out = Command::new("openssl").args(args).output()?;
     ensure!(out.status.success(), "openssl {args:?}: {out:?}");
@@ -174,11 +180,8 @@ fn m10_mesh_mtls_between_services_with_identity_policy_and_rotation() -> Result<
 
 fn mesh_checks(fleet: &Fleet) -> Result<()> {
     let image = fleet.image();
-    job(
-        fleet,
-        "api",
-        &format!(
-            "name = \"api\"\nreplicas = 2\nimage = \"{image}\"\n\
+    let api_spec = format!(
+        "name = \"api\"\nreplicas = 2\nimage = \"{image}\"\n\
              command = [\"/bin/sh\", \"-c\", \"echo $(hostname) {MARKER} > /www/id && exec httpd -f -p 8080 -h /www\"]\n\
              stop_signal = \"SIGKILL\"\n\
              [[ports]]\nname = \"http\"\nport = 8080\n\
@@ -186,8 +189,8 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
              [mesh]\nallow_from = [\"client\"]\n\
              [placement]\nspread = true\n\
              [resources]\ncpu = 0.05\nmemory = \"16Mi\"\n"
-        ),
-    )?;
+    );
+    job(fleet, "api", &api_spec)?;
     job(
         fleet,
         "client",
@@ -485,6 +488,34 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
         );
     }
 
+    // skiff mesh status: every identity, its certificates in force, and the policy.
+    let status = fleet.cli_json(&["mesh", "status"])?;
+    let ids = status["identities"].as_array().cloned().unwrap_or_default();
+    let find = |svc: &str| {
+        ids.iter()
+            .find(|i| i["identity"] == format!("spiffe://skiff/ns/default/svc/{svc}"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let api = find("api");
+    ensure!(
+        api["service"] == true
+            && api["mode"] == "strict"
+            && api["allow_from"] == serde_json::json!(["client"])
+            && api["certificates"].as_u64() >= Some(2)
+            && api["expires"].as_i64() > Some(skiff_tls_now()),
+        "mesh status of api: {status}"
+    );
+    ensure!(
+        find("client")["certificates"].as_u64() >= Some(1) && find("client")["service"] == false,
+        "mesh status of the client: {status}"
+    );
+    let table = fleet.cli_ok(&["mesh", "status"])?;
+    ensure!(
+        table.contains("spiffe://skiff/ns/default/svc/api") && table.contains("client"),
+        "{table}"
+    );
+
     // Rotation under a bounded constant load: 300 requests, one every 100 ms, while every
     // certificate (30 s, renewed at two thirds) is replaced; none fails.
     let api_dir = mesh_dir(fleet, &apis[0].1, &apis[0].0)?;
@@ -527,6 +558,44 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
     ensure!(
         !out.contains(MARKER),
         "an expired certificate was let in: {out}"
+    );
+
+    // Permissive mode (a migration): plain-text callers get in too, mutual TLS still works.
+    let v2 = api_spec.replace("[mesh]\n", "[mesh]\nmode = \"permissive\"\n");
+    job(fleet, "api", &v2)?;
+    // (Without a rolling update yet, the old replicas go as the new ones come: wait until the
+    // new version alone serves.)
+    let old: BTreeSet<String> = apis.iter().map(|a| a.0.clone()).collect();
+    fleet.wait_for(
+        "the permissive version in place of the old",
+        Duration::from_secs(60),
+        |f| {
+            let now: Vec<_> = f
+                .allocations("api")?
+                .into_iter()
+                .filter(|a| a.2 == "running")
+                .collect();
+            let list = f.cli_json(&["services"])?;
+            let ready = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s["name"] == "api")
+                .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+                .filter(|e| e["ready"] == true)
+                .count();
+            Ok(now.len() == 2 && now.iter().all(|a| !old.contains(&a.0)) && ready == 2)
+        },
+    )?;
+    let got = fetch(fleet, &plain, "http://api:8080/id", 5, "0")?;
+    ensure!(
+        got.iter().all(|l| l.contains(MARKER)),
+        "a plain-text caller in permissive mode: {got:?}"
+    );
+    let got = fetch(fleet, &client, "http://api:8080/id", 5, "0")?;
+    ensure!(
+        got.iter().all(|l| l.contains(MARKER)),
+        "the client in permissive mode: {got:?}"
     );
 
     // Stopping a job stops its sidecars and removes what they had.
