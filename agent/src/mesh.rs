@@ -424,29 +424,12 @@ impl Mesh {
 
 /// Loads `rules` into the nat table of the namespace at `netns`.
 fn apply_rules(netns: &Path, rules: &str) -> Result<(), String> {
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("iptables-restore")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("mesh sidecar: running nsenter iptables-restore: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(rules.as_bytes())
-            .map_err(|e| format!("mesh sidecar: writing the rules: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("mesh sidecar: iptables-restore: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "mesh sidecar: iptables-restore in the allocation's namespace: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    crate::net::hostport::iptables_restore(
+        Some(netns),
+        &[],
+        rules,
+        "the sidecar's redirects in the allocation's namespace",
+    )
 }
 
 #[cfg(test)]

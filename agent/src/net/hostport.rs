@@ -158,6 +158,48 @@ pub fn split_quoted(spec: &str) -> Vec<String> {
     args
 }
 
+/// Feeds `input` to `iptables-restore ARGS`, in the network namespace bound at `netns` (through
+/// nsenter) or in this one; `what` names the table in the error.
+pub(crate) fn iptables_restore(
+    netns: Option<&std::path::Path>,
+    args: &[&str],
+    input: &str,
+    what: &str,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display()))
+                .arg("iptables-restore");
+            c
+        }
+        None => std::process::Command::new("iptables-restore"),
+    };
+    let mut child = cmd
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("iptables-restore: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("iptables-restore: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("iptables-restore: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "iptables-restore refused {what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,11 +16,9 @@
 //!   (TCP reset, ICMP port unreachable) instead of leaving the node by its default route.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 
-use super::hostport::iptables;
+use super::hostport::{iptables, iptables_restore};
 
 /// nat chain with the DNAT rules.
 pub const SERVICES: &str = "SKIFF-SERVICES";
@@ -101,27 +99,7 @@ pub fn render(services: &[VipService], subnet: &str, bridge: &str) -> String {
 /// Replaces the node's VIP table with `rules` (from [`render`]) and makes sure the built-in
 /// chains jump to it (first, ahead of the rules that accept the bridge's traffic).
 pub fn apply(rules: &str) -> Result<(), String> {
-    let mut child = Command::new("iptables-restore")
-        .args(["-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("iptables-restore: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(rules.as_bytes())
-            .map_err(|e| format!("iptables-restore: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("iptables-restore: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "iptables-restore refused the service table: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    iptables_restore(None, &["-w", "--noflush"], rules, "the service table")?;
     for (table, builtin, chain) in HOOKS {
         if !iptables(&["-t", table, "-C", builtin, "-j", chain])? {
             iptables(&["-t", table, "-I", builtin, "1", "-j", chain])?
