@@ -143,6 +143,8 @@ pub struct PortTask {
     pub name: String,
     pub port: u16,
     pub udp: bool,
+    /// HTTP (the mesh sidecar counts its requests).
+    pub http: bool,
     /// Published on the node's advertise address at this port.
     pub host_port: Option<u16>,
 }
@@ -249,6 +251,7 @@ fn task(t: pb::Task, namespace: &str) -> Result<Task, String> {
                     name: p.name.clone(),
                     port,
                     udp: p.protocol == pb::Protocol::Udp as i32,
+                    http: p.protocol == pb::Protocol::Http as i32,
                     host_port,
                 })
             })

@@ -179,6 +179,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
                 network: network.clone(),
                 runtime: runtime.clone(),
                 dns: dns_stats.clone(),
+                mesh: mesh.clone(),
             }),
         )
         .into_future(),

@@ -124,7 +124,7 @@ impl Probe {
 
 /// Runs `f` on a thread joined to the network namespace bound at `netns` (`None`: the
 /// node's own, where this process is).
-fn in_netns<F>(netns: Option<&Path>, f: F) -> Result<String, String>
+pub(crate) fn in_netns<F>(netns: Option<&Path>, f: F) -> Result<String, String>
 where
     F: FnOnce() -> Result<String, String> + Send + 'static,
 {

@@ -115,7 +115,7 @@ pub fn render_rules(uid: u32, service_cidr: &str, ports: &[u16]) -> String {
 }
 
 /// The proxy's policy for an allocation.
-pub fn proxy_config(mesh: &MeshTask, task: &Task) -> ProxyConfig {
+pub fn proxy_config(mesh: &MeshTask, task: &Task, version: u64) -> ProxyConfig {
     let mut inbound_ports: Vec<u16> = task
         .ports
         .iter()
@@ -124,7 +124,17 @@ pub fn proxy_config(mesh: &MeshTask, task: &Task) -> ProxyConfig {
         .collect();
     inbound_ports.sort_unstable();
     inbound_ports.dedup();
+    let mut http_ports: Vec<u16> = task
+        .ports
+        .iter()
+        .filter(|p| p.http)
+        .map(|p| p.port)
+        .collect();
+    http_ports.sort_unstable();
+    http_ports.dedup();
     ProxyConfig {
+        http_ports,
+        version,
         identity: mesh.identity.clone(),
         mode: mesh.mode,
         allow_from: mesh.allow_from.clone(),
@@ -312,7 +322,7 @@ impl Mesh {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| io("its directory", e))?;
         chown(&dir, Some(uid), Some(uid)).map_err(|e| io("its directory", e))?;
-        let cfg = proxy_config(mesh, task);
+        let cfg = proxy_config(mesh, task, alloc.version);
         write_file(
             &dir,
             pc::CONFIG_FILE,
@@ -404,6 +414,10 @@ impl Mesh {
 
     /// Stops the sidecar of `alloc` and removes what it had (its rules go with the namespace).
     pub fn remove(&self, alloc: &str) {
+        if !self.dir(alloc).exists() && !self.pid_file(alloc).exists() {
+            return;
+        }
+        info!(alloc = %alloc, "stopping the mesh sidecar");
         if let Some(pid) = self.running(alloc) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -419,6 +433,109 @@ impl Mesh {
         let _ = std::fs::remove_dir_all(self.dir(alloc));
         let _ = std::fs::remove_file(self.pid_file(alloc));
         let _ = std::fs::remove_file(self.root().join(format!("{alloc}.log")));
+    }
+}
+
+/// One sidecar's `/metrics`, read from inside the allocation's namespace.
+fn scrape(netns: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    crate::health::in_netns(Some(netns), || {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pc::ADMIN_PORT));
+        let timeout = Duration::from_secs(2);
+        let mut s =
+            std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        s.take(4 << 20)
+            .read_to_end(&mut out)
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        match text.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
+            _ => Err("no metrics".into()),
+        }
+    })
+}
+
+/// A metric family as the agent re-exposes it: its HELP and TYPE lines, and every sidecar's
+/// samples.
+#[derive(Debug, Default)]
+struct Family {
+    name: String,
+    header: Vec<String>,
+    samples: Vec<String>,
+}
+
+/// Adds one sidecar's exposition `text` to `families`, every sample labelled `alloc`.
+fn merge(families: &mut Vec<Family>, alloc: &str, text: &str) {
+    let mut current: Option<usize> = None;
+    for line in text.lines() {
+        let header = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "));
+        if let Some(rest) = header {
+            let name = rest.split(' ').next().unwrap_or_default();
+            let i = match families.iter().position(|f| f.name == name) {
+                Some(i) => i,
+                None => {
+                    families.push(Family {
+                        name: name.to_owned(),
+                        ..Family::default()
+                    });
+                    families.len() - 1
+                }
+            };
+            if !families[i].header.iter().any(|h| h == line) {
+                families[i].header.push(line.to_owned());
+            }
+            current = Some(i);
+        } else if !line.is_empty() && !line.starts_with('#') {
+            let Some(i) = current else { continue };
+            let label = format!("alloc=\"{alloc}\"");
+            let sample = match line.find('{') {
+                Some(b) => format!("{}{{{label},{}", &line[..b], &line[b + 1..]),
+                None => match line.split_once(' ') {
+                    Some((n, v)) => format!("{n}{{{label}}} {v}"),
+                    None => continue,
+                },
+            };
+            families[i].samples.push(sample);
+        }
+    }
+}
+
+impl Mesh {
+    /// Every running sidecar's metrics, each sample labelled with its allocation, one family
+    /// at a time (what the agent's `/metrics` adds). `netns` finds an allocation's namespace.
+    pub fn metrics(&self, netns: impl Fn(&str) -> Option<PathBuf>) -> String {
+        let mut families = Vec::new();
+        for alloc in self.allocations() {
+            if self.running(&alloc).is_none() {
+                continue;
+            }
+            let Some(ns) = netns(&alloc) else { continue };
+            match scrape(&ns) {
+                Ok(text) => merge(&mut families, &alloc, &text),
+                Err(e) => tracing::debug!(alloc = %alloc, error = %e, "scraping a sidecar"),
+            }
+        }
+        let mut out = String::new();
+        for f in families {
+            for h in &f.header {
+                out.push_str(h);
+                out.push('\n');
+            }
+            for s in &f.samples {
+                out.push_str(s);
+                out.push('\n');
+            }
+        }
+        out
     }
 }
 
@@ -459,6 +576,24 @@ mod tests {
             2
         );
         assert!(!render_rules(1, "10.43.0.0/16", &[]).contains("SKIFF-MESH-IN -p tcp -m"));
+    }
+
+    #[test]
+    fn sidecar_metrics_merge_by_family_with_the_allocation_label() {
+        let a = "# HELP x_total X.\n# TYPE x_total counter\nx_total{identity=\"api.default\"} 3\n# HELP y Y.\n# TYPE y gauge\ny 1\n";
+        let mut f = Vec::new();
+        merge(&mut f, "a1", a);
+        merge(&mut f, "a2", a);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].header.len(), 2);
+        assert_eq!(
+            f[0].samples,
+            [
+                "x_total{alloc=\"a1\",identity=\"api.default\"} 3",
+                "x_total{alloc=\"a2\",identity=\"api.default\"} 3"
+            ]
+        );
+        assert_eq!(f[1].samples, ["y{alloc=\"a1\"} 1", "y{alloc=\"a2\"} 1"]);
     }
 
     #[test]

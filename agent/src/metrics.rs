@@ -21,6 +21,7 @@ pub struct Sources {
     pub network: Arc<Network>,
     pub runtime: Arc<skiff_runtime::container::Runtime>,
     pub dns: Arc<crate::dns::DnsStats>,
+    pub mesh: Arc<crate::mesh::Mesh>,
 }
 
 pub fn router(sources: Sources) -> Router {
@@ -45,6 +46,12 @@ async fn metrics(State(s): State<Sources>) -> impl IntoResponse {
             .unwrap_or(0);
         let mut text = render(&s.network, status.as_ref(), running);
         render_dns(&mut text, &s.dns);
+        // The mesh sidecars' own metrics, read from inside their allocations.
+        let rt = s.runtime.clone();
+        text.push_str(
+            &s.mesh
+                .metrics(|alloc| rt.pod(alloc).map(|p| p.dir.join("net"))),
+        );
         text
     })
     .await

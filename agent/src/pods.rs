@@ -202,6 +202,10 @@ impl Containers for NodeRuntime {
         self.ensure_mesh(alloc, task)
     }
 
+    fn stop_sidecar(&self, alloc: &str) {
+        self.mesh.remove(alloc);
+    }
+
     fn remove_pod(&self, alloc: &str) {
         // After its containers (the caller stopped them), before its namespace.
         self.mesh.remove(alloc);

@@ -86,6 +86,8 @@ pub trait Containers: Send + Sync {
     fn ensure_sidecar(&self, _alloc: &Assigned, _task: &Task) -> Result<(), String> {
         Ok(())
     }
+    /// Stops the allocation's mesh sidecar (its containers have all ended for good).
+    fn stop_sidecar(&self, _alloc: &str) {}
     /// Starts one container of `alloc` in its pod (detached; its image pulled if missing),
     /// labelled with [`ALLOC_LABEL`] and [`CONTAINER_LABEL`], with the host devices the
     /// node's policy granted; returns its id.
@@ -380,6 +382,10 @@ fn step(
                 warn!(alloc = %a.id, container = %o.name, error = %e, "stop failed");
             }
         }
+        // The mesh sidecar last: a container sidecar may still need the network to finish.
+        if task.mesh.is_some() && !observed.iter().any(|o| o.live()) {
+            rt.stop_sidecar(&a.id);
+        }
     } else {
         // Sidecars first, then the main containers.
         for lifecycle in [Lifecycle::Sidecar, Lifecycle::Main] {
@@ -560,6 +566,8 @@ mod tests {
         fail_start: Mutex<Option<String>>,
         /// Containers (by name) that start and end at once with this exit code.
         exits: Mutex<HashMap<String, i32>>,
+        /// "ensure ALLOC" and "stop ALLOC" for the mesh sidecar, in order.
+        sidecar: Mutex<Vec<String>>,
     }
 
     impl Fake {
@@ -594,6 +602,13 @@ mod tests {
         }
         fn pods(&self) -> Vec<String> {
             lock(&self.pods).clone()
+        }
+        fn ensure_sidecar(&self, alloc: &Assigned, _: &Task) -> Result<(), String> {
+            lock(&self.sidecar).push(format!("ensure {}", alloc.id));
+            Ok(())
+        }
+        fn stop_sidecar(&self, alloc: &str) {
+            lock(&self.sidecar).push(format!("stop {alloc}"));
         }
         fn create_pod(&self, alloc: &Assigned, _: &Task) -> Result<(), String> {
             let mut pods = lock(&self.pods);
@@ -846,6 +861,35 @@ mod tests {
         // And it is not started again.
         pass(&rt, &want);
         assert_eq!(lock(&rt.started).len(), 2);
+    }
+
+    fn meshed() -> Task {
+        let web = skiff_proxy::config::ServiceRef::parse("web", "default").expect("ref");
+        Task {
+            mesh: Some(crate::contract::MeshTask {
+                identity: web,
+                mode: skiff_proxy::config::Mode::Strict,
+                allow_from: vec![],
+                upstreams: vec![],
+            }),
+            ..task()
+        }
+    }
+
+    #[test]
+    fn the_mesh_sidecar_is_kept_running_with_the_containers_and_stopped_after_them() {
+        let rt = Fake::default();
+        let want = [assigned_with("a1", meshed())];
+        pass(&rt, &want);
+        pass(&rt, &want);
+        assert_eq!(*lock(&rt.sidecar), ["ensure a1"]);
+        // A batch job in the mesh: its main ends, the sidecar goes, the job is done.
+        let rt = Fake::default();
+        rt.exit("web", 0);
+        pass(&rt, &want);
+        let r = pass(&rt, &want);
+        assert_eq!(state_of(&r, "a1"), pb::AllocationState::Exited as i32);
+        assert_eq!(*lock(&rt.sidecar), ["stop a1"]);
     }
 
     #[test]

@@ -152,6 +152,7 @@ pub fn backend(v: i32) -> &'static str {
 pub fn protocol(v: i32) -> &'static str {
     match pb::Protocol::try_from(v) {
         Ok(pb::Protocol::Udp) => "udp",
+        Ok(pb::Protocol::Http) => "http",
         _ => "tcp",
     }
 }

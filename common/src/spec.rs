@@ -514,6 +514,15 @@ pub enum Protocol {
     Tcp,
     /// UDP.
     Udp,
+    /// HTTP/1 or HTTP/2 over TCP: the mesh sidecar counts requests (status class, latency).
+    Http,
+}
+
+impl Protocol {
+    /// Whether it is carried over TCP.
+    pub fn is_tcp(self) -> bool {
+        self != Protocol::Udp
+    }
 }
 
 impl std::fmt::Display for Protocol {
@@ -521,6 +530,7 @@ impl std::fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Http => "http",
         })
     }
 }

@@ -217,7 +217,7 @@ fn constraint() -> impl Strategy<Value = Constraint> {
 }
 
 fn protocol() -> impl Strategy<Value = Protocol> {
-    select(vec![Protocol::Tcp, Protocol::Udp])
+    select(vec![Protocol::Tcp, Protocol::Udp, Protocol::Http])
 }
 
 /// Ports with distinct names and distinct (port, protocol) pairs.
@@ -245,7 +245,7 @@ fn ports() -> impl Strategy<Value = Vec<Port>> {
 fn check_kind(ports: &[Port], service_port: &str) -> BoxedStrategy<CheckKind> {
     let tcp: Vec<String> = ports
         .iter()
-        .filter(|p| p.protocol == Protocol::Tcp)
+        .filter(|p| p.protocol.is_tcp())
         .map(|p| p.name.clone())
         .collect();
     let exec = prop::collection::vec("[^\\x00]{1,10}", 1..4)

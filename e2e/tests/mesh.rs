@@ -126,6 +126,45 @@ fn tls_get(
     ))
 }
 
+/// Starts tcpdump on `node`'s `iface` with `filter`, writing to `path`; returns once it
+/// captures (it says "listening on").
+fn capture(
+    fleet: &Fleet,
+    node: &str,
+    iface: &str,
+    filter: &str,
+    path: &Path,
+) -> Result<std::process::Child> {
+    use std::io::Read as _;
+    let h = fleet.host(node)?;
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", h.netns))
+        .args(["--", "tcpdump", "-U", "-n", "-s", "0", "-i", iface, "-w"])
+        .arg(path)
+        .arg(filter)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut err = child.stderr.take().context("tcpdump stderr")?;
+    let mut buf = [0u8; 256];
+    let t = Instant::now();
+    let mut seen = String::new();
+    while !seen.contains("listening on") && t.elapsed() < Duration::from_secs(10) {
+        let n = err.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    ensure!(
+        seen.contains("listening on"),
+        "tcpdump on {node} {iface}: {seen}"
+    );
+    // Kept open: tcpdump writes its counts there when it stops.
+    child.stderr = Some(err);
+    Ok(child)
+}
+
 fn skiff_tls_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -147,6 +186,7 @@ fn m10_mesh_mtls_between_services_with_identity_policy_and_rotation() -> Result<
         skiff_testkit::tool("tcpdump", "tcpdump"),
         skiff_testkit::tool("openssl", "openssl"),
         skiff_testkit::tool("curl", "curl"),
+        skiff_testkit::tool("promtool", "prometheus"),
     ]) {
         return Ok(());
     }
@@ -184,7 +224,7 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
         "name = \"api\"\nreplicas = 2\nimage = \"{image}\"\n\
              command = [\"/bin/sh\", \"-c\", \"echo $(hostname) {MARKER} > /www/id && exec httpd -f -p 8080 -h /www\"]\n\
              stop_signal = \"SIGKILL\"\n\
-             [[ports]]\nname = \"http\"\nport = 8080\n\
+             [[ports]]\nname = \"http\"\nport = 8080\nprotocol = \"http\"\n\
              [service]\nport = \"http\"\ncheck = {{ http = \"/id\", port = \"http\", interval = \"500ms\", timeout = \"400ms\" }}\n\
              [mesh]\nallow_from = [\"client\"]\n\
              [placement]\nspread = true\n\
@@ -247,31 +287,11 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
     // the client's node (its bridge, where pod traffic is still outside the tunnel) never sees
     // the marker in clear.
     let bridge_cap = fleet.dir().join("bridge.pcap");
-    let h = fleet.host(&client_node)?;
-    let mut tcpdump = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", h.netns))
-        .args(["--", "tcpdump", "-U", "-n", "-s", "0", "-i", "any", "-w"])
-        .arg(&bridge_cap)
-        .arg("tcp port 8080")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    // tcpdump says "listening on" once capturing.
-    let mut err = tcpdump.stderr.take().context("tcpdump stderr")?;
-    {
-        use std::io::Read as _;
-        let mut buf = [0u8; 256];
-        let t = Instant::now();
-        let mut seen = String::new();
-        while !seen.contains("listening on") && t.elapsed() < Duration::from_secs(10) {
-            let n = err.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        ensure!(seen.contains("listening on"), "tcpdump: {seen}");
-    }
+    let underlay_cap = fleet.dir().join("underlay.pcap");
+    let mut captures = vec![
+        capture(fleet, &client_node, "any", "tcp port 8080", &bridge_cap)?,
+        capture(fleet, &client_node, "eth0", "udp", &underlay_cap)?,
+    ];
     let got = fetch(
         fleet,
         &client,
@@ -279,7 +299,9 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
         30,
         "0",
     )?;
-    stop(&mut tcpdump);
+    for c in &mut captures {
+        stop(c);
+    }
     let ids: BTreeSet<String> = got
         .iter()
         .map(|l| l.split(' ').next().unwrap_or("").to_owned())
@@ -292,19 +314,74 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
         ids.len() == 2,
         "one endpoint took every connection: {got:?}"
     );
-    let pcap = std::fs::read(&bridge_cap)?;
+    for (what, path) in [("bridge", &bridge_cap), ("underlay", &underlay_cap)] {
+        let pcap = std::fs::read(path)?;
+        ensure!(
+            pcap.len() > 4096,
+            "the {what} capture saw nothing ({} bytes)",
+            pcap.len()
+        );
+        ensure!(
+            !pcap.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+            "the marker crossed the {what} in clear"
+        );
+        eprintln!(
+            "captured {} bytes on {client_node}'s {what}, no marker in clear",
+            pcap.len()
+        );
+    }
+
+    // The port says HTTP: the server sidecars counted each request by caller, status class
+    // and version, and the agents expose that (per allocation) on their /metrics, which
+    // promtool accepts.
+    let mut served = 0;
+    for node in ["a1", "a2"] {
+        let addr = fleet.host(node)?.addr.clone();
+        let out = fleet.on_host(
+            "cli",
+            &["curl", "-sf", &format!("http://{addr}:7802/metrics")],
+        )?;
+        ensure!(out.status.success(), "agent metrics of {node}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        served += counter(
+            &text,
+            &[
+                "skiff_mesh_requests_total{",
+                "identity=\"api.default\"",
+                "version=\"1\"",
+                "source=\"client.default\"",
+                "class=\"2xx\"",
+            ],
+        );
+        ensure!(
+            text.contains("skiff_mesh_request_duration_seconds_bucket{alloc=\""),
+            "no latency histogram on {node}"
+        );
+        let mut check = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        {
+            use std::io::Write as _;
+            check
+                .stdin
+                .take()
+                .context("promtool stdin")?
+                .write_all(text.as_bytes())?;
+        }
+        let lint = check.wait_with_output()?;
+        ensure!(
+            lint.status.success(),
+            "promtool on {node}'s metrics: {}{}",
+            String::from_utf8_lossy(&lint.stdout),
+            String::from_utf8_lossy(&lint.stderr)
+        );
+    }
     ensure!(
-        pcap.len() > 4096,
-        "the capture saw nothing ({} bytes)",
-        pcap.len()
-    );
-    ensure!(
-        !pcap.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
-        "the marker crossed the bridge in clear"
-    );
-    eprintln!(
-        "captured {} bytes on {client_node}, no marker in clear",
-        pcap.len()
+        served >= 30,
+        "requests counted by the api sidecars: {served}"
     );
 
     // Outside allow_from, and outside the mesh: refused.
@@ -561,7 +638,11 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
     );
 
     // Permissive mode (a migration): plain-text callers get in too, mutual TLS still works.
-    let v2 = api_spec.replace("[mesh]\n", "[mesh]\nmode = \"permissive\"\n");
+    // (And the batch job below may call it too.)
+    let v2 = api_spec
+        .replace("[mesh]\n", "[mesh]\nmode = \"permissive\"\n")
+        .replace("[\"client\"]", "[\"client\", \"once\"]");
+    ensure!(v2.contains("\"once\"") && v2.contains("permissive"), "{v2}");
     job(fleet, "api", &v2)?;
     // (Without a rolling update yet, the old replicas go as the new ones come: wait until the
     // new version alone serves.)
@@ -597,6 +678,76 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
         got.iter().all(|l| l.contains(MARKER)),
         "the client in permissive mode: {got:?}"
     );
+
+    // Scale-down: the client's sidecar follows at once, and the endpoint that left gets no new
+    // connection.
+    fleet.cli_ok(&["scale", "api", "1"])?;
+    let t = Instant::now();
+    let services_json = cdir.join("services.json");
+    let kept: String = fleet.wait_for_value(
+        "the client's sidecar to list one api endpoint",
+        Duration::from_secs(20),
+        |_| {
+            let set: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&services_json).unwrap_or_default())
+                    .unwrap_or_default();
+            let eps: Vec<String> = set["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|u| u["service"]["name"] == "api")
+                .flat_map(|u| u["endpoints"].as_array().cloned().unwrap_or_default())
+                .filter_map(|e| e["ip"].as_str().map(str::to_owned))
+                .collect();
+            Ok((eps.len() == 1).then(|| eps[0].clone()))
+        },
+    )?;
+    eprintln!(
+        "the client's sidecar followed the scale-down in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+    let answered: BTreeSet<String> = fetch(fleet, &client, "http://api:8080/id", 20, "0")?
+        .iter()
+        .map(|l| l.split(' ').next().unwrap_or("").to_owned())
+        .collect();
+    ensure!(
+        answered.len() == 1 && !answered.contains("FAILED"),
+        "after the scale-down to {kept}: {answered:?}"
+    );
+
+    // A batch job in the mesh: it calls api once and ends; its sidecar goes with it.
+    job(
+        fleet,
+        "once",
+        &format!(
+            "name = \"once\"\nimage = \"{image}\"\nrestart = \"never\"\n\
+             command = [\"/bin/sh\", \"-c\", \"timeout 5 wget -qO- http://api:8080/id\"]\n\
+             [mesh]\nupstreams = [\"api\"]\n[resources]\ncpu = 0.05\nmemory = \"16Mi\"\n"
+        ),
+    )?;
+    let (once, once_node) = fleet
+        .wait_for_value("the batch job to exit", Duration::from_secs(40), |f| {
+            Ok(f.allocations("once")?
+                .into_iter()
+                .find(|a| a.2 == "exited" || a.2 == "failed")
+                .map(|a| (a.0, a.1, a.2)))
+        })
+        .and_then(|(a, n, state)| {
+            ensure!(
+                state == "exited",
+                "the batch job in the mesh: {state}: {}",
+                fleet
+                    .cli_ok(&["ps", "once", "-o", "json"])
+                    .unwrap_or_default()
+            );
+            Ok((a, n))
+        })?;
+    let once_dir = mesh_dir(fleet, &once_node, &once)?;
+    fleet.wait_for(
+        "the batch job's sidecar gone",
+        Duration::from_secs(10),
+        |_| Ok(!once_dir.exists()),
+    )?;
 
     // Stopping a job stops its sidecars and removes what they had.
     fleet.cli_ok(&["stop", "client"])?;

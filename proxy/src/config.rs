@@ -93,6 +93,12 @@ pub struct ProxyConfig {
     /// The workload's TCP ports: connections to them are terminated here.
     #[serde(default)]
     pub inbound_ports: Vec<u16>,
+    /// Those of `inbound_ports` that speak HTTP (per-request metrics).
+    #[serde(default)]
+    pub http_ports: Vec<u16>,
+    /// The version of the workload's job (a label of the request metrics).
+    #[serde(default)]
+    pub version: u64,
     #[serde(default = "default_outbound")]
     pub outbound_port: u16,
     #[serde(default = "default_inbound")]
@@ -128,6 +134,11 @@ impl ProxyConfig {
         if let Some(p) = c.inbound_ports.iter().find(|p| **p == 0 || own.contains(p)) {
             return Err(ProxyError::Config(format!(
                 "{CONFIG_FILE}: workload port {p} is 0 or one of the proxy's own"
+            )));
+        }
+        if let Some(p) = c.http_ports.iter().find(|p| !c.inbound_ports.contains(p)) {
+            return Err(ProxyError::Config(format!(
+                "{CONFIG_FILE}: HTTP port {p} is not one of the workload's ports"
             )));
         }
         Ok(c)
@@ -202,6 +213,8 @@ mod tests {
             allow_from: vec![ServiceRef::parse("web", "default").expect("ref")],
             upstreams: vec![],
             inbound_ports: vec![8080],
+            http_ports: vec![8080],
+            version: 2,
             outbound_port: OUTBOUND_PORT,
             inbound_port: INBOUND_PORT,
             admin_port: ADMIN_PORT,
@@ -222,6 +235,9 @@ mod tests {
         bad.inbound_ports = vec![INBOUND_PORT];
         assert!(ProxyConfig::parse(&serde_json::to_string(&bad).expect("json")).is_err());
         assert!(ProxyConfig::parse("{\"identity\":1}").is_err());
+        let mut bad = c.clone();
+        bad.http_ports = vec![9090];
+        assert!(ProxyConfig::parse(&serde_json::to_string(&bad).expect("json")).is_err());
     }
 
     #[test]

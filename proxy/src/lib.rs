@@ -20,6 +20,7 @@
 pub mod balance;
 pub mod config;
 pub mod files;
+pub mod http;
 pub mod metrics;
 pub mod serve;
 pub mod tls;

@@ -44,6 +44,8 @@ pub struct Proxy {
     tls: RwLock<Option<Arc<TlsState>>>,
     routes: RwLock<Arc<HashMap<Ipv4Addr, Route>>>,
     pub metrics: Metrics,
+    /// Connections to the workload for HTTP ports.
+    pub http: crate::http::AppClients,
 }
 
 fn read<T: Clone>(l: &RwLock<T>) -> T {
@@ -58,6 +60,7 @@ impl Proxy {
             tls: RwLock::new(None),
             routes: RwLock::default(),
             metrics: Metrics::default(),
+            http: crate::http::AppClients::default(),
         })
     }
 
@@ -324,6 +327,10 @@ async fn inbound_conn(p: &Arc<Proxy>, s: TcpStream, from: SocketAddr) -> (String
             Ok(Ok(1)) if first[0] == 0x16
         );
         if !tls {
+            if p.cfg.http_ports.contains(&dst.port()) {
+                crate::http::serve(p.clone(), s, dst.port(), "plaintext".into()).await;
+                return (UNKNOWN.into(), Outcome::Plaintext);
+            }
             let Ok(a) = TcpStream::connect(app).await else {
                 return (UNKNOWN.into(), Outcome::ConnectError);
             };
@@ -364,6 +371,10 @@ async fn inbound_conn(p: &Arc<Proxy>, s: TcpStream, from: SocketAddr) -> (String
         let _ = conn.shutdown().await;
         return (caller.to_string(), Outcome::Forbidden);
     }
+    if p.cfg.http_ports.contains(&dst.port()) {
+        crate::http::serve(p.clone(), conn, dst.port(), caller.to_string()).await;
+        return (caller.to_string(), Outcome::Ok);
+    }
     let Ok(a) = TcpStream::connect(app).await else {
         return (caller.to_string(), Outcome::ConnectError);
     };
@@ -393,7 +404,10 @@ async fn admin_conn(p: &Proxy, mut s: TcpStream) {
     let (status, body) = match path {
         "/ready" if p.tls().is_some() => ("200 OK", "ready\n".to_owned()),
         "/ready" => ("503 Service Unavailable", "no certificate\n".to_owned()),
-        "/metrics" => ("200 OK", p.metrics.render(&p.cfg.identity.to_string())),
+        "/metrics" => (
+            "200 OK",
+            p.metrics.render(&p.cfg.identity.to_string(), p.cfg.version),
+        ),
         _ => ("404 Not Found", "not found\n".to_owned()),
     };
     let head = format!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{
     ByteSize, CheckKind, ContainerSpec, JobSpec, Lifecycle, MAX_CONTAINERS, MAX_CPU, MAX_REPLICAS,
-    MIN_MEMORY, NetworkMode, Port, Protocol, RestartPolicy, Service, SpecError, Volume, VolumeKind,
+    MIN_MEMORY, NetworkMode, Port, RestartPolicy, Service, SpecError, Volume, VolumeKind,
 };
 
 /// The longest name (job, namespace, service, port): one DNS label.
@@ -472,7 +472,7 @@ fn port_named<'a>(field: &str, name: &str, ports: &'a [Port]) -> Result<&'a Port
 
 fn tcp_port_named(field: &str, name: &str, ports: &[Port]) -> Result<(), SpecError> {
     let port = port_named(field, name, ports)?;
-    if port.protocol != Protocol::Tcp {
+    if !port.protocol.is_tcp() {
         return Err(err(
             field,
             format!(

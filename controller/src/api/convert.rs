@@ -161,6 +161,7 @@ pub fn protocol(p: Protocol) -> pb::Protocol {
     match p {
         Protocol::Tcp => pb::Protocol::Tcp,
         Protocol::Udp => pb::Protocol::Udp,
+        Protocol::Http => pb::Protocol::Http,
     }
 }
 
