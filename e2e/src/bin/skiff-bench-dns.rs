@@ -35,17 +35,6 @@ struct Args {
     write_md: Option<PathBuf>,
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(") ").map(|r| r.1).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let hz = skiff_e2e::clock_ticks_per_second();
-    (ticks(11) + ticks(12)) / hz
-}
-
 /// Medians over the rounds, and the range of queries/s.
 struct Summary {
     qps: f64,
@@ -142,7 +131,7 @@ fn dnsperf(
     seconds: u32,
     pid: u32,
 ) -> Result<Result1> {
-    let before = cpu_seconds(pid);
+    let before = skiff_e2e::cpu_seconds(pid);
     let (plain, edns) = std::thread::scope(|s| {
         let plain = s.spawn(|| dnsperf_one(fleet, host, server, port, data, seconds, false));
         let edns = s.spawn(|| dnsperf_one(fleet, host, server, port, data, seconds, true));
@@ -155,7 +144,7 @@ fn dnsperf(
         )
     });
     let (plain, edns) = (plain?, edns?);
-    let cpu = cpu_seconds(pid) - before;
+    let cpu = skiff_e2e::cpu_seconds(pid) - before;
     let completed = plain.completed + edns.completed;
     Ok(Result1 {
         qps: plain.qps + edns.qps,

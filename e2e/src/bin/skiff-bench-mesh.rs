@@ -112,15 +112,6 @@ impl Setup {
     }
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(") ").map(|r| r.1).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / skiff_e2e::clock_ticks_per_second()
-}
-
 /// A `/proc/PID/status` memory field (`VmRSS`, `RssAnon`), in MB.
 fn status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -454,7 +445,7 @@ struct Round {
 }
 
 fn measure(setup: &Setup, url: &str, pids: &[u32], seconds: u32) -> Result<Round> {
-    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let cpu = |pids: &[u32]| pids.iter().map(|p| skiff_e2e::cpu_seconds(*p)).sum::<f64>();
     let per_proxy = pids.len().max(1) as f64;
     let one = wrk(setup, url, 1, seconds, false)?;
     let before = cpu(pids);
