@@ -154,21 +154,7 @@ pub struct FileConfig {
     pub dns_upstream: Vec<String>,
     pub join_token: Option<String>,
     pub mesh_proxy_uid: Option<u32>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub mesh_cert_ttl: Option<std::time::Duration>,
-}
-
-/// `"24h"`-style durations in the config file.
-mod humantime_serde_opt {
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<std::time::Duration>, D::Error> {
-        Option::<String>::deserialize(d)?
-            .map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
-    }
+    pub mesh_cert_ttl: Option<String>,
 }
 
 /// Flags over the config file over defaults.
@@ -310,9 +296,18 @@ impl Settings {
                     .map_err(|e| anyhow::anyhow!("--join-token: {e}"))?,
             ),
         };
+        let file_ttl = self
+            .file
+            .mesh_cert_ttl
+            .as_deref()
+            .map(|s| {
+                humantime::parse_duration(s)
+                    .map_err(|e| anyhow::anyhow!("mesh_cert_ttl {s:?} in the config file: {e}"))
+            })
+            .transpose()?;
         let mesh_cert_ttl = cli
             .mesh_cert_ttl
-            .or(self.file.mesh_cert_ttl)
+            .or(file_ttl)
             .unwrap_or(std::time::Duration::from_secs(86_400));
         if !(30..=86_400).contains(&mesh_cert_ttl.as_secs()) {
             anyhow::bail!("--mesh-cert-ttl must be between 30s and 24h");

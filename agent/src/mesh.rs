@@ -17,7 +17,7 @@
 //! directory and adopted when the process is still that proxy.
 
 use std::io::Write as _;
-use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt, chown};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -90,8 +90,6 @@ fn write_file(dir: &Path, name: &str, text: &str, mode: u32, uid: u32) -> Result
     chown(&tmp, Some(uid), Some(uid)).map_err(err)?;
     std::fs::rename(&tmp, dir.join(name)).map_err(err)
 }
-
-use std::os::unix::fs::OpenOptionsExt as _;
 
 /// The nat rules of an allocation's namespace (an `iptables-restore` input for the table).
 pub fn render_rules(uid: u32, service_cidr: &str, ports: &[u16]) -> String {

@@ -165,10 +165,27 @@ fn capture(
     Ok(child)
 }
 
-fn skiff_tls_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+/// A new P-256 key and a self-signed certificate for it (a day), with `extra` arguments.
+fn self_signed(key: &str, cert: &str, subject: &str, extra: &[&str]) -> Result<()> {
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        cert,
+        "-days",
+        "1",
+        "-subj",
+        subject,
+    ];
+    args.extend_from_slice(extra);
+    openssl(&args)
 }
 
 fn openssl(args: &[&str]) -> Result<()> {
@@ -478,42 +495,21 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
         "SAN: {san}"
     );
     // Forgeries: self-signed with the right identity, another CA's, another service's.
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
+    self_signed(
         &ws("self.key"),
-        "-out",
         &ws("self.pem"),
-        "-days",
-        "1",
-        "-subj",
         "/CN=client",
-        "-addext",
-        "subjectAltName=URI:spiffe://skiff/ns/default/svc/client",
-    ])?;
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
+        &[
+            "-addext",
+            "subjectAltName=URI:spiffe://skiff/ns/default/svc/client",
+        ],
+    )?;
+    self_signed(
         &ws("evil-ca.key"),
-        "-out",
         &ws("evil-ca.pem"),
-        "-days",
-        "1",
-        "-subj",
         "/CN=skiff cluster CA",
-    ])?;
+        &[],
+    )?;
     openssl(&[
         "req",
         "-newkey",
@@ -580,7 +576,7 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
             && api["mode"] == "strict"
             && api["allow_from"] == serde_json::json!(["client"])
             && api["certificates"].as_u64() >= Some(2)
-            && api["expires"].as_i64() > Some(skiff_tls_now()),
+            && api["expires"].as_i64() > Some(skiff_tls::pki::now_unix()),
         "mesh status of api: {status}"
     );
     ensure!(

@@ -10,7 +10,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use skiff_tls::Identity;
 use skiff_tls::context::tls13_provider;
 use skiff_tls::pki::{CertInfo, certs, parse_cert};
@@ -64,14 +64,10 @@ impl TlsState {
                 "the certificate is for {own}, this proxy speaks for {expected}"
             )));
         }
-        let mut roots = RootCertStore::empty();
-        for c in certs(ca_pem).map_err(bad)? {
-            roots.add(c).map_err(tls_err("a CA certificate"))?;
-        }
-        if roots.is_empty() {
-            return Err(ProxyError::Tls("no CA certificate in ca.pem".into()));
-        }
-        let roots = Arc::new(roots);
+        let roots = Arc::new(
+            skiff_tls::context::roots_of(ca_pem)
+                .map_err(|e| ProxyError::Tls(format!("ca.pem: {e}")))?,
+        );
         let key = || {
             PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
                 .map_err(|e| ProxyError::Tls(format!("key.pem: {e}")))

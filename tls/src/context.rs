@@ -134,7 +134,8 @@ impl TlsContext {
     }
 }
 
-fn roots_of(ca_pem: &str) -> Result<RootCertStore, TlsError> {
+/// The trust store of a PEM bundle of CA certificates (at least one).
+pub fn roots_of(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in certs(ca_pem)? {
         roots.add(c).map_err(cfg_err("a CA certificate"))?;
