@@ -26,8 +26,8 @@
 pub mod spec;
 
 pub use spec::{
-    ByteSize, Check, CheckKind, Constraint, ConstraintOp, FieldChange, JobSpec, Mesh, MeshMode,
-    NOT_SUPPORTED_YET, Placement, Port, Protocol, Resources, RestartPolicy, Service, SpecError,
-    SpecFormat, UpdateStrategy, diff_specs, parse_job_spec, parse_job_spec_unchecked,
-    validate_name,
+    Analysis, ByteSize, Check, CheckKind, Constraint, ConstraintOp, FieldChange, JobSpec, Mesh,
+    MeshMode, NOT_SUPPORTED_YET, Placement, Port, Protocol, ReplicaCount, Resources, RestartPolicy,
+    Service, SpecError, SpecFormat, UpdateStrategy, diff_specs, parse_job_spec,
+    parse_job_spec_unchecked, validate_name,
 };

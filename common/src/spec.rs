@@ -104,7 +104,7 @@ pub struct JobSpec {
     pub service: Option<Service>,
     /// `[placement]`: where replicas may run.
     pub placement: Placement,
-    /// `[update]`: how a new version rolls out. Not supported yet (refused at apply).
+    /// `[update]`: how a new version rolls out (absent: the defaults of [`UpdateStrategy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateStrategy>,
     /// `[mesh]`: the sidecar's mTLS policy; no sidecar when absent. Not supported yet
@@ -580,35 +580,129 @@ pub struct Placement {
 }
 
 /// How a new version of the job rolls out.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateStrategy {
-    /// `max_surge`: replicas above `replicas` during a rollout; default 1.
-    #[serde(default = "default_max_surge", deserialize_with = "encoding::u32_int")]
-    pub max_surge: u32,
-    /// `max_unavailable`: replicas below `replicas` during a rollout; default 0. Not both 0.
-    #[serde(default, deserialize_with = "encoding::u32_int")]
-    pub max_unavailable: u32,
+    /// `max_surge`: replicas above `replicas` during a rollout, a count or a percentage of
+    /// `replicas` (rounded up); default 1.
+    #[serde(default = "default_max_surge")]
+    pub max_surge: ReplicaCount,
+    /// `max_unavailable`: replicas below `replicas` during a rollout, a count or a percentage
+    /// (rounded down); default 0. Not both 0.
+    #[serde(default = "default_max_unavailable")]
+    pub max_unavailable: ReplicaCount,
     /// `min_healthy`: how long a new replica must stay healthy to count; default 5s.
     #[serde(default = "default_min_healthy", with = "encoding::duration")]
     pub min_healthy: Duration,
+    /// `healthy_deadline`: a new replica not healthy for `min_healthy` this long after it was
+    /// placed fails the rollout; default 3m.
+    #[serde(default = "default_healthy_deadline", with = "encoding::duration")]
+    pub healthy_deadline: Duration,
     /// `progress_deadline`: a rollout that makes no progress for this long fails; default 5m.
     #[serde(default = "default_progress_deadline", with = "encoding::duration")]
     pub progress_deadline: Duration,
-    /// `auto_rollback`: go back to the previous version when a rollout fails; default true.
+    /// `canary`: replicas of the new version started next to the old ones (which all keep
+    /// running) before the rollout goes on; default 0.
+    #[serde(default, deserialize_with = "encoding::u32_int")]
+    pub canary: u32,
+    /// `auto_promote`: go on past healthy canaries without `skiff rollout promote`; default
+    /// false.
+    #[serde(default)]
+    pub auto_promote: bool,
+    /// `auto_rollback`: go back to the last good version when a rollout fails; default true.
     #[serde(default = "default_true")]
     pub auto_rollback: bool,
+    /// `drain_delay`: how long a replica stays out of service discovery (DNS, virtual IPs,
+    /// the mesh), still running, before its stop signal; default 5s.
+    #[serde(default = "default_drain_delay", with = "encoding::duration")]
+    pub drain_delay: Duration,
+    /// `[update.analysis]`: compare the canaries' requests with the old version's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
 }
 
 impl Default for UpdateStrategy {
     fn default() -> Self {
         UpdateStrategy {
             max_surge: default_max_surge(),
-            max_unavailable: 0,
+            max_unavailable: default_max_unavailable(),
             min_healthy: default_min_healthy(),
+            healthy_deadline: default_healthy_deadline(),
             progress_deadline: default_progress_deadline(),
+            canary: 0,
+            auto_promote: false,
             auto_rollback: true,
+            drain_delay: default_drain_delay(),
+            analysis: None,
         }
+    }
+}
+
+/// The metric gate of a canary: the new version's requests (from its sidecars) against the
+/// old version's over the same time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Analysis {
+    /// `max_error_rate_increase`: how much higher the share of 5xx answers may be, in
+    /// percentage points (0 to 100); default 1.
+    #[serde(default = "default_max_error_rate_increase")]
+    pub max_error_rate_increase: f64,
+    /// `max_p99_increase`: how much higher the p99 latency may be; default 100ms.
+    #[serde(default = "default_max_p99_increase", with = "encoding::duration")]
+    pub max_p99_increase: Duration,
+    /// `interval`: how long the canaries are watched; default 30s.
+    #[serde(default = "default_analysis_interval", with = "encoding::duration")]
+    pub interval: Duration,
+    /// `min_requests`: requests each version must have answered for a verdict; default 50.
+    #[serde(
+        default = "default_min_requests",
+        deserialize_with = "encoding::u32_int"
+    )]
+    pub min_requests: u32,
+}
+
+/// A number of replicas: a count, or a percentage of the job's `replicas` (`"25%"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaCount {
+    Count(u32),
+    Percent(u32),
+}
+
+impl ReplicaCount {
+    /// The count for a job of `replicas`: a percentage rounded up (`up`) or down.
+    pub fn resolve(self, replicas: u32, up: bool) -> u32 {
+        match self {
+            ReplicaCount::Count(n) => n,
+            ReplicaCount::Percent(p) => {
+                let x = u64::from(replicas) * u64::from(p);
+                let n = if up { x.div_ceil(100) } else { x / 100 };
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaCount::Count(n) => write!(f, "{n}"),
+            ReplicaCount::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for ReplicaCount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ReplicaCount::Count(n) => s.serialize_u32(*n),
+            ReplicaCount::Percent(_) => s.collect_str(self),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ReplicaCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(encoding::ReplicaCountVisitor)
     }
 }
 
@@ -674,8 +768,29 @@ fn default_memory() -> ByteSize {
 fn default_pids() -> u32 {
     256
 }
-fn default_max_surge() -> u32 {
-    1
+fn default_max_surge() -> ReplicaCount {
+    ReplicaCount::Count(1)
+}
+fn default_max_unavailable() -> ReplicaCount {
+    ReplicaCount::Count(0)
+}
+fn default_healthy_deadline() -> Duration {
+    Duration::from_secs(180)
+}
+fn default_drain_delay() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_error_rate_increase() -> f64 {
+    1.0
+}
+fn default_max_p99_increase() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_analysis_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_min_requests() -> u32 {
+    50
 }
 fn default_min_healthy() -> Duration {
     Duration::from_secs(5)
@@ -831,13 +946,18 @@ impl JobSpec {
 /// Spec fields that are parsed and validated but that nothing implements yet. A spec that uses
 /// one is refused by [`parse_job_spec`] with "not supported yet: FIELD", never accepted and
 /// ignored; the issue that implements a field removes it from here.
-pub const NOT_SUPPORTED_YET: &[&str] = &["update"];
+pub const NOT_SUPPORTED_YET: &[&str] = &["update.analysis"];
 
 impl JobSpec {
+    /// How a new version rolls out: the `[update]` section, or its defaults.
+    pub fn update_strategy(&self) -> UpdateStrategy {
+        self.update.clone().unwrap_or_default()
+    }
+
     /// The first field of [`NOT_SUPPORTED_YET`] this spec uses.
     pub fn unsupported_field(&self) -> Option<&'static str> {
         NOT_SUPPORTED_YET.iter().copied().find(|f| match *f {
-            "update" => self.update.is_some(),
+            "update.analysis" => self.update.as_ref().is_some_and(|u| u.analysis.is_some()),
             _ => false,
         })
     }

@@ -130,3 +130,54 @@ pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(
 ) -> Result<Option<std::time::Duration>, D::Error> {
     duration::deserialize(d).map(Some)
 }
+
+/// A replica count: a non-negative integer or a percentage string `"0%"` to `"100%"`.
+pub(crate) struct ReplicaCountVisitor;
+
+impl Visitor<'_> for ReplicaCountVisitor {
+    type Value = super::ReplicaCount;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a non-negative integer or a percentage such as \"25%\"")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        UintVisitor {
+            max: u64::from(u32::MAX),
+        }
+        .visit_u64(v)
+        .and_then(|v| u32::try_from(v).map_err(|_| E::custom("integer out of range")))
+        .map(super::ReplicaCount::Count)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!(
+                "expected a non-negative integer or a percentage, found {v}"
+            ))),
+        }
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Err(E::custom(format!(
+            "expected a non-negative integer or a percentage, found {v}"
+        )))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let bad = || {
+            E::custom(format!(
+                "{v:?} is not a replica count (write an integer, or a percentage from \"0%\" to \"100%\")"
+            ))
+        };
+        let digits = v.trim().strip_suffix('%').ok_or_else(bad)?;
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        match digits.parse::<u32>() {
+            Ok(p) if p <= 100 => Ok(super::ReplicaCount::Percent(p)),
+            _ => Err(bad()),
+        }
+    }
+}

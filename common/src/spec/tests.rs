@@ -105,8 +105,11 @@ fn minimal_spec_gets_every_default() {
     assert_eq!(spec.containers[0].restart, RestartPolicy::OnFailure);
     assert_eq!(spec.update, None);
     let update = UpdateStrategy::default();
-    assert_eq!(update.max_surge, 1);
-    assert_eq!(update.max_unavailable, 0);
+    assert_eq!(update.max_surge, ReplicaCount::Count(1));
+    assert_eq!(update.max_unavailable, ReplicaCount::Count(0));
+    assert_eq!(update.healthy_deadline, Duration::from_secs(180));
+    assert_eq!(update.drain_delay, Duration::from_secs(5));
+    assert_eq!((update.canary, update.auto_promote), (0, false));
     assert_eq!(update.min_healthy, Duration::from_secs(5));
     assert_eq!(update.progress_deadline, Duration::from_secs(300));
     assert!(update.auto_rollback);
@@ -135,7 +138,7 @@ fn json_is_accepted() {
     assert_eq!(check.timeout, Duration::from_secs(2));
     assert_eq!(check.unhealthy_threshold, 2);
     let update = spec.update.clone().expect("update");
-    assert_eq!(update.max_unavailable, 1);
+    assert_eq!(update.max_unavailable, ReplicaCount::Count(1));
     assert_eq!(update.progress_deadline, Duration::from_secs(600));
     assert_eq!(
         spec,
@@ -654,17 +657,24 @@ fn field_change_serializes() {
 
 #[test]
 fn fields_nothing_implements_are_refused_with_their_line() {
-    let (extra, field) = ("\n[update]\nmax_surge = 2\n", "update");
+    let (extra, field) = (
+        "\n[[ports]]\nname = \"http\"\nport = 80\nprotocol = \"http\"\n[mesh]\n\
+         [update]\ncanary = 1\n[update.analysis]\nmin_requests = 10\n",
+        "update.analysis",
+    );
     {
         let text = with(extra);
         assert!(parse_job_spec_unchecked(&text, SpecFormat::Toml).is_ok());
         let e = parse_job_spec(&text, SpecFormat::Toml).expect_err(field);
         assert_eq!(e.message, format!("not supported yet: {field}"));
-        let line = text.lines().position(|l| l.contains(field)).map(|i| i + 1);
+        let line = text
+            .lines()
+            .position(|l| l.contains("[update.analysis]"))
+            .map(|i| i + 1);
         assert_eq!(e.line, line, "{e}");
         assert!(e.to_string().starts_with("not supported yet: "), "{e}");
     }
-    // init and the mesh are implemented now.
+    // init, the mesh and rolling updates are implemented now.
     assert!(parse_job_spec(&with("init = true\n"), SpecFormat::Toml).is_ok());
     let spec = parse_job_spec(
         &with("\n[mesh]\nupstreams = [\"api\"]\nmode = \"permissive\"\n"),
@@ -675,7 +685,64 @@ fn fields_nothing_implements_are_refused_with_their_line() {
     let e =
         parse_job_spec(&with("\n[mesh]\nmode = \"open\"\n"), SpecFormat::Toml).expect_err("mode");
     assert!(e.to_string().contains("open"), "{e}");
-    assert!(NOT_SUPPORTED_YET.contains(&"update"));
+    let spec =
+        parse_job_spec(&with("\n[update]\nmax_surge = 2\n"), SpecFormat::Toml).expect("update");
+    assert_eq!(spec.update_strategy().max_surge, ReplicaCount::Count(2));
+    assert_eq!(NOT_SUPPORTED_YET, ["update.analysis"]);
+}
+
+#[test]
+fn update_counts_are_integers_or_percentages() {
+    let spec = parse(&with(
+        "replicas = 10\n[update]\nmax_surge = \"25%\"\nmax_unavailable = \"10%\"\ncanary = 2\n\
+         drain_delay = \"1s\"\nhealthy_deadline = \"30s\"\n",
+    ));
+    let u = spec.update_strategy();
+    assert_eq!(u.max_surge, ReplicaCount::Percent(25));
+    assert_eq!(u.max_surge.resolve(10, true), 3, "surge rounds up");
+    assert_eq!(u.max_unavailable.resolve(10, false), 1);
+    assert_eq!(
+        ReplicaCount::Percent(10).resolve(5, false),
+        0,
+        "unavailable rounds down"
+    );
+    assert_eq!(u.canary, 2);
+    // Written back as it was given.
+    let json = spec.to_canonical_json();
+    assert!(json.contains("\"max_surge\":\"25%\""), "{json}");
+    assert_eq!(parse_job_spec(&json, SpecFormat::Json).expect("json"), spec);
+    for (extra, field, says) in [
+        ("max_surge = \"150%\"\n", "update.max_surge", "percentage"),
+        ("max_surge = \"x%\"\n", "update.max_surge", "percentage"),
+        ("max_surge = -1\n", "update.max_surge", "non-negative"),
+        ("max_surge = 1.5\n", "update.max_surge", "non-negative"),
+        (
+            "max_surge = \"0%\"\nmax_unavailable = \"10%\"\n",
+            "update.max_surge",
+            "are 0 and 0",
+        ),
+        ("canary = 9\n", "update.canary", "at most replicas"),
+        (
+            "healthy_deadline = \"1s\"\n",
+            "update.healthy_deadline",
+            "longer than min_healthy",
+        ),
+        (
+            "healthy_deadline = \"6m\"\n",
+            "update.healthy_deadline",
+            "progress_deadline",
+        ),
+        (
+            "drain_delay = \"1h\"\n",
+            "update.drain_delay",
+            "at most 10m",
+        ),
+        ("[update.analysis]\n", "update.analysis", "canaries"),
+    ] {
+        let e = toml_err(&with(&format!("replicas = 3\n[update]\n{extra}")));
+        assert_eq!(e.field, field, "{extra}: {e}");
+        assert!(e.message.contains(says), "{extra}: {e}");
+    }
 }
 
 #[test]

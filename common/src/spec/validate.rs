@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::{
     ByteSize, CheckKind, ContainerSpec, JobSpec, Lifecycle, MAX_CONTAINERS, MAX_CPU, MAX_REPLICAS,
-    MIN_MEMORY, NetworkMode, Port, RestartPolicy, Service, SpecError, Volume, VolumeKind,
+    MIN_MEMORY, NetworkMode, Port, Protocol, ReplicaCount, RestartPolicy, Service, SpecError,
+    Volume, VolumeKind,
 };
 
 /// The longest name (job, namespace, service, port): one DNS label.
@@ -570,11 +571,23 @@ fn validate_update(spec: &JobSpec) -> Result<(), SpecError> {
     let Some(u) = &spec.update else {
         return Ok(());
     };
-    if u.max_surge == 0 && u.max_unavailable == 0 {
-        return Err(err(
-            "update.max_surge",
-            "max_surge and max_unavailable must not both be 0 (a rollout could never start)",
-        ));
+    let (surge, unavailable) = (
+        u.max_surge.resolve(spec.replicas, true),
+        u.max_unavailable.resolve(spec.replicas, false),
+    );
+    if surge == 0 && unavailable == 0 {
+        let mut message =
+            "max_surge and max_unavailable must not both be 0 (a rollout could never start)"
+                .to_owned();
+        if matches!(u.max_surge, ReplicaCount::Percent(_))
+            || matches!(u.max_unavailable, ReplicaCount::Percent(_))
+        {
+            message.push_str(&format!(
+                "; {} and {} of {} replicas are 0 and 0",
+                u.max_surge, u.max_unavailable, spec.replicas
+            ));
+        }
+        return Err(err("update.max_surge", message));
     }
     if u.progress_deadline <= u.min_healthy {
         return Err(err(
@@ -585,6 +598,67 @@ fn validate_update(spec: &JobSpec) -> Result<(), SpecError> {
                 fmt_duration(u.progress_deadline)
             ),
         ));
+    }
+    if u.healthy_deadline <= u.min_healthy || u.healthy_deadline > u.progress_deadline {
+        return Err(err(
+            "update.healthy_deadline",
+            format!(
+                "must be longer than min_healthy ({}) and no longer than progress_deadline ({}), found {}",
+                fmt_duration(u.min_healthy),
+                fmt_duration(u.progress_deadline),
+                fmt_duration(u.healthy_deadline)
+            ),
+        ));
+    }
+    if u.drain_delay > Duration::from_secs(600) {
+        return Err(err(
+            "update.drain_delay",
+            format!("must be at most 10m, found {}", fmt_duration(u.drain_delay)),
+        ));
+    }
+    if u.canary > spec.replicas {
+        return Err(err(
+            "update.canary",
+            format!(
+                "must be at most replicas ({}), found {}",
+                spec.replicas, u.canary
+            ),
+        ));
+    }
+    if let Some(a) = &u.analysis {
+        if u.canary == 0 {
+            return Err(err(
+                "update.analysis",
+                "needs canaries to compare (set update.canary)",
+            ));
+        }
+        let http = spec.ports.iter().any(|p| p.protocol == Protocol::Http);
+        if spec.mesh.is_none() || !http {
+            return Err(err(
+                "update.analysis",
+                "needs the mesh's request metrics: a [mesh] section and a port with protocol = \"http\"",
+            ));
+        }
+        if !(a.max_error_rate_increase.is_finite()
+            && (0.0..=100.0).contains(&a.max_error_rate_increase))
+        {
+            return Err(err(
+                "update.analysis.max_error_rate_increase",
+                format!(
+                    "must be 0 to 100 (percentage points), found {}",
+                    a.max_error_rate_increase
+                ),
+            ));
+        }
+        if a.interval < Duration::from_secs(1) {
+            return Err(err(
+                "update.analysis.interval",
+                format!("must be at least 1s, found {}", fmt_duration(a.interval)),
+            ));
+        }
+        if a.min_requests == 0 {
+            return Err(err("update.analysis.min_requests", "must be at least 1"));
+        }
     }
     Ok(())
 }
