@@ -19,6 +19,7 @@ use crate::raft::RaftNode;
 use crate::scheduler::{self, Candidate, Request, Strategy, Usage};
 use crate::state::{
     Allocation, AllocationStatus, ClusterState, Command, DesiredStatus, Job, JobStatus, NodeStatus,
+    RolloutChange, RolloutStatus,
 };
 
 /// When the leader last heard from each node (shared by the Nodes API and the loop).
@@ -76,14 +77,21 @@ impl Default for ReconcileSettings {
     }
 }
 
-/// What one job needs: new allocations, allocations to stop, and what did not fit.
+/// What one job needs: new allocations, allocations to take out of service discovery or to
+/// stop, what did not fit, and a step of its rollout.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JobPlan {
     pub place: Vec<Allocation>,
+    /// Out of service discovery now, stopped after the job's `drain_delay`.
+    pub drain: Vec<String>,
     pub stop: Vec<String>,
     pub unplaced: u32,
     /// The scheduler's reason when `unplaced > 0`.
     pub pending: Option<String>,
+    /// A change to the job's current rollout (of the version given).
+    pub rollout: Option<(u64, RolloutChange)>,
+    /// A failed rollout to roll back: to this version, for this reason.
+    pub rollback: Option<(u64, String)>,
 }
 
 /// What an allocation of `spec` asks of its node: the sum of its containers, and a pod
@@ -167,6 +175,12 @@ pub fn node_view(state: &ClusterState) -> Vec<Candidate<'_>> {
 
 /// Plans one job against `view` (updated in place with what is placed). `new_id` names new
 /// allocations.
+///
+/// Without an open rollout, missing replicas are placed at once and replicas of other
+/// versions (or on draining and down nodes) leave once their replacements are placed. With
+/// one, replicas are replaced within its bounds: at most `replicas + max_surge` running (those
+/// draining included), at least `replicas - max_unavailable` healthy, a new replica counting
+/// once healthy for `min_healthy`; canaries first when it has them.
 pub fn plan_job(
     state: &ClusterState,
     view: &mut [Candidate<'_>],
@@ -184,22 +198,33 @@ pub fn plan_job(
         return plan;
     }
     let latest = job.latest();
-    let node_status = |name: &str| state.node(name).map(|n| n.status);
-    // An older version that differs only in `replicas` runs the same thing: its allocations
-    // count as current (scaling does not replace replicas).
-    let same_as_latest = |version: u64| {
-        version == latest.version
-            || job.version(version).is_some_and(|v| {
-                let mut spec = v.spec.clone();
-                spec.replicas = latest.spec.replicas;
-                spec == latest.spec
-            })
+    let update = latest.spec.update_strategy();
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    // Draining replicas are stopped once their delay is over; they count as running.
+    let (draining, serving): (Vec<&Allocation>, Vec<&Allocation>) =
+        live.iter().partition(|a| a.drain_since_ms.is_some());
+    for a in &draining {
+        if a.drain_since_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) >= ms(update.drain_delay))
+        {
+            plan.stop.push(a.id.clone());
+        }
+    }
+    // Only what is in service discovery and running needs draining; the rest stops at once.
+    let drains = latest.spec.service.is_some() && !update.drain_delay.is_zero();
+    let leave = |plan: &mut JobPlan, a: &Allocation| {
+        if drains && a.observed == AllocationStatus::Running {
+            plan.drain.push(a.id.clone());
+        } else {
+            plan.stop.push(a.id.clone());
+        }
     };
+    let node_status = |name: &str| state.node(name).map(|n| n.status);
     let mut compatible: BTreeMap<u64, bool> = BTreeMap::new();
-    let (current, rest): (Vec<&Allocation>, Vec<&Allocation>) = live.iter().partition(|a| {
+    let (current, rest): (Vec<&Allocation>, Vec<&Allocation>) = serving.iter().partition(|a| {
         let same = *compatible
             .entry(a.job_version)
-            .or_insert_with(|| same_as_latest(a.job_version));
+            .or_insert_with(|| job.same_as_latest(a.job_version));
         same && node_status(&a.node) == Some(NodeStatus::Ready)
     });
     // Replicas of the current version per node, for anti-affinity.
@@ -207,65 +232,212 @@ pub fn plan_job(
         c.job_replicas = current.iter().filter(|a| a.node == c.node.name).count() as u32;
     }
     let want = latest.spec.replicas as usize;
-    if current.len() > want {
-        // Scale down one replica at a time from the node that has the most left (ties: the
-        // node name), taking its newest: what stays is as spread as what was there.
-        let mut by_node: BTreeMap<&str, Vec<&Allocation>> = BTreeMap::new();
-        for a in &current {
-            by_node.entry(a.node.as_str()).or_default().push(a);
+    let rollout = job.open_rollout().filter(|r| job.same_as_latest(r.version));
+    let Some(rollout) = rollout else {
+        // No rollout: fill up, scale down, move off draining and down nodes.
+        if current.len() > want {
+            for a in scale_down(&current, current.len() - want) {
+                leave(&mut plan, a);
+            }
+        } else if current.len() < want {
+            place(&mut plan, view, job, want - current.len(), new_id, now_ms);
         }
-        for list in by_node.values_mut() {
-            list.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
-        }
-        for _ in want..current.len() {
-            let Some(list) = by_node
-                .iter_mut()
-                .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
-                .map(|(_, l)| l)
-            else {
-                break;
-            };
-            if let Some(a) = list.pop() {
-                plan.stop.push(a.id.clone());
+        // Old versions and replicas on draining (or down) nodes go once their replacements
+        // are placed; while some replicas do not fit, they keep serving.
+        if plan.unplaced == 0 {
+            for a in &rest {
+                leave(&mut plan, a);
             }
         }
-    } else if current.len() < want {
-        let ports = latest.spec.node_ports();
-        let host_paths = host_paths(&latest.spec);
-        let named_volumes = named_volume_keys(&latest.spec);
-        let req = Request {
-            ask: ask(&latest.spec),
-            constraints: &latest.spec.placement.constraints,
-            strategy: if latest.spec.placement.spread {
-                Strategy::Spread
-            } else {
-                Strategy::BinPack
-            },
-            count: (want - current.len()) as u32,
-            ports: &ports,
-            host_paths: &host_paths,
-            named_volumes: &named_volumes,
+        return plan;
+    };
+    let version = rollout.version;
+    let healthy_for = |a: &Allocation| {
+        a.healthy_since_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) >= ms(update.min_healthy))
+    };
+    let ready = current.iter().filter(|a| healthy_for(a)).count();
+    if rollout.status != RolloutStatus::Running {
+        // Paused, or failed without a rollback: keep the count, replace nothing.
+        let total = current.len() + rest.len();
+        if total < want {
+            place(&mut plan, view, job, want - total, new_id, now_ms);
+        }
+        return plan;
+    }
+    // Failures: a new replica not healthy in time (crashing, failing its check, not
+    // starting), or no progress at all.
+    let failure = current.iter().find_map(|a| {
+        let age = now_ms.saturating_sub(a.created_at_ms);
+        if age <= ms(update.healthy_deadline) || healthy_for(a) {
+            return None;
+        }
+        let why = match &a.observed {
+            AllocationStatus::Failed { reason } => format!(": failed: {reason}"),
+            _ if !a.health_output.is_empty() => format!(": {}", a.health_output.trim()),
+            other => format!(" ({}, {} restarts)", other.as_str(), a.restarts),
         };
-        let placed = scheduler::place(view, &req);
-        for node in placed.placements {
-            plan.place.push(Allocation::new_pending(
-                &new_id(),
-                &job.namespace,
-                &job.name,
-                latest.version,
-                &node,
-                now_ms,
+        Some(format!(
+            "replica {} of version {} on {} not healthy for {} within healthy_deadline {}{why}",
+            a.id,
+            a.job_version,
+            a.node,
+            humantime::format_duration(update.min_healthy),
+            humantime::format_duration(update.healthy_deadline),
+        ))
+    });
+    let stalled = now_ms.saturating_sub(rollout.progress_at_ms) > ms(update.progress_deadline);
+    let failure = failure.or_else(|| {
+        stalled.then(|| {
+            format!(
+                "no progress for progress_deadline {} ({ready} of {want} new replicas healthy, {} old left)",
+                humantime::format_duration(update.progress_deadline),
+                rest.len()
+            )
+        })
+    });
+    if let Some(reason) = failure {
+        let target = job
+            .stable_version
+            .filter(|v| *v != version)
+            .unwrap_or(rollout.from_version);
+        if update.auto_rollback && rollout.rollback_of.is_none() && !job.same_as_latest(target) {
+            plan.rollback = Some((target, reason));
+        } else {
+            plan.rollout = Some((version, RolloutChange::Fail { reason }));
+        }
+        return plan;
+    }
+    let replicas = latest.spec.replicas;
+    if !rollout.promoted {
+        // Canaries next to every old replica.
+        let canary = rollout.canary as usize;
+        if current.len() < canary {
+            place(&mut plan, view, job, canary - current.len(), new_id, now_ms);
+        }
+        if ready >= canary && update.auto_promote {
+            plan.rollout = Some((version, RolloutChange::Promote));
+        } else if (ready as u32, rest.len() as u32) != (rollout.healthy, rollout.old_left) {
+            plan.rollout = Some((
+                version,
+                RolloutChange::Progress {
+                    healthy: ready as u32,
+                    old_left: rest.len() as u32,
+                },
             ));
         }
-        plan.unplaced = placed.unplaced;
-        plan.pending = placed.rejections.map(|r| r.to_string());
+        return plan;
     }
-    // Old versions and replicas on draining (or down) nodes go once their replacements are
-    // placed; while some replicas do not fit, they keep serving.
-    if plan.unplaced == 0 {
-        plan.stop.extend(rest.iter().map(|a| a.id.clone()));
+    let surge = update.max_surge.resolve(replicas, true) as usize;
+    let unavailable = update.max_unavailable.resolve(replicas, false) as usize;
+    let running = live.len();
+    if current.len() > want {
+        for a in scale_down(&current, current.len() - want) {
+            leave(&mut plan, a);
+        }
+    } else {
+        let room = (want + surge).saturating_sub(running);
+        let n = (want - current.len()).min(room);
+        if n > 0 {
+            place(&mut plan, view, job, n, new_id, now_ms);
+        }
+    }
+    // Old replicas leave while enough stay healthy: those not serving first.
+    let available = |a: &Allocation| a.healthy_since_ms.is_some();
+    let old_available = rest.iter().filter(|a| available(a)).count();
+    let mut budget = (ready + old_available).saturating_sub(want.saturating_sub(unavailable));
+    let mut old: Vec<&&Allocation> = rest.iter().collect();
+    old.sort_by_key(|a| (available(a), a.created_at_ms));
+    let mut left = rest.len();
+    for a in old {
+        if available(a) {
+            if budget == 0 {
+                break;
+            }
+            budget -= 1;
+        }
+        leave(&mut plan, a);
+        left -= 1;
+    }
+    if ready >= want && current.len() == want && left == 0 {
+        plan.rollout = Some((version, RolloutChange::Succeed));
+    } else if (ready as u32, left as u32) != (rollout.healthy, rollout.old_left) {
+        plan.rollout = Some((
+            version,
+            RolloutChange::Progress {
+                healthy: ready as u32,
+                old_left: left as u32,
+            },
+        ));
     }
     plan
+}
+
+/// `count` replicas to take away, one at a time from the node that has the most left (ties:
+/// the node name), its newest first: what stays is as spread as what was there.
+fn scale_down<'a>(current: &[&'a Allocation], count: usize) -> Vec<&'a Allocation> {
+    let mut by_node: BTreeMap<&str, Vec<&Allocation>> = BTreeMap::new();
+    for a in current {
+        by_node.entry(a.node.as_str()).or_default().push(a);
+    }
+    for list in by_node.values_mut() {
+        list.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+    }
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let Some(list) = by_node
+            .iter_mut()
+            .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
+            .map(|(_, l)| l)
+        else {
+            break;
+        };
+        if let Some(a) = list.pop() {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// Places `count` replicas of the job's latest version (what does not fit is `unplaced`).
+fn place(
+    plan: &mut JobPlan,
+    view: &mut [Candidate<'_>],
+    job: &Job,
+    count: usize,
+    new_id: &mut dyn FnMut() -> String,
+    now_ms: i64,
+) {
+    let latest = job.latest();
+    let ports = latest.spec.node_ports();
+    let host_paths = host_paths(&latest.spec);
+    let named_volumes = named_volume_keys(&latest.spec);
+    let req = Request {
+        ask: ask(&latest.spec),
+        constraints: &latest.spec.placement.constraints,
+        strategy: if latest.spec.placement.spread {
+            Strategy::Spread
+        } else {
+            Strategy::BinPack
+        },
+        count: u32::try_from(count).unwrap_or(u32::MAX),
+        ports: &ports,
+        host_paths: &host_paths,
+        named_volumes: &named_volumes,
+    };
+    let placed = scheduler::place(view, &req);
+    for node in placed.placements {
+        plan.place.push(Allocation::new_pending(
+            &new_id(),
+            &job.namespace,
+            &job.name,
+            latest.version,
+            &node,
+            now_ms,
+        ));
+    }
+    plan.unplaced = placed.unplaced;
+    plan.pending = placed.rejections.map(|r| r.to_string());
 }
 
 /// A fresh allocation id: 16 hex digits.
@@ -373,12 +545,15 @@ async fn pass(
         let mut view = node_view(state);
         let mut place = Vec::new();
         let mut stop = Vec::new();
+        let mut drain = Vec::new();
+        let mut rollouts = Vec::new();
         for job in state.jobs(None) {
             let plan = plan_job(state, &mut view, job, &mut new_alloc_id, now_ms());
-            if !plan.place.is_empty() || !plan.stop.is_empty() {
+            if !plan.place.is_empty() || !plan.stop.is_empty() || !plan.drain.is_empty() {
                 info!(
                     job = %format!("{}/{}", job.namespace, job.name),
                     place = plan.place.len(),
+                    drain = plan.drain.len(),
                     stop = plan.stop.len(),
                     unplaced = plan.unplaced,
                     "reconciling"
@@ -386,6 +561,30 @@ async fn pass(
             }
             place.extend(plan.place);
             stop.extend(plan.stop);
+            drain.extend(plan.drain);
+            if let Some((version, change)) = plan.rollout {
+                if !matches!(change, RolloutChange::Progress { .. }) {
+                    info!(job = %format!("{}/{}", job.namespace, job.name), version, ?change, "rollout");
+                }
+                rollouts.push(Command::Rollout {
+                    namespace: job.namespace.clone(),
+                    name: job.name.clone(),
+                    version,
+                    change,
+                    at_ms: now_ms(),
+                });
+            }
+            if let Some((to_version, reason)) = plan.rollback {
+                warn!(job = %format!("{}/{}", job.namespace, job.name), to_version, %reason, "rollout failed: rolling back");
+                rollouts.push(Command::RollbackJob {
+                    namespace: job.namespace.clone(),
+                    name: job.name.clone(),
+                    to_version,
+                    reason,
+                    automatic: true,
+                    at_ms: now_ms(),
+                });
+            }
             if job.pending != plan.pending {
                 commands.push(Command::SetJobPending {
                     namespace: job.namespace.clone(),
@@ -397,6 +596,12 @@ async fn pass(
         if !place.is_empty() {
             commands.push(Command::PlaceAllocations { allocations: place });
         }
+        if !drain.is_empty() {
+            commands.push(Command::DrainAllocations {
+                ids: drain,
+                at_ms: now_ms(),
+            });
+        }
         if !stop.is_empty() {
             commands.push(Command::StopAllocations {
                 ids: stop,
@@ -404,6 +609,7 @@ async fn pass(
                 at_ms: now_ms(),
             });
         }
+        commands.extend(rollouts);
     }
     for c in commands {
         let (result, _) = node.write(c).await?;

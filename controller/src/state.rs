@@ -15,7 +15,8 @@ use skiff_common::{FieldChange, JobSpec, diff_specs};
 
 pub use model::{
     Allocation, AllocationStatus, ContainerState, ContainerStatus, DesiredStatus, Health, Job,
-    JobStatus, JobVersion, Node, NodeResources, NodeStatus, WireguardBackend, WireguardIdentity,
+    JobStatus, JobVersion, MAX_ROLLOUTS, Node, NodeResources, NodeStatus, Rollout, RolloutChange,
+    RolloutStatus, WireguardBackend, WireguardIdentity,
 };
 
 /// A change to the cluster state, replicated through the Raft log.
@@ -75,6 +76,28 @@ pub enum Command {
     StopAllocations {
         ids: Vec<String>,
         lost: bool,
+        at_ms: i64,
+    },
+    /// Take allocations out of service discovery, still running (their stop follows after the
+    /// job's `drain_delay`); ids already draining or unknown are skipped.
+    DrainAllocations { ids: Vec<String>, at_ms: i64 },
+    /// Change the current rollout of a job, which must be of `version`.
+    Rollout {
+        namespace: String,
+        name: String,
+        version: u64,
+        change: RolloutChange,
+        at_ms: i64,
+    },
+    /// Roll a job back to `to_version`: a new version with that version's spec, rolled out
+    /// like any other (without canaries); the current rollout, if open, ends as failed (an
+    /// automatic rollback, `reason` saying why) or superseded (an undo).
+    RollbackJob {
+        namespace: String,
+        name: String,
+        to_version: u64,
+        reason: String,
+        automatic: bool,
         at_ms: i64,
     },
     /// Record why a job's replicas are not (all) placed, or clear it.
@@ -169,6 +192,9 @@ impl Command {
             Command::StopAllocations { .. } => "stop_allocations",
             Command::SetNodeVolumes { .. } => "set_node_volumes",
             Command::SetJobPending { .. } => "set_job_pending",
+            Command::DrainAllocations { .. } => "drain_allocations",
+            Command::Rollout { .. } => "rollout",
+            Command::RollbackJob { .. } => "rollback_job",
             Command::InitCluster { .. } => "init_cluster",
             Command::Pki { .. } => "pki",
         }
@@ -207,6 +233,20 @@ impl std::fmt::Display for Command {
             Command::SetJobPending {
                 namespace, name, ..
             } => write!(f, "set_job_pending({namespace}/{name})"),
+            Command::DrainAllocations { ids, .. } => write!(f, "drain_allocations({})", ids.len()),
+            Command::Rollout {
+                namespace,
+                name,
+                version,
+                change,
+                ..
+            } => write!(f, "rollout({namespace}/{name} v{version}, {change:?})"),
+            Command::RollbackJob {
+                namespace,
+                name,
+                to_version,
+                ..
+            } => write!(f, "rollback_job({namespace}/{name} to v{to_version})"),
             Command::InitCluster { settings } => write!(f, "init_cluster({settings})"),
             Command::Pki { change } => match change {
                 pki::PkiOp::Init { .. } => write!(f, "pki(init)"),
@@ -264,6 +304,11 @@ pub enum Outcome {
         count: usize,
     },
     JobPendingSet {
+        changed: bool,
+    },
+    RolloutChanged {
+        version: u64,
+        status: RolloutStatus,
         changed: bool,
     },
     ClusterInitialized {
@@ -333,6 +378,21 @@ pub enum ApplyError {
     },
     #[error("{message}")]
     Pki { message: String },
+    #[error("job {namespace}/{name} has no rollout of version {version} in progress{why}")]
+    NoRollout {
+        namespace: String,
+        name: String,
+        version: u64,
+        /// What there is instead, from `: `.
+        why: String,
+    },
+    #[error("job {namespace}/{name} cannot roll back to version {version}: {why}")]
+    BadRollback {
+        namespace: String,
+        name: String,
+        version: u64,
+        why: String,
+    },
 }
 
 /// The result the state machine returns for one command.
@@ -539,6 +599,13 @@ impl ClusterState {
             Command::ReportAllocations { reports, at_ms } => {
                 let mut count = 0;
                 for r in reports {
+                    let checked = self.allocations.get(&r.id).is_some_and(|a| {
+                        self.job(&a.namespace, &a.job)
+                            .and_then(|j| j.version(a.job_version))
+                            .is_some_and(|v| {
+                                v.spec.service.as_ref().is_some_and(|s| s.check.is_some())
+                            })
+                    });
                     if let Some(alloc) = self.allocations.get_mut(&r.id) {
                         // A lost allocation stays lost: its replacement is already placed.
                         if alloc.observed != AllocationStatus::Lost {
@@ -558,6 +625,7 @@ impl ClusterState {
                             if let Some(containers) = &r.containers {
                                 alloc.containers = containers.clone();
                             }
+                            alloc.track_health(checked, *at_ms);
                             count += 1;
                         }
                     }
@@ -579,6 +647,34 @@ impl ClusterState {
             Command::StopAllocations { ids, lost, at_ms } => Ok(Outcome::AllocationsUpdated {
                 count: self.stop_allocations(ids, *lost, *at_ms),
             }),
+            Command::DrainAllocations { ids, at_ms } => {
+                let mut count = 0;
+                for id in ids {
+                    if let Some(a) = self.allocations.get_mut(id)
+                        && a.desired == DesiredStatus::Run
+                        && a.drain_since_ms.is_none()
+                    {
+                        a.drain_since_ms = Some(*at_ms);
+                        count += 1;
+                    }
+                }
+                Ok(Outcome::AllocationsUpdated { count })
+            }
+            Command::Rollout {
+                namespace,
+                name,
+                version,
+                change,
+                at_ms,
+            } => self.change_rollout(namespace, name, *version, change, *at_ms),
+            Command::RollbackJob {
+                namespace,
+                name,
+                to_version,
+                reason,
+                automatic,
+                at_ms,
+            } => self.rollback_job(namespace, name, *to_version, reason, *automatic, *at_ms),
             Command::SetJobPending {
                 namespace,
                 name,
@@ -811,7 +907,21 @@ impl ClusterState {
                     });
                 }
                 let changes = diff_specs(&latest.spec, spec);
+                let from = latest.version;
+                let was_running = job.status == JobStatus::Running;
                 job.push_version(spec.clone(), at_ms);
+                let new = job.latest().version;
+                if was_running && job.same_as_latest(from) {
+                    // Scaling: an open rollout goes on, now of the scaled version.
+                    if let Some(r) = job.rollout_mut()
+                        && r.version == from
+                        && (r.status.is_open() || r.status == RolloutStatus::Failed)
+                    {
+                        r.version = new;
+                    }
+                } else if was_running {
+                    job.start_rollout(from, spec.update_strategy().canary, None, at_ms);
+                }
                 Ok(Outcome::JobApplied {
                     job: job.summary(),
                     created: false,
@@ -820,6 +930,186 @@ impl ClusterState {
                 })
             }
         }
+    }
+
+    fn change_rollout(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        version: u64,
+        change: &RolloutChange,
+        at_ms: i64,
+    ) -> ApplyResult {
+        let job = self
+            .jobs
+            .get_mut(&job_key(namespace, name))
+            .ok_or_else(|| ApplyError::JobNotFound {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })?;
+        let no = |why: String| ApplyError::NoRollout {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            version,
+            why,
+        };
+        let status = job.status;
+        let replicas = job.latest().spec.replicas;
+        let r = job
+            .rollout_mut()
+            .filter(|r| r.version == version)
+            .ok_or_else(|| no(String::new()))?;
+        if status != JobStatus::Running {
+            return Err(no(": the job is stopped".into()));
+        }
+        let before = r.clone();
+        match change {
+            RolloutChange::Progress { healthy, old_left } => {
+                if (r.healthy, r.old_left) != (*healthy, *old_left) {
+                    r.progress_at_ms = at_ms;
+                }
+                r.healthy = *healthy;
+                r.old_left = *old_left;
+            }
+            RolloutChange::Promote => {
+                if !r.status.is_open() {
+                    return Err(no(format!(": it is {}", r.status.as_str())));
+                }
+                if r.promoted {
+                    return Err(no(": it has no canaries waiting".into()));
+                }
+                r.promoted = true;
+                r.progress_at_ms = at_ms;
+            }
+            RolloutChange::Pause => {
+                if r.status != RolloutStatus::Running {
+                    return Err(no(format!(": it is {}", r.status.as_str())));
+                }
+                r.status = RolloutStatus::Paused;
+                r.reason = "paused".into();
+            }
+            RolloutChange::Resume => {
+                if r.status != RolloutStatus::Paused {
+                    return Err(no(format!(": it is {}", r.status.as_str())));
+                }
+                r.status = RolloutStatus::Running;
+                r.reason.clear();
+                // The time paused does not count against the progress deadline.
+                r.progress_at_ms = at_ms;
+            }
+            RolloutChange::Succeed => {
+                if r.status != RolloutStatus::Running {
+                    return Err(no(format!(": it is {}", r.status.as_str())));
+                }
+                r.status = RolloutStatus::Succeeded;
+                r.finished_at_ms = Some(at_ms);
+                r.progress_at_ms = at_ms;
+                r.old_left = 0;
+                r.healthy = replicas;
+                job.stable_version = Some(version);
+            }
+            RolloutChange::Fail { reason } => {
+                if !r.status.is_open() {
+                    return Err(no(format!(": it is {}", r.status.as_str())));
+                }
+                r.status = RolloutStatus::Failed;
+                r.reason = reason.clone();
+                r.finished_at_ms = Some(at_ms);
+            }
+        }
+        let r = job.rollout().cloned().unwrap_or(before.clone());
+        Ok(Outcome::RolloutChanged {
+            version,
+            status: r.status,
+            changed: r != before,
+        })
+    }
+
+    fn rollback_job(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        to_version: u64,
+        reason: &str,
+        automatic: bool,
+        at_ms: i64,
+    ) -> ApplyResult {
+        let job =
+            self.jobs
+                .get(&job_key(namespace, name))
+                .ok_or_else(|| ApplyError::JobNotFound {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })?;
+        let bad = |why: &str| ApplyError::BadRollback {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            version: to_version,
+            why: why.to_owned(),
+        };
+        if job.status != JobStatus::Running {
+            return Err(bad("the job is stopped (apply it again to run it)"));
+        }
+        let latest = job.latest().version;
+        let mut spec = job
+            .version(to_version)
+            .ok_or_else(|| bad("no such version"))?
+            .spec
+            .clone();
+        if job.same_as_latest(to_version) {
+            return Err(bad(&format!(
+                "it runs the same spec as the latest version {latest}"
+            )));
+        }
+        // The replica count stays what it is now: a rollback undoes a change of what runs.
+        spec.replicas = job.latest().spec.replicas;
+        // The service and its virtual IP follow the spec, as for any apply.
+        let applied = self.apply_job(&spec, at_ms)?;
+        let job = self
+            .jobs
+            .get_mut(&job_key(namespace, name))
+            .ok_or_else(|| bad("the job is gone"))?;
+        let new = job.latest().version;
+        // `apply_job` started a rollout of the new version, superseding the open one; the
+        // rollout it replaced says why, and the new one is a rollback without canaries.
+        let n = job.rollouts.len();
+        if n >= 2 {
+            let prev = &mut job.rollouts[n - 2];
+            if prev.version == latest && prev.status == RolloutStatus::Superseded {
+                if automatic {
+                    prev.status = RolloutStatus::Failed;
+                    prev.reason =
+                        format!("{reason}; rolled back to version {to_version} (as version {new})");
+                } else {
+                    prev.reason =
+                        format!("undone: rolled back to version {to_version} (as version {new})");
+                }
+            }
+        }
+        if let Some(r) = job.rollout_mut()
+            && r.version == new
+        {
+            r.rollback_of = Some(latest);
+            r.canary = 0;
+            r.promoted = true;
+            r.reason = if automatic {
+                format!("automatic rollback of version {latest}: {reason}")
+            } else {
+                format!("rollback of version {latest} to version {to_version}")
+            };
+        }
+        // A failed rollout (not superseded: already closed) records the rollback too.
+        if let Some(prev) = job.rollouts.iter_mut().rev().nth(1)
+            && prev.version == latest
+            && prev.status == RolloutStatus::Failed
+            && !prev.reason.contains("rolled back")
+        {
+            prev.reason = format!(
+                "{}; rolled back to version {to_version} (as version {new})",
+                prev.reason
+            );
+        }
+        Ok(applied)
     }
 
     fn stop_job(&mut self, namespace: &str, name: &str, at_ms: i64) -> ApplyResult {

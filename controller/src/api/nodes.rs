@@ -592,6 +592,8 @@ mod tests {
             log_dropped_bytes: 0,
             log_error: String::new(),
             containers: Vec::new(),
+            healthy_since_ms: Some(1),
+            drain_since_ms: None,
         };
         s.apply(&Command::PlaceAllocations {
             allocations: vec![alloc("a1", "n1"), alloc("b1", "n2")],

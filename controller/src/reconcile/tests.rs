@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use skiff_common::{SpecFormat, parse_job_spec};
 
 use super::*;
-use crate::state::{Node, NodeResources};
+use crate::state::{Node, NodeResources, RolloutStatus};
 
 fn node(name: &str) -> Node {
     Node {
@@ -27,6 +27,8 @@ fn spec(replicas: u32, image: &str) -> JobSpec {
 struct World {
     state: ClusterState,
     next: u64,
+    /// The clock, in milliseconds.
+    now: i64,
 }
 
 impl World {
@@ -37,7 +39,11 @@ impl World {
                 .apply(&Command::UpsertNode { node: node(n) })
                 .expect("node");
         }
-        World { state, next: 0 }
+        World {
+            state,
+            next: 0,
+            now: 2,
+        }
     }
 
     fn apply(&mut self, spec: JobSpec) {
@@ -59,7 +65,7 @@ impl World {
                 next += 1;
                 format!("a{next:03}")
             };
-            plan_job(&self.state, &mut view, &job, &mut id, 2)
+            plan_job(&self.state, &mut view, &job, &mut id, self.now)
         };
         self.next = next;
         if !plan.place.is_empty() {
@@ -69,16 +75,94 @@ impl World {
                 })
                 .expect("place");
         }
+        if !plan.drain.is_empty() {
+            self.state
+                .apply(&Command::DrainAllocations {
+                    ids: plan.drain.clone(),
+                    at_ms: self.now,
+                })
+                .expect("drain");
+        }
         if !plan.stop.is_empty() {
             self.state
                 .apply(&Command::StopAllocations {
                     ids: plan.stop.clone(),
                     lost: false,
-                    at_ms: 3,
+                    at_ms: self.now,
                 })
                 .expect("stop");
         }
+        if let Some((version, change)) = &plan.rollout {
+            self.state
+                .apply(&Command::Rollout {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    version: *version,
+                    change: change.clone(),
+                    at_ms: self.now,
+                })
+                .expect("rollout");
+        }
+        if let Some((to_version, reason)) = &plan.rollback {
+            self.state
+                .apply(&Command::RollbackJob {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    to_version: *to_version,
+                    reason: reason.clone(),
+                    automatic: true,
+                    at_ms: self.now,
+                })
+                .expect("rollback");
+        }
         plan
+    }
+
+    /// Every live allocation reports running, healthy unless its version is `sick`.
+    fn report(&mut self, sick: Option<u64>) {
+        let reports = self
+            .state
+            .allocations()
+            .filter(|a| holds(a))
+            .map(|a| crate::state::AllocationReport {
+                id: a.id.clone(),
+                status: AllocationStatus::Running,
+                restarts: 0,
+                ip: Some("10.42.0.9".into()),
+                health: Some(if sick == Some(a.job_version) {
+                    crate::state::Health::Unhealthy
+                } else {
+                    crate::state::Health::Healthy
+                }),
+                health_output: if sick == Some(a.job_version) {
+                    "HTTP 500".into()
+                } else {
+                    String::new()
+                },
+                log_dropped_bytes: 0,
+                log_error: String::new(),
+                containers: None,
+            })
+            .collect();
+        self.state
+            .apply(&Command::ReportAllocations {
+                reports,
+                at_ms: self.now,
+            })
+            .expect("report");
+    }
+
+    fn job(&self) -> &Job {
+        self.state.job("default", "web").expect("job")
+    }
+
+    /// Live allocations by version.
+    fn versions(&self) -> BTreeMap<u64, usize> {
+        let mut m = BTreeMap::new();
+        for a in self.state.allocations().filter(|a| holds(a)) {
+            *m.entry(a.job_version).or_insert(0) += 1;
+        }
+        m
     }
 
     fn running(&self) -> BTreeMap<String, usize> {
@@ -121,18 +205,260 @@ fn scales_down_from_the_most_loaded_nodes() {
 
 #[test]
 fn a_new_version_replaces_the_old_one() {
+    // Without a service nothing needs draining: replaced replicas stop at once.
     let mut w = World::new(&["n1", "n2"]);
     w.apply(spec(2, "img:1"));
     w.reconcile();
+    w.report(None);
     w.apply(spec(2, "img:2"));
-    let plan = w.reconcile();
-    assert_eq!((plan.place.len(), plan.stop.len()), (2, 2));
+    let mut steps = 0;
+    while w.job().rollout().map(|r| r.status) == Some(RolloutStatus::Running) && steps < 50 {
+        w.now += 1000;
+        w.reconcile();
+        w.report(None);
+        steps += 1;
+        assert!(w.state.allocations().filter(|a| holds(a)).count() <= 3);
+    }
+    assert_eq!(w.versions(), BTreeMap::from([(2, 2)]));
+    assert_eq!(
+        w.job().rollout().map(|r| r.status),
+        Some(RolloutStatus::Succeeded)
+    );
+    assert_eq!(w.job().stable_version, Some(2));
+}
+
+/// A job with a checked service; `update` is the `[update]` section's body.
+fn service_spec(replicas: u32, image: &str, update: &str) -> JobSpec {
+    parse_job_spec(
+        &format!(
+            "name = \"web\"\nimage = \"{image}\"\nreplicas = {replicas}\n\
+             [[ports]]\nname = \"http\"\nport = 80\n\
+             [service]\nport = \"http\"\ncheck = {{ http = \"/\" }}\n\
+             [update]\n{update}\n"
+        ),
+        SpecFormat::Toml,
+    )
+    .expect("spec")
+}
+
+/// Runs the loop a second at a time (every live allocation reporting, healthy unless of
+/// version `sick`) until the rollout leaves `Running`/`Paused` or `limit` seconds pass;
+/// checks the bounds at every step. Returns the seconds taken.
+fn roll(
+    w: &mut World,
+    sick: Option<u64>,
+    limit: usize,
+    max_live: usize,
+    min_healthy: usize,
+) -> usize {
+    for step in 0..limit {
+        w.now += 1000;
+        w.reconcile();
+        w.report(sick);
+        let live = w.state.allocations().filter(|a| holds(a)).count();
+        assert!(
+            live <= max_live,
+            "step {step}: {live} running, at most {max_live}"
+        );
+        let serving = w
+            .state
+            .allocations()
+            .filter(|a| holds(a) && a.drain_since_ms.is_none() && a.healthy_since_ms.is_some())
+            .count();
+        assert!(
+            serving >= min_healthy,
+            "step {step}: {serving} healthy in service, at least {min_healthy}"
+        );
+        if !w.job().rollout().is_some_and(|r| r.status.is_open()) {
+            return step + 1;
+        }
+    }
+    limit
+}
+
+#[test]
+fn a_rollout_keeps_its_bounds_drains_first_and_succeeds() {
+    let update = "max_surge = 2\nmin_healthy = \"3s\"\ndrain_delay = \"2s\"\n";
+    let mut w = World::new(&["n1", "n2", "n3"]);
+    w.apply(service_spec(6, "img:1", update));
+    w.reconcile();
+    w.report(None);
+    w.now += 10_000;
+    w.report(None);
+    w.apply(service_spec(6, "img:2", update));
+    let r = w.job().rollout().cloned().expect("a rollout");
+    assert_eq!(
+        (r.version, r.from_version, r.status),
+        (2, 1, RolloutStatus::Running)
+    );
+    // At most 6 + 2 running (draining ones too), never fewer than 6 healthy in service.
+    let secs = roll(&mut w, None, 120, 8, 6);
+    assert_eq!(
+        w.job().rollout().map(|r| r.status),
+        Some(RolloutStatus::Succeeded)
+    );
+    // 3 waves of 2: each waits 3 s healthy; the floor is 9 s.
+    assert!(secs >= 9, "{secs} s");
+    // The last old replicas drain, then stop.
+    for _ in 0..3 {
+        w.now += 1000;
+        w.reconcile();
+    }
+    assert_eq!(w.versions(), BTreeMap::from([(2, 6)]));
+    // Every old replica was drained before it was stopped.
     assert!(
         w.state
             .allocations()
-            .filter(|a| holds(a))
-            .all(|a| a.job_version == 2)
+            .filter(|a| a.job_version == 1)
+            .all(|a| a.desired == DesiredStatus::Stop && a.drain_since_ms.is_some())
     );
+    // Scaling is not a rollout and replaces nothing.
+    w.apply(service_spec(8, "img:2", update));
+    assert_eq!(w.job().rollouts.len(), 1);
+    let plan = w.reconcile();
+    assert_eq!(
+        (plan.place.len(), plan.drain.len(), plan.stop.len()),
+        (2, 0, 0)
+    );
+}
+
+#[test]
+fn an_unhealthy_version_is_rolled_back_and_the_old_one_keeps_serving() {
+    let update = "min_healthy = \"2s\"\nhealthy_deadline = \"10s\"\ndrain_delay = \"1s\"\n";
+    let mut w = World::new(&["n1", "n2", "n3"]);
+    w.apply(service_spec(3, "img:1", update));
+    w.reconcile();
+    w.report(None);
+    w.now += 10_000;
+    w.apply(service_spec(3, "img:2", update));
+    // Version 2 never gets healthy: 3 old replicas serve the whole time.
+    roll(&mut w, Some(2), 60, 4, 3);
+    let job = w.job();
+    assert_eq!(job.latest().version, 3, "the rollback is a new version");
+    assert_eq!(job.latest().spec, job.version(1).expect("v1").spec);
+    let failed = &job.rollouts[job.rollouts.len() - 2];
+    assert_eq!(failed.status, RolloutStatus::Failed);
+    assert!(
+        failed
+            .reason
+            .contains("not healthy for 2s within healthy_deadline 10s: HTTP 500")
+            && failed
+                .reason
+                .contains("rolled back to version 1 (as version 3)"),
+        "{}",
+        failed.reason
+    );
+    let back = job.rollout().expect("rollback");
+    assert_eq!((back.version, back.rollback_of), (3, Some(2)));
+    // The rollback replaces the one version-2 replica; the old replicas stay (same spec).
+    roll(&mut w, Some(2), 60, 4, 3);
+    assert_eq!(
+        w.job().rollout().map(|r| r.status),
+        Some(RolloutStatus::Succeeded)
+    );
+    for _ in 0..3 {
+        w.now += 1000;
+        w.reconcile();
+    }
+    assert_eq!(w.versions(), BTreeMap::from([(1, 3)]));
+}
+
+#[test]
+fn canaries_wait_for_promotion_and_pause_holds_everything() {
+    let update = "canary = 1\nmin_healthy = \"2s\"\ndrain_delay = \"1s\"\n";
+    let mut w = World::new(&["n1", "n2", "n3"]);
+    w.apply(service_spec(3, "img:1", update));
+    w.reconcile();
+    w.report(None);
+    w.apply(service_spec(3, "img:2", update));
+    for _ in 0..10 {
+        w.now += 1000;
+        w.reconcile();
+        w.report(None);
+    }
+    // One canary next to all three old replicas, waiting.
+    assert_eq!(w.versions(), BTreeMap::from([(1, 3), (2, 1)]));
+    let r = w.job().rollout().cloned().expect("rollout");
+    assert!(!r.promoted && r.status == RolloutStatus::Running);
+    w.state
+        .apply(&Command::Rollout {
+            namespace: "default".into(),
+            name: "web".into(),
+            version: 2,
+            change: RolloutChange::Pause,
+            at_ms: w.now,
+        })
+        .expect("pause");
+    w.state
+        .apply(&Command::Rollout {
+            namespace: "default".into(),
+            name: "web".into(),
+            version: 2,
+            change: RolloutChange::Promote,
+            at_ms: w.now,
+        })
+        .expect("promote while paused");
+    for _ in 0..10 {
+        w.now += 1000;
+        let plan = w.reconcile();
+        assert!(plan.place.is_empty() && plan.drain.is_empty(), "{plan:?}");
+        w.report(None);
+    }
+    w.state
+        .apply(&Command::Rollout {
+            namespace: "default".into(),
+            name: "web".into(),
+            version: 2,
+            change: RolloutChange::Resume,
+            at_ms: w.now,
+        })
+        .expect("resume");
+    roll(&mut w, None, 60, 4, 3);
+    assert_eq!(
+        w.job().rollout().map(|r| r.status),
+        Some(RolloutStatus::Succeeded)
+    );
+    // A finished rollout cannot be paused.
+    let e = w
+        .state
+        .apply(&Command::Rollout {
+            namespace: "default".into(),
+            name: "web".into(),
+            version: 2,
+            change: RolloutChange::Pause,
+            at_ms: w.now,
+        })
+        .expect_err("finished");
+    assert!(e.to_string().contains("it is succeeded"), "{e}");
+}
+
+#[test]
+fn no_progress_fails_the_rollout_and_without_auto_rollback_it_stays_put() {
+    // Nothing fits a surge replica: no progress; no rollback asked for.
+    let update = "min_healthy = \"1s\"\nhealthy_deadline = \"5s\"\nprogress_deadline = \"5s\"\nauto_rollback = false\n";
+    let mut w = World::new(&["n1"]);
+    let mut v1 = service_spec(2, "img:1", update);
+    v1.containers[0].resources.cpu = 2.0;
+    w.apply(v1.clone());
+    w.reconcile();
+    w.report(None);
+    let mut v2 = v1.clone();
+    v2.containers[0].image = "img:2".into();
+    w.apply(v2);
+    roll(&mut w, None, 30, 2, 2);
+    let r = w.job().rollout().cloned().expect("rollout");
+    assert_eq!(r.status, RolloutStatus::Failed);
+    assert!(
+        r.reason.contains("no progress for progress_deadline 5s"),
+        "{}",
+        r.reason
+    );
+    assert_eq!(w.job().latest().version, 2, "no rollback");
+    // Frozen: the old replicas keep running.
+    w.now += 10_000;
+    let plan = w.reconcile();
+    assert!(plan.drain.is_empty() && plan.stop.is_empty());
+    assert_eq!(w.versions(), BTreeMap::from([(1, 2)]));
 }
 
 #[test]

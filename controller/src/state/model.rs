@@ -43,6 +43,96 @@ pub struct Job {
     /// Why replicas of the latest version are not placed, as the scheduler said it.
     #[serde(default)]
     pub pending: Option<String>,
+    /// The job's rollouts, oldest first, the last [`MAX_ROLLOUTS`] kept; the last one is the
+    /// current one.
+    #[serde(default)]
+    pub rollouts: Vec<Rollout>,
+    /// The last version whose rollout succeeded: where an automatic rollback goes.
+    #[serde(default)]
+    pub stable_version: Option<u64>,
+}
+
+/// Rollouts kept per job.
+pub const MAX_ROLLOUTS: usize = 10;
+
+/// Where a rollout is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStatus {
+    /// Replacing replicas.
+    Running,
+    /// Held (`skiff rollout pause`): nothing is replaced until it is resumed.
+    Paused,
+    /// Every replica runs the new version and is healthy.
+    Succeeded,
+    /// It failed (why is in its reason); no replica is replaced for it any more. With
+    /// `auto_rollback`, a rollback rollout follows it.
+    Failed,
+    /// A newer version was applied (or an undo asked for) before it finished.
+    Superseded,
+}
+
+impl RolloutStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutStatus::Running => "running",
+            RolloutStatus::Paused => "paused",
+            RolloutStatus::Succeeded => "succeeded",
+            RolloutStatus::Failed => "failed",
+            RolloutStatus::Superseded => "superseded",
+        }
+    }
+
+    /// Whether it still decides what runs (running, paused, or failed without a rollback).
+    pub fn is_open(self) -> bool {
+        matches!(self, RolloutStatus::Running | RolloutStatus::Paused)
+    }
+}
+
+/// The replacement of a job's replicas by a new version, kept in the replicated state so
+/// that it survives leader changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The version rolled out.
+    pub version: u64,
+    /// The version that was the latest when it started.
+    pub from_version: u64,
+    pub status: RolloutStatus,
+    /// Why it is where it is (failed, rolled back, paused, superseded); empty while running.
+    #[serde(default)]
+    pub reason: String,
+    pub started_at_ms: i64,
+    /// When it last made progress (a new replica healthy, an old one gone).
+    pub progress_at_ms: i64,
+    #[serde(default)]
+    pub finished_at_ms: Option<i64>,
+    /// Canaries run before the rest.
+    #[serde(default)]
+    pub canary: u32,
+    /// Whether the canaries were promoted (always, without canaries).
+    #[serde(default)]
+    pub promoted: bool,
+    /// For a rollback: the version it undoes.
+    #[serde(default)]
+    pub rollback_of: Option<u64>,
+    /// Progress as last recorded: new replicas healthy for `min_healthy`, old ones left.
+    #[serde(default)]
+    pub healthy: u32,
+    #[serde(default)]
+    pub old_left: u32,
+}
+
+/// A change to a job's current rollout, decided by the leader's reconciler or asked for by a
+/// user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum RolloutChange {
+    Progress { healthy: u32, old_left: u32 },
+    Promote,
+    Pause,
+    Resume,
+    Succeed,
+    Fail { reason: String },
 }
 
 impl Job {
@@ -58,7 +148,81 @@ impl Job {
                 submitted_at_ms: at_ms,
             }],
             pending: None,
+            rollouts: Vec::new(),
+            stable_version: None,
         }
+    }
+
+    /// The current rollout (the last one), whatever its status.
+    pub fn rollout(&self) -> Option<&Rollout> {
+        self.rollouts.last()
+    }
+
+    /// The rollout that decides what runs: the last one, while it is running or paused, or
+    /// failed with nothing after it.
+    pub fn open_rollout(&self) -> Option<&Rollout> {
+        self.rollouts
+            .last()
+            .filter(|r| r.status.is_open() || r.status == RolloutStatus::Failed)
+    }
+
+    /// Where an undo goes by default: the version the current rollout replaced.
+    pub fn rollout_before_current(&self) -> Option<u64> {
+        self.rollout().map(|r| r.from_version)
+    }
+
+    pub(super) fn rollout_mut(&mut self) -> Option<&mut Rollout> {
+        self.rollouts.last_mut()
+    }
+
+    /// Starts a rollout of the latest version (from `from_version`), superseding an open one.
+    pub(super) fn start_rollout(
+        &mut self,
+        from_version: u64,
+        canary: u32,
+        rollback_of: Option<u64>,
+        at_ms: i64,
+    ) {
+        if let Some(r) = self.rollouts.last_mut()
+            && r.status.is_open()
+        {
+            r.status = RolloutStatus::Superseded;
+            r.reason = format!(
+                "superseded by version {}",
+                self.versions[self.versions.len() - 1].version
+            );
+            r.finished_at_ms = Some(at_ms);
+        }
+        let version = self.latest().version;
+        self.rollouts.push(Rollout {
+            version,
+            from_version,
+            status: RolloutStatus::Running,
+            reason: String::new(),
+            started_at_ms: at_ms,
+            progress_at_ms: at_ms,
+            finished_at_ms: None,
+            canary,
+            promoted: canary == 0,
+            rollback_of,
+            healthy: 0,
+            old_left: 0,
+        });
+        if self.rollouts.len() > MAX_ROLLOUTS {
+            self.rollouts.remove(0);
+        }
+    }
+
+    /// Whether `version` runs the same thing as the latest version (it may differ in
+    /// `replicas` only).
+    pub fn same_as_latest(&self, version: u64) -> bool {
+        let latest = self.latest();
+        version == latest.version
+            || self.version(version).is_some_and(|v| {
+                let mut spec = v.spec.clone();
+                spec.replicas = latest.spec.replicas;
+                spec == latest.spec
+            })
     }
 
     pub(super) fn push_version(&mut self, spec: JobSpec, at_ms: i64) {
@@ -339,6 +503,14 @@ pub struct Allocation {
     /// Each container, as its agent last reported it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerStatus>,
+    /// Since when it has been running and healthy (or running, without a health check), as
+    /// its agent's reports said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_since_ms: Option<i64>,
+    /// Since when it has been out of service discovery, still running, on its way to being
+    /// stopped (`drain_delay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_since_ms: Option<i64>,
 }
 
 impl Allocation {
@@ -369,6 +541,20 @@ impl Allocation {
             log_dropped_bytes: 0,
             log_error: String::new(),
             containers: Vec::new(),
+            healthy_since_ms: None,
+            drain_since_ms: None,
+        }
+    }
+
+    /// Records since when it has been running and healthy (`checked`: its version has a
+    /// health check, so only a healthy verdict counts), after a report at `at_ms`.
+    pub(super) fn track_health(&mut self, checked: bool, at_ms: i64) {
+        let ok = self.observed == AllocationStatus::Running
+            && (!checked || self.health == Some(Health::Healthy));
+        if !ok {
+            self.healthy_since_ms = None;
+        } else if self.healthy_since_ms.is_none() {
+            self.healthy_since_ms = Some(at_ms);
         }
     }
 
