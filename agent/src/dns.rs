@@ -680,6 +680,7 @@ mod tests {
             health_output: String::new(),
             ready,
             mesh: false,
+            draining: false,
         };
         pb::ServiceInfo {
             name: "web".into(),

@@ -69,6 +69,11 @@ pub enum Cmd {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// A job's rollout: follow it, pause, resume, promote its canaries, undo it.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCmd,
+    },
     /// Set a job's number of replicas.
     Scale {
         name: String,
@@ -249,6 +254,54 @@ pub enum NodeCmd {
 }
 
 #[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// The job's current rollout; follows it until it ends (fails if it fails).
+    Status {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Print where it is now and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Hold the rollout: nothing is replaced until it is resumed.
+    Pause {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Go on with a paused rollout.
+    Resume {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Go on past the canaries.
+    Promote {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Roll back: to the version before the current rollout, or to `--to-version`.
+    Undo {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        to_version: Option<u64>,
+    },
+}
+
+/// What `skiff rollout` does to a rollout.
+#[derive(Clone, Copy)]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    Promote,
+    Undo,
+}
+
+#[derive(Subcommand)]
 pub enum JobCmd {
     /// A job's versions and allocations.
     Status {
@@ -257,6 +310,15 @@ pub enum JobCmd {
         namespace: String,
         #[arg(long)]
         stale: bool,
+    },
+    /// A job's versions, their rollouts and what each changed; `--diff A --diff B` shows the
+    /// changes between two versions.
+    History {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        #[arg(long, num_args = 1)]
+        diff: Vec<u64>,
     },
 }
 

@@ -156,6 +156,18 @@ pub async fn status(
     if !resp.pending.is_empty() {
         println!("pending:   {}", resp.pending);
     }
+    if let Some(r) = resp.rollouts.first() {
+        println!("rollout:   {}", crate::rollout::progress_line(r));
+        // Why the one before it ended, when it failed (an automatic rollback says why).
+        if let Some(prev) = resp.rollouts.get(1).filter(|p| p.status == "failed")
+            && r.rollback_of == prev.version
+        {
+            println!(
+                "           version {} failed: {}",
+                prev.version, prev.reason
+            );
+        }
+    }
     println!();
     println!("versions:");
     let rows = resp
@@ -177,7 +189,11 @@ pub async fn status(
                 a.id.clone(),
                 a.job_version.to_string(),
                 a.node.clone(),
-                render::desired_state(a.desired).to_owned(),
+                if a.drain_since_ms != 0 {
+                    "drain".to_owned()
+                } else {
+                    render::desired_state(a.desired).to_owned()
+                },
                 render::allocation_state(a.observed).to_owned(),
             ]
         })

@@ -12,6 +12,7 @@ mod mesh;
 mod nodes;
 mod pki;
 mod render;
+mod rollout;
 mod services;
 
 use std::process::ExitCode;
@@ -20,8 +21,8 @@ use clap::Parser;
 use skiff_proto::v1 as pb;
 
 use crate::args::{
-    CaCmd, Cli, ClusterCmd, Cmd, CredentialsCmd, Format, JobCmd, MeshCmd, NodeCmd, TokenCmd,
-    VolumeCmd,
+    CaCmd, Cli, ClusterCmd, Cmd, CredentialsCmd, Format, JobCmd, MeshCmd, NodeCmd, RolloutAction,
+    RolloutCmd, TokenCmd, VolumeCmd,
 };
 use crate::client::Controllers;
 use crate::render::Out;
@@ -51,6 +52,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     stale,
                 },
         } => jobs::status(&ctl, out, name, namespace, stale).await,
+        Cmd::Job {
+            command:
+                JobCmd::History {
+                    name,
+                    namespace,
+                    diff,
+                },
+        } => rollout::history(&ctl, out, name, namespace, diff).await,
+        Cmd::Rollout { command } => match command {
+            RolloutCmd::Status {
+                name,
+                namespace,
+                once,
+            } => rollout::status(&ctl, out, name, namespace, !once).await,
+            RolloutCmd::Pause { name, namespace } => {
+                rollout::act(&ctl, out, name, namespace, RolloutAction::Pause, None).await
+            }
+            RolloutCmd::Resume { name, namespace } => {
+                rollout::act(&ctl, out, name, namespace, RolloutAction::Resume, None).await
+            }
+            RolloutCmd::Promote { name, namespace } => {
+                rollout::act(&ctl, out, name, namespace, RolloutAction::Promote, None).await
+            }
+            RolloutCmd::Undo {
+                name,
+                namespace,
+                to_version,
+            } => rollout::act(&ctl, out, name, namespace, RolloutAction::Undo, to_version).await,
+        },
         Cmd::Stop { name, namespace } => jobs::stop(&ctl, out, name, namespace).await,
         Cmd::Scale {
             name,

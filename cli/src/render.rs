@@ -204,6 +204,8 @@ pub fn job_detail_json(r: &pb::GetJobResponse) -> anyhow::Result<Value> {
         "versions": versions,
         "allocations": r.allocations.iter().map(allocation_json).collect::<Vec<_>>(),
         "pending": r.pending,
+        "rollout": r.rollouts.first().map(crate::rollout::rollout_json),
+        "stable_version": (r.stable_version != 0).then_some(r.stable_version),
     }))
 }
 
@@ -216,6 +218,8 @@ pub fn allocation_json(a: &pb::Allocation) -> Value {
         "created_at_ms": a.created_at_ms, "log_dropped_bytes": a.log_dropped_bytes,
         "log_error": a.log_error,
         "containers": a.containers.iter().map(container_json).collect::<Vec<_>>(),
+        "healthy_since_ms": (a.healthy_since_ms != 0).then_some(a.healthy_since_ms),
+        "draining_since_ms": (a.drain_since_ms != 0).then_some(a.drain_since_ms),
     })
 }
 
@@ -294,7 +298,7 @@ pub fn service_json(s: &pb::ServiceInfo) -> Value {
         "endpoints": s.endpoints.iter().map(|e| json!({
             "allocation": e.allocation, "node": e.node, "ip": e.ip,
             "health": health(e.health), "health_output": e.health_output, "ready": e.ready,
-            "mesh": e.mesh,
+            "mesh": e.mesh, "draining": e.draining,
         })).collect::<Vec<_>>(),
         "mesh": s.mesh.as_ref().map(|m| json!({
             "identity": m.identity,

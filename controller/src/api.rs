@@ -77,7 +77,9 @@ impl From<ApiError> for Status {
                 ApplyError::BadCidr { .. }
                 | ApplyError::BadServiceCidr { .. }
                 | ApplyError::NodeNotDown { .. }
-                | ApplyError::SettingsConflict { .. } => Status::failed_precondition(e.to_string()),
+                | ApplyError::SettingsConflict { .. }
+                | ApplyError::NoRollout { .. }
+                | ApplyError::BadRollback { .. } => Status::failed_precondition(e.to_string()),
                 ApplyError::InvalidSpec { .. } | ApplyError::UnknownJobVersion { .. } => {
                     Status::invalid_argument(e.to_string())
                 }

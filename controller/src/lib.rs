@@ -78,7 +78,7 @@ pub fn policy(path: &str) -> Need {
         ("skiff.v1.Nodes", "ListNodes") => Need::Reader,
         ("skiff.v1.Nodes", "SetDrain") => Need::Operator,
         ("skiff.v1.Nodes", "RemoveNode") => Need::Admin,
-        ("skiff.v1.Jobs", "ApplyJob" | "StopJob" | "ScaleJob") => Need::Operator,
+        ("skiff.v1.Jobs", "ApplyJob" | "StopJob" | "ScaleJob" | "Rollout") => Need::Operator,
         ("skiff.v1.Jobs", _) => Need::Reader,
         ("skiff.v1.Cluster", "AddMember" | "RemoveMember") => Need::Admin,
         ("skiff.v1.Cluster", _) => Need::Reader,

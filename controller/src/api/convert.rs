@@ -13,8 +13,9 @@ use super::ApiError;
 use crate::raft::Role;
 use crate::scheduler::Usage;
 use crate::state::{
-    Allocation, AllocationStatus, ContainerState, ContainerStatus, DesiredStatus, Health,
-    JobStatus, JobSummary, Node, NodeResources, NodeStatus, WireguardBackend, WireguardIdentity,
+    Allocation, AllocationStatus, ClusterState, ContainerState, ContainerStatus, DesiredStatus,
+    Health, Job, JobStatus, JobSummary, Node, NodeResources, NodeStatus, Rollout, WireguardBackend,
+    WireguardIdentity,
 };
 
 /// What an agent runs for an allocation of `spec`: the spec resolved (port names to numbers,
@@ -232,6 +233,58 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
         log_dropped_bytes: a.log_dropped_bytes,
         log_error: a.log_error.clone(),
         containers: a.containers.iter().map(container_status).collect(),
+        healthy_since_ms: a.healthy_since_ms.unwrap_or(0),
+        drain_since_ms: a.drain_since_ms.unwrap_or(0),
+    }
+}
+
+/// A rollout as the API shows it, with its replicas counted from the allocations now.
+pub fn rollout(state: &ClusterState, job: &Job, r: &Rollout, now_ms: i64) -> pb::RolloutInfo {
+    let latest = job.latest();
+    let update = latest.spec.update_strategy();
+    let min_healthy = i64::try_from(update.min_healthy.as_millis()).unwrap_or(i64::MAX);
+    let live: Vec<&Allocation> = state
+        .job_allocations(&job.namespace, &job.name)
+        .filter(|a| a.desired == DesiredStatus::Run && a.observed != AllocationStatus::Lost)
+        .collect();
+    let current = r.status.is_open() && job.rollout().is_some_and(|c| c.version == r.version);
+    let (mut placed, mut healthy, mut old, mut draining) = (0, 0, 0, 0);
+    for a in &live {
+        if a.drain_since_ms.is_some() {
+            draining += 1;
+        } else if job.same_as_latest(a.job_version) {
+            placed += 1;
+            if a.healthy_since_ms
+                .is_some_and(|t| now_ms - t >= min_healthy)
+            {
+                healthy += 1;
+            }
+        } else {
+            old += 1;
+        }
+    }
+    let (desired, placed, healthy, old, draining) = if current {
+        (latest.spec.replicas, placed, healthy, old, draining)
+    } else {
+        (latest.spec.replicas, r.healthy, r.healthy, r.old_left, 0)
+    };
+    pb::RolloutInfo {
+        version: r.version,
+        from_version: r.from_version,
+        status: r.status.as_str().to_owned(),
+        reason: r.reason.clone(),
+        started_at_ms: r.started_at_ms,
+        progress_at_ms: r.progress_at_ms,
+        finished_at_ms: r.finished_at_ms.unwrap_or(0),
+        canary: r.canary,
+        promoted: r.promoted,
+        rollback_of: r.rollback_of.unwrap_or(0),
+        desired,
+        placed,
+        healthy,
+        old,
+        draining,
+        awaiting_promotion: current && !r.promoted && !update.auto_promote && healthy >= r.canary,
     }
 }
 

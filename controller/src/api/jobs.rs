@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{ApiContext, ApiError, MAX_SPEC_BYTES, convert, now_ms};
 use crate::reconcile;
-use crate::state::{Command, DesiredStatus, Job, Outcome};
+use crate::state::{Command, DesiredStatus, Job, Outcome, RolloutChange};
 
 /// Serves `skiff.v1.Jobs`.
 pub struct JobsApi {
@@ -79,7 +79,12 @@ impl JobsApi {
     }
 }
 
-fn job_detail(job: &Job, allocations: Vec<pb::Allocation>) -> pb::GetJobResponse {
+fn job_detail(
+    state: &crate::state::ClusterState,
+    job: &Job,
+    allocations: Vec<pb::Allocation>,
+) -> pb::GetJobResponse {
+    let now = now_ms();
     pb::GetJobResponse {
         job: Some(convert::job_summary(&job.summary())),
         versions: job
@@ -94,6 +99,13 @@ fn job_detail(job: &Job, allocations: Vec<pb::Allocation>) -> pb::GetJobResponse
             .collect(),
         allocations,
         pending: job.pending.clone().unwrap_or_default(),
+        rollouts: job
+            .rollouts
+            .iter()
+            .rev()
+            .map(|r| convert::rollout(state, job, r, now))
+            .collect(),
+        stable_version: job.stable_version.unwrap_or(0),
     }
 }
 
@@ -186,7 +198,7 @@ impl Jobs for JobsApi {
                     .job_allocations(ns, &req.name)
                     .map(convert::allocation)
                     .collect();
-                Ok(job_detail(job, allocs))
+                Ok(job_detail(&applied.state, job, allocs))
             })
             .await
     }
@@ -352,6 +364,84 @@ impl Jobs for JobsApi {
                     .map(convert::allocation)
                     .collect();
                 Ok(pb::ListAllocationsResponse { allocations })
+            })
+            .await
+    }
+
+    async fn rollout(
+        &self,
+        req: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx
+            .track("Rollout", async {
+                let ns = namespace_or_default(&req.namespace).to_owned();
+                self.ctx.read_barrier(None).await?;
+                let not_found = || {
+                    ApiError::Apply(crate::state::ApplyError::JobNotFound {
+                        namespace: ns.clone(),
+                        name: req.name.clone(),
+                    })
+                };
+                let (current, before) = {
+                    let applied = self.ctx.node.state();
+                    let job = applied.state.job(&ns, &req.name).ok_or_else(not_found)?;
+                    (job.rollout().cloned(), job.rollout_before_current())
+                };
+                let action = pb::RolloutAction::try_from(req.action)
+                    .map_err(|_| ApiError::BadRequest(format!("action: unknown value {}", req.action)))?;
+                let none = || {
+                    ApiError::BadRequest(format!(
+                        "job {ns}/{} has no rollout (a rollout starts when a new version is applied)",
+                        req.name
+                    ))
+                };
+                let command = match action {
+                    pb::RolloutAction::Unspecified => {
+                        return Err(ApiError::BadRequest("action: missing".into()));
+                    }
+                    pb::RolloutAction::Undo => {
+                        let to_version = if req.to_version != 0 {
+                            req.to_version
+                        } else {
+                            before.ok_or_else(none)?
+                        };
+                        Command::RollbackJob {
+                            namespace: ns.clone(),
+                            name: req.name.clone(),
+                            to_version,
+                            reason: String::new(),
+                            automatic: false,
+                            at_ms: now_ms(),
+                        }
+                    }
+                    pb::RolloutAction::Pause
+                    | pb::RolloutAction::Resume
+                    | pb::RolloutAction::Promote => {
+                        let r = current.ok_or_else(none)?;
+                        Command::Rollout {
+                            namespace: ns.clone(),
+                            name: req.name.clone(),
+                            version: r.version,
+                            change: match action {
+                                pb::RolloutAction::Pause => RolloutChange::Pause,
+                                pb::RolloutAction::Resume => RolloutChange::Resume,
+                                _ => RolloutChange::Promote,
+                            },
+                            at_ms: now_ms(),
+                        }
+                    }
+                };
+                let (result, _) = self.ctx.node.write(command).await?;
+                result?;
+                let applied = self.ctx.node.state();
+                let job = applied.state.job(&ns, &req.name).ok_or_else(not_found)?;
+                Ok(pb::RolloutResponse {
+                    rollout: job
+                        .rollout()
+                        .map(|r| convert::rollout(&applied.state, job, r, now_ms())),
+                    job: Some(convert::job_summary(&job.summary())),
+                })
             })
             .await
     }

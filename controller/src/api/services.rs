@@ -29,10 +29,14 @@ pub fn services(state: &ClusterState, namespace: Option<&str>) -> Vec<pb::Servic
                     .is_some_and(|s| s.check.is_some());
                 let mesh = own.is_some_and(|s| s.mesh.is_some());
                 let ip = a.ip.clone().unwrap_or_default();
+                let draining = a.drain_since_ms.is_some();
                 pb::ServiceEndpoint {
                     allocation: a.id.clone(),
                     node: a.node.clone(),
-                    ready: !ip.is_empty() && (!checked || a.health == Some(Health::Healthy)),
+                    ready: !ip.is_empty()
+                        && !draining
+                        && (!checked || a.health == Some(Health::Healthy)),
+                    draining,
                     ip,
                     health: super::convert::health(a.health) as i32,
                     health_output: a.health_output.clone(),
