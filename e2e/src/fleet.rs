@@ -446,6 +446,26 @@ impl Fleet {
             .output()?)
     }
 
+    /// Starts `skiff ARGS` from the client host (stdout and stderr piped), for a command that
+    /// runs while the test goes on.
+    pub fn cli_spawn(&self, args: &[&str]) -> Result<std::process::Child> {
+        let host = self.host("cli")?;
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", host.netns))
+            .arg("--")
+            .arg(bin("skiff"))
+            .arg("--credentials")
+            .arg(self.credentials())
+            .arg("--controller")
+            .arg(self.controller_addrs())
+            .args(args)
+            .env_remove("SKIFF_CONTROLLER")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
+    }
+
     /// `skiff ARGS`, which must succeed; its stdout.
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.cli(args)?;

@@ -268,7 +268,11 @@ fn f30_leader_killed_during_a_deploy() -> Result<()> {
     let running = containers_running(&fleet, &["a1", "a2", "a3"])?;
     assert_eq!(running.len(), 6, "{running:?}");
     // A new version deploys too, with one controller down.
-    let v2 = web(&fleet, 6, "env = { VERSION = \"2\" }")?;
+    let v2 = web(
+        &fleet,
+        6,
+        "env = { VERSION = \"2\" }\n[update]\nmax_surge = 3\nmin_healthy = \"1s\"",
+    )?;
     fleet.cli_ok(&["apply", "-f", &v2.display().to_string()])?;
     fleet.wait_for("version 2 everywhere", Duration::from_secs(45), |f| {
         let ps = f.cli_json(&["ps", "web"])?;
