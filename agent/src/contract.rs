@@ -50,6 +50,8 @@ pub struct MeshTask {
     pub mode: skiff_proxy::config::Mode,
     pub allow_from: Vec<ServiceRef>,
     pub upstreams: Vec<ServiceRef>,
+    /// Report the sidecar's request counts with each heartbeat.
+    pub request_stats: bool,
 }
 
 impl Task {
@@ -293,6 +295,7 @@ fn mesh(m: pb::MeshTask, namespace: &str) -> Result<MeshTask, String> {
         },
         allow_from: refs("allow_from", &m.allow_from)?,
         upstreams: refs("upstreams", &m.upstreams)?,
+        request_stats: m.request_stats,
     })
 }
 

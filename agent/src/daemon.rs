@@ -471,9 +471,32 @@ async fn session(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        // Request counts of the sidecars a rollout's analysis watches.
+        let watched: Vec<String> = desired
+            .borrow()
+            .iter()
+            .flatten()
+            .filter(|a| {
+                a.task
+                    .as_ref()
+                    .is_ok_and(|t| t.mesh.as_ref().is_some_and(|m| m.request_stats))
+            })
+            .map(|a| a.id.clone())
+            .collect();
+        let request_stats = if watched.is_empty() {
+            Vec::new()
+        } else {
+            let (mesh, rt) = (s.mesh.clone(), runtime.clone());
+            tokio::task::spawn_blocking(move || {
+                mesh.request_stats(&watched, |alloc| rt.pod(alloc).map(|p| p.dir.join("net")))
+            })
+            .await
+            .unwrap_or_default()
+        };
         let reply = client
             .heartbeat(pb::HeartbeatRequest {
                 name: cfg.name.clone(),
+                request_stats,
                 allocations,
                 wireguard: wireguard_status(network),
                 trust_version: s.trust.version.load(std::sync::atomic::Ordering::SeqCst),

@@ -537,6 +537,80 @@ impl Mesh {
     }
 }
 
+/// The value of label `name` in a sample line's label set.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+    let rest = &line[start..];
+    Some(&rest[..rest.find('"')?])
+}
+
+/// A sidecar's request counts from its exposition `text`: every caller and class summed.
+pub fn request_stats(alloc: &str, text: &str) -> pb::RequestStats {
+    let mut stats = pb::RequestStats {
+        allocation: alloc.to_owned(),
+        ..pb::RequestStats::default()
+    };
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for line in text.lines() {
+        let Some(value) = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+        else {
+            continue;
+        };
+        // Counters are whole numbers.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = value as u64;
+        if line.starts_with("skiff_mesh_requests_total{") {
+            stats.requests += n;
+            if matches!(label(line, "class"), Some("5xx" | "error")) {
+                stats.errors += n;
+            }
+        } else if line.starts_with("skiff_mesh_request_duration_seconds_bucket{") {
+            let Some(le) = label(line, "le").and_then(|le| match le {
+                "+Inf" => Some(f64::INFINITY),
+                v => v.parse::<f64>().ok(),
+            }) else {
+                continue;
+            };
+            match buckets.iter_mut().find(|b| b.0 == le) {
+                Some(b) => b.1 += n,
+                None => buckets.push((le, n)),
+            }
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    stats.bucket_bounds = buckets.iter().map(|b| b.0).collect();
+    stats.bucket_counts = buckets.iter().map(|b| b.1).collect();
+    stats
+}
+
+impl Mesh {
+    /// The request counts of the running sidecars of `allocs` (those that answer).
+    pub fn request_stats(
+        &self,
+        allocs: &[String],
+        netns: impl Fn(&str) -> Option<PathBuf>,
+    ) -> Vec<pb::RequestStats> {
+        let mut out = Vec::new();
+        for alloc in allocs {
+            if self.running(alloc).is_none() {
+                continue;
+            }
+            let Some(ns) = netns(alloc) else { continue };
+            match scrape(&ns) {
+                Ok(text) => out.push(request_stats(alloc, &text)),
+                Err(e) => {
+                    tracing::debug!(alloc = %alloc, error = %e, "reading a sidecar's requests")
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Loads `rules` into the nat table of the namespace at `netns`.
 fn apply_rules(netns: &Path, rules: &str) -> Result<(), String> {
     crate::net::hostport::iptables_restore(
@@ -550,6 +624,23 @@ fn apply_rules(netns: &Path, rules: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_stats_sum_callers_and_classes() {
+        let text = "# HELP skiff_mesh_requests_total x\n# TYPE skiff_mesh_requests_total counter\n\
+            skiff_mesh_requests_total{identity=\"a\",version=\"2\",source=\"client\",class=\"2xx\"} 7\n\
+            skiff_mesh_requests_total{identity=\"a\",version=\"2\",source=\"client\",class=\"5xx\"} 2\n\
+            skiff_mesh_requests_total{identity=\"a\",version=\"2\",source=\"plaintext\",class=\"error\"} 1\n\
+            skiff_mesh_request_duration_seconds_bucket{identity=\"a\",class=\"2xx\",le=\"0.005\"} 6\n\
+            skiff_mesh_request_duration_seconds_bucket{identity=\"a\",class=\"2xx\",le=\"+Inf\"} 7\n\
+            skiff_mesh_request_duration_seconds_bucket{identity=\"a\",class=\"5xx\",le=\"0.005\"} 0\n\
+            skiff_mesh_request_duration_seconds_bucket{identity=\"a\",class=\"5xx\",le=\"+Inf\"} 3\n\
+            skiff_mesh_open_connections{direction=\"inbound\"} 4\n";
+        let s = request_stats("x", text);
+        assert_eq!((s.requests, s.errors), (10, 3));
+        assert_eq!(s.bucket_bounds, vec![0.005, f64::INFINITY]);
+        assert_eq!(s.bucket_counts, vec![6, 10]);
+    }
 
     #[test]
     fn rules_redirect_workload_ports_in_and_service_ips_out_but_not_the_proxy() {

@@ -871,6 +871,7 @@ mod tests {
                 mode: skiff_proxy::config::Mode::Strict,
                 allow_from: vec![],
                 upstreams: vec![],
+                request_stats: false,
             }),
             ..task()
         }

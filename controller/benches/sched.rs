@@ -123,7 +123,7 @@ fn in_process(nodes: usize, allocations: u32) -> anyhow::Result<InProcess> {
     let mut view = reconcile::node_view(&state);
     let mut placed_one = 0;
     for job in state.jobs(None) {
-        placed_one += reconcile::plan_job(&state, &mut view, job, &mut id, 2)
+        placed_one += reconcile::plan_job(&state, &mut view, job, &mut id, 2, None)
             .place
             .len();
     }
@@ -145,7 +145,7 @@ fn in_process(nodes: usize, allocations: u32) -> anyhow::Result<InProcess> {
     let mut view = reconcile::node_view(&state);
     let mut placed_many = 0;
     for job in state.jobs(None) {
-        placed_many += reconcile::plan_job(&state, &mut view, job, &mut id, 2)
+        placed_many += reconcile::plan_job(&state, &mut view, job, &mut id, 2, None)
             .place
             .len();
     }

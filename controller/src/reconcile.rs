@@ -22,20 +22,51 @@ use crate::state::{
     RolloutChange, RolloutStatus,
 };
 
-/// When the leader last heard from each node (shared by the Nodes API and the loop).
+pub mod analysis;
+
+use analysis::{Analyses, RequestSample, Verdict};
+
+/// When the leader last heard from each node, and the request counts of the sidecars it
+/// reported (shared by the Nodes API and the loop).
 #[derive(Clone, Default)]
 pub struct Heartbeats {
     inner: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Per node: each watched sidecar's counts, by allocation, as last reported.
+    requests: Arc<Mutex<HashMap<String, HashMap<String, RequestSample>>>>,
 }
 
 impl Heartbeats {
+    /// Replaces `node`'s sidecar request counts.
+    pub fn record_requests(&self, node: &str, samples: HashMap<String, RequestSample>) {
+        let mut m = self
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if samples.is_empty() {
+            m.remove(node);
+        } else {
+            m.insert(node.to_owned(), samples);
+        }
+    }
+
+    /// The last counts of an allocation's sidecar on `node`.
+    pub fn requests(&self, node: &str, alloc: &str) -> Option<RequestSample> {
+        self.requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)?
+            .get(alloc)
+            .cloned()
+    }
+
     pub fn beat(&self, node: &str) {
         self.lock().insert(node.to_owned(), Instant::now());
     }
 
-    /// Drops a removed node's clock.
+    /// Drops a removed node's clock and counts.
     pub fn forget(&self, node: &str) {
         self.lock().remove(node);
+        self.record_requests(node, HashMap::new());
     }
 
     fn last(&self, node: &str) -> Option<Instant> {
@@ -181,12 +212,14 @@ pub fn node_view(state: &ClusterState) -> Vec<Candidate<'_>> {
 /// one, replicas are replaced within its bounds: at most `replicas + max_surge` running (those
 /// draining included), at least `replicas - max_unavailable` healthy, a new replica counting
 /// once healthy for `min_healthy`; canaries first when it has them.
+/// `verdict` is the canary analysis's, for a job whose rollout has one.
 pub fn plan_job(
     state: &ClusterState,
     view: &mut [Candidate<'_>],
     job: &Job,
     new_id: &mut dyn FnMut() -> String,
     now_ms: i64,
+    verdict: Option<&Verdict>,
 ) -> JobPlan {
     let mut plan = JobPlan::default();
     let live: Vec<&Allocation> = state
@@ -296,7 +329,7 @@ pub fn plan_job(
             )
         })
     });
-    if let Some(reason) = failure {
+    let fail = |plan: &mut JobPlan, reason: String| {
         let target = job
             .stable_version
             .filter(|v| *v != version)
@@ -306,18 +339,34 @@ pub fn plan_job(
         } else {
             plan.rollout = Some((version, RolloutChange::Fail { reason }));
         }
+    };
+    if let Some(reason) = failure {
+        fail(&mut plan, reason);
         return plan;
     }
     let replicas = latest.spec.replicas;
     if !rollout.promoted {
-        // Canaries next to every old replica.
+        // Canaries next to every old replica; once healthy, the analysis (if any) decides.
         let canary = rollout.canary as usize;
         if current.len() < canary {
             place(&mut plan, view, job, canary - current.len(), new_id, now_ms);
         }
-        if ready >= canary && update.auto_promote {
-            plan.rollout = Some((version, RolloutChange::Promote));
-        } else if (ready as u32, rest.len() as u32) != (rollout.healthy, rollout.old_left) {
+        if ready >= canary {
+            let passed = match (&update.analysis, verdict) {
+                (None, _) => true,
+                (Some(_), Some(Verdict::Failed(reason))) => {
+                    fail(&mut plan, reason.clone());
+                    return plan;
+                }
+                (Some(_), Some(Verdict::Passed(_))) => true,
+                (Some(_), _) => false,
+            };
+            if passed && update.auto_promote {
+                plan.rollout = Some((version, RolloutChange::Promote));
+                return plan;
+            }
+        }
+        if (ready as u32, rest.len() as u32) != (rollout.healthy, rollout.old_left) {
             plan.rollout = Some((
                 version,
                 RolloutChange::Progress {
@@ -440,6 +489,64 @@ fn place(
     plan.pending = placed.rejections.map(|r| r.to_string());
 }
 
+/// The canary analysis of `job`'s rollout, when it has one and its canaries are healthy.
+fn judge(
+    state: &ClusterState,
+    job: &Job,
+    heartbeats: &Heartbeats,
+    analyses: &mut Analyses,
+    now_ms: i64,
+) -> Option<Verdict> {
+    let rollout = job.open_rollout()?;
+    let update = job.latest().spec.update_strategy();
+    let rules = update.analysis.as_ref()?;
+    if rollout.status != RolloutStatus::Running
+        || rollout.promoted
+        || job.status != JobStatus::Running
+    {
+        return None;
+    }
+    let min_healthy = i64::try_from(update.min_healthy.as_millis()).unwrap_or(i64::MAX);
+    let (mut new, mut old) = (Vec::new(), Vec::new());
+    let mut ready = 0;
+    for a in state
+        .job_allocations(&job.namespace, &job.name)
+        .filter(|a| holds(a) && a.drain_since_ms.is_none())
+    {
+        if job.same_as_latest(a.job_version) {
+            if a.healthy_since_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) >= min_healthy)
+            {
+                ready += 1;
+            }
+            new.push((a.node.clone(), a.id.clone()));
+        } else {
+            old.push((a.node.clone(), a.id.clone()));
+        }
+    }
+    if ready < rollout.canary {
+        return None;
+    }
+    let nodes: HashMap<String, String> = new
+        .iter()
+        .chain(&old)
+        .map(|(n, id)| (id.clone(), n.clone()))
+        .collect();
+    let stats = |id: &str| heartbeats.requests(nodes.get(id)?, id);
+    let ids = |v: &[(String, String)]| v.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>();
+    Some(analyses.judge(
+        (
+            format!("{}/{}", job.namespace, job.name),
+            job.latest().version,
+        ),
+        rules,
+        &ids(&new),
+        &ids(&old),
+        &stats,
+        Instant::now(),
+    ))
+}
+
 /// A fresh allocation id: 16 hex digits.
 pub fn new_alloc_id() -> String {
     use rand::Rng;
@@ -456,6 +563,7 @@ pub async fn run(
 ) {
     let mut applied = node.applied_watch();
     let mut leading_since: Option<u64> = None;
+    let mut analyses = Analyses::default();
     loop {
         let status = node.status();
         let leader = status.role == crate::raft::Role::Leader;
@@ -468,7 +576,10 @@ pub async fn run(
         } else if !leader {
             leading_since = None;
         }
-        if leader && let Err(e) = pass(&node, &heartbeats, &settings).await {
+        if !leader {
+            analyses = Analyses::default();
+        }
+        if leader && let Err(e) = pass(&node, &heartbeats, &settings, &mut analyses).await {
             debug!(error = %e, "reconcile pass stopped early");
         }
         tokio::select! {
@@ -487,6 +598,7 @@ async fn pass(
     node: &RaftNode,
     heartbeats: &Heartbeats,
     settings: &ReconcileSettings,
+    analyses: &mut Analyses,
 ) -> Result<(), crate::raft::RaftNodeError> {
     let now = Instant::now();
     let mut commands: Vec<Command> = Vec::new();
@@ -547,8 +659,24 @@ async fn pass(
         let mut stop = Vec::new();
         let mut drain = Vec::new();
         let mut rollouts = Vec::new();
+        let mut judged = Vec::new();
         for job in state.jobs(None) {
-            let plan = plan_job(state, &mut view, job, &mut new_alloc_id, now_ms());
+            let verdict = judge(state, job, heartbeats, analyses, now_ms());
+            if let Some(v) = &verdict {
+                judged.push((
+                    format!("{}/{}", job.namespace, job.name),
+                    job.latest().version,
+                ));
+                debug!(job = %format!("{}/{}", job.namespace, job.name), ?v, "canary analysis");
+            }
+            let plan = plan_job(
+                state,
+                &mut view,
+                job,
+                &mut new_alloc_id,
+                now_ms(),
+                verdict.as_ref(),
+            );
             if !plan.place.is_empty() || !plan.stop.is_empty() || !plan.drain.is_empty() {
                 info!(
                     job = %format!("{}/{}", job.namespace, job.name),
@@ -593,6 +721,7 @@ async fn pass(
                 });
             }
         }
+        analyses.retain(&judged);
         if !place.is_empty() {
             commands.push(Command::PlaceAllocations { allocations: place });
         }

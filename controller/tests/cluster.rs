@@ -292,6 +292,7 @@ fn beat(node: &str, allocations: Vec<pb::AllocationReport>) -> pb::HeartbeatRequ
         wireguard: None,
         trust_version: 0,
         named_volumes: Vec::new(),
+        request_stats: Vec::new(),
     }
 }
 
@@ -536,15 +537,19 @@ async fn t30_bad_input_gets_clear_errors_and_changes_nothing() {
         err.message()
     );
 
-    // A field nothing implements yet is refused, not parsed and ignored.
+    // A bad rollout setting is refused with its field and line.
     let err = apply(
         &mut client,
-        "name = \"web\"\nimage = \"x\"\n[update]\nmax_surge = 2\n".into(),
+        "name = \"web2\"\nimage = \"x\"\n[update]\nmax_surge = \"150%\"\n".into(),
     )
     .await
-    .expect_err("update is not supported yet");
+    .expect_err("a surge over 100%");
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(err.message(), "not supported yet: update (line 3)");
+    assert!(
+        err.message().starts_with("update.max_surge: ") && err.message().ends_with("(line 4)"),
+        "{}",
+        err.message()
+    );
 
     // Oversized request: refused, and the daemon keeps serving.
     let huge = format!(

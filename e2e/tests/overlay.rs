@@ -548,6 +548,7 @@ fn fake_node(
                         wireguard: None,
                         trust_version: 0,
                         named_volumes: Vec::new(),
+                        request_stats: Vec::new(),
                     })
                     .await?;
                     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -308,3 +308,174 @@ fn scenario(fleet: &mut Fleet) -> Result<()> {
     );
     Ok(())
 }
+
+/// Version `v` of the api job in the mesh: `/cgi-bin/x` answers `v<v>`, or, when `bad`, a 500
+/// half of the time; its check (`/id`) passes either way. One canary, promoted by the
+/// analysis when its error rate is no worse than the old version's.
+fn api(fleet: &Fleet, v: u32, bad: bool) -> Result<String> {
+    let spec = fleet.spec(
+        &format!("api-v{v}"),
+        &format!(
+            r#"name = "api"
+replicas = 3
+image = "{img}"
+init = true
+command = ["/bin/sh", "-c"]
+args = ['''
+mkdir -p /tmp/www/cgi-bin
+echo v$VERSION > /tmp/www/id
+cat > /tmp/www/cgi-bin/x <<END
+#!/bin/sh
+if [ $BAD = 1 ] && [ \$((RANDOM % 2)) = 0 ]; then
+  printf 'HTTP/1.0 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\nboom\n'
+else
+  printf 'Content-Type: text/plain\r\n\r\nv$VERSION\n'
+fi
+END
+chmod +x /tmp/www/cgi-bin/x
+exec httpd -f -p 8080 -h /tmp/www
+''']
+stop_signal = "SIGKILL"
+env = {{ VERSION = "{v}", BAD = "{bad}" }}
+[[ports]]
+name = "http"
+port = 8080
+protocol = "http"
+[service]
+port = "http"
+check = {{ http = "/id", interval = "500ms", timeout = "400ms" }}
+[mesh]
+allow_from = ["client"]
+[update]
+canary = 1
+auto_promote = true
+min_healthy = "2s"
+drain_delay = "1s"
+healthy_deadline = "30s"
+progress_deadline = "90s"
+[update.analysis]
+interval = "10s"
+min_requests = 15
+max_error_rate_increase = 5
+[resources]
+cpu = 0.05
+memory = "16Mi"
+"#,
+            img = fleet.image(),
+            bad = u8::from(bad),
+        ),
+    )?;
+    Ok(spec.display().to_string())
+}
+
+/// Follows the api's rollout until it is no longer running; the job status then.
+fn settle(fleet: &Fleet, limit: Duration) -> Result<serde_json::Value> {
+    fleet.wait_for_value("the api's rollout to end", limit, |f| {
+        let st = f.cli_json(&["job", "status", "api"])?;
+        Ok((st["rollout"]["status"] != "running").then_some(st))
+    })
+}
+
+#[test]
+fn r20_the_metric_gate_stops_a_bad_canary_and_passes_a_good_one() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let _serial = serial();
+    let fleet = Fleet::start(1, 2, "5s")?;
+    let res = (|| -> Result<()> {
+        fleet.cli_ok(&["apply", "-f", &api(&fleet, 1, false)?])?;
+        let client = fleet.spec(
+            "client",
+            &format!(
+                "name = \"client\"\nimage = \"{}\"\ninit = true\ncommand = [\"/bin/sleep\"]\nargs = [\"3600\"]\n\
+                 stop_signal = \"SIGKILL\"\n[resources]\ncpu = 0.05\nmemory = \"16Mi\"\n[mesh]\nupstreams = [\"api\"]\n",
+                fleet.image()
+            ),
+        )?;
+        fleet.cli_ok(&["apply", "-f", &client.display().to_string()])?;
+        let (client, _) = fleet.wait_for_value("client running", Duration::from_secs(60), |f| {
+            Ok(f.allocations("client")?
+                .into_iter()
+                .find(|a| a.2 == "running")
+                .map(|a| (a.0, a.1)))
+        })?;
+        let script = |count: u32| {
+            format!(
+                "for i in $(seq {count}); do timeout 5 wget -qO- http://api:8080/cgi-bin/x 2>&1 || echo FAILED; sleep 0.05; done"
+            )
+        };
+        fleet.wait_for("the api answering v1", Duration::from_secs(60), |f| {
+            let out = f.cli_ok(&["exec", &client, "--", "sh", "-c", &script(3)])?;
+            Ok(out.lines().all(|l| l == "v1") && out.lines().count() == 3)
+        })?;
+
+        // A bad version: stopped at its one canary by its error rate, rolled back.
+        let load = fleet.cli_spawn(&["exec", &client, "--", "sh", "-c", &script(700)])?;
+        fleet.cli_ok(&["apply", "-f", &api(&fleet, 2, true)?])?;
+        let mut max_v2 = 0;
+        let st = fleet.wait_for_value("the bad canary judged", Duration::from_secs(120), |f| {
+            let ps = f.cli_json(&["ps", "api"])?;
+            let v2 = ps
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["job_version"] == 2)
+                .count();
+            max_v2 = max_v2.max(v2);
+            let st = f.cli_json(&["job", "status", "api"])?;
+            Ok((st["job"]["version"] == 3).then_some(st))
+        })?;
+        ensure!(
+            max_v2 <= 1,
+            "version 2 went past its canary: {max_v2} replicas"
+        );
+        let history = fleet.cli_json(&["job", "history", "api"])?;
+        let failed = history["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["version"] == 2)
+            .map(|v| v["rollout"].clone())
+            .unwrap_or_default();
+        let reason = failed["reason"].as_str().unwrap_or_default().to_owned();
+        ensure!(
+            failed["status"] == "failed"
+                && reason.contains("canary error rate")
+                && reason.contains("rolled back to version 1 (as version 3)"),
+            "{failed}\n{st}"
+        );
+        eprintln!("the metric gate: {reason}");
+        let st = settle(&fleet, Duration::from_secs(90))?;
+        ensure!(st["rollout"]["status"] == "succeeded", "{st}");
+
+        // A good version passes the gate and rolls out.
+        fleet.cli_ok(&["apply", "-f", &api(&fleet, 4, false)?])?;
+        let st = settle(&fleet, Duration::from_secs(150))?;
+        ensure!(
+            st["rollout"]["status"] == "succeeded" && st["job"]["version"] == 4,
+            "{st}"
+        );
+        let out = load.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+        for l in text.lines() {
+            *by.entry(l).or_insert(0) += 1;
+        }
+        // Requests that reached the bad canary may fail (what the gate measures); the rest
+        // answer.
+        eprintln!("answers during both rollouts: {by:?}");
+        ensure!(
+            by.keys()
+                .all(|k| ["v1", "v2", "v4", "boom", "FAILED"].contains(k) || k.contains("500")),
+            "{by:?}"
+        );
+        let after = fleet.cli_ok(&["exec", &client, "--", "sh", "-c", &script(5)])?;
+        ensure!(after.lines().all(|l| l == "v4"), "{after}");
+        Ok(())
+    })();
+    if res.is_err() {
+        eprintln!("{}", fleet.log_tails(40));
+    }
+    res
+}

@@ -101,6 +101,7 @@ pub fn mesh_task(spec: &JobSpec) -> Option<pb::MeshTask> {
         } as i32,
         allow_from: mesh.allow_from.clone(),
         upstreams: mesh.upstreams.clone(),
+        request_stats: spec.update.as_ref().is_some_and(|u| u.analysis.is_some()),
     })
 }
 

@@ -298,6 +298,7 @@ impl Jobs for JobsApi {
                     &job,
                     &mut reconcile::new_alloc_id,
                     now_ms(),
+                    None,
                 );
                 let mut per_node: std::collections::BTreeMap<String, u32> = Default::default();
                 for a in &plan.place {

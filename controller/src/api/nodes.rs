@@ -241,6 +241,35 @@ impl Nodes for NodesApi {
                             .unwrap_or_default(),
                     });
                     self.heartbeats.beat(&req.name);
+                    // Counts of this node's own allocations only, well formed.
+                    let samples = req
+                        .request_stats
+                        .iter()
+                        .filter(|r| {
+                            state
+                                .allocation(&r.allocation)
+                                .is_some_and(|a| a.node == req.name)
+                                && r.bucket_bounds.len() == r.bucket_counts.len()
+                                && r.bucket_bounds.len() <= crate::reconcile::analysis::MAX_BUCKETS
+                                && r.errors <= r.requests
+                        })
+                        .map(|r| {
+                            (
+                                r.allocation.clone(),
+                                crate::reconcile::analysis::RequestSample {
+                                    requests: r.requests,
+                                    errors: r.errors,
+                                    buckets: r
+                                        .bucket_bounds
+                                        .iter()
+                                        .copied()
+                                        .zip(r.bucket_counts.iter().copied())
+                                        .collect(),
+                                },
+                            )
+                        })
+                        .collect();
+                    self.heartbeats.record_requests(&req.name, samples);
                     if let Some(wg) = &req.wireguard {
                         self.wireguard_status().insert(req.name.clone(), wg.clone());
                     }

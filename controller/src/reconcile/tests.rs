@@ -29,6 +29,8 @@ struct World {
     next: u64,
     /// The clock, in milliseconds.
     now: i64,
+    /// What the canary analysis says.
+    verdict: Option<Verdict>,
 }
 
 impl World {
@@ -43,6 +45,7 @@ impl World {
             state,
             next: 0,
             now: 2,
+            verdict: None,
         }
     }
 
@@ -65,7 +68,14 @@ impl World {
                 next += 1;
                 format!("a{next:03}")
             };
-            plan_job(&self.state, &mut view, &job, &mut id, self.now)
+            plan_job(
+                &self.state,
+                &mut view,
+                &job,
+                &mut id,
+                self.now,
+                self.verdict.as_ref(),
+            )
         };
         self.next = next;
         if !plan.place.is_empty() {
@@ -509,4 +519,73 @@ fn what_does_not_fit_stays_pending_with_the_reason() {
     let plan = w.reconcile();
     assert_eq!((plan.place.len(), plan.unplaced), (1, 0));
     assert_eq!(plan.pending, None);
+}
+
+/// Version 1 on two nodes, version 2 (with a canary analysis) rolling: its healthy canary
+/// waits for the analysis.
+fn canary_under_analysis() -> World {
+    let update = "canary = 1\nauto_promote = true\nmin_healthy = \"1s\"\ndrain_delay = \"1s\"\n";
+    let mut w = World::new(&["n1", "n2"]);
+    w.apply(service_spec(2, "img:1", update));
+    w.reconcile();
+    w.report(None);
+    let mut v2 = service_spec(2, "img:2", update);
+    // The analysis reads the sidecars' request counts: the mesh and an HTTP port.
+    v2.mesh = Some(skiff_common::Mesh::default());
+    v2.ports[0].protocol = skiff_common::Protocol::Http;
+    v2.update = Some(skiff_common::UpdateStrategy {
+        analysis: Some(skiff_common::Analysis {
+            max_error_rate_increase: 1.0,
+            max_p99_increase: std::time::Duration::from_millis(100),
+            interval: std::time::Duration::from_secs(10),
+            min_requests: 10,
+        }),
+        ..v2.update_strategy()
+    });
+    w.apply(v2);
+    w.verdict = Some(Verdict::Waiting("analysis: 3s of 10s".into()));
+    for _ in 0..5 {
+        w.now += 1000;
+        w.reconcile();
+        w.report(None);
+    }
+    let r = w.job().rollout().cloned().expect("rollout");
+    assert!(!r.promoted, "promoted before the analysis said so");
+    assert_eq!(w.versions(), BTreeMap::from([(1, 2), (2, 1)]));
+    w
+}
+
+#[test]
+fn a_failed_canary_analysis_rolls_back_with_its_reason() {
+    let mut w = canary_under_analysis();
+    w.verdict = Some(Verdict::Failed(
+        "canary error rate 40.0% against 0.0%".into(),
+    ));
+    w.now += 1000;
+    let plan = w.reconcile();
+    let (to, reason) = plan.rollback.expect("a rollback");
+    assert_eq!(to, 1);
+    assert!(reason.contains("canary error rate 40.0%"), "{reason}");
+    let failed = &w.job().rollouts[0];
+    assert_eq!(failed.status, RolloutStatus::Failed);
+    assert!(
+        failed.reason.starts_with("canary error rate 40.0%"),
+        "{}",
+        failed.reason
+    );
+}
+
+#[test]
+fn a_passed_canary_analysis_promotes() {
+    let mut w = canary_under_analysis();
+    w.verdict = Some(Verdict::Passed("fine".into()));
+    w.now += 1000;
+    let plan = w.reconcile();
+    assert_eq!(plan.rollout, Some((2, RolloutChange::Promote)));
+    w.verdict = None;
+    roll(&mut w, None, 60, 3, 2);
+    assert_eq!(
+        w.job().rollout().map(|r| r.status),
+        Some(RolloutStatus::Succeeded)
+    );
 }
