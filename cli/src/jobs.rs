@@ -49,6 +49,18 @@ pub async fn apply(ctl: &Controllers, out: Out, file: &PathBuf) -> anyhow::Resul
         for c in &resp.changes {
             println!("{}", render::change_line(c));
         }
+        // Anything but the replica count is rolled out.
+        if resp.changes.iter().any(|c| c.path != "replicas") {
+            let ns = if job.namespace == "default" {
+                String::new()
+            } else {
+                format!(" -n {}", job.namespace)
+            };
+            println!(
+                "rolling out: follow with `skiff rollout status {}{ns}`",
+                job.name
+            );
+        }
     } else {
         println!("job {key} unchanged: version {}", job.version);
     }

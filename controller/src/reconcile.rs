@@ -285,9 +285,12 @@ pub fn plan_job(
         return plan;
     };
     let version = rollout.version;
+    // A replica that ran to completion (a batch job's) counts as healthy.
+    let done = |a: &Allocation| a.observed == AllocationStatus::Exited { code: 0 };
     let healthy_for = |a: &Allocation| {
-        a.healthy_since_ms
-            .is_some_and(|t| now_ms.saturating_sub(t) >= ms(update.min_healthy))
+        done(a)
+            || a.healthy_since_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) >= ms(update.min_healthy))
     };
     let ready = current.iter().filter(|a| healthy_for(a)).count();
     if rollout.status != RolloutStatus::Running {
@@ -392,7 +395,7 @@ pub fn plan_job(
         }
     }
     // Old replicas leave while enough stay healthy: those not serving first.
-    let available = |a: &Allocation| a.healthy_since_ms.is_some();
+    let available = |a: &Allocation| a.healthy_since_ms.is_some() || done(a);
     let old_available = rest.iter().filter(|a| available(a)).count();
     let mut budget = (ready + old_available).saturating_sub(want.saturating_sub(unavailable));
     let mut old: Vec<&&Allocation> = rest.iter().collect();

@@ -589,3 +589,42 @@ fn a_passed_canary_analysis_promotes() {
         Some(RolloutStatus::Succeeded)
     );
 }
+
+#[test]
+fn a_batch_job_rolls_out_with_replicas_that_ran_to_completion() {
+    let mut w = World::new(&["n1", "n2"]);
+    w.apply(spec(2, "img:1"));
+    w.apply(spec(2, "img:2"));
+    // Version 1 was replaced before it ran: version 2 rolls now.
+    for _ in 0..30 {
+        w.now += 1000;
+        w.reconcile();
+        let reports = w
+            .state
+            .allocations()
+            .filter(|a| holds(a))
+            .map(|a| crate::state::AllocationReport {
+                id: a.id.clone(),
+                status: AllocationStatus::Exited { code: 0 },
+                restarts: 0,
+                ip: None,
+                health: None,
+                health_output: String::new(),
+                log_dropped_bytes: 0,
+                log_error: String::new(),
+                containers: None,
+            })
+            .collect();
+        w.state
+            .apply(&Command::ReportAllocations {
+                reports,
+                at_ms: w.now,
+            })
+            .expect("report");
+    }
+    assert_eq!(
+        w.job().rollout().map(|r| r.status),
+        Some(RolloutStatus::Succeeded)
+    );
+    assert_eq!(w.versions(), BTreeMap::from([(2, 2)]));
+}
