@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, SOA, SRV};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use skiff_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -34,6 +34,10 @@ use tracing::{debug, warn};
 pub const ZONE: &str = "skiff.internal";
 /// TTL of answers: short, endpoints move.
 const TTL: u32 = 5;
+
+/// The UDP payload this server takes and advertises in its OPT records (RFC 6891; the size
+/// DNS flag day 2020 settled on).
+const EDNS_PAYLOAD: u16 = 1232;
 
 /// What the zone holds, by lower-case name without the trailing dot.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -254,7 +258,8 @@ fn answer_fast(query: &[u8], zone: &Zone, udp: bool) -> Option<Reply> {
     let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
     let qclass = u16::from_be_bytes([*query.get(i + 2)?, *query.get(i + 3)?]);
     let end = i + 4;
-    if end != query.len() || qclass != 1 {
+    // Other classes and zone transfers (AXFR 252, IXFR 251): the general path refuses them.
+    if end != query.len() || qclass != 1 || qtype == 251 || qtype == 252 {
         return None;
     }
     if in_zone(&name) && !zone.names.contains(&name) {
@@ -280,7 +285,9 @@ fn answer_fast(query: &[u8], zone: &Zone, udp: bool) -> Option<Reply> {
     Some(Reply::Answer(out))
 }
 
-/// The general path: hickory parses the message and builds the answer.
+/// The general path: hickory parses the message and builds the answer. A query with EDNS
+/// gets an OPT record back (version 0, this server's payload size); a version it does not
+/// speak gets BADVERS; other classes than IN (and ANY) and zone transfers are refused.
 fn answer_slow(query: &[u8], zone: &Zone, udp: bool) -> Reply {
     let msg = match Message::from_vec(query) {
         Ok(m) => m,
@@ -297,16 +304,42 @@ fn answer_slow(query: &[u8], zone: &Zone, udp: bool) -> Reply {
         return Reply::Drop;
     }
     let id = msg.metadata.id;
-    if msg.metadata.op_code != OpCode::Query {
-        return encode(Message::error_msg(
-            id,
+    // The OPT record of every answer to an EDNS query.
+    let opt = msg.edns.as_ref().map(|_| {
+        let mut e = Edns::new();
+        e.set_max_payload(EDNS_PAYLOAD);
+        e.set_version(0);
+        e
+    });
+    let error = |op: OpCode, code: ResponseCode, q: Option<&hickory_proto::op::Query>| {
+        let mut m = Message::error_msg(id, op, code);
+        m.metadata.recursion_desired = msg.metadata.recursion_desired;
+        if let Some(q) = q {
+            m.add_query(q.clone());
+        }
+        if let Some(e) = &opt {
+            m.set_edns(e.clone());
+        }
+        encode(m)
+    };
+    if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        return error(
             msg.metadata.op_code,
-            ResponseCode::NotImp,
-        ));
+            ResponseCode::BADVERS,
+            msg.queries.first(),
+        );
+    }
+    if msg.metadata.op_code != OpCode::Query {
+        return error(msg.metadata.op_code, ResponseCode::NotImp, None);
     }
     let [q] = msg.queries.as_slice() else {
-        return encode(Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
+        return error(OpCode::Query, ResponseCode::FormErr, None);
     };
+    if !matches!(q.query_class, DNSClass::IN | DNSClass::ANY)
+        || matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR)
+    {
+        return error(OpCode::Query, ResponseCode::Refused, Some(q));
+    }
     let owner = q.name().clone();
     let name = owner.to_ascii().trim_end_matches('.').to_ascii_lowercase();
     if !in_zone(&name) {
@@ -317,6 +350,9 @@ fn answer_slow(query: &[u8], zone: &Zone, udp: bool) -> Reply {
     resp.metadata.recursion_desired = msg.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
     resp.add_query(q.clone());
+    if let Some(e) = &opt {
+        resp.set_edns(e.clone());
+    }
     if !zone.names.contains(&name) {
         resp.metadata.response_code = ResponseCode::NXDomain;
         resp.add_authority(soa());
@@ -346,17 +382,22 @@ fn answer_slow(query: &[u8], zone: &Zone, udp: bool) -> Reply {
         resp.add_authority(soa());
     }
     let Ok(bytes) = resp.to_vec() else {
-        return encode(Message::error_msg(
-            id,
-            OpCode::Query,
-            ResponseCode::ServFail,
-        ));
+        return error(OpCode::Query, ResponseCode::ServFail, Some(q));
     };
-    if udp && bytes.len() > usize::from(msg.max_payload()) {
+    // What the client takes over UDP (512 without EDNS), no more than this server offers.
+    let limit = if opt.is_some() {
+        msg.max_payload().clamp(512, EDNS_PAYLOAD)
+    } else {
+        512
+    };
+    if udp && bytes.len() > usize::from(limit) {
         let mut t = Message::response(id, OpCode::Query);
         t.metadata = resp.metadata;
         t.metadata.truncation = true;
         t.add_query(q.clone());
+        if let Some(e) = &opt {
+            t.set_edns(e.clone());
+        }
         return encode(t);
     }
     Reply::Answer(bytes)
@@ -820,6 +861,109 @@ mod tests {
         let zone = Zone::build(&[svc]);
         let r = ask(&zone, "web.default.skiff.internal.", RecordType::A, true);
         assert_eq!(r.answers.len(), 1);
+    }
+
+    /// A query as dig sends it: `edns` (a version) or none, a class, a type.
+    fn raw(name: &str, t: RecordType, class: DNSClass, edns: Option<u8>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 7;
+        m.metadata.recursion_desired = true;
+        let mut q = Query::query(Name::from_ascii(name).expect("name"), t);
+        q.query_class = class;
+        m.add_query(q);
+        if let Some(v) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(4096);
+            e.set_version(v);
+            m.set_edns(e);
+        }
+        m.to_vec().expect("encode")
+    }
+
+    fn reply(bytes: &[u8], zone: &Zone) -> Message {
+        match answer(bytes, zone, true) {
+            Reply::Answer(b) => Message::from_vec(&b).expect("decode"),
+            Reply::Forward => panic!("forwarded"),
+            Reply::Drop => panic!("dropped"),
+        }
+    }
+
+    #[test]
+    fn edns_compliance_as_isc_checks_it() {
+        let zone = Zone::build(&[service(&[("a1", "10.42.0.2")], &[])]);
+        // EDNS 0: answered with an OPT record of version 0 and this server's payload size,
+        // the question's case echoed (0x20).
+        let m = reply(
+            &raw(
+                "WeB.Default.Skiff.Internal",
+                RecordType::A,
+                DNSClass::IN,
+                Some(0),
+            ),
+            &zone,
+        );
+        let opt = m.edns.as_ref().expect("an OPT record");
+        assert_eq!((opt.version(), opt.max_payload()), (0, EDNS_PAYLOAD));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(
+            m.queries[0].name().to_ascii(),
+            "WeB.Default.Skiff.Internal."
+        );
+        // NXDOMAIN keeps the OPT record too.
+        let m = reply(
+            &raw(
+                "nope.default.skiff.internal",
+                RecordType::A,
+                DNSClass::IN,
+                Some(0),
+            ),
+            &zone,
+        );
+        assert!(m.edns.is_some() && m.metadata.response_code == ResponseCode::NXDomain);
+        // Without EDNS, none.
+        let m = reply(
+            &raw(
+                "web.default.skiff.internal",
+                RecordType::A,
+                DNSClass::IN,
+                None,
+            ),
+            &zone,
+        );
+        assert!(m.edns.is_none());
+        // EDNS version 1: BADVERS, with an OPT record of the version spoken.
+        let m = reply(
+            &raw(
+                "web.default.skiff.internal",
+                RecordType::A,
+                DNSClass::IN,
+                Some(1),
+            ),
+            &zone,
+        );
+        // 16 on the wire, BADVERS (hickory reads 16 back as BADSIG, the TSIG meaning).
+        assert_eq!(u16::from(m.metadata.response_code), 16);
+        assert_eq!(m.edns.as_ref().map(Edns::version), Some(0));
+        assert!(m.answers.is_empty());
+        // Zone transfers and other classes: refused, never forwarded.
+        for (name, t, class) in [
+            ("skiff.internal", RecordType::AXFR, DNSClass::IN),
+            ("skiff.internal", RecordType::IXFR, DNSClass::IN),
+            ("example.test", RecordType::AXFR, DNSClass::IN),
+            ("version.bind", RecordType::TXT, DNSClass::CH),
+            ("web.default.skiff.internal", RecordType::A, DNSClass::CH),
+        ] {
+            for edns in [None, Some(0)] {
+                let m = reply(&raw(name, t, class, edns), &zone);
+                assert_eq!(
+                    m.metadata.response_code,
+                    ResponseCode::Refused,
+                    "{name} {t:?} {class:?}"
+                );
+                assert_eq!(m.edns.is_some(), edns.is_some(), "{name} {t:?}");
+            }
+        }
     }
 
     #[test]

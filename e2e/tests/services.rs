@@ -373,6 +373,51 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
         // Outside the zone: forwarded upstream.
         let ext = dig(fleet, host, &[&server, "example.test", "A", "+short"])?;
         ensure!(ext.trim() == "192.0.2.7", "forwarded: {ext}");
+        // EDNS as ISC's compliance checks ask: an OPT record with the server's payload size
+        // (the question's case echoed); BADVERS for version 1; zone transfers and the CHAOS
+        // class refused.
+        let edns = dig(
+            fleet,
+            host,
+            &[&server, "+edns=0", "WeB.DeFault.skiff.internal", "A"],
+        )?;
+        ensure!(
+            edns.contains("status: NOERROR")
+                && edns.contains("OPT PSEUDOSECTION")
+                && edns.contains("udp: 1232")
+                && edns.contains(";WeB.DeFault.skiff.internal."),
+            "{edns}"
+        );
+        let v1 = dig(
+            fleet,
+            host,
+            &[
+                &server,
+                "+edns=1",
+                "+noednsneg",
+                "web.default.skiff.internal",
+                "A",
+            ],
+        )?;
+        ensure!(v1.contains("status: BADVERS"), "{v1}");
+        let ch = dig(fleet, host, &[&server, "CH", "TXT", "version.bind"])?;
+        ensure!(ch.contains("status: REFUSED"), "{ch}");
+        let out = fleet.on_host(
+            host,
+            &[
+                "dig",
+                "+time=2",
+                "+tries=1",
+                &server,
+                "AXFR",
+                "skiff.internal",
+            ],
+        )?;
+        let axfr = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            axfr.contains("Transfer failed") && !axfr.contains("\tSOA\t"),
+            "AXFR: {axfr}"
+        );
     }
 
     // From inside a container: the resolv.conf names the node's DNS; short names work.

@@ -196,12 +196,20 @@ fn main() -> Result<()> {
             r.failed
         ));
     }
+    let with_drain = f64::from(waves) * (MIN_HEALTHY_S + DRAIN_S) as f64;
     md.push_str(&format!(
-        "\nMedian {median:.1} s [{:.1}-{:.1}], {:.2}x the floor; {} failed requests in all.\n",
+        "\nMedian {median:.1} s [{:.1}-{:.1}], {:.2}x the floor; {} failed requests in all. \
+         Where the rest goes: draining replicas count as running (so the surge bound holds), so \
+         each wave also waits its `drain_delay` before the next is placed ({waves} x \
+         {MIN_HEALTHY_S} s + {waves} x {DRAIN_S} s = {with_drain:.0} s; the median is {:.2}x that); the \
+         remaining {:.1} s per wave is the container start, its first passing check and the \
+         agent's report of it (heartbeats every second).\n",
         secs[0],
         secs[secs.len() - 1],
         median / floor,
-        rounds.iter().map(|r| r.failed).sum::<usize>()
+        rounds.iter().map(|r| r.failed).sum::<usize>(),
+        median / with_drain,
+        (median - with_drain) / f64::from(waves),
     ));
     skiff_e2e::publish(HEADING, &md, args.write_md.as_deref())?;
     Ok(())
