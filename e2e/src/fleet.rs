@@ -432,9 +432,14 @@ impl Fleet {
 
     /// As [`Fleet::cli`], with other credentials.
     pub fn cli_with(&self, credentials: &Path, args: &[&str]) -> Result<Output> {
+        Ok(self.cli_command(credentials, args)?.output()?)
+    }
+
+    /// `skiff ARGS` on the client host, to run.
+    fn cli_command(&self, credentials: &Path, args: &[&str]) -> Result<Command> {
         let host = self.host("cli")?;
-        Ok(Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", host.netns))
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", host.netns))
             .arg("--")
             .arg(bin("skiff"))
             .arg("--credentials")
@@ -442,28 +447,43 @@ impl Fleet {
             .arg("--controller")
             .arg(self.controller_addrs())
             .args(args)
-            .env_remove("SKIFF_CONTROLLER")
-            .output()?)
+            .env_remove("SKIFF_CONTROLLER");
+        Ok(c)
     }
 
     /// Starts `skiff ARGS` from the client host (stdout and stderr piped), for a command that
     /// runs while the test goes on.
     pub fn cli_spawn(&self, args: &[&str]) -> Result<std::process::Child> {
-        let host = self.host("cli")?;
-        Ok(Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", host.netns))
-            .arg("--")
-            .arg(bin("skiff"))
-            .arg("--credentials")
-            .arg(self.credentials())
-            .arg("--controller")
-            .arg(self.controller_addrs())
-            .args(args)
-            .env_remove("SKIFF_CONTROLLER")
+        Ok(self
+            .cli_command(&self.credentials(), args)?
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?)
+    }
+
+    /// Of `job`'s allocations that should run, those running (draining ones too); of its
+    /// service's endpoints, those taking traffic.
+    pub fn running_and_ready(&self, job: &str) -> Result<(usize, usize)> {
+        let ps = self.cli_json(&["ps", job])?;
+        let running = ps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["status"] == "running" && a["desired"] == "run")
+            .count();
+        let services = self.cli_json(&["services"])?;
+        let ready = services
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["job"] == job)
+            .and_then(|s| s["endpoints"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["ready"] == true)
+            .count();
+        Ok((running, ready))
     }
 
     /// `skiff ARGS`, which must succeed; its stdout.

@@ -57,24 +57,7 @@ struct Sample {
 }
 
 fn sample(fleet: &Fleet) -> Result<Sample> {
-    let ps = fleet.cli_json(&["ps", "web"])?;
-    let running = ps
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|a| a["status"] == "running" && a["desired"] == "run")
-        .count();
-    let services = fleet.cli_json(&["services"])?;
-    let ready = services
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["name"] == "web")
-        .and_then(|s| s["endpoints"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|e| e["ready"] == true)
-        .count();
+    let (running, ready) = fleet.running_and_ready("web")?;
     let status = fleet.cli_json(&["job", "status", "web"])?;
     Ok(Sample {
         running,

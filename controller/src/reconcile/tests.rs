@@ -128,6 +128,20 @@ impl World {
         plan
     }
 
+    /// A user's change to the rollout of version 2.
+    fn act(
+        &mut self,
+        change: RolloutChange,
+    ) -> Result<crate::state::Outcome, crate::state::ApplyError> {
+        self.state.apply(&Command::Rollout {
+            namespace: "default".into(),
+            name: "web".into(),
+            version: 2,
+            change,
+            at_ms: self.now,
+        })
+    }
+
     /// Every live allocation reports running, healthy unless its version is `sick`.
     fn report(&mut self, sick: Option<u64>) {
         let reports = self
@@ -390,55 +404,22 @@ fn canaries_wait_for_promotion_and_pause_holds_everything() {
     assert_eq!(w.versions(), BTreeMap::from([(1, 3), (2, 1)]));
     let r = w.job().rollout().cloned().expect("rollout");
     assert!(!r.promoted && r.status == RolloutStatus::Running);
-    w.state
-        .apply(&Command::Rollout {
-            namespace: "default".into(),
-            name: "web".into(),
-            version: 2,
-            change: RolloutChange::Pause,
-            at_ms: w.now,
-        })
-        .expect("pause");
-    w.state
-        .apply(&Command::Rollout {
-            namespace: "default".into(),
-            name: "web".into(),
-            version: 2,
-            change: RolloutChange::Promote,
-            at_ms: w.now,
-        })
-        .expect("promote while paused");
+    w.act(RolloutChange::Pause).expect("pause");
+    w.act(RolloutChange::Promote).expect("promote while paused");
     for _ in 0..10 {
         w.now += 1000;
         let plan = w.reconcile();
         assert!(plan.place.is_empty() && plan.drain.is_empty(), "{plan:?}");
         w.report(None);
     }
-    w.state
-        .apply(&Command::Rollout {
-            namespace: "default".into(),
-            name: "web".into(),
-            version: 2,
-            change: RolloutChange::Resume,
-            at_ms: w.now,
-        })
-        .expect("resume");
+    w.act(RolloutChange::Resume).expect("resume");
     roll(&mut w, None, 60, 4, 3);
     assert_eq!(
         w.job().rollout().map(|r| r.status),
         Some(RolloutStatus::Succeeded)
     );
     // A finished rollout cannot be paused.
-    let e = w
-        .state
-        .apply(&Command::Rollout {
-            namespace: "default".into(),
-            name: "web".into(),
-            version: 2,
-            change: RolloutChange::Pause,
-            at_ms: w.now,
-        })
-        .expect_err("finished");
+    let e = w.act(RolloutChange::Pause).expect_err("finished");
     assert!(e.to_string().contains("it is succeeded"), "{e}");
 }
 

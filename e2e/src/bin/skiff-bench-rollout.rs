@@ -62,24 +62,7 @@ struct Round {
 }
 
 fn counts(fleet: &Fleet) -> Result<(usize, usize, String)> {
-    let ps = fleet.cli_json(&["ps", "web"])?;
-    let running = ps
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|a| a["status"] == "running")
-        .count();
-    let svc = fleet.cli_json(&["services"])?;
-    let ready = svc
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["name"] == "web")
-        .and_then(|s| s["endpoints"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|e| e["ready"] == true)
-        .count();
+    let (running, ready) = fleet.running_and_ready("web")?;
     let st = fleet.cli_json(&["job", "status", "web"])?;
     let status = st["rollout"]["status"]
         .as_str()
