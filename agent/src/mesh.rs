@@ -383,31 +383,52 @@ impl Mesh {
         let pid = child.id();
         std::fs::write(self.pid_file(&alloc.id), pid.to_string())
             .map_err(|e| io("its pid file", e))?;
+        // Ready: its admin port answers with its own pid (not another process's, say one
+        // left from an earlier start).
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let outcome = loop {
+            let answer = admin_get(netns, "/ready");
+            if answer
+                .as_deref()
+                .ok()
+                .and_then(|b| b.trim().strip_prefix("ready "))
+                .and_then(|p| p.parse::<u32>().ok())
+                == Some(pid)
+            {
+                break Ok(());
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => break Err(format!("it exited ({status})")),
+                Ok(None) => {}
+                Err(e) => break Err(format!("waiting for it: {e}")),
+            }
+            if Instant::now() > deadline {
+                break Err(format!(
+                    "no answer in {}s ({})",
+                    READY_TIMEOUT.as_secs(),
+                    answer
+                        .err()
+                        .unwrap_or_else(|| "another process answered".into())
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Err(why) = outcome {
+            // Ours to end: nothing may keep its ports or its directory.
+            let _ = child.kill();
+            let _ = child.wait();
+            let tail = std::fs::read_to_string(self.root().join(format!("{}.log", alloc.id)))
+                .unwrap_or_default();
+            let last = tail.lines().last().unwrap_or("").to_owned();
+            self.remove(&alloc.id);
+            return Err(format!("mesh sidecar did not become ready: {why}: {last}"));
+        }
         // Our child until we exit: reap it when it ends.
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        let probe = crate::health::Probe::Http {
-            netns: Some(netns.to_path_buf()),
-            addr: std::net::SocketAddr::from(([127, 0, 0, 1], pc::ADMIN_PORT)),
-            path: "/ready".into(),
-            expected: 200,
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if probe.run(Duration::from_millis(500)).is_ok() {
-                info!(alloc = %alloc.id, pid, identity = %cfg.identity, "mesh sidecar ready");
-                return Ok(());
-            }
-            if self.running(&alloc.id).is_none() || Instant::now() > deadline {
-                let tail = std::fs::read_to_string(self.root().join(format!("{}.log", alloc.id)))
-                    .unwrap_or_default();
-                let last = tail.lines().last().unwrap_or("").to_owned();
-                self.remove(&alloc.id);
-                return Err(format!("mesh sidecar did not become ready: {last}"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        info!(alloc = %alloc.id, pid, identity = %cfg.identity, "mesh sidecar ready");
+        Ok(())
     }
 
     /// Stops the sidecar of `alloc` and removes what it had (its rules go with the namespace).
@@ -436,8 +457,15 @@ impl Mesh {
 
 /// One sidecar's `/metrics`, read from inside the allocation's namespace.
 fn scrape(netns: &Path) -> Result<String, String> {
+    admin_get(netns, "/metrics")
+}
+
+/// The body of a 200 answer of the sidecar's admin port to `GET path`, from inside the
+/// allocation's namespace.
+fn admin_get(netns: &Path, path: &str) -> Result<String, String> {
     use std::io::Read as _;
-    crate::health::in_netns(Some(netns), || {
+    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+    crate::health::in_netns(Some(netns), move || {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pc::ADMIN_PORT));
         let timeout = Duration::from_secs(2);
         let mut s =
@@ -446,8 +474,7 @@ fn scrape(netns: &Path) -> Result<String, String> {
             .map_err(|e| e.to_string())?;
         s.set_write_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .map_err(|e| e.to_string())?;
+        s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         s.take(4 << 20)
             .read_to_end(&mut out)
@@ -455,7 +482,8 @@ fn scrape(netns: &Path) -> Result<String, String> {
         let text = String::from_utf8_lossy(&out).into_owned();
         match text.split_once("\r\n\r\n") {
             Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
-            _ => Err("no metrics".into()),
+            Some((head, _)) => Err(head.lines().next().unwrap_or_default().to_owned()),
+            None => Err("no answer".into()),
         }
     })
 }

@@ -8,7 +8,7 @@
 //! Bounded: each property runs a fixed number of cases (see [`config`]).
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::RecordType;
+use hickory_proto::rr::{DNSClass, RecordType};
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::TestCaseError;
@@ -397,10 +397,27 @@ fn check_reply(query: &[u8], udp: bool, zone: &Zone) -> Result<Option<Message>, 
                 MessageType::Query,
                 "a response was answered"
             );
-            if q.metadata.op_code != OpCode::Query {
+            // An answer to an EDNS query carries an OPT record, of version 0.
+            prop_assert_eq!(
+                msg.edns.is_some(),
+                q.edns.is_some(),
+                "OPT record iff the query had one"
+            );
+            prop_assert!(msg.edns.as_ref().is_none_or(|e| e.version() == 0));
+            let transfer_or_class = |asked: &hickory_proto::op::Query| {
+                !matches!(asked.query_class, DNSClass::IN | DNSClass::ANY)
+                    || matches!(asked.query_type(), RecordType::AXFR | RecordType::IXFR)
+            };
+            if q.edns.as_ref().is_some_and(|e| e.version() > 0) {
+                // BADVERS (16; hickory reads it back under its TSIG name).
+                prop_assert_eq!(u16::from(msg.metadata.response_code), 16);
+            } else if q.metadata.op_code != OpCode::Query {
                 prop_assert_eq!(msg.metadata.response_code, ResponseCode::NotImp);
             } else if q.queries.len() != 1 {
                 prop_assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
+            } else if transfer_or_class(&q.queries[0]) {
+                prop_assert_eq!(msg.metadata.response_code, ResponseCode::Refused);
+                prop_assert_eq!(&msg.queries, &q.queries, "the question is not echoed");
             } else {
                 let asked = &q.queries[0];
                 let name = asked.name().to_ascii();

@@ -640,8 +640,7 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
         .replace("[\"client\"]", "[\"client\", \"once\"]");
     ensure!(v2.contains("\"once\"") && v2.contains("permissive"), "{v2}");
     job(fleet, "api", &v2)?;
-    // (Without a rolling update yet, the old replicas go as the new ones come: wait until the
-    // new version alone serves.)
+    // (It rolls out replica by replica: wait until the new version alone serves.)
     let old: BTreeSet<String> = apis.iter().map(|a| a.0.clone()).collect();
     fleet.wait_for(
         "the permissive version in place of the old",

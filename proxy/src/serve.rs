@@ -402,7 +402,8 @@ async fn admin_conn(p: &Proxy, mut s: TcpStream) {
     let line = String::from_utf8_lossy(&buf);
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = match path {
-        "/ready" if p.tls().is_some() => ("200 OK", "ready\n".to_owned()),
+        // With its pid: the agent knows the answer comes from the process it started.
+        "/ready" if p.tls().is_some() => ("200 OK", format!("ready {}\n", std::process::id())),
         "/ready" => ("503 Service Unavailable", "no certificate\n".to_owned()),
         "/metrics" => (
             "200 OK",
