@@ -15,8 +15,11 @@ cd "$root"
 # a wireguard-go peer.
 # bind9-dnsutils (dig), python3: the DNS tests query each host's DNS and send it garbage.
 # openssl: the security test checks the controller's and agent's TLS with s_client.
+# chromium, libnss3-tools (certutil, pk12util), tesseract-ocr: the observability test opens the
+# status page in headless chromium with a reader's certificate and reads its screenshot back.
 need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2
-  iptables tcpdump wireguard-tools wireguard-go bind9-dnsutils python3 openssl)
+  iptables tcpdump wireguard-tools wireguard-go bind9-dnsutils python3 openssl chromium
+  libnss3-tools tesseract-ocr)
 missing=()
 for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -577,7 +577,16 @@ pub fn failed(id: &str, reason: &str) -> pb::AllocationReport {
 pub fn container_state(s: &State) -> (pb::AllocationState, Option<i32>, String) {
     use pb::AllocationState as A;
     match s.status {
-        Status::Running | Status::Restarting => (A::Running, None, String::new()),
+        // A restarted container says how its last run ended (an OOM kill, an exit code).
+        Status::Running | Status::Restarting => (
+            A::Running,
+            None,
+            s.exit
+                .as_ref()
+                .filter(|_| s.restarts > 0)
+                .map(|e| format!("restarted after {}", e.describe()))
+                .unwrap_or_default(),
+        ),
         Status::Created => (A::Pending, None, String::new()),
         Status::Exited => match (&s.exit, &s.error) {
             (_, Some(err)) => (

@@ -169,6 +169,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .serve_with_incoming(skiff_tls::net::incoming(listener, tls.clone(), false)),
     );
     let dns_stats: Arc<crate::dns::DnsStats> = Arc::default();
+    let (desired_tx, desired_rx) = watch::channel::<Option<Vec<Assigned>>>(None);
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
         .map_err(|e| anyhow::anyhow!("--metrics-listen {}: {e}", cfg.metrics_listen))?;
@@ -180,6 +181,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
                 runtime: runtime.clone(),
                 dns: dns_stats.clone(),
                 mesh: mesh.clone(),
+                desired: desired_rx.clone(),
+                node: cfg.name.clone(),
+                tls: tls.clone(),
             }),
         )
         .into_future(),
@@ -190,7 +194,6 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         stats: dns_stats.clone(),
         started: Default::default(),
     });
-    let (desired_tx, desired_rx) = watch::channel::<Option<Vec<Assigned>>>(None);
     let reports: Arc<Mutex<Vec<pb::AllocationReport>>> = Arc::default();
 
     let checker = crate::health::Checker::default();
@@ -345,6 +348,7 @@ async fn session(
             pids: cfg.pids,
         }),
         agent_addr: agent_addr(cfg.listen, cfg.advertise_addr).to_string(),
+        metrics_addr: agent_addr(cfg.metrics_listen, cfg.advertise_addr).to_string(),
         wireguard: Some(pb::WireguardIdentity {
             public_key: network.public_key().to_base64(),
             endpoint: network.endpoint().to_string(),
@@ -493,10 +497,26 @@ async fn session(
             .await
             .unwrap_or_default()
         };
+        // What each allocation uses (for `skiff top` and the status page); a slow read
+        // does not hold up the heartbeat (liveness) beyond a moment.
+        let usage = {
+            let (rt, assigned) = (
+                runtime.clone(),
+                desired.borrow().clone().unwrap_or_default(),
+            );
+            let read = tokio::task::spawn_blocking(move || {
+                crate::usage::to_proto(&crate::usage::collect(&rt, &assigned))
+            });
+            match tokio::time::timeout(Duration::from_millis(500), read).await {
+                Ok(Ok(u)) => u,
+                _ => Vec::new(),
+            }
+        };
         let reply = client
             .heartbeat(pb::HeartbeatRequest {
                 name: cfg.name.clone(),
                 request_stats,
+                usage,
                 allocations,
                 wireguard: wireguard_status(network),
                 trust_version: s.trust.version.load(std::sync::atomic::Ordering::SeqCst),

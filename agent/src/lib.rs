@@ -21,4 +21,5 @@ pub mod pods;
 pub mod policy;
 pub mod reconcile;
 pub mod tls;
+pub mod usage;
 pub mod volumes;

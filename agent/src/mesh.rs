@@ -498,7 +498,7 @@ struct Family {
 }
 
 /// Adds one sidecar's exposition `text` to `families`, every sample labelled `alloc`.
-fn merge(families: &mut Vec<Family>, alloc: &str, text: &str) {
+fn merge(families: &mut Vec<Family>, label: &str, text: &str) {
     let mut current: Option<usize> = None;
     for line in text.lines() {
         let header = line
@@ -522,7 +522,6 @@ fn merge(families: &mut Vec<Family>, alloc: &str, text: &str) {
             current = Some(i);
         } else if !line.is_empty() && !line.starts_with('#') {
             let Some(i) = current else { continue };
-            let label = format!("alloc=\"{alloc}\"");
             let sample = match line.find('{') {
                 Some(b) => format!("{}{{{label},{}", &line[..b], &line[b + 1..]),
                 None => match line.split_once(' ') {
@@ -536,17 +535,23 @@ fn merge(families: &mut Vec<Family>, alloc: &str, text: &str) {
 }
 
 impl Mesh {
-    /// Every running sidecar's metrics, each sample labelled with its allocation, one family
-    /// at a time (what the agent's `/metrics` adds). `netns` finds an allocation's namespace.
-    pub fn metrics(&self, netns: impl Fn(&str) -> Option<PathBuf>) -> String {
+    /// The metrics of every running sidecar (`only`: of that allocation's), each sample
+    /// labelled with `label(alloc)` (e.g. `alloc="..."`), one family at a time. `netns` finds
+    /// an allocation's namespace.
+    pub fn metrics(
+        &self,
+        only: Option<&str>,
+        label: impl Fn(&str) -> String,
+        netns: impl Fn(&str) -> Option<PathBuf>,
+    ) -> String {
         let mut families = Vec::new();
         for alloc in self.allocations() {
-            if self.running(&alloc).is_none() {
+            if only.is_some_and(|o| o != alloc) || self.running(&alloc).is_none() {
                 continue;
             }
             let Some(ns) = netns(&alloc) else { continue };
             match scrape(&ns) {
-                Ok(text) => merge(&mut families, &alloc, &text),
+                Ok(text) => merge(&mut families, &label(&alloc), &text),
                 Err(e) => tracing::debug!(alloc = %alloc, error = %e, "scraping a sidecar"),
             }
         }
@@ -699,8 +704,8 @@ mod tests {
     fn sidecar_metrics_merge_by_family_with_the_allocation_label() {
         let a = "# HELP x_total X.\n# TYPE x_total counter\nx_total{identity=\"api.default\"} 3\n# HELP y Y.\n# TYPE y gauge\ny 1\n";
         let mut f = Vec::new();
-        merge(&mut f, "a1", a);
-        merge(&mut f, "a2", a);
+        merge(&mut f, "alloc=\"a1\"", a);
+        merge(&mut f, "alloc=\"a2\"", a);
         assert_eq!(f.len(), 2);
         assert_eq!(f[0].header.len(), 2);
         assert_eq!(

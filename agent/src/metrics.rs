@@ -1,17 +1,25 @@
-//! The agent's `/metrics` (Prometheus text format): the WireGuard device and its peers as read
-//! from the device at each scrape, and the containers this agent runs. Written out by hand:
-//! every value is read fresh from its source (the device's own counters), there is nothing to
-//! accumulate.
+//! The agent's metrics (Prometheus text format), plain HTTP GET as Prometheus scrapes by
+//! default: figures and addresses, never secrets.
+//! - `/metrics`: the WireGuard device and its peers as read from the device at each scrape,
+//!   the DNS server's counters, the node certificate's expiry, and the `skiff_workload_*`
+//!   families of every allocation (see [`crate::usage`]).
+//! - `/sidecars/{alloc}/metrics`: one mesh sidecar's own metrics, read from inside its
+//!   allocation (each sidecar is a target of its own in the controllers' service discovery);
+//!   `/sidecars/metrics`: every sidecar's, each sample labelled with its allocation.
+//!
+//! Written out by hand: every value is read fresh from its source, nothing accumulates here.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tokio::sync::watch;
 
+use crate::contract::Assigned;
 use crate::net::Network;
 use crate::net::wg::DeviceStatus;
 
@@ -22,16 +30,34 @@ pub struct Sources {
     pub runtime: Arc<skiff_runtime::container::Runtime>,
     pub dns: Arc<crate::dns::DnsStats>,
     pub mesh: Arc<crate::mesh::Mesh>,
+    /// The allocations assigned to this node (labels of the workload series).
+    pub desired: watch::Receiver<Option<Vec<Assigned>>>,
+    /// This node's name.
+    pub node: String,
+    pub tls: Arc<skiff_tls::TlsContext>,
 }
 
 pub fn router(sources: Sources) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/sidecars/metrics", get(all_sidecars))
+        .route("/sidecars/{alloc}/metrics", get(one_sidecar))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(sources)
 }
 
-async fn metrics(State(s): State<Sources>) -> impl IntoResponse {
+fn exposition(text: String) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<Sources>) -> Response {
     let text = tokio::task::spawn_blocking(move || {
         let status = s.network.live_status();
         let running = s
@@ -46,23 +72,78 @@ async fn metrics(State(s): State<Sources>) -> impl IntoResponse {
             .unwrap_or(0);
         let mut text = render(&s.network, status.as_ref(), running);
         render_dns(&mut text, &s.dns);
-        // The mesh sidecars' own metrics, read from inside their allocations.
-        let rt = s.runtime.clone();
-        text.push_str(
-            &s.mesh
-                .metrics(|alloc| rt.pod(alloc).map(|p| p.dir.join("net"))),
+        render_certificate(&mut text, &s.tls.info());
+        let assigned = s.desired.borrow().clone().unwrap_or_default();
+        crate::usage::render(
+            &mut text,
+            &s.node,
+            &crate::usage::collect(&s.runtime, &assigned),
         );
         text
     })
     .await
     .unwrap_or_default();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
+    exposition(text)
+}
+
+/// The labels a sidecar's samples get: the same as its target's in service discovery.
+fn sidecar_label(s: &Sources) -> impl Fn(&str) -> String + use<> {
+    let assigned = s.desired.borrow().clone().unwrap_or_default();
+    let node = s.node.clone();
+    move |alloc: &str| match assigned.iter().find(|a| a.id == alloc) {
+        Some(a) => format!(
+            "namespace=\"{}\",workload=\"{}\",alloc=\"{}\",node=\"{}\"",
+            escape(&a.namespace),
+            escape(&a.job),
+            escape(alloc),
+            escape(&node)
+        ),
+        None => format!("alloc=\"{}\",node=\"{}\"", escape(alloc), escape(&node)),
+    }
+}
+
+async fn all_sidecars(State(s): State<Sources>) -> Response {
+    let text = tokio::task::spawn_blocking(move || {
+        let rt = s.runtime.clone();
+        s.mesh.metrics(None, sidecar_label(&s), |alloc| {
+            rt.pod(alloc).map(|p| p.dir.join("net"))
+        })
+    })
+    .await
+    .unwrap_or_default();
+    exposition(text)
+}
+
+async fn one_sidecar(State(s): State<Sources>, Path(alloc): Path<String>) -> Response {
+    let known = s.mesh.allocations().contains(&alloc);
+    if !known {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no sidecar for allocation {alloc:?} on this node\n"),
+        )
+            .into_response();
+    }
+    let text = tokio::task::spawn_blocking(move || {
+        let rt = s.runtime.clone();
+        s.mesh.metrics(Some(&alloc), sidecar_label(&s), |alloc| {
+            rt.pod(alloc).map(|p| p.dir.join("net"))
+        })
+    })
+    .await
+    .unwrap_or_default();
+    exposition(text)
+}
+
+/// The node certificate's expiry, as the controllers' members export theirs.
+pub fn render_certificate(o: &mut String, info: &skiff_tls::pki::CertInfo) {
+    let _ = writeln!(
+        o,
+        "# HELP skiff_tls_certificate_expiry_timestamp_seconds When this component's own certificate expires (Unix time); it is renewed at two thirds of its lifetime.\n\
+         # TYPE skiff_tls_certificate_expiry_timestamp_seconds gauge\n\
+         skiff_tls_certificate_expiry_timestamp_seconds{{identity=\"{}\"}} {}",
+        escape(&info.identity.to_string()),
+        info.not_after
+    );
 }
 
 /// The DNS server's counters.
@@ -89,11 +170,7 @@ pub fn render_dns(o: &mut String, s: &crate::dns::DnsStats) {
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+use crate::usage::escape;
 
 /// The exposition text.
 pub fn render(net: &Network, status: Option<&DeviceStatus>, running: usize) -> String {

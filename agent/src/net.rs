@@ -532,7 +532,7 @@ pub fn teardown(data_dir: &Path) -> Vec<String> {
 }
 
 /// The host side of a container's veth: `sk` + 12 characters of its id (names are at most 15).
-fn host_veth(id: &str) -> String {
+pub fn host_veth(id: &str) -> String {
     let short: String = id
         .chars()
         .filter(char::is_ascii_alphanumeric)

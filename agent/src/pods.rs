@@ -354,4 +354,11 @@ impl Containers for NodeRuntime {
             .collect::<Vec<_>>()
             .join(" | ")
     }
+
+    fn oom_kills(&self, id: &str) -> u64 {
+        match self.runtime.stats(id) {
+            Ok(Some((stats, _))) => stats.oom_kills,
+            _ => 0,
+        }
+    }
 }

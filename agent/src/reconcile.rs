@@ -112,6 +112,10 @@ pub trait Containers: Send + Sync {
     fn probe(&self, alloc: &str, container: &str, check: &Check) -> Probe;
     /// The last `lines` lines a container wrote.
     fn tail(&self, id: &str, lines: usize) -> String;
+    /// Processes of the container the OOM killer killed (its cgroup's counter; 0 unknown).
+    fn oom_kills(&self, _id: &str) -> u64 {
+        0
+    }
 }
 
 /// Remembered start failures, so a failing start is retried every [`START_RETRY`], not at
@@ -450,7 +454,8 @@ fn group_report(
         ip: ip_string(rt.address(&a.id, main_id)),
         ..Default::default()
     };
-    for (_, s) in now.values() {
+    for (id, s) in now.values() {
+        r.oom_kills = r.oom_kills.saturating_add(rt.oom_kills(id));
         r.restarts = r.restarts.saturating_add(s.restarts);
         r.log_dropped_bytes = r.log_dropped_bytes.saturating_add(s.log_dropped_bytes);
         if r.log_error.is_empty() {

@@ -149,6 +149,30 @@ pub enum Cmd {
         #[command(subcommand)]
         command: CaCmd,
     },
+    /// The cluster's events (placements, starts, exits, OOM kills, health changes, drains,
+    /// rollout steps, nodes going down), oldest first.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this job's.
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Only this node's.
+        #[arg(long)]
+        node: Option<String>,
+        /// How many of the newest to print first (at most 2000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// CPU and memory of each running allocation (of one job, or all), from the agents.
+    Top {
+        job: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
     /// List allocations (of one job, or all).
     Ps {
         job: Option<String>,

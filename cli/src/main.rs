@@ -10,6 +10,7 @@ mod cluster;
 mod jobs;
 mod mesh;
 mod nodes;
+mod observe;
 mod pki;
 mod render;
 mod rollout;
@@ -120,6 +121,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             all,
         } => allocations::ps(&ctl, out, job, namespace, all).await,
+        Cmd::Events {
+            follow,
+            job,
+            namespace,
+            node,
+            limit,
+        } => {
+            let filter = observe::EventsFilter {
+                namespace,
+                job,
+                node,
+                limit,
+            };
+            observe::events(&ctl, out, filter, follow).await
+        }
+        Cmd::Top { job, namespace } => observe::top(&ctl, out, job, namespace).await,
         Cmd::Token { command } => match command {
             TokenCmd::Create { role, ttl, uses } => {
                 pki::token_create(&ctl, out, role, ttl, uses).await

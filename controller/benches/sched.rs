@@ -58,6 +58,7 @@ fn node(i: usize) -> Node {
         status: NodeStatus::Ready,
         status_changed_at_ms: 0,
         registered_at_ms: 0,
+        metrics_addr: String::new(),
         agent_addr: String::new(),
         subnet: None,
         wireguard: None,
@@ -241,6 +242,7 @@ async fn through_raft(nodes: usize, allocations: u32) -> anyhow::Result<ThroughR
                         pids: n.resources.pids,
                     }),
                     agent_addr: String::new(),
+                    metrics_addr: String::new(),
                     wireguard: None,
                     host_volume_dirs: Vec::new(),
                 })

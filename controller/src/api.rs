@@ -1,5 +1,5 @@
 //! The controller's API: the tonic services for users and agents, and the HTTP endpoints
-//! (`/healthz`, `/readyz`, `/metrics`). Requests are validated and turned into commands or
+//! (`/healthz`, `/readyz`, `/metrics`, Prometheus discovery, the status page). Requests are validated and turned into commands or
 //! reads here; this is the one place that maps errors to `tonic::Status`.
 
 mod cluster;
@@ -10,6 +10,7 @@ mod nodes;
 mod pki;
 mod published;
 mod services;
+pub mod status;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use skiff_proto::v1::AddMemberRequest;
 use tonic::Status;
 
 pub use cluster::ClusterApi;
-pub use http::router;
+pub use http::{router, serve};
 pub use jobs::JobsApi;
 pub use nodes::{LEADER_METADATA, NodesApi};
 pub use pki::PkiApi;
@@ -37,6 +38,10 @@ pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
 pub struct ApiContext {
     pub node: RaftNode,
     pub metrics: Arc<Metrics>,
+    /// What the leader hears from the agents (liveness, usage, request counts).
+    pub heartbeats: crate::reconcile::Heartbeats,
+    /// This member's own TLS identity (its certificate's expiry is a metric).
+    pub tls: Arc<skiff_tls::TlsContext>,
 }
 
 /// Why an API call failed.

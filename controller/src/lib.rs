@@ -75,7 +75,7 @@ pub fn policy(path: &str) -> Need {
         ("skiff.v1.Nodes", "Register" | "Heartbeat" | "WatchAllocations" | "WatchServices") => {
             Need::Node
         }
-        ("skiff.v1.Nodes", "ListNodes") => Need::Reader,
+        ("skiff.v1.Nodes", "ListNodes" | "ListUsage") => Need::Reader,
         ("skiff.v1.Nodes", "SetDrain") => Need::Operator,
         ("skiff.v1.Nodes", "RemoveNode") => Need::Admin,
         ("skiff.v1.Jobs", "ApplyJob" | "StopJob" | "ScaleJob" | "Rollout") => Need::Operator,
@@ -163,12 +163,14 @@ impl Controller {
             node.shutdown().await;
             return Err(ControllerError::Settings(why));
         }
+        let heartbeats = reconcile::Heartbeats::default();
         let ctx = ApiContext {
             node: node.clone(),
             metrics: metrics.clone(),
+            heartbeats: heartbeats.clone(),
+            tls: tls.clone(),
         };
         let (stop, stop_rx) = watch::channel(false);
-        let heartbeats = reconcile::Heartbeats::default();
         let mut tasks = Vec::new();
 
         let grpc = tonic::transport::Server::builder()
@@ -240,16 +242,12 @@ impl Controller {
         }));
         let mut rx = stop_rx.clone();
         let app = api::router(ctx.clone());
+        let tls_http = tls.clone();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(http_listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
+            api::serve(http_listener, app, tls_http, shutdown).await;
         }));
 
         if !node.is_initialized().await? {

@@ -10,7 +10,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::raft::{Role, Status};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::raft::{MemberInfo, Role, Status};
+use crate::state::ClusterState;
+use crate::state::{AllocationStatus, DesiredStatus, JobStatus, NodeStatus, RolloutStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -162,6 +167,191 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A label value in the text format.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// This member's certificate expiry (agents export theirs under the same name).
+pub fn render_certificate(o: &mut String, info: &skiff_tls::CertInfo) {
+    let _ = writeln!(
+        o,
+        "# HELP skiff_tls_certificate_expiry_timestamp_seconds When this component's own certificate expires (Unix time); it is renewed at two thirds of its lifetime.\n\
+         # TYPE skiff_tls_certificate_expiry_timestamp_seconds gauge\n\
+         skiff_tls_certificate_expiry_timestamp_seconds{{identity=\"{}\"}} {}",
+        escape(&info.identity.to_string()),
+        info.not_after
+    );
+}
+
+/// The cluster-level gauges, from the replicated state (exported by the leader only, so that
+/// a sum over members does not count them three times).
+pub fn render_cluster(o: &mut String, state: &ClusterState) {
+    let jobs = state
+        .jobs(None)
+        .filter(|j| j.status == JobStatus::Running)
+        .count();
+    let _ = writeln!(
+        o,
+        "# HELP skiff_cluster_jobs Jobs that should run.\n# TYPE skiff_cluster_jobs gauge\nskiff_cluster_jobs {jobs}"
+    );
+    let mut allocs: BTreeMap<&str, u64> = ["pending", "running", "exited", "failed", "lost"]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
+    let mut pending = 0u64;
+    for a in state.allocations() {
+        let s = match a.observed {
+            AllocationStatus::Pending => "pending",
+            AllocationStatus::Running => "running",
+            AllocationStatus::Exited { .. } => "exited",
+            AllocationStatus::Failed { .. } => "failed",
+            AllocationStatus::Lost => "lost",
+        };
+        *allocs.entry(s).or_default() += 1;
+    }
+    // Replicas the scheduler could not place: the running jobs that say why.
+    let waiting: Vec<_> = state
+        .jobs(None)
+        .filter(|j| j.status == JobStatus::Running && j.pending.is_some())
+        .collect();
+    if !waiting.is_empty() {
+        let mut placed: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for a in state
+            .allocations()
+            .filter(|a| a.desired == DesiredStatus::Run)
+        {
+            *placed.entry((&a.namespace, &a.job)).or_default() += 1;
+        }
+        for j in waiting {
+            let want = u64::from(j.latest().spec.replicas);
+            let have = placed
+                .get(&(j.namespace.as_str(), j.name.as_str()))
+                .copied()
+                .unwrap_or(0);
+            pending += want.saturating_sub(have);
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP skiff_cluster_allocations Allocations in the replicated state by observed state (stopped ones included until they are collected).\n# TYPE skiff_cluster_allocations gauge"
+    );
+    for (s, n) in &allocs {
+        let _ = writeln!(o, "skiff_cluster_allocations{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(
+        o,
+        "# HELP skiff_cluster_allocations_pending Replicas of running jobs the scheduler could not place.\n# TYPE skiff_cluster_allocations_pending gauge\nskiff_cluster_allocations_pending {pending}"
+    );
+    let mut nodes: BTreeMap<&str, u64> =
+        [NodeStatus::Ready, NodeStatus::Draining, NodeStatus::Down]
+            .into_iter()
+            .map(|s| (s.as_str(), 0))
+            .collect();
+    for n in state.nodes() {
+        *nodes.entry(n.status.as_str()).or_default() += 1;
+    }
+    let _ = writeln!(
+        o,
+        "# HELP skiff_cluster_nodes Nodes by status.\n# TYPE skiff_cluster_nodes gauge"
+    );
+    for (s, n) in &nodes {
+        let _ = writeln!(o, "skiff_cluster_nodes{{status=\"{s}\"}} {n}");
+    }
+    let mut rollouts: BTreeMap<&str, u64> = [
+        RolloutStatus::Running,
+        RolloutStatus::Paused,
+        RolloutStatus::Succeeded,
+        RolloutStatus::Failed,
+        RolloutStatus::Superseded,
+    ]
+    .into_iter()
+    .map(|s| (s.as_str(), 0))
+    .collect();
+    for j in state.jobs(None) {
+        for r in &j.rollouts {
+            *rollouts.entry(r.status.as_str()).or_default() += 1;
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP skiff_cluster_rollouts Rollouts kept in the jobs' histories by status (running and paused: in progress).\n# TYPE skiff_cluster_rollouts gauge"
+    );
+    for (s, n) in &rollouts {
+        let _ = writeln!(o, "skiff_cluster_rollouts{{state=\"{s}\"}} {n}");
+    }
+}
+
+/// One group of Prometheus HTTP SD targets.
+#[derive(Debug, PartialEq, serde::Serialize)]
+pub struct TargetGroup {
+    pub targets: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Every member (its HTTP address), every agent (its metrics address) and every running mesh
+/// sidecar (through its agent, at `/sidecars/<alloc>/metrics`), in Prometheus' HTTP SD format.
+pub fn targets(members: &[MemberInfo], state: &ClusterState) -> Vec<TargetGroup> {
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for m in members {
+        if m.member.http_addr.is_empty() {
+            continue;
+        }
+        out.push(TargetGroup {
+            targets: vec![m.member.http_addr.clone()],
+            labels: labels(&[
+                ("role", "controller"),
+                ("node", &format!("member-{}", m.id)),
+            ]),
+        });
+    }
+    for n in state.nodes() {
+        if n.metrics_addr.is_empty() {
+            continue;
+        }
+        out.push(TargetGroup {
+            targets: vec![n.metrics_addr.clone()],
+            labels: labels(&[("role", "agent"), ("node", &n.name)]),
+        });
+    }
+    for a in state.allocations() {
+        if a.desired != DesiredStatus::Run || a.observed != AllocationStatus::Running {
+            continue;
+        }
+        let meshed = state
+            .job(&a.namespace, &a.job)
+            .and_then(|j| j.version(a.job_version))
+            .is_some_and(|v| v.spec.mesh.is_some());
+        let Some(node) = state.node(&a.node).filter(|n| !n.metrics_addr.is_empty()) else {
+            continue;
+        };
+        if !meshed {
+            continue;
+        }
+        out.push(TargetGroup {
+            targets: vec![node.metrics_addr.clone()],
+            labels: labels(&[
+                ("role", "sidecar"),
+                ("node", &a.node),
+                ("namespace", &a.namespace),
+                ("workload", &a.job),
+                ("alloc", &a.id),
+                ("version", &a.job_version.to_string()),
+                ("__metrics_path__", &format!("/sidecars/{}/metrics", a.id)),
+            ]),
+        });
+    }
+    out
 }
 
 /// Rewrites OpenMetrics text as Prometheus text format 0.0.4.

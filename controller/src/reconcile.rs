@@ -33,6 +33,23 @@ pub struct Heartbeats {
     inner: Arc<Mutex<HashMap<String, Instant>>>,
     /// Per node: each watched sidecar's counts, by allocation, as last reported.
     requests: Arc<Mutex<HashMap<String, HashMap<String, RequestSample>>>>,
+    /// Per node: what each allocation uses, by allocation, as last reported.
+    usage: Arc<Mutex<HashMap<String, HashMap<String, Measured>>>>,
+}
+
+/// What an allocation uses, from its node's heartbeats.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measured {
+    /// CPU time used (a counter) and when it was read here.
+    pub cpu_seconds: f64,
+    pub at: Instant,
+    pub at_ms: i64,
+    /// CPU seconds per second between the last two reports (0 after the first).
+    pub cpu_cores: f64,
+    pub memory_bytes: u64,
+    /// 0: unlimited.
+    pub memory_limit_bytes: u64,
+    pub oom_kills: u64,
 }
 
 impl Heartbeats {
@@ -59,6 +76,69 @@ impl Heartbeats {
             .cloned()
     }
 
+    /// Replaces `node`'s usage figures (`(allocation, cpu seconds, memory, limit, OOM kills)`),
+    /// each allocation's CPU rate taken against its previous report.
+    pub fn record_usage(&self, node: &str, reported: Vec<(String, f64, u64, u64, u64)>) {
+        let now = Instant::now();
+        let at_ms = crate::api::now_ms();
+        let mut m = self
+            .usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = m.remove(node).unwrap_or_default();
+        if reported.is_empty() {
+            return;
+        }
+        let next = reported
+            .into_iter()
+            .map(
+                |(alloc, cpu_seconds, memory_bytes, memory_limit_bytes, oom_kills)| {
+                    let cpu_cores = before
+                        .get(&alloc)
+                        .map(|p| {
+                            let dt = now.duration_since(p.at).as_secs_f64();
+                            let used = cpu_seconds - p.cpu_seconds;
+                            if dt > 0.0 && used >= 0.0 {
+                                used / dt
+                            } else {
+                                0.0
+                            }
+                        })
+                        .unwrap_or(0.0);
+                    let u = Measured {
+                        cpu_seconds,
+                        at: now,
+                        at_ms,
+                        cpu_cores,
+                        memory_bytes,
+                        memory_limit_bytes,
+                        oom_kills,
+                    };
+                    (alloc, u)
+                },
+            )
+            .collect();
+        m.insert(node.to_owned(), next);
+    }
+
+    /// Every allocation's last usage, as `(node, allocation, usage)`, sorted.
+    pub fn usage(&self) -> Vec<(String, String, Measured)> {
+        let m = self
+            .usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<_> = m
+            .iter()
+            .flat_map(|(node, allocs)| {
+                allocs
+                    .iter()
+                    .map(|(a, u)| (node.clone(), a.clone(), u.clone()))
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+
     pub fn beat(&self, node: &str) {
         self.lock().insert(node.to_owned(), Instant::now());
     }
@@ -67,6 +147,7 @@ impl Heartbeats {
     pub fn forget(&self, node: &str) {
         self.lock().remove(node);
         self.record_requests(node, HashMap::new());
+        self.record_usage(node, Vec::new());
     }
 
     fn last(&self, node: &str) -> Option<Instant> {

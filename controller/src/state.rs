@@ -6,6 +6,7 @@
 //! panics on any command; a command that cannot be applied returns an [`ApplyError`] and
 //! leaves the state exactly as it was.
 
+pub mod events;
 mod model;
 pub mod pki;
 
@@ -169,6 +170,9 @@ pub struct AllocationReport {
     /// is recorded.
     #[serde(default)]
     pub containers: Option<Vec<ContainerStatus>>,
+    /// Processes the OOM killer killed in it.
+    #[serde(default)]
+    pub oom_kills: u64,
 }
 
 fn default_subnet_prefix() -> u8 {
@@ -433,6 +437,15 @@ pub struct ClusterState {
     /// service.
     #[serde(default)]
     vips: OrdMap<String, std::net::Ipv4Addr>,
+    /// The last [`events::MAX_EVENTS`] events, oldest first.
+    #[serde(default)]
+    events: imbl::Vector<events::Event>,
+    /// The number the next event gets.
+    #[serde(default)]
+    next_event: u64,
+    /// The latest time a command carried (events of commands without one get it).
+    #[serde(default)]
+    clock_ms: i64,
 }
 
 /// `a.b.c.d/p` with 8 <= p <= 24 -> (network address as u32, p); host bits must be zero.
@@ -485,8 +498,80 @@ fn job_key(namespace: &str, name: &str) -> String {
 }
 
 impl ClusterState {
-    /// Applies one command. Deterministic; on error nothing changed.
+    /// Applies one command. Deterministic; on error nothing changed. What it changed is
+    /// recorded in the event log.
     pub fn apply(&mut self, command: &Command) -> ApplyResult {
+        self.apply_entry(None, command)
+    }
+
+    /// As [`ClusterState::apply`], for the Raft log entry at `index`: its events are numbered
+    /// from the index (`index << 16` + their order), so that every member numbers them alike
+    /// even when some started keeping events later than others (an upgrade). Without an
+    /// index they follow the last one.
+    pub fn apply_entry(&mut self, index: Option<u64>, command: &Command) -> ApplyResult {
+        let before = events::Before::take(command, &self.jobs, &self.nodes, &self.allocations);
+        let result = self.apply_command(command);
+        if result.is_ok() {
+            self.record_events(index, &before, command);
+        }
+        result
+    }
+
+    /// Every event kept, oldest first.
+    pub fn events(&self) -> impl DoubleEndedIterator<Item = &events::Event> + '_ {
+        self.events.iter()
+    }
+
+    /// The sequence number of the newest event (0: none yet).
+    pub fn last_event(&self) -> u64 {
+        self.events.back().map_or(0, |e| e.seq)
+    }
+
+    fn record_events(&mut self, index: Option<u64>, before: &events::Before, command: &Command) {
+        let mut drafts = Vec::new();
+        for (id, was) in &before.allocations {
+            if let Some(after) = self.allocations.get(id) {
+                events::allocation_events(was.as_ref(), after, &mut drafts);
+            }
+        }
+        for (key, was) in &before.jobs {
+            if let Some(after) = self.jobs.get(key) {
+                events::job_events(was.as_ref(), after, &mut drafts);
+            }
+        }
+        for (name, was) in &before.nodes {
+            events::node_events(was.as_ref(), self.nodes.get(name), name, &mut drafts);
+        }
+        if drafts.is_empty() {
+            // Nothing happened: the state stays exactly as it was.
+            return;
+        }
+        if let Some(t) = events::command_time(command) {
+            self.clock_ms = self.clock_ms.max(t);
+        }
+        let first = match index {
+            Some(i) => (i << events::SEQ_SHIFT).max(self.next_event),
+            None => self.next_event.max(1),
+        };
+        for (seq, d) in (first..).zip(drafts.into_iter().take(1 << events::SEQ_SHIFT)) {
+            self.next_event = seq + 1;
+            self.events.push_back(events::Event {
+                seq,
+                at_ms: self.clock_ms,
+                kind: d.kind.to_owned(),
+                namespace: d.namespace,
+                job: d.job,
+                alloc: d.alloc,
+                node: d.node,
+                message: d.message,
+            });
+            while self.events.len() > events::MAX_EVENTS {
+                self.events.pop_front();
+            }
+        }
+    }
+
+    fn apply_command(&mut self, command: &Command) -> ApplyResult {
         match command {
             Command::ApplyJob { spec, at_ms } => self.apply_job(spec, *at_ms),
             Command::StopJob {
@@ -625,6 +710,7 @@ impl ClusterState {
                             if let Some(containers) = &r.containers {
                                 alloc.containers = containers.clone();
                             }
+                            alloc.oom_kills = alloc.oom_kills.max(r.oom_kills);
                             alloc.track_health(checked, *at_ms);
                             count += 1;
                         }

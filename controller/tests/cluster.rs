@@ -293,6 +293,7 @@ fn beat(node: &str, allocations: Vec<pb::AllocationReport>) -> pb::HeartbeatRequ
         trust_version: 0,
         named_volumes: Vec::new(),
         request_stats: Vec::new(),
+        usage: Vec::new(),
     }
 }
 
@@ -758,6 +759,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
             pids: 1000,
         }),
         agent_addr: "198.18.0.9:7801".into(),
+        metrics_addr: "198.18.0.9:7802".into(),
         wireguard: None,
         host_volume_dirs: Vec::new(),
     };
@@ -1026,6 +1028,7 @@ fn reg(name: &str, key: &str) -> pb::RegisterNodeRequest {
             pids: 100,
         }),
         agent_addr: String::new(),
+        metrics_addr: String::new(),
         wireguard: Some(pb::WireguardIdentity {
             public_key: key.into(),
             endpoint: "198.18.0.9:51820".into(),

@@ -349,14 +349,18 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
     }
 
     // The port says HTTP: the server sidecars counted each request by caller, status class
-    // and version, and the agents expose that (per allocation) on their /metrics, which
-    // promtool accepts.
+    // and version, and the agents expose that (per allocation, labelled like its scrape
+    // target) at /sidecars/metrics, which promtool accepts.
     let mut served = 0;
     for node in ["a1", "a2"] {
         let addr = fleet.host(node)?.addr.clone();
         let out = fleet.on_host(
             "cli",
-            &["curl", "-sf", &format!("http://{addr}:7802/metrics")],
+            &[
+                "curl",
+                "-sf",
+                &format!("http://{addr}:7802/sidecars/metrics"),
+            ],
         )?;
         ensure!(out.status.success(), "agent metrics of {node}: {out:?}");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -371,7 +375,9 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
             ],
         );
         ensure!(
-            text.contains("skiff_mesh_request_duration_seconds_bucket{alloc=\""),
+            text.contains(
+                "skiff_mesh_request_duration_seconds_bucket{namespace=\"default\",workload=\"api\",alloc=\""
+            ),
             "no latency histogram on {node}"
         );
         let mut check = Command::new("promtool")

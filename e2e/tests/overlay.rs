@@ -526,6 +526,7 @@ fn fake_node(
                             pids: 100,
                         }),
                         agent_addr: String::new(),
+                        metrics_addr: String::new(),
                         wireguard: Some(pb::WireguardIdentity {
                             public_key,
                             endpoint: format!("{address}:51820"),
@@ -549,6 +550,7 @@ fn fake_node(
                         trust_version: 0,
                         named_volumes: Vec::new(),
                         request_stats: Vec::new(),
+                        usage: Vec::new(),
                     })
                     .await?;
                     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -82,6 +82,11 @@ pub struct Runtime {
     registry: RegistryOptions,
     progress: Option<indicatif::MultiProgress>,
     network: Option<std::sync::Arc<dyn NetworkHook>>,
+    /// Cgroup managers by parent, for reading usage without detecting the host's layout each
+    /// time (the layout does not change while the process runs).
+    managers: std::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Arc<dyn cgroup::CgroupManager>>,
+    >,
 }
 
 /// Plumbs containers into the node's network (the agent daemon's overlay). Without one, a
@@ -122,6 +127,7 @@ impl Runtime {
             registry: RegistryOptions::default(),
             progress: None,
             network: None,
+            managers: Default::default(),
         })
     }
 
@@ -486,6 +492,39 @@ impl Runtime {
         self.release(&id);
         self.store.remove_dir(&id)?;
         Ok(())
+    }
+
+    /// A container's usage as its cgroup reports it, with its limits; `None` when it has no
+    /// cgroup (not started, or gone).
+    pub fn stats(&self, id: &str) -> Result<Option<(cgroup::Stats, Limits)>, RuntimeError> {
+        let config = self.store.config(id)?;
+        Ok(self.stats_of(&config)?.map(|s| (s, config.limits)))
+    }
+
+    /// As [`Runtime::stats`], for a container whose record is at hand.
+    pub fn stats_of(
+        &self,
+        config: &ContainerConfig,
+    ) -> Result<Option<cgroup::Stats>, RuntimeError> {
+        let manager = {
+            let mut m = self
+                .managers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match m.get(&config.cgroup_parent) {
+                Some(manager) => manager.clone(),
+                None => {
+                    let manager: std::sync::Arc<dyn cgroup::CgroupManager> =
+                        std::sync::Arc::from(cgroup::host(&config.cgroup_parent)?);
+                    m.insert(config.cgroup_parent.clone(), manager.clone());
+                    manager
+                }
+            }
+        };
+        let Some(cg) = manager.open(&config.id)? else {
+            return Ok(None);
+        };
+        Ok(Some(cg.stats()?))
     }
 
     /// Frees what a container holds outside its directory: cgroup, network namespace.

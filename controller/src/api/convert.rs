@@ -235,6 +235,7 @@ pub fn allocation(a: &Allocation) -> pb::Allocation {
         log_error: a.log_error.clone(),
         containers: a.containers.iter().map(container_status).collect(),
         healthy_since_ms: a.healthy_since_ms.unwrap_or(0),
+        oom_kills: a.oom_kills,
         drain_since_ms: a.drain_since_ms.unwrap_or(0),
     }
 }
@@ -340,6 +341,7 @@ pub fn node(n: &Node, usage: Option<&(Usage, u32)>) -> pb::Node {
         allocated: Some(resources(&allocated)),
         allocations: count,
         agent_addr: n.agent_addr.clone(),
+        metrics_addr: n.metrics_addr.clone(),
         registered_at_ms: n.registered_at_ms,
         status_changed_at_ms: n.status_changed_at_ms,
         subnet: n.subnet.clone().unwrap_or_default(),

@@ -369,6 +369,80 @@ impl Jobs for JobsApi {
             .await
     }
 
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let req = req.into_inner();
+        self.ctx
+            .track("ListEvents", async {
+                let limit = match req.limit {
+                    0 => 100,
+                    n => n.min(crate::state::events::MAX_EVENTS as u32),
+                } as usize;
+                let wait = std::time::Duration::from_millis(req.wait_ms.min(60_000));
+                self.ctx.read_barrier(req.read.as_ref()).await?;
+                let deadline = tokio::time::Instant::now() + wait;
+                let mut watch = self.ctx.node.applied_watch();
+                loop {
+                    let (events, last_seq) = {
+                        let applied = self.ctx.node.state();
+                        let state = &applied.state;
+                        let matching = state
+                            .events()
+                            .rev()
+                            .take_while(|e| e.seq > req.after)
+                            .filter(|e| req.namespace.is_empty() || e.namespace == req.namespace)
+                            .filter(|e| req.job.is_empty() || e.job == req.job)
+                            .filter(|e| req.node.is_empty() || e.node == req.node);
+                        // From the start: the newest `limit`; following (`after` set): the
+                        // oldest `limit` after it, so that a follower pages forward.
+                        let mut cut = false;
+                        let mut v: Vec<&crate::state::events::Event> = if req.after == 0 {
+                            matching.take(limit).collect()
+                        } else {
+                            let mut all: Vec<_> = matching.collect();
+                            let skip = all.len().saturating_sub(limit);
+                            cut = skip > 0;
+                            all.drain(..skip);
+                            all
+                        };
+                        v.reverse();
+                        let v: Vec<pb::Event> = v
+                            .into_iter()
+                            .map(|e| pb::Event {
+                                seq: e.seq,
+                                at_ms: e.at_ms,
+                                kind: e.kind.clone(),
+                                namespace: e.namespace.clone(),
+                                job: e.job.clone(),
+                                allocation: e.alloc.clone(),
+                                node: e.node.clone(),
+                                message: e.message.clone(),
+                            })
+                            .collect();
+                        // A page cut short ends at its last event: the follower asks
+                        // again from there.
+                        let last = match (cut, v.last()) {
+                            (true, Some(e)) => e.seq,
+                            _ => state.last_event(),
+                        };
+                        (v, last)
+                    };
+                    if !events.is_empty() || tokio::time::Instant::now() >= deadline {
+                        return Ok(pb::ListEventsResponse { events, last_seq });
+                    }
+                    if tokio::time::timeout_at(deadline, watch.changed())
+                        .await
+                        .is_ok_and(|c| c.is_none())
+                    {
+                        return Err(ApiError::NotReady("this member is shutting down".into()));
+                    }
+                }
+            })
+            .await
+    }
+
     async fn rollout(
         &self,
         req: Request<pb::RolloutRequest>,

@@ -122,6 +122,18 @@ impl Nodes for NodesApi {
                 })?;
                 let wireguard = req.wireguard.map(convert::wireguard_identity).transpose()?;
                 let host_volume_dirs = convert::host_volume_dirs(&req.host_volume_dirs)?;
+                // Shown to Prometheus as a target: a socket address or nothing.
+                let metrics_addr = match req.metrics_addr.as_str() {
+                    "" => String::new(),
+                    a => a
+                        .parse::<std::net::SocketAddr>()
+                        .map_err(|_| {
+                            ApiError::BadRequest(format!(
+                                "metrics_addr: {a:?} is not an address:port"
+                            ))
+                        })?
+                        .to_string(),
+                };
                 let r = req.resources.unwrap_or_default();
                 if !r.cpu.is_finite() || r.cpu <= 0.0 || r.memory == 0 || r.pids == 0 {
                     return Err(ApiError::BadRequest(
@@ -162,6 +174,7 @@ impl Nodes for NodesApi {
                         .map_or(now, |n| n.status_changed_at_ms),
                     registered_at_ms: existing.as_ref().map_or(now, |n| n.registered_at_ms),
                     agent_addr: req.agent_addr,
+                    metrics_addr,
                     subnet: existing.as_ref().and_then(|n| n.subnet.clone()),
                     wireguard,
                     host_volume_dirs,
@@ -270,6 +283,28 @@ impl Nodes for NodesApi {
                         })
                         .collect();
                     self.heartbeats.record_requests(&req.name, samples);
+                    // Usage of this node's own allocations only, finite figures.
+                    let usage = req
+                        .usage
+                        .iter()
+                        .filter(|u| {
+                            state
+                                .allocation(&u.allocation)
+                                .is_some_and(|a| a.node == req.name)
+                                && u.cpu_seconds.is_finite()
+                                && u.cpu_seconds >= 0.0
+                        })
+                        .map(|u| {
+                            (
+                                u.allocation.clone(),
+                                u.cpu_seconds,
+                                u.memory_bytes,
+                                u.memory_limit_bytes,
+                                u.oom_kills,
+                            )
+                        })
+                        .collect();
+                    self.heartbeats.record_usage(&req.name, usage);
                     if let Some(wg) = &req.wireguard {
                         self.wireguard_status().insert(req.name.clone(), wg.clone());
                     }
@@ -386,6 +421,40 @@ impl Nodes for NodesApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn list_usage(
+        &self,
+        req: Request<pb::ListUsageRequest>,
+    ) -> Result<Response<pb::ListUsageResponse>, Status> {
+        // Usage lives in the leader's memory: a follower asks the leader (once).
+        let forwarded = req.metadata().get(FORWARDED_METADATA).is_some();
+        if self.ctx.node.status().role != Role::Leader {
+            if forwarded {
+                return Err(Status::unavailable("not the leader"));
+            }
+            let (_, leader) = self
+                .ctx
+                .node
+                .leader()
+                .ok_or_else(|| Status::unavailable("no leader known"))?;
+            let mut client = pb::nodes_client::NodesClient::new(
+                self.ctx
+                    .node
+                    .channel(&leader.rpc_addr)
+                    .map_err(|e| Status::unavailable(e.to_string()))?,
+            );
+            let mut r = Request::new(pb::ListUsageRequest {});
+            r.set_timeout(Duration::from_secs(5));
+            r.metadata_mut().insert(
+                FORWARDED_METADATA,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+            return client.list_usage(r).await;
+        }
+        Ok(Response::new(pb::ListUsageResponse {
+            usage: usage_pb(&self.heartbeats),
+        }))
     }
 
     async fn list_nodes(
@@ -549,6 +618,7 @@ fn changed_reports(
             || new_health
             || new_drops
             || new_containers
+            || r.oom_kills > a.oom_kills
         {
             if new_drops {
                 tracing::warn!(
@@ -569,6 +639,7 @@ fn changed_reports(
                 log_dropped_bytes: r.log_dropped_bytes,
                 log_error: r.log_error.chars().take(512).collect(),
                 containers,
+                oom_kills: r.oom_kills,
             });
         }
     }
@@ -584,6 +655,23 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// The leader's last usage figures of every allocation.
+pub fn usage_pb(heartbeats: &Heartbeats) -> Vec<pb::AllocationUsageRate> {
+    heartbeats
+        .usage()
+        .into_iter()
+        .map(|(node, allocation, u)| pb::AllocationUsageRate {
+            allocation,
+            node,
+            cpu_cores: u.cpu_cores,
+            memory_bytes: u.memory_bytes,
+            memory_limit_bytes: u.memory_limit_bytes,
+            oom_kills: u.oom_kills,
+            at_ms: u.at_ms,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -623,6 +711,7 @@ mod tests {
             containers: Vec::new(),
             healthy_since_ms: Some(1),
             drain_since_ms: None,
+            oom_kills: 0,
         };
         s.apply(&Command::PlaceAllocations {
             allocations: vec![alloc("a1", "n1"), alloc("b1", "n2")],

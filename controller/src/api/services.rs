@@ -118,6 +118,7 @@ mod tests {
             log_dropped_bytes: 0,
             log_error: String::new(),
             containers: None,
+            oom_kills: 0,
         };
         s.apply(&Command::ReportAllocations {
             reports: vec![report("a", Health::Healthy), report("b", Health::Unhealthy)],

@@ -182,7 +182,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Blank => Response(None),
                     EntryPayload::Normal(Request(command)) => {
                         let started = Instant::now();
-                        let result = g.state.apply(&command);
+                        let result = g.state.apply_entry(Some(entry.log_id.index), &command);
                         self.inner
                             .apply_seconds
                             .observe(started.elapsed().as_secs_f64());

@@ -166,6 +166,7 @@ impl World {
                 log_dropped_bytes: 0,
                 log_error: String::new(),
                 containers: None,
+                oom_kills: 0,
             })
             .collect();
         self.state
@@ -594,6 +595,7 @@ fn a_batch_job_rolls_out_with_replicas_that_ran_to_completion() {
                 log_dropped_bytes: 0,
                 log_error: String::new(),
                 containers: None,
+                oom_kills: 0,
             })
             .collect();
         w.state

@@ -319,6 +319,9 @@ pub struct Node {
     /// The agent's own API (logs, exec), `host:port`.
     #[serde(default)]
     pub agent_addr: String,
+    /// Where Prometheus scrapes its agent (`host:port`, plain HTTP).
+    #[serde(default)]
+    pub metrics_addr: String,
     /// The node's pod subnet (a /24 of the cluster CIDR), given at its first registration and
     /// kept for good.
     #[serde(default)]
@@ -417,6 +420,7 @@ impl Node {
             status_changed_at_ms: 0,
             registered_at_ms: 0,
             agent_addr: String::new(),
+            metrics_addr: String::new(),
             subnet: None,
             wireguard: None,
             host_volume_dirs: Vec::new(),
@@ -511,6 +515,9 @@ pub struct Allocation {
     /// stopped (`drain_delay`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_since_ms: Option<i64>,
+    /// Processes of it the OOM killer killed, as its agent last reported.
+    #[serde(default)]
+    pub oom_kills: u64,
 }
 
 impl Allocation {
@@ -543,6 +550,7 @@ impl Allocation {
             containers: Vec::new(),
             healthy_since_ms: None,
             drain_since_ms: None,
+            oom_kills: 0,
         }
     }
 

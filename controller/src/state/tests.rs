@@ -592,3 +592,155 @@ fn a_full_service_cidr_refuses_the_job_and_changes_nothing() {
     );
     assert_eq!(s, before);
 }
+
+#[test]
+fn what_commands_change_is_recorded_as_events_bounded_and_numbered() {
+    let mut s = ClusterState::default();
+    s.apply(&Command::ApplyJob {
+        spec: web(1),
+        at_ms: 1,
+    })
+    .expect("apply");
+    s.apply(&Command::UpsertNode { node: node("n1") })
+        .expect("node");
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![alloc("a1", "n1", 1)],
+    })
+    .expect("place");
+    let report = |restarts: u32, reason: &str, oom_kills: u64| AllocationReport {
+        id: "a1".into(),
+        status: AllocationStatus::Running,
+        restarts,
+        ip: None,
+        health: None,
+        health_output: String::new(),
+        log_dropped_bytes: 0,
+        log_error: String::new(),
+        oom_kills,
+        containers: Some(vec![ContainerStatus {
+            name: "web".into(),
+            lifecycle: skiff_common::spec::Lifecycle::Main,
+            state: ContainerState::Running,
+            exit_code: None,
+            restarts,
+            reason: reason.into(),
+        }]),
+    };
+    s.apply(&Command::ReportAllocations {
+        reports: vec![report(0, "", 0)],
+        at_ms: 20,
+    })
+    .expect("running");
+    // The same report again records nothing.
+    let before = s.last_event();
+    s.apply(&Command::ReportAllocations {
+        reports: vec![report(0, "", 0)],
+        at_ms: 21,
+    })
+    .expect("same");
+    assert_eq!(s.last_event(), before);
+    s.apply(&Command::ReportAllocations {
+        reports: vec![report(1, "restarted after oom-killed", 1)],
+        at_ms: 30,
+    })
+    .expect("oom");
+    s.apply(&Command::SetNodeStatus {
+        name: "n1".into(),
+        status: NodeStatus::Down,
+        at_ms: 40,
+    })
+    .expect("down");
+    let got: Vec<(u64, i64, &str, &str)> = s
+        .events()
+        .map(|e| (e.seq, e.at_ms, e.kind.as_str(), e.alloc.as_str()))
+        .collect();
+    assert_eq!(
+        got[..6],
+        [
+            (1, 1, "job_applied", ""),
+            (2, 1, "node_registered", ""),
+            (3, 5, "placed", "a1"),
+            (4, 20, "started", "a1"),
+            (5, 30, "oom_killed", "a1"),
+            (6, 30, "restarted", "a1"),
+        ],
+        "{got:?}"
+    );
+    let down = s.events().find(|e| e.kind == "node_status").expect("down");
+    assert_eq!((down.node.as_str(), down.message.as_str()), ("n1", "down"));
+    assert_eq!(s.last_event(), got.last().expect("events").0);
+    // Bounded: the oldest go, numbers keep increasing.
+    for i in 0..events::MAX_EVENTS as i64 {
+        s.apply(&Command::SetNodeStatus {
+            name: "n1".into(),
+            status: if i % 2 == 0 {
+                NodeStatus::Ready
+            } else {
+                NodeStatus::Down
+            },
+            at_ms: 50 + i,
+        })
+        .expect("flap");
+    }
+    assert_eq!(s.events().count(), events::MAX_EVENTS);
+    let first = s.events().next().expect("first").seq;
+    assert!(first > 6);
+    assert_eq!(s.last_event(), first + events::MAX_EVENTS as u64 - 1);
+    // They survive a snapshot.
+    let back: ClusterState =
+        serde_json::from_str(&serde_json::to_string(&s).expect("ser")).expect("de");
+    assert_eq!(back, s);
+}
+
+#[test]
+fn events_are_numbered_by_log_index_so_members_agree_after_an_upgrade() {
+    let entries = [
+        Command::ApplyJob {
+            spec: web(1),
+            at_ms: 1,
+        },
+        Command::UpsertNode { node: node("n1") },
+        Command::PlaceAllocations {
+            allocations: vec![alloc("a1", "n1", 1)],
+        },
+        Command::ReportAllocation {
+            id: "a1".into(),
+            status: AllocationStatus::Running,
+            at_ms: 9,
+        },
+        Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Draining,
+            at_ms: 10,
+        },
+    ];
+    let mut a = ClusterState::default();
+    let mut b = ClusterState::default();
+    for (i, c) in entries.iter().enumerate() {
+        let index = i as u64 + 1;
+        a.apply_entry(Some(index), c).expect("a");
+        b.apply_entry(Some(index), c).expect("b");
+        if index == 2 {
+            // `b` restarts from a snapshot taken before it kept events.
+            b.events.clear();
+            b.next_event = 0;
+            b.clock_ms = 0;
+        }
+    }
+    let tail = |s: &ClusterState| -> Vec<(u64, String)> {
+        s.events()
+            .filter(|e| e.seq >= 3 << events::SEQ_SHIFT)
+            .map(|e| (e.seq, e.kind.clone()))
+            .collect()
+    };
+    assert_eq!(
+        tail(&a),
+        [
+            (3 << events::SEQ_SHIFT, "placed".to_owned()),
+            (4 << events::SEQ_SHIFT, "started".to_owned()),
+            (5 << events::SEQ_SHIFT, "node_status".to_owned()),
+        ]
+    );
+    assert_eq!(tail(&a), tail(&b));
+    assert_eq!(a.last_event(), b.last_event());
+}
