@@ -221,10 +221,30 @@ fn g10_a_group_shares_network_and_volumes_in_lifecycle_order() -> Result<()> {
             },
         )?;
 
-        // Stopping the job removes its pods: the host port answers no more.
+        // Stopping app frees the port: other, pending on it, is placed at once (its pending
+        // reason cleared), and runs.
         fleet.cli_ok(&["stop", "app"])?;
         fleet.wait_for("app's allocations gone", Duration::from_secs(30), |f| {
             Ok(allocs(f, "app")?.is_empty())
+        })?;
+        fleet.wait_for(
+            "other placed on the freed port",
+            Duration::from_secs(20),
+            |f| {
+                let a = allocs(f, "other")?;
+                Ok(a.len() == 2 && a.iter().all(|x| x["status"] == "running"))
+            },
+        )?;
+        let st = fleet.cli_json(&["job", "status", "other"])?;
+        ensure!(
+            st["pending"].as_str().unwrap_or_default().is_empty(),
+            "{st}"
+        );
+
+        // Stopping it too removes its pods: the host port answers no more.
+        fleet.cli_ok(&["stop", "other"])?;
+        fleet.wait_for("other's allocations gone", Duration::from_secs(30), |f| {
+            Ok(allocs(f, "other")?.is_empty())
         })?;
         fleet.wait_for("the host port closed", Duration::from_secs(10), |f| {
             let out = f.on_host("cli", &["curl", "-sS", "--max-time", "1", &url])?;
