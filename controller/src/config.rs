@@ -68,6 +68,14 @@ pub struct Args {
     /// e.g. 10s [default: 10s].
     #[arg(long, env = "SKIFF_NODE_GRACE")]
     pub node_grace: Option<String>,
+    /// Stopped allocations whose process is gone are forgotten after this long, e.g. 1h
+    /// [default: 1h].
+    #[arg(long, env = "SKIFF_GC_AFTER")]
+    pub gc_after: Option<String>,
+    /// Versions kept per job for rollback and history; the latest, the stable one, the
+    /// current rollout's and any still running are always kept [default: 10].
+    #[arg(long, env = "SKIFF_KEEP_VERSIONS")]
+    pub keep_versions: Option<usize>,
     /// The network nodes' pod subnets (/24 each) are taken from [default: 10.42.0.0/16].
     /// Cluster-wide: fixed at bootstrap; a member given another value refuses to start.
     #[arg(long, env = "SKIFF_CLUSTER_CIDR")]
@@ -100,6 +108,8 @@ pub struct FileConfig {
     pub cert_ttl: Option<String>,
     pub raft: Option<RaftSettings>,
     pub node_grace: Option<String>,
+    pub gc_after: Option<String>,
+    pub keep_versions: Option<usize>,
     pub cluster_cidr: Option<String>,
     pub node_subnet_prefix: Option<u8>,
     pub service_cidr: Option<String>,
@@ -127,6 +137,10 @@ pub struct Config {
     pub raft: RaftSettings,
     /// A node not heard from for this long is down.
     pub node_grace: std::time::Duration,
+    /// Stopped allocations are forgotten after this long.
+    pub gc_after: std::time::Duration,
+    /// Versions kept per job.
+    pub keep_versions: usize,
     /// Cluster-wide settings given on this start (flag, env or file); `None` where not given.
     pub cluster: ClusterFlags,
     /// The token a new (joining) member enrolls with.
@@ -237,6 +251,10 @@ pub enum ConfigError {
     ServiceCidr(String),
     #[error("node-grace: {0:?} is not a duration of at least 1s (e.g. 10s)")]
     NodeGrace(String),
+    #[error("gc-after: {0:?} is not a duration of at least 1s (e.g. 1h)")]
+    GcAfter(String),
+    #[error("keep-versions: {0} is not between 1 and 10000")]
+    KeepVersions(usize),
     #[error("election-timeout-ms: {0:?} is not MIN-MAX in milliseconds (e.g. 400-800)")]
     ElectionRange(String),
     #[error("raft: {0}")]
@@ -309,6 +327,18 @@ impl Config {
                 .filter(|d| *d >= std::time::Duration::from_secs(1))
                 .ok_or(ConfigError::NodeGrace(s))?,
         };
+        let gc_after = match args.gc_after.or(file.gc_after) {
+            None => std::time::Duration::from_secs(3600),
+            Some(s) => humantime::parse_duration(&s)
+                .ok()
+                .filter(|d| *d >= std::time::Duration::from_secs(1))
+                .ok_or(ConfigError::GcAfter(s))?,
+        };
+        let keep_versions = match args.keep_versions.or(file.keep_versions) {
+            None => 10,
+            Some(n) if (1..=10_000).contains(&n) => n,
+            Some(n) => return Err(ConfigError::KeepVersions(n)),
+        };
         let cluster = ClusterFlags {
             cluster_cidr: args.cluster_cidr.or(file.cluster_cidr),
             node_subnet_prefix: args.node_subnet_prefix.or(file.node_subnet_prefix),
@@ -354,6 +384,8 @@ impl Config {
             formation,
             raft,
             node_grace,
+            gc_after,
+            keep_versions,
             cluster,
             join_token,
             tls_sans,

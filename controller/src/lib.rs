@@ -220,6 +220,8 @@ impl Controller {
             heartbeats,
             reconcile::ReconcileSettings {
                 node_grace: config.node_grace,
+                gc_after: config.gc_after,
+                keep_versions: config.keep_versions,
                 ..Default::default()
             },
             stop_rx.clone(),

@@ -6,7 +6,7 @@
 //! `PlanJob` API share it. The loop runs only on the leader and starts afresh at every
 //! leadership: a new leader gives every node a full grace period before judging it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,8 @@ use crate::api::now_ms;
 use crate::raft::RaftNode;
 use crate::scheduler::{self, Candidate, Request, Strategy, Usage};
 use crate::state::{
-    Allocation, AllocationStatus, ClusterState, Command, DesiredStatus, Job, JobStatus, NodeStatus,
-    RolloutChange, RolloutStatus,
+    Allocation, AllocationStatus, ClusterState, Command, Job, JobStatus, JobVersions, NodeStatus,
+    RolloutChange, RolloutStatus, Touched,
 };
 
 pub mod analysis;
@@ -178,6 +178,14 @@ pub struct ReconcileSettings {
     pub node_grace: Duration,
     /// How often the loop runs when nothing changes.
     pub interval: Duration,
+    /// How often every job is planned, whatever was touched (the safety net under the
+    /// incremental passes); garbage is collected as often.
+    pub full_interval: Duration,
+    /// Allocations over (stopped, process gone) for this long are forgotten.
+    pub gc_after: Duration,
+    /// Versions kept per job (the latest, the stable one, the current rollout's and any still
+    /// running are kept whatever this says).
+    pub keep_versions: usize,
 }
 
 impl Default for ReconcileSettings {
@@ -185,6 +193,9 @@ impl Default for ReconcileSettings {
         ReconcileSettings {
             node_grace: Duration::from_secs(10),
             interval: Duration::from_millis(500),
+            full_interval: Duration::from_secs(10),
+            gc_after: Duration::from_secs(3600),
+            keep_versions: 10,
         }
     }
 }
@@ -237,7 +248,7 @@ pub fn host_paths(spec: &JobSpec) -> Vec<String> {
 
 /// Whether an allocation holds its node's resources: it should run and is not gone.
 fn holds(a: &Allocation) -> bool {
-    a.desired == DesiredStatus::Run && a.observed != AllocationStatus::Lost
+    a.holds()
 }
 
 /// What the live allocations on each node hold, and how many there are.
@@ -638,6 +649,122 @@ pub fn new_alloc_id() -> String {
     format!("{:016x}", rng.random::<u64>())
 }
 
+/// The jobs the next pass plans: what applied entries touched, plus the jobs whose plan
+/// changes with time alone (a rollout under way, replicas draining, a plan that wrote
+/// something last time), plus everything at each full pass.
+#[derive(Debug, Default)]
+pub struct Work {
+    touched: Touched,
+    /// Planned at every pass until a plan of theirs is settled.
+    active: BTreeSet<String>,
+    last_full: Option<Instant>,
+}
+
+impl Work {
+    /// Everything, at the next pass (a new term).
+    pub fn everything(&mut self) {
+        self.touched = Touched::everything();
+    }
+
+    /// Adds what applied entries touched.
+    pub fn add(&mut self, touched: Touched) {
+        self.touched.merge(touched);
+    }
+
+    /// Whether the next pass plans every job: asked for, or the safety net's turn.
+    fn full(&self, now: Instant, every: Duration) -> bool {
+        self.touched.all
+            || self
+                .last_full
+                .is_none_or(|t| now.duration_since(t) >= every)
+    }
+
+    /// The keys of the jobs an incremental pass plans.
+    fn keys(&self, state: &ClusterState) -> BTreeSet<String> {
+        let mut keys: BTreeSet<String> = self.touched.jobs.union(&self.active).cloned().collect();
+        if self.touched.capacity {
+            // Resources were freed or a node changed: what did not fit may fit now.
+            keys.extend(
+                state
+                    .jobs(None)
+                    .filter(|j| j.pending.is_some())
+                    .map(|j| crate::state::job_key(&j.namespace, &j.name)),
+            );
+        }
+        keys
+    }
+}
+
+/// Allocation ids one garbage collection entry names at most (the rest waits for the next).
+pub const GC_BATCH: usize = 1000;
+
+/// What garbage collection would remove now: allocations over for at least `gc_after`, and
+/// versions of each job beyond the last `keep_versions` that nothing still needs. `None`
+/// when there is nothing.
+pub fn garbage(state: &ClusterState, settings: &ReconcileSettings, now_ms: i64) -> Option<Command> {
+    let after = i64::try_from(settings.gc_after.as_millis()).unwrap_or(i64::MAX);
+    let allocations: Vec<String> = state
+        .allocations()
+        .filter(|a| a.collectable() && now_ms.saturating_sub(a.observed_at_ms) >= after)
+        .map(|a| a.id.clone())
+        .take(GC_BATCH)
+        .collect();
+    let collected: std::collections::HashSet<&str> =
+        allocations.iter().map(String::as_str).collect();
+    let keep = settings.keep_versions.max(1);
+    let mut versions = Vec::new();
+    for job in state.jobs(None) {
+        let all = job.versions();
+        if all.len() <= keep {
+            continue;
+        }
+        let in_use: BTreeSet<u64> = state
+            .job_allocations(&job.namespace, &job.name)
+            .filter(|a| !collected.contains(a.id.as_str()))
+            .map(|a| a.job_version)
+            .collect();
+        let rollout = job.rollout().map(|r| (r.version, r.from_version));
+        let old: Vec<u64> = all[..all.len() - keep]
+            .iter()
+            .map(|v| v.version)
+            .filter(|v| {
+                !in_use.contains(v)
+                    && Some(*v) != job.stable_version
+                    && !rollout.is_some_and(|(to, from)| *v == to || *v == from)
+            })
+            .collect();
+        if !old.is_empty() {
+            versions.push(JobVersions {
+                namespace: job.namespace.clone(),
+                name: job.name.clone(),
+                versions: old,
+            });
+        }
+    }
+    (!allocations.is_empty() || !versions.is_empty()).then_some(Command::CollectGarbage {
+        allocations,
+        versions,
+        at_ms: now_ms,
+    })
+}
+
+/// Whether a job's plan may change with time alone, so it is planned at every pass.
+fn time_bound(state: &ClusterState, job: &Job, plan: &JobPlan, pending_changed: bool) -> bool {
+    let wrote = !plan.place.is_empty()
+        || !plan.stop.is_empty()
+        || !plan.drain.is_empty()
+        || plan.rollout.is_some()
+        || plan.rollback.is_some()
+        || pending_changed;
+    wrote
+        || job
+            .open_rollout()
+            .is_some_and(|r| r.status == RolloutStatus::Running)
+        || state
+            .job_allocations(&job.namespace, &job.name)
+            .any(|a| holds(a) && a.drain_since_ms.is_some())
+}
+
 /// The leader's loop: runs until `stop` fires.
 pub async fn run(
     node: RaftNode,
@@ -648,23 +775,35 @@ pub async fn run(
     let mut applied = node.applied_watch();
     let mut leading_since: Option<u64> = None;
     let mut analyses = Analyses::default();
+    let mut work = Work::default();
     loop {
         let status = node.status();
         let leader = status.role == crate::raft::Role::Leader;
+        // Taken on every member, so that what a follower gathers stays small.
+        let touched = node.take_touched();
         if leader && leading_since != Some(status.term) {
-            // A new term of ours: every node gets a full grace period from now.
+            // A new term of ours: every node gets a full grace period from now, and every
+            // job is planned afresh.
             let names: Vec<String> = node.state().state.nodes().map(|n| n.name.clone()).collect();
             heartbeats.reset(names.into_iter());
             leading_since = Some(status.term);
+            work = Work::default();
+            work.everything();
             info!(term = status.term, "reconciler started");
         } else if !leader {
             leading_since = None;
         }
         if !leader {
             analyses = Analyses::default();
+            work = Work::default();
         }
-        if leader && let Err(e) = pass(&node, &heartbeats, &settings, &mut analyses).await {
-            debug!(error = %e, "reconcile pass stopped early");
+        if leader {
+            work.add(touched);
+            if let Err(e) = pass(&node, &heartbeats, &settings, &mut analyses, &mut work).await {
+                // What this pass had to do is not known to be done: all of it next time.
+                work.everything();
+                debug!(error = %e, "reconcile pass stopped early");
+            }
         }
         tokio::select! {
             _ = stop.changed() => return,
@@ -677,12 +816,14 @@ pub async fn run(
     }
 }
 
-/// One pass: liveness, then every job. Each decision is one Raft write.
+/// One pass: liveness, then the jobs `work` names (every job at a full pass). Each
+/// decision is one Raft write.
 async fn pass(
     node: &RaftNode,
     heartbeats: &Heartbeats,
     settings: &ReconcileSettings,
     analyses: &mut Analyses,
+    work: &mut Work,
 ) -> Result<(), crate::raft::RaftNodeError> {
     let now = Instant::now();
     let mut commands: Vec<Command> = Vec::new();
@@ -734,24 +875,35 @@ async fn pass(
                 warn!(error = %e, "liveness command refused");
             }
         }
+        // What those writes touched is planned now, not at the next pass.
+        work.add(node.take_touched());
     }
+    let full = work.full(now, settings.full_interval);
     {
         let applied = node.state();
         let state = &applied.state;
+        let keys = (!full).then(|| work.keys(state));
+        if keys.as_ref().is_some_and(BTreeSet::is_empty) {
+            work.touched = Touched::default();
+            return Ok(());
+        }
+        let jobs: Vec<&Job> = match &keys {
+            None => state.jobs(None).collect(),
+            Some(keys) => keys.iter().filter_map(|k| state.job_by_key(k)).collect(),
+        };
         let mut view = node_view(state);
         let mut place = Vec::new();
         let mut stop = Vec::new();
         let mut drain = Vec::new();
         let mut rollouts = Vec::new();
         let mut judged = Vec::new();
-        for job in state.jobs(None) {
+        let mut active = BTreeSet::new();
+        for job in jobs {
+            let key = format!("{}/{}", job.namespace, job.name);
             let verdict = judge(state, job, heartbeats, analyses, now_ms());
             if let Some(v) = &verdict {
-                judged.push((
-                    format!("{}/{}", job.namespace, job.name),
-                    job.latest().version,
-                ));
-                debug!(job = %format!("{}/{}", job.namespace, job.name), ?v, "canary analysis");
+                judged.push((key.clone(), job.latest().version));
+                debug!(job = %key, ?v, "canary analysis");
             }
             let plan = plan_job(
                 state,
@@ -763,7 +915,7 @@ async fn pass(
             );
             if !plan.place.is_empty() || !plan.stop.is_empty() || !plan.drain.is_empty() {
                 info!(
-                    job = %format!("{}/{}", job.namespace, job.name),
+                    job = %key,
                     place = plan.place.len(),
                     drain = plan.drain.len(),
                     stop = plan.stop.len(),
@@ -771,12 +923,16 @@ async fn pass(
                     "reconciling"
                 );
             }
+            let pending_changed = job.pending != plan.pending;
+            if time_bound(state, job, &plan, pending_changed) {
+                active.insert(crate::state::job_key(&job.namespace, &job.name));
+            }
             place.extend(plan.place);
             stop.extend(plan.stop);
             drain.extend(plan.drain);
             if let Some((version, change)) = plan.rollout {
                 if !matches!(change, RolloutChange::Progress { .. }) {
-                    info!(job = %format!("{}/{}", job.namespace, job.name), version, ?change, "rollout");
+                    info!(job = %key, version, ?change, "rollout");
                 }
                 rollouts.push(Command::Rollout {
                     namespace: job.namespace.clone(),
@@ -787,7 +943,7 @@ async fn pass(
                 });
             }
             if let Some((to_version, reason)) = plan.rollback {
-                warn!(job = %format!("{}/{}", job.namespace, job.name), to_version, %reason, "rollout failed: rolling back");
+                warn!(job = %key, to_version, %reason, "rollout failed: rolling back");
                 rollouts.push(Command::RollbackJob {
                     namespace: job.namespace.clone(),
                     name: job.name.clone(),
@@ -797,7 +953,7 @@ async fn pass(
                     at_ms: now_ms(),
                 });
             }
-            if job.pending != plan.pending {
+            if pending_changed {
                 commands.push(Command::SetJobPending {
                     namespace: job.namespace.clone(),
                     name: job.name.clone(),
@@ -805,7 +961,23 @@ async fn pass(
                 });
             }
         }
-        analyses.retain(&judged);
+        if full {
+            // Only a full pass sees every open rollout.
+            analyses.retain(&judged);
+            if let Some(gc) = garbage(state, settings, now_ms()) {
+                info!(command = %gc, "collecting garbage");
+                commands.push(gc);
+            }
+            work.last_full = Some(now);
+            work.active = active;
+        } else {
+            // The planned jobs' entries are replaced; the others' stand.
+            if let Some(keys) = &keys {
+                work.active.retain(|k| !keys.contains(k));
+            }
+            work.active.extend(active);
+        }
+        work.touched = Touched::default();
         if !place.is_empty() {
             commands.push(Command::PlaceAllocations { allocations: place });
         }

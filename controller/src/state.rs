@@ -107,12 +107,29 @@ pub enum Command {
         name: String,
         pending: Option<String>,
     },
+    /// Forget what the leader found past its retention: allocations that are over (stopped,
+    /// their process gone) and old versions of jobs. What is no longer collectable when it is
+    /// applied is kept: an allocation that is not over, a job's latest or stable version, the
+    /// versions of its current rollout and any version an allocation still runs.
+    CollectGarbage {
+        allocations: Vec<String>,
+        versions: Vec<JobVersions>,
+        at_ms: i64,
+    },
     /// Fix the cluster-wide settings: written once, by the first leader after bootstrap (or
     /// the first leader of a cluster that predates them). The same settings again change
     /// nothing; different ones are refused.
     InitCluster { settings: ClusterSettings },
     /// A change to the cluster PKI (CA, certificates, join tokens).
     Pki { change: pki::PkiOp },
+}
+
+/// Versions of one job (for [`Command::CollectGarbage`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobVersions {
+    pub namespace: String,
+    pub name: String,
+    pub versions: Vec<u64>,
 }
 
 /// Settings of the whole cluster, fixed at bootstrap and kept in the replicated state, so a
@@ -196,6 +213,7 @@ impl Command {
             Command::StopAllocations { .. } => "stop_allocations",
             Command::SetNodeVolumes { .. } => "set_node_volumes",
             Command::SetJobPending { .. } => "set_job_pending",
+            Command::CollectGarbage { .. } => "collect_garbage",
             Command::DrainAllocations { .. } => "drain_allocations",
             Command::Rollout { .. } => "rollout",
             Command::RollbackJob { .. } => "rollback_job",
@@ -238,6 +256,16 @@ impl std::fmt::Display for Command {
                 namespace, name, ..
             } => write!(f, "set_job_pending({namespace}/{name})"),
             Command::DrainAllocations { ids, .. } => write!(f, "drain_allocations({})", ids.len()),
+            Command::CollectGarbage {
+                allocations,
+                versions,
+                ..
+            } => write!(
+                f,
+                "collect_garbage({} allocations, {} job versions)",
+                allocations.len(),
+                versions.iter().map(|v| v.versions.len()).sum::<usize>()
+            ),
             Command::Rollout {
                 namespace,
                 name,
@@ -317,6 +345,11 @@ pub enum Outcome {
     },
     ClusterInitialized {
         changed: bool,
+    },
+    /// What garbage collection removed.
+    Collected {
+        allocations: usize,
+        versions: usize,
     },
     /// A PKI change; the serials it issued or revoked.
     Pki {
@@ -446,6 +479,112 @@ pub struct ClusterState {
     /// The latest time a command carried (events of commands without one get it).
     #[serde(default)]
     clock_ms: i64,
+    /// Allocation ids by job: derived from `allocations`, never stored.
+    #[serde(skip)]
+    by_job: ByJob,
+}
+
+/// Allocation ids by job key, derived from the allocations: built on first use after a load,
+/// then kept up to date where allocations are added and collected (an allocation's job never
+/// changes). Cloning it with the state is O(1).
+#[derive(Clone, Debug, Default)]
+struct ByJob(std::sync::OnceLock<OrdMap<String, imbl::OrdSet<String>>>);
+
+impl PartialEq for ByJob {
+    /// Derived data: two states with the same allocations have the same index.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl ByJob {
+    fn get(
+        &self,
+        allocations: &OrdMap<String, Allocation>,
+    ) -> &OrdMap<String, imbl::OrdSet<String>> {
+        self.0.get_or_init(|| {
+            let mut m: OrdMap<String, imbl::OrdSet<String>> = OrdMap::new();
+            for a in allocations.values() {
+                m.entry(job_key(&a.namespace, &a.job))
+                    .or_default()
+                    .insert(a.id.clone());
+            }
+            m
+        })
+    }
+
+    fn remove(&mut self, a: &Allocation) {
+        if let Some(m) = self.0.get_mut() {
+            let key = job_key(&a.namespace, &a.job);
+            if let Some(ids) = m.get_mut(&key) {
+                ids.remove(&a.id);
+                if ids.is_empty() {
+                    m.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, a: &Allocation) {
+        // Not built yet: it will be built from the allocations, this one included.
+        if let Some(m) = self.0.get_mut() {
+            m.entry(job_key(&a.namespace, &a.job))
+                .or_default()
+                .insert(a.id.clone());
+        }
+    }
+}
+
+/// What applied entries touched, gathered for the leader's reconciler (local to each member,
+/// not replicated): the jobs whose plan may have changed, and whether resources were freed
+/// or nodes changed, so that pending jobs may fit now.
+#[derive(Debug, Default, PartialEq)]
+pub struct Touched {
+    pub jobs: std::collections::BTreeSet<String>,
+    pub capacity: bool,
+    /// Too much to list, or the state was replaced (a snapshot): everything.
+    pub all: bool,
+}
+
+impl Touched {
+    /// Past this many jobs the set gives way to `all` (a member that is not leading keeps
+    /// gathering until it leads, and must not grow without bound).
+    pub const MAX_JOBS: usize = 65_536;
+
+    /// Everything.
+    pub fn everything() -> Touched {
+        Touched {
+            all: true,
+            ..Touched::default()
+        }
+    }
+
+    fn job(&mut self, key: String) {
+        if self.all {
+            return;
+        }
+        self.jobs.insert(key);
+        if self.jobs.len() > Self::MAX_JOBS {
+            self.jobs.clear();
+            self.all = true;
+        }
+    }
+
+    /// Adds what `other` touched.
+    pub fn merge(&mut self, other: Touched) {
+        self.capacity |= other.capacity;
+        if other.all {
+            self.all = true;
+            self.jobs.clear();
+        }
+        for k in other.jobs {
+            self.job(k);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && !self.capacity && self.jobs.is_empty()
+    }
 }
 
 /// `a.b.c.d/p` with 8 <= p <= 24 -> (network address as u32, p); host bits must be zero.
@@ -493,7 +632,7 @@ pub fn check_service_cidr(service_cidr: &str, cluster_cidr: &str) -> Result<(), 
     Ok(())
 }
 
-fn job_key(namespace: &str, name: &str) -> String {
+pub fn job_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
@@ -509,12 +648,43 @@ impl ClusterState {
     /// even when some started keeping events later than others (an upgrade). Without an
     /// index they follow the last one.
     pub fn apply_entry(&mut self, index: Option<u64>, command: &Command) -> ApplyResult {
+        self.apply_touching(index, command, &mut Touched::default())
+    }
+
+    /// As [`ClusterState::apply_entry`], adding to `touched` the jobs it may have changed
+    /// and whether it freed resources or changed a node.
+    pub fn apply_touching(
+        &mut self,
+        index: Option<u64>,
+        command: &Command,
+        touched: &mut Touched,
+    ) -> ApplyResult {
         let before = events::Before::take(command, &self.jobs, &self.nodes, &self.allocations);
         let result = self.apply_command(command);
         if result.is_ok() {
+            self.note_touched(&before, command, touched);
             self.record_events(index, &before, command);
         }
         result
+    }
+
+    fn note_touched(&self, before: &events::Before, command: &Command, touched: &mut Touched) {
+        for (key, _) in &before.jobs {
+            touched.job(key.clone());
+        }
+        for (id, was) in &before.allocations {
+            let after = self.allocations.get(id);
+            if let Some(a) = after.or(was.as_ref()) {
+                touched.job(job_key(&a.namespace, &a.job));
+            }
+            if was.as_ref().is_some_and(Allocation::holds) && !after.is_some_and(Allocation::holds)
+            {
+                touched.capacity = true;
+            }
+        }
+        if !before.nodes.is_empty() || matches!(command, Command::SetNodeVolumes { .. }) {
+            touched.capacity = true;
+        }
     }
 
     /// Every event kept, oldest first.
@@ -761,6 +931,11 @@ impl ClusterState {
                 automatic,
                 at_ms,
             } => self.rollback_job(namespace, name, *to_version, reason, *automatic, *at_ms),
+            Command::CollectGarbage {
+                allocations,
+                versions,
+                ..
+            } => Ok(self.collect_garbage(allocations, versions)),
             Command::SetJobPending {
                 namespace,
                 name,
@@ -1260,6 +1435,7 @@ impl ClusterState {
             }
         }
         for alloc in allocations {
+            self.by_job.add(alloc);
             self.allocations.insert(alloc.id.clone(), alloc.clone());
         }
         Ok(Outcome::AllocationsPlaced {
@@ -1267,9 +1443,45 @@ impl ClusterState {
         })
     }
 
+    /// Removes the allocations and versions listed that are still collectable.
+    fn collect_garbage(&mut self, allocations: &[String], versions: &[JobVersions]) -> Outcome {
+        let mut removed = 0;
+        for id in allocations {
+            if self
+                .allocations
+                .get(id)
+                .is_some_and(Allocation::collectable)
+                && let Some(a) = self.allocations.remove(id)
+            {
+                self.by_job.remove(&a);
+                removed += 1;
+            }
+        }
+        let mut dropped = 0;
+        for jv in versions {
+            let key = job_key(&jv.namespace, &jv.name);
+            let in_use: std::collections::BTreeSet<u64> = self
+                .job_allocations(&jv.namespace, &jv.name)
+                .map(|a| a.job_version)
+                .collect();
+            if let Some(job) = self.jobs.get_mut(&key) {
+                dropped += job.drop_versions(&jv.versions, &in_use);
+            }
+        }
+        Outcome::Collected {
+            allocations: removed,
+            versions: dropped,
+        }
+    }
+
     /// A job by namespace and name.
     pub fn job(&self, namespace: &str, name: &str) -> Option<&Job> {
         self.jobs.get(&job_key(namespace, name))
+    }
+
+    /// A job by its key (`namespace/name`).
+    pub fn job_by_key(&self, key: &str) -> Option<&Job> {
+        self.jobs.get(key)
     }
 
     /// Every job, ordered by namespace then name; optionally only one namespace.
@@ -1290,9 +1502,12 @@ impl ClusterState {
         namespace: &'a str,
         name: &'a str,
     ) -> impl Iterator<Item = &'a Allocation> + 'a {
-        self.allocations
-            .values()
-            .filter(move |a| a.namespace == namespace && a.job == name)
+        self.by_job
+            .get(&self.allocations)
+            .get(&job_key(namespace, name))
+            .into_iter()
+            .flat_map(|ids| ids.iter())
+            .filter_map(|id| self.allocations.get(id))
     }
 
     /// Every allocation, ordered by id.

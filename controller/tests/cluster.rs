@@ -24,6 +24,8 @@ struct TestCluster {
     members: Vec<Option<Controller>>,
     rpc: Vec<SocketAddr>,
     settings: RaftSettings,
+    /// `--gc-after` and `--keep-versions`.
+    gc: (Duration, usize),
     /// What the bootstrapper wrote to `admin.creds`.
     admin: Option<Credentials>,
 }
@@ -79,6 +81,10 @@ impl TestCluster {
     }
 
     async fn start(n: usize, settings: RaftSettings) -> TestCluster {
+        TestCluster::start_with_gc(n, settings, (Duration::from_secs(3600), 10)).await
+    }
+
+    async fn start_with_gc(n: usize, settings: RaftSettings, gc: (Duration, usize)) -> TestCluster {
         let mut c = TestCluster {
             dir: tempfile::Builder::new()
                 .prefix("skiff-cluster-test-")
@@ -87,6 +93,7 @@ impl TestCluster {
             members: Vec::new(),
             rpc: Vec::new(),
             settings,
+            gc,
             admin: None,
         };
         for i in 0..n {
@@ -114,6 +121,8 @@ impl TestCluster {
                     formation: formation.clone(),
                     raft: c.settings.clone(),
                     node_grace: NODE_GRACE,
+                    gc_after: c.gc.0,
+                    keep_versions: c.gc.1,
                     cluster: Default::default(),
                     join_token: join_token.clone(),
                     tls_sans: vec![],
@@ -241,6 +250,8 @@ impl TestCluster {
             formation: Formation::Wait,
             raft: self.settings.clone(),
             node_grace: NODE_GRACE,
+            gc_after: self.gc.0,
+            keep_versions: self.gc.1,
             cluster: Default::default(),
             join_token: None,
             tls_sans: vec![],
@@ -1051,6 +1062,110 @@ fn pki_counts(c: &TestCluster) -> (usize, usize) {
 /// certificates, a node acting as another, a reader writing, a plain-text client, spent,
 /// expired and revoked tokens, a token pinning another CA. Each is refused with a clear
 /// error and leaves the state as it was.
+/// Garbage collection: allocations over for `--gc-after` are forgotten (the agent no longer
+/// sees them, `ps` no longer lists them), and versions beyond `--keep-versions` go, the
+/// latest kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t65_stopped_allocations_and_old_versions_are_collected() {
+    use skiff_proto::v1::nodes_client::NodesClient;
+    let c =
+        TestCluster::start_with_gc(1, TestCluster::settings(), (Duration::from_secs(1), 2)).await;
+    let leader = c.wait_leader().await;
+    let mut nodes = NodesClient::new(c.member_channel(leader).await);
+    nodes
+        .register(pb::RegisterNodeRequest {
+            name: "n1".into(),
+            address: "198.18.0.9".into(),
+            labels: Default::default(),
+            resources: Some(pb::NodeResources {
+                cpu: 8.0,
+                memory: 8 << 30,
+                pids: 10_000,
+            }),
+            agent_addr: "198.18.0.9:7801".into(),
+            metrics_addr: "198.18.0.9:7802".into(),
+            wireguard: None,
+            host_volume_dirs: Vec::new(),
+        })
+        .await
+        .expect("register");
+    let mut jobs = c.jobs(leader).await;
+    for replicas in 1..=4 {
+        apply(&mut jobs, spec("web", replicas))
+            .await
+            .expect("apply");
+    }
+    let versions = |job: pb::GetJobResponse| job.job.map(|j| j.versions).unwrap_or_default();
+    let get = pb::GetJobRequest {
+        namespace: "default".into(),
+        name: "web".into(),
+        read: None,
+    };
+    // Running allocations hold their versions; the ones beyond the 2 kept that nothing
+    // runs go.
+    eventually("4 allocations", Duration::from_secs(10), || {
+        let mut jobs = jobs.clone();
+        async move { allocations_of(&mut jobs, "web").await.len() == 4 }
+    })
+    .await;
+    let running: Vec<pb::AllocationReport> = allocations_of(&mut jobs, "web")
+        .await
+        .into_iter()
+        .map(|a| pb::AllocationReport {
+            id: a.id,
+            state: pb::AllocationState::Running as i32,
+            ..Default::default()
+        })
+        .collect();
+    nodes
+        .heartbeat(beat("n1", running.clone()))
+        .await
+        .expect("heartbeat");
+    jobs.stop_job(pb::StopJobRequest {
+        namespace: "default".into(),
+        name: "web".into(),
+    })
+    .await
+    .expect("stop");
+    // Still running after the stop: kept, whatever their age.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes
+        .heartbeat(beat("n1", running.clone()))
+        .await
+        .expect("heartbeat");
+    let held = || c.member(leader).node().state().state.allocations().count();
+    assert_eq!(held(), 4);
+    // Exited: forgotten after a second, at the next full pass.
+    let exited: Vec<pb::AllocationReport> = running
+        .iter()
+        .map(|r| pb::AllocationReport {
+            state: pb::AllocationState::Exited as i32,
+            ..r.clone()
+        })
+        .collect();
+    let before = c.member(leader).node().state().state.events().count();
+    nodes
+        .heartbeat(beat("n1", exited))
+        .await
+        .expect("heartbeat");
+    eventually("allocations collected", Duration::from_secs(25), || {
+        let n = held();
+        async move { n == 0 }
+    })
+    .await;
+    // 2 kept, and the stable one if it is older.
+    let kept = versions(jobs.get_job(get.clone()).await.expect("get").into_inner());
+    assert!((2..=3).contains(&kept), "versions kept: {kept}");
+    let state = &c.member(leader).node().state().state;
+    let job = state.job("default", "web").expect("the job stays");
+    assert_eq!(job.latest().version, 4, "the latest is kept");
+    assert!(state.allocations().next().is_none());
+    assert!(
+        state.events().count() >= before,
+        "collection leaves the event log alone"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
     use skiff_controller::state::Command;

@@ -493,6 +493,11 @@ impl RaftNode {
         self.inner.sm.read()
     }
 
+    /// What applied entries touched since the last call (for the leader's reconciler).
+    pub fn take_touched(&self) -> crate::state::Touched {
+        self.inner.sm.take_touched()
+    }
+
     /// This member's view of itself.
     pub fn status(&self) -> Status {
         let m = self.inner.raft.metrics().borrow_watched().clone();

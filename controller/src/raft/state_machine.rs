@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::types::{
     LogId, Request, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
 };
-use crate::state::ClusterState;
+use crate::state::{ClusterState, Touched};
 
 const SNAPSHOT_FILE: &str = "snapshot.json";
 
@@ -46,6 +46,8 @@ struct Inner {
     current: RwLock<Option<(SnapshotMeta, Arc<SnapshotData>)>>,
     dir: PathBuf,
     apply_seconds: Histogram,
+    /// What entries applied since the reconciler last looked touched.
+    touched: std::sync::Mutex<Touched>,
 }
 
 /// The state machine. Cheap to clone; clones share the state.
@@ -84,6 +86,7 @@ impl StateMachineStore {
                 current: RwLock::new(current),
                 dir: dir.to_path_buf(),
                 apply_seconds,
+                touched: std::sync::Mutex::new(Touched::everything()),
             }),
         })
     }
@@ -96,6 +99,19 @@ impl StateMachineStore {
             .applied
             .read()
             .unwrap_or_else(|_| panic!("state machine lock poisoned"))
+    }
+
+    /// What was touched since the last call (everything, the first time and after a
+    /// snapshot replaced the state).
+    pub fn take_touched(&self) -> Touched {
+        std::mem::take(&mut *self.touched())
+    }
+
+    fn touched(&self) -> std::sync::MutexGuard<'_, Touched> {
+        self.inner
+            .touched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
@@ -182,7 +198,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Blank => Response(None),
                     EntryPayload::Normal(Request(command)) => {
                         let started = Instant::now();
-                        let result = g.state.apply_entry(Some(entry.log_id.index), &command);
+                        let result = g.state.apply_touching(
+                            Some(entry.log_id.index),
+                            &command,
+                            &mut self.touched(),
+                        );
                         self.inner
                             .apply_seconds
                             .observe(started.elapsed().as_secs_f64());
@@ -226,6 +246,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             g.state = state;
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
+            *self.touched() = Touched::everything();
         }
         self.set_current(meta.clone(), Arc::new(snapshot));
         tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");

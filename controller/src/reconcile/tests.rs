@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use skiff_common::{SpecFormat, parse_job_spec};
 
 use super::*;
-use crate::state::{Node, NodeResources, RolloutStatus};
+use crate::state::{DesiredStatus, Node, NodeResources, RolloutStatus};
 
 fn node(name: &str) -> Node {
     Node {
@@ -610,4 +610,152 @@ fn a_batch_job_rolls_out_with_replicas_that_ran_to_completion() {
         Some(RolloutStatus::Succeeded)
     );
     assert_eq!(w.versions(), BTreeMap::from([(2, 2)]));
+}
+
+#[test]
+fn an_incremental_pass_plans_the_touched_the_time_bound_and_after_freed_resources_the_pending() {
+    let mut w = World::new(&["n1"]);
+    w.apply(spec(1, "127.0.0.1:5000/demo/web:1.0"));
+    let mut db = spec(1, "127.0.0.1:5000/demo/db:1.0");
+    db.name = "db".into();
+    w.apply(db);
+    w.state
+        .apply(&Command::SetJobPending {
+            namespace: "default".into(),
+            name: "db".into(),
+            pending: Some("does not fit".into()),
+        })
+        .expect("pending");
+    let keys = |work: &Work, s: &ClusterState| work.keys(s).into_iter().collect::<Vec<_>>();
+
+    let now = Instant::now();
+    let every = Duration::from_secs(10);
+    let mut work = Work::default();
+    assert!(work.full(now, every), "the first pass plans everything");
+    work.last_full = Some(now);
+    assert!(!work.full(now, every));
+    assert!(work.full(now + every, every), "the safety net's turn");
+
+    assert!(
+        keys(&work, &w.state).is_empty(),
+        "nothing touched, nothing to plan"
+    );
+    let mut touched = Touched::default();
+    touched.jobs.insert("default/web".into());
+    work.add(touched);
+    assert_eq!(keys(&work, &w.state), ["default/web"]);
+    work.active.insert("default/rolling".into());
+    assert_eq!(keys(&work, &w.state), ["default/rolling", "default/web"]);
+    work.add(Touched {
+        capacity: true,
+        ..Touched::default()
+    });
+    assert_eq!(
+        keys(&work, &w.state),
+        ["default/db", "default/rolling", "default/web"],
+        "freed resources: the pending job may fit now"
+    );
+    work.everything();
+    assert!(work.full(now, every));
+
+    // Settled: planned again only when touched. Draining: planned at every pass.
+    w.reconcile();
+    let job = w.job().clone();
+    let settled = JobPlan::default();
+    assert!(!time_bound(&w.state, &job, &settled, false));
+    assert!(
+        time_bound(&w.state, &job, &settled, true),
+        "it wrote its pending reason"
+    );
+    let id = w
+        .state
+        .job_allocations("default", "web")
+        .next()
+        .expect("alloc")
+        .id
+        .clone();
+    w.state
+        .apply(&Command::DrainAllocations {
+            ids: vec![id],
+            at_ms: w.now,
+        })
+        .expect("drain");
+    assert!(
+        time_bound(&w.state, &job, &settled, false),
+        "a replica is draining"
+    );
+}
+
+#[test]
+fn garbage_is_what_is_over_past_retention_and_versions_beyond_those_kept() {
+    let mut w = World::new(&["n1"]);
+    for replicas in 1..=5 {
+        w.apply(spec(replicas, "127.0.0.1:5000/demo/web:1.0"));
+    }
+    w.state
+        .apply(&Command::PlaceAllocations {
+            allocations: vec![
+                Allocation::new_pending("a", "default", "web", 1, "n1", 10),
+                Allocation::new_pending("b", "default", "web", 2, "n1", 10),
+                Allocation::new_pending("c", "default", "web", 5, "n1", 10),
+            ],
+        })
+        .expect("place");
+    w.state
+        .apply(&Command::ReportAllocation {
+            id: "a".into(),
+            status: AllocationStatus::Exited { code: 0 },
+            at_ms: 1_000,
+        })
+        .expect("report");
+    w.state
+        .apply(&Command::ReportAllocation {
+            id: "b".into(),
+            status: AllocationStatus::Exited { code: 0 },
+            at_ms: 5_000,
+        })
+        .expect("report");
+    w.state
+        .apply(&Command::StopAllocations {
+            ids: vec!["a".into(), "b".into()],
+            lost: false,
+            at_ms: 5_000,
+        })
+        .expect("stop");
+    let settings = ReconcileSettings {
+        gc_after: Duration::from_secs(2),
+        keep_versions: 2,
+        ..ReconcileSettings::default()
+    };
+    // At 5 s only "a" (over since 1 s) is past 2 s; of the versions beyond the 2 kept (1-3),
+    // 2 still has "b": 1 and 3 go.
+    let Some(Command::CollectGarbage {
+        allocations,
+        versions,
+        ..
+    }) = garbage(&w.state, &settings, 5_000)
+    else {
+        panic!("garbage expected")
+    };
+    assert_eq!(allocations, ["a"]);
+    assert_eq!(versions[0].versions, [1, 3]);
+    let Some(Command::CollectGarbage {
+        allocations,
+        versions,
+        ..
+    }) = garbage(&w.state, &settings, 7_100)
+    else {
+        panic!("garbage expected")
+    };
+    assert_eq!(allocations, ["a", "b"], "both over for 2 s");
+    assert_eq!(versions.len(), 1);
+    assert_eq!(
+        versions[0].versions,
+        [1, 2, 3],
+        "their versions go with them"
+    );
+    let mut keep_all = settings;
+    keep_all.keep_versions = 10;
+    keep_all.gc_after = Duration::from_secs(3600);
+    assert!(garbage(&w.state, &keep_all, 7_100).is_none());
 }

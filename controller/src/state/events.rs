@@ -130,7 +130,8 @@ pub fn command_time(c: &Command) -> Option<i64> {
         | Command::StopAllocations { at_ms, .. }
         | Command::DrainAllocations { at_ms, .. }
         | Command::Rollout { at_ms, .. }
-        | Command::RollbackJob { at_ms, .. } => Some(*at_ms),
+        | Command::RollbackJob { at_ms, .. }
+        | Command::CollectGarbage { at_ms, .. } => Some(*at_ms),
         Command::PlaceAllocations { allocations } => {
             allocations.iter().map(|a| a.created_at_ms).max()
         }
@@ -168,6 +169,7 @@ fn touched_allocations(c: &Command, allocations: &OrdMap<String, Allocation>) ->
             reports.iter().map(|r| r.id.clone()).collect()
         }
         Command::StopAllocations { ids, .. } | Command::DrainAllocations { ids, .. } => ids.clone(),
+        Command::CollectGarbage { allocations, .. } => allocations.clone(),
         Command::StopJob {
             namespace, name, ..
         }

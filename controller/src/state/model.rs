@@ -240,8 +240,32 @@ impl Job {
 
     /// The newest version.
     pub fn latest(&self) -> &JobVersion {
-        // `versions` is never empty: `new` creates one and nothing removes any.
+        // `versions` is never empty: `new` creates one and `drop_versions` keeps the latest.
         &self.versions[self.versions.len() - 1]
+    }
+
+    /// Drops the versions listed, except the latest, the stable one, those of the last
+    /// rollout (where it went and where an undo goes) and those in `in_use`; returns how many
+    /// it dropped.
+    pub fn drop_versions(
+        &mut self,
+        drop: &[u64],
+        in_use: &std::collections::BTreeSet<u64>,
+    ) -> usize {
+        let latest = self.latest().version;
+        let rollout = self.rollout().map(|r| (r.version, r.from_version));
+        let keep = |v: u64| {
+            v == latest
+                || Some(v) == self.stable_version
+                || rollout.is_some_and(|(to, from)| v == to || v == from)
+                || in_use.contains(&v)
+                || !drop.contains(&v)
+        };
+        let keep: Vec<bool> = self.versions.iter().map(|v| keep(v.version)).collect();
+        let before = self.versions.len();
+        let mut flags = keep.into_iter();
+        self.versions.retain(|_| flags.next().unwrap_or(true));
+        before - self.versions.len()
     }
 
     /// A version by number.
@@ -521,6 +545,18 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// Whether it is over and may be forgotten: stopped, and its process gone (or never
+    /// started).
+    pub fn collectable(&self) -> bool {
+        self.desired == DesiredStatus::Stop
+            && (self.observed.is_terminal() || self.observed == AllocationStatus::Pending)
+    }
+
+    /// Whether it holds its node's resources: meant to run and not lost.
+    pub fn holds(&self) -> bool {
+        self.desired == DesiredStatus::Run && self.observed != AllocationStatus::Lost
+    }
+
     /// A new allocation of `namespace/job` version `job_version` on `node`, to run, not yet
     /// reported by its agent.
     pub fn new_pending(

@@ -744,3 +744,229 @@ fn events_are_numbered_by_log_index_so_members_agree_after_an_upgrade() {
     assert_eq!(tail(&a), tail(&b));
     assert_eq!(a.last_event(), b.last_event());
 }
+
+#[test]
+fn allocations_by_job_survive_a_snapshot_and_follow_placements() {
+    let mut s = ClusterState::default();
+    s.apply(&Command::ApplyJob {
+        spec: web(2),
+        at_ms: 1,
+    })
+    .expect("apply");
+    s.apply(&Command::ApplyJob {
+        spec: Box::new(spec(
+            "name = \"db\"\nreplicas = 1\nimage = \"127.0.0.1:5000/demo/db:1.0\"\n",
+        )),
+        at_ms: 1,
+    })
+    .expect("apply");
+    s.apply(&Command::UpsertNode { node: node("n1") })
+        .expect("node");
+    let ids = |s: &ClusterState, job: &str| -> Vec<String> {
+        s.job_allocations("default", job)
+            .map(|a| a.id.clone())
+            .collect()
+    };
+    // Placed before the index is first used, then after.
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![alloc("b2", "n1", 1)],
+    })
+    .expect("place");
+    assert_eq!(ids(&s, "web"), ["b2"]);
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![
+            alloc("a1", "n1", 1),
+            Allocation::new_pending("d1", "default", "db", 1, "n1", 5),
+        ],
+    })
+    .expect("place");
+    assert_eq!(
+        ids(&s, "web"),
+        ["a1", "b2"],
+        "ordered by id, like the full scan"
+    );
+    assert_eq!(ids(&s, "db"), ["d1"]);
+    assert!(ids(&s, "none").is_empty());
+    // A snapshot carries no index: it is rebuilt from the allocations.
+    let snap: ClusterState =
+        serde_json::from_str(&serde_json::to_string(&s).expect("ser")).expect("de");
+    assert_eq!(ids(&snap, "web"), ["a1", "b2"]);
+    assert_eq!(ids(&snap, "db"), ["d1"]);
+    // A clone taken before a placement does not see it; the original does.
+    let before = s.clone();
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![alloc("c3", "n1", 1)],
+    })
+    .expect("place");
+    assert_eq!(ids(&s, "web"), ["a1", "b2", "c3"]);
+    assert_eq!(ids(&before, "web"), ["a1", "b2"]);
+}
+
+#[test]
+fn applying_names_the_jobs_touched_and_whether_resources_were_freed() {
+    let mut s = ClusterState::default();
+    let apply = |s: &mut ClusterState, c: Command| {
+        let mut t = Touched::default();
+        s.apply_touching(None, &c, &mut t).expect("apply");
+        t
+    };
+    let t = apply(
+        &mut s,
+        Command::ApplyJob {
+            spec: web(1),
+            at_ms: 1,
+        },
+    );
+    assert_eq!(t.jobs.iter().collect::<Vec<_>>(), ["default/web"]);
+    assert!(!t.capacity && !t.all);
+    let t = apply(&mut s, Command::UpsertNode { node: node("n1") });
+    assert!(t.jobs.is_empty() && t.capacity, "a node changed: {t:?}");
+    let t = apply(
+        &mut s,
+        Command::PlaceAllocations {
+            allocations: vec![alloc("a1", "n1", 1)],
+        },
+    );
+    assert_eq!(t.jobs.iter().collect::<Vec<_>>(), ["default/web"]);
+    assert!(!t.capacity, "placing frees nothing");
+    let t = apply(
+        &mut s,
+        Command::ReportAllocation {
+            id: "a1".into(),
+            status: AllocationStatus::Running,
+            at_ms: 2,
+        },
+    );
+    assert_eq!(t.jobs.iter().collect::<Vec<_>>(), ["default/web"]);
+    assert!(!t.capacity);
+    let t = apply(
+        &mut s,
+        Command::StopAllocations {
+            ids: vec!["a1".into()],
+            lost: false,
+            at_ms: 3,
+        },
+    );
+    assert_eq!(t.jobs.iter().collect::<Vec<_>>(), ["default/web"]);
+    assert!(
+        t.capacity,
+        "a stopped allocation frees its node's resources"
+    );
+    // A refused command touches nothing.
+    let mut t = Touched::default();
+    assert!(
+        s.apply_touching(
+            None,
+            &Command::PlaceAllocations {
+                allocations: vec![alloc("a1", "n1", 1)],
+            },
+            &mut t,
+        )
+        .is_err()
+    );
+    assert!(t.is_empty());
+    // Bounded: past MAX_JOBS it gives way to everything.
+    let mut t = Touched::default();
+    for i in 0..=Touched::MAX_JOBS {
+        t.job(format!("default/j{i}"));
+    }
+    assert!(t.all && t.jobs.is_empty());
+    let mut u = Touched::default();
+    u.merge(t);
+    assert!(u.all);
+}
+
+#[test]
+fn garbage_collection_removes_only_what_is_still_collectable() {
+    let mut s = ClusterState::default();
+    for replicas in 1..=4 {
+        s.apply(&Command::ApplyJob {
+            spec: web(replicas),
+            at_ms: 1,
+        })
+        .expect("apply");
+    }
+    s.apply(&Command::UpsertNode { node: node("n1") })
+        .expect("node");
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![
+            alloc("old", "n1", 1),
+            alloc("gone", "n1", 2),
+            alloc("stopping", "n1", 2),
+            alloc("live", "n1", 3),
+        ],
+    })
+    .expect("place");
+    let report = |s: &mut ClusterState, id: &str, status: AllocationStatus| {
+        s.apply(&Command::ReportAllocation {
+            id: id.into(),
+            status,
+            at_ms: 2,
+        })
+        .expect("report");
+    };
+    report(&mut s, "gone", AllocationStatus::Running);
+    report(&mut s, "stopping", AllocationStatus::Running);
+    report(&mut s, "live", AllocationStatus::Running);
+    s.apply(&Command::StopAllocations {
+        ids: vec!["old".into(), "gone".into(), "stopping".into()],
+        lost: false,
+        at_ms: 3,
+    })
+    .expect("stop");
+    report(&mut s, "gone", AllocationStatus::Exited { code: 143 });
+    let events_before = s.last_event();
+
+    let r = s
+        .apply(&Command::CollectGarbage {
+            // "old" never started, "gone" exited: both over. "stopping" still runs, "live"
+            // is wanted, "nope" is unknown.
+            allocations: ["old", "gone", "stopping", "live", "nope"]
+                .map(String::from)
+                .to_vec(),
+            // 1 and 2: version 2 still runs in "stopping"; 4 is the latest.
+            versions: vec![JobVersions {
+                namespace: "default".into(),
+                name: "web".into(),
+                versions: vec![1, 2, 4],
+            }],
+            at_ms: 4,
+        })
+        .expect("collect");
+    assert_eq!(
+        r,
+        Outcome::Collected {
+            allocations: 2,
+            versions: 1
+        }
+    );
+    let ids: Vec<&str> = s.allocations().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["live", "stopping"]);
+    let web_ids: Vec<String> = s
+        .job_allocations("default", "web")
+        .map(|a| a.id.clone())
+        .collect();
+    assert_eq!(web_ids, ["live", "stopping"], "the index follows");
+    let job = s.job("default", "web").expect("job");
+    let versions: Vec<u64> = job.versions().iter().map(|v| v.version).collect();
+    assert_eq!(versions, [2, 3, 4]);
+    assert_eq!(
+        s.last_event(),
+        events_before,
+        "collection is not an event per item"
+    );
+
+    // Collecting again changes nothing.
+    let again = s.clone();
+    s.apply(&Command::CollectGarbage {
+        allocations: vec!["live".into()],
+        versions: vec![JobVersions {
+            namespace: "default".into(),
+            name: "web".into(),
+            versions: vec![2, 4],
+        }],
+        at_ms: 5,
+    })
+    .expect("collect");
+    assert_eq!(s, again);
+}
