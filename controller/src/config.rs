@@ -320,20 +320,10 @@ impl Config {
             raft.keep_after_snapshot = v;
         }
         validate_raft(&raft)?;
-        let node_grace = match args.node_grace.or(file.node_grace) {
-            None => std::time::Duration::from_secs(10),
-            Some(s) => humantime::parse_duration(&s)
-                .ok()
-                .filter(|d| *d >= std::time::Duration::from_secs(1))
-                .ok_or(ConfigError::NodeGrace(s))?,
-        };
-        let gc_after = match args.gc_after.or(file.gc_after) {
-            None => std::time::Duration::from_secs(3600),
-            Some(s) => humantime::parse_duration(&s)
-                .ok()
-                .filter(|d| *d >= std::time::Duration::from_secs(1))
-                .ok_or(ConfigError::GcAfter(s))?,
-        };
+        let node_grace = seconds_or_more(args.node_grace.or(file.node_grace), 10)
+            .map_err(ConfigError::NodeGrace)?;
+        let gc_after =
+            seconds_or_more(args.gc_after.or(file.gc_after), 3600).map_err(ConfigError::GcAfter)?;
         let keep_versions = match args.keep_versions.or(file.keep_versions) {
             None => 10,
             Some(n) if (1..=10_000).contains(&n) => n,
@@ -391,6 +381,20 @@ impl Config {
             tls_sans,
             cert_ttl,
         })
+    }
+}
+
+/// A duration of at least a second, `default_secs` when not given; the text when it is not.
+fn seconds_or_more(
+    given: Option<String>,
+    default_secs: u64,
+) -> Result<std::time::Duration, String> {
+    match given {
+        None => Ok(std::time::Duration::from_secs(default_secs)),
+        Some(s) => humantime::parse_duration(&s)
+            .ok()
+            .filter(|d| *d >= std::time::Duration::from_secs(1))
+            .ok_or(s),
     }
 }
 
@@ -497,6 +501,49 @@ mod tests {
         .expect_err("unspecified")
         .to_string();
         assert!(err.contains("specific IP"), "{err}");
+        let base = ["--id", "1", "--data-dir", "/x"];
+        for (extra, want) in [
+            (
+                ["--node-grace", "500ms"],
+                "node-grace: \"500ms\" is not a duration",
+            ),
+            (
+                ["--gc-after", "soon"],
+                "gc-after: \"soon\" is not a duration",
+            ),
+            (
+                ["--keep-versions", "0"],
+                "keep-versions: 0 is not between 1 and 10000",
+            ),
+        ] {
+            let list: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+            let err = Config::from_args(args(&list)).expect_err(want).to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
+        let c = Config::from_args(args(&[
+            "--id",
+            "1",
+            "--data-dir",
+            "/x",
+            "--gc-after",
+            "2m",
+            "--keep-versions",
+            "3",
+        ]))
+        .expect("valid");
+        assert_eq!(
+            (c.gc_after, c.keep_versions),
+            (std::time::Duration::from_secs(120), 3)
+        );
+        let c = Config::from_args(args(&base)).expect("defaults");
+        assert_eq!(
+            (c.node_grace, c.gc_after, c.keep_versions),
+            (
+                std::time::Duration::from_secs(10),
+                std::time::Duration::from_secs(3600),
+                10
+            )
+        );
     }
 
     #[test]
