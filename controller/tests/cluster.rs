@@ -808,6 +808,13 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
             "address: \"not-an-ip\" is not an IP address",
         ),
         (register("n1", "198.18.0.9", 0.0), "resources"),
+        (
+            pb::RegisterNodeRequest {
+                metrics_addr: "198.18.0.9".into(),
+                ..register("n1", "198.18.0.9", 2.0)
+            },
+            "metrics_addr: \"198.18.0.9\" is not an address:port",
+        ),
         (register("n1", "198.18.0.9", f64::NAN), "resources"),
         (
             wg(
@@ -974,6 +981,56 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
     let ps = allocations_of(&mut jobs, "web").await;
     assert_eq!(ps[0].log_dropped_bytes, 3 << 20);
     assert!(ps[0].log_error.contains("No space left"), "{:?}", ps[0]);
+
+    // Usage figures: only finite ones of the reporting node's own allocations are kept, and
+    // nothing bad fails the heartbeat (an agent must keep beating).
+    let usage = |allocation: &str, cpu_seconds: f64, memory_bytes: u64| pb::AllocationUsage {
+        allocation: allocation.into(),
+        cpu_seconds,
+        memory_bytes,
+        memory_limit_bytes: 64 << 20,
+        oom_kills: 0,
+    };
+    let mut hb = beat("n2", vec![]);
+    hb.usage = vec![usage(&assigned.id, 1.0, 1000)];
+    nodes
+        .heartbeat(hb)
+        .await
+        .expect("n2 claims n1's allocation");
+    let mut hb = beat("n1", vec![]);
+    hb.usage = vec![
+        usage(&assigned.id, f64::NAN, 1000),
+        usage(&assigned.id, -1.0, 1000),
+        usage(&assigned.id, f64::INFINITY, 1000),
+        usage("ghost", 1.0, 1000),
+    ];
+    nodes.heartbeat(hb).await.expect("malformed usage");
+    let listed = nodes
+        .list_usage(pb::ListUsageRequest {})
+        .await
+        .expect("usage")
+        .into_inner()
+        .usage;
+    assert!(listed.is_empty(), "{listed:?}");
+    let mut hb = beat("n1", vec![]);
+    hb.usage = vec![usage(&assigned.id, 2.5, 4096)];
+    nodes.heartbeat(hb).await.expect("usage");
+    let listed = nodes
+        .list_usage(pb::ListUsageRequest {})
+        .await
+        .expect("usage")
+        .into_inner()
+        .usage;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (
+            listed[0].allocation.as_str(),
+            listed[0].node.as_str(),
+            listed[0].memory_bytes,
+            listed[0].memory_limit_bytes
+        ),
+        (assigned.id.as_str(), "n1", 4096, 64 << 20)
+    );
 
     // Drain an unknown node: named.
     let err = nodes

@@ -351,6 +351,32 @@ pub fn utc_date() -> String {
         .unwrap_or_default()
 }
 
+/// Runs Debian's `promtool` with `args`, `stdin` piped in; its output, or an error holding it
+/// when it fails.
+pub fn promtool(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use std::process::{Command, Stdio};
+    let mut c = Command::new("/usr/bin/promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool")?;
+    if let Some(text) = stdin {
+        std::io::Write::write_all(c.stdin.as_mut().context("stdin")?, text.as_bytes())?;
+    }
+    drop(c.stdin.take());
+    let out = c.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(out.status.success(), "promtool {}: {text}", args.join(" "));
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

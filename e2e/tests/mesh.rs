@@ -380,27 +380,8 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
             ),
             "no latency histogram on {node}"
         );
-        let mut check = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        {
-            use std::io::Write as _;
-            check
-                .stdin
-                .take()
-                .context("promtool stdin")?
-                .write_all(text.as_bytes())?;
-        }
-        let lint = check.wait_with_output()?;
-        ensure!(
-            lint.status.success(),
-            "promtool on {node}'s metrics: {}{}",
-            String::from_utf8_lossy(&lint.stdout),
-            String::from_utf8_lossy(&lint.stderr)
-        );
+        skiff_e2e::promtool(&["check", "metrics"], Some(&text))
+            .with_context(|| format!("promtool on {node}'s metrics"))?;
     }
     ensure!(
         served >= 30,

@@ -17,27 +17,7 @@ const PROM_WEB: &str = "127.0.0.1:9090";
 /// The burner's memory limit.
 const LIMIT: u64 = 32 * 1024 * 1024;
 
-fn promtool(args: &[&str], stdin: Option<&str>) -> Result<String> {
-    let mut c = Command::new("/usr/bin/promtool")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("promtool")?;
-    if let Some(text) = stdin {
-        std::io::Write::write_all(c.stdin.as_mut().context("stdin")?, text.as_bytes())?;
-    }
-    drop(c.stdin.take());
-    let out = c.wait_with_output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(out.status.success(), "promtool {}: {text}", args.join(" "));
-    Ok(text)
-}
+use skiff_e2e::promtool;
 
 /// GET `url` from the cli host.
 fn get(fleet: &Fleet, url: &str) -> Result<String> {
