@@ -35,6 +35,10 @@ pub enum Cmd {
         #[command(subcommand)]
         command: NetworkCmd,
     },
+    /// Many simulated nodes in one process (for measuring the control plane at scale):
+    /// they enroll, register, heartbeat and watch as agents do, and report what they are
+    /// given as running without running it.
+    Simulate(crate::simulate::SimulateArgs),
     #[command(name = "__monitor", hide = true)]
     Monitor { id: String },
     /// The userspace WireGuard tunnel (started by the agent, outlives it).
@@ -80,6 +84,10 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             for line in crate::net::teardown(&cfg.data_dir) {
                 println!("{line}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Cmd::Simulate(args)) => {
+            crate::simulate::run(args, &cfg.data_dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Some(Cmd::Monitor { .. } | Cmd::WgTunnel(_) | Cmd::Proxy(_)) => {

@@ -205,20 +205,20 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         desired_rx,
         reports.clone(),
     ));
-    let control = tokio::spawn(control_loop(
-        Session {
-            cfg: cfg.clone(),
-            runtime: runtime.clone(),
-            network,
-            dns,
-            tls,
-            tls_dir,
-            trust,
-            mesh,
-        },
-        desired_tx,
+    let host = Arc::new(LocalHost {
+        cfg: cfg.clone(),
+        runtime: runtime.clone(),
+        network,
+        dns,
+        tls,
+        tls_dir,
+        trust,
+        mesh,
+        desired: desired_tx,
         reports,
-    ));
+        vips: Mutex::default(),
+    });
+    let control = tokio::spawn(control_loop(host, cfg.controllers.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -235,10 +235,39 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects to a controller (following leader hints), registers, then heartbeats and watches
-/// until the connection breaks; then the next controller.
-/// What a session with the controllers works with.
-struct Session {
+/// The node a session with the controllers speaks for: this host ([`LocalHost`]: containers,
+/// network, DNS, mesh) or one of many simulated ones (`skiff-agent simulate`,
+/// [`crate::simulate`]). The protocol (connecting, following leader hints, registering, the
+/// assignment and service watches, heartbeats, registering again when forgotten, reconnecting
+/// with a renewed certificate) is this module's code for both.
+pub trait Host: Send + Sync + 'static {
+    /// The node's name (its certificate's identity).
+    fn name(&self) -> &str;
+    /// The node's TLS material.
+    fn tls(&self) -> &Arc<TlsContext>;
+    /// What the node registers with.
+    fn registration(&self) -> pb::RegisterNodeRequest;
+    /// The controllers accepted the registration: set up what the answer gives (the pod
+    /// subnet, the service range) and what needs the channel.
+    fn registered(
+        &self,
+        answer: &pb::RegisterNodeResponse,
+        channel: &Channel,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// A new service set (DNS, VIPs, the mesh's upstreams).
+    fn services(&self, set: pb::ServiceSet) -> impl Future<Output = ()> + Send;
+    /// A new assignment (what to run, the overlay peers).
+    fn assigned(&self, set: pb::AssignedAllocations) -> impl Future<Output = ()> + Send;
+    /// The next heartbeat (what the node observes of its allocations).
+    fn heartbeat(&self) -> impl Future<Output = pb::HeartbeatRequest> + Send;
+    /// A trust bundle came with a heartbeat's answer.
+    fn trust(&self, bundle: &pb::TrustBundle);
+    /// A heartbeat was answered (`known`: the controllers know the node).
+    fn answered(&self, _known: bool) {}
+}
+
+/// This host as a [`Host`]: what a session with the controllers drives.
+struct LocalHost {
     mesh: Arc<crate::mesh::Mesh>,
     cfg: DaemonConfig,
     runtime: Arc<Runtime>,
@@ -247,26 +276,185 @@ struct Session {
     tls: Arc<TlsContext>,
     tls_dir: PathBuf,
     trust: Arc<crate::tls::Trust>,
-}
-
-async fn control_loop(
-    s: Session,
     desired: watch::Sender<Option<Vec<Assigned>>>,
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
-) {
-    let cfg = &s.cfg;
+    /// The VIP table last applied since registering: an unchanged one is not re-applied.
+    vips: Mutex<Option<String>>,
+}
+
+impl Host for LocalHost {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn tls(&self) -> &Arc<TlsContext> {
+        &self.tls
+    }
+
+    fn registration(&self) -> pb::RegisterNodeRequest {
+        let (cfg, network) = (&self.cfg, &self.network);
+        pb::RegisterNodeRequest {
+            name: cfg.name.clone(),
+            address: cfg.advertise_addr.to_string(),
+            labels: cfg.labels.clone().into_iter().collect(),
+            resources: Some(pb::NodeResources {
+                cpu: cfg.cpu,
+                memory: cfg.memory,
+                pids: cfg.pids,
+            }),
+            agent_addr: agent_addr(cfg.listen, cfg.advertise_addr).to_string(),
+            metrics_addr: agent_addr(cfg.metrics_listen, cfg.advertise_addr).to_string(),
+            wireguard: Some(pb::WireguardIdentity {
+                public_key: network.public_key().to_base64(),
+                endpoint: network.endpoint().to_string(),
+                backend: contract::backend(network.backend()) as i32,
+            }),
+            host_volume_dirs: cfg
+                .policy
+                .host_volume_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect(),
+        }
+    }
+
+    async fn registered(
+        &self,
+        answer: &pb::RegisterNodeResponse,
+        channel: &Channel,
+    ) -> Result<(), String> {
+        configure_network(&self.runtime, &self.network, answer).await?;
+        if let Some(s) = self.network.subnet() {
+            self.dns.start(s.gateway());
+        }
+        self.mesh.set_channel(Some(channel.clone()));
+        self.mesh.set_service_cidr(&answer.service_cidr);
+        *lock(&self.vips) = None;
+        Ok(())
+    }
+
+    async fn services(&self, msg: pb::ServiceSet) {
+        self.mesh.set_services(&msg.services);
+        let z = Arc::new(crate::dns::Zone::build(&msg.services));
+        *self
+            .dns
+            .zone
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = z;
+        if let Some(subnet) = self.network.subnet() {
+            let rules = crate::net::vip::render(
+                &contract::vip_services(&msg.services),
+                &subnet.to_string(),
+                crate::net::BRIDGE,
+            );
+            if lock(&self.vips).as_ref() != Some(&rules) {
+                let r = rules.clone();
+                match tokio::task::spawn_blocking(move || crate::net::vip::apply(&r)).await {
+                    Ok(Ok(())) => *lock(&self.vips) = Some(rules),
+                    Ok(Err(e)) => warn!(error = %e, "programming service VIPs"),
+                    Err(e) => warn!(error = %e, "programming service VIPs"),
+                }
+            }
+        }
+        debug!(
+            services = msg.services.len(),
+            index = msg.index,
+            "service set"
+        );
+    }
+
+    async fn assigned(&self, msg: pb::AssignedAllocations) {
+        let set: Vec<Assigned> = msg
+            .allocations
+            .into_iter()
+            .map(contract::assigned)
+            .collect();
+        debug!(count = set.len(), index = msg.index, "assignment");
+        let peers = contract::overlay_peers(&msg.peers);
+        let n = self.network.clone();
+        match tokio::task::spawn_blocking(move || n.set_peers(peers)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "applying WireGuard peers"),
+            Err(e) => warn!(error = %e, "applying WireGuard peers"),
+        }
+        self.desired.send_replace(Some(set));
+    }
+
+    async fn heartbeat(&self) -> pb::HeartbeatRequest {
+        let allocations = lock(&self.reports).clone();
+        // Request counts of the sidecars a rollout's analysis watches.
+        let watched: Vec<String> = self
+            .desired
+            .borrow()
+            .iter()
+            .flatten()
+            .filter(|a| {
+                a.task
+                    .as_ref()
+                    .is_ok_and(|t| t.mesh.as_ref().is_some_and(|m| m.request_stats))
+            })
+            .map(|a| a.id.clone())
+            .collect();
+        let request_stats = if watched.is_empty() {
+            Vec::new()
+        } else {
+            let (mesh, rt) = (self.mesh.clone(), self.runtime.clone());
+            tokio::task::spawn_blocking(move || {
+                mesh.request_stats(&watched, |alloc| rt.pod(alloc).map(|p| p.dir.join("net")))
+            })
+            .await
+            .unwrap_or_default()
+        };
+        // What each allocation uses (for `skiff top` and the status page); a slow read
+        // does not hold up the heartbeat (liveness) beyond a moment.
+        let usage = {
+            let (rt, assigned) = (
+                self.runtime.clone(),
+                self.desired.borrow().clone().unwrap_or_default(),
+            );
+            let read = tokio::task::spawn_blocking(move || {
+                crate::usage::to_proto(&crate::usage::collect(&rt, &assigned))
+            });
+            match tokio::time::timeout(Duration::from_millis(500), read).await {
+                Ok(Ok(u)) => u,
+                _ => Vec::new(),
+            }
+        };
+        pb::HeartbeatRequest {
+            name: self.cfg.name.clone(),
+            request_stats,
+            usage,
+            allocations,
+            wireguard: wireguard_status(&self.network),
+            trust_version: self.trust.version.load(std::sync::atomic::Ordering::SeqCst),
+            named_volumes: crate::volumes::Volumes::new(&self.cfg.data_dir).keys(),
+        }
+    }
+
+    fn trust(&self, bundle: &pb::TrustBundle) {
+        crate::tls::apply_bundle(&self.tls, &self.tls_dir, &self.trust, bundle);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Connects to a controller (following leader hints), registers, then heartbeats and watches
+/// until the connection breaks; then the next controller. Runs until aborted.
+pub async fn control_loop<H: Host>(host: Arc<H>, controllers: Vec<String>) {
     let mut next = 0usize;
     let mut hint: Option<String> = None;
     loop {
         let addr = match hint.take() {
             Some(h) => h,
             None => {
-                let a = cfg.controllers[next % cfg.controllers.len()].clone();
+                let a = controllers[next % controllers.len()].clone();
                 next += 1;
                 a
             }
         };
-        match session(&s, &addr, &desired, &reports).await {
+        match session(&host, &addr).await {
             Ok(()) => {}
             Err(SessionEnd::Leader(leader)) => {
                 debug!(%addr, %leader, "redirected to the leader");
@@ -279,7 +467,7 @@ async fn control_loop(
                 continue;
             }
             Err(SessionEnd::Failed(e)) => {
-                warn!(controller = %addr, error = %e, "controller connection lost");
+                warn!(node = host.name(), controller = %addr, error = %e, "controller connection lost");
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -328,128 +516,57 @@ async fn connect(addr: &str, tls: &Arc<TlsContext>) -> Result<Channel, SessionEn
     })
 }
 
-async fn session(
-    s: &Session,
-    addr: &str,
-    desired: &watch::Sender<Option<Vec<Assigned>>>,
-    reports: &Arc<Mutex<Vec<pb::AllocationReport>>>,
-) -> Result<(), SessionEnd> {
-    let (cfg, runtime, network, dns) = (&s.cfg, &s.runtime, &s.network, &s.dns);
-    let serial = s.tls.info().serial;
-    let channel = connect(addr, &s.tls).await?;
+async fn session<H: Host>(host: &Arc<H>, addr: &str) -> Result<(), SessionEnd> {
+    let serial = host.tls().info().serial;
+    let channel = connect(addr, host.tls()).await?;
     let mut client = NodesClient::new(channel.clone());
-    let register = pb::RegisterNodeRequest {
-        name: cfg.name.clone(),
-        address: cfg.advertise_addr.to_string(),
-        labels: cfg.labels.clone().into_iter().collect(),
-        resources: Some(pb::NodeResources {
-            cpu: cfg.cpu,
-            memory: cfg.memory,
-            pids: cfg.pids,
-        }),
-        agent_addr: agent_addr(cfg.listen, cfg.advertise_addr).to_string(),
-        metrics_addr: agent_addr(cfg.metrics_listen, cfg.advertise_addr).to_string(),
-        wireguard: Some(pb::WireguardIdentity {
-            public_key: network.public_key().to_base64(),
-            endpoint: network.endpoint().to_string(),
-            backend: contract::backend(network.backend()) as i32,
-        }),
-        host_volume_dirs: cfg
-            .policy
-            .host_volume_dirs
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect(),
-    };
+    let register = host.registration();
     let registered = client
         .register(register.clone())
         .await
         .map_err(session_err)?
         .into_inner();
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.clamp(100, 10_000));
-    info!(controller = %addr, subnet = %registered.subnet, "registered");
-    configure_network(runtime, network, &registered).await?;
-    if let Some(s) = network.subnet() {
-        dns.start(s.gateway());
-    }
-    s.mesh.set_channel(Some(channel.clone()));
-    s.mesh.set_service_cidr(&registered.service_cidr);
-    // The service set for DNS: its own stream; the zone stays as it was if it breaks.
+    info!(node = host.name(), controller = %addr, subnet = %registered.subnet, "registered");
+    host.registered(&registered, &channel)
+        .await
+        .map_err(SessionEnd::Failed)?;
+    // The service set: its own stream; what it last gave stays if it breaks.
     let mut services_client = NodesClient::new(channel.clone());
-    let zone = dns.zone.clone();
-    let node = cfg.name.clone();
-    let subnet = network.subnet();
-    let mesh = s.mesh.clone();
+    let node = host.name().to_owned();
+    let h = host.clone();
     let mut services = tokio::spawn(async move {
-        // The VIP table last applied in this session: an unchanged one is not re-applied.
-        let mut applied: Option<String> = None;
         let mut stream = services_client
             .watch_services(pb::WatchServicesRequest { node })
             .await?
             .into_inner();
         while let Some(msg) = stream.message().await? {
-            mesh.set_services(&msg.services);
-            let z = Arc::new(crate::dns::Zone::build(&msg.services));
-            *zone
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = z;
-            if let Some(subnet) = subnet {
-                let rules = crate::net::vip::render(
-                    &contract::vip_services(&msg.services),
-                    &subnet.to_string(),
-                    crate::net::BRIDGE,
-                );
-                if applied.as_ref() != Some(&rules) {
-                    let r = rules.clone();
-                    match tokio::task::spawn_blocking(move || crate::net::vip::apply(&r)).await {
-                        Ok(Ok(())) => applied = Some(rules),
-                        Ok(Err(e)) => warn!(error = %e, "programming service VIPs"),
-                        Err(e) => warn!(error = %e, "programming service VIPs"),
-                    }
-                }
-            }
-            debug!(
-                services = msg.services.len(),
-                index = msg.index,
-                "service set"
-            );
+            h.services(msg).await;
         }
         Ok::<(), tonic::Status>(())
     });
 
     // The watch: its own task, on the same connection (no per-request timeout on a stream).
-    let mut watch_client = NodesClient::new(channel);
-    let name = cfg.name.clone();
-    let tx = desired.clone();
-    let net = network.clone();
+    let mut watch_client = NodesClient::new(channel.clone());
+    let name = host.name().to_owned();
+    let h = host.clone();
     let mut watch = tokio::spawn(async move {
         let mut stream = watch_client
             .watch_allocations(pb::WatchAllocationsRequest { node: name })
             .await?
             .into_inner();
         while let Some(msg) = stream.message().await? {
-            let set: Vec<Assigned> = msg
-                .allocations
-                .into_iter()
-                .map(contract::assigned)
-                .collect();
-            debug!(count = set.len(), index = msg.index, "assignment");
-            let peers = contract::overlay_peers(&msg.peers);
-            let n = net.clone();
-            match tokio::task::spawn_blocking(move || n.set_peers(peers)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(error = %e, "applying WireGuard peers"),
-                Err(e) => warn!(error = %e, "applying WireGuard peers"),
-            }
-            tx.send_replace(Some(set));
+            h.assigned(msg).await;
         }
         Ok::<(), tonic::Status>(())
     });
+    // However the session ends, its streams end with it.
+    let _streams = AbortOnDrop([watch.abort_handle(), services.abort_handle()]);
     let mut tick = tokio::time::interval(interval);
+    let mut wireguard = WireguardReports::default();
     loop {
         tokio::select! {
             res = &mut watch => {
-                services.abort();
                 return Err(match res {
                     Ok(Ok(())) => SessionEnd::Failed("watch stream ended".into()),
                     Ok(Err(s)) => session_err(s),
@@ -457,7 +574,6 @@ async fn session(
                 });
             }
             res = &mut services => {
-                watch.abort();
                 return Err(match res {
                     Ok(Ok(())) => SessionEnd::Failed("services stream ended".into()),
                     Ok(Err(s)) => session_err(s),
@@ -466,84 +582,82 @@ async fn session(
             }
             _ = tick.tick() => {}
         }
-        if s.tls.info().serial != serial {
-            watch.abort();
-            services.abort();
+        if host.tls().info().serial != serial {
             return Err(SessionEnd::Renewed);
         }
-        let allocations = reports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        // Request counts of the sidecars a rollout's analysis watches.
-        let watched: Vec<String> = desired
-            .borrow()
-            .iter()
-            .flatten()
-            .filter(|a| {
-                a.task
-                    .as_ref()
-                    .is_ok_and(|t| t.mesh.as_ref().is_some_and(|m| m.request_stats))
-            })
-            .map(|a| a.id.clone())
-            .collect();
-        let request_stats = if watched.is_empty() {
-            Vec::new()
-        } else {
-            let (mesh, rt) = (s.mesh.clone(), runtime.clone());
-            tokio::task::spawn_blocking(move || {
-                mesh.request_stats(&watched, |alloc| rt.pod(alloc).map(|p| p.dir.join("net")))
-            })
-            .await
-            .unwrap_or_default()
-        };
-        // What each allocation uses (for `skiff top` and the status page); a slow read
-        // does not hold up the heartbeat (liveness) beyond a moment.
-        let usage = {
-            let (rt, assigned) = (
-                runtime.clone(),
-                desired.borrow().clone().unwrap_or_default(),
-            );
-            let read = tokio::task::spawn_blocking(move || {
-                crate::usage::to_proto(&crate::usage::collect(&rt, &assigned))
-            });
-            match tokio::time::timeout(Duration::from_millis(500), read).await {
-                Ok(Ok(u)) => u,
-                _ => Vec::new(),
+        let mut beat = host.heartbeat().await;
+        wireguard.thin(&mut beat);
+        let reply = client.heartbeat(beat).await;
+        if let Ok(r) = &reply {
+            host.answered(r.get_ref().known);
+            if let Some(bundle) = &r.get_ref().trust {
+                host.trust(bundle);
             }
-        };
-        let reply = client
-            .heartbeat(pb::HeartbeatRequest {
-                name: cfg.name.clone(),
-                request_stats,
-                usage,
-                allocations,
-                wireguard: wireguard_status(network),
-                trust_version: s.trust.version.load(std::sync::atomic::Ordering::SeqCst),
-                named_volumes: crate::volumes::Volumes::new(&cfg.data_dir).keys(),
-            })
-            .await;
-        if let Ok(r) = &reply
-            && let Some(bundle) = &r.get_ref().trust
-        {
-            crate::tls::apply_bundle(&s.tls, &s.tls_dir, &s.trust, bundle);
         }
         match reply {
             Ok(r) if r.get_ref().known => {}
             Ok(_) => {
-                info!("controllers do not know this node; registering again");
+                info!(
+                    node = host.name(),
+                    "controllers do not know this node; registering again"
+                );
                 let registered = client
                     .register(register.clone())
                     .await
                     .map_err(session_err)?
                     .into_inner();
-                configure_network(runtime, network, &registered).await?;
+                host.registered(&registered, &channel)
+                    .await
+                    .map_err(SessionEnd::Failed)?;
             }
-            Err(s) => {
-                watch.abort();
-                services.abort();
-                return Err(session_err(s));
-            }
+            Err(s) => return Err(session_err(s)),
+        }
+    }
+}
+
+/// How often a heartbeat carries the node's WireGuard status when its peers are unchanged.
+const WIREGUARD_EVERY: u32 = 10;
+
+/// Which heartbeats of a session carry the WireGuard status: it lists every other node (at a
+/// few hundred nodes, tens of kilobytes per heartbeat, every node every second, all decoded
+/// by the leader), so it goes with the first heartbeat, whenever the set of peers or their
+/// endpoints change, and every [`WIREGUARD_EVERY`]th heartbeat otherwise (handshake times and
+/// byte counts in `skiff nodes --peers` are that fresh; the agent's /metrics has them live).
+/// The controllers keep the last status they were sent.
+#[derive(Default)]
+struct WireguardReports {
+    /// The peers (key, endpoint) last sent, and heartbeats since.
+    sent: Option<Vec<(String, String)>>,
+    since: u32,
+}
+
+impl WireguardReports {
+    fn thin(&mut self, beat: &mut pb::HeartbeatRequest) {
+        let Some(status) = &beat.wireguard else {
+            return;
+        };
+        let peers: Vec<(String, String)> = status
+            .peers
+            .iter()
+            .map(|p| (p.public_key.clone(), p.endpoint.clone()))
+            .collect();
+        self.since += 1;
+        if self.sent.as_ref() == Some(&peers) && self.since < WIREGUARD_EVERY {
+            beat.wireguard = None;
+        } else {
+            self.sent = Some(peers);
+            self.since = 0;
+        }
+    }
+}
+
+/// Aborts the tasks when dropped.
+struct AbortOnDrop<const N: usize>([tokio::task::AbortHandle; N]);
+
+impl<const N: usize> Drop for AbortOnDrop<N> {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
         }
     }
 }
@@ -598,11 +712,9 @@ async fn configure_network(
     runtime: &Arc<Runtime>,
     network: &Arc<Network>,
     registered: &pb::RegisterNodeResponse,
-) -> Result<(), SessionEnd> {
+) -> Result<(), String> {
     if registered.subnet.is_empty() {
-        return Err(SessionEnd::Failed(
-            "the controllers gave this node no pod subnet".into(),
-        ));
+        return Err("the controllers gave this node no pod subnet".into());
     }
     let (net, rt) = (network.clone(), runtime.clone());
     let (subnet, cluster) = (registered.subnet.clone(), registered.cluster_cidr.clone());
@@ -627,8 +739,8 @@ async fn configure_network(
         Ok::<(), crate::net::NetError>(())
     })
     .await
-    .map_err(|e| SessionEnd::Failed(e.to_string()))?
-    .map_err(|e| SessionEnd::Failed(format!("network: {e}")))
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("network: {e}"))
 }
 
 /// The device state for the heartbeat (the last read, refreshed every reconcile pass).
@@ -660,6 +772,8 @@ fn wireguard_status(network: &Network) -> Option<pb::WireguardStatus> {
                 persistent_keepalive: u32::from(p.keepalive),
             })
             .collect(),
+        // Counted by the controllers.
+        ..Default::default()
     })
 }
 
@@ -681,6 +795,44 @@ mod tests {
         assert!(
             matches!(session_err(down), SessionEnd::Failed(m) if m.contains("connection refused"))
         );
+    }
+
+    #[test]
+    fn wireguard_status_goes_first_on_change_and_every_tenth_heartbeat() {
+        let beat = |peers: &[(&str, &str)]| pb::HeartbeatRequest {
+            wireguard: Some(pb::WireguardStatus {
+                peers: peers
+                    .iter()
+                    .map(|(k, e)| pb::WireguardPeerStatus {
+                        public_key: (*k).into(),
+                        endpoint: (*e).into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut w = WireguardReports::default();
+        let mut sent = Vec::new();
+        for i in 0..25 {
+            // The peer set changes at beat 14 (a new endpoint), then stays.
+            let ep = if i < 14 {
+                "198.18.0.2:51820"
+            } else {
+                "198.18.0.9:51820"
+            };
+            let mut b = beat(&[("k1", ep)]);
+            w.thin(&mut b);
+            if b.wireguard.is_some() {
+                sent.push(i);
+            }
+        }
+        assert_eq!(sent, vec![0, 10, 14, 24]);
+        // A node without WireGuard status sends none.
+        let mut b = pb::HeartbeatRequest::default();
+        w.thin(&mut b);
+        assert!(b.wireguard.is_none());
     }
 
     #[test]

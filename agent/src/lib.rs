@@ -3,7 +3,8 @@
 //! container runtime (the `skiff-runtime` crate); it runs the overlay network ([`net`]), the
 //! node's DNS ([`dns`]), health checks ([`health`]), its API ([`api`]) and `/metrics`
 //! ([`metrics`]). [`config`] merges its settings; [`commands`] holds the command-line modes
-//! (`container` and `image` by hand, `network down`, the re-exec'd monitor and tunnel).
+//! (`container` and `image` by hand, `network down`, the re-exec'd monitor and tunnel);
+//! [`simulate`] runs many simulated nodes in one process, for measuring at scale.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod net;
 pub mod pods;
 pub mod policy;
 pub mod reconcile;
+pub mod simulate;
 pub mod tls;
 pub mod usage;
 pub mod volumes;

@@ -85,6 +85,10 @@ pub enum Cmd {
     Nodes {
         #[arg(long)]
         stale: bool,
+        /// List each node's WireGuard peers (with `-o json`; one entry per other node, so
+        /// N x N in all); without it, their counts.
+        #[arg(long)]
+        peers: bool,
     },
     /// Services (jobs with a `service` section), their endpoints and health.
     Services {

@@ -106,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ClusterCmd::Remove { id } => cluster::remove(&ctl, out, id).await,
         },
-        Cmd::Nodes { stale } => nodes::list(&ctl, out, stale).await,
+        Cmd::Nodes { stale, peers } => nodes::list(&ctl, out, stale, peers).await,
         Cmd::Node { command } => match command {
             NodeCmd::Drain { name } => nodes::drain(&ctl, out, name, true).await,
             NodeCmd::Undrain { name } => nodes::drain(&ctl, out, name, false).await,

@@ -14,20 +14,14 @@ fn wireguard_cell(n: &pb::Node) -> String {
     let Some(s) = &n.wireguard_status else {
         return backend.into();
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let fresh = s
-        .peers
-        .iter()
-        .filter(|p| p.last_handshake_unix > 0 && now - p.last_handshake_unix < 180)
-        .count();
-    format!("{backend} {fresh}/{}", s.peers.len())
+    // The controllers count them (the peers themselves are only listed when asked for).
+    format!("{backend} {}/{}", s.peers_handshaken, s.peer_count)
 }
 
-pub async fn list(ctl: &Controllers, out: Out, stale: bool) -> anyhow::Result<()> {
+pub async fn list(ctl: &Controllers, out: Out, stale: bool, peers: bool) -> anyhow::Result<()> {
     let req = pb::ListNodesRequest {
         read: Some(pb::ReadOptions { stale }),
+        peers: peers && out.json,
     };
     let resp = rpc!(ctl, nodes, list_nodes, req)?;
     if out.json {

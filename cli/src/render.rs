@@ -276,7 +276,10 @@ fn wireguard_json(w: &pb::WireguardIdentity, status: Option<&pb::WireguardStatus
     json!({
         "public_key": w.public_key, "endpoint": w.endpoint, "backend": backend(w.backend),
         "listen_port": status.map(|s| s.listen_port),
-        "peers": status.map(|s| s.peers.iter().map(|p| json!({
+        "peer_count": status.map(|s| s.peer_count),
+        "peers_handshaken": status.map(|s| s.peers_handshaken),
+        // Listed only when asked for (`skiff nodes --peers`): null when left out.
+        "peers": status.filter(|s| !s.peers.is_empty() || s.peer_count == 0).map(|s| s.peers.iter().map(|p| json!({
             "node": p.node, "public_key": p.public_key, "endpoint": p.endpoint,
             "allowed_ips": p.allowed_ips, "last_handshake_unix": p.last_handshake_unix,
             "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes,

@@ -46,6 +46,12 @@ impl Procs {
         Ok(())
     }
 
+    /// The process id of `label`, while it runs.
+    #[allow(dead_code)] // not every benchmark binary uses it
+    pub fn pid(&self, label: &str) -> Option<u32> {
+        self.children.get(label).map(Child::id)
+    }
+
     /// SIGKILLs `label` and reaps it.
     pub fn kill(&mut self, label: &str) -> Result<()> {
         let mut child = self

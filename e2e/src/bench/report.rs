@@ -288,28 +288,33 @@ Method:
 
 /// Replaces this benchmark's section of `path` (or appends it; creates the file if needed).
 pub fn write_section(path: &Path, section: &str) -> Result<()> {
+    write_titled_section(path, SECTION, section)
+}
+
+/// Replaces (or appends) the section titled `title` (a `## ` line) of the markdown file.
+pub fn write_titled_section(path: &Path, title: &str, section: &str) -> Result<()> {
     let old = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => FILE_HEADER.to_string(),
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     };
-    let new = replace_section(&old, section);
+    let new = replace_section(&old, title, section);
     std::fs::write(path, new).with_context(|| format!("write {}", path.display()))
 }
 
-fn replace_section(doc: &str, section: &str) -> String {
+fn replace_section(doc: &str, title: &str, section: &str) -> String {
     let section = section.trim_end();
     let start = doc
-        .match_indices(SECTION)
+        .match_indices(title)
         .find(|&(i, _)| i == 0 || doc[..i].ends_with('\n'))
         .map(|(i, _)| i);
     match start {
         Some(i) => {
-            let after = &doc[i + SECTION.len()..];
+            let after = &doc[i + title.len()..];
             let end = after
                 .match_indices("\n## ")
                 .next()
-                .map_or(doc.len(), |(j, _)| i + SECTION.len() + j + 1);
+                .map_or(doc.len(), |(j, _)| i + title.len() + j + 1);
             let rest = &doc[end..];
             if rest.is_empty() {
                 format!("{}{section}\n", &doc[..i])
@@ -396,7 +401,7 @@ mod tests {
     #[test]
     fn replaces_a_middle_section_and_keeps_the_rest() {
         let doc = format!("# B\n\nintro\n\n{SECTION}\n\nold\n\n## Other\n\nkeep\n");
-        let new = replace_section(&doc, &format!("{SECTION}\n\nnew\n"));
+        let new = replace_section(&doc, SECTION, &format!("{SECTION}\n\nnew\n"));
         assert_eq!(
             new,
             format!("# B\n\nintro\n\n{SECTION}\n\nnew\n\n## Other\n\nkeep\n")
@@ -405,14 +410,14 @@ mod tests {
 
     #[test]
     fn appends_when_missing() {
-        let new = replace_section("# B\n\nintro\n", &format!("{SECTION}\n\nnew\n"));
+        let new = replace_section("# B\n\nintro\n", SECTION, &format!("{SECTION}\n\nnew\n"));
         assert_eq!(new, format!("# B\n\nintro\n\n{SECTION}\n\nnew\n"));
     }
 
     #[test]
     fn replaces_a_last_section() {
         let doc = format!("# B\n\n{SECTION}\n\nold\n");
-        let new = replace_section(&doc, &format!("{SECTION}\n\nnew"));
+        let new = replace_section(&doc, SECTION, &format!("{SECTION}\n\nnew"));
         assert_eq!(new, format!("# B\n\n{SECTION}\n\nnew\n"));
     }
 }

@@ -44,7 +44,8 @@ impl Skiff {
         self.creds.is_some()
     }
 
-    async fn channel(&self, addr: &str) -> Result<tonic::transport::Channel> {
+    /// A connection to `addr` with the bootstrapper's admin credentials (plain without TLS).
+    pub async fn channel(&self, addr: &str) -> Result<tonic::transport::Channel> {
         match &self.creds {
             None => channel(addr).await,
             Some(c) => {
@@ -88,7 +89,19 @@ impl Skiff {
 impl Skiff {
     /// Starts member 1 with `--bootstrap`, then members 2 and 3 with `--join`, and waits until
     /// all three are voters and ready.
+    #[allow(dead_code)] // not every benchmark binary uses every entry point
     pub async fn start(bin: &Path, dir: &Path, deadline: Instant) -> Result<Skiff> {
+        Skiff::start_with(bin, dir, deadline, &[]).await
+    }
+
+    /// As [`Skiff::start`], with `extra` flags for the bootstrapping member (cluster-wide
+    /// settings such as `--node-subnet-prefix`).
+    pub async fn start_with(
+        bin: &Path,
+        dir: &Path,
+        deadline: Instant,
+        extra: &[&str],
+    ) -> Result<Skiff> {
         let ports = free_ports(6)?;
         let members = (0..3)
             .map(|i| Member {
@@ -117,7 +130,7 @@ impl Skiff {
                 .arg("--http-addr")
                 .arg(&m.http);
             if i == 0 {
-                cmd.arg("--bootstrap");
+                cmd.arg("--bootstrap").args(extra);
             } else {
                 cmd.arg("--join").arg(&s.members[0].rpc);
                 if s.tls() {
@@ -160,6 +173,70 @@ impl Skiff {
             .into_inner();
         Ok(resp.members.iter().filter(|m| m.voter).count())
     }
+}
+
+#[allow(dead_code)] // not every benchmark binary uses every accessor
+impl Skiff {
+    /// Every member's gRPC address.
+    pub fn rpc_addrs(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.rpc.clone()).collect()
+    }
+
+    /// Member `i`'s HTTP address (/metrics, /readyz).
+    pub fn http_addr(&self, i: usize) -> &str {
+        &self.members[i].http
+    }
+
+    /// Member `i`'s process id, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.procs.pid(&label(i))
+    }
+
+    /// A join token for `role` (any number of uses, an hour).
+    pub async fn token_for(&self, role: &str) -> Result<String> {
+        let mut c =
+            skiff_proto::v1::pki_client::PkiClient::new(self.channel(&self.members[0].rpc).await?);
+        let r = c
+            .create_token(skiff_proto::v1::CreateTokenRequest {
+                role: role.into(),
+                ttl_seconds: 3600,
+                uses: 0,
+            })
+            .await
+            .context("CreateToken")?;
+        Ok(r.into_inner().token)
+    }
+}
+
+/// The body of `GET http://addr/path` (HTTP/1.1, `Connection: close`), at most 16 MiB.
+#[allow(dead_code)]
+pub async fn http_get(addr: &str, path: &str) -> Result<String> {
+    let get = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.context("send request")?;
+        let mut buf = Vec::new();
+        (&mut s)
+            .take(16 << 20)
+            .read_to_end(&mut buf)
+            .await
+            .context("read response")?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("GET {path}: no header end"))?;
+        anyhow::ensure!(
+            head.starts_with("HTTP/1.1 200"),
+            "GET {path}: {}",
+            head.lines().next().unwrap_or("")
+        );
+        anyhow::Ok(body.to_owned())
+    };
+    timeout(Duration::from_secs(5), get)
+        .await
+        .with_context(|| format!("GET {addr}{path} timed out"))?
 }
 
 fn label(i: usize) -> String {
