@@ -77,6 +77,7 @@ pub fn policy(path: &str) -> Need {
         }
         ("skiff.v1.Nodes", "ListNodes" | "ListUsage") => Need::Reader,
         ("skiff.v1.Nodes", "SetDrain") => Need::Operator,
+        ("skiff.v1.Nodes", "Liveness") => Need::Member,
         ("skiff.v1.Nodes", "RemoveNode") => Need::Admin,
         ("skiff.v1.Jobs", "ApplyJob" | "StopJob" | "ScaleJob" | "Rollout") => Need::Operator,
         ("skiff.v1.Jobs", _) => Need::Reader,
@@ -213,6 +214,11 @@ impl Controller {
             node.clone(),
             config.cluster.clone(),
             conflict_tx,
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(reconcile::follow_leader_clock(
+            node.clone(),
+            heartbeats.clone(),
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(reconcile::run(

@@ -31,11 +31,17 @@ use analysis::{Analyses, RequestSample, Verdict};
 #[derive(Clone, Default)]
 pub struct Heartbeats {
     inner: Arc<Mutex<HashMap<String, Instant>>>,
+    /// On a follower: the leader's clock as last read ([`follow_leader_clock`]), when it was
+    /// read and how long ago each node's last heartbeat was then.
+    leader_clock: Arc<Mutex<Option<LeaderClock>>>,
     /// Per node: each watched sidecar's counts, by allocation, as last reported.
     requests: Arc<Mutex<HashMap<String, HashMap<String, RequestSample>>>>,
     /// Per node: what each allocation uses, by allocation, as last reported.
     usage: Arc<Mutex<HashMap<String, HashMap<String, Measured>>>>,
 }
+
+/// When a follower read the leader's clock, and how long ago each node's last heartbeat was.
+type LeaderClock = (Instant, HashMap<String, Duration>);
 
 /// What an allocation uses, from its node's heartbeats.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,17 +156,52 @@ impl Heartbeats {
         self.record_usage(node, Vec::new());
     }
 
+    /// How long ago each node's last heartbeat arrived (the Liveness RPC).
+    pub fn ages(&self) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .map(|(n, t)| (n.clone(), now.saturating_duration_since(*t)))
+            .collect()
+    }
+
+    /// Keeps the leader's clock as a follower read it.
+    pub fn learn(&self, ages: HashMap<String, Duration>) {
+        *self
+            .leader_clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), ages));
+    }
+
     fn last(&self, node: &str) -> Option<Instant> {
         self.lock().get(node).copied()
     }
 
     /// Starts every node's clock now (a new leader does not know when they last beat).
-    fn reset(&self, nodes: impl Iterator<Item = String>) {
+    /// A new leader's clock: each node's last heartbeat as the previous leader saw it (read
+    /// in the last [`CLOCK_FRESH`]), so that a node already silent then is not given a whole
+    /// new grace; but at least [`RECONNECT_FLOOR`] from now for every node to reach the new
+    /// leader (no node is marked down for the failover itself). Nodes the old clock did not
+    /// have get a whole grace from now.
+    fn reset(&self, nodes: impl Iterator<Item = String>, grace: Duration) {
         let now = Instant::now();
+        let learned = self
+            .leader_clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .filter(|(at, _)| now.saturating_duration_since(*at) < CLOCK_FRESH);
+        let floor = now
+            .checked_sub(grace.saturating_sub(RECONNECT_FLOOR))
+            .unwrap_or(now);
         let mut m = self.lock();
         m.clear();
         for n in nodes {
-            m.insert(n, now);
+            let last = learned
+                .as_ref()
+                .and_then(|(at, ages)| at.checked_sub(*ages.get(&n)?))
+                .map_or(now, |t| t.max(floor));
+            m.insert(n, last);
         }
     }
 
@@ -765,6 +806,54 @@ fn time_bound(state: &ClusterState, job: &Job, plan: &JobPlan, pending_changed: 
             .any(|a| holds(a) && a.drain_since_ms.is_some())
 }
 
+/// How recent a follower's copy of the leader's clock must be to be used when elected.
+const CLOCK_FRESH: Duration = Duration::from_secs(3);
+/// The least time a new leader gives every node to reach it.
+const RECONNECT_FLOOR: Duration = Duration::from_secs(5);
+
+/// On a follower: reads the leader's heartbeat clock every second (see [`Heartbeats::reset`]).
+/// Runs until `stop` fires.
+pub async fn follow_leader_clock(
+    node: RaftNode,
+    heartbeats: Heartbeats,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        if node.status().role == crate::raft::Role::Leader {
+            continue;
+        }
+        let Some((_, leader)) = node.leader() else {
+            continue;
+        };
+        let Ok(channel) = node.channel(&leader.rpc_addr) else {
+            continue;
+        };
+        let mut client = skiff_proto::v1::nodes_client::NodesClient::new(channel);
+        let mut req = tonic::Request::new(skiff_proto::v1::LivenessRequest {});
+        req.set_timeout(Duration::from_secs(1));
+        let Ok(Ok(reply)) =
+            tokio::time::timeout(Duration::from_secs(1), client.liveness(req)).await
+        else {
+            continue;
+        };
+        heartbeats.learn(
+            reply
+                .into_inner()
+                .nodes
+                .into_iter()
+                .map(|n| (n.node, Duration::from_millis(n.age_ms)))
+                .collect(),
+        );
+    }
+}
+
 /// The leader's loop: runs until `stop` fires.
 pub async fn run(
     node: RaftNode,
@@ -782,10 +871,11 @@ pub async fn run(
         // Taken on every member, so that what a follower gathers stays small.
         let touched = node.take_touched();
         if leader && leading_since != Some(status.term) {
-            // A new term of ours: every node gets a full grace period from now, and every
-            // job is planned afresh.
+            // A new term of ours: every node gets what is left of its grace (as the last
+            // leader's clock said, at least a few seconds to reconnect), and every job is
+            // planned afresh.
             let names: Vec<String> = node.state().state.nodes().map(|n| n.name.clone()).collect();
-            heartbeats.reset(names.into_iter());
+            heartbeats.reset(names.into_iter(), settings.node_grace);
             leading_since = Some(status.term);
             work = Work::default();
             work.everything();

@@ -26,6 +26,8 @@ struct TestCluster {
     settings: RaftSettings,
     /// `--gc-after` and `--keep-versions`.
     gc: (Duration, usize),
+    /// `--node-grace`.
+    node_grace: Duration,
     /// What the bootstrapper wrote to `admin.creds`.
     admin: Option<Credentials>,
 }
@@ -85,6 +87,15 @@ impl TestCluster {
     }
 
     async fn start_with_gc(n: usize, settings: RaftSettings, gc: (Duration, usize)) -> TestCluster {
+        TestCluster::start_full(n, settings, gc, NODE_GRACE).await
+    }
+
+    async fn start_full(
+        n: usize,
+        settings: RaftSettings,
+        gc: (Duration, usize),
+        node_grace: Duration,
+    ) -> TestCluster {
         let mut c = TestCluster {
             dir: tempfile::Builder::new()
                 .prefix("skiff-cluster-test-")
@@ -94,6 +105,7 @@ impl TestCluster {
             rpc: Vec::new(),
             settings,
             gc,
+            node_grace,
             admin: None,
         };
         for i in 0..n {
@@ -120,7 +132,7 @@ impl TestCluster {
                     http_addr: Some(free_addr()),
                     formation: formation.clone(),
                     raft: c.settings.clone(),
-                    node_grace: NODE_GRACE,
+                    node_grace: c.node_grace,
                     gc_after: c.gc.0,
                     keep_versions: c.gc.1,
                     cluster: Default::default(),
@@ -249,7 +261,7 @@ impl TestCluster {
             http_addr: None,
             formation: Formation::Wait,
             raft: self.settings.clone(),
-            node_grace: NODE_GRACE,
+            node_grace: self.node_grace,
             gc_after: self.gc.0,
             keep_versions: self.gc.1,
             cluster: Default::default(),
@@ -1751,4 +1763,92 @@ async fn t80_workload_certificates_only_for_the_nodes_own_allocations() {
         .await
         .expect_err("stopped allocation");
     assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+/// A new leader gives each node what is left of its grace, as the last leader's clock said
+/// (followers read it every second): a node silent since before the failover goes down at its
+/// own deadline, not a whole grace after the election; a node that keeps beating, through the
+/// failover to the new leader, is never marked down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t66_liveness_survives_a_leader_change_without_a_whole_new_grace() {
+    use skiff_controller::state::NodeStatus;
+    use skiff_proto::v1::nodes_client::NodesClient;
+    let grace = Duration::from_secs(10);
+    let mut c = TestCluster::start_full(
+        3,
+        TestCluster::settings(),
+        (Duration::from_secs(3600), 10),
+        grace,
+    )
+    .await;
+    let leader = c.wait_leader().await;
+    let mut channels = Vec::new();
+    for id in 1..=3 {
+        channels.push(c.member_channel(id).await);
+    }
+    let mut nodes = NodesClient::new(channels[leader as usize - 1].clone());
+    for (name, key) in [("n1", KEY1), ("n2", KEY2)] {
+        nodes.register(reg(name, key)).await.expect("register");
+    }
+    // Both beat long enough for the followers to read the clock; then n2 falls silent and n1
+    // goes on, to whichever member takes its heartbeat (the leader).
+    let beats = {
+        let channels = channels.clone();
+        tokio::spawn(async move {
+            let mut n2 = true;
+            let started = tokio::time::Instant::now();
+            loop {
+                if started.elapsed() > Duration::from_millis(1500) {
+                    n2 = false;
+                }
+                for name in ["n1", "n2"].into_iter().filter(|n| *n == "n1" || n2) {
+                    for ch in &channels {
+                        let mut c = NodesClient::new(ch.clone());
+                        let mut req = tonic::Request::new(beat(name, vec![]));
+                        req.set_timeout(Duration::from_millis(300));
+                        if c.heartbeat(req).await.is_ok() {
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let status = |c: &TestCluster, id: u64, name: &str| {
+        c.member(id)
+            .node()
+            .state()
+            .state
+            .node(name)
+            .map(|n| n.status)
+    };
+    tokio::time::sleep(Duration::from_millis(1500 + 3000)).await;
+    // n2 has been silent for about 3 s: it has about 7 s of grace left.
+    let killed = tokio::time::Instant::now();
+    c.kill(leader).await;
+    let survivor = (1..=3).find(|id| *id != leader).expect("a survivor");
+    let mut down_after = None;
+    while killed.elapsed() < Duration::from_secs(15) {
+        if status(&c, survivor, "n2") == Some(NodeStatus::Down) {
+            down_after = Some(killed.elapsed());
+            break;
+        }
+        assert_eq!(
+            status(&c, survivor, "n1"),
+            Some(NodeStatus::Ready),
+            "n1 beats through the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let down_after = down_after.expect("n2 marked down within 15 s of the failover");
+    // Its own deadline (~7 s after the kill), at least 5 s after the election; a whole new
+    // grace would have been 10 s after the election.
+    assert!(
+        down_after > Duration::from_millis(4500) && down_after < Duration::from_millis(9000),
+        "n2 down {down_after:?} after the leader was killed"
+    );
+    assert_eq!(status(&c, survivor, "n1"), Some(NodeStatus::Ready));
+    beats.abort();
+    c.shutdown().await;
 }

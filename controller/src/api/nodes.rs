@@ -512,6 +512,24 @@ impl Nodes for NodesApi {
         }))
     }
 
+    async fn liveness(
+        &self,
+        _req: Request<pb::LivenessRequest>,
+    ) -> Result<Response<pb::LivenessResponse>, Status> {
+        self.require_leader()?;
+        Ok(Response::new(pb::LivenessResponse {
+            nodes: self
+                .heartbeats
+                .ages()
+                .into_iter()
+                .map(|(node, age)| pb::NodeLiveness {
+                    node,
+                    age_ms: age.as_millis() as u64,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_nodes(
         &self,
         req: Request<pb::ListNodesRequest>,
