@@ -2,6 +2,7 @@
 //! [`rpc!`]: `rpc!(ctl, jobs, apply_job, request)` calls `Jobs.ApplyJob` on the first controller
 //! that answers.
 
+use skiff_proto::MAX_MESSAGE_BYTES;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -167,7 +168,11 @@ impl Controllers {
         F: Fn(JobsClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call(JobsClient::new, f).await
+        self.call(
+            |ch| JobsClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            f,
+        )
+        .await
     }
 
     pub async fn cluster<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
@@ -175,7 +180,11 @@ impl Controllers {
         F: Fn(ClusterClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call(ClusterClient::new, f).await
+        self.call(
+            |ch| ClusterClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            f,
+        )
+        .await
     }
 
     pub async fn pki<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
@@ -183,7 +192,11 @@ impl Controllers {
         F: Fn(PkiClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call(PkiClient::new, f).await
+        self.call(
+            |ch| PkiClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            f,
+        )
+        .await
     }
 
     pub async fn nodes<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
@@ -191,7 +204,11 @@ impl Controllers {
         F: Fn(NodesClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call(NodesClient::new, f).await
+        self.call(
+            |ch| NodesClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            f,
+        )
+        .await
     }
 }
 
