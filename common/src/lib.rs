@@ -24,6 +24,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod spec;
+pub mod time;
 
 pub use spec::{
     Analysis, ByteSize, Check, CheckKind, Constraint, ConstraintOp, FieldChange, JobSpec, Mesh,

@@ -344,11 +344,11 @@ pub fn write_md_section(path: &Path, head: &str, text: &str) -> std::io::Result<
 
 /// Today's date (UTC), for benchmark reports.
 pub fn utc_date() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (y, m, d) = skiff_common::time::civil_from_days(secs.div_euclid(86_400));
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 /// Runs Debian's `promtool` with `args`, `stdin` piped in; its output, or an error holding it

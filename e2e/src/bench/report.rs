@@ -377,20 +377,12 @@ pub fn filesystem_of(path: &Path) -> String {
     }
 }
 
-/// Today's date, `YYYY-MM-DD`, in UTC (civil-from-days, Howard Hinnant's algorithm).
+/// Today's date, `YYYY-MM-DD`, in UTC.
 fn today_utc() -> String {
-    let days = SystemTime::now()
+    let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (y, m, d) = skiff_common::time::civil_from_days(secs.div_euclid(86_400));
     format!("{y:04}-{m:02}-{d:02}")
 }
 
