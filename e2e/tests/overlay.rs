@@ -272,28 +272,23 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
     );
 
     // WireGuard state: in `skiff nodes -o json` (handshakes, bytes) and the agent's /metrics.
-    fleet.wait_for("a1's peer state reported", Duration::from_secs(10), |f| {
-        let nodes = f.cli_json(&["nodes", "--peers"])?;
-        let n1 = nodes
+    let node_a1 = |nodes: serde_json::Value| {
+        nodes
             .as_array()
             .into_iter()
             .flatten()
             .find(|n| n["name"] == "a1")
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or_default()
+    };
+    fleet.wait_for("a1's peer state reported", Duration::from_secs(10), |f| {
+        let n1 = node_a1(f.cli_json(&["nodes", "--peers"])?);
         let peers = n1["wireguard"]["peers"]
             .as_array()
             .cloned()
             .unwrap_or_default();
         // Without --peers: only their counts (the full lists are N x N in all).
-        let brief = f.cli_json(&["nodes"])?;
-        let b1 = brief
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| n["name"] == "a1")
-            .cloned()
-            .unwrap_or_default();
+        let b1 = node_a1(f.cli_json(&["nodes"])?);
         Ok(n1["wireguard"]["backend"] == "userspace"
             && b1["wireguard"]["peer_count"] == 2
             && b1["wireguard"]["peers_handshaken"].as_u64().unwrap_or(0) >= 1

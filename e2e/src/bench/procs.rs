@@ -125,3 +125,47 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     }
     Ok(ports)
 }
+
+/// Runs a benchmark's `run` on a tokio runtime (`workers` threads; default: one per core) until
+/// it ends or Ctrl-C / SIGTERM arrives; then `run` is dropped, which kills every child and
+/// removes the temp dir. Prints the error, if any, and gives the exit code.
+pub fn main_until_interrupted(
+    workers: Option<usize>,
+    run: impl std::future::Future<Output = Result<()>>,
+) -> std::process::ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = run => r,
+            r = interrupted() => r,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves with an error on Ctrl-C or SIGTERM.
+async fn interrupted() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    bail!("interrupted; stopped every process the benchmark started")
+}
