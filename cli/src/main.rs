@@ -3,6 +3,32 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` that ends the process quietly when stdout is a closed pipe (`skiff ps | head`),
+/// as command-line tools do, instead of panicking (Rust ignores SIGPIPE). Defined before the
+/// modules, so it is theirs too.
+macro_rules! println {
+    () => {
+        $crate::stdout_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout_line(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout; a closed pipe ends the process (exit 0: the reader has what it
+/// wanted), another write error ends it with status 1.
+pub(crate) fn stdout_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 mod allocations;
 mod args;
 mod client;

@@ -82,6 +82,23 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "job default/web created: version 1"
     );
+    // A reader that has gone (`skiff jobs | head -0`) ends the CLI quietly: no panic.
+    let mut child = std::process::Command::new(skiff_e2e::bin("skiff"))
+        .args(["--credentials", &creds.display().to_string()])
+        .args(["--controller", &addrs[0].to_string(), "jobs"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run skiff");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for skiff");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("panicked"),
+        "skiff jobs into a closed pipe: {:?} {err}",
+        out.status
+    );
     let spec5 = write_spec(root.path(), "web", 5);
     let out = skiff(&creds, &addrs[1..2], &["apply", "-f", &spec5]);
     let text = String::from_utf8_lossy(&out.stdout);
