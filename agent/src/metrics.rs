@@ -170,7 +170,7 @@ pub fn render_dns(o: &mut String, s: &crate::dns::DnsStats) {
     }
 }
 
-use crate::usage::escape;
+use skiff_common::prometheus::label_value as escape;
 
 /// The exposition text.
 pub fn render(net: &Network, status: Option<&DeviceStatus>, running: usize) -> String {

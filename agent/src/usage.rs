@@ -5,6 +5,7 @@
 //! `skiff_workload_*` families and sent with each heartbeat (for `skiff top` and the status
 //! page).
 
+use skiff_common::prometheus::label_value as escape;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -127,13 +128,6 @@ pub fn to_proto(usage: &[AllocUsage]) -> Vec<pb::AllocationUsage> {
             oom_kills: u.containers.iter().map(|c| c.oom_kills).sum(),
         })
         .collect()
-}
-
-/// A label value in the text format.
-pub fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// The `skiff_workload_*` families. Every series carries `namespace`, `workload` (the job's

@@ -1,6 +1,7 @@
 //! The controller's Prometheus metrics. The registry is built once in `Controller::start` and
 //! passed to whoever records into it; nothing here is global.
 
+use skiff_common::prometheus::label_value as escape;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -167,13 +168,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// A label value in the text format.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// This member's certificate expiry (agents export theirs under the same name).

@@ -162,11 +162,9 @@ fn render_status(ctx: &ApiContext, whole: bool) -> String {
     }
 }
 
-async fn status_page(
-    State(ctx): State<ApiContext>,
-    Extension(caller): Extension<Caller>,
-) -> axum::response::Response {
-    if let Err(e) = may_read(&ctx, &caller) {
+/// The status page (`whole`) or the fragment it refreshes itself with, for a reader.
+fn status(ctx: &ApiContext, caller: &Caller, whole: bool) -> axum::response::Response {
+    if let Err(e) = may_read(ctx, caller) {
         return e.into_response();
     }
     (
@@ -174,26 +172,23 @@ async fn status_page(
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        render_status(&ctx, true),
+        render_status(ctx, whole),
     )
         .into_response()
+}
+
+async fn status_page(
+    State(ctx): State<ApiContext>,
+    Extension(caller): Extension<Caller>,
+) -> axum::response::Response {
+    status(&ctx, &caller, true)
 }
 
 async fn status_fragment(
     State(ctx): State<ApiContext>,
     Extension(caller): Extension<Caller>,
 ) -> axum::response::Response {
-    if let Err(e) = may_read(&ctx, &caller) {
-        return e.into_response();
-    }
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        render_status(&ctx, false),
-    )
-        .into_response()
+    status(&ctx, &caller, false)
 }
 
 pub fn router(ctx: ApiContext) -> Router {
