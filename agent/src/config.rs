@@ -116,6 +116,11 @@ pub struct Cli {
     /// [default: 24h].
     #[arg(long, env = "SKIFF_MESH_CERT_TTL", value_parser = humantime::parse_duration)]
     pub mesh_cert_ttl: Option<std::time::Duration>,
+    /// Percent used of the data directory's filesystem at which the agent prunes unused
+    /// images and reports disk pressure (nothing new is placed on the node), 50-99
+    /// [default: 90].
+    #[arg(long, env = "SKIFF_DISK_PRESSURE_THRESHOLD")]
+    pub disk_pressure_threshold: Option<u8>,
     #[command(subcommand)]
     pub command: Option<Cmd>,
 }
@@ -155,6 +160,7 @@ pub struct FileConfig {
     pub join_token: Option<String>,
     pub mesh_proxy_uid: Option<u32>,
     pub mesh_cert_ttl: Option<String>,
+    pub disk_pressure_threshold: Option<u8>,
 }
 
 /// Flags over the config file over defaults.
@@ -319,7 +325,17 @@ impl Settings {
         if mesh_uid == 0 {
             anyhow::bail!("--mesh-proxy-uid must not be 0: the sidecar runs unprivileged");
         }
+        let disk_pressure_threshold = cli
+            .disk_pressure_threshold
+            .or(self.file.disk_pressure_threshold)
+            .unwrap_or(crate::disk::DEFAULT_THRESHOLD);
+        if !(50..=99).contains(&disk_pressure_threshold) {
+            anyhow::bail!(
+                "--disk-pressure-threshold must be a percentage between 50 and 99, not {disk_pressure_threshold}"
+            );
+        }
         Ok(DaemonConfig {
+            disk_pressure_threshold,
             mesh: crate::mesh::MeshOptions {
                 uid: mesh_uid,
                 gid: mesh_uid,
@@ -441,6 +457,9 @@ mod tests {
         assert_eq!(d.net.wg_port, 51000);
         assert_eq!(d.listen.to_string(), "10.0.0.5:7801");
         assert_eq!(d.metrics_listen.to_string(), "10.0.0.5:7802");
+        assert_eq!(d.disk_pressure_threshold, crate::disk::DEFAULT_THRESHOLD);
+        let (cli, s) = settings(&[], Some(&format!("{file}disk_pressure_threshold = 80\n")))?;
+        assert_eq!(s.daemon(&cli)?.disk_pressure_threshold, 80);
         Ok(())
     }
 
@@ -462,6 +481,14 @@ mod tests {
             (
                 &["--mtu", "100"][..],
                 "--mtu: 100 is not between 1280 and 65535",
+            ),
+            (
+                &["--disk-pressure-threshold", "100"][..],
+                "--disk-pressure-threshold must be a percentage between 50 and 99, not 100",
+            ),
+            (
+                &["--disk-pressure-threshold", "10"][..],
+                "--disk-pressure-threshold must be a percentage between 50 and 99, not 10",
             ),
         ] {
             let args: Vec<&str> = base.iter().chain(extra).copied().collect();

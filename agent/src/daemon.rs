@@ -61,6 +61,8 @@ pub struct DaemonConfig {
     pub join_token: Option<skiff_tls::JoinToken>,
     /// The mesh sidecars.
     pub mesh: crate::mesh::MeshOptions,
+    /// Percent used of the data directory's filesystem at which disk pressure starts.
+    pub disk_pressure_threshold: u8,
 }
 
 /// The node's DNS server: the zone it answers from (kept when the controllers are away) and
@@ -217,6 +219,10 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         desired: desired_tx,
         reports,
         vips: Mutex::default(),
+        disk: Arc::new(Mutex::new(crate::disk::Pressure::new(
+            cfg.disk_pressure_threshold,
+        ))),
+        disk_pressure: Arc::default(),
     });
     let control = tokio::spawn(control_loop(host, cfg.controllers.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -280,6 +286,51 @@ struct LocalHost {
     reports: Arc<Mutex<Vec<pb::AllocationReport>>>,
     /// The VIP table last applied since registering: an unchanged one is not re-applied.
     vips: Mutex<Option<String>>,
+    /// Disk pressure: the state (held while pruning) and what the heartbeats report.
+    disk: Arc<Mutex<crate::disk::Pressure>>,
+    disk_pressure: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LocalHost {
+    /// Reads how full the data directory's filesystem is, pruning what no container uses
+    /// when it is past the threshold; returns the pressure to report. A slow read or prune
+    /// does not hold up the heartbeat: it reports the last value meanwhile.
+    async fn disk_pressure(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let (dir, rt) = (self.cfg.data_dir.clone(), self.runtime.clone());
+        let (state, reported) = (self.disk.clone(), self.disk_pressure.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let Ok(mut p) = state.try_lock() else {
+                return; // a prune is still running
+            };
+            let mut used = match crate::disk::used_percent(&dir) {
+                Ok(u) => u,
+                Err(e) => {
+                    warn!(error = %e, "reading the data directory's disk usage");
+                    return;
+                }
+            };
+            if p.prune_due(used, std::time::Instant::now()) {
+                if let Err(e) = rt.gc() {
+                    warn!(error = %e, "disk pressure: removing container leftovers");
+                }
+                match rt.prune_images(true) {
+                    Ok(r) => info!(
+                        used_percent = used,
+                        images = r.images.len(),
+                        layers = r.layers.len(),
+                        freed = r.bytes,
+                        "disk pressure: removed what no container uses"
+                    ),
+                    Err(e) => warn!(error = %e, "disk pressure: pruning images"),
+                }
+                used = crate::disk::used_percent(&dir).unwrap_or(used);
+            }
+            reported.store(p.observe(used), Ordering::SeqCst);
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
+        self.disk_pressure.load(Ordering::SeqCst)
+    }
 }
 
 impl Host for LocalHost {
@@ -428,6 +479,7 @@ impl Host for LocalHost {
             wireguard: wireguard_status(&self.network),
             trust_version: self.trust.version.load(std::sync::atomic::Ordering::SeqCst),
             named_volumes: crate::volumes::Volumes::new(&self.cfg.data_dir).keys(),
+            disk_pressure: self.disk_pressure().await,
         }
     }
 

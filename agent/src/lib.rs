@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod contract;
 pub mod daemon;
+pub mod disk;
 pub mod dns;
 pub mod health;
 pub mod mesh;

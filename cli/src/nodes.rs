@@ -38,7 +38,11 @@ pub async fn list(ctl: &Controllers, out: Out, stale: bool, peers: bool) -> anyh
                 n.name.clone(),
                 n.address.clone(),
                 n.subnet.clone(),
-                render::node_status(n.status).to_owned(),
+                if n.disk_pressure {
+                    format!("{},disk-pressure", render::node_status(n.status))
+                } else {
+                    render::node_status(n.status).to_owned()
+                },
                 n.allocations.to_string(),
                 format!("{:.2}/{:.2}", a.cpu, t.cpu),
                 format!("{}/{}", gib(a.memory), gib(t.memory)),

@@ -64,6 +64,7 @@ fn node(i: usize) -> Node {
         wireguard: None,
         host_volume_dirs: Vec::new(),
         named_volumes: Default::default(),
+        disk_pressure: false,
     }
 }
 

@@ -155,6 +155,9 @@ fn reject(c: &Candidate<'_>, req: &Request<'_>, sticky: &BTreeSet<String>) -> Op
         NodeStatus::Draining => return Some("node draining".to_owned()),
         NodeStatus::Ready => {}
     }
+    if c.node.disk_pressure {
+        return Some("node disk pressure".to_owned());
+    }
     if let Some(failed) = req.constraints.iter().find(|k| !k.matches(&c.node.labels)) {
         return Some(format!("constraint {failed}"));
     }
@@ -268,6 +271,7 @@ pub fn place(candidates: &mut [Candidate<'_>], req: &Request<'_>) -> Plan {
         .filter(|&i| {
             let c = &candidates[i];
             c.node.status == NodeStatus::Ready
+                && !c.node.disk_pressure
                 && req.constraints.iter().all(|k| k.matches(&c.node.labels))
                 && reject_static(c, req, &sticky).is_none()
         })

@@ -68,6 +68,12 @@ pub enum Command {
         reports: Vec<AllocationReport>,
         at_ms: i64,
     },
+    /// Record whether a node's agent reports disk pressure.
+    SetNodeDiskPressure {
+        name: String,
+        pressure: bool,
+        at_ms: i64,
+    },
     /// Record the named volumes a node holds (`namespace/job/name`), as its agent reported.
     SetNodeVolumes {
         name: String,
@@ -212,6 +218,7 @@ impl Command {
             Command::ReportAllocations { .. } => "report_allocations",
             Command::StopAllocations { .. } => "stop_allocations",
             Command::SetNodeVolumes { .. } => "set_node_volumes",
+            Command::SetNodeDiskPressure { .. } => "set_node_disk_pressure",
             Command::SetJobPending { .. } => "set_job_pending",
             Command::CollectGarbage { .. } => "collect_garbage",
             Command::DrainAllocations { .. } => "drain_allocations",
@@ -251,6 +258,9 @@ impl std::fmt::Display for Command {
             }
             Command::SetNodeVolumes { name, volumes } => {
                 write!(f, "set_node_volumes({name}, {})", volumes.len())
+            }
+            Command::SetNodeDiskPressure { name, pressure, .. } => {
+                write!(f, "set_node_disk_pressure({name}, {pressure})")
             }
             Command::SetJobPending {
                 namespace, name, ..
@@ -682,7 +692,12 @@ impl ClusterState {
                 touched.capacity = true;
             }
         }
-        if !before.nodes.is_empty() || matches!(command, Command::SetNodeVolumes { .. }) {
+        if !before.nodes.is_empty()
+            || matches!(
+                command,
+                Command::SetNodeVolumes { .. } | Command::SetNodeDiskPressure { .. }
+            )
+        {
             touched.capacity = true;
         }
     }
@@ -887,6 +902,18 @@ impl ClusterState {
                     }
                 }
                 Ok(Outcome::AllocationsUpdated { count })
+            }
+            Command::SetNodeDiskPressure { name, pressure, .. } => {
+                let node = self
+                    .nodes
+                    .get_mut(name)
+                    .ok_or_else(|| ApplyError::NodeNotFound { name: name.clone() })?;
+                let changed = node.disk_pressure != *pressure;
+                node.disk_pressure = *pressure;
+                Ok(Outcome::NodeStatusSet {
+                    name: name.clone(),
+                    changed,
+                })
             }
             Command::SetNodeVolumes { name, volumes } => {
                 let node = self

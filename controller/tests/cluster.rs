@@ -317,6 +317,7 @@ fn beat(node: &str, allocations: Vec<pb::AllocationReport>) -> pb::HeartbeatRequ
         named_volumes: Vec::new(),
         request_stats: Vec::new(),
         usage: Vec::new(),
+        disk_pressure: false,
     }
 }
 
@@ -1850,5 +1851,85 @@ async fn t66_liveness_survives_a_leader_change_without_a_whole_new_grace() {
     );
     assert_eq!(status(&c, survivor, "n1"), Some(NodeStatus::Ready));
     beats.abort();
+    c.shutdown().await;
+}
+
+/// A node whose agent reports disk pressure gets nothing new (the pending reason names it);
+/// what it runs stays; once the pressure is gone, what was pending is placed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t67_disk_pressure_keeps_new_work_off_a_node_until_it_clears() {
+    use skiff_proto::v1::nodes_client::NodesClient;
+    let c = TestCluster::start(1, TestCluster::settings()).await;
+    let leader = c.wait_leader().await;
+    let mut nodes = NodesClient::new(c.member_channel(leader).await);
+    let mut jobs = c.jobs(leader).await;
+    for (name, key) in [("n1", KEY1), ("n2", KEY2)] {
+        nodes.register(reg(name, key)).await.expect("register");
+    }
+    let pressure = |node: &str, on: bool| pb::HeartbeatRequest {
+        disk_pressure: on,
+        ..beat(node, vec![])
+    };
+    nodes
+        .heartbeat(pressure("n1", true))
+        .await
+        .expect("heartbeat");
+    let listed = nodes
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    let n1 = listed.iter().find(|n| n.name == "n1").expect("n1");
+    assert!(n1.disk_pressure, "{n1:?}");
+    // Each node fits one replica; n1 is under pressure: one runs on n2, one waits.
+    let text = "name = \"big\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\nreplicas = 2\n\
+                [resources]\nmemory = \"600Mi\"\npids = 50\n";
+    apply(&mut jobs, text.into()).await.expect("apply");
+    eventually(
+        "one replica on n2, one pending",
+        Duration::from_secs(10),
+        || {
+            let mut jobs = jobs.clone();
+            async move {
+                let job = jobs
+                    .get_job(pb::GetJobRequest {
+                        name: "big".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("get job")
+                    .into_inner();
+                let placed: Vec<&str> = job.allocations.iter().map(|a| a.node.as_str()).collect();
+                placed == ["n2"] && job.pending.contains("1 node disk pressure")
+            }
+        },
+    )
+    .await;
+    // The same report again writes nothing.
+    let before = c.member(leader).node().status().last_log_index;
+    nodes
+        .heartbeat(pressure("n1", true))
+        .await
+        .expect("heartbeat");
+    assert_eq!(c.member(leader).node().status().last_log_index, before);
+    // Pressure gone: the pending replica goes to n1.
+    nodes
+        .heartbeat(pressure("n1", false))
+        .await
+        .expect("heartbeat");
+    eventually("the second replica on n1", Duration::from_secs(10), || {
+        let mut jobs = jobs.clone();
+        async move {
+            let mut on: Vec<String> = allocations_of(&mut jobs, "big")
+                .await
+                .into_iter()
+                .map(|a| a.node)
+                .collect();
+            on.sort();
+            on == ["n1", "n2"]
+        }
+    })
+    .await;
     c.shutdown().await;
 }

@@ -116,6 +116,10 @@ pub struct Fleet {
     agent_args: Vec<String>,
     /// Join tokens made so far, by role (agent, controller).
     tokens: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// When set, each agent's data dir is a tmpfs of this size (`mount -o size=`), so a test
+    /// can fill it; the mounts, to remove when the fleet drops.
+    agent_disk: Option<String>,
+    mounts: Vec<PathBuf>,
 }
 
 /// `skiff-agent --data-dir DATA --cgroup-parent PARENT ARGS` on this host (not in a netns).
@@ -190,6 +194,43 @@ impl Fleet {
         controller_args: &[&str],
         agent_args: &[&str],
     ) -> Result<Fleet> {
+        Fleet::launch(
+            controllers,
+            agents,
+            node_grace,
+            controller_args,
+            agent_args,
+            None,
+        )
+    }
+
+    /// As [`Fleet::start_full`], each agent's data directory on a tmpfs of its own of
+    /// `disk_size` (`64m`, say), which a test may fill.
+    pub fn start_small_disks(
+        controllers: usize,
+        agents: usize,
+        node_grace: &str,
+        agent_args: &[&str],
+        disk_size: &str,
+    ) -> Result<Fleet> {
+        Fleet::launch(
+            controllers,
+            agents,
+            node_grace,
+            &[],
+            agent_args,
+            Some(disk_size.to_owned()),
+        )
+    }
+
+    fn launch(
+        controllers: usize,
+        agents: usize,
+        node_grace: &str,
+        controller_args: &[&str],
+        agent_args: &[&str],
+        agent_disk: Option<String>,
+    ) -> Result<Fleet> {
         let prefix = format!(
             "sk{}{}",
             std::process::id() % 100_000,
@@ -210,6 +251,8 @@ impl Fleet {
             controller_args: controller_args.iter().map(|s| (*s).to_owned()).collect(),
             tokens: Default::default(),
             agent_args: agent_args.iter().map(|s| (*s).to_owned()).collect(),
+            agent_disk,
+            mounts: Vec::new(),
         };
         fleet.build_network(controllers, agents)?;
         let out = Command::new("sh")
@@ -357,6 +400,22 @@ impl Fleet {
         let data = self.dir.path().join(&host.name);
         let parent = format!("{}/{}", self.prefix, host.name);
         let zone = if i.is_multiple_of(2) { "a" } else { "b" };
+        if let Some(size) = &self.agent_disk {
+            std::fs::create_dir_all(&data)?;
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0711")])
+                .arg(format!("{}-disk", self.prefix))
+                .arg(&data)
+                .output()
+                .context("running mount")?;
+            ensure!(
+                out.status.success(),
+                "mounting a tmpfs on {}: {}",
+                data.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            self.mounts.push(data.clone());
+        }
         let args = vec![
             "--data-dir".to_owned(),
             data.display().to_string(),
@@ -559,6 +618,24 @@ impl Fleet {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    /// The images in agent `name`'s store, as `skiff-agent image ls` names them.
+    pub fn images(&self, agent: &str) -> Result<Vec<String>> {
+        let i = self.agent_index(agent)?;
+        let (data, parent) = &self.agent_dirs[i];
+        let out = agent_cmd(data, parent, &["image", "ls", "-o", "json"]).output()?;
+        ensure!(
+            out.status.success(),
+            "image ls on {agent}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| i["reference"].as_str().unwrap_or_default().to_owned())
+            .collect())
     }
 
     /// Running containers on agent `name`.
@@ -867,6 +944,10 @@ impl Drop for Fleet {
                 let _ = std::fs::remove_dir(h.path().join(parent));
                 let _ = std::fs::remove_dir(h.path().join(&self.prefix));
             }
+        }
+        // The containers' mounts are gone with them: the agents' small disks can go now.
+        for m in &self.mounts {
+            let _ = Command::new("umount").arg("-l").arg(m).output();
         }
         for h in &self.hosts {
             let _ = ip(&["netns", "del", &h.netns]);

@@ -284,3 +284,103 @@ fn f30_leader_killed_during_a_deploy() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// The node named `name` in `skiff nodes -o json`.
+fn node(fleet: &Fleet, name: &str) -> Result<serde_json::Value> {
+    let nodes = fleet.cli_json(&["nodes"])?;
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == name))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no node {name} in {nodes}"))
+}
+
+#[test]
+fn f40_a_full_data_disk_prunes_unused_images_and_stops_new_placements() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let _serial = serial();
+    // Each agent's data dir is a 64 MiB tmpfs; pressure starts at 50% used.
+    let fleet = Fleet::start_small_disks(1, 2, GRACE, &["--disk-pressure-threshold", "50"], "64m")?;
+    let a1 = fleet.agent_data("a1")?.to_owned();
+
+    // A job runs on both agents, then stops: a1 keeps the image nothing uses now.
+    let spec = web(&fleet, 2, "")?;
+    fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
+    fleet.wait_for("a replica on each agent", Duration::from_secs(30), |f| {
+        Ok(per_node(f, "web")?.values().copied().collect::<Vec<_>>() == [1, 1])
+    })?;
+    fleet.cli_ok(&["stop", "web"])?;
+    fleet.wait_for("no container running on a1", Duration::from_secs(30), |f| {
+        Ok(f.running("a1")?.is_empty())
+    })?;
+    ensure!(!fleet.images("a1")?.is_empty(), "a1 has no image");
+    assert_eq!(node(&fleet, "a1")?["disk_pressure"], false);
+
+    // Fill a1's disk past the threshold: it prunes the unused image and reports pressure.
+    let filler = a1.join("filler");
+    let out = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=40", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "dd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fleet.wait_for("a1 under disk pressure", Duration::from_secs(20), |f| {
+        Ok(node(f, "a1")?["disk_pressure"] == true)
+    })?;
+    fleet.wait_for("a1's unused image pruned", Duration::from_secs(20), |f| {
+        Ok(f.images("a1")?.is_empty())
+    })?;
+    assert!(
+        fleet
+            .log("a1")
+            .contains("disk pressure: removed what no container uses"),
+        "{}",
+        fleet.log("a1")
+    );
+    let status = fleet.cli_ok(&["nodes"])?;
+    assert!(status.contains("ready,disk-pressure"), "{status}");
+
+    // Nothing new lands on a1; the plan names why.
+    let plan = fleet.cli_ok(&["plan", "-f", &spec.display().to_string()])?;
+    assert!(!plan.contains("on a1"), "{plan}");
+    fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
+    fleet.wait_for("both replicas on a2", Duration::from_secs(30), |f| {
+        Ok(per_node(f, "web")? == BTreeMap::from([("a2".to_owned(), 2)]))
+    })?;
+    ensure!(fleet.running("a1")?.is_empty(), "a container started on a1");
+
+    // Room again (5 points below the threshold): a1 takes replicas, pulling the image again.
+    std::fs::remove_file(&filler)?;
+    fleet.wait_for("a1's pressure to end", Duration::from_secs(20), |f| {
+        Ok(node(f, "a1")?["disk_pressure"] == false)
+    })?;
+    let events: Vec<String> = fleet
+        .cli_json(&["events", "--node", "a1"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "node_disk_pressure")
+        .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "disk pressure: nothing new is placed on the node",
+            "disk pressure gone"
+        ]
+    );
+    fleet.cli_ok(&["scale", "web", "4"])?;
+    fleet.wait_for("2 replicas on each agent", Duration::from_secs(30), |f| {
+        Ok(per_node(f, "web")?.values().copied().collect::<Vec<_>>() == [2, 2])
+    })?;
+    ensure!(
+        !fleet.images("a1")?.is_empty(),
+        "a1 did not fetch the image again"
+    );
+    Ok(())
+}

@@ -558,6 +558,7 @@ fn fake_node(
                         named_volumes: Vec::new(),
                         request_stats: Vec::new(),
                         usage: Vec::new(),
+                        disk_pressure: false,
                     })
                     .await?;
                     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -236,6 +236,7 @@ impl Nodes for NodesApi {
                         .as_ref()
                         .map(|n| n.named_volumes.clone())
                         .unwrap_or_default(),
+                    disk_pressure: existing.as_ref().is_some_and(|n| n.disk_pressure),
                 };
                 self.heartbeats.beat(&node.name);
                 let name = node.name.clone();
@@ -288,6 +289,7 @@ impl Nodes for NodesApi {
                 let reports;
                 let trust;
                 let volumes;
+                let pressure;
                 {
                     let applied = self.ctx.node.state();
                     let state = &applied.state;
@@ -366,6 +368,26 @@ impl Nodes for NodesApi {
                     reports = changed_reports(state, &req.name, &req.allocations)?;
                     volumes = convert::named_volumes(&req.named_volumes)?
                         .filter(|v| state.node(&req.name).is_some_and(|n| n.named_volumes != *v));
+                    pressure = state
+                        .node(&req.name)
+                        .is_some_and(|n| n.disk_pressure != req.disk_pressure)
+                        .then_some(req.disk_pressure);
+                }
+                if let Some(pressure) = pressure {
+                    if pressure {
+                        tracing::warn!(node = %req.name, "disk pressure: nothing new is placed on the node");
+                    } else {
+                        tracing::info!(node = %req.name, "disk pressure gone");
+                    }
+                    self.ctx
+                        .node
+                        .write(Command::SetNodeDiskPressure {
+                            name: req.name.clone(),
+                            pressure,
+                            at_ms: now_ms(),
+                        })
+                        .await?
+                        .0?;
                 }
                 if let Some(volumes) = volumes {
                     self.ctx

@@ -249,3 +249,16 @@ fn host_volumes_only_on_nodes_that_allow_their_directory() {
             .contains("2 host volume /srv/skiffy/site not under the node's --host-volume-dir"),
     );
 }
+
+#[test]
+fn a_node_under_disk_pressure_gets_nothing_new_and_is_named() {
+    let mut pressed = node("n1", 4.0, 4096, &[]);
+    pressed.disk_pressure = true;
+    let nodes = vec![pressed, node("n2", 1.0, 1024, &[])];
+    let mut c = candidates(&nodes);
+    let plan = place(&mut c, &request(3, ask(0.5, 256), &[]));
+    assert_eq!(plan.placements, vec!["n2".to_owned(), "n2".to_owned()]);
+    assert_eq!(plan.unplaced, 1);
+    let why = plan.rejections.expect("why").to_string();
+    assert!(why.contains("1 node disk pressure"), "{why}");
+}

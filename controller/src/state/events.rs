@@ -27,7 +27,7 @@ pub struct Event {
     pub at_ms: i64,
     /// `placed`, `started`, `exited`, `failed`, `oom_killed`, `restarted`, `lost`, `health`,
     /// `stopping`, `draining`, `job_applied`, `job_stopped`, `pending`, `rollout`,
-    /// `node_registered`, `node_status`, `node_removed`.
+    /// `node_registered`, `node_status`, `node_disk_pressure`, `node_removed`.
     pub kind: String,
     /// Empty for node events.
     #[serde(default)]
@@ -111,9 +111,9 @@ fn touched_node(c: &Command) -> Option<String> {
         Command::UpsertNode { node } | Command::RegisterNode { node, .. } => {
             Some(node.name.clone())
         }
-        Command::SetNodeStatus { name, .. } | Command::RemoveNode { name, .. } => {
-            Some(name.clone())
-        }
+        Command::SetNodeStatus { name, .. }
+        | Command::RemoveNode { name, .. }
+        | Command::SetNodeDiskPressure { name, .. } => Some(name.clone()),
         _ => None,
     }
 }
@@ -124,6 +124,7 @@ pub fn command_time(c: &Command) -> Option<i64> {
         Command::ApplyJob { at_ms, .. }
         | Command::StopJob { at_ms, .. }
         | Command::SetNodeStatus { at_ms, .. }
+        | Command::SetNodeDiskPressure { at_ms, .. }
         | Command::RemoveNode { at_ms, .. }
         | Command::ReportAllocation { at_ms, .. }
         | Command::ReportAllocations { at_ms, .. }
@@ -396,8 +397,20 @@ pub fn node_events(before: Option<&Node>, after: Option<&Node>, name: &str, out:
             "node_registered",
             format!("registered at {}", n.address),
         )),
-        (Some(b), Some(n)) if b.status != n.status => {
-            out.push(draft("node_status", n.status.as_str().to_owned()))
+        (Some(b), Some(n)) => {
+            if b.status != n.status {
+                out.push(draft("node_status", n.status.as_str().to_owned()));
+            }
+            if b.disk_pressure != n.disk_pressure {
+                out.push(draft(
+                    "node_disk_pressure",
+                    if n.disk_pressure {
+                        "disk pressure: nothing new is placed on the node".into()
+                    } else {
+                        "disk pressure gone".into()
+                    },
+                ));
+            }
         }
         (Some(_), None) => out.push(draft("node_removed", "removed".into())),
         _ => {}

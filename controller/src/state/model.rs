@@ -360,6 +360,10 @@ pub struct Node {
     /// The named volumes on the node, `namespace/job/name`, as its agent last reported.
     #[serde(default)]
     pub named_volumes: std::collections::BTreeSet<String>,
+    /// Its agent's data directory is fuller than the agent's threshold: nothing new is placed
+    /// on it (what runs there stays).
+    #[serde(default)]
+    pub disk_pressure: bool,
 }
 
 impl Node {
@@ -449,6 +453,7 @@ impl Node {
             wireguard: None,
             host_volume_dirs: Vec::new(),
             named_volumes: Default::default(),
+            disk_pressure: false,
         }
     }
 

@@ -669,6 +669,27 @@ fn what_commands_change_is_recorded_as_events_bounded_and_numbered() {
     let down = s.events().find(|e| e.kind == "node_status").expect("down");
     assert_eq!((down.node.as_str(), down.message.as_str()), ("n1", "down"));
     assert_eq!(s.last_event(), got.last().expect("events").0);
+    // Disk pressure comes and goes with an event each time; the same report again, none.
+    for (pressure, at_ms) in [(true, 50), (true, 51), (false, 60)] {
+        s.apply(&Command::SetNodeDiskPressure {
+            name: "n1".into(),
+            pressure,
+            at_ms,
+        })
+        .expect("pressure");
+    }
+    let pressure: Vec<(i64, &str)> = s
+        .events()
+        .filter(|e| e.kind == "node_disk_pressure" && e.node == "n1")
+        .map(|e| (e.at_ms, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        pressure,
+        [
+            (50, "disk pressure: nothing new is placed on the node"),
+            (60, "disk pressure gone")
+        ]
+    );
     // Bounded: the oldest go, numbers keep increasing.
     for i in 0..events::MAX_EVENTS as i64 {
         s.apply(&Command::SetNodeStatus {
