@@ -26,6 +26,8 @@ pub trait Cluster {
     fn kill(&mut self, member: usize) -> Result<()>;
     /// Restarts a killed `member` from its data dir.
     fn restart(&mut self, member: usize) -> Result<()>;
+    /// The process ids of the members running now.
+    fn pids(&self) -> Vec<u32>;
     /// Waits until `member` is serving and caught up, failing at `deadline`.
     async fn wait_healthy(&mut self, member: usize, deadline: Instant) -> Result<()>;
 

@@ -191,6 +191,12 @@ impl Cluster for Etcd {
         self.procs.kill(&label(member))
     }
 
+    fn pids(&self) -> Vec<u32> {
+        (0..self.members.len())
+            .filter_map(|i| self.procs.pid(&label(i)))
+            .collect()
+    }
+
     fn restart(&mut self, member: usize) -> Result<()> {
         self.spawn(member, "existing")
     }

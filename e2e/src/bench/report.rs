@@ -131,6 +131,14 @@ pub fn table(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> Str
             ms(b.p99),
             ratio(b.p99.as_secs_f64(), a.p99.as_secs_f64())
         );
+        let (ac, bc) = (a.member_cpu_per_write(), b.member_cpu_per_write());
+        let _ = writeln!(
+            t,
+            "| {label} members' CPU per write | {} | {} | {} |",
+            ms(ac),
+            ms(bc),
+            ratio(bc.as_secs_f64(), ac.as_secs_f64())
+        );
     };
     tp(
         format!("1 client ({} writes),", info.seq_writes),
@@ -173,7 +181,8 @@ pub fn details(r: &SystemResult) -> String {
         let _ = writeln!(
             t,
             "- {} at concurrency {}: {} acked, {} errors, {:.2} s wall; latency mean {}, p90 {}, \
-             max {}; written to leader member {} (leader after: member {}){}",
+             max {}; CPU per write {} in the members (all three), {} in the client; written to \
+             leader member {} (leader after: member {}){}",
             r.name,
             p.concurrency,
             p.ok,
@@ -182,6 +191,8 @@ pub fn details(r: &SystemResult) -> String {
             ms(p.mean),
             ms(p.p90),
             ms(p.max),
+            ms(p.member_cpu_per_write()),
+            ms(p.client_cpu_per_write()),
             p.leader_before,
             p.leader_after,
             p.first_error
@@ -228,7 +239,7 @@ pub fn section(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> S
     );
     s.push_str(&table(skiff, anchor, info));
     s.push_str(
-        "\nRatio: skiff/etcd for writes/s; etcd/skiff for latencies and failover times. \
+        "\nRatio: skiff/etcd for writes/s; etcd/skiff for latencies, CPU and failover times. \
          In every row a ratio above 1 means skiff is better, below 1 means etcd is better.\n\n",
     );
     let _ = writeln!(
@@ -268,7 +279,9 @@ Method:
   one connection. Concurrency {conc_n}: {conc} writes shared by {conc_n} tokio tasks, each with its
   own gRPC connection (connected before the clock starts). writes/s = acknowledged writes / wall
   time; p50/p99 are nearest-rank over all acknowledged writes. A short warm-up (sequential and
-  concurrent) precedes the measured phases.
+  concurrent) precedes the measured phases. CPU per write: the user + system time of the three
+  members over the phase (from /proc/PID/stat, in 10 ms ticks) divided by the acknowledged
+  writes; on 2 cores shared by three members and the client, CPU is what bounds a write.
 - Failover, {rounds} rounds per system: connect a writer to each surviving member and check it
   writes; SIGKILL the leader; from then on start a new write every 20 ms, alternating between the
   survivors, each with a 500 ms timeout (attempts overlap, so the resolution is 20 ms rather than

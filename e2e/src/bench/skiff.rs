@@ -296,6 +296,12 @@ impl Cluster for Skiff {
         )))
     }
 
+    fn pids(&self) -> Vec<u32> {
+        (0..self.members.len())
+            .filter_map(|i| self.pid(i))
+            .collect()
+    }
+
     fn kill(&mut self, member: usize) -> Result<()> {
         self.procs.kill(&label(member))
     }

@@ -37,6 +37,10 @@ pub struct Throughput {
     /// Member (1-based) that was leader before and after the phase, and was written to.
     pub leader_before: usize,
     pub leader_after: usize,
+    /// CPU time (user + system) the members used during the phase, all together, and the
+    /// benchmark's own process (the client).
+    pub member_cpu: Duration,
+    pub client_cpu: Duration,
 }
 
 impl Throughput {
@@ -44,6 +48,21 @@ impl Throughput {
     pub fn writes_per_sec(&self) -> f64 {
         self.ok as f64 / self.wall.as_secs_f64()
     }
+
+    /// The members' CPU time per acknowledged write.
+    pub fn member_cpu_per_write(&self) -> Duration {
+        self.member_cpu / u32::try_from(self.ok.max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// The client's CPU time per acknowledged write.
+    pub fn client_cpu_per_write(&self) -> Duration {
+        self.client_cpu / u32::try_from(self.ok.max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// CPU seconds used so far by `pids`, together.
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| skiff_e2e::cpu_seconds(p)).sum()
 }
 
 /// One leader-kill round.
@@ -82,6 +101,9 @@ pub async fn throughput(
         writers.push(c.connect(leader_before).await?);
     }
     let next = Arc::new(AtomicUsize::new(0));
+    let pids = c.pids();
+    let me = [std::process::id()];
+    let (members_before, client_before) = (cpu_of(&pids), cpu_of(&me));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(concurrency);
     for mut w in writers {
@@ -126,6 +148,8 @@ pub async fn throughput(
         }
     }
     let wall = start.elapsed();
+    let member_cpu = Duration::from_secs_f64((cpu_of(&pids) - members_before).max(0.0));
+    let client_cpu = Duration::from_secs_f64((cpu_of(&me) - client_before).max(0.0));
     lat_us.sort_unstable();
     let leader_after = c.leader(Instant::now() + HEALTH_DEADLINE).await?;
     Ok(Throughput {
@@ -143,6 +167,8 @@ pub async fn throughput(
             .map_or(Duration::ZERO, |&us| Duration::from_micros(us)),
         leader_before: leader_before + 1,
         leader_after: leader_after + 1,
+        member_cpu,
+        client_cpu,
     })
 }
 
