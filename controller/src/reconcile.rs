@@ -699,7 +699,16 @@ pub struct Work {
     /// Planned at every pass until a plan of theirs is settled.
     active: BTreeSet<String>,
     last_full: Option<Instant>,
+    /// Changed pending reasons not yet written, by job key (namespace, name, reason), and
+    /// when the oldest of them was found.
+    pending: BTreeMap<String, (String, String, Option<String>)>,
+    pending_since: Option<Instant>,
 }
+
+/// How long a job's changed pending reason may wait before it is written. The reasons found
+/// meanwhile go to the log together: otherwise every apply of a job that cannot be placed
+/// (the usual case while a cluster has no room) costs a second entry right behind it.
+pub const PENDING_DELAY: Duration = Duration::from_millis(200);
 
 impl Work {
     /// Everything, at the next pass (a new term).
@@ -710,6 +719,36 @@ impl Work {
     /// Adds what applied entries touched.
     pub fn add(&mut self, touched: Touched) {
         self.touched.merge(touched);
+    }
+
+    /// Holds a job's new pending reason until [`Work::pending_due`] (a later plan replaces it).
+    fn defer_pending(&mut self, job: &Job, reason: Option<String>, now: Instant) {
+        let key = crate::state::job_key(&job.namespace, &job.name);
+        self.pending
+            .insert(key, (job.namespace.clone(), job.name.clone(), reason));
+        self.pending_since.get_or_insert(now);
+    }
+
+    /// A job's reason as planned now equals the written one: nothing to write for it.
+    fn settle_pending(&mut self, key: &str) {
+        self.pending.remove(key);
+        if self.pending.is_empty() {
+            self.pending_since = None;
+        }
+    }
+
+    /// When the pending reasons held back are to be written.
+    pub fn pending_due(&self) -> Option<Instant> {
+        self.pending_since.map(|t| t + PENDING_DELAY)
+    }
+
+    /// Takes the pending reasons held back, if they are due at `now`.
+    fn take_due_pending(&mut self, now: Instant) -> Vec<(String, String, Option<String>)> {
+        if self.pending_due().is_none_or(|due| now < due) {
+            return Vec::new();
+        }
+        self.pending_since = None;
+        std::mem::take(&mut self.pending).into_values().collect()
     }
 
     /// Whether the next pass plans every job: asked for, or the safety net's turn.
@@ -790,13 +829,13 @@ pub fn garbage(state: &ClusterState, settings: &ReconcileSettings, now_ms: i64) 
 }
 
 /// Whether a job's plan may change with time alone, so it is planned at every pass.
-fn time_bound(state: &ClusterState, job: &Job, plan: &JobPlan, pending_changed: bool) -> bool {
+/// (A changed pending reason is held in [`Work`] until written; its write touches the job.)
+fn time_bound(state: &ClusterState, job: &Job, plan: &JobPlan) -> bool {
     let wrote = !plan.place.is_empty()
         || !plan.stop.is_empty()
         || !plan.drain.is_empty()
         || plan.rollout.is_some()
-        || plan.rollback.is_some()
-        || pending_changed;
+        || plan.rollback.is_some();
     wrote
         || job
             .open_rollout()
@@ -889,16 +928,26 @@ pub async fn run(
         }
         if leader {
             work.add(touched);
-            if let Err(e) = pass(&node, &heartbeats, &settings, &mut analyses, &mut work).await {
+            let mut result = pass(&node, &heartbeats, &settings, &mut analyses, &mut work).await;
+            if result.is_ok() {
+                result = write_pending(&node, &mut work).await;
+            }
+            if let Err(e) = result {
                 // What this pass had to do is not known to be done: all of it next time.
                 work.everything();
                 debug!(error = %e, "reconcile pass stopped early");
             }
         }
+        let wait = work
+            .pending_due()
+            .map_or(settings.interval, |due| {
+                due.saturating_duration_since(Instant::now())
+            })
+            .min(settings.interval);
         tokio::select! {
             _ = stop.changed() => return,
             _ = applied.changed() => {}
-            _ = tokio::time::sleep(settings.interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         if *stop.borrow() {
             return;
@@ -906,8 +955,40 @@ pub async fn run(
     }
 }
 
+/// Writes the pending reasons held back, once due, all at once (they share the log's group
+/// commit). A reason the state already has, or whose job is gone, is dropped.
+async fn write_pending(node: &RaftNode, work: &mut Work) -> Result<(), crate::raft::RaftNodeError> {
+    let due = work.take_due_pending(Instant::now());
+    if due.is_empty() {
+        return Ok(());
+    }
+    let commands: Vec<Command> = {
+        let applied = node.state();
+        due.into_iter()
+            .filter(|(namespace, name, pending)| {
+                applied
+                    .state
+                    .job(namespace, name)
+                    .is_some_and(|j| j.pending != *pending)
+            })
+            .map(|(namespace, name, pending)| Command::SetJobPending {
+                namespace,
+                name,
+                pending,
+            })
+            .collect()
+    };
+    let results = futures::future::join_all(commands.into_iter().map(|c| node.write(c))).await;
+    for r in results {
+        if let (Err(e), _) = r? {
+            warn!(error = %e, "pending reason refused");
+        }
+    }
+    Ok(())
+}
+
 /// One pass: liveness, then the jobs `work` names (every job at a full pass). Each
-/// decision is one Raft write.
+/// decision is one Raft write; pending reasons are held back briefly ([`PENDING_DELAY`]).
 async fn pass(
     node: &RaftNode,
     heartbeats: &Heartbeats,
@@ -1014,7 +1095,7 @@ async fn pass(
                 );
             }
             let pending_changed = job.pending != plan.pending;
-            if time_bound(state, job, &plan, pending_changed) {
+            if time_bound(state, job, &plan) {
                 active.insert(crate::state::job_key(&job.namespace, &job.name));
             }
             place.extend(plan.place);
@@ -1044,11 +1125,9 @@ async fn pass(
                 });
             }
             if pending_changed {
-                commands.push(Command::SetJobPending {
-                    namespace: job.namespace.clone(),
-                    name: job.name.clone(),
-                    pending: plan.pending,
-                });
+                work.defer_pending(job, plan.pending, now);
+            } else {
+                work.settle_pending(&key);
             }
         }
         if full {

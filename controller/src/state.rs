@@ -554,6 +554,10 @@ pub struct Touched {
     pub capacity: bool,
     /// Too much to list, or the state was replaced (a snapshot): everything.
     pub all: bool,
+    /// What the controller streams to agents (assignments, overlay peers, services) may
+    /// have changed: an allocation or node changed, or a job that publishes a service, or a
+    /// command not known to leave them alone.
+    pub published: bool,
 }
 
 impl Touched {
@@ -583,6 +587,7 @@ impl Touched {
     /// Adds what `other` touched.
     pub fn merge(&mut self, other: Touched) {
         self.capacity |= other.capacity;
+        self.published |= other.published;
         if other.all {
             self.all = true;
             self.jobs.clear();
@@ -699,6 +704,31 @@ impl ClusterState {
             )
         {
             touched.capacity = true;
+        }
+        // Commands known to change only jobs' records or node facts agents are not sent:
+        // they change what agents are sent only through a job with a service.
+        let jobs_only = matches!(
+            command,
+            Command::ApplyJob { .. }
+                | Command::StopJob { .. }
+                | Command::SetJobPending { .. }
+                | Command::Rollout { .. }
+                | Command::RollbackJob { .. }
+                | Command::SetNodeVolumes { .. }
+                | Command::SetNodeDiskPressure { .. }
+                | Command::CollectGarbage { .. }
+                | Command::InitCluster { .. }
+                | Command::Pki { .. }
+        );
+        let service = |j: &Job| j.versions().iter().any(|v| v.spec.service.is_some());
+        if !jobs_only
+            || !before.allocations.is_empty()
+            || !before.nodes.is_empty()
+            || before.jobs.iter().any(|(key, was)| {
+                was.as_ref().is_some_and(service) || self.jobs.get(key).is_some_and(service)
+            })
+        {
+            touched.published = true;
         }
     }
 

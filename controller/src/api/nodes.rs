@@ -434,8 +434,11 @@ impl Nodes for NodesApi {
                         p.assignments.get(&name).cloned().unwrap_or_default(),
                         p.peers.clone(),
                     );
+                    // A node with nothing assigned gets a fresh empty list each time: equal
+                    // to the last one, not the same pointer.
                     let same = last.as_ref().is_some_and(|(a, peers)| {
-                        Arc::ptr_eq(a, &current.0) && Arc::ptr_eq(peers, &current.1)
+                        (Arc::ptr_eq(a, &current.0) || (a.is_empty() && current.0.is_empty()))
+                            && Arc::ptr_eq(peers, &current.1)
                     });
                     if same || p.index == 0 {
                         None

@@ -3,7 +3,11 @@
 //! peers, and the service set. A watch only compares pointers and sends what changed.
 //!
 //! Tasks are converted from a job version's spec once ever (versions never change), the
-//! per-node lists once per entry; a node whose list is unchanged keeps the same `Arc`.
+//! per-node lists once per entry that may have changed them ([`Touched::published`]: an
+//! entry that only records a job without a service, or a pending reason, reuses the last
+//! view under its new index); a node whose list is unchanged keeps the same `Arc`.
+//!
+//! [`Touched::published`]: crate::state::Touched::published
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -21,7 +25,7 @@ pub struct Published {
     /// The applied log index it was computed at.
     pub index: u64,
     /// Each node's allocations to run, by node name (nodes with none are absent).
-    pub assignments: HashMap<String, Arc<Vec<pb::AssignedAllocation>>>,
+    pub assignments: Arc<HashMap<String, Arc<Vec<pb::AssignedAllocation>>>>,
     /// Every node the overlay should reach: not down, with a key and a subnet. A node's own
     /// entry is left out when its message is built.
     pub peers: Arc<Vec<pb::OverlayPeer>>,
@@ -30,6 +34,16 @@ pub struct Published {
 }
 
 impl Published {
+    /// The same view under a later index.
+    fn at(&self, index: u64) -> Published {
+        Published {
+            index,
+            assignments: self.assignments.clone(),
+            peers: self.peers.clone(),
+            services: self.services.clone(),
+        }
+    }
+
     /// The message for `node`'s watch.
     pub fn assignment_for(&self, node: &str) -> pb::AssignedAllocations {
         pb::AssignedAllocations {
@@ -57,9 +71,13 @@ pub fn spawn(node: RaftNode) -> watch::Receiver<Arc<Published>> {
         let mut tasks: HashMap<(String, String, u64), pb::Task> = HashMap::new();
         while let Some(index) = applied.changed().await {
             let prev = tx.borrow().clone();
-            let next = {
+            // Taken before the state is read: an entry applied in between marks it again.
+            let dirty = node.take_published_dirty();
+            let next = if dirty || prev.index == 0 {
                 let snapshot = node.state();
                 build(&snapshot.state, index, &prev, &mut tasks)
+            } else {
+                prev.at(index)
             };
             if tx.send(Arc::new(next)).is_err() {
                 return;
@@ -110,7 +128,7 @@ fn build(
     }
     // Tasks of versions no allocation runs any more are dropped from the cache.
     tasks.retain(|key, _| used.contains(key));
-    let assignments = by_node
+    let assignments: HashMap<String, _> = by_node
         .into_iter()
         .map(|(node, list)| {
             let shared = match prev.assignments.get(node) {
@@ -136,7 +154,7 @@ fn build(
     let services = super::services::services(state, None);
     Published {
         index,
-        assignments,
+        assignments: Arc::new(assignments),
         peers: if prev.peers.as_ref() == &peers {
             prev.peers.clone()
         } else {

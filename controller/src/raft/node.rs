@@ -493,6 +493,11 @@ impl RaftNode {
         self.inner.sm.read()
     }
 
+    /// Whether what agents are sent may have changed since the last call.
+    pub fn take_published_dirty(&self) -> bool {
+        self.inner.sm.take_published_dirty()
+    }
+
     /// What applied entries touched since the last call (for the leader's reconciler).
     pub fn take_touched(&self) -> crate::state::Touched {
         self.inner.sm.take_touched()

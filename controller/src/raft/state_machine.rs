@@ -48,6 +48,9 @@ struct Inner {
     apply_seconds: Histogram,
     /// What entries applied since the reconciler last looked touched.
     touched: std::sync::Mutex<Touched>,
+    /// Whether an entry applied since the last look may have changed what agents are sent
+    /// ([`Touched::published`]); true at first.
+    published_dirty: std::sync::atomic::AtomicBool,
 }
 
 /// The state machine. Cheap to clone; clones share the state.
@@ -87,6 +90,7 @@ impl StateMachineStore {
                 dir: dir.to_path_buf(),
                 apply_seconds,
                 touched: std::sync::Mutex::new(Touched::everything()),
+                published_dirty: std::sync::atomic::AtomicBool::new(true),
             }),
         })
     }
@@ -105,6 +109,14 @@ impl StateMachineStore {
     /// snapshot replaced the state).
     pub fn take_touched(&self) -> Touched {
         std::mem::take(&mut *self.touched())
+    }
+
+    /// Whether what agents are sent may have changed since the last call (true the first
+    /// time, and after a snapshot replaced the state). Take it before reading the state.
+    pub fn take_published_dirty(&self) -> bool {
+        self.inner
+            .published_dirty
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     fn touched(&self) -> std::sync::MutexGuard<'_, Touched> {
@@ -198,11 +210,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Blank => Response(None),
                     EntryPayload::Normal(Request(command)) => {
                         let started = Instant::now();
+                        let mut touched = Touched::default();
                         let result = g.state.apply_touching(
                             Some(entry.log_id.index),
                             &command,
-                            &mut self.touched(),
+                            &mut touched,
                         );
+                        if touched.published || touched.all {
+                            self.inner
+                                .published_dirty
+                                .store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        self.touched().merge(touched);
                         self.inner
                             .apply_seconds
                             .observe(started.elapsed().as_secs_f64());
@@ -247,6 +266,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
             *self.touched() = Touched::everything();
+            self.inner
+                .published_dirty
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         self.set_current(meta.clone(), Arc::new(snapshot));
         tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");

@@ -662,11 +662,7 @@ fn an_incremental_pass_plans_the_touched_the_time_bound_and_after_freed_resource
     w.reconcile();
     let job = w.job().clone();
     let settled = JobPlan::default();
-    assert!(!time_bound(&w.state, &job, &settled, false));
-    assert!(
-        time_bound(&w.state, &job, &settled, true),
-        "it wrote its pending reason"
-    );
+    assert!(!time_bound(&w.state, &job, &settled));
     let id = w
         .state
         .job_allocations("default", "web")
@@ -681,9 +677,52 @@ fn an_incremental_pass_plans_the_touched_the_time_bound_and_after_freed_resource
         })
         .expect("drain");
     assert!(
-        time_bound(&w.state, &job, &settled, false),
+        time_bound(&w.state, &job, &settled),
         "a replica is draining"
     );
+}
+
+#[test]
+fn changed_pending_reasons_wait_together_and_the_latest_plan_wins() {
+    let mut w = World::new(&["n1"]);
+    w.apply(spec(1, "127.0.0.1:5000/demo/web:1.0"));
+    let mut db = spec(1, "127.0.0.1:5000/demo/db:1.0");
+    db.name = "db".into();
+    w.apply(db);
+    let web = w.state.job("default", "web").expect("web").clone();
+    let db = w.state.job("default", "db").expect("db").clone();
+    let mut work = Work::default();
+    let t0 = Instant::now();
+    assert_eq!(work.pending_due(), None);
+    work.defer_pending(&web, Some("0/1 nodes fit".into()), t0);
+    work.defer_pending(
+        &db,
+        Some("0/1 nodes fit".into()),
+        t0 + Duration::from_millis(50),
+    );
+    assert_eq!(
+        work.pending_due(),
+        Some(t0 + PENDING_DELAY),
+        "the oldest sets the time"
+    );
+    work.defer_pending(&web, Some("1 node disk pressure".into()), t0);
+    work.settle_pending("default/db");
+    assert!(
+        work.take_due_pending(t0 + PENDING_DELAY / 2).is_empty(),
+        "not due yet"
+    );
+    assert_eq!(
+        work.take_due_pending(t0 + PENDING_DELAY),
+        [(
+            "default".to_owned(),
+            "web".to_owned(),
+            Some("1 node disk pressure".to_owned())
+        )]
+    );
+    assert_eq!(work.pending_due(), None);
+    work.defer_pending(&db, None, t0);
+    work.settle_pending("default/db");
+    assert_eq!(work.pending_due(), None, "nothing held back");
 }
 
 #[test]

@@ -840,8 +840,30 @@ fn applying_names_the_jobs_touched_and_whether_resources_were_freed() {
     );
     assert_eq!(t.jobs.iter().collect::<Vec<_>>(), ["default/web"]);
     assert!(!t.capacity && !t.all);
+    assert!(
+        !t.published,
+        "a job without a service and no allocations: agents see nothing"
+    );
+    let t = apply(
+        &mut s,
+        Command::SetJobPending {
+            namespace: "default".into(),
+            name: "web".into(),
+            pending: Some("no nodes".into()),
+        },
+    );
+    assert!(!t.published);
+    let t = apply(
+        &mut s,
+        Command::ApplyJob {
+            spec: Box::new(service_spec("api", Some("api"))),
+            at_ms: 1,
+        },
+    );
+    assert!(t.published, "a new service is streamed to agents");
     let t = apply(&mut s, Command::UpsertNode { node: node("n1") });
     assert!(t.jobs.is_empty() && t.capacity, "a node changed: {t:?}");
+    assert!(t.published, "a node changed: the overlay peers may have");
     let t = apply(
         &mut s,
         Command::PlaceAllocations {
@@ -850,6 +872,7 @@ fn applying_names_the_jobs_touched_and_whether_resources_were_freed() {
     );
     assert_eq!(t.jobs.iter().collect::<Vec<_>>(), ["default/web"]);
     assert!(!t.capacity, "placing frees nothing");
+    assert!(t.published, "a placement is an assignment");
     let t = apply(
         &mut s,
         Command::ReportAllocation {
