@@ -148,6 +148,43 @@ impl ControllerProc {
         p
     }
 
+    /// Starts `n` members under `root`: member 1 bootstraps (with `first_args` too), the
+    /// others join it with a controller token; waits until all `n` are voters and ready.
+    pub fn start_cluster(root: &Path, n: u64, first_args: &[&str]) -> Vec<ControllerProc> {
+        let first = free_addr();
+        let mut args = vec!["--bootstrap"];
+        args.extend_from_slice(first_args);
+        let mut members = vec![ControllerProc::start(root, 1, first, free_addr(), &args)];
+        let token = members[0].join_token("controller");
+        let join = first.to_string();
+        for id in 2..=n {
+            members.push(ControllerProc::start(
+                root,
+                id,
+                free_addr(),
+                free_addr(),
+                &["--join", &join, "--join-token", &token],
+            ));
+        }
+        let creds = members[0].creds();
+        let addrs: Vec<SocketAddr> = members.iter().map(|m| m.rpc).collect();
+        let want = usize::try_from(n).unwrap_or(usize::MAX);
+        eventually(
+            "every member a voter and ready",
+            Duration::from_secs(30),
+            || {
+                let out = skiff(&creds, &addrs, &["cluster", "members", "-o", "json"]);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                v.as_array()
+                    .is_some_and(|m| m.iter().filter(|x| x["voter"] == true).count() == want)
+                    && members
+                        .iter()
+                        .all(|m| m.http_get("/readyz").is_some_and(|(c, _)| c == 200))
+            },
+        );
+        members
+    }
+
     fn spawn(&mut self, args: &[String]) {
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -36,39 +36,9 @@ fn three_member_cluster_survives_leader_sigkill_and_restarts() {
         .prefix("skiff-e2e-ctl-")
         .tempdir()
         .expect("tempdir");
-    let first_rpc = free_addr();
-    let mut members = vec![ControllerProc::start(
-        root.path(),
-        1,
-        first_rpc,
-        free_addr(),
-        &["--bootstrap"],
-    )];
-    let join = first_rpc.to_string();
+    let mut members = ControllerProc::start_cluster(root.path(), 3, &[]);
     let creds = members[0].creds();
-    let token = members[0].join_token("controller");
-    for id in 2..=3 {
-        members.push(ControllerProc::start(
-            root.path(),
-            id,
-            free_addr(),
-            free_addr(),
-            &["--join", &join, "--join-token", &token],
-        ));
-    }
     let addrs: Vec<_> = members.iter().map(|m| m.rpc).collect();
-    eventually("three voters, all ready", Duration::from_secs(30), || {
-        let out = skiff(&creds, &addrs, &["cluster", "members", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let voters = v
-            .as_array()
-            .map(|a| a.iter().filter(|m| m["voter"] == true).count())
-            .unwrap_or(0);
-        voters == 3
-            && members
-                .iter()
-                .all(|m| m.http_get("/readyz").is_some_and(|(c, _)| c == 200))
-    });
 
     // Apply through a follower; the CLI prints the version and what changed.
     let spec = write_spec(root.path(), "web", 3);
@@ -254,35 +224,7 @@ fn prometheus_scrapes_every_member() {
         .prefix("skiff-e2e-prom-")
         .tempdir()
         .expect("tempdir");
-    let first = free_addr();
-    let mut members = vec![ControllerProc::start(
-        root.path(),
-        1,
-        first,
-        free_addr(),
-        &["--bootstrap"],
-    )];
-    let creds = members[0].creds();
-    let token = members[0].join_token("controller");
-    for id in 2..=3 {
-        members.push(ControllerProc::start(
-            root.path(),
-            id,
-            free_addr(),
-            free_addr(),
-            &["--join", &first.to_string(), "--join-token", &token],
-        ));
-    }
-    let addrs: Vec<_> = members.iter().map(|m| m.rpc).collect();
-    eventually("three ready members", Duration::from_secs(30), || {
-        members
-            .iter()
-            .all(|m| m.http_get("/readyz").is_some_and(|(c, _)| c == 200))
-            && skiff_json(&creds, &addrs, &["cluster", "members"])
-                .as_array()
-                .map(Vec::len)
-                == Some(3)
-    });
+    let members = ControllerProc::start_cluster(root.path(), 3, &[]);
 
     // promtool lints the exposition format.
     let (_, body) = members[0].http_get("/metrics").expect("metrics");

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use skiff_e2e::{ChildGuard, ControllerProc, bin, eventually, free_addr, skiff};
+use skiff_e2e::{ChildGuard, ControllerProc, bin, eventually, skiff};
 
 const NODES: usize = 40;
 
@@ -61,31 +61,11 @@ fn simulated_nodes_run_a_job_and_reconnect_after_a_leader_kill() {
         .prefix("skiff-e2e-scale-")
         .tempdir()
         .expect("tempdir");
-    let first = free_addr();
-    let mut members = vec![ControllerProc::start(
-        root.path(),
-        1,
-        first,
-        free_addr(),
-        &["--bootstrap", "--node-subnet-prefix", "26"],
-    )];
-    let token = members[0].join_token("controller");
-    for id in 2..=3 {
-        members.push(ControllerProc::start(
-            root.path(),
-            id,
-            free_addr(),
-            free_addr(),
-            &["--join", &first.to_string(), "--join-token", &token],
-        ));
-    }
+    let mut members =
+        ControllerProc::start_cluster(root.path(), 3, &["--node-subnet-prefix", "26"]);
+    let first = members[0].rpc;
     let creds = members[0].creds();
     let addrs: Vec<SocketAddr> = members.iter().map(|m| m.rpc).collect();
-    eventually("three voters", Duration::from_secs(30), || {
-        let v = skiff_json(&creds, &addrs, &["cluster", "members"]);
-        v.as_array()
-            .is_some_and(|m| m.iter().filter(|x| x["voter"] == true).count() == 3)
-    });
     let out = skiff(
         &creds,
         &addrs,
