@@ -174,8 +174,16 @@ impl Controller {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
+        let authz = AuthzLayer::new(tls.clone(), policy);
+        let (wire_tx, wire_rx) = tokio::sync::mpsc::channel(64);
+        tasks.push(tokio::spawn(raft::serve_wire(
+            node.clone(),
+            authz.clone(),
+            wire_rx,
+            stop_rx.clone(),
+        )));
         let grpc = tonic::transport::Server::builder()
-            .layer(AuthzLayer::new(tls.clone(), policy))
+            .layer(authz)
             .add_service(
                 PkiServer::new(PkiApi::new(ctx.clone(), config.cert_ttl))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -240,7 +248,12 @@ impl Controller {
             };
             if let Err(e) = grpc
                 .serve_with_incoming_shutdown(
-                    skiff_tls::net::incoming(rpc_listener, tls_server, true),
+                    skiff_tls::net::incoming_with_raft(
+                        rpc_listener,
+                        tls_server,
+                        true,
+                        Some(wire_tx),
+                    ),
                     shutdown,
                 )
                 .await

@@ -1,4 +1,4 @@
-//! Consensus: openraft's type configuration, the durable log (redb), the state-machine
+//! Consensus: openraft's type configuration, the durable log (a write-ahead log of our own), the state-machine
 //! adapter with snapshots, and the tonic network between members.
 //!
 //! **Architecture Invariant:** no openraft type leaves this module. The rest of the
@@ -11,12 +11,15 @@ mod node;
 mod server;
 mod state_machine;
 mod types;
+mod wal;
+mod wire;
 
 pub use network::PeerError;
 pub use node::{AppliedWatch, MemberInfo, RaftNode, RaftNodeError, RaftSettings, Role, Status};
 pub use server::RaftService;
 pub(crate) use server::node_error_status;
 pub use types::{Member, MemberId};
+pub(crate) use wire::serve as serve_wire;
 
 #[cfg(test)]
 mod tests;

@@ -1933,3 +1933,98 @@ async fn t67_disk_pressure_keeps_new_work_off_a_node_until_it_clears() {
     .await;
     c.shutdown().await;
 }
+
+/// One request frame of the members' Raft transport (`controller/src/raft/wire.rs`) and its
+/// reply: (status, text).
+async fn wire_call(
+    ctx: &skiff_tls::TlsContext,
+    addr: SocketAddr,
+    kind: u8,
+    target: u64,
+    payload: &[u8],
+) -> std::io::Result<(u8, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = skiff_tls::net::connect_raft(ctx, &addr.to_string()).await?;
+    let len = (17 + payload.len()) as u32;
+    s.write_all(&len.to_le_bytes()).await?;
+    s.write_all(&[kind]).await?;
+    s.write_all(&target.to_le_bytes()).await?;
+    s.write_all(&0u64.to_le_bytes()).await?;
+    s.write_all(payload).await?;
+    s.flush().await?;
+    let len = s.read_u32_le().await? as usize;
+    let mut reply = vec![0; len];
+    s.read_exact(&mut reply).await?;
+    Ok((reply[0], String::from_utf8_lossy(&reply[1..]).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t71_the_members_raft_transport_answers_members_only() {
+    use skiff_tls::TlsContext;
+    let c = TestCluster::start(1, TestCluster::settings()).await;
+    let addr = c.rpc[0];
+
+    // An admin's certificate passes the handshake (it is the cluster CA's) but not the
+    // RaftInternal policy: every request is refused, naming why.
+    let admin = TlsContext::new(c.admin().material()).expect("admin ctx");
+    let (status, text) = wire_call(&admin, addr, 1, 1, b"{}").await.expect("call");
+    assert_eq!(status, 1, "{text}");
+    assert!(
+        text.contains("refused") && text.contains("may not call"),
+        "{text}"
+    );
+
+    // A member: a request for another member and a malformed one get clear errors.
+    let member = TlsContext::new(member_creds(&c.data_dir(1)).material()).expect("member ctx");
+    let (status, text) = wire_call(&member, addr, 1, 99, b"{}").await.expect("call");
+    assert_eq!(
+        (status, text.as_str()),
+        (1, "this is member 1, not member 99")
+    );
+    let (status, text) = wire_call(&member, addr, 1, 1, b"{not json")
+        .await
+        .expect("call");
+    assert_eq!(status, 1);
+    assert!(text.starts_with("malformed raft message"), "{text}");
+    let (status, text) = wire_call(&member, addr, 9, 1, b"{}").await.expect("call");
+    assert_eq!((status, text.as_str()), (1, "unknown request kind 9"));
+
+    // A certificate of another CA does not get through the handshake.
+    let rogue = skiff_tls::CaKey::generate("rogue").expect("rogue CA");
+    let (k, csr) = skiff_tls::pki::key_and_csr("m").expect("csr");
+    let rogue_member = rogue
+        .issue(
+            &csr,
+            &skiff_tls::Identity::Member(1),
+            &[],
+            Duration::from_secs(3600),
+        )
+        .expect("rogue member");
+    let forged_ctx =
+        TlsContext::new(forged(c.admin(), rogue_member.cert_pem, k).material()).expect("rogue ctx");
+    assert!(wire_call(&forged_ctx, addr, 1, 1, b"{}").await.is_err());
+
+    // A listener that does not serve the transport (an agent's, an older member's) refuses
+    // the handshake in a way the client recognises, and falls back to gRPC.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let other = listener.local_addr().expect("addr");
+    let ctx = member;
+    let mut incoming = skiff_tls::net::incoming(listener, ctx.clone(), false);
+    tokio::spawn(async move {
+        use tokio_stream::StreamExt;
+        while incoming.next().await.is_some() {}
+    });
+    let err = skiff_tls::net::connect_raft(&ctx, &other.to_string())
+        .await
+        .expect_err("no raft transport there");
+    assert!(skiff_tls::net::is_alpn_refusal(&err), "{err:?}");
+
+    // The cluster still writes through it.
+    let mut jobs = c.jobs(1).await;
+    apply(&mut jobs, spec("after-wire", 1))
+        .await
+        .expect("apply");
+    c.shutdown().await;
+}

@@ -26,6 +26,11 @@ use crate::token::hex;
 /// The ALPN protocol a joiner (no certificate yet) offers; the server then lets it in
 /// without a client certificate, for the enrollment call only.
 pub const JOIN_ALPN: &[u8] = b"skiff-join";
+/// The ALPN protocol of the controller members' own Raft transport (framed messages over
+/// mutual TLS, see `controller/src/raft/wire.rs`). Only a listener that serves it offers it; a
+/// client that asks elsewhere (or a member of an older release) is refused the handshake and
+/// falls back to gRPC.
+pub const RAFT_ALPN: &[u8] = b"skiff-raft/1";
 
 fn cfg_err(what: &str) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
     move |e| TlsError::Config(format!("{what}: {e}"))
@@ -47,7 +52,9 @@ struct Built {
     info: CertInfo,
     server: Arc<ServerConfig>,
     join: Arc<ServerConfig>,
+    raft_server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    raft_client: Arc<ClientConfig>,
 }
 
 /// See the module docs.
@@ -132,6 +139,16 @@ impl TlsContext {
     pub fn client_config(&self) -> Arc<ClientConfig> {
         read(&self.built).client.clone()
     }
+
+    /// The server config for a client that asks for [`RAFT_ALPN`].
+    pub fn raft_server_config(&self) -> Arc<ServerConfig> {
+        read(&self.built).raft_server.clone()
+    }
+
+    /// The client config of the Raft transport: this member's certificate, [`RAFT_ALPN`].
+    pub fn raft_client_config(&self) -> Arc<ClientConfig> {
+        read(&self.built).raft_client.clone()
+    }
 }
 
 /// The trust store of a PEM bundle of CA certificates (at least one).
@@ -186,7 +203,8 @@ fn build(
         cfg.send_tls13_tickets = 0;
         Ok::<_, TlsError>(Arc::new(cfg))
     };
-    let server = server_cfg(verifier, b"h2")?;
+    let server = server_cfg(verifier.clone(), b"h2")?;
+    let raft_server = server_cfg(verifier, RAFT_ALPN)?;
     let join = server_cfg(WebPkiClientVerifier::no_client_auth(), JOIN_ALPN)?;
     let mut client = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -196,12 +214,16 @@ fn build(
         .map_err(cfg_err("client certificate"))?;
     client.alpn_protocols = vec![b"h2".to_vec()];
     client.resumption = rustls::client::Resumption::disabled();
+    let mut raft_client = client.clone();
+    raft_client.alpn_protocols = vec![RAFT_ALPN.to_vec()];
     Ok(Built {
         material,
         info,
         server,
         join,
+        raft_server,
         client: Arc::new(client),
+        raft_client: Arc::new(raft_client),
     })
 }
 

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::TlsError;
-use crate::context::{JOIN_ALPN, TlsContext};
+use crate::context::{JOIN_ALPN, RAFT_ALPN, TlsContext};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,6 +24,18 @@ pub fn incoming(
     listener: TcpListener,
     ctx: Arc<TlsContext>,
     accept_joins: bool,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    incoming_with_raft(listener, ctx, accept_joins, None)
+}
+
+/// As [`incoming`], and a client that asks for [`RAFT_ALPN`] gets the Raft config (the same
+/// client certificate check) and its connection goes to `raft` instead. Without `raft`, such a
+/// client is refused the handshake (no shared protocol), which tells it to use gRPC.
+pub fn incoming_with_raft(
+    listener: TcpListener,
+    ctx: Arc<TlsContext>,
+    accept_joins: bool,
+    raft: Option<tokio::sync::mpsc::Sender<TlsStream<TcpStream>>>,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
@@ -45,6 +57,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let tx = tx.clone();
             let ctx = ctx.clone();
+            let raft = raft.clone();
             tokio::spawn(async move {
                 let handshake = async {
                     let start = tokio_rustls::LazyConfigAcceptor::new(
@@ -52,13 +65,16 @@ pub fn incoming(
                         tcp,
                     )
                     .await?;
-                    let join = accept_joins
-                        && start
+                    let offers = |want: &[u8]| {
+                        start
                             .client_hello()
                             .alpn()
-                            .is_some_and(|mut a| a.any(|p| p == JOIN_ALPN));
-                    let cfg = if join {
+                            .is_some_and(|mut a| a.any(|p| p == want))
+                    };
+                    let cfg = if accept_joins && offers(JOIN_ALPN) {
                         ctx.join_config()
+                    } else if raft.is_some() && offers(RAFT_ALPN) {
+                        ctx.raft_server_config()
                     } else {
                         ctx.server_config()
                     };
@@ -66,7 +82,16 @@ pub fn incoming(
                 };
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let is_raft = tls.get_ref().1.alpn_protocol() == Some(RAFT_ALPN);
+                        match (&raft, is_raft) {
+                            (Some(raft), true) => {
+                                let _ = raft.send(tls).await;
+                            }
+                            (None, true) => {}
+                            (_, false) => {
+                                let _ = tx.send(Ok(tls)).await;
+                            }
+                        }
                     }
                     Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
@@ -75,6 +100,64 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Connects to a controller member's Raft transport at `addr` (`host:port`) with this
+/// member's certificate and [`RAFT_ALPN`]. A member that does not serve it refuses the
+/// handshake: see [`is_alpn_refusal`].
+pub async fn connect_raft(
+    ctx: &TlsContext,
+    addr: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| bad(format!("no port in {addr:?}")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad(format!("bad port in {addr:?}")))?;
+    connect_tls(ctx.raft_client_config(), host, port).await
+}
+
+/// TCP (no Nagle) and a TLS handshake with `cfg` to `host:port`, refusing a server that
+/// does not negotiate the config's first ALPN protocol.
+async fn connect_tls(
+    cfg: Arc<ClientConfig>,
+    host: &str,
+    port: u16,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = ServerName::try_from(host.to_string()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad host {host:?}: {e}"),
+        )
+    })?;
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    let want = cfg.alpn_protocols.first().cloned();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await?;
+    if tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec) != want {
+        return Err(std::io::Error::other(
+            "the server did not negotiate the expected protocol",
+        ));
+    }
+    Ok(tls)
+}
+
+/// Whether a failed [`connect_raft`] means the other side does not serve the Raft transport
+/// (it answered "no application protocol"), as opposed to being unreachable.
+pub fn is_alpn_refusal(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| {
+            matches!(
+                r,
+                rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+            )
+        })
 }
 
 /// `http://ADDR` (the TLS is the connector's; tonic must not try its own).
@@ -105,17 +188,7 @@ fn connector(
                 .trim_end_matches(']')
                 .to_string();
             let port = uri.port_u16().ok_or("no port in the address")?;
-            let name = ServerName::try_from(host.clone())?;
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let cfg = config();
-            let want = cfg.alpn_protocols.first().cloned();
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
-                .await?;
-            if tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec) != want {
-                return Err("the server did not negotiate the expected protocol".into());
-            }
+            let tls = connect_tls(config(), &host, port).await?;
             Ok::<_, BoxError>(hyper_util::rt::TokioIo::new(tls))
         }
     })

@@ -1,17 +1,20 @@
-//! The durable Raft log and vote, in one redb file, written by one writer thread with group
-//! commit.
+//! The durable Raft log and vote, in a write-ahead log of our own ([`super::wal`]), written by
+//! one writer thread with group commit.
 //!
 //! The unpurged log (at most one snapshot interval plus the entries kept behind a snapshot)
 //! is mirrored in memory, so reads never wait for the disk and openraft can replicate entries
 //! to followers while the leader's own fsync is still running (as etcd does). Every change is
-//! applied to the mirror at once and queued, in order, to the writer thread, which folds all
-//! queued changes into one redb transaction and commits it durably.
+//! applied to the mirror at once and queued, in order, to the writer thread, which writes all
+//! queued changes with one `write` and makes them durable with one `fdatasync`.
 //!
 //! **Architecture Invariant:** an append is acknowledged to openraft
-//! (`IOFlushed::io_completed`) only after the redb commit that contains it has returned
-//! (`Durability::Immediate`, fsync'd). `save_vote` returns only once the vote is durable. The
-//! single writer thread applies changes in the order openraft issued them, so a vote and a
-//! log write are never reordered.
+//! (`IOFlushed::io_completed`) only after the `fdatasync` that covers it has returned.
+//! `save_vote` returns only once the vote is durable. The single writer thread applies changes
+//! in the order openraft issued them, so a vote and a log write are never reordered.
+//!
+//! A member upgraded from a release that kept its log in redb (`raft-log.redb`) has it carried
+//! over once, on first open: written as the new log's first segment, atomically, and the redb
+//! file renamed to `raft-log.redb.imported`.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -23,19 +26,12 @@ use std::sync::{Arc, RwLock};
 
 use openraft::OptionalSend;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::types::{Entry, LogId, TypeConfig, Vote};
+use super::wal::{self, Kind, Wal};
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
-const KEY_VOTE: &str = "vote";
-const KEY_COMMITTED: &str = "committed";
-const KEY_PURGED: &str = "last_purged";
-
-fn io_err(e: impl Into<redb::Error>) -> io::Error {
-    io::Error::other(e.into())
-}
+/// Segment size: at ~1 KB an entry, a snapshot interval (10,000 entries) spans a few segments.
+const SEGMENT_SIZE: u64 = 16 << 20;
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> io::Result<T> {
     serde_json::from_slice(bytes).map_err(|e| {
@@ -80,56 +76,32 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log at `path`, loads it into memory and starts the writer.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        // The data dir lock already keeps other processes out. Within one process, a previous
-        // instance's background tasks may take a moment to release the file after shutdown.
-        let mut tries = 0;
-        let db = loop {
-            match Database::create(path) {
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 100 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                other => break other.map_err(io_err)?,
-            }
-        };
-        let txn = db.begin_write().map_err(io_err)?;
-        {
-            txn.open_table(LOG).map_err(io_err)?;
-            txn.open_table(META).map_err(io_err)?;
+    /// Opens (or creates) the log in the directory `dir`, loads it into memory and starts the
+    /// writer. A redb log from an earlier release at `<dir>.redb` is carried over first.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let legacy = dir.with_extension("redb");
+        if legacy.exists() && !wal::has_segments(dir)? {
+            import_redb(&legacy, dir)?;
         }
-        txn.commit().map_err(io_err)?;
-
+        let (wal, replayed) = Wal::open(dir, SEGMENT_SIZE)?;
         let mut mirror = Mirror::default();
-        {
-            let txn = db.begin_read().map_err(io_err)?;
-            let meta = txn.open_table(META).map_err(io_err)?;
-            let get = |key: &str| -> io::Result<Option<Vec<u8>>> {
-                Ok(meta.get(key).map_err(io_err)?.map(|v| v.value().to_vec()))
-            };
-            if let Some(b) = get(KEY_VOTE)? {
-                mirror.vote = decode("vote", &b)?;
-            }
-            if let Some(b) = get(KEY_COMMITTED)? {
-                mirror.committed = decode("committed", &b)?;
-            }
-            if let Some(b) = get(KEY_PURGED)? {
-                mirror.purged = decode("purge point", &b)?;
-            }
-            let log = txn.open_table(LOG).map_err(io_err)?;
-            for item in log.iter().map_err(io_err)? {
-                let (k, v) = item.map_err(io_err)?;
-                mirror
-                    .entries
-                    .insert(k.value(), decode("entry", v.value())?);
-            }
+        if let Some(b) = &replayed.vote {
+            mirror.vote = decode("vote", b)?;
+        }
+        if let Some(b) = &replayed.committed {
+            mirror.committed = decode("committed", b)?;
+        }
+        if let Some((_, b)) = &replayed.purged {
+            mirror.purged = decode("purge point", b)?;
+        }
+        for (index, bytes) in &replayed.entries {
+            mirror.entries.insert(*index, decode("entry", bytes)?);
         }
 
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || writer(db, rx))?;
+            .spawn(move || writer(wal, rx))?;
         Ok(LogStore {
             shared: Arc::new(Shared {
                 mirror: RwLock::new(mirror),
@@ -157,19 +129,20 @@ impl LogStore {
     }
 }
 
-/// The writer thread: takes every queued change, applies them in order in one transaction,
-/// commits durably, then acknowledges them.
-fn writer(db: Database, rx: mpsc::Receiver<Op>) {
+/// The writer thread: takes every queued change, writes them in order with one `write` and
+/// one `fdatasync`, then acknowledges them.
+fn writer(mut wal: Wal, rx: mpsc::Receiver<Op>) {
+    let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+        batch.push(first);
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let result = write_batch(&db, &batch);
+        let result = write_batch(&mut wal, &batch);
         if let Err(e) = &result {
             tracing::error!(error = %e, "raft log write failed");
         }
-        for op in batch {
+        for op in batch.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
@@ -190,47 +163,76 @@ fn writer(db: Database, rx: mpsc::Receiver<Op>) {
     }
 }
 
-fn write_batch(db: &Database, batch: &[Op]) -> io::Result<()> {
-    // The committed index is only a hint (openraft re-derives it): a batch holding nothing
-    // else is not worth an fsync, and rides on the next durable commit.
-    let durability = if batch.iter().all(|op| matches!(op, Op::Committed(_))) {
-        Durability::None
-    } else {
-        Durability::Immediate
-    };
-    let mut txn = db.begin_write().map_err(io_err)?;
-    txn.set_durability(durability).map_err(io_err)?;
-    {
-        let mut log = txn.open_table(LOG).map_err(io_err)?;
-        let mut meta = txn.open_table(META).map_err(io_err)?;
-        for op in batch {
-            match op {
-                Op::Append(entries, _) => {
-                    for (index, bytes) in entries {
-                        log.insert(*index, bytes.as_slice()).map_err(io_err)?;
-                    }
-                }
-                Op::TruncateFrom(from) => {
-                    log.retain_in(*from.., |_, _| false).map_err(io_err)?;
-                }
-                Op::Purge { upto, bytes } => {
-                    // The purge point and the removal go in one transaction: the log never
-                    // looks like it has a hole.
-                    meta.insert(KEY_PURGED, bytes.as_slice()).map_err(io_err)?;
-                    log.retain_in(..=*upto, |_, _| false).map_err(io_err)?;
-                }
-                Op::Vote(bytes, _) => {
-                    meta.insert(KEY_VOTE, bytes.as_slice()).map_err(io_err)?;
-                }
-                Op::Committed(bytes) => {
-                    meta.insert(KEY_COMMITTED, bytes.as_slice())
-                        .map_err(io_err)?;
+fn write_batch(wal: &mut Wal, batch: &[Op]) -> io::Result<()> {
+    for op in batch {
+        match op {
+            Op::Append(entries, _) => {
+                for (index, bytes) in entries {
+                    wal.push(Kind::Entry, *index, bytes);
                 }
             }
+            Op::TruncateFrom(from) => wal.push(Kind::Truncate, *from, &[]),
+            Op::Purge { upto, bytes } => wal.push(Kind::Purge, *upto, bytes),
+            Op::Vote(bytes, _) => wal.push(Kind::Vote, 0, bytes),
+            Op::Committed(bytes) => wal.push(Kind::Committed, 0, bytes),
         }
     }
-    // commit() returns once the data is fsync'd.
-    txn.commit().map_err(io_err)
+    // The committed index is only a hint (openraft re-derives it): a batch holding nothing
+    // else is not worth a write, and stays queued for the next commit.
+    if batch.iter().all(|op| matches!(op, Op::Committed(_))) {
+        return Ok(());
+    }
+    wal.commit(true)
+}
+
+/// Carries a redb log (the format before the write-ahead log) over: every entry, the vote, the
+/// committed index and the purge point become the new log's first segment, which appears
+/// whole or not at all; then the redb file is renamed so it is not read again.
+fn import_redb(legacy: &Path, dir: &Path) -> io::Result<()> {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+    fn err(e: impl Into<redb::Error>) -> io::Error {
+        io::Error::other(e.into())
+    }
+    let mut records = Vec::new();
+    {
+        let db = redb::Database::open(legacy).map_err(err)?;
+        let txn = db.begin_read().map_err(err)?;
+        let meta = txn.open_table(META).map_err(err)?;
+        let get = |key: &str| -> io::Result<Option<Vec<u8>>> {
+            Ok(meta.get(key).map_err(err)?.map(|v| v.value().to_vec()))
+        };
+        if let Some(b) = get("vote")? {
+            wal::encode_record(&mut records, Kind::Vote, 0, &b);
+        }
+        if let Some(b) = get("committed")? {
+            wal::encode_record(&mut records, Kind::Committed, 0, &b);
+        }
+        if let Some(b) = get("last_purged")? {
+            let purged: Option<LogId> = decode("purge point", &b)?;
+            if let Some(p) = purged {
+                wal::encode_record(&mut records, Kind::Purge, p.index, &b);
+            }
+        }
+        let log = txn.open_table(LOG).map_err(err)?;
+        for item in log.iter().map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            // Checked here, so a corrupt entry fails the import, not a later start.
+            let _: Entry = decode("entry", v.value())?;
+            wal::encode_record(&mut records, Kind::Entry, k.value(), v.value());
+        }
+    }
+    wal::write_initial(dir, &records)?;
+    let done = legacy.with_extension("redb.imported");
+    std::fs::rename(legacy, &done)?;
+    tracing::info!(
+        from = %legacy.display(),
+        to = %dir.display(),
+        bytes = records.len(),
+        "raft log carried over from redb"
+    );
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {

@@ -21,6 +21,7 @@ use skiff_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
 use tonic::transport::{Channel, Endpoint};
 
 use super::types::{Member, MemberId, Snapshot, TypeConfig, Vote};
+use super::wire::{Kind as WireKind, WireClient, WireError};
 
 /// Snapshot chunk size on the wire.
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
@@ -97,6 +98,10 @@ impl Channels {
         Ok(skiff_tls::net::channel_lazy(&self.tls, ep))
     }
 
+    pub fn tls(&self) -> &Arc<skiff_tls::TlsContext> {
+        &self.tls
+    }
+
     pub fn client(&self, addr: &str) -> Result<RaftInternalClient<Channel>, PeerError> {
         Ok(RaftInternalClient::new(self.get(addr)?)
             .max_decoding_message_size(skiff_proto::MAX_MESSAGE_BYTES)
@@ -153,6 +158,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.rpc_addr.clone(),
             channels: self.channels.clone(),
             own_channel: false,
+            wire: WireClient::new(self.channels.tls().clone(), node.rpc_addr.clone()),
         }
     }
 
@@ -163,6 +169,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.rpc_addr.clone(),
             channels: self.channels.clone(),
             own_channel: true,
+            wire: WireClient::new(self.channels.tls().clone(), node.rpc_addr.clone()),
         }
     }
 }
@@ -175,6 +182,9 @@ pub struct PeerClient {
     channels: Channels,
     /// A channel of its own for each call (snapshots), else the shared one.
     own_channel: bool,
+    /// AppendEntries, Vote and PreVote go over the members' own transport when the peer
+    /// serves it.
+    wire: WireClient,
 }
 
 fn to_rpc_error(e: PeerError) -> RPCError<TypeConfig> {
@@ -188,6 +198,35 @@ fn to_rpc_error(e: PeerError) -> RPCError<TypeConfig> {
 }
 
 impl PeerClient {
+    /// Calls the peer over the members' own transport, or with `grpc` when it does not serve
+    /// it.
+    async fn call_wire_or<Req, Resp, F, Fut>(
+        &mut self,
+        kind: WireKind,
+        body: &Req,
+        option: &RPCOption,
+        grpc: F,
+    ) -> Result<Resp, PeerError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        F: FnOnce(RaftInternalClient<Channel>, tonic::Request<RaftRequest>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftReply>, tonic::Status>>,
+    {
+        if self.wire.usable() {
+            match self
+                .wire
+                .call(kind, self.target, self.me, body, option.soft_ttl())
+                .await
+            {
+                Ok(r) => return Ok(r),
+                Err(WireError::Peer(e)) => return Err(e),
+                Err(WireError::Unsupported) => {}
+            }
+        }
+        self.call(body, option, grpc).await
+    }
+
     fn client(&self) -> Result<RaftInternalClient<Channel>, PeerError> {
         let ch = if self.own_channel {
             self.channels.fresh(&self.addr)?
@@ -238,7 +277,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move {
+        self.call_wire_or(WireKind::Append, &rpc, &option, |mut c, r| async move {
             c.append_entries(r).await
         })
         .await
@@ -258,9 +297,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await })
-            .await
-            .map_err(to_rpc_error)
+        self.call_wire_or(WireKind::Vote, &rpc, &option, |mut c, r| async move {
+            c.vote(r).await
+        })
+        .await
+        .map_err(to_rpc_error)
     }
 
     async fn pre_vote(
@@ -268,9 +309,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.pre_vote(r).await })
-            .await
-            .map_err(to_rpc_error)
+        self.call_wire_or(WireKind::PreVote, &rpc, &option, |mut c, r| async move {
+            c.pre_vote(r).await
+        })
+        .await
+        .map_err(to_rpc_error)
     }
 
     async fn full_snapshot(

@@ -12,6 +12,7 @@ use openraft::{ChangeMembers, Config, Raft, ReadPolicy, ServerState, SnapshotPol
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 use skiff_proto::v1::AddMemberRequest;
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 
 use super::log_store::LogStore;
@@ -156,14 +157,15 @@ struct Inner {
     raft: Raft<TypeConfig, StateMachineStore>,
     sm: StateMachineStore,
     channels: Channels,
+    /// The applied index and the fatal error, forwarded from openraft's metrics by one task
+    /// (see [`forward_metrics`]); both close when the Raft core stops.
+    applied: watch::Receiver<u64>,
+    fatal: watch::Receiver<Option<String>>,
 }
 
 /// Follows the applied index (see [`RaftNode::applied_watch`]).
 pub struct AppliedWatch {
-    rx: openraft::type_config::alias::WatchReceiverOf<
-        TypeConfig,
-        openraft::RaftMetrics<TypeConfig>,
-    >,
+    rx: watch::Receiver<u64>,
     last: Option<u64>,
 }
 
@@ -172,13 +174,7 @@ impl AppliedWatch {
     /// `None` once the member has shut down.
     pub async fn changed(&mut self) -> Option<u64> {
         loop {
-            let now = self
-                .rx
-                .borrow_watched()
-                .last_applied
-                .as_ref()
-                .map(|l| l.index)
-                .unwrap_or(0);
+            let now = *self.rx.borrow_and_update();
             if self.last != Some(now) {
                 self.last = Some(now);
                 return Some(now);
@@ -186,6 +182,47 @@ impl AppliedWatch {
             self.rx.changed().await.ok()?;
         }
     }
+}
+
+/// Forwards the applied index and a fatal error from openraft's metrics into watches of their
+/// own. openraft publishes its metrics several times per entry (appended, flushed, committed,
+/// applied), and every task waiting on them wakes each time: with the reconciler, the agents'
+/// view, settings, the PKI and the API's waits all on the metrics, that was a dozen task
+/// wake-ups per write on every member. Now one task wakes, and the others only when the
+/// applied index moves. Ends, closing both watches, when the Raft core stops.
+fn applied_index(m: &openraft::RaftMetrics<TypeConfig>) -> u64 {
+    m.last_applied.as_ref().map(|l| l.index).unwrap_or(0)
+}
+
+fn forward_metrics(
+    mut metrics: openraft::type_config::alias::WatchReceiverOf<
+        TypeConfig,
+        openraft::RaftMetrics<TypeConfig>,
+    >,
+    applied: watch::Sender<u64>,
+    fatal: watch::Sender<Option<String>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            {
+                let m = metrics.borrow_watched();
+                let now = applied_index(&m);
+                applied.send_if_modified(|v| {
+                    let moved = *v != now;
+                    *v = now;
+                    moved
+                });
+                if let Err(e) = &m.running_state
+                    && fatal.borrow().is_none()
+                {
+                    fatal.send_replace(Some(e.to_string()));
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// A controller member's consensus handle. Cheap to clone.
@@ -212,7 +249,7 @@ impl RaftNode {
             source,
         };
         std::fs::create_dir_all(dir).map_err(storage_err)?;
-        let log = LogStore::open(&dir.join("raft-log.redb")).map_err(storage_err)?;
+        let log = LogStore::open(&dir.join("raft-log")).map_err(storage_err)?;
         let sm =
             StateMachineStore::open(&dir.join("snapshots"), apply_seconds).map_err(storage_err)?;
         let config = Config {
@@ -239,6 +276,10 @@ impl RaftNode {
         let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
             .await
             .map_err(|e| RaftNodeError::Fatal(e.to_string()))?;
+        let now = applied_index(&raft.metrics().borrow_watched());
+        let (applied_tx, applied) = watch::channel(now);
+        let (fatal_tx, fatal) = watch::channel(None);
+        forward_metrics(raft.metrics(), applied_tx, fatal_tx);
         Ok(RaftNode {
             inner: Arc::new(Inner {
                 id,
@@ -246,6 +287,8 @@ impl RaftNode {
                 raft,
                 sm,
                 channels,
+                applied,
+                fatal,
             }),
         })
     }
@@ -493,6 +536,13 @@ impl RaftNode {
         self.inner.sm.read()
     }
 
+    /// A copy of the applied state, taken in O(1) (its maps are persistent): for work long
+    /// enough that holding [`RaftNode::state`]'s lock through it would hold up applying
+    /// entries, since a waiting writer blocks the lock.
+    pub fn state_copy(&self) -> crate::state::ClusterState {
+        self.inner.sm.read().state.clone()
+    }
+
     /// Whether what agents are sent may have changed since the last call.
     pub fn take_published_dirty(&self) -> bool {
         self.inner.sm.take_published_dirty()
@@ -703,20 +753,24 @@ impl RaftNode {
     /// A watch of this member's applied index: resolves at every change of it.
     pub fn applied_watch(&self) -> AppliedWatch {
         AppliedWatch {
-            rx: self.inner.raft.metrics(),
+            rx: self.inner.applied.clone(),
             last: None,
         }
     }
 
     /// Resolves when the Raft core has stopped with a fatal error (e.g. a storage failure).
     pub async fn fatal(&self) -> String {
-        let mut rx = self.inner.raft.metrics();
+        let mut rx = self.inner.fatal.clone();
         loop {
-            if let Err(e) = &rx.borrow_watched().running_state {
-                return e.to_string();
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return e;
             }
             if rx.changed().await.is_err() {
-                return "raft metrics channel closed".to_string();
+                // The core stopped: report its error if it had one.
+                return rx
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| "raft metrics channel closed".to_string());
             }
         }
     }

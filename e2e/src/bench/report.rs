@@ -267,7 +267,7 @@ Method:
 
 - Both systems run as 3 members on 127.0.0.1 in one fresh temp dir, each member with its own data
   dir, started by the benchmark in the same run on the same machine (the benchmark client shares
-  the CPUs with all members). Both fsync every commit: skiff (openraft + redb) fsyncs its log before
+  the CPUs with all members). Both fsync every commit: skiff (openraft + its own write-ahead log) fdatasyncs its log before
   acknowledging; etcd runs with its default WAL fsync. Neither is tuned.
 - Timing: skiff at its defaults (heartbeat 100 ms, election timeout 400-800 ms after an 800 ms leader lease); etcd at its
   defaults (heartbeat 100 ms, election timeout 1000 ms).
