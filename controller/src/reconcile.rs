@@ -18,8 +18,8 @@ use crate::api::now_ms;
 use crate::raft::RaftNode;
 use crate::scheduler::{self, Candidate, Request, Strategy, Usage};
 use crate::state::{
-    Allocation, AllocationStatus, ClusterState, Command, Job, JobStatus, JobVersions, NodeStatus,
-    RolloutChange, RolloutStatus, Touched,
+    Allocation, AllocationStatus, ClusterState, Command, Job, JobPending, JobStatus, JobVersions,
+    NodeStatus, RolloutChange, RolloutStatus, Touched,
 };
 
 pub mod analysis;
@@ -710,6 +710,9 @@ pub struct Work {
 /// (the usual case while a cluster has no room) costs a second entry right behind it.
 pub const PENDING_DELAY: Duration = Duration::from_millis(200);
 
+/// Pending reasons per [`Command::SetJobsPending`] entry (a few hundred bytes each).
+const PENDING_BATCH: usize = 1000;
+
 impl Work {
     /// Everything, at the next pass (a new term).
     pub fn everything(&mut self) {
@@ -962,7 +965,7 @@ async fn write_pending(node: &RaftNode, work: &mut Work) -> Result<(), crate::ra
     if due.is_empty() {
         return Ok(());
     }
-    let commands: Vec<Command> = {
+    let items: Vec<JobPending> = {
         let applied = node.state();
         due.into_iter()
             .filter(|(namespace, name, pending)| {
@@ -971,14 +974,19 @@ async fn write_pending(node: &RaftNode, work: &mut Work) -> Result<(), crate::ra
                     .job(namespace, name)
                     .is_some_and(|j| j.pending != *pending)
             })
-            .map(|(namespace, name, pending)| Command::SetJobPending {
+            .map(|(namespace, name, pending)| JobPending {
                 namespace,
                 name,
                 pending,
             })
             .collect()
     };
-    let results = futures::future::join_all(commands.into_iter().map(|c| node.write(c))).await;
+    // One entry per batch, not per job: a burst of new jobs with nowhere to run would
+    // otherwise double the entries the cluster writes.
+    let commands = items
+        .chunks(PENDING_BATCH)
+        .map(|c| Command::SetJobsPending { items: c.to_vec() });
+    let results = futures::future::join_all(commands.map(|c| node.write(c))).await;
     for r in results {
         if let (Err(e), _) = r? {
             warn!(error = %e, "pending reason refused");
@@ -1051,8 +1059,18 @@ async fn pass(
     }
     let full = work.full(now, settings.full_interval);
     {
-        let applied = node.state();
-        let state = &applied.state;
+        // A full pass plans every job, tens of milliseconds at tens of thousands of jobs: on
+        // a copy, so that entries go on being applied meanwhile. An incremental pass is
+        // short, and holding the lock through it is cheaper than a copy: a copy makes the
+        // next changes to the state copy the records they touch.
+        let (guard, copy);
+        let state = if full {
+            copy = node.state_copy();
+            &copy
+        } else {
+            guard = node.state();
+            &guard.state
+        };
         let keys = (!full).then(|| work.keys(state));
         if keys.as_ref().is_some_and(BTreeSet::is_empty) {
             work.touched = Touched::default();

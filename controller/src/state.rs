@@ -13,6 +13,7 @@ pub mod pki;
 use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 use skiff_common::{FieldChange, JobSpec, diff_specs};
+use std::sync::Arc;
 
 pub use model::{
     Allocation, AllocationStatus, ContainerState, ContainerStatus, DesiredStatus, Health, Job,
@@ -113,6 +114,10 @@ pub enum Command {
         name: String,
         pending: Option<String>,
     },
+    /// [`Command::SetJobPending`] for many jobs in one entry (the reconciler writes what
+    /// changed within its batching delay together). A job gone by the time it applies is
+    /// skipped.
+    SetJobsPending { items: Vec<JobPending> },
     /// Forget what the leader found past its retention: allocations that are over (stopped,
     /// their process gone) and old versions of jobs. What is no longer collectable when it is
     /// applied is kept: an allocation that is not over, a job's latest or stable version, the
@@ -131,6 +136,14 @@ pub enum Command {
 }
 
 /// Versions of one job (for [`Command::CollectGarbage`]).
+/// One job's pending reason in [`Command::SetJobsPending`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobPending {
+    pub namespace: String,
+    pub name: String,
+    pub pending: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobVersions {
     pub namespace: String,
@@ -220,6 +233,7 @@ impl Command {
             Command::SetNodeVolumes { .. } => "set_node_volumes",
             Command::SetNodeDiskPressure { .. } => "set_node_disk_pressure",
             Command::SetJobPending { .. } => "set_job_pending",
+            Command::SetJobsPending { .. } => "set_jobs_pending",
             Command::CollectGarbage { .. } => "collect_garbage",
             Command::DrainAllocations { .. } => "drain_allocations",
             Command::Rollout { .. } => "rollout",
@@ -265,6 +279,7 @@ impl std::fmt::Display for Command {
             Command::SetJobPending {
                 namespace, name, ..
             } => write!(f, "set_job_pending({namespace}/{name})"),
+            Command::SetJobsPending { items } => write!(f, "set_jobs_pending({})", items.len()),
             Command::DrainAllocations { ids, .. } => write!(f, "drain_allocations({})", ids.len()),
             Command::CollectGarbage {
                 allocations,
@@ -465,7 +480,9 @@ pub struct JobSummary {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Jobs by `namespace/name`.
-    jobs: OrdMap<String, Job>,
+    /// Each behind an `Arc`: a change after a copy (a snapshot's, a full pass's) copies the
+    /// map's nodes on its path, and those then hold pointers, not records.
+    jobs: OrdMap<String, Arc<Job>>,
     /// Nodes by name.
     nodes: OrdMap<String, Node>,
     /// Allocations by id.
@@ -712,6 +729,7 @@ impl ClusterState {
             Command::ApplyJob { .. }
                 | Command::StopJob { .. }
                 | Command::SetJobPending { .. }
+                | Command::SetJobsPending { .. }
                 | Command::Rollout { .. }
                 | Command::RollbackJob { .. }
                 | Command::SetNodeVolumes { .. }
@@ -720,7 +738,7 @@ impl ClusterState {
                 | Command::InitCluster { .. }
                 | Command::Pki { .. }
         );
-        let service = |j: &Job| j.versions().iter().any(|v| v.spec.service.is_some());
+        let service = |j: &Arc<Job>| j.versions().iter().any(|v| v.spec.service.is_some());
         if !jobs_only
             || !before.allocations.is_empty()
             || !before.nodes.is_empty()
@@ -751,7 +769,7 @@ impl ClusterState {
         }
         for (key, was) in &before.jobs {
             if let Some(after) = self.jobs.get(key) {
-                events::job_events(was.as_ref(), after, &mut drafts);
+                events::job_events(was.as_deref(), after, &mut drafts);
             }
         }
         for (name, was) in &before.nodes {
@@ -1001,12 +1019,29 @@ impl ClusterState {
                 let job = self
                     .jobs
                     .get_mut(&job_key(namespace, name))
+                    .map(Arc::make_mut)
                     .ok_or_else(|| ApplyError::JobNotFound {
                         namespace: namespace.clone(),
                         name: name.clone(),
                     })?;
                 let changed = job.pending != *pending;
                 job.pending = pending.clone();
+                Ok(Outcome::JobPendingSet { changed })
+            }
+            Command::SetJobsPending { items } => {
+                let mut changed = false;
+                for item in items {
+                    let key = job_key(&item.namespace, &item.name);
+                    if self
+                        .jobs
+                        .get(&key)
+                        .is_some_and(|j| j.pending != item.pending)
+                        && let Some(job) = self.jobs.get_mut(&key).map(Arc::make_mut)
+                    {
+                        job.pending = item.pending.clone();
+                        changed = true;
+                    }
+                }
                 Ok(Outcome::JobPendingSet { changed })
             }
             Command::InitCluster { settings } => match &self.settings {
@@ -1202,11 +1237,11 @@ impl ClusterState {
         if let Some((svc_key, ip)) = new_vip {
             self.vips.insert(svc_key, ip);
         }
-        match self.jobs.get_mut(&key) {
+        match self.jobs.get_mut(&key).map(Arc::make_mut) {
             None => {
                 let job = Job::new(spec.clone(), at_ms);
                 let summary = job.summary();
-                self.jobs.insert(key, job);
+                self.jobs.insert(key, Arc::new(job));
                 Ok(Outcome::JobApplied {
                     job: summary,
                     created: true,
@@ -1261,6 +1296,7 @@ impl ClusterState {
         let job = self
             .jobs
             .get_mut(&job_key(namespace, name))
+            .map(Arc::make_mut)
             .ok_or_else(|| ApplyError::JobNotFound {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
@@ -1386,6 +1422,7 @@ impl ClusterState {
         let job = self
             .jobs
             .get_mut(&job_key(namespace, name))
+            .map(Arc::make_mut)
             .ok_or_else(|| bad("the job is gone"))?;
         let new = job.latest().version;
         // `apply_job` started a rollout of the new version, superseding the open one; the
@@ -1434,6 +1471,7 @@ impl ClusterState {
         let job = self
             .jobs
             .get_mut(&job_key(namespace, name))
+            .map(Arc::make_mut)
             .ok_or_else(|| ApplyError::JobNotFound {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
@@ -1521,7 +1559,7 @@ impl ClusterState {
                 .job_allocations(&jv.namespace, &jv.name)
                 .map(|a| a.job_version)
                 .collect();
-            if let Some(job) = self.jobs.get_mut(&key) {
+            if let Some(job) = self.jobs.get_mut(&key).map(Arc::make_mut) {
                 dropped += job.drop_versions(&jv.versions, &in_use);
             }
         }
@@ -1533,18 +1571,19 @@ impl ClusterState {
 
     /// A job by namespace and name.
     pub fn job(&self, namespace: &str, name: &str) -> Option<&Job> {
-        self.jobs.get(&job_key(namespace, name))
+        self.jobs.get(&job_key(namespace, name)).map(Arc::as_ref)
     }
 
     /// A job by its key (`namespace/name`).
     pub fn job_by_key(&self, key: &str) -> Option<&Job> {
-        self.jobs.get(key)
+        self.jobs.get(key).map(Arc::as_ref)
     }
 
     /// Every job, ordered by namespace then name; optionally only one namespace.
     pub fn jobs<'a>(&'a self, namespace: Option<&'a str>) -> impl Iterator<Item = &'a Job> + 'a {
         self.jobs
             .values()
+            .map(Arc::as_ref)
             .filter(move |j| namespace.is_none_or(|ns| j.namespace == ns))
     }
 

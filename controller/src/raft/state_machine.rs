@@ -24,6 +24,8 @@ use super::types::{
 use crate::state::{ClusterState, Touched};
 
 const SNAPSHOT_FILE: &str = "snapshot.json";
+/// The nice value of the thread that encodes and writes a snapshot (the lowest priority).
+const SNAPSHOT_NICE: i32 = 19;
 
 /// The applied state and the log position it reflects.
 #[derive(Default)]
@@ -144,11 +146,19 @@ impl StateMachineStore {
 
     /// Writes a snapshot durably: temp file, fsync, rename, fsync the directory.
     fn persist(&self, meta: &SnapshotMeta, state: &ClusterState) -> io::Result<()> {
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            state: state.clone(),
-        };
-        let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
+        let state = serde_json::to_vec(state).map_err(io::Error::other)?;
+        self.persist_encoded(meta, &state)
+    }
+
+    /// As [`StateMachineStore::persist`], with the state already serialized: the file is a
+    /// [`SnapshotFile`] written around those bytes, so a snapshot serializes its state once.
+    fn persist_encoded(&self, meta: &SnapshotMeta, state: &[u8]) -> io::Result<()> {
+        let mut bytes = Vec::with_capacity(state.len() + 512);
+        bytes.extend_from_slice(b"{\"meta\":");
+        serde_json::to_writer(&mut bytes, meta).map_err(io::Error::other)?;
+        bytes.extend_from_slice(b",\"state\":");
+        bytes.extend_from_slice(state);
+        bytes.push(b'}');
         let tmp = self.inner.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
         {
             let mut f = fs::File::create(&tmp)?;
@@ -165,27 +175,51 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let (meta, state) = {
-                let g = this.read();
-                let meta = SnapshotMeta {
-                    last_log_id: g.last_applied,
-                    last_membership: g.membership.clone(),
-                };
-                (meta, g.state.clone())
+        // The state is persistent (imbl): the clone is O(1) under the lock. Encoding and
+        // writing it take tens of milliseconds of CPU per megabyte-sized state, on every
+        // member at about the same index; on a thread of its own at the lowest priority they
+        // use what the write path leaves, rather than taking turns with it.
+        let (meta, state) = {
+            let g = self.read();
+            let meta = SnapshotMeta {
+                last_log_id: g.last_applied,
+                last_membership: g.membership.clone(),
             };
-            this.persist(&meta, &state)?;
-            let data = serde_json::to_vec(&state).map_err(io::Error::other)?;
-            this.set_current(meta.clone(), Arc::new(data.clone()));
-            tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "snapshot built");
-            Ok(Snapshot {
-                meta,
-                snapshot: data,
-            })
-        })
-        .await
-        .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))?
+            (meta, g.state.clone())
+        };
+        let this = self.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let lowered = rustix::process::setpriority_process(
+                    Some(rustix::thread::gettid()),
+                    SNAPSHOT_NICE,
+                );
+                let started = Instant::now();
+                let built = serde_json::to_vec(&state)
+                    .map_err(io::Error::other)
+                    .and_then(|data| {
+                        let encoded = started.elapsed();
+                        this.persist_encoded(&meta, &data)?;
+                        this.set_current(meta.clone(), Arc::new(data.clone()));
+                        tracing::info!(
+                            last_log_id = ?meta.last_log_id,
+                            bytes = data.len(),
+                            encode_ms = encoded.as_millis() as u64,
+                            write_ms = (started.elapsed() - encoded).as_millis() as u64,
+                            low_priority = lowered.is_ok(),
+                            "snapshot built"
+                        );
+                        Ok(Snapshot {
+                            meta,
+                            snapshot: data,
+                        })
+                    });
+                let _ = tx.send(built);
+            })?;
+        rx.await
+            .map_err(|_| io::Error::other("the snapshot thread ended without a result"))?
     }
 }
 
@@ -285,5 +319,41 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             snapshot: data.as_ref().clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Command;
+
+    /// A built snapshot (its state serialized once, the file written around it) opens again
+    /// as the same state, and what it hands to followers is that state.
+    #[tokio::test]
+    async fn a_built_snapshot_reopens_as_the_same_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sm = StateMachineStore::open(dir.path(), Histogram::new([0.001])).expect("open");
+        {
+            let mut g = sm.write();
+            for name in ["a", "b"] {
+                let spec = skiff_common::parse_job_spec(
+                    &format!("name = \"{name}\"\nimage = \"127.0.0.1:5000/x:1\"\n"),
+                    skiff_common::SpecFormat::Toml,
+                )
+                .expect("spec");
+                g.state
+                    .apply(&Command::ApplyJob {
+                        spec: Box::new(spec),
+                        at_ms: 1,
+                    })
+                    .expect("apply");
+            }
+        }
+        let built = sm.build_snapshot().await.expect("build");
+        let sent: ClusterState = serde_json::from_slice(&built.snapshot).expect("state json");
+        let again = StateMachineStore::open(dir.path(), Histogram::new([0.001])).expect("reopen");
+        assert_eq!(again.read().state, sm.read().state);
+        assert_eq!(sent, sm.read().state);
+        assert!(again.read().state.job("default", "b").is_some());
     }
 }

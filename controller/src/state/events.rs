@@ -44,7 +44,7 @@ pub struct Event {
 /// What a command may touch, as it was before it is applied: only those values are copied
 /// (copying whole maps would make the first write to each shared tree node copy the node).
 pub struct Before {
-    pub jobs: Vec<(String, Option<Job>)>,
+    pub jobs: Vec<(String, Option<std::sync::Arc<Job>>)>,
     pub nodes: Vec<(String, Option<Node>)>,
     pub allocations: Vec<(String, Option<Allocation>)>,
 }
@@ -53,11 +53,11 @@ impl Before {
     /// Takes what `c` may touch from the maps as they are.
     pub fn take(
         c: &Command,
-        jobs: &OrdMap<String, Job>,
+        jobs: &OrdMap<String, std::sync::Arc<Job>>,
         nodes: &OrdMap<String, Node>,
         allocations: &OrdMap<String, Allocation>,
     ) -> Before {
-        let job = touched_job(c);
+        let job = touched_jobs(c);
         let node = touched_node(c);
         Before {
             jobs: job
@@ -85,7 +85,18 @@ impl Before {
     }
 }
 
-/// The job (`namespace/name`) a command may change.
+/// The jobs (`namespace/name`) a command may change.
+fn touched_jobs(c: &Command) -> Vec<String> {
+    match c {
+        Command::SetJobsPending { items } => items
+            .iter()
+            .map(|i| super::job_key(&i.namespace, &i.name))
+            .collect(),
+        c => touched_job(c).into_iter().collect(),
+    }
+}
+
+/// The job (`namespace/name`) a command that names one may change.
 fn touched_job(c: &Command) -> Option<String> {
     match c {
         Command::ApplyJob { spec, .. } => Some(super::job_key(&spec.namespace, &spec.name)),

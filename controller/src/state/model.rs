@@ -39,7 +39,9 @@ pub struct Job {
     pub name: String,
     pub status: JobStatus,
     pub status_changed_at_ms: i64,
-    versions: Vec<JobVersion>,
+    /// Shared, not copied, when the job is: a job record is cloned whenever a change meets a
+    /// state copy still in use (the reconciler's, a snapshot's), and a spec is its bulk.
+    versions: Vec<std::sync::Arc<JobVersion>>,
     /// Why replicas of the latest version are not placed, as the scheduler said it.
     #[serde(default)]
     pub pending: Option<String>,
@@ -142,11 +144,11 @@ impl Job {
             name: spec.name.clone(),
             status: JobStatus::Running,
             status_changed_at_ms: at_ms,
-            versions: vec![JobVersion {
+            versions: vec![std::sync::Arc::new(JobVersion {
                 version: 1,
                 spec,
                 submitted_at_ms: at_ms,
-            }],
+            })],
             pending: None,
             rollouts: Vec::new(),
             stable_version: None,
@@ -227,11 +229,11 @@ impl Job {
 
     pub(super) fn push_version(&mut self, spec: JobSpec, at_ms: i64) {
         let version = self.latest().version + 1;
-        self.versions.push(JobVersion {
+        self.versions.push(std::sync::Arc::new(JobVersion {
             version,
             spec,
             submitted_at_ms: at_ms,
-        });
+        }));
         if self.status != JobStatus::Running {
             self.status = JobStatus::Running;
             self.status_changed_at_ms = at_ms;
@@ -270,11 +272,14 @@ impl Job {
 
     /// A version by number.
     pub fn version(&self, version: u64) -> Option<&JobVersion> {
-        self.versions.iter().find(|v| v.version == version)
+        self.versions
+            .iter()
+            .find(|v| v.version == version)
+            .map(|v| &**v)
     }
 
     /// Every version, oldest first.
-    pub fn versions(&self) -> &[JobVersion] {
+    pub fn versions(&self) -> &[std::sync::Arc<JobVersion>] {
         &self.versions
     }
 

@@ -1014,3 +1014,104 @@ fn garbage_collection_removes_only_what_is_still_collectable() {
     .expect("collect");
     assert_eq!(s, again);
 }
+
+#[test]
+fn pending_reasons_of_many_jobs_go_in_one_entry_and_skip_jobs_that_are_gone() {
+    let mut s = ClusterState::default();
+    for name in ["a", "b"] {
+        s.apply(&Command::ApplyJob {
+            spec: Box::new(service_spec(name, None)),
+            at_ms: 1,
+        })
+        .expect("apply");
+    }
+    let item = |name: &str, pending: Option<&str>| JobPending {
+        namespace: "default".into(),
+        name: name.into(),
+        pending: pending.map(String::from),
+    };
+    let batch = Command::SetJobsPending {
+        items: vec![
+            item("a", Some("no nodes")),
+            item("gone", Some("no nodes")),
+            item("b", Some("1 node disk pressure")),
+        ],
+    };
+    let mut t = Touched::default();
+    let out = s.apply_touching(Some(7), &batch, &mut t).expect("batch");
+    assert_eq!(out, Outcome::JobPendingSet { changed: true });
+    assert_eq!(
+        t.jobs.iter().cloned().collect::<Vec<_>>(),
+        ["default/a", "default/b", "default/gone"]
+    );
+    assert!(!t.published, "pending reasons are not streamed to agents");
+    assert_eq!(
+        s.job("default", "a")
+            .and_then(|j| j.pending.clone())
+            .as_deref(),
+        Some("no nodes")
+    );
+    assert_eq!(
+        s.job("default", "b")
+            .and_then(|j| j.pending.clone())
+            .as_deref(),
+        Some("1 node disk pressure")
+    );
+    assert!(s.job("default", "gone").is_none(), "nothing is created");
+    let pending: Vec<&str> = s
+        .events()
+        .filter(|e| e.kind == "pending")
+        .map(|e| e.job.as_str())
+        .collect();
+    assert_eq!(pending, ["a", "b"], "an event per job whose reason changed");
+
+    // The same again changes nothing; clearing one changes only it.
+    assert_eq!(
+        s.apply(&batch).expect("again"),
+        Outcome::JobPendingSet { changed: false }
+    );
+    s.apply(&Command::SetJobsPending {
+        items: vec![item("a", None)],
+    })
+    .expect("clear");
+    assert_eq!(s.job("default", "a").and_then(|j| j.pending.clone()), None);
+    assert!(
+        s.job("default", "b")
+            .and_then(|j| j.pending.clone())
+            .is_some()
+    );
+}
+
+#[test]
+fn a_copy_of_the_state_keeps_what_it_saw_while_the_state_changes() {
+    // The reconciler's full pass and the snapshots work on copies (O(1): the records are
+    // shared); a change after the copy must copy what it touches, never reach into the copy.
+    let mut s = ClusterState::default();
+    s.apply(&Command::ApplyJob {
+        spec: web(1),
+        at_ms: 10,
+    })
+    .expect("apply");
+    let copy = s.clone();
+    let seen = serde_json::to_vec(&copy).expect("encode");
+    s.apply(&Command::SetJobsPending {
+        items: vec![JobPending {
+            namespace: "default".into(),
+            name: "web".into(),
+            pending: Some("no node has room".into()),
+        }],
+    })
+    .expect("pending");
+    s.apply(&Command::ApplyJob {
+        spec: web(3),
+        at_ms: 20,
+    })
+    .expect("a new version");
+    assert_eq!(s.job("default", "web").map(|j| j.versions().len()), Some(2));
+    assert_eq!(
+        copy.job("default", "web")
+            .map(|j| (j.versions().len(), j.pending.clone())),
+        Some((1, None))
+    );
+    assert_eq!(serde_json::to_vec(&copy).expect("encode"), seen);
+}
