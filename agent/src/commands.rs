@@ -49,20 +49,12 @@ pub enum Cmd {
     Proxy(ProxyArgs),
 }
 
-/// See [`skiff_proxy::Args`].
+/// The sidecar's own command line, read by [`skiff_proxy::Args::parse`] (as `skiff-proxy`
+/// reads it).
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
-    #[arg(long)]
-    pub dir: std::path::PathBuf,
-    #[arg(long)]
-    pub netns: Option<std::path::PathBuf>,
-    #[arg(long, requires = "gid")]
-    pub uid: Option<u32>,
-    #[arg(long, requires = "uid")]
-    pub gid: Option<u32>,
-    /// A cgroup directory to join (repeatable: one per hierarchy).
-    #[arg(long)]
-    pub cgroup: Vec<std::path::PathBuf>,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// Runs what the command line asks for (the hidden modes are dispatched before this, by
@@ -127,20 +119,8 @@ pub fn tunnel(args: &crate::net::wg::tunnel::TunnelArgs) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// The mesh sidecar: runs until killed.
+/// The mesh sidecar (when `skiff-proxy` is not installed next to the agent): runs until
+/// killed.
 pub fn proxy(args: &ProxyArgs) -> ExitCode {
-    let args = skiff_proxy::Args {
-        dir: args.dir.clone(),
-        netns: args.netns.clone(),
-        user: args.uid.zip(args.gid),
-        cgroups: args.cgroup.clone(),
-    };
-    match skiff_proxy::run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "mesh proxy");
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    skiff_proxy::main(args.args.iter().cloned())
 }

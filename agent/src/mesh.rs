@@ -58,8 +58,9 @@ pub struct MeshOptions {
 /// The node's sidecars.
 pub struct Mesh {
     opts: MeshOptions,
-    /// The binary the sidecar runs (this one).
-    exe: PathBuf,
+    /// The sidecar's program and the arguments before its own: `skiff-proxy` next to this
+    /// binary, else this binary's `proxy` mode.
+    proxy_cmd: (PathBuf, Option<&'static str>),
     handle: tokio::runtime::Handle,
     /// A connection to the controllers, while the agent has one.
     channel: Mutex<Option<Channel>>,
@@ -156,15 +157,33 @@ pub fn due(nb: i64, na: i64, now: i64) -> bool {
     now >= nb + (na - nb) * 2 / 3
 }
 
+/// The sidecar's program: `skiff-proxy` installed next to the agent (a small binary, so each
+/// sidecar maps little code), else the agent's own copy (`skiff-agent proxy`), which works the
+/// same at several megabytes more resident memory per sidecar.
+fn proxy_command(agent: &Path) -> (PathBuf, Option<&'static str>) {
+    let small = agent.with_file_name("skiff-proxy");
+    if small.is_file() {
+        info!(program = %small.display(), "mesh sidecars run as skiff-proxy");
+        (small, None)
+    } else {
+        warn!(
+            missing = %small.display(),
+            "mesh sidecars run as `skiff-agent proxy`: install skiff-proxy next to the agent \
+             for a smaller sidecar"
+        );
+        (agent.to_path_buf(), Some("proxy"))
+    }
+}
+
 impl Mesh {
     pub fn new(opts: MeshOptions, handle: tokio::runtime::Handle) -> anyhow::Result<Mesh> {
-        let exe = std::env::current_exe()?;
+        let proxy_cmd = proxy_command(&std::env::current_exe()?);
         let root = opts.data_dir.join("mesh");
         std::fs::create_dir_all(&root)?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))?;
         Ok(Mesh {
             opts,
-            exe,
+            proxy_cmd,
             handle,
             channel: Mutex::default(),
             service_cidr: Mutex::default(),
@@ -355,19 +374,14 @@ impl Mesh {
             .append(true)
             .open(self.root().join(format!("{}.log", alloc.id)))
             .map_err(|e| io("its log", e))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("proxy")
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--netns")
-            .arg(netns)
-            .arg("--uid")
-            .arg(uid.to_string())
-            .arg("--gid")
-            .arg(self.opts.gid.to_string());
-        for p in cg.paths() {
-            cmd.arg("--cgroup").arg(p);
-        }
+        let args = skiff_proxy::Args {
+            dir: dir.clone(),
+            netns: Some(netns.to_path_buf()),
+            user: Some((uid, self.opts.gid)),
+            cgroups: cg.paths(),
+        };
+        let mut cmd = Command::new(&self.proxy_cmd.0);
+        cmd.args(self.proxy_cmd.1).args(args.to_args());
         use std::os::unix::process::CommandExt as _;
         let mut child = cmd
             .env(

@@ -65,6 +65,21 @@ fn sidecar_pid(fleet: &Fleet, node: &str, alloc: &str) -> Result<i32> {
         .parse()?)
 }
 
+/// What a node's agent exposes of its sidecars (`/sidecars/metrics`), read from the CLI host.
+fn agent_sidecar_metrics(fleet: &Fleet, node: &str) -> Result<String> {
+    let addr = fleet.host(node)?.addr.clone();
+    let out = fleet.on_host(
+        "cli",
+        &[
+            "curl",
+            "-sf",
+            &format!("http://{addr}:7802/sidecars/metrics"),
+        ],
+    )?;
+    ensure!(out.status.success(), "agent metrics of {node}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A sidecar's metrics, read from the node it runs on.
 fn metrics(fleet: &Fleet, node: &str, ip: &str) -> Result<String> {
     let out = fleet.on_host(
@@ -284,9 +299,15 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
         .collect();
     ensure!(api_ips.len() == 2, "{svc}");
 
-    // The sidecars: unprivileged, each in a cgroup of its own.
+    // The sidecars: the small skiff-proxy binary, unprivileged, each in a cgroup of its own.
     for (alloc, node, _) in &apis {
         let pid = sidecar_pid(fleet, node, alloc)?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+        ensure!(
+            exe.file_name().is_some_and(|n| n == "skiff-proxy"),
+            "sidecar {pid} runs {}",
+            exe.display()
+        );
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
         ensure!(
@@ -353,17 +374,7 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
     // target) at /sidecars/metrics, which promtool accepts.
     let mut served = 0;
     for node in ["a1", "a2"] {
-        let addr = fleet.host(node)?.addr.clone();
-        let out = fleet.on_host(
-            "cli",
-            &[
-                "curl",
-                "-sf",
-                &format!("http://{addr}:7802/sidecars/metrics"),
-            ],
-        )?;
-        ensure!(out.status.success(), "agent metrics of {node}: {out:?}");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let text = agent_sidecar_metrics(fleet, node)?;
         served += counter(
             &text,
             &[
@@ -663,6 +674,18 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
 
     // Scale-down: the client's sidecar follows at once, and the endpoint that left gets no new
     // connection.
+    // How many service sets the client's sidecar has loaded: it polls its files every 200 ms,
+    // so the new set counts only once this has moved past the file's change.
+    let client_reloads = || -> Result<u64> {
+        Ok(counter(
+            &agent_sidecar_metrics(fleet, &client_node)?,
+            &[
+                "skiff_mesh_service_set_reloads_total",
+                &format!("alloc=\"{client}\""),
+            ],
+        ))
+    };
+    let before = client_reloads()?;
     fleet.cli_ok(&["scale", "api", "1"])?;
     let t = Instant::now();
     let services_json = cdir.join("services.json");
@@ -683,6 +706,11 @@ fn mesh_checks(fleet: &Fleet) -> Result<()> {
                 .collect();
             Ok((eps.len() == 1).then(|| eps[0].clone()))
         },
+    )?;
+    fleet.wait_for_value(
+        "the client's sidecar to load the new service set",
+        Duration::from_secs(5),
+        |_| Ok((client_reloads()? > before).then_some(())),
     )?;
     eprintln!(
         "the client's sidecar followed the scale-down in {:.2}s",

@@ -5,7 +5,7 @@
 //! - direct: wrk -> app (a port the mesh does not redirect): the baseline;
 //! - skiff: wrk -> service VIP -> client sidecar (REDIRECT, SO_ORIGINAL_DST) -> mutual TLS 1.3
 //!   -> server sidecar (REDIRECT; HTTP-aware: per-request metrics) -> app on 127.0.0.1, the
-//!   sidecars being `skiff-agent proxy` processes as the agent runs them (own user, configs,
+//!   sidecars being `skiff-proxy` processes as the agent runs them (own user, configs,
 //!   workload certificates from a CA made here);
 //! - haproxy: wrk -> haproxy (mode http, 127.0.0.1) -> mutual TLS 1.3, `verify required` with
 //!   the same certificates -> haproxy -> app: the pair a mesh replaces, one thread each (as
@@ -320,13 +320,14 @@ fn build(prefix: &str) -> Result<Setup> {
             .write_all(rules.as_bytes())?;
         ensure!(child.wait()?.success(), "iptables-restore in {ns}");
     }
-    let agent = skiff_e2e::bin("skiff-agent").display().to_string();
+    // The sidecar binary the agent runs (`skiff-proxy`, next to it).
+    let proxy = skiff_e2e::bin("skiff-proxy").display().to_string();
     for (side, ns) in [("client", "c"), ("api", "s")] {
         let dir = d.join(side).display().to_string();
         let uid = PROXY_UID.to_string();
         setup.spawn(
             ns,
-            &[&agent, "proxy", "--dir", &dir, "--uid", &uid, "--gid", &uid],
+            &[&proxy, "--dir", &dir, "--uid", &uid, "--gid", &uid],
             &format!("{side}-proxy.log"),
         )?;
     }
