@@ -453,8 +453,18 @@ fn r20_the_metric_gate_stops_a_bad_canary_and_passes_a_good_one() -> Result<()> 
                 .all(|k| ["v1", "v2", "v4", "boom", "FAILED"].contains(k) || k.contains("500")),
             "{by:?}"
         );
-        let after = fleet.cli_ok(&["exec", &client, "--", "sh", "-c", &script(5)])?;
-        ensure!(after.lines().all(|l| l == "v4"), "{after}");
+        // "Succeeded" is written when the last old replica starts draining: it leaves the
+        // service set then, and answers what still reaches it for its drain_delay while the
+        // client's agent and sidecar load the new set. So the client reaches only version 4
+        // once that has happened, which takes well under a second here.
+        fleet.wait_for(
+            "the client reaching only v4",
+            Duration::from_secs(10),
+            |f| {
+                let after = f.cli_ok(&["exec", &client, "--", "sh", "-c", &script(5)])?;
+                Ok(after.lines().count() == 5 && after.lines().all(|l| l == "v4"))
+            },
+        )?;
         Ok(())
     })();
     if res.is_err() {
