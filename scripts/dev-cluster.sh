@@ -90,9 +90,18 @@ else
     sleep 0.1
   done
   [ -n "$token" ] || { echo "no join token; see $state/controller.log" >&2; exit 1; }
+  # At the default threshold (90% used) an agent on a nearly full disk places nothing: say so,
+  # and let the dev cluster's single node report pressure only on a full disk.
+  disk_args=()
+  used=$(df --output=pcent "$state" | tail -1 | tr -dc 0-9)
+  if [ "${used:-0}" -ge 90 ]; then
+    echo "note: the disk holding $state is ${used}% full; the agent runs with --disk-pressure-threshold 100" \
+      "(at the default 90 it would refuse new work)" >&2
+    disk_args=(--disk-pressure-threshold 100)
+  fi
   SKIFF_JOIN_TOKEN="$token" "$bin/skiff-agent" --data-dir "$state/agent" --cgroup-parent "$cgroup_parent" \
     --controller "$rpc" --name dev-1 --advertise-addr 127.0.0.1 --listen "$agent_api" \
-    --labels zone=a --local-image-dir "$state/images" >"$state/agent.log" 2>&1 &
+    --labels zone=a --local-image-dir "$state/images" "${disk_args[@]}" >"$state/agent.log" 2>&1 &
   echo $! >"$state/agent.pid"
   echo "agent started (pid $!, log $state/agent.log)"
 fi

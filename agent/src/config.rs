@@ -117,8 +117,8 @@ pub struct Cli {
     #[arg(long, env = "SKIFF_MESH_CERT_TTL", value_parser = humantime::parse_duration)]
     pub mesh_cert_ttl: Option<std::time::Duration>,
     /// Percent used of the data directory's filesystem at which the agent prunes unused
-    /// images and reports disk pressure (nothing new is placed on the node), 50-99
-    /// [default: 90].
+    /// images and reports disk pressure (nothing new is placed on the node), 50-100 (100: only
+    /// a full disk) [default: 90].
     #[arg(long, env = "SKIFF_DISK_PRESSURE_THRESHOLD")]
     pub disk_pressure_threshold: Option<u8>,
     #[command(subcommand)]
@@ -329,9 +329,9 @@ impl Settings {
             .disk_pressure_threshold
             .or(self.file.disk_pressure_threshold)
             .unwrap_or(crate::disk::DEFAULT_THRESHOLD);
-        if !(50..=99).contains(&disk_pressure_threshold) {
+        if !(50..=100).contains(&disk_pressure_threshold) {
             anyhow::bail!(
-                "--disk-pressure-threshold must be a percentage between 50 and 99, not {disk_pressure_threshold}"
+                "--disk-pressure-threshold must be a percentage between 50 and 100, not {disk_pressure_threshold}"
             );
         }
         Ok(DaemonConfig {
@@ -483,12 +483,12 @@ mod tests {
                 "--mtu: 100 is not between 1280 and 65535",
             ),
             (
-                &["--disk-pressure-threshold", "100"][..],
-                "--disk-pressure-threshold must be a percentage between 50 and 99, not 100",
+                &["--disk-pressure-threshold", "101"][..],
+                "--disk-pressure-threshold must be a percentage between 50 and 100, not 101",
             ),
             (
                 &["--disk-pressure-threshold", "10"][..],
-                "--disk-pressure-threshold must be a percentage between 50 and 99, not 10",
+                "--disk-pressure-threshold must be a percentage between 50 and 100, not 10",
             ),
         ] {
             let args: Vec<&str> = base.iter().chain(extra).copied().collect();

@@ -122,6 +122,17 @@ pub struct Fleet {
     mounts: Vec<PathBuf>,
 }
 
+/// Unless a test sets its own, the fleet's agents report disk pressure only on a full disk:
+/// their data directories share this machine's disk, and a CI machine whose disk the build
+/// had filled to 95% saw every agent refuse new work at the default 90%.
+fn disk_pressure_default(agent_args: &[String]) -> Vec<String> {
+    if agent_args.iter().any(|a| a == "--disk-pressure-threshold") {
+        Vec::new()
+    } else {
+        vec!["--disk-pressure-threshold".into(), "100".into()]
+    }
+}
+
 /// `skiff-agent --data-dir DATA --cgroup-parent PARENT ARGS` on this host (not in a netns).
 fn agent_cmd(data: &Path, parent: &str, args: &[&str]) -> Command {
     let mut c = Command::new(bin("skiff-agent"));
@@ -444,6 +455,7 @@ impl Fleet {
             self.token("agent")?,
         ]
         .into_iter()
+        .chain(disk_pressure_default(&self.agent_args))
         .chain(self.agent_args.iter().cloned())
         .collect::<Vec<_>>();
         let log = self.dir.path().join(format!("{}.log", host.name));
