@@ -1016,31 +1016,20 @@ impl ClusterState {
                 name,
                 pending,
             } => {
-                let job = self
-                    .jobs
-                    .get_mut(&job_key(namespace, name))
-                    .map(Arc::make_mut)
+                let changed = self
+                    .set_job_pending(namespace, name, pending)
                     .ok_or_else(|| ApplyError::JobNotFound {
                         namespace: namespace.clone(),
                         name: name.clone(),
                     })?;
-                let changed = job.pending != *pending;
-                job.pending = pending.clone();
                 Ok(Outcome::JobPendingSet { changed })
             }
             Command::SetJobsPending { items } => {
                 let mut changed = false;
                 for item in items {
-                    let key = job_key(&item.namespace, &item.name);
-                    if self
-                        .jobs
-                        .get(&key)
-                        .is_some_and(|j| j.pending != item.pending)
-                        && let Some(job) = self.jobs.get_mut(&key).map(Arc::make_mut)
-                    {
-                        job.pending = item.pending.clone();
-                        changed = true;
-                    }
+                    changed |= self
+                        .set_job_pending(&item.namespace, &item.name, &item.pending)
+                        .unwrap_or(false);
                 }
                 Ok(Outcome::JobPendingSet { changed })
             }
@@ -1539,6 +1528,24 @@ impl ClusterState {
     }
 
     /// Removes the allocations and versions listed that are still collectable.
+    /// Sets one job's pending reason: `None` when the job does not exist, else whether the
+    /// reason changed. The job is copied (it may be shared with a copy of the state) only
+    /// when it does.
+    fn set_job_pending(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        pending: &Option<String>,
+    ) -> Option<bool> {
+        let key = job_key(namespace, name);
+        if self.jobs.get(&key)?.pending == *pending {
+            return Some(false);
+        }
+        let job = self.jobs.get_mut(&key).map(Arc::make_mut)?;
+        job.pending = pending.clone();
+        Some(true)
+    }
+
     fn collect_garbage(&mut self, allocations: &[String], versions: &[JobVersions]) -> Outcome {
         let mut removed = 0;
         for id in allocations {

@@ -1115,3 +1115,54 @@ fn a_copy_of_the_state_keeps_what_it_saw_while_the_state_changes() {
     );
     assert_eq!(serde_json::to_vec(&copy).expect("encode"), seen);
 }
+
+#[test]
+fn a_pending_reason_that_does_not_change_leaves_the_job_shared_with_a_copy() {
+    // SetJobPending and SetJobsPending share one per-job step: an unchanged reason copies
+    // nothing (the job stays shared with a copy of the state) and reports no change; a
+    // missing job is an error for the single command and skipped in a batch.
+    let mut s = ClusterState::default();
+    s.apply(&Command::ApplyJob {
+        spec: web(1),
+        at_ms: 10,
+    })
+    .expect("apply");
+    let set = |pending: Option<&str>| Command::SetJobPending {
+        namespace: "default".into(),
+        name: "web".into(),
+        pending: pending.map(str::to_owned),
+    };
+    let key = job_key("default", "web");
+    let copy = s.clone();
+    let out = s.apply(&set(None)).expect("unchanged");
+    assert_eq!(out, Outcome::JobPendingSet { changed: false });
+    let shared = |a: &ClusterState, b: &ClusterState| match (a.jobs.get(&key), b.jobs.get(&key)) {
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    };
+    assert!(shared(&s, &copy), "an unchanged reason copied the job");
+    let out = s.apply(&set(Some("no nodes"))).expect("changed");
+    assert_eq!(out, Outcome::JobPendingSet { changed: true });
+    assert!(!shared(&s, &copy));
+    assert_eq!(
+        copy.job("default", "web").map(|j| j.pending.clone()),
+        Some(None)
+    );
+    let missing = s.apply(&Command::SetJobPending {
+        namespace: "default".into(),
+        name: "nope".into(),
+        pending: None,
+    });
+    assert!(
+        matches!(missing, Err(ApplyError::JobNotFound { .. })),
+        "{missing:?}"
+    );
+    let batch = s.apply(&Command::SetJobsPending {
+        items: vec![JobPending {
+            namespace: "default".into(),
+            name: "nope".into(),
+            pending: Some("x".into()),
+        }],
+    });
+    assert_eq!(batch.ok(), Some(Outcome::JobPendingSet { changed: false }));
+}
