@@ -662,7 +662,8 @@ fn exec_joins_the_container_without_exposing_the_host_binary() {
 fn output_lost_to_a_full_disk_is_counted_and_reported() {
     need_root!();
     /// The agent's data dir on a small tmpfs of its own (the image fits, the output does
-    /// not); the agent's cleanup runs before the unmount (fields drop in order).
+    /// not); the agent's cleanup runs before the unmount (fields drop in order), and the
+    /// directory, a mount point while the agent's temporary directory was removed, goes after.
     struct OnSmallDisk {
         agent: Agent,
         _unmount: Unmount,
@@ -671,6 +672,7 @@ fn output_lost_to_a_full_disk_is_counted_and_reported() {
     impl Drop for Unmount {
         fn drop(&mut self) {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
         }
     }
     let agent = Agent::new();

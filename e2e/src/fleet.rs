@@ -957,6 +957,11 @@ impl Drop for Fleet {
                 let _ = std::fs::remove_dir(h.path().join(&self.prefix));
             }
         }
+        // What the agents mounted under their data dirs and outlives them (pods' network and
+        // IPC namespaces, bound to files), deepest first, so the temporary directory can go.
+        for m in mounts_under(self.dir.path()) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
         // The containers' mounts are gone with them: the agents' small disks can go now.
         for m in &self.mounts {
             let _ = Command::new("umount").arg("-l").arg(m).output();
@@ -966,6 +971,28 @@ impl Drop for Fleet {
         }
         let _ = ip(&["netns", "del", &self.bridge_ns]);
     }
+}
+
+/// Mount points at or under `dir` in this process's mount namespace, deepest first.
+fn mounts_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        // mountinfo escapes space, tab, newline and backslash as octal.
+        .map(|p| {
+            PathBuf::from(
+                p.replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\012", "\n")
+                    .replace("\\134", "\\"),
+            )
+        })
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
 }
 
 /// Runs a benchmark on a fresh fleet: checks root and the `tools` it needs (naming the packages
