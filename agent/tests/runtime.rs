@@ -189,6 +189,29 @@ fn pid1_is_the_command_and_host_processes_are_invisible() {
     assert!(n <= 3, "container sees {n} processes");
 }
 
+/// The container's first process is in the container's cgroup in every hierarchy, seen from
+/// the host: it is created in the cgroup2 directory and joins the v1 hierarchies itself, and
+/// no hierarchy is missed.
+#[test]
+fn the_first_process_is_in_its_cgroup_in_every_hierarchy() {
+    need_root!();
+    let a = Agent::new();
+    let id = a.ok(&["-d"], &["sleep", "30"]);
+    let pid = a.find(&id)["pid"].as_i64().expect("pid");
+    let dirs = a.cgroup_dirs();
+    assert!(!dirs.is_empty(), "no cgroup made under {}", a.parent);
+    for d in dirs {
+        let procs = std::fs::read_to_string(d.join(&id).join("cgroup.procs"))
+            .unwrap_or_else(|e| panic!("{}/{id}: {e}", d.display()));
+        assert!(
+            procs.lines().any(|l| l.trim() == pid.to_string()),
+            "pid {pid} is not in {}/{id}: {procs:?}",
+            d.display()
+        );
+    }
+    a.agent_ok(&["container", "rm", "-f", &id]);
+}
+
 #[test]
 fn hostname_env_user_and_cwd() {
     need_root!();

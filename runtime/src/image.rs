@@ -784,13 +784,18 @@ impl ImageStore {
         self.images.join(format!("{name}.json"))
     }
 
-    /// Writes the record atomically and durably, so a reader never sees half of it.
+    /// Writes the record atomically and durably, so a reader never sees half of it. A record
+    /// already there with the same bytes (a local image imported again, unchanged) is left as
+    /// it is: no write, no fsync.
     fn write_record(&self, record: &ImageRecord) -> Result<(), ImageError> {
         let path = self.record_path(&record.reference);
         let json = serde_json::to_vec_pretty(record).map_err(|e| ImageError::Io {
             path: path.clone(),
             source: io::Error::other(e),
         })?;
+        if fs::read(&path).is_ok_and(|old| old == json) {
+            return Ok(());
+        }
         crate::durable::write_atomic(&path, &json).map_err(|source| ImageError::Io {
             path: path.clone(),
             source,

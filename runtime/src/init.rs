@@ -3,7 +3,8 @@
 //! rootfs and security, and finally execs the workload. Nothing here runs in the
 //! multi-threaded agent.
 //!
-//! Order: wait until the monitor has put us in the cgroup → new cgroup namespace → join the
+//! Order: join the cgroup's v1 hierarchies (the child was created in its cgroup2 directory)
+//! → wait for the monitor's go → new cgroup namespace → join the
 //! container's network namespace → private mounts → overlayfs rootfs → /proc, /dev, /sys →
 //! masked and read-only paths → hostname → pivot_root and detach the old root → rlimits, stdio
 //! → [`crate::workload`] (user, cwd, capabilities, no_new_privs, setuid, seccomp, close-on-exec
@@ -34,6 +35,9 @@ pub struct Child<'a> {
     pub stdout: &'a OwnedFd,
     pub stderr: &'a OwnedFd,
     pub seccomp: &'a SeccompProgram,
+    /// The container cgroup's v1 `tasks` files (none on a cgroup v2 host), which the child
+    /// writes "0" into to join them itself (see [`crate::cgroup::JoinHandles`]).
+    pub cgroup_tasks: &'a [(PathBuf, std::fs::File)],
 }
 
 /// Paths of a container's rootfs pieces.
@@ -80,7 +84,17 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
     ] {
         ctx("reset signal", sys::default_signal(sig))?;
     }
-    // Wait until the monitor has moved us into the container's cgroup.
+    // Into the container's cgroup in every v1 hierarchy: a thread moving itself does not wait
+    // for the kernel's global lock, as a move by another process does.
+    for (path, tasks) in c.cgroup_tasks {
+        let mut tasks: &std::fs::File = tasks;
+        ctx(
+            &format!("joining cgroup {}", path.display()),
+            tasks.write_all(b"0"),
+        )?;
+    }
+    // Wait for the monitor's go (after it moved us, on a kernel that cannot clone into a
+    // cgroup).
     let mut byte = [0u8; 1];
     let n = ctx(
         "waiting for the monitor",

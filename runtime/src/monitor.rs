@@ -241,6 +241,12 @@ impl Monitor {
             std::fs::create_dir_all(self.dir.join(dir))
                 .map_err(|e| format!("creating {dir}: {e}"))?;
         }
+        // The child gets into the cgroup without being moved (see cgroup::JoinHandles): it is
+        // created in the cgroup2 directory, and joins the v1 hierarchies itself.
+        let join = self
+            .cgroup
+            .join_handles()
+            .map_err(|e| format!("joining cgroup: {e}"))?;
         let child = init::Child {
             config: &self.config,
             dir: &self.dir,
@@ -250,6 +256,7 @@ impl Monitor {
             stdout: &out_write,
             stderr: &errs_write,
             seccomp: &self.seccomp,
+            cgroup_tasks: &join.v1_tasks,
         };
         let mut flags =
             CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
@@ -257,13 +264,31 @@ impl Monitor {
         if self.config.ipc.is_none() {
             flags |= CloneFlags::CLONE_NEWIPC;
         }
-        let pid = sys::clone_child(flags, Box::new(|| init::run(&child)))
-            .map_err(|e| format!("clone: {e}"))?;
+        let mut body = || init::run(&child);
+        let (pid, placed) = match &join.v2_dir {
+            Some(dir) => {
+                match sys::clone_child_into_cgroup(flags, dir.as_fd(), Box::new(&mut body)) {
+                    Ok(pid) => (pid, true),
+                    Err(e) if e.kind() == std::io::ErrorKind::Unsupported => (
+                        sys::clone_child(flags, Box::new(&mut body))
+                            .map_err(|e| format!("clone: {e}"))?,
+                        false,
+                    ),
+                    Err(e) => return Err(format!("clone: {e}")),
+                }
+            }
+            None => (
+                sys::clone_child(flags, Box::new(&mut body)).map_err(|e| format!("clone: {e}"))?,
+                true,
+            ),
+        };
+        drop(join);
         drop(err_write);
         drop(out_write);
         drop(errs_write);
         drop(sync_read);
-        if let Err(e) = self.cgroup.add_process(pid.as_raw()) {
+        // A kernel that cannot clone into a cgroup: the child is moved, the slow way.
+        if !placed && let Err(e) = self.cgroup.add_process(pid.as_raw()) {
             let _ = kill(pid, Signal::SIGKILL);
             let _ = waitpid(pid, None);
             return Err(format!("joining cgroup: {e}"));

@@ -483,6 +483,44 @@ impl Cgroup for RsCgroup {
         Ok(())
     }
 
+    fn join_handles(&self) -> Result<super::JoinHandles, CgroupError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let failed = |path: &Path, e: &io::Error| CgroupError::AddProcess {
+            path: path.display().to_string(),
+            pid: 0,
+            detail: lower(e),
+        };
+        let open_dir = |dir: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(dir)
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| failed(dir, &e))
+        };
+        if self.v2() {
+            return Ok(super::JoinHandles {
+                v2_dir: Some(open_dir(&self.main_dir())?),
+                v1_tasks: Vec::new(),
+            });
+        }
+        let mut v1_tasks = Vec::new();
+        for dir in subsystem_dirs(&self.cg) {
+            let tasks = dir.join("tasks");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&tasks)
+                .map_err(|e| failed(&tasks, &e))?;
+            v1_tasks.push((tasks, f));
+        }
+        let v2_dir = match &self.unified {
+            Some(u) => Some(open_dir(u)?),
+            None => None,
+        };
+        Ok(super::JoinHandles { v2_dir, v1_tasks })
+    }
+
     fn processes(&self) -> Result<Vec<i32>, CgroupError> {
         let mut pids = Vec::new();
         for dir in self.dirs() {
