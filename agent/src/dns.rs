@@ -182,8 +182,13 @@ fn wire_name(out: &mut Vec<u8>, name: &str) {
     out.push(0);
 }
 
-/// The SOA record as [`soa`] makes it, on the wire without compression.
-fn soa_wire() -> Vec<u8> {
+/// The SOA record as [`soa`] makes it, on the wire without compression (made once).
+fn soa_wire() -> &'static [u8] {
+    static WIRE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(make_soa_wire);
+    &WIRE
+}
+
+fn make_soa_wire() -> Vec<u8> {
     let mut rdata = Vec::new();
     wire_name(&mut rdata, &format!("ns.{ZONE}"));
     wire_name(&mut rdata, &format!("hostmaster.{ZONE}"));
@@ -218,16 +223,64 @@ pub fn answer(query: &[u8], zone: &Zone, udp: bool) -> Reply {
     answer_slow(query, zone, udp)
 }
 
-/// The lean path for the common query (one question, no EDNS, class IN, a name in the zone
-/// with a prepared answer): copy the question, patch the id and RD, append the prepared
-/// records. `None`: use the general path.
+/// The OPT record of this server's answers to EDNS queries: the root name, type OPT (41),
+/// this server's UDP payload size as the class, extended rcode 0, version 0, no flags, no
+/// options (RFC 6891).
+const OPT_RECORD: [u8; 11] = [
+    0,
+    0,
+    41,
+    (EDNS_PAYLOAD >> 8) as u8,
+    (EDNS_PAYLOAD & 0xff) as u8,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+];
+
+/// Reads the OPT record that ends a query at `at` (one additional record, nothing after it):
+/// the client's UDP payload size, when the record is well formed and of EDNS version 0 with
+/// well-formed options other than client subnet (which the general path reads). `None`: let
+/// the general path answer (BADVERS, FORMERR, ...).
+fn query_opt(query: &[u8], at: usize) -> Option<u16> {
+    let rr = query.get(at..at + 11)?;
+    if rr[0] != 0 || rr[1..3] != [0, 41] || rr[6] != 0 {
+        return None; // not an OPT record of the root, or a version other than 0
+    }
+    let payload = u16::from_be_bytes([rr[3], rr[4]]);
+    let rdlen = usize::from(u16::from_be_bytes([rr[9], rr[10]]));
+    let options = query.get(at + 11..)?;
+    if options.len() != rdlen {
+        return None;
+    }
+    let mut i = 0;
+    while i < options.len() {
+        let head = options.get(i..i + 4)?;
+        let code = u16::from_be_bytes([head[0], head[1]]);
+        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        if code == 8 || options.len() < i + 4 + len {
+            return None;
+        }
+        i += 4 + len;
+    }
+    Some(payload)
+}
+
+/// The lean path for the common query (one question, class IN, with or without an EDNS0 OPT
+/// record, a name in the zone with a prepared answer): copy the question, patch the id and RD,
+/// append the prepared records (and this server's OPT record when the query had one). `None`:
+/// use the general path.
 fn answer_fast(query: &[u8], zone: &Zone, udp: bool) -> Option<Reply> {
     if query.len() < 17 || query[2] & 0xf8 != 0 {
         return None; // a response, or an opcode other than QUERY
     }
-    if query[4..12] != [0, 1, 0, 0, 0, 0, 0, 0] {
-        return None; // not exactly one question and nothing else (EDNS goes the long way)
-    }
+    let edns = match query[4..12] {
+        [0, 1, 0, 0, 0, 0, 0, 0] => false,
+        [0, 1, 0, 0, 0, 0, 0, 1] => true,
+        _ => return None, // not exactly one question (and at most one additional record)
+    };
     let mut i = 12;
     let mut name = String::with_capacity(64);
     loop {
@@ -259,29 +312,57 @@ fn answer_fast(query: &[u8], zone: &Zone, udp: bool) -> Option<Reply> {
     let qclass = u16::from_be_bytes([*query.get(i + 2)?, *query.get(i + 3)?]);
     let end = i + 4;
     // Other classes and zone transfers (AXFR 252, IXFR 251): the general path refuses them.
-    if end != query.len() || qclass != 1 || qtype == 251 || qtype == 252 {
+    if qclass != 1 || qtype == 251 || qtype == 252 {
         return None;
     }
+    // What the client takes over UDP: 512 without EDNS, else its payload size (at least 512)
+    // but no more than this server offers.
+    let limit = if edns {
+        usize::from(query_opt(query, end)?.clamp(512, EDNS_PAYLOAD))
+    } else if end == query.len() {
+        512
+    } else {
+        return None;
+    };
+    let opt: &[u8] = if edns { &OPT_RECORD } else { &[] };
     if in_zone(&name) && !zone.names.contains(&name) {
         // NXDOMAIN with the zone's SOA (written out uncompressed).
-        let mut out = Vec::with_capacity(end + 80);
+        let mut out = Vec::with_capacity(end + 80 + opt.len());
         out.extend_from_slice(&query[..2]);
-        out.extend_from_slice(&[0x84 | (query[2] & 1), 0x83, 0, 1, 0, 0, 0, 1, 0, 0]);
+        out.extend_from_slice(&[
+            0x84 | (query[2] & 1),
+            0x83,
+            0,
+            1,
+            0,
+            0,
+            0,
+            1,
+            0,
+            u8::from(edns),
+        ]);
         out.extend_from_slice(&query[12..end]);
-        out.extend_from_slice(&soa_wire());
+        out.extend_from_slice(soa_wire());
+        out.extend_from_slice(opt);
         return Some(Reply::Answer(out));
     }
     let (flags_counts, tail) = zone.prepared.get(&(name, qtype))?;
-    if udp && end + tail.len() > 512 {
+    if udp && end + tail.len() + opt.len() > limit {
         return None; // the general path truncates
     }
-    let mut out = Vec::with_capacity(end + tail.len());
+    let mut out = Vec::with_capacity(end + tail.len() + opt.len());
     out.extend_from_slice(&query[..2]);
     out.extend_from_slice(flags_counts);
     // RD as the client set it.
     out[2] = (out[2] & !1) | (query[2] & 1);
+    if edns {
+        // One more additional record: the OPT.
+        let ar = u16::from_be_bytes([out[10], out[11]]).checked_add(1)?;
+        out[10..12].copy_from_slice(&ar.to_be_bytes());
+    }
     out.extend_from_slice(&query[12..end]);
     out.extend_from_slice(tail);
+    out.extend_from_slice(opt);
     Some(Reply::Answer(out))
 }
 
@@ -750,16 +831,31 @@ mod tests {
         m.metadata.recursion_desired = true;
         m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
         let bytes = m.to_vec().expect("encode");
-        // The lean path answers exactly what the general one does.
-        if let Some(Reply::Answer(fast)) = answer_fast(&bytes, zone, udp) {
-            let Reply::Answer(slow) = answer_slow(&bytes, zone, udp) else {
-                panic!("slow path has no answer for {name}");
-            };
-            let (f, s) = (
-                Message::from_vec(&fast).expect("fast"),
-                Message::from_vec(&slow).expect("slow"),
-            );
-            assert_eq!(f, s, "{name} {t:?}");
+        // The lean path answers exactly what the general one does, with EDNS (of several
+        // payload sizes, the smallest ones truncating) and without.
+        let mut variants = vec![bytes.clone()];
+        for payload in [0u16, 512, 600, 1232, 4096] {
+            let mut e = m.clone();
+            let mut edns = Edns::new();
+            edns.set_max_payload(payload);
+            e.set_edns(edns);
+            variants.push(e.to_vec().expect("encode"));
+        }
+        for v in &variants {
+            if let Some(Reply::Answer(fast)) = answer_fast(v, zone, udp) {
+                let Reply::Answer(slow) = answer_slow(v, zone, udp) else {
+                    panic!("slow path has no answer for {name}");
+                };
+                let (f, s) = (
+                    Message::from_vec(&fast).expect("fast"),
+                    Message::from_vec(&slow).expect("slow"),
+                );
+                assert_eq!(f, s, "{name} {t:?}");
+                // Byte for byte as long (NXDOMAIN's SOA is written out uncompressed).
+                if f.metadata.response_code == ResponseCode::NoError {
+                    assert_eq!(fast.len(), slow.len(), "{name} {t:?}");
+                }
+            }
         }
         match answer(&bytes, zone, udp) {
             Reply::Answer(b) => Message::from_vec(&b).expect("decode"),
@@ -786,6 +882,26 @@ mod tests {
             answer_fast(&q.to_vec().expect("enc"), &zone, true).is_some(),
             "lean path used"
         );
+        // With EDNS0 too (dig's cookie option among the options), and for a name that is not
+        // there; an EDNS version other than 0 and a client subnet option go the long way.
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        e.options_mut()
+            .insert(hickory_proto::rr::rdata::opt::EdnsOption::Unknown(
+                10,
+                vec![1, 2, 3, 4, 5, 6, 7, 8],
+            ));
+        q.set_edns(e.clone());
+        assert!(answer_fast(&q.to_vec().expect("enc"), &zone, true).is_some());
+        let mut nx = q.clone();
+        nx.queries[0] = Query::query(
+            Name::from_ascii("nope.default.skiff.internal.").expect("n"),
+            RecordType::A,
+        );
+        assert!(answer_fast(&nx.to_vec().expect("enc"), &zone, true).is_some());
+        e.set_version(1);
+        q.set_edns(e);
+        assert!(answer_fast(&q.to_vec().expect("enc"), &zone, true).is_none());
         let r = ask(&zone, "WEB.default.skiff.internal.", RecordType::A, true);
         assert_eq!(r.metadata.id, 4242);
         assert!(r.metadata.authoritative);

@@ -353,10 +353,10 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
         "- All three on the same simulated host (netns), dnsperf alongside; the agent's DNS is \
          measured inside the running agent (its CPU time includes heartbeats and reconcile \
          passes); dnsmasq (`--addn-hosts`, `--srv-host`) and unbound (`local-zone static`, \
-         threads, one per core) serve the same records. The agent answers plain zone queries \
-         from answers prepared per (name, type) at each service-set change and everything else \
-         (EDNS0 among it, answered with an OPT record as RFC 6891 asks) through hickory-proto, \
-         with one UDP socket per core (SO_REUSEPORT). \
+         threads, one per core) serve the same records. The agent answers zone queries with or \
+         without EDNS0 (an OPT record added to the answer, as RFC 6891 asks) from answers \
+         prepared per (name, type) at each service-set change, and everything else through \
+         hickory-proto, with one UDP socket per core (SO_REUSEPORT). \
          unbound gets as many threads as the agent has sockets; dnsmasq has one by design."
             .to_owned(),
         String::new(),
