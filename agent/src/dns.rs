@@ -17,7 +17,9 @@
 //! the network.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -25,8 +27,11 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, SOA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
+};
 use skiff_proto::v1 as pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::{debug, warn};
 
@@ -695,17 +700,119 @@ pub async fn serve(
     Ok(())
 }
 
-/// Reads one UDP socket forever: an error is logged, counted and backed off from, never the
-/// end of the socket.
-async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
-    let mut buf = vec![0u8; 65535];
-    let mut backoff = Backoff::new();
-    loop {
-        let (n, peer) = match udp.recv_from(&mut buf).await {
-            Ok(r) => {
-                backoff.ok();
-                r
+/// Datagrams read, and answers sent, per system call (recvmmsg, sendmmsg).
+const BATCH: usize = 32;
+/// The longest query read over UDP; a longer one is answered FORMERR.
+const MAX_UDP_QUERY: usize = 4096;
+
+/// One datagram of a batch: its length, sender and whether it was cut short.
+type Received = (usize, Option<SocketAddr>, bool);
+
+fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// Reads the datagrams waiting on `fd`, up to one per buffer, in one recvmmsg.
+fn recv_batch(
+    fd: std::os::fd::RawFd,
+    bufs: &mut [Vec<u8>],
+    got: &mut Vec<Received>,
+) -> std::io::Result<()> {
+    got.clear();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), None);
+    let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
+        .iter_mut()
+        .map(|b| [IoSliceMut::new(&mut b[..])])
+        .collect();
+    let msgs = recvmmsg(
+        fd,
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )?;
+    for m in msgs {
+        got.push((
+            m.bytes,
+            m.address.as_ref().and_then(std_addr),
+            m.flags.contains(MsgFlags::MSG_TRUNC),
+        ));
+    }
+    Ok(())
+}
+
+/// Sends answers from the front of `replies` in one sendmmsg; how many went.
+fn send_batch(fd: std::os::fd::RawFd, replies: &[(Vec<u8>, SocketAddr)]) -> std::io::Result<usize> {
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(replies.len(), None);
+    let iovs: Vec<[IoSlice<'_>; 1]> = replies.iter().map(|(b, _)| [IoSlice::new(b)]).collect();
+    let addrs: Vec<Option<SockaddrStorage>> = replies
+        .iter()
+        .map(|(_, a)| Some(SockaddrStorage::from(*a)))
+        .collect();
+    let no_cmsgs: [ControlMessage<'_>; 0] = [];
+    let sent = sendmmsg(
+        fd,
+        &mut headers,
+        iovs.iter(),
+        addrs,
+        no_cmsgs,
+        MsgFlags::MSG_DONTWAIT,
+    )?;
+    Ok(sent.count())
+}
+
+/// Sends every answer, as many per system call as the socket takes; one the kernel refuses
+/// (a sender that cannot be reached) is counted and skipped, a full send buffer waited out.
+async fn send_all(udp: &UdpSocket, mut replies: &[(Vec<u8>, SocketAddr)], stats: &DnsStats) {
+    let fd = udp.as_raw_fd();
+    while let Some((first, peer)) = replies.first() {
+        match udp.try_io(Interest::WRITABLE, || send_batch(fd, replies)) {
+            Ok(n) => replies = &replies[n.max(1)..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Err(e) = udp.send_to(first, peer).await {
+                    stats.socket_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(%peer, error = %e, "DNS UDP send failed");
+                }
+                replies = &replies[1..];
             }
+            Err(e) => {
+                stats.socket_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, error = %e, "DNS UDP send failed");
+                replies = &replies[1..];
+            }
+        }
+    }
+}
+
+fn formerr(query: &[u8]) -> Option<Vec<u8>> {
+    let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
+    Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
+        .to_vec()
+        .ok()
+}
+
+/// Reads one UDP socket forever, a batch of datagrams per system call, and answers each batch
+/// with one send: an error is logged, counted and backed off from, never the end of the
+/// socket.
+async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
+    let mut bufs = vec![vec![0u8; MAX_UDP_QUERY]; BATCH];
+    let mut got: Vec<Received> = Vec::with_capacity(BATCH);
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
+    let mut backoff = Backoff::new();
+    let fd = udp.as_raw_fd();
+    loop {
+        if let Err(e) = udp.readable().await {
+            fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "DNS UDP socket failed; it keeps serving");
+            backoff.failed().await;
+            continue;
+        }
+        match udp.try_io(Interest::READABLE, || recv_batch(fd, &mut bufs, &mut got)) {
+            Ok(()) => backoff.ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             // An ICMP error for an earlier answer; nothing is wrong with the socket.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
             Err(e) => {
@@ -714,36 +821,39 @@ async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
                 backoff.failed().await;
                 continue;
             }
-        };
-        let query = &buf[..n];
-        match answer(query, &current(&zone), true) {
-            Reply::Answer(b) => {
-                if let Err(e) = udp.send_to(&b, peer).await {
-                    fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
-                    debug!(%peer, error = %e, "DNS UDP send failed");
+        }
+        let z = current(&zone);
+        replies.clear();
+        for (buf, &(len, peer, cut)) in bufs.iter().zip(&got) {
+            let Some(peer) = peer else { continue };
+            let query = &buf[..len.min(buf.len())];
+            if cut {
+                replies.extend(formerr(query).map(|b| (b, peer)));
+                continue;
+            }
+            match answer(query, &z, true) {
+                Reply::Answer(b) => replies.push((b, peer)),
+                Reply::Drop => {}
+                Reply::Forward => {
+                    let Some(permit) = fwd.slot() else {
+                        replies.extend(servfail(query).map(|b| (b, peer)));
+                        continue;
+                    };
+                    let (q, udp, fwd) = (query.to_vec(), udp.clone(), fwd.clone());
+                    tokio::spawn(async move {
+                        let reply = match forward(&q, &fwd.upstreams, false).await {
+                            Some(b) => Some(b),
+                            None => servfail(&q),
+                        };
+                        drop(permit);
+                        if let Some(b) = reply {
+                            let _ = udp.send_to(&b, peer).await;
+                        }
+                    });
                 }
             }
-            Reply::Drop => {}
-            Reply::Forward => {
-                let Some(permit) = fwd.slot() else {
-                    if let Some(b) = servfail(query) {
-                        let _ = udp.send_to(&b, peer).await;
-                    }
-                    continue;
-                };
-                let (q, udp, fwd) = (query.to_vec(), udp.clone(), fwd.clone());
-                tokio::spawn(async move {
-                    let reply = match forward(&q, &fwd.upstreams, false).await {
-                        Some(b) => Some(b),
-                        None => servfail(&q),
-                    };
-                    drop(permit);
-                    if let Some(b) = reply {
-                        let _ = udp.send_to(&b, peer).await;
-                    }
-                });
-            }
         }
+        send_all(&udp, &replies, &fwd.stats).await;
     }
 }
 
@@ -1129,6 +1239,106 @@ mod tests {
             resolv_conf(Ipv4Addr::new(10, 42, 1, 1), "shop"),
             "# written by skiff-agent\nnameserver 10.42.1.1\nsearch shop.skiff.internal skiff.internal\noptions ndots:2\n"
         );
+    }
+
+    /// Bursts from several clients at once are read and answered in batches: every query
+    /// gets exactly one answer, with its id, at the client that asked; a query longer than
+    /// the server reads gets FORMERR.
+    #[tokio::test]
+    async fn bursts_are_answered_once_each_to_their_sender() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let zone: SharedZone = Arc::new(RwLock::new(Arc::new(Zone::build(&[service(
+            &[("aaaa000000000001", "10.42.1.2")],
+            &[],
+        )]))));
+        let stats = Arc::new(DnsStats::default());
+        let server = tokio::spawn(serve(addr, zone, Arc::new(vec![]), stats.clone()));
+        let query = |id: u16, edns: bool| {
+            let mut m = Message::query();
+            m.metadata.id = id;
+            m.add_query(Query::query(
+                Name::from_ascii("web.default.skiff.internal.").expect("name"),
+                RecordType::A,
+            ));
+            if edns {
+                m.set_edns(Edns::new());
+            }
+            m.to_vec().expect("encode")
+        };
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(UdpSocket::bind("127.0.0.1:0").await.expect("client"));
+        }
+        let mut buf = vec![0u8; 4096];
+        // Up: one answer to the first client.
+        let mut up = false;
+        for _ in 0..100 {
+            let _ = clients[0].send_to(&query(1, false), addr).await;
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(50), clients[0].recv_from(&mut buf))
+                    .await
+            {
+                up = true;
+                break;
+            }
+        }
+        assert!(up, "the DNS server did not come up");
+        // Drain late answers to the probes.
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(100), clients[0].recv_from(&mut buf)).await
+        {
+        }
+        const PER_CLIENT: u16 = 100;
+        for i in 0..PER_CLIENT {
+            for (c, client) in clients.iter().enumerate() {
+                let id = c as u16 * 1000 + i;
+                client
+                    .send_to(&query(id, i % 2 == 0), addr)
+                    .await
+                    .expect("send");
+            }
+        }
+        for (c, client) in clients.iter().enumerate() {
+            let mut ids = Vec::new();
+            while ids.len() < usize::from(PER_CLIENT) {
+                let Ok(Ok((n, from))) =
+                    tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf)).await
+                else {
+                    break;
+                };
+                assert_eq!(from, addr);
+                let m = Message::from_vec(&buf[..n]).expect("answer");
+                assert_eq!(m.answers.len(), 1);
+                assert_eq!(
+                    m.edns.is_some(),
+                    m.metadata.id.is_multiple_of(2),
+                    "OPT iff asked"
+                );
+                ids.push(m.metadata.id);
+            }
+            ids.sort_unstable();
+            let want: Vec<u16> = (0..PER_CLIENT).map(|i| c as u16 * 1000 + i).collect();
+            assert_eq!(ids, want, "client {c}: each query answered once");
+        }
+        // Longer than the server reads: FORMERR with the query's id.
+        let mut long = query(4242, false);
+        long.resize(MAX_UDP_QUERY + 100, 0);
+        clients[1].send_to(&long, addr).await.expect("send");
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), clients[1].recv_from(&mut buf))
+            .await
+            .expect("an answer to the long query")
+            .expect("recv");
+        let m = Message::from_vec(&buf[..n]).expect("answer");
+        assert_eq!(
+            (m.metadata.id, m.metadata.response_code),
+            (4242, ResponseCode::FormErr)
+        );
+        assert_eq!(stats.socket_errors.load(Ordering::Relaxed), 0);
+        server.abort();
     }
 
     /// A flood of out-of-zone names against an upstream that never answers: at most
