@@ -356,7 +356,8 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
          threads, one per core) serve the same records. The agent answers zone queries with or \
          without EDNS0 (an OPT record added to the answer, as RFC 6891 asks) from answers \
          prepared per (name, type) at each service-set change, and everything else through \
-         hickory-proto, with one UDP socket per core (SO_REUSEPORT). \
+         hickory-proto, with one UDP socket per core (SO_REUSEPORT) read up to 32 queries per \
+         recvmmsg and answered with one sendmmsg. \
          unbound gets as many threads as the agent has sockets; dnsmasq has one by design."
             .to_owned(),
         String::new(),
