@@ -124,7 +124,7 @@ impl RaftInternal for RaftService {
         };
         let snapshot = openraft::Snapshot {
             meta,
-            snapshot: data,
+            snapshot: data.into(),
         };
         match self.node.raft().install_full_snapshot(vote, snapshot).await {
             Ok(r) => ok(&r),

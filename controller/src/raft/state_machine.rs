@@ -45,7 +45,7 @@ struct SnapshotFile {
 struct Inner {
     applied: RwLock<Applied>,
     /// The latest built or installed snapshot, as sent to followers.
-    current: RwLock<Option<(SnapshotMeta, Arc<SnapshotData>)>>,
+    current: RwLock<Option<(SnapshotMeta, SnapshotData)>>,
     dir: PathBuf,
     apply_seconds: Histogram,
     /// What entries applied since the reconciler last looked touched.
@@ -80,7 +80,7 @@ impl StateMachineStore {
                     last_applied: file.meta.last_log_id,
                     membership: file.meta.last_membership.clone(),
                 };
-                (applied, Some((file.meta, Arc::new(data))))
+                (applied, Some((file.meta, SnapshotData::from(data))))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => (Applied::default(), None),
             Err(e) => return Err(e),
@@ -135,7 +135,7 @@ impl StateMachineStore {
             .unwrap_or_else(|_| panic!("state machine lock poisoned"))
     }
 
-    fn set_current(&self, meta: SnapshotMeta, data: Arc<SnapshotData>) {
+    fn set_current(&self, meta: SnapshotMeta, data: SnapshotData) {
         let mut cur = self
             .inner
             .current
@@ -144,14 +144,9 @@ impl StateMachineStore {
         *cur = Some((meta, data));
     }
 
-    /// Writes a snapshot durably: temp file, fsync, rename, fsync the directory.
-    fn persist(&self, meta: &SnapshotMeta, state: &ClusterState) -> io::Result<()> {
-        let state = serde_json::to_vec(state).map_err(io::Error::other)?;
-        self.persist_encoded(meta, &state)
-    }
-
-    /// As [`StateMachineStore::persist`], with the state already serialized: the file is a
-    /// [`SnapshotFile`] written around those bytes, so a snapshot serializes its state once.
+    /// Writes a snapshot durably (temp file, fsync, rename, fsync the directory), with the
+    /// state already serialized: the file is a [`SnapshotFile`] written around those bytes, so
+    /// a snapshot's state is serialized once, where it is built.
     fn persist_encoded(&self, meta: &SnapshotMeta, state: &[u8]) -> io::Result<()> {
         let mut bytes = Vec::with_capacity(state.len() + 512);
         bytes.extend_from_slice(b"{\"meta\":");
@@ -202,7 +197,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                     .and_then(|data| {
                         let encoded = started.elapsed();
                         this.persist_encoded(&meta, &data)?;
-                        this.set_current(meta.clone(), Arc::new(data.clone()));
+                        // Kept as the current snapshot and returned, without a copy.
+                        let data = SnapshotData::from(data);
+                        this.set_current(meta.clone(), data.clone());
                         tracing::info!(
                             last_log_id = ?meta.last_log_id,
                             bytes = data.len(),
@@ -286,12 +283,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> io::Result<()> {
+        // Decoded to check it and to serve from; the file is written from the bytes received
+        // (one serialization, the leader's).
         let state: ClusterState = serde_json::from_slice(&snapshot)
             .map_err(|e| invalid("corrupt snapshot received", e))?;
         let this = self.clone();
         let meta2 = meta.clone();
-        let state2 = state.clone();
-        tokio::task::spawn_blocking(move || this.persist(&meta2, &state2))
+        let bytes = snapshot.clone();
+        tokio::task::spawn_blocking(move || this.persist_encoded(&meta2, &bytes))
             .await
             .map_err(|e| io::Error::other(format!("snapshot task failed: {e}")))??;
         {
@@ -304,7 +303,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .published_dirty
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        self.set_current(meta.clone(), Arc::new(snapshot));
+        self.set_current(meta.clone(), snapshot);
         tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
         Ok(())
     }
@@ -317,7 +316,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .unwrap_or_else(|_| panic!("snapshot lock poisoned"));
         Ok(cur.as_ref().map(|(meta, data)| Snapshot {
             meta: meta.clone(),
-            snapshot: data.as_ref().clone(),
+            snapshot: data.clone(),
         }))
     }
 }
@@ -355,5 +354,49 @@ mod tests {
         assert_eq!(again.read().state, sm.read().state);
         assert_eq!(sent, sm.read().state);
         assert!(again.read().state.job("default", "b").is_some());
+        // The current snapshot is the built one's bytes, shared, not a copy.
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .expect("current")
+            .expect("a current snapshot");
+        assert_eq!(current.snapshot.as_ptr(), built.snapshot.as_ptr());
+
+        // A follower installs it: its file holds the bytes received, it reopens as the same
+        // state, and it hands on the same buffer.
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let mut follower =
+            StateMachineStore::open(dir2.path(), Histogram::new([0.001])).expect("open");
+        follower
+            .install_snapshot(&built.meta, built.snapshot.clone())
+            .await
+            .expect("install");
+        let file = fs::read_to_string(dir2.path().join(SNAPSHOT_FILE)).expect("file");
+        let sent = std::str::from_utf8(&built.snapshot).expect("utf-8");
+        assert!(file.ends_with(&format!(",\"state\":{sent}}}")), "{file}");
+        let reopened =
+            StateMachineStore::open(dir2.path(), Histogram::new([0.001])).expect("reopen");
+        assert_eq!(reopened.read().state, sm.read().state);
+        let handed = follower
+            .get_current_snapshot()
+            .await
+            .expect("current")
+            .expect("a current snapshot");
+        assert_eq!(handed.snapshot.as_ptr(), built.snapshot.as_ptr());
+
+        // A corrupt one is refused and changes nothing, in memory or on disk.
+        let err = follower
+            .install_snapshot(&built.meta, SnapshotData::from_static(b"{\"jobs\": ["))
+            .await
+            .expect_err("corrupt snapshot");
+        assert!(
+            err.to_string().contains("corrupt snapshot received"),
+            "{err}"
+        );
+        assert_eq!(follower.read().state, sm.read().state);
+        assert_eq!(
+            fs::read_to_string(dir2.path().join(SNAPSHOT_FILE)).expect("file"),
+            file
+        );
     }
 }

@@ -53,6 +53,8 @@ pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
-/// Snapshots are held whole in memory: the cluster state of a small cluster is small.
-pub type SnapshotData = Vec<u8>;
+/// Snapshots are held whole in memory (the cluster state of a small cluster is small), as
+/// shared bytes: the current snapshot is handed to every follower it is sent to, and kept,
+/// without a copy.
+pub type SnapshotData = bytes::Bytes;
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
