@@ -785,11 +785,10 @@ fn oversized_text_is_refused_with_a_message() {
 }
 
 /// The canonical JSON of a spec parses back to an equal spec (the spec module's architecture
-/// invariant), here for cpu values that serde_json's default float parser reads one ulp off.
-/// Found by `generated_specs_round_trip` and `extreme_durations_and_sizes`; fails until
-/// serde_json's `float_roundtrip` feature is enabled (or cpu is parsed exactly otherwise).
+/// invariant), here for cpu values that serde_json's default float parser read one ulp off.
+/// Found by `generated_specs_round_trip` and `extreme_durations_and_sizes`; serde_json parses
+/// floats exactly since its `float_roundtrip` feature is on (workspace Cargo.toml).
 #[test]
-#[ignore = "known bug: canonical JSON does not round-trip some cpu values (serde_json float_roundtrip off)"]
 fn canonical_json_keeps_every_cpu_value_exactly() {
     for cpu in [
         "468.66922330745035",
