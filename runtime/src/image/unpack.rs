@@ -485,7 +485,15 @@ fn apply_at_meta(dirfd: &OwnedFd, name: &OsStr, meta: &Meta, symlink: bool) -> R
         let path = CString::new(proc_path(dirfd, name).into_os_string().into_encoded_bytes())
             .map_err(|_| refuse("NUL byte in path"))?;
         for (xname, value) in &meta.xattrs {
-            set_xattr_result(xname, xattr::lset(&path, xname, value))?;
+            match xattr::lset(&path, xname, value) {
+                // The kernel takes user.* xattrs only on regular files and directories, and
+                // this is neither: skipped with a warning, as containerd's unpacker does,
+                // instead of refusing the whole layer.
+                Err(Errno::EPERM) if xname.to_bytes().starts_with(b"user.") => {
+                    warn!(xattr = ?xname, "user.* xattr on a symlink, device or fifo; skipped");
+                }
+                r => set_xattr_result(xname, r)?,
+            }
         }
     }
     utimensat(
