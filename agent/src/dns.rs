@@ -1241,11 +1241,14 @@ mod tests {
         );
     }
 
-    /// Bursts from several clients at once are read and answered in batches: every query
-    /// gets exactly one answer, with its id, at the client that asked; a query longer than
-    /// the server reads gets FORMERR.
-    #[tokio::test]
-    async fn bursts_are_answered_once_each_to_their_sender() {
+    /// A server on a free loopback port, its zone one service with one endpoint.
+    fn start_server(
+        upstreams: Vec<SocketAddr>,
+    ) -> (
+        SocketAddr,
+        Arc<DnsStats>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
             .expect("free port")
@@ -1256,7 +1259,16 @@ mod tests {
             &[],
         )]))));
         let stats = Arc::new(DnsStats::default());
-        let server = tokio::spawn(serve(addr, zone, Arc::new(vec![]), stats.clone()));
+        let server = tokio::spawn(serve(addr, zone, Arc::new(upstreams), stats.clone()));
+        (addr, stats, server)
+    }
+
+    /// Bursts from several clients at once are read and answered in batches: every query
+    /// gets exactly one answer, with its id, at the client that asked; a query longer than
+    /// the server reads gets FORMERR.
+    #[tokio::test]
+    async fn bursts_are_answered_once_each_to_their_sender() {
+        let (addr, stats, server) = start_server(vec![]);
         let query = |id: u16, edns: bool| {
             let mut m = Message::query();
             m.metadata.id = id;
@@ -1349,17 +1361,7 @@ mod tests {
         // An upstream that reads nothing and answers nothing.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("upstream");
         let upstream = silent.local_addr().expect("addr");
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free port")
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let zone: SharedZone = Arc::new(RwLock::new(Arc::new(Zone::build(&[service(
-            &[("aaaa000000000001", "10.42.1.2")],
-            &[],
-        )]))));
-        let stats = Arc::new(DnsStats::default());
-        let server = tokio::spawn(serve(addr, zone, Arc::new(vec![upstream]), stats.clone()));
+        let (addr, stats, server) = start_server(vec![upstream]);
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
         let query = |id: u16, name: &str| {
             let mut m = Message::query();

@@ -326,6 +326,13 @@ mod tests {
     use super::*;
     use crate::state::Command;
 
+    async fn current_of(sm: &mut StateMachineStore) -> Snapshot {
+        sm.get_current_snapshot()
+            .await
+            .expect("current")
+            .expect("a current snapshot")
+    }
+
     /// A built snapshot (its state serialized once, the file written around it) opens again
     /// as the same state, and what it hands to followers is that state.
     #[tokio::test]
@@ -355,11 +362,7 @@ mod tests {
         assert_eq!(sent, sm.read().state);
         assert!(again.read().state.job("default", "b").is_some());
         // The current snapshot is the built one's bytes, shared, not a copy.
-        let current = sm
-            .get_current_snapshot()
-            .await
-            .expect("current")
-            .expect("a current snapshot");
+        let current = current_of(&mut sm).await;
         assert_eq!(current.snapshot.as_ptr(), built.snapshot.as_ptr());
 
         // A follower installs it: its file holds the bytes received, it reopens as the same
@@ -377,11 +380,7 @@ mod tests {
         let reopened =
             StateMachineStore::open(dir2.path(), Histogram::new([0.001])).expect("reopen");
         assert_eq!(reopened.read().state, sm.read().state);
-        let handed = follower
-            .get_current_snapshot()
-            .await
-            .expect("current")
-            .expect("a current snapshot");
+        let handed = current_of(&mut follower).await;
         assert_eq!(handed.snapshot.as_ptr(), built.snapshot.as_ptr());
 
         // A corrupt one is refused and changes nothing, in memory or on disk.
