@@ -619,14 +619,17 @@ async fn forward(query: &[u8], upstreams: &[SocketAddr], tcp: bool) -> Option<Ve
     None
 }
 
-fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+/// An error answer with the query's id; `None` for less than a header.
+fn error_reply(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
     if query.len() < 12 {
         return None;
     }
     let id = u16::from_be_bytes([query[0], query[1]]);
-    Message::error_msg(id, OpCode::Query, ResponseCode::ServFail)
-        .to_vec()
-        .ok()
+    Message::error_msg(id, OpCode::Query, code).to_vec().ok()
+}
+
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    error_reply(query, ResponseCode::ServFail)
 }
 
 /// Serves DNS on `addr` (UDP and TCP) until the task is dropped: one UDP socket per core
@@ -787,13 +790,6 @@ async fn send_all(udp: &UdpSocket, mut replies: &[(Vec<u8>, SocketAddr)], stats:
     }
 }
 
-fn formerr(query: &[u8]) -> Option<Vec<u8>> {
-    let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
-    Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
-        .to_vec()
-        .ok()
-}
-
 /// Reads one UDP socket forever, a batch of datagrams per system call, and answers each batch
 /// with one send: an error is logged, counted and backed off from, never the end of the
 /// socket.
@@ -828,7 +824,7 @@ async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
             let Some(peer) = peer else { continue };
             let query = &buf[..len.min(buf.len())];
             if cut {
-                replies.extend(formerr(query).map(|b| (b, peer)));
+                replies.extend(error_reply(query, ResponseCode::FormErr).map(|b| (b, peer)));
                 continue;
             }
             match answer(query, &z, true) {
