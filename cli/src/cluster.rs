@@ -85,9 +85,19 @@ fn print_members(out: Out, members: &[pb::Member]) -> anyhow::Result<()> {
                 if m.voter { "yes".into() } else { "no".into() },
                 m.applied_index.to_string(),
                 m.term.to_string(),
+                if m.release.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{} (level {})", m.release, m.command_level)
+                },
             ]
         })
         .collect();
-    print_table(&["ID", "ADDRESS", "ROLE", "VOTER", "APPLIED", "TERM"], rows);
+    print_table(
+        &[
+            "ID", "ADDRESS", "ROLE", "VOTER", "APPLIED", "TERM", "RELEASE",
+        ],
+        rows,
+    );
     Ok(())
 }

@@ -254,6 +254,8 @@ pub fn member_json(m: &pb::Member) -> Value {
         "voter": m.voter,
         "applied_index": m.applied_index,
         "term": m.term,
+        "command_level": m.command_level,
+        "release": m.release,
     })
 }
 

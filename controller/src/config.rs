@@ -417,6 +417,13 @@ fn validate_raft(r: &RaftSettings) -> Result<(), ConfigError> {
     if r.snapshot_every == 0 {
         return Err(ConfigError::Raft("snapshot_every must be positive".into()));
     }
+    if r.command_level > crate::state::COMMAND_LEVEL {
+        return Err(ConfigError::Raft(format!(
+            "command_level ({}) is newer than this release applies ({})",
+            r.command_level,
+            crate::state::COMMAND_LEVEL
+        )));
+    }
     Ok(())
 }
 
@@ -471,6 +478,29 @@ mod tests {
             .expect_err("must fail")
             .to_string();
         assert!(err.contains("rpc_adr"), "{err}");
+    }
+
+    /// A member can be held at an older release's command level, never at a newer one.
+    #[test]
+    fn command_level_is_at_most_this_releases() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        let load = |level: u32| {
+            std::fs::write(
+                &path,
+                format!("id = 1\ndata_dir = \"/x\"\n[raft]\ncommand_level = {level}\n"),
+            )
+            .expect("write");
+            Config::from_args(args(&["--config", path.to_str().expect("utf8")]))
+        };
+        assert_eq!(load(0).expect("older level").raft.command_level, 0);
+        let newest = crate::state::COMMAND_LEVEL;
+        assert_eq!(load(newest).expect("this level").raft.command_level, newest);
+        let err = load(newest + 1).expect_err("newer level").to_string();
+        assert!(
+            err.contains("command_level") && err.contains("newer"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -224,6 +224,10 @@ impl Controller {
             conflict_tx,
             stop_rx.clone(),
         )));
+        tasks.push(tokio::spawn(raft::keep_levels(
+            node.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(reconcile::follow_leader_clock(
             node.clone(),
             heartbeats.clone(),

@@ -15,7 +15,9 @@ mod wal;
 mod wire;
 
 pub use network::PeerError;
-pub use node::{AppliedWatch, MemberInfo, RaftNode, RaftNodeError, RaftSettings, Role, Status};
+pub use node::{
+    AppliedWatch, MemberInfo, RaftNode, RaftNodeError, RaftSettings, Role, Status, keep_levels,
+};
 pub use server::RaftService;
 pub(crate) use server::node_error_status;
 pub use types::{Member, MemberId};

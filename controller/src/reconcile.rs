@@ -982,11 +982,27 @@ async fn write_pending(node: &RaftNode, work: &mut Work) -> Result<(), crate::ra
             .collect()
     };
     // One entry per batch, not per job: a burst of new jobs with nowhere to run would
-    // otherwise double the entries the cluster writes.
-    let commands = items
-        .chunks(PENDING_BATCH)
-        .map(|c| Command::SetJobsPending { items: c.to_vec() });
-    let results = futures::future::join_all(commands.map(|c| node.write(c))).await;
+    // otherwise double the entries the cluster writes. A cluster part-way through an upgrade
+    // from a release without batches gets one entry per job.
+    let batched = node
+        .allows(&Command::SetJobsPending { items: Vec::new() })
+        .is_ok();
+    let commands: Vec<Command> = if batched {
+        items
+            .chunks(PENDING_BATCH)
+            .map(|c| Command::SetJobsPending { items: c.to_vec() })
+            .collect()
+    } else {
+        items
+            .into_iter()
+            .map(|p| Command::SetJobPending {
+                namespace: p.namespace,
+                name: p.name,
+                pending: p.pending,
+            })
+            .collect()
+    };
+    let results = futures::future::join_all(commands.into_iter().map(|c| node.write(c))).await;
     for r in results {
         if let (Err(e), _) = r? {
             warn!(error = %e, "pending reason refused");
@@ -1152,8 +1168,14 @@ async fn pass(
             // Only a full pass sees every open rollout.
             analyses.retain(&judged);
             if let Some(gc) = garbage(state, settings, now_ms()) {
-                info!(command = %gc, "collecting garbage");
-                commands.push(gc);
+                // Until every member applies it (an upgrade under way), garbage waits.
+                match node.allows(&gc) {
+                    Ok(()) => {
+                        info!(command = %gc, "collecting garbage");
+                        commands.push(gc);
+                    }
+                    Err(e) => debug!(error = %e, "garbage not collected yet"),
+                }
             }
             work.last_full = Some(now);
             work.active = active;

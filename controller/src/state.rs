@@ -21,6 +21,15 @@ pub use model::{
     RolloutStatus, WireguardBackend, WireguardIdentity,
 };
 
+/// The newest [`Command`] level this release applies (see [`Command::level`]).
+///
+/// Level 0 is every command the release before command levels applied. Each later level adds
+/// commands (or fields an older member would refuse). A member proposes a command only once
+/// every member of the membership has said it applies that command's level
+/// (`raft::RaftNode::allows`), so during a rolling upgrade a member of the older release is
+/// never sent an entry it cannot read. A new command variant gets a new level here.
+pub const COMMAND_LEVEL: u32 = 1;
+
 /// A change to the cluster state, replicated through the Raft log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -135,7 +144,6 @@ pub enum Command {
     Pki { change: pki::PkiOp },
 }
 
-/// Versions of one job (for [`Command::CollectGarbage`]).
 /// One job's pending reason in [`Command::SetJobsPending`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobPending {
@@ -144,6 +152,7 @@ pub struct JobPending {
     pub pending: Option<String>,
 }
 
+/// Versions of one job (for [`Command::CollectGarbage`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobVersions {
     pub namespace: String,
@@ -216,6 +225,17 @@ fn default_subnet_prefix() -> u8 {
 }
 
 impl Command {
+    /// The command level a member must apply to read this command (see [`COMMAND_LEVEL`]).
+    /// Level 1 (2026-12-04): the commands added after rollouts landed.
+    pub fn level(&self) -> u32 {
+        match self {
+            Command::SetNodeDiskPressure { .. }
+            | Command::SetJobsPending { .. }
+            | Command::CollectGarbage { .. } => 1,
+            _ => 0,
+        }
+    }
+
     /// A short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1934,6 +1934,132 @@ async fn t67_disk_pressure_keeps_new_work_off_a_node_until_it_clears() {
     c.shutdown().await;
 }
 
+/// A rolling upgrade from a release before a command level (the members held at level 0, then
+/// restarted at this release's level one at a time): while any member has not said it applies
+/// a command's level, that command is not written, and a direct write names the level and
+/// the way out. Heartbeats, jobs and pending reasons go on meanwhile in the older release's
+/// commands (disk pressure waits); once the last member is upgraded, the newer commands are
+/// written and `ListMembers` shows every member's release and level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t68_a_rolling_upgrade_writes_only_what_every_member_reads() {
+    use skiff_controller::state::{COMMAND_LEVEL, Command};
+    use skiff_proto::v1::nodes_client::NodesClient;
+    let old = RaftSettings {
+        command_level: 0,
+        ..TestCluster::settings()
+    };
+    let mut c = TestCluster::start(3, old.clone()).await;
+    let leader = c.wait_leader().await;
+    NodesClient::new(c.member_channel(leader).await)
+        .register(reg("n1", KEY1))
+        .await
+        .expect("register");
+    let pressure = |on: bool| pb::HeartbeatRequest {
+        disk_pressure: on,
+        ..beat("n1", vec![])
+    };
+    // Nowhere to run: the reconciler records why.
+    let huge = "name = \"huge\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\nreplicas = 1\n\
+                [resources]\nmemory = \"100Gi\"\n";
+    apply(&mut c.jobs(leader).await, huge.into())
+        .await
+        .expect("apply");
+    for upgrade in 1..=3u64 {
+        let leader = c.wait_leader().await;
+        let node = c.member(leader).node().clone();
+        assert_eq!(node.cluster_level(), 0, "before upgrading member {upgrade}");
+        let err = node
+            .write(Command::SetNodeDiskPressure {
+                name: "n1".into(),
+                pressure: true,
+                at_ms: 0,
+            })
+            .await
+            .expect_err("a level-1 command while a member is at level 0")
+            .to_string();
+        assert!(
+            err.contains("set_node_disk_pressure needs command level 1")
+                && err.contains("finish upgrading"),
+            "{err}"
+        );
+        let mut nodes = NodesClient::new(c.member_channel(leader).await);
+        nodes
+            .heartbeat(pressure(true))
+            .await
+            .expect("a heartbeat reporting pressure still succeeds");
+        let recorded = node.state().state.node("n1").map(|n| n.disk_pressure);
+        assert_eq!(recorded, Some(false), "pressure recorded at level 0");
+        // Writes go on: a job per step, through any member.
+        let name = format!("w{upgrade}");
+        apply(&mut c.jobs(leader).await, spec(&name, 1))
+            .await
+            .expect("apply during the upgrade");
+        let jobs = c.jobs(leader).await;
+        eventually("the pending reason", Duration::from_secs(10), || {
+            let mut jobs = jobs.clone();
+            async move {
+                let job = jobs
+                    .get_job(pb::GetJobRequest {
+                        name: "huge".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("get job")
+                    .into_inner();
+                !job.pending.is_empty()
+            }
+        })
+        .await;
+        // Upgrade the next member.
+        c.kill(upgrade).await;
+        c.settings.command_level = COMMAND_LEVEL;
+        c.restart(upgrade).await;
+        c.settings = old.clone();
+        c.wait_leader().await;
+        c.wait_converged().await;
+    }
+    let leader = c.wait_leader().await;
+    eventually(
+        "every member known at this release's level",
+        Duration::from_secs(15),
+        || {
+            let level = c.member(leader).node().cluster_level();
+            async move { level == COMMAND_LEVEL }
+        },
+    )
+    .await;
+    let listed = c
+        .cluster_client(leader)
+        .await
+        .list_members(pb::ListMembersRequest {})
+        .await
+        .expect("members")
+        .into_inner();
+    assert_eq!(listed.cluster_command_level, COMMAND_LEVEL);
+    for m in &listed.members {
+        assert_eq!(
+            (m.command_level, m.release.as_str()),
+            (COMMAND_LEVEL, env!("CARGO_PKG_VERSION")),
+            "{m:?}"
+        );
+    }
+    let mut nodes = NodesClient::new(c.member_channel(leader).await);
+    nodes.heartbeat(pressure(true)).await.expect("heartbeat");
+    let recorded = c
+        .member(leader)
+        .node()
+        .state()
+        .state
+        .node("n1")
+        .map(|n| n.disk_pressure);
+    assert_eq!(recorded, Some(true), "pressure recorded after the upgrade");
+    let names = c.job_names(leader);
+    for want in ["huge", "w1", "w2", "w3"] {
+        assert!(names.contains(want), "{want} lost: {names:?}");
+    }
+    c.shutdown().await;
+}
+
 /// One request frame of the members' Raft transport (`controller/src/raft/wire.rs`) and its
 /// reply: (status, text).
 async fn wire_call(

@@ -42,16 +42,17 @@ impl ClusterApi {
                         })
                     })
                 };
-                let (role, applied, term) = match status {
+                let (role, applied, term, command_level, release) = match status {
                     Ok(s) => {
                         let role = if !m.voter && s.role != Role::Leader {
                             Role::Learner
                         } else {
                             s.role
                         };
-                        (super::convert::member_role(role), s.applied_index, s.term)
+                        let role = super::convert::member_role(role);
+                        (role, s.applied_index, s.term, s.command_level, s.release)
                     }
-                    Err(_) => (pb::MemberRole::Unreachable, 0, 0),
+                    Err(_) => (pb::MemberRole::Unreachable, 0, 0, 0, String::new()),
                 };
                 pb::Member {
                     id: m.id,
@@ -61,6 +62,8 @@ impl ClusterApi {
                     voter: m.voter,
                     applied_index: applied,
                     term,
+                    command_level,
+                    release,
                 }
             }
         });
@@ -81,6 +84,7 @@ impl Cluster for ClusterApi {
                     members: self.member_list().await,
                     leader_id: status.leader.unwrap_or(0),
                     term: status.term,
+                    cluster_command_level: self.ctx.node.cluster_level(),
                 })
             })
             .await

@@ -373,6 +373,21 @@ impl Nodes for NodesApi {
                         .is_some_and(|n| n.disk_pressure != req.disk_pressure)
                         .then_some(req.disk_pressure);
                 }
+                // A cluster part-way through an upgrade cannot record disk pressure yet (an
+                // older member could not read it): the heartbeat goes on, and the pressure is
+                // written by the first heartbeat after the upgrade.
+                let pressure = pressure.filter(|p| {
+                    let c = Command::SetNodeDiskPressure {
+                        name: req.name.clone(),
+                        pressure: *p,
+                        at_ms: 0,
+                    };
+                    self.ctx
+                        .node
+                        .allows(&c)
+                        .inspect_err(|e| tracing::debug!(node = %req.name, error = %e, "disk pressure not recorded"))
+                        .is_ok()
+                });
                 if let Some(pressure) = pressure {
                     if pressure {
                         tracing::warn!(node = %req.name, "disk pressure: nothing new is placed on the node");

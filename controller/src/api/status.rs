@@ -352,6 +352,8 @@ mod tests {
             snapshot_index: 0,
             purged_index: 0,
             fatal: None,
+            command_level: 1,
+            release: "0.1.0".into(),
         };
         let state = ClusterState::default();
         let v = View {

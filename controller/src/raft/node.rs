@@ -1,7 +1,7 @@
 //! [`RaftNode`]: the controller's one handle on consensus. Everything else in the controller
 //! talks to this type and never sees an openraft type.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use super::network::{
 };
 use super::state_machine::{Applied, StateMachineStore};
 use super::types::{Member, MemberId, Request, TypeConfig};
-use crate::state::{ApplyResult, Command};
+use crate::state::{ApplyResult, COMMAND_LEVEL, Command};
 
 /// Raft timing and compaction settings. The defaults suit loaded 2-core hosts: openraft's own
 /// (50 ms heartbeat, 150-300 ms election timeout) make a busy host call needless elections.
@@ -42,6 +42,12 @@ pub struct RaftSettings {
     /// Log entries kept behind a snapshot, so a lagging follower can often catch up from the
     /// log instead of needing the snapshot (openraft#1706).
     pub keep_after_snapshot: u64,
+    /// The newest command level this member says it applies (at most
+    /// [`COMMAND_LEVEL`], the default). Members hold on to the level a member last gave, so
+    /// holding a member back works from its first start at the new release: holding every
+    /// member at an older release's level keeps the cluster from writing anything that
+    /// release cannot read, so the members can still go back to it.
+    pub command_level: u32,
 }
 
 impl Default for RaftSettings {
@@ -52,6 +58,7 @@ impl Default for RaftSettings {
             election_timeout_max_ms: 800,
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
+            command_level: COMMAND_LEVEL,
         }
     }
 }
@@ -80,6 +87,15 @@ pub enum RaftNodeError {
     Membership(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error(
+        "{command} needs command level {level}, and member(s) {behind:?} have not said they \
+         apply it (an older release, or not reached yet): finish upgrading them"
+    )]
+    NotAllMembersApply {
+        command: &'static str,
+        level: u32,
+        behind: Vec<MemberId>,
+    },
 }
 
 /// A member's role as shown by the API.
@@ -119,6 +135,12 @@ pub struct Status {
     /// Log entries at or below this index have been compacted away.
     pub purged_index: u64,
     pub fatal: Option<String>,
+    /// The newest command level the member applies (0 from a release before levels).
+    #[serde(default)]
+    pub command_level: u32,
+    /// The member's release (empty from a release before this field).
+    #[serde(default)]
+    pub release: String,
 }
 
 /// A member of the cluster membership.
@@ -161,6 +183,12 @@ struct Inner {
     /// (see [`forward_metrics`]); both close when the Raft core stops.
     applied: watch::Receiver<u64>,
     fatal: watch::Receiver<Option<String>>,
+    /// This member's command level ([`RaftSettings::command_level`]).
+    command_level: u32,
+    /// The command level each other member last said it applies. A member's level only goes
+    /// up during an upgrade, so the last answer stands while it is unreachable; a member never
+    /// heard from counts as level 0.
+    levels: std::sync::Mutex<BTreeMap<MemberId, u32>>,
 }
 
 /// Follows the applied index (see [`RaftNode::applied_watch`]).
@@ -289,6 +317,8 @@ impl RaftNode {
                 channels,
                 applied,
                 fatal,
+                command_level: settings.command_level.min(COMMAND_LEVEL),
+                levels: std::sync::Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -369,6 +399,7 @@ impl RaftNode {
     /// Commits a command, forwarding it to the leader when this member is not the leader, and
     /// returns the state machine's result and the log index it was committed at.
     pub async fn write(&self, command: Command) -> Result<(ApplyResult, u64), RaftNodeError> {
+        self.allows(&command)?;
         let until = Instant::now() + WRITE_DEADLINE;
         loop {
             let leader = match self.inner.raft.client_write(Request(command.clone())).await {
@@ -435,6 +466,7 @@ impl RaftNode {
         &self,
         command: Command,
     ) -> Result<Result<Proposed, NotLeader>, RaftNodeError> {
+        self.allows(&command)?;
         match self.inner.raft.client_write(Request(command)).await {
             Ok(resp) => match resp.data.0 {
                 Some(result) => Ok(Ok(Proposed {
@@ -579,6 +611,82 @@ impl RaftNode {
             snapshot_index: m.snapshot.as_ref().map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.as_ref().map(|l| l.index).unwrap_or(0),
             fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
+            command_level: self.inner.command_level,
+            release: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// The members of the membership that have not said they apply `level`.
+    fn behind(&self, level: u32) -> Vec<MemberId> {
+        if level > self.inner.command_level {
+            return vec![self.inner.id];
+        }
+        let known = self.inner.levels.lock().unwrap_or_else(|e| e.into_inner());
+        self.members()
+            .into_iter()
+            .filter(|m| m.id != self.inner.id && known.get(&m.id).copied().unwrap_or(0) < level)
+            .map(|m| m.id)
+            .collect()
+    }
+
+    /// Whether every member applies `command`'s level, so that it may be written; the
+    /// error names the members that do not (yet).
+    pub fn allows(&self, command: &Command) -> Result<(), RaftNodeError> {
+        let level = command.level();
+        if level == 0 {
+            return Ok(());
+        }
+        let behind = self.behind(level);
+        if behind.is_empty() {
+            Ok(())
+        } else {
+            Err(RaftNodeError::NotAllMembersApply {
+                command: command.kind(),
+                level,
+                behind,
+            })
+        }
+    }
+
+    /// The newest command level every member applies.
+    pub fn cluster_level(&self) -> u32 {
+        (0..=self.inner.command_level)
+            .rev()
+            .find(|l| self.behind(*l).is_empty())
+            .unwrap_or(0)
+    }
+
+    /// Asks every member not yet known to apply this member's own level which level it
+    /// applies (in parallel, a second each). Run every few seconds by [`keep_levels`].
+    pub async fn learn_levels(&self) {
+        let asks = self
+            .behind(self.inner.command_level)
+            .into_iter()
+            .filter_map(|id| {
+                let m = self.members().into_iter().find(|m| m.id == id)?;
+                let node = self.clone();
+                Some(async move {
+                    let status = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        node.peer_status(id, &m.member.rpc_addr),
+                    )
+                    .await;
+                    (id, status)
+                })
+            });
+        for (id, status) in futures::future::join_all(asks).await {
+            if let Ok(Ok(s)) = status {
+                let mut known = self.inner.levels.lock().unwrap_or_else(|e| e.into_inner());
+                let before = known.insert(id, s.command_level);
+                if before != Some(s.command_level) {
+                    tracing::info!(
+                        member = id,
+                        level = s.command_level,
+                        release = %s.release,
+                        "member's command level"
+                    );
+                }
+            }
         }
     }
 
@@ -789,6 +897,18 @@ impl RaftNode {
     pub async fn shutdown(&self) {
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// Learns the other members' command levels: at once, then every 2 s (nothing to ask once
+/// every member is known to apply this member's level; a new member is asked within 2 s).
+pub async fn keep_levels(node: RaftNode, mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        node.learn_levels().await;
+        tokio::select! {
+            _ = sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => {}
         }
     }
 }

@@ -63,6 +63,7 @@ pub(crate) fn node_error_status(e: RaftNodeError) -> Status {
         RaftNodeError::NoLeader | RaftNodeError::NoQuorum => Status::unavailable(e.to_string()),
         RaftNodeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         RaftNodeError::Membership(m) => Status::failed_precondition(m),
+        e @ RaftNodeError::NotAllMembersApply { .. } => Status::failed_precondition(e.to_string()),
         RaftNodeError::Settings(_) => Status::invalid_argument(e.to_string()),
         other => Status::internal(other.to_string()),
     }
