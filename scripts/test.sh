@@ -17,7 +17,9 @@ cd "$root"
 # openssl: the security test checks the controller's and agent's TLS with s_client.
 # chromium, libnss3-tools (certutil, pk12util), tesseract-ocr: the observability test opens the
 # status page in headless chromium with a reader's certificate and reads its screenshot back.
-need_pkgs=(curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2
+# lxc, debootstrap: scripts/systemd-e2e.sh installs Skiff with deploy/systemd on a Debian
+# system container booted under systemd.
+need_pkgs=(lxc debootstrap curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2
   iptables tcpdump wireguard-tools wireguard-go bind9-dnsutils python3 openssl chromium
   libnss3-tools tesseract-ocr)
 missing=()
@@ -56,4 +58,9 @@ if [ "$skipped" -gt 0 ]; then
   sort -u "$SKIFF_TEST_SKIP_LOG" | sed 's/^/  skipped: /'
 fi
 rm -f "$SKIFF_TEST_SKIP_LOG"
-exit "$status"
+echo "== install, upgrade and uninstall under systemd (scripts/systemd-e2e.sh)"
+sysd=0
+scripts/systemd-e2e.sh --bin-dir target/debug || sysd=$?
+[ "$sysd" = 0 ] || echo "scripts/systemd-e2e.sh FAILED (exit $sysd)"
+[ "$status" = 0 ] || exit "$status"
+exit "$sysd"

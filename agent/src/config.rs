@@ -15,8 +15,9 @@ use crate::daemon::DaemonConfig;
 #[derive(Parser)]
 #[command(name = "skiff-agent", version, about = "Skiff's node agent")]
 pub struct Cli {
-    /// A TOML file with defaults for these flags (`data_dir`, `cgroup_parent`,
-    /// `insecure_registries`, `auth_file`). Flags and SKIFF_* variables override it.
+    /// A TOML file with defaults for these flags, each under its long name with `_` for `-`
+    /// (`data_dir`, `controllers = [..]`, `labels = {..}`, `local_image_dirs = [..]`, ...; see
+    /// deploy/systemd/agent.toml). Flags and SKIFF_* variables override it.
     #[arg(long, global = true, env = "SKIFF_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where containers, images and state live [default: /var/lib/skiff/agent].
