@@ -59,7 +59,9 @@ put_bin() {
   fi
   install -m 0755 "$src" "$prefix/.$name.new"
   mv -f "$prefix/.$name.new" "$prefix/$name"
-  echo "    $prefix/$name ($("$prefix/$name" --version 2>/dev/null || echo "?"))"
+  local version
+  version=$("$prefix/$name" --version 2>/dev/null || true)
+  echo "    $prefix/$name${version:+ ($version)}"
 }
 
 put_unit() {
