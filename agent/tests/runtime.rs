@@ -653,6 +653,21 @@ fn exec_joins_the_container_without_exposing_the_host_binary() {
         "{text}"
     );
     assert!(!text.contains("skiff-agent"), "host binary visible: {text}");
+    // In the container's cgroup in every hierarchy: at the root of its cgroup namespace (a
+    // hierarchy it did not join would show as a path above it, "/../..").
+    let out = a.agent_ok(&[
+        "container",
+        "exec",
+        "target",
+        "--",
+        "cat",
+        "/proc/self/cgroup",
+    ]);
+    let cgroups = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !cgroups.is_empty() && cgroups.lines().all(|l| l.ends_with(":/")),
+        "{cgroups}"
+    );
     let out = a
         .cmd()
         .args(["container", "exec", "target", "--", "sh", "-c", "exit 7"])

@@ -9,12 +9,14 @@
 //! process in the container (which lacks CAP_SYS_PTRACE) can open its `/proc/PID/exe` or
 //! ptrace it until it has exec'd the container's own program.
 
+use std::cell::Cell;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, pipe2};
+use nix::unistd::pipe2;
 
 use super::cgroup;
 use super::security;
@@ -77,20 +79,40 @@ pub fn exec(
     sys::set_non_dumpable().map_err(|e| setup(format!("set non-dumpable: {e}")))?;
     setns(&pidns, CloneFlags::CLONE_NEWPID)
         .map_err(|e| setup(format!("join pid namespace: {e}")))?;
+    let join = cg.join_handles().map_err(|e| setup(e.to_string()))?;
     let (err_read, err_write) =
         pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| setup(format!("pipe: {e}")))?;
+    let err_write = std::fs::File::from(err_write);
+    // The child is never moved into the container's cgroup by another process (a write to
+    // cgroup.procs waits an RCU grace period, 10-20 ms): it is created in the cgroup2 directory
+    // (CLONE_INTO_CGROUP) and joins each v1 hierarchy itself, as a container's first process
+    // does (see `monitor`). A kernel that cannot clone into a cgroup gets the move.
+    let joined = Cell::new(true);
+    let mut body = || -> isize {
+        let tasks = joined.get().then_some(join.v1_tasks.as_slice());
+        let reason = child_setup(&config, &ns, cg.as_ref(), tasks, &seccomp, args, &env);
+        let _ = (&err_write).write_all(reason.as_bytes());
+        127
+    };
     // The caller is single-threaded (see the module docs), so the child may run ordinary code
     // until it execs.
-    let child = match sys::fork_single_threaded().map_err(|e| setup(format!("fork: {e}")))? {
-        ForkResult::Child => {
-            drop(err_read);
-            let reason = child_setup(&config, &ns, cg.as_ref(), &seccomp, args, &env);
-            let mut f = std::fs::File::from(err_write);
-            let _ = f.write_all(reason.as_bytes());
-            std::process::exit(127);
+    let spawned = match join.v2_dir.as_ref() {
+        Some(dir) => {
+            match sys::clone_child_into_cgroup(
+                CloneFlags::empty(),
+                dir.as_fd(),
+                Box::new(&mut body),
+            ) {
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    joined.set(false);
+                    sys::clone_child(CloneFlags::empty(), Box::new(&mut body))
+                }
+                other => other,
+            }
         }
-        ForkResult::Parent { child } => child,
+        None => sys::clone_child(CloneFlags::empty(), Box::new(&mut body)),
     };
+    let child = spawned.map_err(|e| setup(format!("clone: {e}")))?;
     drop(err_write);
     let mut msg = String::new();
     let _ = std::fs::File::from(err_read).read_to_string(&mut msg);
@@ -108,16 +130,31 @@ pub fn exec(
     Ok(status)
 }
 
+/// In the child: joins the cgroup (`tasks`: the v1 hierarchies' `tasks` files to write
+/// itself into, the cgroup2 one being where it was created; `None`: move itself everywhere),
+/// the namespaces, then execs. Returns why it could not.
 fn child_setup(
     config: &ContainerConfig,
     ns: &[(OwnedFd, CloneFlags, &str)],
     cg: &dyn cgroup::Cgroup,
+    tasks: Option<&[(PathBuf, std::fs::File)]>,
     seccomp: &security::SeccompProgram,
     args: &[String],
     env: &[String],
 ) -> String {
-    if let Err(e) = cg.add_process(std::process::id() as i32) {
-        return format!("join cgroup: {e}");
+    match tasks {
+        Some(tasks) => {
+            for (path, f) in tasks {
+                if let Err(e) = (&*f).write_all(b"0") {
+                    return format!("join cgroup {}: {e}", path.display());
+                }
+            }
+        }
+        None => {
+            if let Err(e) = cg.add_process(std::process::id() as i32) {
+                return format!("join cgroup: {e}");
+            }
+        }
     }
     for (fd, flag, name) in ns {
         if let Err(e) = setns(fd, *flag) {
