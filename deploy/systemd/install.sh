@@ -125,6 +125,21 @@ agent_url() {
   echo "${listen:-${adv:-127.0.0.1}:7802}/healthz"
 }
 
+# start_unit controller|agent TOKEN URL: the join token (if any) in the root-only env file,
+# the unit installed, enabled and started, then healthy at URL.
+start_unit() {
+  local role=$1 token=$2 url=$3
+  if [ -n "$token" ]; then
+    put_config "$etc/$role.env" "SKIFF_JOIN_TOKEN=$token
+" 0600
+  fi
+  say "unit"
+  put_unit "skiff-$role.service"
+  systemctl daemon-reload
+  systemctl enable --now "skiff-$role.service"
+  wait_healthy "skiff-$role.service" "$url" 120
+}
+
 toml_list() { # toml_list a b c -> ["a", "b", "c"]
   local out="" x
   for x in "$@"; do out+="${out:+, }\"$x\""; done
@@ -174,15 +189,7 @@ http_addr = \"$http\"
 $formation
 tls_sans = $(toml_list "${sans[@]}")
 " 0644
-  if [ -n "$token" ]; then
-    put_config "$etc/controller.env" "SKIFF_JOIN_TOKEN=$token
-" 0600
-  fi
-  say "unit"
-  put_unit skiff-controller.service
-  systemctl daemon-reload
-  systemctl enable --now skiff-controller.service
-  wait_healthy skiff-controller.service "$(controller_url)" 120
+  start_unit controller "$token" "$(controller_url)"
   if [ "$bootstrap" = 1 ]; then
     cat <<TXT
 The cluster's first member is up. Its admin credentials are
@@ -237,15 +244,7 @@ ${name:+name = \"$name\"
 local_image_dirs = $(toml_list "${images[@]}")
 insecure_registries = $(toml_list "${registries[@]}")
 " 0644
-  if [ -n "$token" ]; then
-    put_config "$etc/agent.env" "SKIFF_JOIN_TOKEN=$token
-" 0600
-  fi
-  say "unit"
-  put_unit skiff-agent.service
-  systemctl daemon-reload
-  systemctl enable --now skiff-agent.service
-  wait_healthy skiff-agent.service "$(agent_url)" 120
+  start_unit agent "$token" "$(agent_url)"
 }
 
 upgrade() {
