@@ -40,6 +40,9 @@ pub struct Task {
     pub ports: Vec<PortTask>,
     /// The mesh sidecar's policy; `None`: no sidecar.
     pub mesh: Option<MeshTask>,
+    /// Fencing: the allocation stops once the node's lease is this old (see
+    /// [`crate::fence`]); `None`: it runs whatever the controllers say or not.
+    pub stop_after: Option<std::time::Duration>,
 }
 
 /// What the sidecar of a job in the mesh enforces.
@@ -262,6 +265,8 @@ fn task(t: pb::Task, namespace: &str) -> Result<Task, String> {
     if mesh.is_some() && network != PodNetwork::Bridge {
         return Err("task: the mesh needs network mode bridge".into());
     }
+    let stop_after = (t.disconnect_stop_after_ms > 0)
+        .then(|| std::time::Duration::from_millis(t.disconnect_stop_after_ms));
     Ok(Task {
         containers,
         check,
@@ -269,6 +274,7 @@ fn task(t: pb::Task, namespace: &str) -> Result<Task, String> {
         network,
         ports,
         mesh,
+        stop_after,
     })
 }
 

@@ -151,12 +151,16 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             }
         })
     };
+    let lease = Arc::new(crate::fence::Lease::open(
+        cfg.data_dir.join(crate::fence::LEASE_FILE),
+    ));
     let node_runtime = Arc::new(crate::pods::NodeRuntime::new(
         runtime.clone(),
         crate::volumes::Volumes::new(&cfg.data_dir),
         Arc::new(cfg.policy.clone()),
         cfg.advertise_addr,
         mesh.clone(),
+        lease.clone(),
     ));
     let api = crate::api::AgentApi::new(
         runtime.clone(),
@@ -223,6 +227,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             cfg.disk_pressure_threshold,
         ))),
         disk_pressure: Arc::default(),
+        lease,
     });
     let control = tokio::spawn(control_loop(host, cfg.controllers.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -268,8 +273,8 @@ pub trait Host: Send + Sync + 'static {
     fn heartbeat(&self) -> impl Future<Output = pb::HeartbeatRequest> + Send;
     /// A trust bundle came with a heartbeat's answer.
     fn trust(&self, bundle: &pb::TrustBundle);
-    /// A heartbeat was answered (`known`: the controllers know the node).
-    fn answered(&self, _known: bool) {}
+    /// A heartbeat sent at `sent_ns` (`CLOCK_BOOTTIME`) was answered by the leader.
+    fn answered(&self, _reply: &pb::HeartbeatResponse, _sent_ns: u64) {}
 }
 
 /// This host as a [`Host`]: what a session with the controllers drives.
@@ -289,6 +294,8 @@ struct LocalHost {
     /// Disk pressure: the state (held while pruning) and what the heartbeats report.
     disk: Arc<Mutex<crate::disk::Pressure>>,
     disk_pressure: Arc<std::sync::atomic::AtomicBool>,
+    /// The fencing lease the leader's answers renew.
+    lease: Arc<crate::fence::Lease>,
 }
 
 impl LocalHost {
@@ -486,6 +493,12 @@ impl Host for LocalHost {
     fn trust(&self, bundle: &pb::TrustBundle) {
         crate::tls::apply_bundle(&self.tls, &self.tls_dir, &self.trust, bundle);
     }
+
+    fn answered(&self, reply: &pb::HeartbeatResponse, sent_ns: u64) {
+        if reply.known {
+            self.lease.renew(sent_ns, reply.leased.clone());
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -639,9 +652,11 @@ async fn session<H: Host>(host: &Arc<H>, addr: &str) -> Result<(), SessionEnd> {
         }
         let mut beat = host.heartbeat().await;
         wireguard.thin(&mut beat);
+        // Taken before sending: the lease never runs later than the leader's record of it.
+        let sent_ns = skiff_runtime::fence::boottime_ns();
         let reply = client.heartbeat(beat).await;
         if let Ok(r) = &reply {
-            host.answered(r.get_ref().known);
+            host.answered(r.get_ref(), sent_ns);
             if let Some(bundle) = &r.get_ref().trust {
                 host.trust(bundle);
             }
@@ -736,8 +751,10 @@ async fn reconcile_loop(
             let (rt, f, c) = (runtime.clone(), failures.clone(), checker.clone());
             let dns = network.subnet().map(|s| s.gateway());
             match tokio::task::spawn_blocking(move || {
+                let lease = rt.lease.clone();
+                let gate = move |a: &Assigned| lease.refuse(a);
                 let mut reports =
-                    reconcile::reconcile_once(rt.as_ref(), &want, &f, &rt.policy, dns);
+                    reconcile::reconcile_once(rt.as_ref(), &want, &f, &rt.policy, dns, &gate);
                 reconcile::health_checks(rt.as_ref(), &want, &c, &mut reports);
                 reports
             })
@@ -753,6 +770,7 @@ async fn reconcile_loop(
         }
         tokio::select! {
             r = desired.changed() => if r.is_err() { return },
+            _ = runtime.lease.confirmed() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }

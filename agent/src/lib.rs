@@ -15,6 +15,7 @@ pub mod contract;
 pub mod daemon;
 pub mod disk;
 pub mod dns;
+pub mod fence;
 pub mod health;
 pub mod mesh;
 pub mod metrics;

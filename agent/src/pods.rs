@@ -31,6 +31,8 @@ pub struct NodeRuntime {
     published: Mutex<BTreeSet<String>>,
     /// The mesh sidecars.
     pub mesh: Arc<crate::mesh::Mesh>,
+    /// The node's fencing lease (the containers of fenced jobs stop when it runs out).
+    pub lease: Arc<crate::fence::Lease>,
 }
 
 impl NodeRuntime {
@@ -40,6 +42,7 @@ impl NodeRuntime {
         policy: Arc<Policy>,
         advertise: IpAddr,
         mesh: Arc<crate::mesh::Mesh>,
+        lease: Arc<crate::fence::Lease>,
     ) -> NodeRuntime {
         NodeRuntime {
             runtime,
@@ -48,6 +51,7 @@ impl NodeRuntime {
             advertise,
             published: Mutex::new(hostport::published()),
             mesh,
+            lease,
         }
     }
 
@@ -291,6 +295,10 @@ impl Containers for NodeRuntime {
             ipc: Some(pod.ipc.clone()),
             mounts,
             init: c.init,
+            fence: task.stop_after.map(|d| skiff_runtime::fence::Fence {
+                lease: self.lease.path().to_owned(),
+                after_ms: d.as_millis() as u64,
+            }),
         };
         let (id, mut monitor) = self.runtime.run(&opts).map_err(|e| e.to_string())?;
         // The monitor is our child until we exit: reap it when it ends.

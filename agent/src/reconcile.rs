@@ -127,15 +127,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Why an assigned allocation may not start now (fencing, [`crate::fence`]); `None`: it may.
+pub type Gate<'a> = &'a (dyn Fn(&Assigned) -> Option<String> + Sync);
+
+/// A gate that lets everything start.
+pub fn open_gate(_: &Assigned) -> Option<String> {
+    None
+}
+
 /// One pass: start what is assigned and missing (in lifecycle order), stop sidecars whose
 /// main containers are done, stop and remove what is ours and no longer assigned; returns
 /// the reports of every assigned allocation (and the last state of those just stopped).
+/// Nothing of an allocation the `gate` refuses starts: what runs of it keeps running (its
+/// monitors stop it if the node's lease runs out), and it is reported pending with the
+/// gate's reason when nothing of it runs.
 pub fn reconcile_once(
     rt: &dyn Containers,
     want: &[Assigned],
     failures: &Failures,
     policy: &Policy,
     dns: Option<Ipv4Addr>,
+    gate: Gate<'_>,
 ) -> Vec<pb::AllocationReport> {
     let existing = match rt.list() {
         Ok(l) => l,
@@ -206,6 +218,30 @@ pub fn reconcile_once(
                 continue;
             }
         };
+        if let Some(why) = gate(a) {
+            out.push(gated(&a.id, &why, task, &observed));
+            continue;
+        }
+        // A container its monitor fenced starts afresh now that the controllers confirmed
+        // the allocation is still this node's.
+        let observed: Vec<&Observed> = observed
+            .into_iter()
+            .filter(|o| {
+                let fenced = ended(&o.state)
+                    && o.state
+                        .error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with(skiff_runtime::fence::FENCED));
+                if fenced {
+                    info!(alloc = %o.alloc, container = %o.name, "fenced container: starting it again");
+                    if let Err(e) = rt.remove(&o.id) {
+                        warn!(alloc = %o.alloc, container = %o.name, error = %e, "remove failed");
+                        return true;
+                    }
+                }
+                !fenced
+            })
+            .collect();
         if let Some((at, reason)) = failures.get(&a.id)
             && at.elapsed() < START_RETRY
         {
@@ -498,6 +534,24 @@ fn container_statuses(
 }
 
 /// A failure report with what is known of each container.
+/// The report of an allocation the gate holds back: its main container's state while one
+/// runs, pending with the gate's reason otherwise.
+fn gated(id: &str, why: &str, task: &Task, observed: &[&Observed]) -> pb::AllocationReport {
+    let live = observed
+        .iter()
+        .find(|o| o.lifecycle == Lifecycle::Main && o.live());
+    let r = match live {
+        Some(o) => contract::report(id, &o.state),
+        None => pb::AllocationReport {
+            id: id.to_owned(),
+            state: pb::AllocationState::Pending as i32,
+            reason: why.to_owned(),
+            ..Default::default()
+        },
+    };
+    with_containers(r, task, observed)
+}
+
 fn with_containers(
     mut r: pb::AllocationReport,
     task: &Task,
@@ -701,6 +755,7 @@ mod tests {
             network: PodNetwork::Bridge,
             ports: vec![],
             mesh: None,
+            stop_after: None,
         }
     }
 
@@ -750,7 +805,14 @@ mod tests {
     }
 
     fn pass(rt: &Fake, want: &[Assigned]) -> Vec<pb::AllocationReport> {
-        reconcile_once(rt, want, &Failures::default(), &Policy::default(), None)
+        reconcile_once(
+            rt,
+            want,
+            &Failures::default(),
+            &Policy::default(),
+            None,
+            &open_gate,
+        )
     }
 
     fn state_of(reports: &[pb::AllocationReport], id: &str) -> i32 {
@@ -773,6 +835,55 @@ mod tests {
             assert_eq!(r.ip, "10.42.0.2");
             assert_eq!(r.containers.len(), 1);
         }
+    }
+
+    #[test]
+    fn the_gate_holds_back_starts_and_a_fenced_container_starts_afresh_once_let_through() {
+        let rt = Fake::with(vec![running("c-a1", "a1")]);
+        let want = [assigned("a1"), assigned("a2")];
+        let refuse = |a: &Assigned| Some(format!("fenced: {} not confirmed", a.id));
+        let run = |gate: Gate<'_>| {
+            reconcile_once(
+                &rt,
+                &want,
+                &Failures::default(),
+                &Policy::default(),
+                None,
+                gate,
+            )
+        };
+        let r = run(&refuse);
+        assert!(lock(&rt.started).is_empty(), "nothing starts while refused");
+        assert!(lock(&rt.stopped).is_empty(), "what runs keeps running");
+        assert_eq!(state_of(&r, "a1"), pb::AllocationState::Running as i32);
+        assert_eq!(state_of(&r, "a2"), pb::AllocationState::Pending as i32);
+        let a2 = r.iter().find(|r| r.id == "a2").map(|r| r.reason.clone());
+        assert_eq!(a2.as_deref(), Some("fenced: a2 not confirmed"));
+
+        // Its monitor fenced a1; while refused it stays down, once let through it starts
+        // again (a new container), and a2 starts.
+        for c in lock(&rt.containers).iter_mut() {
+            c.state = exited(143);
+            c.state.error = Some("fenced: the controllers last answered this node 5.1s ago".into());
+        }
+        run(&refuse);
+        assert!(lock(&rt.started).is_empty());
+        let r = run(&open_gate);
+        assert_eq!(
+            *lock(&rt.removed),
+            ["c-a1"],
+            "the fenced container is replaced"
+        );
+        let mut started = lock(&rt.started).clone();
+        started.sort();
+        assert_eq!(started, ["a1/web", "a2/web"]);
+        assert_eq!(state_of(&r, "a1"), pb::AllocationState::Running as i32);
+        // A container that failed on its own is not restarted by the agent.
+        for c in lock(&rt.containers).iter_mut() {
+            c.state = exited(1);
+        }
+        run(&open_gate);
+        assert_eq!(lock(&rt.started).len(), 2);
     }
 
     #[test]
@@ -958,13 +1069,26 @@ mod tests {
         *lock(&rt.fail_start) = Some("pulling 127.0.0.1:5000/web:1: no such directory".into());
         let failures = Failures::default();
         for _ in 0..3 {
-            let reports =
-                reconcile_once(&rt, &[assigned("a1")], &failures, &Policy::default(), None);
+            let reports = reconcile_once(
+                &rt,
+                &[assigned("a1")],
+                &failures,
+                &Policy::default(),
+                None,
+                &open_gate,
+            );
             assert_eq!(reports[0].state, pb::AllocationState::Failed as i32);
             assert!(reports[0].reason.contains("no such directory"));
         }
         *lock(&rt.fail_start) = None;
-        reconcile_once(&rt, &[assigned("a1")], &failures, &Policy::default(), None);
+        reconcile_once(
+            &rt,
+            &[assigned("a1")],
+            &failures,
+            &Policy::default(),
+            None,
+            &open_gate,
+        );
         assert!(lock(&rt.started).is_empty(), "retried before START_RETRY");
     }
 

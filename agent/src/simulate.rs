@@ -348,8 +348,14 @@ impl SimNode {
         let Some(want) = lock(&self.desired).clone() else {
             return Vec::new();
         };
-        let mut reports =
-            reconcile::reconcile_once(&self.containers, &want, &self.failures, &self.policy, None);
+        let mut reports = reconcile::reconcile_once(
+            &self.containers,
+            &want,
+            &self.failures,
+            &self.policy,
+            None,
+            &reconcile::open_gate,
+        );
         for r in &mut reports {
             let checked = want
                 .iter()
@@ -457,7 +463,7 @@ impl Host for SimNode {
         }
     }
 
-    fn answered(&self, _known: bool) {
+    fn answered(&self, _reply: &pb::HeartbeatResponse, _sent_ns: u64) {
         self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
         self.last_ok.store(
             self.spec.started.elapsed().as_millis() as u64 + 1,

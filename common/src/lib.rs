@@ -28,8 +28,8 @@ pub mod spec;
 pub mod time;
 
 pub use spec::{
-    Analysis, ByteSize, Check, CheckKind, Constraint, ConstraintOp, FieldChange, JobSpec, Mesh,
-    MeshMode, NOT_SUPPORTED_YET, Placement, Port, Protocol, ReplicaCount, Resources, RestartPolicy,
-    Service, SpecError, SpecFormat, UpdateStrategy, diff_specs, parse_job_spec,
+    Analysis, ByteSize, Check, CheckKind, Constraint, ConstraintOp, Disconnect, FieldChange,
+    JobSpec, Mesh, MeshMode, NOT_SUPPORTED_YET, Placement, Port, Protocol, ReplicaCount, Resources,
+    RestartPolicy, Service, SpecError, SpecFormat, UpdateStrategy, diff_specs, parse_job_spec,
     parse_job_spec_unchecked, validate_name,
 };

@@ -111,6 +111,11 @@ pub struct JobSpec {
     /// (refused at apply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<Mesh>,
+    /// `[disconnect]`: what a node cut off from the controllers does with the job's
+    /// replicas (absent: they keep running, and the controllers replace them after the node
+    /// grace, so for a while two may run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnect: Option<Disconnect>,
     /// Whether the text used the shorthand form: error paths then name the top-level field
     /// (`image`), not `containers[0].image`. Never part of equality or of the canonical form.
     #[serde(skip)]
@@ -278,6 +283,20 @@ pub struct VolumeMount {
     pub read_only: bool,
 }
 
+/// Fencing (Nomad's `disconnect.stop_on_client_after`): the replicas of a job that must
+/// never run twice at once (a singleton, a lock holder, a writer to shared storage).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disconnect {
+    /// `stop_after`: required; a node whose last heartbeat the controllers answered was sent
+    /// longer ago than this stops the job's replicas (stop signal, then SIGKILL after
+    /// `stop_grace`), even with its agent down; the controllers replace them only once that
+    /// stop is certain to be over, and the node starts them again only when the controllers
+    /// confirm they are still its own. Between 1s and 24h.
+    #[serde(with = "encoding::duration")]
+    pub stop_after: Duration,
+}
+
 /// The allocation's network.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -334,6 +353,8 @@ pub(crate) struct RawJobSpec {
     update: Option<UpdateStrategy>,
     #[serde(default)]
     mesh: Option<Mesh>,
+    #[serde(default)]
+    disconnect: Option<Disconnect>,
     // The shorthand: one container's fields at the top level.
     #[serde(default)]
     image: Option<String>,
@@ -430,6 +451,7 @@ impl RawJobSpec {
             placement: self.placement,
             update: self.update,
             mesh: self.mesh,
+            disconnect: self.disconnect,
             written: Written { shorthand },
         })
     }
@@ -819,6 +841,7 @@ impl JobSpec {
             placement: Placement::default(),
             update: None,
             mesh: None,
+            disconnect: None,
             written: Written { shorthand: true },
         }
     }

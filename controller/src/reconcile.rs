@@ -38,6 +38,37 @@ pub struct Heartbeats {
     requests: Arc<Mutex<HashMap<String, HashMap<String, RequestSample>>>>,
     /// Per node: what each allocation uses, by allocation, as last reported.
     usage: Arc<Mutex<HashMap<String, HashMap<String, Measured>>>>,
+    /// Nodes whose fenced allocations are being declared lost (from the decision until its
+    /// write is applied): their heartbeats are not answered meanwhile, so that no answer
+    /// lists an allocation whose replacement is on its way ([`Heartbeats::beat_unless_fencing`]).
+    fencing: Arc<Mutex<BTreeSet<String>>>,
+}
+
+/// How recently a quorum must have confirmed the leader's leadership for it to answer a
+/// heartbeat. A node's fencing lease runs from heartbeats such a leader answered, so no
+/// leader answers one later than this after a newer leader was elected.
+pub const LEADER_LEASE: Duration = Duration::from_secs(2);
+
+/// Added to a fenced allocation's stop time before the leader replaces it: the monitors read
+/// the lease every 200 ms, and SIGKILL takes a moment.
+pub const FENCE_MARGIN: Duration = Duration::from_secs(1);
+
+/// How long after its node's last heartbeat a fenced allocation is certain to be stopped:
+/// its job's `disconnect.stop_after`, then its containers' longest stop grace. `None`: not
+/// fenced.
+pub fn fence_of(state: &ClusterState, a: &Allocation) -> Option<Duration> {
+    let spec = &state
+        .job(&a.namespace, &a.job)?
+        .version(a.job_version)?
+        .spec;
+    let stop_after = spec.disconnect.as_ref()?.stop_after;
+    let grace = spec
+        .containers
+        .iter()
+        .map(|c| c.stop_grace)
+        .max()
+        .unwrap_or_default();
+    Some(stop_after + grace)
 }
 
 /// When a follower read the leader's clock, and how long ago each node's last heartbeat was.
@@ -149,6 +180,42 @@ impl Heartbeats {
         self.lock().insert(node.to_owned(), Instant::now());
     }
 
+    /// Records a heartbeat from `node` unless its fenced allocations are being declared lost
+    /// (false: the heartbeat must not be answered).
+    pub fn beat_unless_fencing(&self, node: &str) -> bool {
+        let mut clock = self.lock();
+        if lock(&self.fencing).contains(node) {
+            return false;
+        }
+        clock.insert(node.to_owned(), Instant::now());
+        true
+    }
+
+    /// Whether a fenced allocation of `node` that stops `stop` after the node's last lease
+    /// is certain to be stopped now: `stop` (and [`FENCE_MARGIN`]) has passed since the last
+    /// heartbeat this leader recorded, and since the last a former leader may have answered
+    /// (up to [`LEADER_LEASE`] after this leader took over at `leading_at`). If so, the node's
+    /// heartbeats go unanswered until [`Heartbeats::end_fence`].
+    fn begin_fence(&self, node: &str, stop: Duration, leading_at: Instant) -> bool {
+        let clock = self.lock();
+        let now = Instant::now();
+        let wait = stop + FENCE_MARGIN;
+        let stopped = now >= leading_at + LEADER_LEASE + wait
+            && clock.get(node).is_none_or(|t| now >= *t + wait);
+        if stopped {
+            lock(&self.fencing).insert(node.to_owned());
+        }
+        stopped
+    }
+
+    /// The write declaring `nodes`' fenced allocations lost is applied (or failed).
+    fn end_fence(&self, nodes: &BTreeSet<String>) {
+        let mut f = lock(&self.fencing);
+        for n in nodes {
+            f.remove(n);
+        }
+    }
+
     /// Drops a removed node's clock and counts.
     pub fn forget(&self, node: &str) {
         self.lock().remove(node);
@@ -209,6 +276,23 @@ impl Heartbeats {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Ends the fencing of the nodes it holds when dropped (the write done, or the pass
+/// stopped early).
+struct FenceGuard<'a> {
+    heartbeats: &'a Heartbeats,
+    nodes: BTreeSet<String>,
+}
+
+impl Drop for FenceGuard<'_> {
+    fn drop(&mut self) {
+        self.heartbeats.end_fence(&self.nodes);
     }
 }
 
@@ -391,7 +475,13 @@ pub fn plan_job(
         let same = *compatible
             .entry(a.job_version)
             .or_insert_with(|| job.same_as_latest(a.job_version));
-        same && node_status(&a.node) == Some(NodeStatus::Ready)
+        // A fenced replica on a down node keeps its place until it is lost (its node has
+        // surely stopped it): its replacement must not run beside it.
+        same && match node_status(&a.node) {
+            Some(NodeStatus::Ready) => true,
+            Some(NodeStatus::Down) => fence_of(state, a).is_some(),
+            _ => false,
+        }
     });
     // Replicas of the current version per node, for anti-affinity.
     for c in view.iter_mut() {
@@ -905,6 +995,7 @@ pub async fn run(
 ) {
     let mut applied = node.applied_watch();
     let mut leading_since: Option<u64> = None;
+    let mut leading_at = Instant::now();
     let mut analyses = Analyses::default();
     let mut work = Work::default();
     loop {
@@ -919,6 +1010,7 @@ pub async fn run(
             let names: Vec<String> = node.state().state.nodes().map(|n| n.name.clone()).collect();
             heartbeats.reset(names.into_iter(), settings.node_grace);
             leading_since = Some(status.term);
+            leading_at = Instant::now();
             work = Work::default();
             work.everything();
             info!(term = status.term, "reconciler started");
@@ -931,7 +1023,15 @@ pub async fn run(
         }
         if leader {
             work.add(touched);
-            let mut result = pass(&node, &heartbeats, &settings, &mut analyses, &mut work).await;
+            let mut result = pass(
+                &node,
+                &heartbeats,
+                &settings,
+                &mut analyses,
+                &mut work,
+                leading_at,
+            )
+            .await;
             if result.is_ok() {
                 result = write_pending(&node, &mut work).await;
             }
@@ -1019,9 +1119,14 @@ async fn pass(
     settings: &ReconcileSettings,
     analyses: &mut Analyses,
     work: &mut Work,
+    leading_at: Instant,
 ) -> Result<(), crate::raft::RaftNodeError> {
     let now = Instant::now();
     let mut commands: Vec<Command> = Vec::new();
+    let mut fencing = FenceGuard {
+        heartbeats,
+        nodes: BTreeSet::new(),
+    };
     {
         let applied = node.state();
         let state = &applied.state;
@@ -1048,9 +1153,20 @@ async fn pass(
                 _ => {}
             }
             if n.status == NodeStatus::Down || !fresh {
+                // A fenced allocation is lost only once its node has surely stopped it.
                 let lost: Vec<String> = state
                     .allocations()
                     .filter(|a| a.node == n.name && holds(a))
+                    .filter(|a| match fence_of(state, a) {
+                        None => true,
+                        Some(stop) => {
+                            let stopped = heartbeats.begin_fence(&n.name, stop, leading_at);
+                            if stopped {
+                                fencing.nodes.insert(n.name.clone());
+                            }
+                            stopped
+                        }
+                    })
                     .map(|a| a.id.clone())
                     .collect();
                 if !lost.is_empty() {
@@ -1073,6 +1189,7 @@ async fn pass(
         // What those writes touched is planned now, not at the next pass.
         work.add(node.take_touched());
     }
+    drop(fencing);
     let full = work.full(now, settings.full_interval);
     {
         // A full pass plans every job, tens of milliseconds at tens of thousands of jobs: on

@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub mounts: Vec<Mount>,
     /// A minimal init as PID 1.
     pub init: bool,
+    /// Stopped when the node's lease from the controllers runs out (see [`crate::fence`]).
+    pub fence: Option<crate::fence::Fence>,
 }
 
 /// Runtime failures, each naming what failed.
@@ -289,6 +291,7 @@ impl Runtime {
             ipc: opts.ipc.clone(),
             mounts: opts.mounts.clone(),
             init: opts.init,
+            fence: opts.fence.clone(),
         })
     }
 

@@ -18,6 +18,7 @@ pub mod container;
 pub mod devices;
 pub mod durable;
 pub mod exec;
+pub mod fence;
 pub mod image;
 pub mod init;
 pub mod logs;

@@ -77,6 +77,8 @@ struct Monitor {
     netns: Option<PathBuf>,
     signals: SignalFd,
     seccomp: security::SeccompProgram,
+    /// Why the container was fenced (see [`crate::fence`]); it is not started again.
+    fenced: Option<String>,
 }
 
 impl Monitor {
@@ -129,6 +131,7 @@ impl Monitor {
             netns,
             signals,
             seccomp,
+            fenced: None,
         })
     }
 
@@ -167,6 +170,15 @@ impl Monitor {
             }
         };
         loop {
+            if let Some(why) = self.config.fence.as_ref().and_then(|f| f.expired()) {
+                // Not started (again) while the node's lease has run out.
+                note(format_args!("monitor {}: {why}", self.id));
+                self.state.status = Status::Exited;
+                self.state.error = Some(why.clone());
+                self.save();
+                say(&format!("error: {why}"));
+                return 0;
+            }
             let started = match self.start_once() {
                 Ok(s) => s,
                 Err(e) => {
@@ -205,6 +217,12 @@ impl Monitor {
             };
             self.state.exit = Some(exit.clone());
             self.state.pid = None;
+            if let Some(why) = self.fenced.take() {
+                self.state.status = Status::Exited;
+                self.state.error = Some(why);
+                self.save();
+                return 0;
+            }
             let again = !self.state.stopping
                 && self
                     .config
@@ -317,7 +335,22 @@ impl Monitor {
         let mut kill_at: Option<Instant> = None;
         let mut last_drop_save: Option<Instant> = None;
         let mut buf = vec![0u8; 64 * 1024];
+        let fence = self.config.fence.clone();
         loop {
+            // The node lost touch with the controllers for too long: stop as on a request.
+            if kill_at.is_none()
+                && exit.is_none()
+                && let Some(why) = fence.as_ref().and_then(|f| f.expired())
+            {
+                note(format_args!("monitor {}: {why}: stopping", self.id));
+                self.fenced = Some(why);
+                self.state.stopping = true;
+                self.save();
+                if let Ok(sig) = Signal::try_from(self.config.stop_signal) {
+                    let _ = kill(s.pid, sig);
+                }
+                kill_at = Some(Instant::now() + Duration::from_millis(self.config.stop_grace_ms));
+            }
             // After pid 1 exits the kernel kills the rest of its pid namespace; the pipes then
             // close. Stop waiting for them after a short drain.
             if exit.is_some() && s.stdout.is_none() && s.stderr.is_none() {
@@ -331,6 +364,9 @@ impl Monitor {
                         .as_millis()
                         .min(60_000) as u16;
                     PollTimeout::from(ms)
+                }
+                (None, None) if fence.is_some() => {
+                    PollTimeout::from(crate::fence::CHECK_EVERY.as_millis() as u16)
                 }
                 (None, None) => PollTimeout::NONE,
             };

@@ -55,6 +55,9 @@ pub struct ContainerConfig {
     /// Run a minimal init as PID 1 that reaps orphans and forwards signals to the workload.
     #[serde(default)]
     pub init: bool,
+    /// Stop it when its node loses touch with the controllers (see [`crate::fence`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<crate::fence::Fence>,
 }
 
 /// The network namespace a container runs in.
@@ -450,6 +453,7 @@ mod tests {
             ipc: None,
             mounts: vec![],
             init: false,
+            fence: None,
         }
     }
 

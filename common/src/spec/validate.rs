@@ -133,6 +133,19 @@ pub(crate) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         })?;
     }
     validate_update(spec)?;
+    if let Some(d) = &spec.disconnect
+        && !(MIN_STOP_AFTER..=MAX_STOP_AFTER).contains(&d.stop_after)
+    {
+        return Err(err(
+            "disconnect.stop_after",
+            format!(
+                "must be between {} and {}, found {}",
+                fmt_duration(MIN_STOP_AFTER),
+                fmt_duration(MAX_STOP_AFTER),
+                fmt_duration(d.stop_after)
+            ),
+        ));
+    }
     if let Some(mesh) = &spec.mesh {
         if spec.network.mode != NetworkMode::Bridge {
             return Err(err(
@@ -562,6 +575,11 @@ fn validate_service(service: &Service, ports: &[Port]) -> Result<(), SpecError> 
     }
     Ok(())
 }
+
+/// The shortest `disconnect.stop_after`: a node's heartbeats go every second.
+const MIN_STOP_AFTER: Duration = Duration::from_secs(1);
+/// The longest `disconnect.stop_after`.
+const MAX_STOP_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()

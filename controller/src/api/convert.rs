@@ -87,6 +87,7 @@ pub fn task(spec: &JobSpec) -> pb::Task {
             NetworkMode::None => pb::NetworkMode::None,
         } as i32,
         mesh: mesh_task(spec),
+        disconnect_stop_after_ms: spec.disconnect.as_ref().map_or(0, |d| millis(d.stop_after)),
     }
 }
 

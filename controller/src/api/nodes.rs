@@ -297,6 +297,7 @@ impl Nodes for NodesApi {
                         return Ok(pb::HeartbeatResponse {
                             known: false,
                             trust: None,
+                            leased: Vec::new(),
                         });
                     }
                     let pki = state.pki();
@@ -309,7 +310,25 @@ impl Nodes for NodesApi {
                             .map(|c| c.key.cert_pem.clone())
                             .unwrap_or_default(),
                     });
-                    self.heartbeats.beat(&req.name);
+                    // Answered only by a leader a quorum confirmed lately, and not while the
+                    // node's fenced allocations are being declared lost: the node's fencing
+                    // lease runs from the heartbeats answered (see crate::reconcile::fence_of).
+                    if !self
+                        .ctx
+                        .node
+                        .leadership_confirmed(crate::reconcile::LEADER_LEASE)
+                    {
+                        return Err(ApiError::NotReady(format!(
+                            "this leader's leadership was not confirmed by a quorum in the last {:?}",
+                            crate::reconcile::LEADER_LEASE
+                        )));
+                    }
+                    if !self.heartbeats.beat_unless_fencing(&req.name) {
+                        return Err(ApiError::NotReady(
+                            "the node's fenced allocations are being declared lost; try again"
+                                .into(),
+                        ));
+                    }
                     // Counts of this node's own allocations only, well formed.
                     let samples = req
                         .request_stats
@@ -424,7 +443,26 @@ impl Nodes for NodesApi {
                         .await?
                         .0?;
                 }
-                Ok(pb::HeartbeatResponse { known: true, trust })
+                // Read after the heartbeat was recorded: any allocation declared lost before
+                // that is left out.
+                let leased = {
+                    let applied = self.ctx.node.state();
+                    let state = &applied.state;
+                    state
+                        .allocations()
+                        .filter(|a| {
+                            a.node == req.name
+                                && a.holds()
+                                && crate::reconcile::fence_of(state, a).is_some()
+                        })
+                        .map(|a| a.id.clone())
+                        .collect()
+                };
+                Ok(pb::HeartbeatResponse {
+                    known: true,
+                    trust,
+                    leased,
+                })
             })
             .await
     }

@@ -586,6 +586,17 @@ impl RaftNode {
     }
 
     /// This member's view of itself.
+    /// Whether this member leads and a quorum acknowledged it within `within` (its
+    /// replication requests sent since then were answered by a quorum, so no other leader
+    /// can have been elected before that moment).
+    pub fn leadership_confirmed(&self, within: std::time::Duration) -> bool {
+        let m = self.inner.raft.metrics().borrow_watched().clone();
+        m.state == ServerState::Leader
+            && m.last_quorum_acked
+                .as_ref()
+                .is_some_and(|t| openraft::Instant::elapsed(&**t) < within)
+    }
+
     pub fn status(&self) -> Status {
         let m = self.inner.raft.metrics().borrow_watched().clone();
         let role = match m.state {

@@ -483,6 +483,93 @@ fn drain_moves_replicas_and_a_stopped_job_stops() {
 }
 
 #[test]
+fn a_fenced_replica_on_a_down_node_is_replaced_only_once_lost() {
+    let fenced = |stop_after: &str| {
+        parse_job_spec(
+            &format!(
+                "name = \"web\"\nimage = \"img:1\"\nstop_grace = \"2s\"\n\
+                 [disconnect]\nstop_after = \"{stop_after}\"\n"
+            ),
+            SpecFormat::Toml,
+        )
+        .expect("spec")
+    };
+    let mut w = World::new(&["n1", "n2"]);
+    w.apply(fenced("5s"));
+    w.reconcile();
+    let first = w.state.allocations().next().expect("placed").clone();
+    assert_eq!(
+        fence_of(&w.state, &first),
+        Some(Duration::from_secs(7)),
+        "stop_after and the longest stop grace"
+    );
+    w.state
+        .apply(&Command::SetNodeStatus {
+            name: first.node.clone(),
+            status: NodeStatus::Down,
+            at_ms: 5,
+        })
+        .expect("down");
+    let plan = w.reconcile();
+    assert!(
+        plan.place.is_empty() && plan.stop.is_empty(),
+        "nothing moves while the replica may still run: {plan:?}"
+    );
+    w.state
+        .apply(&Command::StopAllocations {
+            ids: vec![first.id.clone()],
+            lost: true,
+            at_ms: 6,
+        })
+        .expect("lost");
+    let plan = w.reconcile();
+    assert_eq!(plan.place.len(), 1, "replaced once lost");
+    assert_ne!(plan.place[0].node, first.node);
+
+    // Without fencing, a replica on a down node is replaced at once (it may still run).
+    let mut w = World::new(&["n1", "n2"]);
+    w.apply(spec(1, "img:1"));
+    w.reconcile();
+    let first = w.state.allocations().next().expect("placed").clone();
+    assert_eq!(fence_of(&w.state, &first), None);
+    w.state
+        .apply(&Command::SetNodeStatus {
+            name: first.node.clone(),
+            status: NodeStatus::Down,
+            at_ms: 5,
+        })
+        .expect("down");
+    assert_eq!(w.reconcile().place.len(), 1);
+}
+
+#[test]
+fn a_node_is_fenced_after_its_last_heartbeat_and_a_former_leaders_lease() {
+    let hb = Heartbeats::default();
+    let stop = Duration::from_millis(300);
+    let long_ago = Instant::now() - Duration::from_secs(60);
+    // Never heard from, and this leader took over long ago: fenced at once.
+    assert!(hb.begin_fence("n1", stop, long_ago));
+    // Meanwhile its heartbeats go unanswered, and do not move its clock.
+    assert!(!hb.beat_unless_fencing("n1"));
+    assert!(hb.last("n1").is_none());
+    hb.end_fence(&BTreeSet::from(["n1".to_owned()]));
+    assert!(hb.beat_unless_fencing("n1"));
+    // Just heard from: not until `stop` and the margin have passed.
+    assert!(!hb.begin_fence("n1", stop, long_ago));
+    assert!(
+        hb.beat_unless_fencing("n1"),
+        "a refused fence holds nothing up"
+    );
+    // A leader that just took over waits out a former leader's lease as well.
+    assert!(!hb.begin_fence("n2", stop, Instant::now()));
+    assert!(hb.begin_fence(
+        "n2",
+        stop,
+        Instant::now() - LEADER_LEASE - stop - FENCE_MARGIN
+    ));
+}
+
+#[test]
 fn what_does_not_fit_stays_pending_with_the_reason() {
     let mut w = World::new(&["n1"]);
     let mut s = spec(3, "img:1");
