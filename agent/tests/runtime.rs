@@ -569,6 +569,54 @@ fn restart_policy_restarts_with_backoff_until_stopped() {
     assert_eq!(out.status.code(), Some(3));
 }
 
+/// Fencing in the monitor: a container runs while the lease is renewed, is stopped within
+/// `stop_after` (plus the monitor's check interval) once it is not, with the reason, and is
+/// not started on a stale lease. No agent daemon is involved: the monitor alone enforces it.
+#[test]
+fn a_fenced_container_stops_when_its_lease_runs_out_and_does_not_start_on_a_stale_one() {
+    use skiff_runtime::fence::{boottime_ns, write_lease};
+    need_root!();
+    let a = Agent::new();
+    let lease = a.dir.path().join("lease");
+    let renew = || write_lease(&lease, boottime_ns()).expect("lease");
+    renew();
+    let lease_arg = lease.display().to_string();
+    let fence = ["--fence-lease", lease_arg.as_str(), "--fence-after", "1s"];
+    let mut args = vec!["-d", "--init", "--name", "fenced"];
+    args.extend(fence);
+    let id = a.ok(&args, &["sleep", "1000"]);
+    for _ in 0..15 {
+        renew();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(a.find(&id)["status"], "running", "renewed: still running");
+    let last = std::time::Instant::now();
+    let mut c = a.find(&id);
+    while c["status"] == "running" && last.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+        c = a.find(&id);
+    }
+    let took = last.elapsed();
+    eprintln!("stopped {took:?} after the last renewal (fence after 1s)");
+    assert_eq!(c["status"], "exited", "{c}");
+    let why = c["error"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("fenced: the controllers last answered"),
+        "{c}"
+    );
+    // Its contract with the controllers: stopped within stop_after, the check interval and
+    // the stop (SIGTERM, which --init forwards), well inside the 1 s margin they allow.
+    assert!(took < Duration::from_millis(2000), "took {took:?}");
+
+    // A stale lease: nothing starts.
+    let mut args = vec!["--init"];
+    args.extend(fence);
+    let out = a.run(&args, &["true"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fenced"), "{err}");
+}
+
 #[test]
 fn a_crashed_monitor_is_cleaned_up_by_the_next_agent_command() {
     need_root!();

@@ -783,6 +783,32 @@ impl Fleet {
         Ok(tunnel_pids(self.agent_data(agent)?).into_iter().next())
     }
 
+    /// Cuts host `name` off the network (its link on the bridge down): its processes keep
+    /// running and its connections stay open, as behind a failed switch port.
+    pub fn partition(&self, name: &str) -> Result<()> {
+        self.host(name)?;
+        let link = format!("{}{name}", self.prefix);
+        ip(&["-n", &self.bridge_ns, "link", "set", &link, "down"])
+    }
+
+    /// Puts host `name` back on the network.
+    pub fn heal(&self, name: &str) -> Result<()> {
+        self.host(name)?;
+        let link = format!("{}{name}", self.prefix);
+        ip(&["-n", &self.bridge_ns, "link", "set", &link, "up"])
+    }
+
+    /// Agent `name`'s container records (`skiff-agent container ps -a -o json`), whatever
+    /// their state: status, pid, exit, error, started_at_ms, labels.
+    pub fn container_records(&self, agent: &str) -> Result<Vec<serde_json::Value>> {
+        let i = self.agent_index(agent)?;
+        let (data, parent) = &self.agent_dirs[i];
+        let out = agent_cmd(data, parent, &["container", "ps", "-a", "-o", "json"]).output()?;
+        ensure!(out.status.success(), "container ps on {agent}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
     /// Runs `args` on a simulated host (in its network namespace).
     pub fn on_host(&self, host: &str, args: &[&str]) -> Result<Output> {
         let h = self.host(host)?;

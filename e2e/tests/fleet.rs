@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use skiff_e2e::fleet::{Fleet, can_run, serial};
 
 const GRACE: &str = "3s";
@@ -381,6 +381,170 @@ fn f40_a_full_data_disk_prunes_unused_images_and_stops_new_placements() -> Resul
     ensure!(
         !fleet.images("a1")?.is_empty(),
         "a1 did not fetch the image again"
+    );
+    Ok(())
+}
+
+/// A fenced job's container record for allocation `alloc` on `agent`, if any.
+fn record_of(fleet: &Fleet, agent: &str, alloc: &str) -> Result<Option<serde_json::Value>> {
+    Ok(fleet
+        .container_records(agent)?
+        .into_iter()
+        .find(|c| c["labels"]["skiff.alloc"] == alloc))
+}
+
+/// The record once its monitor fenced it: (exit time, the reason).
+fn fenced(record: &serde_json::Value) -> Option<(i64, String)> {
+    let error = record["error"].as_str()?;
+    (record["status"] == "exited" && error.starts_with("fenced")).then(|| {
+        (
+            record["exit"]["at_ms"].as_i64().unwrap_or(i64::MAX),
+            error.to_owned(),
+        )
+    })
+}
+
+/// How old agent `name`'s fencing lease is, in seconds (`/proc/uptime` is `CLOCK_BOOTTIME`).
+fn lease_age(fleet: &Fleet, agent: &str) -> Result<f64> {
+    let lease: f64 = std::fs::read_to_string(fleet.agent_data(agent)?.join("lease"))?
+        .trim()
+        .parse()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")?
+        .split_whitespace()
+        .next()
+        .context("uptime")?
+        .parse()?;
+    Ok(uptime - lease / 1e9)
+}
+
+/// The job's one running allocation, once there is one: (id, node).
+fn running_one(fleet: &Fleet, job: &str, not_on: &str) -> Result<Option<(String, String)>> {
+    Ok(fleet
+        .allocations(job)?
+        .into_iter()
+        .find(|(_, node, status)| status == "running" && node != not_on)
+        .map(|(id, node, _)| (id, node)))
+}
+
+/// A job with `[disconnect] stop_after` is fenced: a node cut off from the controllers stops
+/// its replica (its monitor does, with the agent dead too), the controllers replace it only
+/// after that stop, so the replacement starts after the old replica exited; a node back
+/// before its grace starts the same allocation again; nothing runs twice.
+#[test]
+fn f50_fenced_replicas_stop_on_a_cut_off_node_before_their_replacement_starts() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let _serial = serial();
+    let mut fleet = Fleet::start(3, 3, "6s")?;
+    let agents = ["a1", "a2", "a3"];
+    let spec = fleet.spec(
+        "lock",
+        &format!(
+            "name = \"lock\"\nimage = \"{}\"\ncommand = [\"/bin/httpd\"]\n\
+             args = [\"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nstop_grace = \"1s\"\n\
+             [disconnect]\nstop_after = \"1s\"\n[resources]\ncpu = 0.1\nmemory = \"32Mi\"\n",
+            fleet.image()
+        ),
+    )?;
+    fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
+    let (a, x) = fleet.wait_for_value("lock to run", Duration::from_secs(30), |f| {
+        running_one(f, "lock", "")
+    })?;
+    let first = record_of(&fleet, &x, &a)?.context("A's container")?;
+
+    // A short cut: the replica is fenced, and started again (same allocation) once the node
+    // is back and the leader lists it; it is never replaced.
+    fleet.partition(&x)?;
+    let cut = std::time::Instant::now();
+    let lease_age = lease_age(&fleet, &x)?;
+    let (_, why) = fleet.wait_for_value(
+        "A fenced on its cut-off node",
+        Duration::from_secs(10),
+        |f| Ok(record_of(f, &x, &a)?.as_ref().and_then(fenced)),
+    )?;
+    let fenced_after = cut.elapsed();
+    fleet.heal(&x)?;
+    eprintln!(
+        "short cut: A exited {fenced_after:?} after the cut, its node's lease {lease_age:.2}s old \
+         at the cut ({why})"
+    );
+    fleet.wait_for(
+        "A running again on its node",
+        Duration::from_secs(20),
+        |f| {
+            Ok(record_of(f, &x, &a)?
+                .is_some_and(|r| r["status"] == "running" && r["id"] != first["id"]))
+        },
+    )?;
+    ensure!(
+        fleet.allocations("lock")? == vec![(a.clone(), x.clone(), "running".to_owned())],
+        "the short cut replaced A: {:?}",
+        fleet.allocations("lock")?
+    );
+
+    // A long cut: A is fenced, then replaced on another node; the replacement starts after
+    // A's exit.
+    fleet.partition(&x)?;
+    let cut = std::time::Instant::now();
+    let (a_exit, _) = fleet.wait_for_value("A fenced again", Duration::from_secs(10), |f| {
+        Ok(record_of(f, &x, &a)?.as_ref().and_then(fenced))
+    })?;
+    let (b, y) = fleet.wait_for_value("A's replacement to run", Duration::from_secs(30), |f| {
+        running_one(f, "lock", &x)
+    })?;
+    let replaced_after = cut.elapsed();
+    let b_started = record_of(&fleet, &y, &b)?.context("B's container")?["started_at_ms"]
+        .as_i64()
+        .context("B's start time")?;
+    eprintln!(
+        "long cut: replaced {replaced_after:?} after the cut; B started {} ms after A exited",
+        b_started - a_exit
+    );
+    ensure!(
+        b_started > a_exit,
+        "B started at {b_started}, before A exited at {a_exit}"
+    );
+    fleet.heal(&x)?;
+    fleet.wait_for(
+        "A's container removed from its node",
+        Duration::from_secs(30),
+        |f| Ok(f.ready_nodes()?.contains(&x) && record_of(f, &x, &a)?.is_none()),
+    )?;
+
+    // The agent dead and its host cut off: the monitor alone fences B.
+    fleet.kill_agent(&y)?;
+    fleet.partition(&y)?;
+    let (b_exit, _) = fleet.wait_for_value(
+        "B fenced by its monitor alone",
+        Duration::from_secs(10),
+        |f| Ok(record_of(f, &y, &b)?.as_ref().and_then(fenced)),
+    )?;
+    let (c, z) = fleet.wait_for_value("B's replacement to run", Duration::from_secs(30), |f| {
+        running_one(f, "lock", &y)
+    })?;
+    let c_started = record_of(&fleet, &z, &c)?.context("C's container")?["started_at_ms"]
+        .as_i64()
+        .context("C's start time")?;
+    eprintln!(
+        "agent dead: C started {} ms after B exited",
+        c_started - b_exit
+    );
+    ensure!(
+        c_started > b_exit,
+        "C started at {c_started}, before B exited at {b_exit}"
+    );
+    fleet.restart_agent(&y)?;
+    fleet.heal(&y)?;
+    fleet.wait_for(
+        "B's container removed from its node",
+        Duration::from_secs(30),
+        |f| Ok(f.ready_nodes()?.contains(&y) && record_of(f, &y, &b)?.is_none()),
+    )?;
+    let running = containers_running(&fleet, &agents)?;
+    ensure!(
+        running.len() == 1 && running.contains_key(&c),
+        "only C runs: {running:?}"
     );
     Ok(())
 }

@@ -340,6 +340,7 @@ impl Monitor {
             // The node lost touch with the controllers for too long: stop as on a request.
             if kill_at.is_none()
                 && exit.is_none()
+                && self.fenced.is_none()
                 && let Some(why) = fence.as_ref().and_then(|f| f.expired())
             {
                 note(format_args!("monitor {}: {why}: stopping", self.id));

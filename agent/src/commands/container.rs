@@ -59,6 +59,14 @@ pub enum ContainerCmd {
         /// Use the host's network namespace instead of one of its own.
         #[arg(long = "net-host")]
         net_host: bool,
+        /// Fencing, as the agent runs a job with `[disconnect] stop_after`: stop the
+        /// container (and do not start it) while the time in FILE (`CLOCK_BOOTTIME`
+        /// nanoseconds, as the agent writes its lease) is older than `--fence-after`.
+        #[arg(long, requires = "fence_after")]
+        fence_lease: Option<std::path::PathBuf>,
+        /// See `--fence-lease` (e.g. 2s).
+        #[arg(long, requires = "fence_lease", value_parser = humantime::parse_duration)]
+        fence_after: Option<std::time::Duration>,
         /// Start it and return its id instead of waiting.
         #[arg(short = 'd', long)]
         detach: bool,
@@ -160,6 +168,8 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
             volumes,
             init,
             net_host,
+            fence_lease,
+            fence_after,
             rm,
             cmd,
         } => {
@@ -229,6 +239,12 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                     .collect::<anyhow::Result<_>>()?,
                 mounts,
                 init: *init,
+                fence: fence_lease.clone().zip(*fence_after).map(|(lease, after)| {
+                    skiff_runtime::fence::Fence {
+                        lease,
+                        after_ms: after.as_millis() as u64,
+                    }
+                }),
                 network: if *net_host {
                     skiff_runtime::store::NetworkAttach::Host
                 } else {
@@ -290,7 +306,7 @@ pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
                             "labels": c.labels, "log_dropped_bytes": s.log_dropped_bytes,
                             "log_error": s.log_error,
                             "exit": s.exit, "error": s.error, "monitor_alive": monitor_alive(s),
-                            "created_at_ms": c.created_at_ms,
+                            "created_at_ms": c.created_at_ms, "started_at_ms": s.started_at_ms,
                         })
                     })
                     .collect();
