@@ -134,7 +134,8 @@ fn disk_pressure_default(agent_args: &[String]) -> Vec<String> {
 }
 
 /// `skiff-agent --data-dir DATA --cgroup-parent PARENT ARGS` on this host (not in a netns).
-fn agent_cmd(data: &Path, parent: &str, args: &[&str]) -> Command {
+/// `skiff-agent ARGS` over an agent's data dir and cgroup parent (see [`Fleet::agent_dirs`]).
+pub fn agent_cmd(data: &Path, parent: &str, args: &[&str]) -> Command {
     let mut c = Command::new(bin("skiff-agent"));
     c.arg("--data-dir")
         .arg(data)
@@ -506,8 +507,9 @@ impl Fleet {
         Ok(self.cli_command(credentials, args)?.output()?)
     }
 
-    /// `skiff ARGS` on the client host, to run.
-    fn cli_command(&self, credentials: &Path, args: &[&str]) -> Result<Command> {
+    /// `skiff ARGS` on the client host, to run (a thread of its own may run it while the
+    /// fleet changes).
+    pub fn cli_command(&self, credentials: &Path, args: &[&str]) -> Result<Command> {
         let host = self.host("cli")?;
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", host.netns))
@@ -679,6 +681,48 @@ impl Fleet {
         let i = self.agent_index(name)?;
         ensure!(self.agents[i].pid().is_none(), "agent {name} is running");
         self.agents[i].start()
+    }
+
+    /// Each agent's (name, data dir, cgroup parent), for [`agent_cmd`] from another thread.
+    pub fn agent_dirs(&self) -> Vec<(String, PathBuf, String)> {
+        self.agent_dirs
+            .iter()
+            .enumerate()
+            .map(|(i, (d, p))| (format!("a{}", i + 1), d.clone(), p.clone()))
+            .collect()
+    }
+
+    /// SIGKILLs controller `name` (a host name, `c1`...).
+    pub fn kill_controller(&mut self, name: &str) -> Result<()> {
+        let c = self
+            .controllers
+            .iter_mut()
+            .find(|c| c.host.name == name)
+            .with_context(|| format!("no controller {name}"))?;
+        c.kill();
+        Ok(())
+    }
+
+    /// Starts controller `name` again with the same flags and data dir.
+    pub fn restart_controller(&mut self, name: &str) -> Result<()> {
+        let c = self
+            .controllers
+            .iter_mut()
+            .find(|c| c.host.name == name)
+            .with_context(|| format!("no controller {name}"))?;
+        ensure!(c.pid().is_none(), "controller {name} is running");
+        c.start()
+    }
+
+    /// The host name of the controller that leads now.
+    pub fn leader_host(&self) -> Result<String> {
+        let leader = self.cli_json(&["cluster", "leader"])?;
+        let addr = leader["rpc_addr"].as_str().context("leader address")?;
+        self.controllers
+            .iter()
+            .find(|c| format!("{}:{RPC_PORT}", c.host.addr) == addr)
+            .map(|c| c.host.name.clone())
+            .with_context(|| format!("no controller at {addr}"))
     }
 
     /// SIGKILLs the controller that leads now; returns its host name.

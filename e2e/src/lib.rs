@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fleet;
+pub mod history;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
