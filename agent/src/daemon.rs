@@ -654,7 +654,17 @@ async fn session<H: Host>(host: &Arc<H>, addr: &str) -> Result<(), SessionEnd> {
         wireguard.thin(&mut beat);
         // Taken before sending: the lease never runs later than the leader's record of it.
         let sent_ns = skiff_runtime::fence::boottime_ns();
-        let reply = client.heartbeat(beat).await;
+        // A heartbeat not answered in time ends the session: a new connection gets through
+        // as soon as the network does, where the old one waits out TCP's retransmission
+        // backoff (seconds after a blip of a few).
+        let mut req = tonic::Request::new(beat);
+        req.set_timeout(HEARTBEAT_TIMEOUT);
+        let reply = match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.heartbeat(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "heartbeat not answered within {HEARTBEAT_TIMEOUT:?}"
+            ))),
+        };
         if let Ok(r) = &reply {
             host.answered(r.get_ref(), sent_ns);
             if let Some(bundle) = &r.get_ref().trust {
@@ -681,6 +691,9 @@ async fn session<H: Host>(host: &Arc<H>, addr: &str) -> Result<(), SessionEnd> {
         }
     }
 }
+
+/// How long a heartbeat may wait for its answer before the session is started afresh.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often a heartbeat carries the node's WireGuard status when its peers are unchanged.
 const WIREGUARD_EVERY: u32 = 10;

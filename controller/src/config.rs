@@ -65,7 +65,8 @@ pub struct Args {
     #[arg(long, env = "SKIFF_KEEP_AFTER_SNAPSHOT")]
     pub keep_after_snapshot: Option<u64>,
     /// A node not heard from for this long is marked down and its allocations are moved,
-    /// e.g. 10s [default: 10s].
+    /// e.g. 10s [default: 7s: a node heartbeats every second and reconnects within about
+    /// 2.5 s of a network blip's end, so a 3 s blip is survived with a second to spare].
     #[arg(long, env = "SKIFF_NODE_GRACE")]
     pub node_grace: Option<String>,
     /// Stopped allocations whose process is gone are forgotten after this long, e.g. 1h
@@ -320,8 +321,11 @@ impl Config {
             raft.keep_after_snapshot = v;
         }
         validate_raft(&raft)?;
-        let node_grace = seconds_or_more(args.node_grace.or(file.node_grace), 10)
-            .map_err(ConfigError::NodeGrace)?;
+        let node_grace = seconds_or_more(
+            args.node_grace.or(file.node_grace),
+            crate::reconcile::DEFAULT_NODE_GRACE.as_secs(),
+        )
+        .map_err(ConfigError::NodeGrace)?;
         let gc_after =
             seconds_or_more(args.gc_after.or(file.gc_after), 3600).map_err(ConfigError::GcAfter)?;
         let keep_versions = match args.keep_versions.or(file.keep_versions) {

@@ -296,6 +296,13 @@ impl Drop for FenceGuard<'_> {
     }
 }
 
+/// How long a node may go unheard before it is down, by default. Nodes heartbeat every
+/// second (`HEARTBEAT_INTERVAL` in the Nodes API) and give up on a heartbeat after 2 s
+/// (the agent's `HEARTBEAT_TIMEOUT`), then reconnect; across a 3 s network blip the longest
+/// silence measured is below 5 s (`e2e/tests/fleet.rs`, f60). Node loss to a replacement
+/// running is then about 8 s.
+pub const DEFAULT_NODE_GRACE: Duration = Duration::from_secs(7);
+
 /// Timing of the loops.
 #[derive(Clone, Copy, Debug)]
 pub struct ReconcileSettings {
@@ -316,7 +323,7 @@ pub struct ReconcileSettings {
 impl Default for ReconcileSettings {
     fn default() -> Self {
         ReconcileSettings {
-            node_grace: Duration::from_secs(10),
+            node_grace: DEFAULT_NODE_GRACE,
             interval: Duration::from_millis(500),
             full_interval: Duration::from_secs(10),
             gc_after: Duration::from_secs(3600),

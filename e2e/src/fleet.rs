@@ -389,9 +389,11 @@ impl Fleet {
             format!("{}:{RPC_PORT}", host.addr),
             "--http-addr".into(),
             format!("{}:{HTTP_PORT}", host.addr),
-            "--node-grace".into(),
-            node_grace.into(),
         ];
+        // Empty: the default grace.
+        if !node_grace.is_empty() {
+            args.extend(["--node-grace".into(), node_grace.into()]);
+        }
         args.extend(self.controller_args.iter().cloned());
         if i == 0 {
             args.push("--bootstrap".into());

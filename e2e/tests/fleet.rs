@@ -548,3 +548,58 @@ fn f50_fenced_replicas_stop_on_a_cut_off_node_before_their_replacement_starts() 
     );
     Ok(())
 }
+
+/// At the default settings a 3 s network blip evicts nothing: of an agent's host (its
+/// heartbeats stall, it reconnects) or of the leader's (a new leader is elected and every
+/// node reconnects to it). The longest silence the leader saw from each node is printed.
+#[test]
+fn f60_a_three_second_blip_evicts_nothing_at_the_default_grace() -> Result<()> {
+    if !can_run() {
+        return Ok(());
+    }
+    let _serial = serial();
+    let fleet = Fleet::start(3, 3, "")?;
+    let spec = web(&fleet, 3, "")?;
+    fleet.cli_ok(&["apply", "-f", &spec.display().to_string()])?;
+    fleet.wait_for("3 running", Duration::from_secs(30), |f| {
+        Ok(per_node(f, "web")?.values().sum::<usize>() == 3)
+    })?;
+    let before = fleet.allocations("web")?;
+    let leader = fleet.leader_host()?;
+    for host in ["a1", "a2", "a3", leader.as_str()] {
+        fleet.partition(host)?;
+        let cut = std::time::Instant::now();
+        let mut healed = false;
+        let mut longest = 0i64;
+        // Through the blip and 10 s after it: no node down, and the longest silence seen.
+        while cut.elapsed() < Duration::from_secs(13) {
+            if !healed && cut.elapsed() >= Duration::from_secs(3) {
+                fleet.heal(host)?;
+                healed = true;
+            }
+            if let Ok(nodes) = fleet.cli_json(&["nodes"]) {
+                for n in nodes.as_array().into_iter().flatten() {
+                    ensure!(
+                        n["status"] != "down",
+                        "a 3 s blip of {host} evicted {}: {n}",
+                        n["name"]
+                    );
+                    longest = longest.max(n["heartbeat_age_ms"].as_i64().unwrap_or(0));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("3 s blip of {host}: longest silence any node showed {longest} ms");
+        ensure!(
+            fleet.ready_nodes()?.len() == 3,
+            "a node is not ready after {host}'s blip"
+        );
+    }
+    ensure!(
+        fleet.allocations("web")? == before,
+        "allocations changed: {:?} -> {:?}",
+        before,
+        fleet.allocations("web")?
+    );
+    Ok(())
+}

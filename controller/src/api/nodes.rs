@@ -132,10 +132,18 @@ impl NodesApi {
         let usage = reconcile::usage_by_node(state);
         let wg = self.wireguard_status();
         let now = now_ms() / 1000;
+        let ages: HashMap<String, Duration> = if self.ctx.node.status().role == Role::Leader {
+            self.heartbeats.ages().into_iter().collect()
+        } else {
+            HashMap::new()
+        };
         nodes
             .map(|n| {
                 let mut p = convert::node(n, usage.get(n.name.as_str()));
                 p.wireguard_status = wg.get(&n.name).map(|s| s.view(now, peers));
+                p.heartbeat_age_ms = ages
+                    .get(&n.name)
+                    .map_or(-1, |a| i64::try_from(a.as_millis()).unwrap_or(i64::MAX));
                 p
             })
             .collect()
