@@ -38,16 +38,25 @@ struct Proc {
     args: Vec<String>,
     log: PathBuf,
     binary: &'static str,
+    /// Extra environment (the fake clock of [`Fleet::start_fake_clocks`]).
+    env: Vec<(String, String)>,
 }
 
 impl Proc {
-    fn spawn(host: &Host, binary: &'static str, args: Vec<String>, log: PathBuf) -> Result<Proc> {
+    fn spawn(
+        host: &Host,
+        binary: &'static str,
+        args: Vec<String>,
+        log: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Result<Proc> {
         let mut p = Proc {
             child: None,
             host: host.clone(),
             args,
             log,
             binary,
+            env,
         };
         p.start()?;
         Ok(p)
@@ -71,6 +80,7 @@ impl Proc {
                 std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("SKIFF_CONFIG")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -120,6 +130,18 @@ pub struct Fleet {
     /// can fill it; the mounts, to remove when the fleet drops.
     agent_disk: Option<String>,
     mounts: Vec<PathBuf>,
+    /// With [`Fleet::start_fake_clocks`]: each daemon's wall clock follows the offset in
+    /// `DIR/clock-HOST` (libfaketime).
+    fake_clocks: bool,
+}
+
+/// Where Debian's libfaketime (the thread-safe one) is, if installed.
+fn libfaketime() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
 }
 
 /// Unless a test sets its own, the fleet's agents report disk pressure only on a full disk:
@@ -243,6 +265,85 @@ impl Fleet {
         agent_args: &[&str],
         agent_disk: Option<String>,
     ) -> Result<Fleet> {
+        Fleet::launch_with(
+            controllers,
+            agents,
+            node_grace,
+            controller_args,
+            agent_args,
+            agent_disk,
+            false,
+        )
+    }
+
+    /// As [`Fleet::start_with`], every daemon's wall clock (`CLOCK_REALTIME` only: the
+    /// monotonic and boot clocks are never stepped) under [`Fleet::jump_clock`]'s control,
+    /// through Debian's libfaketime. Fails naming the package when it is missing.
+    pub fn start_fake_clocks(
+        controllers: usize,
+        agents: usize,
+        node_grace: &str,
+        controller_args: &[&str],
+    ) -> Result<Fleet> {
+        ensure!(
+            libfaketime().is_some(),
+            "libfaketime is not installed (apt-get install libfaketime): the clock-jump tests need it"
+        );
+        Fleet::launch_with(
+            controllers,
+            agents,
+            node_grace,
+            controller_args,
+            &[],
+            None,
+            true,
+        )
+    }
+
+    /// Steps host `name`'s wall clock to `offset` from the real one (`+120`, `-120`, `+0`:
+    /// seconds); its daemons see it within a second.
+    pub fn jump_clock(&self, name: &str, offset: &str) -> Result<()> {
+        ensure!(
+            self.fake_clocks,
+            "the fleet was not started with fake clocks"
+        );
+        self.host(name)?;
+        std::fs::write(
+            self.dir.path().join(format!("clock-{name}")),
+            format!("{offset}\n"),
+        )?;
+        Ok(())
+    }
+
+    /// The environment that puts a daemon of host `name` under its fake clock (none unless
+    /// the fleet has fake clocks).
+    fn clock_env(&self, name: &str) -> Result<Vec<(String, String)>> {
+        if !self.fake_clocks {
+            return Ok(Vec::new());
+        }
+        let lib = libfaketime().context("libfaketime is not installed")?;
+        let file = self.dir.path().join(format!("clock-{name}"));
+        if !file.exists() {
+            std::fs::write(&file, "+0\n")?;
+        }
+        Ok(vec![
+            ("LD_PRELOAD".into(), lib.display().to_string()),
+            ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+            ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_with(
+        controllers: usize,
+        agents: usize,
+        node_grace: &str,
+        controller_args: &[&str],
+        agent_args: &[&str],
+        agent_disk: Option<String>,
+        fake_clocks: bool,
+    ) -> Result<Fleet> {
         let prefix = format!(
             "sk{}{}",
             std::process::id() % 100_000,
@@ -265,6 +366,7 @@ impl Fleet {
             agent_args: agent_args.iter().map(|s| (*s).to_owned()).collect(),
             agent_disk,
             mounts: Vec::new(),
+            fake_clocks,
         };
         fleet.build_network(controllers, agents)?;
         let out = Command::new("sh")
@@ -404,8 +506,13 @@ impl Fleet {
             args.push(self.token("controller")?);
         }
         let log = self.dir.path().join(format!("{}.log", host.name));
-        self.controllers
-            .push(Proc::spawn(&host, "skiff-controller", args, log)?);
+        self.controllers.push(Proc::spawn(
+            &host,
+            "skiff-controller",
+            args,
+            log,
+            self.clock_env(&host.name)?,
+        )?);
         Ok(())
     }
 
@@ -462,8 +569,13 @@ impl Fleet {
         .chain(self.agent_args.iter().cloned())
         .collect::<Vec<_>>();
         let log = self.dir.path().join(format!("{}.log", host.name));
-        self.agents
-            .push(Proc::spawn(&host, "skiff-agent", args, log)?);
+        self.agents.push(Proc::spawn(
+            &host,
+            "skiff-agent",
+            args,
+            log,
+            self.clock_env(&host.name)?,
+        )?);
         self.agent_dirs.push((data, parent));
         Ok(())
     }
@@ -714,6 +826,59 @@ impl Fleet {
             .with_context(|| format!("no controller {name}"))?;
         ensure!(c.pid().is_none(), "controller {name} is running");
         c.start()
+    }
+
+    /// Whether controller `name`'s process has ended by itself (a fatal error), and how.
+    pub fn controller_exit(&mut self, name: &str) -> Result<Option<std::process::ExitStatus>> {
+        let c = self
+            .controllers
+            .iter_mut()
+            .find(|c| c.host.name == name)
+            .with_context(|| format!("no controller {name}"))?;
+        let status = match c.child.as_mut() {
+            Some(child) => child.try_wait()?,
+            None => None,
+        };
+        if status.is_some() {
+            c.child = None;
+        }
+        Ok(status)
+    }
+
+    /// Moves controller `name`'s data onto a tmpfs of `size` (`48m`) of its own, which a test
+    /// may fill: the controller is stopped, its data copied over, and started again.
+    pub fn controller_on_small_disk(&mut self, name: &str, size: &str) -> Result<PathBuf> {
+        self.kill_controller(name)?;
+        let data = self.dir.path().join(name);
+        let old = self.dir.path().join(format!("{name}.old"));
+        std::fs::rename(&data, &old)?;
+        std::fs::create_dir_all(&data)?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg(format!("{}-disk", self.prefix))
+            .arg(&data)
+            .output()
+            .context("running mount")?;
+        ensure!(
+            out.status.success(),
+            "mounting a tmpfs on {}: {}",
+            data.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounts.push(data.clone());
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", old.display()))
+            .arg(&data)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "copying {name}'s data: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_dir_all(&old)?;
+        self.restart_controller(name)?;
+        Ok(data)
     }
 
     /// The host name of the controller that leads now.

@@ -5,8 +5,9 @@
 //! twice at once, no allocation lost. Bounded: about a minute of faults, at most
 //! [`MAX_WRITES`] writes, each client call at most [`CALL_TIMEOUT`].
 //!
-//! Not here (this kernel has no `sch_netem`): added delay. Still to come: a controller's
-//! disk filling up, clock jumps.
+//! Also a follower's disk filling up (its data on a small tmpfs) and the wall clocks of the
+//! leader's host and an agent's stepping forward and back (libfaketime: `CLOCK_REALTIME` only,
+//! as an NTP step or `date -s` moves it). Not here (this kernel has no `sch_netem`): added delay.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -18,7 +19,10 @@ use anyhow::{Context, Result, ensure};
 use skiff_e2e::fleet::{Fleet, agent_cmd, can_run, serial};
 use skiff_e2e::history::{History, Lives, Op, Outcome};
 
-const MAX_WRITES: usize = 2000;
+const MAX_WRITES: usize = 3000;
+/// Between one write's end and the next's start: about 20 writes a second, so that they
+/// last through every fault.
+const WRITE_PAUSE: Duration = Duration::from_millis(25);
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn now_ms() -> i64 {
@@ -62,6 +66,26 @@ fn call(mut cmd: Command) -> Outcome {
     }
 }
 
+/// Whether controller `name` is a voter that has applied what the leader had committed a
+/// moment ago.
+fn caught_up(fleet: &Fleet, name: &str) -> Result<bool> {
+    let members = fleet.cli_json(&["cluster", "members"])?;
+    let list = members.as_array().context("members")?;
+    let leader_commit = list
+        .iter()
+        .filter_map(|m| m["applied_index"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let addr = fleet.host(name)?.addr.clone();
+    Ok(list.iter().any(|m| {
+        m["rpc_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{addr}:")))
+            && m["voter"] == true
+            && m["applied_index"].as_u64().unwrap_or(0) + 50 >= leader_commit
+    }))
+}
+
 /// Drops `percent`% of host `name`'s packets, both ways (iptables in its namespace), or
 /// stops dropping.
 fn loss(fleet: &Fleet, name: &str, percent: u32, on: bool) -> Result<()> {
@@ -100,7 +124,8 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
         return Ok(());
     }
     let _serial = serial();
-    let mut fleet = Fleet::start(3, 3, "6s")?;
+    // Snapshots every 100 entries: the members snapshot and compact all through the run.
+    let mut fleet = Fleet::start_fake_clocks(3, 3, "6s", &["--snapshot-every", "100"])?;
     let image = fleet.image();
     let lock = fleet.spec(
         "lock",
@@ -158,6 +183,7 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
                     outcome,
                 };
                 history.lock().unwrap_or_else(|e| e.into_inner()).record(op);
+                std::thread::sleep(WRITE_PAUSE);
             }
         })
     };
@@ -247,7 +273,73 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
         std::thread::sleep(Duration::from_secs(3));
         fleet.restart_agent("a2")?;
 
-        // 6. kill the leader three times in a row during the writes.
+        // 6. a follower's disk fills up: it stops (a fatal storage error ends the process,
+        // as systemd would see it), the others go on; freed and restarted, it catches up.
+        let leader = fleet.leader_host()?;
+        let victim = ["c1", "c2", "c3"]
+            .into_iter()
+            .find(|c| *c != leader)
+            .context("a follower")?;
+        let data = fleet.controller_on_small_disk(victim, "48m")?;
+        fleet.wait_for(
+            "the member back on its small disk",
+            Duration::from_secs(30),
+            |f| caught_up(f, victim),
+        )?;
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M"])
+            .arg(format!("of={}", data.join("fill").display()))
+            .output()?;
+        fault(format!("disk of controller {victim} full for up to 30s"));
+        let t = Instant::now();
+        let mut exited = None;
+        while t.elapsed() < Duration::from_secs(30) && exited.is_none() {
+            exited = fleet.controller_exit(victim)?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::fs::remove_file(data.join("fill"))?;
+        match exited {
+            Some(status) => {
+                let log = fleet.log(victim);
+                let why = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("No space left"))
+                    .or_else(|| log.lines().rev().find(|l| l.contains("ERROR")))
+                    .unwrap_or("(no error line)")
+                    .trim()
+                    .to_owned();
+                fault(format!(
+                    "controller {victim} stopped on its full disk after {:?} ({status}): {why}",
+                    t.elapsed()
+                ));
+                fleet.restart_controller(victim)?;
+            }
+            None => fault(format!(
+                "controller {victim} kept going on its full disk for 30s"
+            )),
+        }
+        fleet.wait_for(
+            "the member to catch up after its disk was freed",
+            Duration::from_secs(60),
+            |f| caught_up(f, victim),
+        )?;
+
+        // 7. the wall clocks of the leader's host and of an agent's step 2 minutes forward,
+        // then 4 minutes back, then back to the real time.
+        let leader = fleet.leader_host()?;
+        for (offset, what) in [
+            ("+120", "forward 2 min"),
+            ("-120", "back 4 min"),
+            ("+0", "back to real time"),
+        ] {
+            fleet.jump_clock(&leader, offset)?;
+            fleet.jump_clock("a3", offset)?;
+            fault(format!("wall clocks of {leader} and a3 step {what}"));
+            std::thread::sleep(Duration::from_secs(6));
+        }
+
+        // 8. kill the leader three times in a row during the writes.
         for _ in 0..3 {
             let l = fleet.wait_for_value("a leader", Duration::from_secs(20), |f| {
                 Ok(f.leader_host().ok())
