@@ -2,8 +2,11 @@
 # Brings up a Vagrant fleet of Debian 12 VMs (deploy/vagrant/Vagrantfile) with the binaries
 # built here, runs the fleet scenarios on it over ssh, and destroys it.
 #
-#   scripts/vm-e2e.sh [--provider libvirt] [--nodes N] [--bin-dir DIR] [--keep]
+#   scripts/vm-e2e.sh [--provider libvirt|lxc] [--nodes N] [--bin-dir DIR] [--keep]
 #
+# lxc: the nodes are privileged system containers (vagrant-lxc) on this host's kernel, on a
+# bridge this script makes (skNNNN-br, 198.18.22.0/24, no NAT): seconds to boot, and they run
+# what this host's kernel has (here: the userspace WireGuard backend, cgroup v1 hierarchies).
 # The box is built offline when missing (deploy/vagrant/build-box.sh, about 1.5 minutes) and
 # kept in Vagrant's box store as skiff/debian-12. The VMs run under QEMU's TCG when there is
 # no KVM (this machine): about 2 minutes to boot 3. Each run names its VMs and networks
@@ -12,10 +15,13 @@
 #
 # The scenarios (each prints its time):
 #   - vagrant up: 3 controllers (node-1..3) and N agents, joined with tokens over mutual TLS;
+#   then the shared fleet scenarios (e2e/src/scenario.rs, run by skiff-vm-scenarios over ssh;
+#   the netns fleet runs the same code in e2e/tests/scenarios.rs):
 #   - every member a voter; every node ready with the kernel WireGuard backend;
 #   - the hosts run pure cgroup v2, and a container's memory limit is its cgroup's memory.max;
 #   - a replica on node-1 reaches one on another node through the overlay (wg handshakes);
-#   - install.sh upgrade on every node, one at a time, with a write after each;
+#   - install.sh upgrade on every node, one at a time, with a write after each (shell: it is
+#     about the systemd install);
 #   - a node powered off: its allocations are replaced on the others (time to replacement).
 # Needs root. Installs vagrant, vagrant-libvirt, libvirt, qemu-system-x86 and debootstrap
 # with apt-get when missing, and starts libvirtd (and stops it again) when it is not running.
@@ -31,11 +37,14 @@ while [ $# -gt 0 ]; do
     --nodes) nodes=$2; shift 2 ;;
     --bin-dir) bin_dir=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    *) echo "usage: $0 [--provider libvirt] [--nodes N] [--bin-dir DIR] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--provider libvirt|lxc] [--nodes N] [--bin-dir DIR] [--keep]" >&2; exit 2 ;;
   esac
 done
-[ "$provider" = libvirt ] ||
-  { echo "vm-e2e: provider $provider: only libvirt is written so far (the lxc variant is not)" >&2; exit 2; }
+case $provider in
+  libvirt) net=198.18.20 ;;
+  lxc) net=198.18.22 ;;
+  *) echo "vm-e2e: --provider libvirt or lxc" >&2; exit 2 ;;
+esac
 [[ $nodes =~ ^[1-9][0-9]*$ ]] || { echo "vm-e2e: --nodes N" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "vm-e2e: needs root (libvirt, the box's loop device)" >&2; exit 1; }
 
@@ -47,15 +56,22 @@ step() {
 fail() { echo "vm-e2e: FAILED: $*" >&2; exit 1; }
 
 missing=()
-for p in vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 debootstrap parted; do
+if [ "$provider" = libvirt ]; then
+  pkgs=(vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 debootstrap parted)
+else
+  pkgs=(vagrant vagrant-lxc lxc debootstrap)
+fi
+for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   apt-get update -qq
   # qemu-system-x86 of bookworm breaks a newer qemu-utils (a backport): take bookworm's.
+  extra=()
+  [ "$provider" = libvirt ] && extra=(qemu-utils/bookworm)
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades \
-    "${missing[@]}" qemu-utils/bookworm >/dev/null
+    "${missing[@]}" "${extra[@]}" >/dev/null
 fi
 
 run=sk$$
@@ -83,6 +99,12 @@ cleanup() {
     virsh net-destroy "$n" >/dev/null 2>&1 || true
     virsh net-undefine "$n" >/dev/null 2>&1 || true
   done
+  # Containers vagrant-lxc left, and this run's bridge.
+  for c in $(lxc-ls -1 2>/dev/null | grep "^$run-" || true); do
+    lxc-stop -k -n "$c" >/dev/null 2>&1 || true
+    lxc-destroy -n "$c" >/dev/null 2>&1 || true
+  done
+  ip link del "$run-br" 2>/dev/null || true
   if [ "$we_started_libvirtd" = 1 ]; then
     pkill -x libvirtd || true
     pkill -x virtlogd || true
@@ -92,7 +114,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+if [ "$provider" = libvirt ] && ! virsh -c qemu:///system version >/dev/null 2>&1; then
   step "starting libvirtd"
   mkdir -p /run/libvirt
   virtlogd -d
@@ -102,13 +124,21 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   virsh -c qemu:///system version >/dev/null 2>&1 || fail "libvirtd did not start"
 fi
 
-box=/var/cache/skiff-test/debian-12-skiff.box
-if ! vagrant box list 2>/dev/null | grep -q '^skiff/debian-12 '; then
+if [ "$provider" = lxc ]; then
+  box=/var/cache/skiff-test/debian-12-skiff-lxc.box
+  ip link add "$run-br" type bridge
+  ip addr add "$net.1/24" dev "$run-br"
+  ip link set "$run-br" up
+  export SKIFF_LXC_BRIDGE=$run-br
+else
+  box=/var/cache/skiff-test/debian-12-skiff.box
+fi
+if ! vagrant box list 2>/dev/null | grep -q "^skiff/debian-12 *($provider"; then
   if [ ! -f "$box" ]; then
-    step "building the box (deploy/vagrant/build-box.sh)"
-    "$root/deploy/vagrant/build-box.sh" "$box"
+    step "building the box (deploy/vagrant/build-box.sh --provider $provider)"
+    "$root/deploy/vagrant/build-box.sh" --provider "$provider" "$box"
   fi
-  vagrant box add --force --name skiff/debian-12 "$box" >/dev/null
+  vagrant box add --force --name skiff/debian-12 --provider "$provider" "$box" >/dev/null
 fi
 
 if [ -z "$bin_dir" ]; then
@@ -126,7 +156,8 @@ sh "$root/runtime/tests/fixtures/make-busybox-image.sh" "$dir/images/web" >/dev/
 mkdir -p "$VAGRANT_CWD"
 cp "$root/deploy/vagrant/Vagrantfile" "$VAGRANT_CWD/"
 export NODES=$nodes SKIFF_BIN_DIR=$dir/bin SKIFF_DEPLOY_DIR=$root/deploy/systemd \
-  SKIFF_IMAGES=$dir/images SKIFF_VM_PREFIX=$run- MEMORY=${MEMORY:-1024} CPUS=${CPUS:-1}
+  SKIFF_IMAGES=$dir/images SKIFF_VM_PREFIX=$run- MEMORY=${MEMORY:-1024} CPUS=${CPUS:-1} \
+  SKIFF_VM_NET=$net VAGRANT_DEFAULT_PROVIDER=$provider
 
 step "vagrant up: $nodes nodes (provider $provider)"
 up_start=$(date +%s)
@@ -146,11 +177,11 @@ step "cluster up in ${up_secs}s"
 on() {
   local n=$1
   shift
-  ssh -q -i "$VAGRANT_CWD/.vagrant/machines/node-$n/libvirt/private_key" \
+  ssh -q -i "$VAGRANT_CWD/.vagrant/machines/node-$n/$provider/private_key" \
     -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 \
-    "vagrant@198.18.20.$((10 + n))" "sudo env SKIFF_CREDENTIALS=/var/lib/skiff/controller/admin.creds $*"
+    "vagrant@$net.$((10 + n))" "sudo env SKIFF_CREDENTIALS=/var/lib/skiff/controller/admin.creds $*"
 }
-ctl=198.18.20.11:7700
+ctl=$net.11:7700
 skiff() { on 1 skiff --controller "$ctl" "$@"; }
 # Waits up to $1 seconds for the command after it to succeed.
 until_ok() {
@@ -163,51 +194,25 @@ until_ok() {
   return 1
 }
 
-controllers=$((nodes < 3 ? nodes : 3))
-voters() { [ "$(skiff cluster members -o json | grep -c '"voter": true')" = "$controllers" ]; }
-until_ok 60 voters || fail "not every controller is a voter: $(skiff cluster members)"
-step "$controllers controller members, all voters"
-
-nodes_json=$(skiff nodes -o json)
-ready=$(grep -c '"status": "ready"' <<<"$nodes_json" || true)
-[ "$ready" = "$nodes" ] || fail "$ready of $nodes nodes ready: $(skiff nodes)"
-kernel=$(grep -c '"backend": "kernel"' <<<"$nodes_json" || true)
-[ "$kernel" = "$nodes" ] || fail "$kernel of $nodes nodes on the kernel WireGuard backend: $nodes_json"
-handshaken() {
-  [ "$(skiff nodes -o json | grep -c "\"peers_handshaken\": $((nodes - 1))")" = "$nodes" ]
-}
-until_ok 60 handshaken || fail "not every node has a WireGuard handshake with every other: $(skiff nodes)"
-step "$nodes nodes ready, every one on the kernel WireGuard backend, with a handshake with every other"
-
-for i in $(seq "$nodes"); do
-  fs=$(on "$i" stat -fc %T /sys/fs/cgroup)
-  [ "$fs" = cgroup2fs ] || fail "node-$i: /sys/fs/cgroup is $fs, not cgroup2fs (pure cgroup v2)"
-done
+# The shared fleet scenarios (e2e/src/scenario.rs, the same code as the netns fleet's
+# e2e/tests/scenarios.rs) over ssh: members and nodes on the kernel WireGuard backend, the web
+# job, a container's memory.max under pure cgroup v2, a page across the overlay.
+# What the nodes run on: a VM has its own kernel (Debian 12: the WireGuard module, pure
+# cgroup v2); a system container has this host's.
+backend=kernel cgroup=()
+if [ "$provider" = lxc ]; then
+  ip link add "$run-wgp" type wireguard 2>/dev/null && ip link del "$run-wgp" || backend=userspace
+  [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ] || cgroup=(--cgroup-v1)
+fi
+scenarios=("$bin_dir/skiff-vm-scenarios" --key "$VAGRANT_CWD/.vagrant/machines/{node}/$provider/private_key"
+  --backend "$backend" "${cgroup[@]}")
+for i in $(seq "$nodes"); do scenarios+=(--node "node-$i=$net.$((10 + i))"); done
+[ -x "$bin_dir/skiff-vm-scenarios" ] || fail "$bin_dir/skiff-vm-scenarios is missing (cargo build --release --bins)"
+if ! "${scenarios[@]}" basics 2>&1 | while IFS= read -r line; do step "$line"; done; then
+  fail "the shared scenarios"
+fi
 replicas=$((nodes * 2))
-on 1 sh -c "'sed -e \"s|^image = .*|image = \\\"oci:/opt/skiff/images/web\\\"|\" -e \"s|^replicas = .*|replicas = $replicas|\" /dev/stdin >/root/web.toml'" \
-  <"$root/deploy/examples/web.toml"
-skiff apply -f /root/web.toml >/dev/null || fail "skiff apply"
 running() { [ "$(skiff ps web -o json | grep -c '"status": "running"')" = "$1" ]; }
-until_ok 180 running "$replicas" || fail "web: not $replicas running: $(skiff ps web)"
-step "web: $replicas replicas running"
-
-# A container's memory limit (64Mi in web.toml) through cgroup v2.
-pid=$(on 2 skiff-agent --config /etc/skiff/agent.toml container ps -o json | grep -o '"pid": *[0-9]*' | head -1 | grep -o '[0-9]*$')
-[ -n "$pid" ] || fail "node-2 runs no container"
-cg=$(on 2 cat "/proc/$pid/cgroup" | tr -d '\r')
-[[ $cg == 0::/* ]] || fail "node-2: container $pid is not in a cgroup v2 hierarchy: $cg"
-max=$(on 2 cat "/sys/fs/cgroup${cg#0::}/memory.max" | tr -d '\r')
-[ "$max" = 67108864 ] || fail "node-2: the container's memory.max is $max, not 67108864 (64Mi)"
-step "node-2: a container's memory.max is 64Mi (cgroup v2: ${cg#0::})"
-
-# Across hosts through the overlay.
-ps_json=$(skiff ps web -o json)
-from=$(python3 -c 'import json,sys; a=[x for x in json.load(sys.stdin) if x["node"]=="node-1"]; print(a[0]["id"])' <<<"$ps_json")
-to_ip=$(python3 -c 'import json,sys; a=[x for x in json.load(sys.stdin) if x["node"]!="node-1"]; print(a[0]["ip"])' <<<"$ps_json")
-# (No wget -T: busybox 1.35's wget segfaults with it here.)
-out=$(skiff exec "$from" -- wget -qO- "http://$to_ip:8080/") || fail "node-1 to $to_ip across the overlay: $out"
-[[ $out == *"hello from skiff"* ]] || fail "node-1 to $to_ip across the overlay: got \"$out\""
-step "a replica on node-1 reached $to_ip on another node through the overlay"
 
 # Rolling upgrade: one node at a time, a write after each.
 for i in $(seq "$nodes"); do
@@ -225,16 +230,11 @@ until_ok 120 running "$replicas" || fail "web after the upgrades: $(skiff ps web
 step "every node upgraded in turn; writes went on; $replicas replicas running"
 
 if [ "$nodes" -ge 3 ]; then
-  victim=$nodes
-  lost=$(python3 -c "import json,sys; print(sum(1 for x in json.load(sys.stdin) if x['node']=='node-$victim'))" <<<"$(skiff ps web -o json)")
-  t0=$(date +%s%N)
-  virsh destroy "$run-node-$victim" >/dev/null
-  elsewhere() {
-    python3 -c "import json,sys; a=json.load(sys.stdin); sys.exit(0 if sum(1 for x in a if x['status']=='running' and x['node']!='node-$victim')==$replicas else 1)" \
-      <<<"$(skiff ps web -o json)"
-  }
-  until_ok 120 elsewhere || fail "node-$victim's allocations were not replaced: $(skiff ps web)"
-  ms=$((($(date +%s%N) - t0) / 1000000))
-  step "node-$victim powered off: its $lost allocations replaced and running elsewhere in ${ms} ms"
+  power_off="virsh destroy $run-{node} >/dev/null"
+  [ "$provider" = lxc ] && power_off="lxc-stop -k -n $run-{node}"
+  if ! "${scenarios[@]}" node-loss --victim "node-$nodes" --power-off "$power_off" 2>&1 |
+    while IFS= read -r line; do step "$line"; done; then
+    fail "node loss"
+  fi
 fi
 step "PASSED (vagrant up ${up_secs}s)"

@@ -573,7 +573,7 @@ mod tests {
         assert_eq!(
             (c.node_grace, c.gc_after, c.keep_versions),
             (
-                std::time::Duration::from_secs(10),
+                std::time::Duration::from_secs(7),
                 std::time::Duration::from_secs(3600),
                 10
             )

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Builds a Debian 12 Vagrant box for the libvirt provider offline, from this machine's
-# configured Debian source (no box is downloaded):
+# Builds a Debian 12 Vagrant box for the libvirt provider (a VM) or the lxc provider (a
+# system container) offline, from this machine's configured Debian source (no box is
+# downloaded):
 #
-#   deploy/vagrant/build-box.sh [OUTPUT.box]     [default: /var/cache/skiff-test/debian-12-skiff.box]
+#   deploy/vagrant/build-box.sh [--provider libvirt|lxc] [OUTPUT.box]
+#     [default: /var/cache/skiff-test/debian-12-skiff.box, or debian-12-skiff-lxc.box]
+#
+# lxc: the same root file system without kernel and boot loader, packed as vagrant-lxc reads
+# it (rootfs.tar.gz, metadata.json, and lxc-config: a privileged container that may run
+# containers itself: no AppArmor confinement, every capability and device, cgroups and /sys
+# writable, /dev/net/tun for the userspace WireGuard backend). Its network is set by the
+# Vagrantfile (LXC puts the address on the link before init), so no DHCP runs in it.
 #
 # debootstrap (minbase with systemd, udev, openssh-server, sudo, the cloud kernel, grub) into a
 # 3 GiB raw disk, then qemu-img convert -c to qcow2, packed with the metadata vagrant-libvirt
@@ -14,9 +22,15 @@
 #
 # Needs root, debootstrap, qemu-img, parted, losetup and partx (util-linux).
 set -euo pipefail
-out=${1:-/var/cache/skiff-test/debian-12-skiff.box}
+provider=libvirt
+if [ "${1:-}" = --provider ]; then provider=${2:?--provider libvirt|lxc}; shift 2; fi
+case $provider in
+  libvirt) out=${1:-/var/cache/skiff-test/debian-12-skiff.box}; tools="debootstrap qemu-img parted losetup partx mkfs.ext4" ;;
+  lxc) out=${1:-/var/cache/skiff-test/debian-12-skiff-lxc.box}; tools="debootstrap" ;;
+  *) echo "build-box: --provider libvirt or lxc" >&2; exit 2 ;;
+esac
 [ "$(id -u)" = 0 ] || { echo "build-box: needs root" >&2; exit 1; }
-for t in debootstrap qemu-img parted losetup partx mkfs.ext4; do
+for t in $tools; do
   command -v "$t" >/dev/null || { echo "build-box: $t is missing" >&2; exit 1; }
 done
 key=$(dpkg -L vagrant 2>/dev/null | grep '/keys/vagrant\.pub$' | head -1 || true)
@@ -42,11 +56,70 @@ cleanup() {
 }
 trap cleanup EXIT
 
+include=systemd-sysv,udev,dbus,openssh-server,sudo,iproute2,iptables,procps,kmod,ca-certificates
+[ "$provider" = libvirt ] && include=$include,linux-image-cloud-amd64,grub-pc,e2fsprogs
 echo "build-box: debootstrap bookworm from $mirror"
-debootstrap --variant=minbase \
-  --include=systemd-sysv,udev,dbus,openssh-server,sudo,iproute2,iptables,procps,kmod,ca-certificates,linux-image-cloud-amd64,grub-pc,e2fsprogs \
+debootstrap --variant=minbase --include="$include" \
   bookworm "$work/root" "$mirror" >"$work/debootstrap.log" 2>&1 ||
   { tail -20 "$work/debootstrap.log" >&2; exit 1; }
+
+# What both boxes get: a machine id and ssh host keys made at first boot, the vagrant user
+# with Vagrant's insecure key and passwordless sudo.
+configure_common() {
+  local r=$1
+  echo skiff-box >"$r/etc/hostname"
+  : >"$r/etc/machine-id"
+  rm -f "$r"/etc/ssh/ssh_host_*
+  cat >"$r/etc/systemd/system/ssh-host-keys.service" <<'EOF'
+[Unit]
+Description=Make this machine's ssh host keys
+Before=ssh.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+[Install]
+WantedBy=multi-user.target
+EOF
+  chroot "$r" systemctl enable ssh-host-keys.service ssh >/dev/null 2>&1
+  chroot "$r" useradd -m -s /bin/bash vagrant
+  echo "vagrant ALL=(ALL) NOPASSWD: ALL" >"$r/etc/sudoers.d/vagrant"
+  chmod 0440 "$r/etc/sudoers.d/vagrant"
+  install -d -m 0700 -o 1000 -g 1000 "$r/home/vagrant/.ssh"
+  install -m 0600 -o 1000 -g 1000 "$key" "$r/home/vagrant/.ssh/authorized_keys"
+  echo 'UseDNS no' >"$r/etc/ssh/sshd_config.d/vagrant.conf"
+}
+
+if [ "$provider" = lxc ]; then
+  echo "build-box: configure (lxc)"
+  configure_common "$work/root"
+  : >"$work/root/etc/fstab"
+  chroot "$work/root" apt-get clean
+  echo "build-box: rootfs.tar.gz and box"
+  mkdir -p "$work/box"
+  # vagrant-lxc unpacks it with --strip-components=2: ./rootfs/bin -> bin.
+  mv "$work/root" "$work/rootfs"
+  tar -C "$work" --numeric-owner --xattrs -czf "$work/box/rootfs.tar.gz" ./rootfs
+  cat >"$work/box/metadata.json" <<EOF
+{"provider": "lxc", "version": "1.0.0", "built-on": "$(date -u +%Y-%m-%d)"}
+EOF
+  cat >"$work/box/lxc-config" <<'EOF'
+lxc.apparmor.profile = unconfined
+lxc.cap.drop =
+lxc.mount.auto = proc:rw sys:rw cgroup:rw
+lxc.cgroup.devices.allow = a
+lxc.autodev = 1
+lxc.pty.max = 10
+lxc.tty.max = 1
+lxc.environment = container=lxc
+lxc.mount.entry = /dev/net/tun dev/net/tun none bind,create=file 0 0
+EOF
+  mkdir -p "$(dirname "$out")"
+  tar -C "$work/box" -czf "$out.tmp" metadata.json rootfs.tar.gz lxc-config
+  mv -f "$out.tmp" "$out"
+  echo "build-box: $out ($(du -h "$out" | cut -f1))"
+  exit 0
+fi
 
 echo "build-box: disk"
 truncate -s 3G "$work/disk.raw"
@@ -64,21 +137,7 @@ echo "build-box: configure"
 cat >"$mnt/etc/fstab" <<'EOF'
 LABEL=skiff-root / ext4 errors=remount-ro 0 1
 EOF
-echo skiff-box >"$mnt/etc/hostname"
-# Made at first boot, one per VM.
-: >"$mnt/etc/machine-id"
-rm -f "$mnt"/etc/ssh/ssh_host_*
-cat >"$mnt/etc/systemd/system/ssh-host-keys.service" <<'EOF'
-[Unit]
-Description=Make this VM's ssh host keys
-Before=ssh.service
-ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-[Install]
-WantedBy=multi-user.target
-EOF
+configure_common "$mnt"
 # After Vagrant's own (50-vagrant-*.network), which configure the private network.
 cat >"$mnt/etc/systemd/network/99-dhcp.network" <<'EOF'
 [Match]
@@ -87,13 +146,7 @@ Name=en* eth*
 DHCP=ipv4
 LinkLocalAddressing=no
 EOF
-chroot "$mnt" systemctl enable systemd-networkd ssh-host-keys.service ssh >/dev/null 2>&1
-chroot "$mnt" useradd -m -s /bin/bash vagrant
-echo "vagrant ALL=(ALL) NOPASSWD: ALL" >"$mnt/etc/sudoers.d/vagrant"
-chmod 0440 "$mnt/etc/sudoers.d/vagrant"
-install -d -m 0700 -o 1000 -g 1000 "$mnt/home/vagrant/.ssh"
-install -m 0600 -o 1000 -g 1000 "$key" "$mnt/home/vagrant/.ssh/authorized_keys"
-echo 'UseDNS no' >"$mnt/etc/ssh/sshd_config.d/vagrant.conf"
+chroot "$mnt" systemctl enable systemd-networkd >/dev/null 2>&1
 # Boot on the serial console, root by label, no menu delay.
 cat >"$mnt/etc/default/grub" <<'EOF'
 GRUB_DEFAULT=0

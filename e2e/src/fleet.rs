@@ -521,21 +521,9 @@ impl Fleet {
         let data = self.dir.path().join(&host.name);
         let parent = format!("{}/{}", self.prefix, host.name);
         let zone = if i.is_multiple_of(2) { "a" } else { "b" };
-        if let Some(size) = &self.agent_disk {
+        if let Some(size) = self.agent_disk.clone() {
             std::fs::create_dir_all(&data)?;
-            let out = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0711")])
-                .arg(format!("{}-disk", self.prefix))
-                .arg(&data)
-                .output()
-                .context("running mount")?;
-            ensure!(
-                out.status.success(),
-                "mounting a tmpfs on {}: {}",
-                data.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            self.mounts.push(data.clone());
+            self.mount_tmpfs(&data, &size, "0711")?;
         }
         let args = vec![
             "--data-dir".to_owned(),
@@ -675,14 +663,7 @@ impl Fleet {
 
     /// `skiff ARGS`, which must succeed; its stdout.
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.cli(args)?;
-        ensure!(
-            out.status.success(),
-            "skiff {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::stdout(self.cli(args)?, format_args!("skiff {}", args.join(" ")))
     }
 
     /// `skiff ARGS -o json`, parsed.
@@ -845,6 +826,24 @@ impl Fleet {
         Ok(status)
     }
 
+    /// Mounts a tmpfs of `size` on `dir` (removed when the fleet drops).
+    fn mount_tmpfs(&mut self, dir: &Path, size: &str, mode: &str) -> Result<()> {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode={mode}")])
+            .arg(format!("{}-disk", self.prefix))
+            .arg(dir)
+            .output()
+            .context("running mount")?;
+        ensure!(
+            out.status.success(),
+            "mounting a tmpfs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounts.push(dir.to_owned());
+        Ok(())
+    }
+
     /// Moves controller `name`'s data onto a tmpfs of `size` (`48m`) of its own, which a test
     /// may fill: the controller is stopped, its data copied over, and started again.
     pub fn controller_on_small_disk(&mut self, name: &str, size: &str) -> Result<PathBuf> {
@@ -853,19 +852,7 @@ impl Fleet {
         let old = self.dir.path().join(format!("{name}.old"));
         std::fs::rename(&data, &old)?;
         std::fs::create_dir_all(&data)?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
-            .arg(format!("{}-disk", self.prefix))
-            .arg(&data)
-            .output()
-            .context("running mount")?;
-        ensure!(
-            out.status.success(),
-            "mounting a tmpfs on {}: {}",
-            data.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.mounts.push(data.clone());
+        self.mount_tmpfs(&data, size, "0700")?;
         let out = Command::new("cp")
             .arg("-a")
             .arg(format!("{}/.", old.display()))
@@ -1264,4 +1251,48 @@ pub fn bench_on_fleet(
         eprintln!("{}", fleet.log_tails(20));
     }
     res
+}
+
+/// The network-namespace fleet as a [`crate::scenario::Cluster`]: its agents are its nodes;
+/// commands run in a node host's network namespace (the hosts share this machine's
+/// filesystem and processes); powering a node off cuts its host off and kills its agent.
+impl crate::scenario::Cluster for Fleet {
+    fn skiff(&self, args: &[&str]) -> Result<String> {
+        self.cli_ok(args)
+    }
+
+    fn agent(&self, node: &str, args: &[&str]) -> Result<String> {
+        let i = self.agent_index(node)?;
+        let (data, parent) = &self.agent_dirs[i];
+        crate::stdout(
+            agent_cmd(data, parent, args).output()?,
+            format_args!("skiff-agent {} on {node}", args.join(" ")),
+        )
+    }
+
+    fn run(&self, node: &str, argv: &[&str]) -> Result<String> {
+        crate::stdout(
+            self.on_host(node, argv)?,
+            format_args!("{} on {node}", argv.join(" ")),
+        )
+    }
+
+    fn put(&self, name: &str, text: &str) -> Result<String> {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text)?;
+        Ok(p.display().to_string())
+    }
+
+    fn image(&self) -> String {
+        Fleet::image(self)
+    }
+
+    fn power_off(&mut self, node: &str) -> Result<()> {
+        self.partition(node)?;
+        self.kill_agent(node)
+    }
+
+    fn controllers(&self) -> usize {
+        self.controllers.len()
+    }
 }

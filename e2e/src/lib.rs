@@ -6,6 +6,7 @@
 
 pub mod fleet;
 pub mod history;
+pub mod scenario;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -413,6 +414,16 @@ pub fn promtool(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     );
     anyhow::ensure!(out.status.success(), "promtool {}: {text}", args.join(" "));
     Ok(text)
+}
+
+/// A finished command's standard output, or an error naming `what` with its standard error.
+pub fn stdout(out: std::process::Output, what: std::fmt::Arguments<'_>) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -66,6 +66,21 @@ fn call(mut cmd: Command) -> Outcome {
     }
 }
 
+/// SIGKILLs the leader, waits for another to lead, starts the killed one again and gives it
+/// two seconds; returns the killed one's host.
+fn kill_leader(fleet: &mut Fleet) -> Result<String> {
+    let l = fleet.wait_for_value("a leader", Duration::from_secs(20), |f| {
+        Ok(f.leader_host().ok())
+    })?;
+    fleet.kill_controller(&l)?;
+    fleet.wait_for("a new leader", Duration::from_secs(20), |f| {
+        Ok(f.leader_host().is_ok_and(|n| n != l))
+    })?;
+    fleet.restart_controller(&l)?;
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(l)
+}
+
 /// Whether controller `name` is a voter that has applied what the leader had committed a
 /// moment ago.
 fn caught_up(fleet: &Fleet, name: &str) -> Result<bool> {
@@ -233,14 +248,8 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
     let result = (|| -> Result<()> {
         std::thread::sleep(Duration::from_secs(3));
         // 1. kill -9 the leader, restart it once another leads.
-        let l = fleet.leader_host()?;
-        fleet.kill_controller(&l)?;
+        let l = kill_leader(&mut fleet)?;
         fault(format!("kill -9 leader {l}"));
-        fleet.wait_for("a new leader", Duration::from_secs(20), |f| {
-            Ok(f.leader_host().is_ok_and(|n| n != l))
-        })?;
-        fleet.restart_controller(&l)?;
-        std::thread::sleep(Duration::from_secs(2));
 
         // 2. cut the leader off for 4 s.
         let l = fleet.leader_host()?;
@@ -341,16 +350,8 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
 
         // 8. kill the leader three times in a row during the writes.
         for _ in 0..3 {
-            let l = fleet.wait_for_value("a leader", Duration::from_secs(20), |f| {
-                Ok(f.leader_host().ok())
-            })?;
-            fleet.kill_controller(&l)?;
+            let l = kill_leader(&mut fleet)?;
             fault(format!("kill -9 leader {l}"));
-            fleet.wait_for("a new leader", Duration::from_secs(20), |f| {
-                Ok(f.leader_host().is_ok_and(|n| n != l))
-            })?;
-            fleet.restart_controller(&l)?;
-            std::thread::sleep(Duration::from_secs(2));
         }
         Ok(())
     })();

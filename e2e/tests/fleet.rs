@@ -477,6 +477,10 @@ fn f50_fenced_replicas_stop_on_a_cut_off_node_before_their_replacement_starts() 
                 .is_some_and(|r| r["status"] == "running" && r["id"] != first["id"]))
         },
     )?;
+    // The controllers see it running again (its next heartbeat), still A on its node.
+    fleet.wait_for("A reported running again", Duration::from_secs(10), |f| {
+        Ok(f.allocations("lock")?.iter().any(|x| x.2 == "running"))
+    })?;
     ensure!(
         fleet.allocations("lock")? == vec![(a.clone(), x.clone(), "running".to_owned())],
         "the short cut replaced A: {:?}",

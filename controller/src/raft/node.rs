@@ -591,10 +591,18 @@ impl RaftNode {
     /// can have been elected before that moment).
     pub fn leadership_confirmed(&self, within: std::time::Duration) -> bool {
         let m = self.inner.raft.metrics().borrow_watched().clone();
-        m.state == ServerState::Leader
-            && m.last_quorum_acked
-                .as_ref()
-                .is_some_and(|t| openraft::Instant::elapsed(&**t) < within)
+        if m.state != ServerState::Leader {
+            return false;
+        }
+        // The only voter: no other member can be elected, and no replication runs to keep
+        // the quorum clock moving.
+        let mut voters = m.membership_config.voter_ids();
+        if voters.next() == Some(self.inner.id) && voters.next().is_none() {
+            return true;
+        }
+        m.last_quorum_acked
+            .as_ref()
+            .is_some_and(|t| openraft::Instant::elapsed(&**t) < within)
     }
 
     pub fn status(&self) -> Status {
