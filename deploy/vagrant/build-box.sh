@@ -81,7 +81,9 @@ ExecStart=/usr/bin/ssh-keygen -A
 [Install]
 WantedBy=multi-user.target
 EOF
-  chroot "$r" systemctl enable ssh-host-keys.service ssh >/dev/null 2>&1
+  # systemd-networkd runs in both (Vagrant restarts it after setting the hostname); in the
+  # lxc box no .network file matches, so it leaves the address LXC set alone.
+  chroot "$r" systemctl enable systemd-networkd ssh-host-keys.service ssh >/dev/null 2>&1
   chroot "$r" useradd -m -s /bin/bash vagrant
   echo "vagrant ALL=(ALL) NOPASSWD: ALL" >"$r/etc/sudoers.d/vagrant"
   chmod 0440 "$r/etc/sudoers.d/vagrant"
@@ -146,7 +148,6 @@ Name=en* eth*
 DHCP=ipv4
 LinkLocalAddressing=no
 EOF
-chroot "$mnt" systemctl enable systemd-networkd >/dev/null 2>&1
 # Boot on the serial console, root by label, no menu delay.
 cat >"$mnt/etc/default/grub" <<'EOF'
 GRUB_DEFAULT=0
