@@ -222,24 +222,20 @@ pub fn reconcile_once(
             out.push(gated(&a.id, &why, task, &observed));
             continue;
         }
-        // A container its monitor fenced starts afresh now that the controllers confirmed
-        // the allocation is still this node's.
+        // A container that ended not by itself (its monitor fenced it, or died, or the host
+        // rebooted) starts afresh: the controllers still want it here.
         let observed: Vec<&Observed> = observed
             .into_iter()
             .filter(|o| {
-                let fenced = ended(&o.state)
-                    && o.state
-                        .error
-                        .as_deref()
-                        .is_some_and(|e| e.starts_with(skiff_runtime::fence::FENCED));
-                if fenced {
-                    info!(alloc = %o.alloc, container = %o.name, "fenced container: starting it again");
-                    if let Err(e) = rt.remove(&o.id) {
-                        warn!(alloc = %o.alloc, container = %o.name, error = %e, "remove failed");
-                        return true;
-                    }
+                let Some(why) = ended_by_the_node(&o.state) else {
+                    return true;
+                };
+                info!(alloc = %o.alloc, container = %o.name, reason = why, "starting the container again");
+                if let Err(e) = rt.remove(&o.id) {
+                    warn!(alloc = %o.alloc, container = %o.name, error = %e, "remove failed");
+                    return true;
                 }
-                !fenced
+                false
             })
             .collect();
         if let Some((at, reason)) = failures.get(&a.id)
@@ -313,6 +309,14 @@ fn stop_allocation(rt: &dyn Containers, containers: &[&Observed]) -> Option<Stat
 /// never going to be restarted).
 fn ended(s: &State) -> bool {
     matches!(s.status, Status::Exited | Status::Failed)
+}
+
+/// Why an ended container ended by this node's doing rather than its workload's (fenced by
+/// its monitor; its monitor gone), if it did.
+fn ended_by_the_node(s: &State) -> Option<&str> {
+    let why = s.error.as_deref().filter(|_| ended(s))?;
+    (why.starts_with(skiff_runtime::fence::FENCED) || why == skiff_runtime::container::MONITOR_GONE)
+        .then_some(why)
 }
 
 /// Whether an ended container succeeded.
@@ -878,12 +882,20 @@ mod tests {
         started.sort();
         assert_eq!(started, ["a1/web", "a2/web"]);
         assert_eq!(state_of(&r, "a1"), pb::AllocationState::Running as i32);
+        // One whose monitor died (killed, a reboot) starts again too.
+        for c in lock(&rt.containers).iter_mut().filter(|c| c.alloc == "a2") {
+            c.state = exited(137);
+            c.state.error = Some(skiff_runtime::container::MONITOR_GONE.into());
+        }
+        run(&open_gate);
+        let a2_starts = lock(&rt.started).iter().filter(|s| *s == "a2/web").count();
+        assert_eq!(a2_starts, 2, "{:?}", lock(&rt.started));
         // A container that failed on its own is not restarted by the agent.
         for c in lock(&rt.containers).iter_mut() {
             c.state = exited(1);
         }
         run(&open_gate);
-        assert_eq!(lock(&rt.started).len(), 2);
+        assert_eq!(lock(&rt.started).len(), 3);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The chaos suite on the netns fleet (3 controllers, 3 agents): while a client writes jobs
 //! and a fenced one-replica job and a 3-replica job run, it kills and cuts off controllers and
-//! agents, drops 30% of an agent's packets and kills the leader again and again; then it heals
+//! agents, drops 30% of an agent's packets, kills a container's monitor and a WireGuard tunnel,
+//! and kills the leader again and again; then it heals
 //! everything and checks the history: no acknowledged write lost, the fenced job never ran
 //! twice at once, no allocation lost. Bounded: about a minute of faults, at most
 //! [`MAX_WRITES`] writes, each client call at most [`CALL_TIMEOUT`].
@@ -64,6 +65,15 @@ fn call(mut cmd: Command) -> Outcome {
             Err(e) => return Outcome::Unknown(e.to_string()),
         }
     }
+}
+
+fn kill9(pid: i64) -> Result<()> {
+    let pid = i32::try_from(pid).context("pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .with_context(|| format!("kill -9 {pid}"))
 }
 
 /// SIGKILLs the leader, waits for another to lead, starts the killed one again and gives it
@@ -282,7 +292,46 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
         std::thread::sleep(Duration::from_secs(3));
         fleet.restart_agent("a2")?;
 
-        // 6. a follower's disk fills up: it stops (a fatal storage error ends the process,
+        // 6. kill -9 the fenced job's container monitor (the agent starts the container
+        // again) and an agent's WireGuard tunnel (the agent restarts it).
+        let (lock_alloc, lock_node, record) =
+            fleet.wait_for_value("lock's container running", Duration::from_secs(30), |f| {
+                for (alloc, node, status) in f.allocations("lock")? {
+                    if status != "running" {
+                        continue;
+                    }
+                    if let Some(r) = f.container_records(&node)?.into_iter().find(|r| {
+                        r["labels"]["skiff.alloc"] == alloc.as_str() && r["status"] == "running"
+                    }) {
+                        return Ok(Some((alloc, node, r)));
+                    }
+                }
+                Ok(None)
+            })?;
+        let id = record["id"].as_str().context("container id")?;
+        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(
+            fleet
+                .agent_data(&lock_node)?
+                .join("containers")
+                .join(id)
+                .join("state.json"),
+        )?)?;
+        let monitor = state["monitor_pid"].as_i64().context("monitor pid")?;
+        kill9(monitor)?;
+        fault(format!(
+            "kill -9 the monitor of lock's container on {lock_node}"
+        ));
+        let tunnel = fleet.tunnel_pid("a3")?.context("a3's tunnel")?;
+        kill9(i64::from(tunnel))?;
+        fault("kill -9 a3's WireGuard tunnel".into());
+        fleet.wait_for("lock running again", Duration::from_secs(30), |f| {
+            Ok(f.running_and_ready("lock")?.0 == 1
+                && f.container_records(&lock_node)?.iter().any(|r| {
+                    r["labels"]["skiff.alloc"] == lock_alloc.as_str() && r["status"] == "running"
+                }))
+        })?;
+
+        // 7. a follower's disk fills up: it stops (a fatal storage error ends the process,
         // as systemd would see it), the others go on; freed and restarted, it catches up.
         let leader = fleet.leader_host()?;
         let victim = ["c1", "c2", "c3"]
@@ -334,7 +383,7 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
             |f| caught_up(f, victim),
         )?;
 
-        // 7. the wall clocks of the leader's host and of an agent's step 2 minutes forward,
+        // 8. the wall clocks of the leader's host and of an agent's step 2 minutes forward,
         // then 4 minutes back, then back to the real time.
         let leader = fleet.leader_host()?;
         for (offset, what) in [
@@ -348,7 +397,7 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
             std::thread::sleep(Duration::from_secs(6));
         }
 
-        // 8. kill the leader three times in a row during the writes.
+        // 9. kill the leader three times in a row during the writes.
         for _ in 0..3 {
             let l = kill_leader(&mut fleet)?;
             fault(format!("kill -9 leader {l}"));

@@ -18,6 +18,10 @@ use super::store::{
     monitor_alive, now_ms,
 };
 
+/// The reason a container whose monitor died (killed, or the host rebooted) records: its
+/// workload did not end by itself.
+pub const MONITOR_GONE: &str = "monitor gone; container killed";
+
 /// What the user asked to run.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -559,10 +563,17 @@ impl Runtime {
             self.release(id);
             s.status = Status::Exited;
             s.pid = None;
+            // Killed now (an earlier run's exit, if any, is not how this one ended).
+            s.exit = Some(super::store::ExitInfo {
+                code: None,
+                signal: Some(libc::SIGKILL),
+                oom_killed: false,
+                at_ms: now_ms(),
+            });
             s.monitor_pid = None;
             s.monitor_start = None;
             if s.error.is_none() {
-                s.error = Some("monitor gone; container killed".into());
+                s.error = Some(MONITOR_GONE.into());
             }
             self.store.save_state(id, &s)?;
         }
