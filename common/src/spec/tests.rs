@@ -312,6 +312,22 @@ fn bad_memory_size() {
 }
 
 #[test]
+fn disconnect_stop_after_is_bounded_and_named_when_wrong() {
+    let e = toml_err(&with("[disconnect]\nstop_after = \"500ms\"\n"));
+    assert_eq!(e.field, "disconnect.stop_after");
+    assert_eq!(e.message, "must be between 1s and 1day, found 500ms");
+    let e = toml_err(&with("[disconnect]\nstop_after = \"soon\"\n"));
+    assert_eq!(e.field, "disconnect.stop_after");
+    let e = toml_err(&with("[disconnect]\nstop_afte = \"5s\"\n"));
+    assert!(e.to_string().contains("stop_afte"), "{e}");
+    let spec = parse(&with("[disconnect]\nstop_after = \"20s\"\n"));
+    assert_eq!(
+        spec.disconnect.map(|d| d.stop_after),
+        Some(std::time::Duration::from_secs(20))
+    );
+}
+
+#[test]
 fn bad_constraint_names_its_index_and_reason() {
     let e = toml_err(&with(
         "[placement]\nconstraints = [\n  \"zone = a\",\n  \"disk in (ssd)\",\n  \"zone ~ b\",\n]\n",
