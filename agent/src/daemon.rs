@@ -373,6 +373,10 @@ impl Host for LocalHost {
                 .iter()
                 .map(|d| d.display().to_string())
                 .collect(),
+            capabilities: skiff_common::capability::ALL
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect(),
         }
     }
 

@@ -393,6 +393,8 @@ impl Host for SimNode {
                 backend: pb::WireguardBackend::Userspace as i32,
             }),
             host_volume_dirs: Vec::new(),
+            // It starts no containers, so it can fence none.
+            capabilities: Vec::new(),
         }
     }
 

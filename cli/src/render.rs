@@ -267,6 +267,7 @@ pub fn node_json(n: &pb::Node) -> Value {
     json!({
         "name": n.name, "address": n.address, "status": node_status(n.status), "labels": n.labels,
         "disk_pressure": n.disk_pressure,
+        "capabilities": n.capabilities,
         "heartbeat_age_ms": (n.heartbeat_age_ms >= 0).then_some(n.heartbeat_age_ms),
         "subnet": n.subnet, "host_volume_dirs": n.host_volume_dirs,
         "named_volumes": n.named_volumes,

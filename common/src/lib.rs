@@ -23,6 +23,7 @@
 // Tests may unwrap; the library itself may not (the workspace warns on `unwrap_used`).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod capability;
 pub mod prometheus;
 pub mod spec;
 pub mod time;

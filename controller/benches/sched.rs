@@ -65,6 +65,7 @@ fn node(i: usize) -> Node {
         host_volume_dirs: Vec::new(),
         named_volumes: Default::default(),
         disk_pressure: false,
+        capabilities: Default::default(),
     }
 }
 
@@ -246,6 +247,7 @@ async fn through_raft(nodes: usize, allocations: u32) -> anyhow::Result<ThroughR
                     metrics_addr: String::new(),
                     wireguard: None,
                     host_volume_dirs: Vec::new(),
+                    capabilities: Vec::new(),
                 })
                 .await
             }));

@@ -706,6 +706,7 @@ fn place(
         ports: &ports,
         host_paths: &host_paths,
         named_volumes: &named_volumes,
+        capabilities: &skiff_common::capability::required_by(&latest.spec),
     };
     let placed = scheduler::place(view, &req);
     for node in placed.placements {

@@ -4,7 +4,8 @@
 //!
 //! Filters, in order (the first that rejects a node is the reason counted for it): the node is
 //! down, draining, fails a constraint on its labels, is not where the job's named volumes live,
-//! does not allow a host volume's directory, has a port the replica would publish taken, or
+//! has an agent without a capability the job needs (fencing), does not allow a host volume's
+//! directory, has a port the replica would publish taken, or
 //! lacks free cpu, memory, pids or pod addresses (its subnet's size).
 //! Scoring among the nodes that pass: replicas of the same job repel each other (a node with
 //! fewer of them always wins: anti-affinity), then bin-pack (fullest node after placement
@@ -94,6 +95,9 @@ pub struct Request<'a> {
     /// The job's named volumes (`namespace/job/name`): where one lives already, replicas go
     /// only there.
     pub named_volumes: &'a [String],
+    /// What each replica needs its node's agent to be able to do
+    /// ([`skiff_common::capability`]).
+    pub capabilities: &'a [&'static str],
 }
 
 impl Request<'_> {
@@ -112,6 +116,7 @@ impl Request<'_> {
             ports: &[],
             host_paths: &[],
             named_volumes: &[],
+            capabilities: &[],
         }
     }
 }
@@ -198,6 +203,15 @@ fn reject_static(
         return Some(format!(
             "named volume {} lives on another node",
             held.first().copied().unwrap_or("?")
+        ));
+    }
+    if let Some(cap) = req
+        .capabilities
+        .iter()
+        .find(|cap| !c.node.capabilities.contains(**cap))
+    {
+        return Some(format!(
+            "agent without {cap} support (older than the job needs)"
         ));
     }
     if let Some(p) = req.host_paths.iter().find(|p| !c.node.allows_host_path(p)) {

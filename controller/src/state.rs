@@ -28,7 +28,7 @@ pub use model::{
 /// every member of the membership has said it applies that command's level
 /// (`raft::RaftNode::allows`), so during a rolling upgrade a member of the older release is
 /// never sent an entry it cannot read. A new command variant gets a new level here.
-pub const COMMAND_LEVEL: u32 = 1;
+pub const COMMAND_LEVEL: u32 = 2;
 
 /// A change to the cluster state, replicated through the Raft log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -227,8 +227,11 @@ fn default_subnet_prefix() -> u8 {
 impl Command {
     /// The command level a member must apply to read this command (see [`COMMAND_LEVEL`]).
     /// Level 1 (2026-12-04): the commands added after rollouts landed.
+    /// Level 2 (2026-12-05): a job with `[disconnect]` (fencing): an older member's spec
+    /// parser refuses the section, which would stop its Raft core.
     pub fn level(&self) -> u32 {
         match self {
+            Command::ApplyJob { spec, .. } if spec.disconnect.is_some() => 2,
             Command::SetNodeDiskPressure { .. }
             | Command::SetJobsPending { .. }
             | Command::CollectGarbage { .. } => 1,

@@ -786,6 +786,7 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         metrics_addr: "198.18.0.9:7802".into(),
         wireguard: None,
         host_volume_dirs: Vec::new(),
+        capabilities: vec!["fence".into()],
     };
 
     const KEY: &str = "0OK+Q37tLd3BojAGcM0eRUYT5vJ+wctz0L2pL9EaSSE=";
@@ -827,6 +828,13 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
                 ..register("n1", "198.18.0.9", 2.0)
             },
             "metrics_addr: \"198.18.0.9\" is not an address:port",
+        ),
+        (
+            pb::RegisterNodeRequest {
+                capabilities: vec!["fence".into(), "Fence!".into()],
+                ..register("n1", "198.18.0.9", 2.0)
+            },
+            "capabilities: \"Fence!\" is not 1 to 32 of [a-z0-9-]",
         ),
         (register("n1", "198.18.0.9", f64::NAN), "resources"),
         (
@@ -1116,6 +1124,7 @@ fn reg(name: &str, key: &str) -> pb::RegisterNodeRequest {
             backend: pb::WireguardBackend::Userspace as i32,
         }),
         host_volume_dirs: Vec::new(),
+        capabilities: Vec::new(),
     }
 }
 
@@ -1156,6 +1165,7 @@ async fn t65_stopped_allocations_and_old_versions_are_collected() {
             metrics_addr: "198.18.0.9:7802".into(),
             wireguard: None,
             host_volume_dirs: Vec::new(),
+            capabilities: Vec::new(),
         })
         .await
         .expect("register");
@@ -1989,6 +1999,18 @@ async fn t68_a_rolling_upgrade_writes_only_what_every_member_reads() {
             .expect("a heartbeat reporting pressure still succeeds");
         let recorded = node.state().state.node("n1").map(|n| n.disk_pressure);
         assert_eq!(recorded, Some(false), "pressure recorded at level 0");
+        // A fenced job needs level 2: refused with the way out, nothing written.
+        let fenced = "name = \"lock\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\n\
+                      [disconnect]\nstop_after = \"20s\"\n";
+        let err = apply(&mut c.jobs(leader).await, fenced.into())
+            .await
+            .expect_err("a fenced job while a member is at level 0");
+        assert!(
+            err.message().contains("needs command level 2")
+                && err.message().contains("finish upgrading"),
+            "{}",
+            err.message()
+        );
         // Writes go on: a job per step, through any member.
         let name = format!("w{upgrade}");
         apply(&mut c.jobs(leader).await, spec(&name, 1))

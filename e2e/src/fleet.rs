@@ -38,6 +38,9 @@ struct Proc {
     args: Vec<String>,
     log: PathBuf,
     binary: &'static str,
+    /// What runs: the tree's `binary`, or an older build of it (see
+    /// [`Fleet::start_with_binaries`]).
+    exe: PathBuf,
     /// Extra environment (the fake clock of [`Fleet::start_fake_clocks`]).
     env: Vec<(String, String)>,
 }
@@ -49,6 +52,7 @@ impl Proc {
         args: Vec<String>,
         log: PathBuf,
         env: Vec<(String, String)>,
+        exe: Option<PathBuf>,
     ) -> Result<Proc> {
         let mut p = Proc {
             child: None,
@@ -56,6 +60,7 @@ impl Proc {
             args,
             log,
             binary,
+            exe: exe.unwrap_or_else(|| bin(binary)),
             env,
         };
         p.start()?;
@@ -72,7 +77,7 @@ impl Proc {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.host.netns))
             .arg("--")
-            .arg(bin(self.binary))
+            .arg(&self.exe)
             .args(&self.args)
             // SKIFF_TEST_LOG (e.g. `info,boringtun=debug`) turns up the daemons' logs.
             .env(
@@ -133,6 +138,8 @@ pub struct Fleet {
     /// With [`Fleet::start_fake_clocks`]: each daemon's wall clock follows the offset in
     /// `DIR/clock-HOST` (libfaketime).
     fake_clocks: bool,
+    /// Daemons (by host name: `c1`, `a1`...) that run another build than the tree's.
+    binaries: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// Where Debian's libfaketime (the thread-safe one) is, if installed.
@@ -273,6 +280,31 @@ impl Fleet {
             agent_args,
             agent_disk,
             false,
+            Default::default(),
+        )
+    }
+
+    /// As [`Fleet::start`], with some daemons (by host name: `c1`, `a1`...) running another
+    /// build of `skiff-controller` or `skiff-agent` (an older release's, for the
+    /// compatibility test).
+    pub fn start_with_binaries(
+        controllers: usize,
+        agents: usize,
+        node_grace: &str,
+        binaries: &[(&str, &Path)],
+    ) -> Result<Fleet> {
+        Fleet::launch_with(
+            controllers,
+            agents,
+            node_grace,
+            &[],
+            &[],
+            None,
+            false,
+            binaries
+                .iter()
+                .map(|(h, p)| ((*h).to_owned(), p.to_path_buf()))
+                .collect(),
         )
     }
 
@@ -297,6 +329,7 @@ impl Fleet {
             &[],
             None,
             true,
+            Default::default(),
         )
     }
 
@@ -343,6 +376,7 @@ impl Fleet {
         agent_args: &[&str],
         agent_disk: Option<String>,
         fake_clocks: bool,
+        binaries: std::collections::BTreeMap<String, PathBuf>,
     ) -> Result<Fleet> {
         let prefix = format!(
             "sk{}{}",
@@ -367,6 +401,7 @@ impl Fleet {
             agent_disk,
             mounts: Vec::new(),
             fake_clocks,
+            binaries,
         };
         fleet.build_network(controllers, agents)?;
         let out = Command::new("sh")
@@ -512,6 +547,7 @@ impl Fleet {
             args,
             log,
             self.clock_env(&host.name)?,
+            self.binaries.get(&host.name).cloned(),
         )?);
         Ok(())
     }
@@ -563,6 +599,7 @@ impl Fleet {
             args,
             log,
             self.clock_env(&host.name)?,
+            self.binaries.get(&host.name).cloned(),
         )?);
         self.agent_dirs.push((data, parent));
         Ok(())
@@ -776,6 +813,55 @@ impl Fleet {
         let i = self.agent_index(name)?;
         ensure!(self.agents[i].pid().is_none(), "agent {name} is running");
         self.agents[i].start()
+    }
+
+    /// Replaces daemon `name`'s binary (`c1`, `a1`...) as an upgrade does: [`Fleet::stop`],
+    /// then [`Fleet::start_daemon`] with `exe` (`None`: the tree's build).
+    pub fn upgrade(&mut self, name: &str, exe: Option<&Path>) -> Result<()> {
+        self.stop(name)?;
+        self.start_daemon(name, exe)
+    }
+
+    fn daemon(&mut self, name: &str) -> Result<&mut Proc> {
+        self.controllers
+            .iter_mut()
+            .chain(self.agents.iter_mut())
+            .find(|p| p.host.name == name)
+            .with_context(|| format!("no daemon on {name}"))
+    }
+
+    /// SIGTERM to daemon `name` alone (an agent's containers, monitors and tunnel keep
+    /// running, as under systemd's `KillMode=process`), and wait up to 20 s for it to exit.
+    pub fn stop(&mut self, name: &str) -> Result<()> {
+        let p = self.daemon(name)?;
+        let Some(mut child) = p.child.take() else {
+            return Ok(());
+        };
+        let pid = i32::try_from(child.id()).context("pid")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .with_context(|| format!("SIGTERM to {} on {name}", p.binary))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait()?.is_none() {
+            ensure!(
+                Instant::now() < deadline,
+                "{} on {name} did not exit within 20 s of SIGTERM",
+                p.binary
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts stopped daemon `name` with its flags and data, running `exe` (`None`: the
+    /// tree's build).
+    pub fn start_daemon(&mut self, name: &str, exe: Option<&Path>) -> Result<()> {
+        let p = self.daemon(name)?;
+        ensure!(p.pid().is_none(), "{} on {name} is running", p.binary);
+        p.exe = exe.map_or_else(|| bin(p.binary), Path::to_path_buf);
+        p.start()
     }
 
     /// Each agent's (name, data dir, cgroup parent), for [`agent_cmd`] from another thread.

@@ -40,6 +40,29 @@ pub struct Expect {
     pub cgroup_v2: bool,
 }
 
+impl Expect {
+    /// What this machine's hosts are: the kernel WireGuard backend where the module loads, the
+    /// userspace one otherwise; pure cgroup v2 or not.
+    pub fn this_machine() -> Expect {
+        let probe = format!("skwgprobe{}", std::process::id() % 100_000);
+        let kernel_wg = std::process::Command::new("ip")
+            .args(["link", "add", &probe, "type", "wireguard"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if kernel_wg {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &probe])
+                .output();
+        }
+        let cgroup_v2 = nix::sys::statfs::statfs("/sys/fs/cgroup")
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC);
+        Expect {
+            backend: if kernel_wg { "kernel" } else { "userspace" },
+            cgroup_v2,
+        }
+    }
+}
+
 /// Polls `f` every 200 ms for up to `timeout` until it returns a value.
 pub fn wait_for<T>(
     what: &str,

@@ -540,6 +540,7 @@ fn fake_node(
                             backend: skiff_proto::v1::WireguardBackend::Userspace as i32,
                         }),
                         host_volume_dirs: Vec::new(),
+                        capabilities: Vec::new(),
                     })
                     .await?
                     .into_inner();

@@ -29,6 +29,13 @@ pub enum Need {
     Cgroupfs,
     /// A mounted cgroup2 filesystem (the unified hierarchy), where device programs attach.
     Cgroup2,
+    /// A file a script builds for the tests, named by an environment variable (the previous
+    /// release's binaries: `SKIFF_COMPAT_BIN_DIR`, from `scripts/compat-build.sh`). Opted out of by
+    /// the variable's name or `tools`.
+    Built {
+        var: &'static str,
+        how: &'static str,
+    },
 }
 
 /// `Need::Tool` in short.
@@ -46,6 +53,9 @@ impl Need {
                 std::fs::read_dir("/sys/fs/cgroup").is_ok_and(|mut d| d.next().is_some())
             }
             Need::Cgroup2 => cgroup2_mount().is_some(),
+            Need::Built { var, .. } => {
+                std::env::var_os(var).is_some_and(|p| Path::new(&p).exists())
+            }
         }
     }
 
@@ -60,6 +70,7 @@ impl Need {
             Need::Cgroup2 => "a mounted cgroup2 filesystem (cgroup_no_v1 or systemd's \
                               hybrid/unified hierarchy)"
                 .into(),
+            Need::Built { var, how } => format!("{var} naming what a script built ({how})"),
         }
     }
 
@@ -70,6 +81,7 @@ impl Need {
                 || match self {
                     Need::Root | Need::Cgroupfs | Need::Cgroup2 => w == "root",
                     Need::Tool { name, .. } => w == "tools" || w == *name,
+                    Need::Built { var, .. } => w == "tools" || w == *var,
                 }
         })
     }
@@ -132,6 +144,7 @@ pub fn require(needs: &[Need]) -> bool {
             match need {
                 Need::Root | Need::Cgroupfs | Need::Cgroup2 => "root".to_owned(),
                 Need::Tool { name, .. } => (*name).to_owned(),
+                Need::Built { var, .. } => (*var).to_owned(),
             }
         );
     }

@@ -355,6 +355,7 @@ pub fn node(n: &Node, usage: Option<&(Usage, u32)>) -> pb::Node {
         host_volume_dirs: n.host_volume_dirs.clone(),
         named_volumes: n.named_volumes.iter().cloned().collect(),
         disk_pressure: n.disk_pressure,
+        capabilities: n.capabilities.iter().cloned().collect(),
         heartbeat_age_ms: -1,
     }
 }

@@ -184,6 +184,8 @@ impl Nodes for NodesApi {
                 })?;
                 let wireguard = req.wireguard.map(convert::wireguard_identity).transpose()?;
                 let host_volume_dirs = convert::host_volume_dirs(&req.host_volume_dirs)?;
+                let capabilities = skiff_common::capability::parse(&req.capabilities)
+                    .map_err(ApiError::BadRequest)?;
                 // Shown to Prometheus as a target: a socket address or nothing.
                 let metrics_addr = match req.metrics_addr.as_str() {
                     "" => String::new(),
@@ -245,6 +247,7 @@ impl Nodes for NodesApi {
                         .map(|n| n.named_volumes.clone())
                         .unwrap_or_default(),
                     disk_pressure: existing.as_ref().is_some_and(|n| n.disk_pressure),
+                    capabilities,
                 };
                 self.heartbeats.beat(&node.name);
                 let name = node.name.clone();

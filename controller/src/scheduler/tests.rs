@@ -262,3 +262,27 @@ fn a_node_under_disk_pressure_gets_nothing_new_and_is_named() {
     let why = plan.rejections.expect("why").to_string();
     assert!(why.contains("1 node disk pressure"), "{why}");
 }
+
+#[test]
+fn fenced_jobs_go_only_to_agents_that_fence() {
+    // "old" was registered by an agent built before fencing: it lists no capabilities.
+    let mut old = node("a-old", 4.0, 4096, &[]);
+    old.capabilities.clear();
+    let nodes = [old, node("b-new", 4.0, 4096, &[])];
+    let needs = [skiff_common::capability::FENCE];
+    let mut req = request(2, ask(0.1, 64), &[]);
+    req.capabilities = &needs;
+    let plan = place(&mut candidates(&nodes), &req);
+    assert_eq!(plan.placements, ["b-new", "b-new"]);
+    // Without the need, the old node takes its share (it sorts first).
+    let plan = place(&mut candidates(&nodes), &request(2, ask(0.1, 64), &[]));
+    assert_eq!(plan.placements, ["a-old", "b-new"]);
+    // Only old agents: pending, and the reason says why.
+    let plan = place(&mut candidates(&nodes[..1]), &req);
+    assert_eq!(plan.unplaced, 2);
+    let why = plan.rejections.expect("why").to_string();
+    assert!(
+        why.contains("1 agent without fence support (older than the job needs)"),
+        "{why}"
+    );
+}

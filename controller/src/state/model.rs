@@ -369,6 +369,10 @@ pub struct Node {
     /// on it (what runs there stays).
     #[serde(default)]
     pub disk_pressure: bool,
+    /// What its agent said it can do when it last registered
+    /// ([`skiff_common::capability`]); a node registered by an older agent has none.
+    #[serde(default)]
+    pub capabilities: std::collections::BTreeSet<String>,
 }
 
 impl Node {
@@ -459,6 +463,10 @@ impl Node {
             host_volume_dirs: Vec::new(),
             named_volumes: Default::default(),
             disk_pressure: false,
+            capabilities: skiff_common::capability::ALL
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect(),
         }
     }
 

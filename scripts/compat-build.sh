@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds `skiff-controller` and `skiff-agent` as they were at the compatibility baseline (the
+# previous release) and prints the directory that holds them. The contract says an agent one
+# release older than the controllers keeps working and that controllers upgrade one member at
+# a time; e2e/tests/compat.rs runs these binaries against the ones built from the tree.
+#
+# Usage: scripts/compat-build.sh [--rev REV]
+# The baseline moves forward at each release: set BASELINE below to the release's commit.
+# The build shares target/ (the dependencies compile once) and the binaries are kept under
+# target/compat/REV/, so a second call costs nothing. It must run before the tree's own
+# binaries are built (scripts/test.sh does so), or be followed by a `cargo build`: it leaves
+# the baseline's binaries in target/debug, and that build puts the tree's back.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+# The end of session 33, the last release before fencing: no `capabilities` in registration,
+# no `[disconnect]` in job specs, command level 1.
+BASELINE=3c9164e4ec84b74c54620fc0a1390940597741aa
+rev=$BASELINE
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rev) rev=$2; shift 2 ;;
+    *) echo "usage: $0 [--rev REV]" >&2; exit 2 ;;
+  esac
+done
+cd "$root"
+full=$(git rev-parse --verify --quiet "$rev^{commit}") || {
+  echo "compat-build: commit $rev is not in this clone (a shallow clone? fetch its history)" >&2
+  exit 1
+}
+short=${full:0:12}
+out="$root/target/compat/$short"
+if [ -x "$out/skiff-controller" ] && [ -x "$out/skiff-agent" ]; then
+  echo "$out"
+  exit 0
+fi
+src="$root/target/compat/src-$short"
+rm -rf "$src" "$out"
+mkdir -p "$src"
+git archive "$full" | tar -x -C "$src"
+echo "compat-build: building skiff-controller and skiff-agent at $short" >&2
+(cd "$src" && CARGO_TARGET_DIR="$root/target" cargo build --quiet \
+  -p skiff-controller --bin skiff-controller -p skiff-agent --bin skiff-agent)
+mkdir -p "$out.tmp"
+cp "$root/target/debug/skiff-controller" "$root/target/debug/skiff-agent" "$out.tmp/"
+mv "$out.tmp" "$out"
+rm -rf "$src"
+echo "$out"
