@@ -20,8 +20,8 @@
 #   - every member a voter; every node ready with the kernel WireGuard backend;
 #   - the hosts run pure cgroup v2, and a container's memory limit is its cgroup's memory.max;
 #   - a replica on node-1 reaches one on another node through the overlay (wg handshakes);
-#   - install.sh upgrade on every node, one at a time, with a write after each (shell: it is
-#     about the systemd install);
+#   - install.sh upgrade on every node, one at a time, with a write after each and every
+#     container running on (the netns fleet upgrades its daemons the same way);
 #   - a node powered off: its allocations are replaced on the others (time to replacement).
 # Needs root. Installs vagrant, vagrant-libvirt, libvirt, qemu-system-x86 and debootstrap
 # with apt-get when missing, and starts libvirtd (and stops it again) when it is not running.
@@ -171,29 +171,6 @@ fi
 up_secs=$(($(date +%s) - up_start))
 step "cluster up in ${up_secs}s"
 
-# A command on node $1 as root, over ssh to its cluster address with the key Vagrant put in.
-# (Not `vagrant ssh`: vagrant-libvirt finds a VM by its management DHCP lease, and a VM that
-# keeps its address without renewing it shows as "inaccessible" for a while.)
-on() {
-  local n=$1
-  shift
-  ssh -q -i "$VAGRANT_CWD/.vagrant/machines/node-$n/$provider/private_key" \
-    -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 \
-    "vagrant@$net.$((10 + n))" "sudo env SKIFF_CREDENTIALS=/var/lib/skiff/controller/admin.creds $*"
-}
-ctl=$net.11:7700
-skiff() { on 1 skiff --controller "$ctl" "$@"; }
-# Waits up to $1 seconds for the command after it to succeed.
-until_ok() {
-  local secs=$1 i
-  shift
-  for ((i = 0; i < secs; i++)); do
-    "$@" && return 0
-    sleep 1
-  done
-  return 1
-}
-
 # The shared fleet scenarios (e2e/src/scenario.rs, the same code as the netns fleet's
 # e2e/tests/scenarios.rs) over ssh: members and nodes on the kernel WireGuard backend, the web
 # job, a container's memory.max under pure cgroup v2, a page across the overlay.
@@ -211,23 +188,12 @@ for i in $(seq "$nodes"); do scenarios+=(--node "node-$i=$net.$((10 + i))"); don
 if ! "${scenarios[@]}" basics 2>&1 | while IFS= read -r line; do step "$line"; done; then
   fail "the shared scenarios"
 fi
-replicas=$((nodes * 2))
-running() { [ "$(skiff ps web -o json | grep -c '"status": "running"')" = "$1" ]; }
 
-# Rolling upgrade: one node at a time, a write after each.
-for i in $(seq "$nodes"); do
-  on "$i" /tmp/skiff/install.sh upgrade --bin-dir /tmp/skiff >"$dir/upgrade-$i.log" 2>&1 ||
-    { cat "$dir/upgrade-$i.log" >&2; fail "upgrade of node-$i"; }
-  printf 'name = "probe-%s"\nimage = "oci:/opt/skiff/images/web"\ncommand = ["/bin/sleep", "3600"]\n' "$i" |
-    on 1 "tee /root/probe-$i.toml" >/dev/null
-  until_ok 60 skiff apply -f "/root/probe-$i.toml" >/dev/null || fail "a write after upgrading node-$i"
-done
-jobs=$(skiff jobs -o json)
-for i in $(seq "$nodes"); do
-  grep -q "\"probe-$i\"" <<<"$jobs" || fail "job probe-$i, written after upgrading node-$i, is gone"
-done
-until_ok 120 running "$replicas" || fail "web after the upgrades: $(skiff ps web)"
-step "every node upgraded in turn; writes went on; $replicas replicas running"
+# Rolling upgrade (the shared scenario): install.sh upgrade on one node at a time, a write
+# after each, every container running on through it.
+if ! "${scenarios[@]}" upgrade 2>&1 | while IFS= read -r line; do step "$line"; done; then
+  fail "the rolling upgrade"
+fi
 
 if [ "$nodes" -ge 3 ]; then
   power_off="virsh destroy $run-{node} >/dev/null"

@@ -1378,6 +1378,18 @@ impl crate::scenario::Cluster for Fleet {
         self.kill_agent(node)
     }
 
+    /// Node `aN`'s agent, and controller `cN` with it where there is one (as on the VMs,
+    /// where node-N runs both), each stopped with SIGTERM and started again on the tree's
+    /// build.
+    fn upgrade(&mut self, node: &str) -> Result<()> {
+        let i = self.agent_index(node)?;
+        let controller = format!("c{}", i + 1);
+        if self.controllers.iter().any(|c| c.host.name == controller) {
+            Fleet::upgrade(self, &controller, None)?;
+        }
+        Fleet::upgrade(self, node, None)
+    }
+
     fn controllers(&self) -> usize {
         self.controllers.len()
     }

@@ -26,6 +26,10 @@ pub trait Cluster {
     fn image(&self) -> String;
     /// Powers node `node` off as the others see it: off the network, its agent gone.
     fn power_off(&mut self, node: &str) -> Result<()>;
+    /// Upgrades Skiff on node `node` in place, as an operator does (`install.sh upgrade`:
+    /// its controller, if it runs one, and its agent, each restarted on the new binaries
+    /// with the containers left running); returns once that command has.
+    fn upgrade(&mut self, node: &str) -> Result<()>;
     /// How many controllers the fleet has.
     fn controllers(&self) -> usize;
 }
@@ -248,6 +252,79 @@ pub fn across_hosts(c: &dyn Cluster, from: &str) -> Result<String> {
     )?;
     ensure!(page.contains("hello from skiff"), "{from} to {to}: {page}");
     Ok(to)
+}
+
+/// The running containers on `node`, as (id, pid).
+fn containers(c: &dyn Cluster, node: &str) -> Result<Vec<(String, i64)>> {
+    let ps: Value = serde_json::from_str(&c.agent(node, &["container", "ps", "-o", "json"])?)?;
+    Ok(list(&ps)
+        .filter(|x| x["status"] == "running")
+        .map(|x| {
+            (
+                x["id"].as_str().unwrap_or_default().to_owned(),
+                x["pid"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect())
+}
+
+/// A rolling upgrade: each of `nodes` in turn is upgraded in place ([`Cluster::upgrade`]);
+/// after each, a write is acknowledged within a minute and every container the node ran
+/// before runs on as the same process, and its node is ready again. Then every write is
+/// still there and web runs all its replicas. Returns the time of each node's step.
+pub fn rolling_upgrade(c: &mut dyn Cluster, nodes: &[String]) -> Result<Vec<Duration>> {
+    let replicas = running(c, "web", None)?;
+    let mut took = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let start = Instant::now();
+        let before = containers(c, node)?;
+        c.upgrade(node)?;
+        let probe = format!("probe-{}", i + 1);
+        let spec = c.put(
+            &format!("{probe}.toml"),
+            &format!(
+                "name = \"{probe}\"\nimage = \"{}\"\ncommand = [\"/bin/sleep\", \"3600\"]\nreplicas = 0\n",
+                c.image()
+            ),
+        )?;
+        wait_for(
+            &format!("a write after upgrading {node}"),
+            Duration::from_secs(60),
+            || Ok(c.skiff(&["apply", "-f", &spec]).ok().map(|_| ())),
+        )?;
+        wait_for(
+            &format!("{node} ready after its upgrade"),
+            Duration::from_secs(60),
+            || {
+                let n = json(c, &["nodes"])?;
+                Ok(list(&n)
+                    .any(|n| n["name"] == node.as_str() && n["status"] == "ready")
+                    .then_some(()))
+            },
+        )?;
+        let after = containers(c, node)?;
+        for (id, pid) in &before {
+            ensure!(
+                after.iter().any(|(a, p)| a == id && p == pid),
+                "{node}: container {id} (pid {pid}) did not run on through the upgrade: {after:?}"
+            );
+        }
+        took.push(start.elapsed());
+    }
+    let jobs = json(c, &["jobs"])?;
+    for i in 1..=nodes.len() {
+        let probe = format!("probe-{i}");
+        ensure!(
+            list(&jobs).any(|j| j["name"] == probe.as_str()),
+            "job {probe}, written during the upgrade, is gone"
+        );
+    }
+    wait_for(
+        "web's replicas running after the upgrade",
+        Duration::from_secs(120),
+        || Ok((running(c, "web", None)? == replicas).then_some(())),
+    )?;
+    Ok(took)
 }
 
 /// Powers `victim` off; returns how long until every web replica runs on another node.

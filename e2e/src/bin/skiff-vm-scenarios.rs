@@ -47,6 +47,8 @@ struct Args {
 enum Step {
     /// Members and nodes, the web job, a container's memory limit, a page across the overlay.
     Basics,
+    /// `install.sh upgrade` on every node in turn, with a write after each.
+    Upgrade,
     /// Powers a node off and times its replicas' replacement.
     NodeLoss {
         #[arg(long)]
@@ -176,6 +178,20 @@ impl Cluster for Ssh {
         Ok(())
     }
 
+    fn upgrade(&mut self, node: &str) -> Result<()> {
+        self.ssh(
+            node,
+            &[
+                "/tmp/skiff/install.sh",
+                "upgrade",
+                "--bin-dir",
+                "/tmp/skiff",
+            ],
+            None,
+        )
+        .map(|_| ())
+    }
+
     fn controllers(&self) -> usize {
         self.nodes.len().min(3)
     }
@@ -236,6 +252,18 @@ fn main() -> Result<()> {
                     names[0]
                 );
             }
+        }
+        Step::Upgrade => {
+            let names: Vec<String> = ssh.nodes.iter().map(|(n, _)| n.clone()).collect();
+            let took = scenario::rolling_upgrade(&mut ssh, &names)?;
+            let secs: Vec<String> = took
+                .iter()
+                .map(|d| format!("{:.1}", d.as_secs_f64()))
+                .collect();
+            println!(
+                "every node upgraded in turn (install.sh upgrade; {} s each); a write after each; every container ran on; web running",
+                secs.join(", ")
+            );
         }
         Step::NodeLoss { victim, power_off } => {
             ssh.power_off = power_off;
