@@ -491,8 +491,12 @@ pub fn plan_job(
         }
     });
     // Replicas of the current version per node, for anti-affinity.
+    let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
+    for a in &current {
+        *per_node.entry(a.node.as_str()).or_default() += 1;
+    }
     for c in view.iter_mut() {
-        c.job_replicas = current.iter().filter(|a| a.node == c.node.name).count() as u32;
+        c.job_replicas = per_node.get(c.node.name.as_str()).copied().unwrap_or(0);
     }
     let want = latest.spec.replicas as usize;
     let rollout = job.open_rollout().filter(|r| job.same_as_latest(r.version));
@@ -1161,11 +1165,12 @@ async fn pass(
                 _ => {}
             }
             if n.status == NodeStatus::Down || !fresh {
-                // A fenced allocation is lost only once its node has surely stopped it.
-                let lost: Vec<String> = state
-                    .allocations()
-                    .filter(|a| a.node == n.name && holds(a))
-                    .filter(|a| match fence_of(state, a) {
+                // A fenced allocation is lost only once its node has surely stopped it;
+                // deciding so begins the node's fence (its heartbeats go unanswered until
+                // the loss is written).
+                let mut lost = Vec::new();
+                for a in state.node_allocations(&n.name).filter(|a| holds(a)) {
+                    let gone = match fence_of(state, a) {
                         None => true,
                         Some(stop) => {
                             let stopped = heartbeats.begin_fence(&n.name, stop, leading_at);
@@ -1174,9 +1179,11 @@ async fn pass(
                             }
                             stopped
                         }
-                    })
-                    .map(|a| a.id.clone())
-                    .collect();
+                    };
+                    if gone {
+                        lost.push(a.id.clone());
+                    }
+                }
                 if !lost.is_empty() {
                     commands.push(Command::StopAllocations {
                         ids: lost,

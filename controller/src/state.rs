@@ -531,23 +531,58 @@ pub struct ClusterState {
     clock_ms: i64,
     /// Allocation ids by job: derived from `allocations`, never stored.
     #[serde(skip)]
-    by_job: ByJob,
+    by_job: AllocIndex<ByJob>,
+    /// Allocation ids by node (an allocation never moves): derived, never stored.
+    #[serde(skip)]
+    by_node: AllocIndex<ByNode>,
 }
 
-/// Allocation ids by job key, derived from the allocations: built on first use after a load,
-/// then kept up to date where allocations are added and collected (an allocation's job never
-/// changes). Cloning it with the state is O(1).
-#[derive(Clone, Debug, Default)]
-struct ByJob(std::sync::OnceLock<OrdMap<String, imbl::OrdSet<String>>>);
+/// Allocation ids by a key of the allocation that never changes (its job, its node), derived
+/// from the allocations: built on first use after a load, then kept up to date where
+/// allocations are added and collected. Cloning it with the state is O(1).
+#[derive(Clone, Debug)]
+struct AllocIndex<K>(
+    std::sync::OnceLock<OrdMap<String, imbl::OrdSet<String>>>,
+    std::marker::PhantomData<K>,
+);
 
-impl PartialEq for ByJob {
+/// What an [`AllocIndex`] is keyed by.
+trait IndexKey {
+    fn key(a: &Allocation) -> String;
+}
+
+/// By job (`namespace/name`).
+#[derive(Clone, Debug)]
+struct ByJob;
+impl IndexKey for ByJob {
+    fn key(a: &Allocation) -> String {
+        job_key(&a.namespace, &a.job)
+    }
+}
+
+/// By node name.
+#[derive(Clone, Debug)]
+struct ByNode;
+impl IndexKey for ByNode {
+    fn key(a: &Allocation) -> String {
+        a.node.clone()
+    }
+}
+
+impl<K> Default for AllocIndex<K> {
+    fn default() -> Self {
+        AllocIndex(std::sync::OnceLock::new(), std::marker::PhantomData)
+    }
+}
+
+impl<K> PartialEq for AllocIndex<K> {
     /// Derived data: two states with the same allocations have the same index.
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl ByJob {
+impl<K: IndexKey> AllocIndex<K> {
     fn get(
         &self,
         allocations: &OrdMap<String, Allocation>,
@@ -555,9 +590,7 @@ impl ByJob {
         self.0.get_or_init(|| {
             let mut m: OrdMap<String, imbl::OrdSet<String>> = OrdMap::new();
             for a in allocations.values() {
-                m.entry(job_key(&a.namespace, &a.job))
-                    .or_default()
-                    .insert(a.id.clone());
+                m.entry(K::key(a)).or_default().insert(a.id.clone());
             }
             m
         })
@@ -565,7 +598,7 @@ impl ByJob {
 
     fn remove(&mut self, a: &Allocation) {
         if let Some(m) = self.0.get_mut() {
-            let key = job_key(&a.namespace, &a.job);
+            let key = K::key(a);
             if let Some(ids) = m.get_mut(&key) {
                 ids.remove(&a.id);
                 if ids.is_empty() {
@@ -578,10 +611,21 @@ impl ByJob {
     fn add(&mut self, a: &Allocation) {
         // Not built yet: it will be built from the allocations, this one included.
         if let Some(m) = self.0.get_mut() {
-            m.entry(job_key(&a.namespace, &a.job))
-                .or_default()
-                .insert(a.id.clone());
+            m.entry(K::key(a)).or_default().insert(a.id.clone());
         }
+    }
+
+    /// The allocations under `key`, ordered by id.
+    fn lookup<'a>(
+        &'a self,
+        allocations: &'a OrdMap<String, Allocation>,
+        key: &str,
+    ) -> impl Iterator<Item = &'a Allocation> + use<'a, K> {
+        self.get(allocations)
+            .get(key)
+            .into_iter()
+            .flat_map(|ids| ids.iter())
+            .filter_map(|id| allocations.get(id))
     }
 }
 
@@ -901,12 +945,8 @@ impl ClusterState {
                 // As when it went down: whatever it still held is lost (already so, unless the
                 // removal comes before the reconciler's own write).
                 let held: Vec<String> = self
-                    .allocations
-                    .values()
-                    .filter(|a| {
-                        a.node == *name
-                            && (a.desired == DesiredStatus::Run || !a.observed.is_terminal())
-                    })
+                    .node_allocations(name)
+                    .filter(|a| a.desired == DesiredStatus::Run || !a.observed.is_terminal())
                     .map(|a| a.id.clone())
                     .collect();
                 let lost = self.stop_allocations(&held, true, *at_ms);
@@ -1543,6 +1583,7 @@ impl ClusterState {
         }
         for alloc in allocations {
             self.by_job.add(alloc);
+            self.by_node.add(alloc);
             self.allocations.insert(alloc.id.clone(), alloc.clone());
         }
         Ok(Outcome::AllocationsPlaced {
@@ -1579,6 +1620,7 @@ impl ClusterState {
                 && let Some(a) = self.allocations.remove(id)
             {
                 self.by_job.remove(&a);
+                self.by_node.remove(&a);
                 removed += 1;
             }
         }
@@ -1629,11 +1671,15 @@ impl ClusterState {
         name: &'a str,
     ) -> impl Iterator<Item = &'a Allocation> + 'a {
         self.by_job
-            .get(&self.allocations)
-            .get(&job_key(namespace, name))
-            .into_iter()
-            .flat_map(|ids| ids.iter())
-            .filter_map(|id| self.allocations.get(id))
+            .lookup(&self.allocations, &job_key(namespace, name))
+    }
+
+    /// Allocations placed on one node (whatever their state), ordered by id.
+    pub fn node_allocations<'a>(
+        &'a self,
+        node: &str,
+    ) -> impl Iterator<Item = &'a Allocation> + use<'a> {
+        self.by_node.lookup(&self.allocations, node)
     }
 
     /// Every allocation, ordered by id.

@@ -399,7 +399,7 @@ impl RaftNode {
     /// Commits a command, forwarding it to the leader when this member is not the leader, and
     /// returns the state machine's result and the log index it was committed at.
     pub async fn write(&self, command: Command) -> Result<(ApplyResult, u64), RaftNodeError> {
-        self.allows(&command)?;
+        self.admit(&command).await?;
         let until = Instant::now() + WRITE_DEADLINE;
         loop {
             let leader = match self.inner.raft.client_write(Request(command.clone())).await {
@@ -466,7 +466,7 @@ impl RaftNode {
         &self,
         command: Command,
     ) -> Result<Result<Proposed, NotLeader>, RaftNodeError> {
-        self.allows(&command)?;
+        self.admit(&command).await?;
         match self.inner.raft.client_write(Request(command)).await {
             Ok(resp) => match resp.data.0 {
                 Some(result) => Ok(Ok(Proposed {
@@ -590,7 +590,9 @@ impl RaftNode {
     /// replication requests sent since then were answered by a quorum, so no other leader
     /// can have been elected before that moment).
     pub fn leadership_confirmed(&self, within: std::time::Duration) -> bool {
-        let m = self.inner.raft.metrics().borrow_watched().clone();
+        // Read under the watch's lock, not cloned: this runs on every heartbeat.
+        let rx = self.inner.raft.metrics();
+        let m = rx.borrow_watched();
         if m.state != ServerState::Leader {
             return false;
         }
@@ -646,6 +648,17 @@ impl RaftNode {
             .filter(|m| m.id != self.inner.id && known.get(&m.id).copied().unwrap_or(0) < level)
             .map(|m| m.id)
             .collect()
+    }
+
+    /// [`RaftNode::allows`], after asking the members not yet known to apply `command`'s
+    /// level (a member just started or joined has not been asked yet: `keep_levels` asks
+    /// every 2 s).
+    async fn admit(&self, command: &Command) -> Result<(), RaftNodeError> {
+        if self.allows(command).is_ok() {
+            return Ok(());
+        }
+        self.learn_levels().await;
+        self.allows(command)
     }
 
     /// Whether every member applies `command`'s level, so that it may be written; the

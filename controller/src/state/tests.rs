@@ -821,6 +821,30 @@ fn allocations_by_job_survive_a_snapshot_and_follow_placements() {
     .expect("place");
     assert_eq!(ids(&s, "web"), ["a1", "b2", "c3"]);
     assert_eq!(ids(&before, "web"), ["a1", "b2"]);
+    // By node as by job, against the full scan.
+    s.apply(&Command::UpsertNode { node: node("n2") })
+        .expect("node");
+    s.apply(&Command::PlaceAllocations {
+        allocations: vec![alloc("e4", "n2", 1)],
+    })
+    .expect("place");
+    for st in [&s, &snap, &before] {
+        for n in ["n1", "n2", "n3"] {
+            let indexed: Vec<&str> = st.node_allocations(n).map(|a| a.id.as_str()).collect();
+            let scanned: Vec<&str> = st
+                .allocations()
+                .filter(|a| a.node == n)
+                .map(|a| a.id.as_str())
+                .collect();
+            assert_eq!(indexed, scanned, "{n}");
+        }
+    }
+    assert_eq!(
+        s.node_allocations("n2")
+            .map(|a| a.id.as_str())
+            .collect::<Vec<_>>(),
+        ["e4"]
+    );
 }
 
 #[test]
@@ -991,6 +1015,8 @@ fn garbage_collection_removes_only_what_is_still_collectable() {
         .map(|a| a.id.clone())
         .collect();
     assert_eq!(web_ids, ["live", "stopping"], "the index follows");
+    let on_n1: Vec<&str> = s.node_allocations("n1").map(|a| a.id.as_str()).collect();
+    assert_eq!(on_n1, ["live", "stopping"], "the node index follows too");
     let job = s.job("default", "web").expect("job");
     let versions: Vec<u64> = job.versions().iter().map(|v| v.version).collect();
     assert_eq!(versions, [2, 3, 4]);
