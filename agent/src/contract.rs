@@ -449,6 +449,49 @@ fn check(c: pb::HealthCheck) -> Result<Check, String> {
     })
 }
 
+/// The overlay peers one watch stream has given so far: whole, or folded from deltas
+/// (`AssignedAllocations.peers_delta`, sent to agents that list the `peer-delta` capability).
+#[derive(Debug, Default)]
+pub struct PeerSet {
+    peers: BTreeMap<String, pb::OverlayPeer>,
+    /// Whether a whole set has arrived on this stream (a delta before it is refused).
+    whole: bool,
+}
+
+/// At most this many peers in one set: more is a broken or hostile controller.
+pub const MAX_PEERS: usize = 65_536;
+
+impl PeerSet {
+    /// Folds `msg`'s peers in and leaves it carrying the whole set, as an older controller
+    /// sends it. A delta before any whole set, or a set past [`MAX_PEERS`], is an error
+    /// (the session ends and starts again with a whole set).
+    pub fn absorb(&mut self, msg: &mut pb::AssignedAllocations) -> Result<(), String> {
+        if msg.peers_delta {
+            if !self.whole {
+                return Err("a peer delta before the whole peer set".into());
+            }
+            for name in msg.peers_removed.drain(..) {
+                self.peers.remove(&name);
+            }
+            for p in msg.peers.drain(..) {
+                self.peers.insert(p.node.clone(), p);
+            }
+        } else {
+            self.peers = msg.peers.drain(..).map(|p| (p.node.clone(), p)).collect();
+            self.whole = true;
+        }
+        if self.peers.len() > MAX_PEERS {
+            return Err(format!(
+                "{} overlay peers, more than {MAX_PEERS}",
+                self.peers.len()
+            ));
+        }
+        msg.peers = self.peers.values().cloned().collect();
+        msg.peers_delta = false;
+        Ok(())
+    }
+}
+
 /// The other nodes as WireGuard peers; entries that do not parse are skipped with a warning.
 pub fn overlay_peers(list: &[pb::OverlayPeer]) -> Vec<Peer> {
     list.iter()
@@ -816,5 +859,68 @@ mod tests {
             (r.state, r.reason.as_str()),
             (pb::AllocationState::Failed as i32, "no such image")
         );
+    }
+
+    fn peer(node: &str, key: &str) -> pb::OverlayPeer {
+        pb::OverlayPeer {
+            node: node.into(),
+            subnet: "10.42.1.0/24".into(),
+            public_key: key.into(),
+            endpoint: "198.18.0.2:51820".into(),
+        }
+    }
+
+    fn names(msg: &pb::AssignedAllocations) -> Vec<(String, String)> {
+        msg.peers
+            .iter()
+            .map(|p| (p.node.clone(), p.public_key.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn peer_deltas_fold_into_the_whole_set() {
+        let mut set = PeerSet::default();
+        // A delta before any whole set is refused.
+        let mut early = pb::AssignedAllocations {
+            peers_delta: true,
+            ..Default::default()
+        };
+        assert!(
+            set.absorb(&mut early)
+                .expect_err("a delta first")
+                .contains("before the whole")
+        );
+        let mut whole = pb::AssignedAllocations {
+            peers: vec![peer("n2", "k2"), peer("n3", "k3")],
+            ..Default::default()
+        };
+        set.absorb(&mut whole).expect("absorb");
+        assert_eq!(names(&whole).len(), 2);
+        // n3 re-keyed, n4 new, n2 gone.
+        let mut delta = pb::AssignedAllocations {
+            peers: vec![peer("n3", "k3b"), peer("n4", "k4")],
+            peers_delta: true,
+            peers_removed: vec!["n2".into()],
+            ..Default::default()
+        };
+        set.absorb(&mut delta).expect("absorb");
+        assert!(!delta.peers_delta && delta.peers_removed.is_empty());
+        assert_eq!(
+            names(&delta),
+            [("n3".into(), "k3b".into()), ("n4".into(), "k4".into())]
+        );
+        // An empty delta leaves the set; a whole set replaces it.
+        let mut nothing = pb::AssignedAllocations {
+            peers_delta: true,
+            ..Default::default()
+        };
+        set.absorb(&mut nothing).expect("absorb");
+        assert_eq!(names(&nothing).len(), 2);
+        let mut again = pb::AssignedAllocations {
+            peers: vec![peer("n9", "k9")],
+            ..Default::default()
+        };
+        set.absorb(&mut again).expect("absorb");
+        assert_eq!(names(&again), [("n9".into(), "k9".into())]);
     }
 }

@@ -267,8 +267,11 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// A new service set (DNS, VIPs, the mesh's upstreams).
     fn services(&self, set: pb::ServiceSet) -> impl Future<Output = ()> + Send;
-    /// A new assignment (what to run, the overlay peers).
+    /// A new assignment (what to run, the overlay peers: always the whole set, deltas
+    /// already folded in).
     fn assigned(&self, set: pb::AssignedAllocations) -> impl Future<Output = ()> + Send;
+    /// An assignment message as it came off the wire (before deltas are folded in).
+    fn received(&self, _msg: &pb::AssignedAllocations) {}
     /// The next heartbeat (what the node observes of its allocations).
     fn heartbeat(&self) -> impl Future<Output = pb::HeartbeatRequest> + Send;
     /// A trust bundle came with a heartbeat's answer.
@@ -624,7 +627,11 @@ async fn session<H: Host>(host: &Arc<H>, addr: &str) -> Result<(), SessionEnd> {
             .watch_allocations(pb::WatchAllocationsRequest { node: name })
             .await?
             .into_inner();
-        while let Some(msg) = stream.message().await? {
+        // Each stream starts from a whole peer set; deltas fold into it.
+        let mut peers = contract::PeerSet::default();
+        while let Some(mut msg) = stream.message().await? {
+            h.received(&msg);
+            peers.absorb(&mut msg).map_err(tonic::Status::data_loss)?;
             h.assigned(msg).await;
         }
         Ok::<(), tonic::Status>(())

@@ -393,8 +393,9 @@ impl Host for SimNode {
                 backend: pb::WireguardBackend::Userspace as i32,
             }),
             host_volume_dirs: Vec::new(),
-            // It starts no containers, so it can fence none.
-            capabilities: Vec::new(),
+            // It starts no containers, so it can fence none; it takes peer deltas through
+            // the same session code as the agent.
+            capabilities: vec![skiff_common::capability::PEER_DELTA.to_owned()],
         }
     }
 
@@ -418,13 +419,16 @@ impl Host for SimNode {
             .fetch_add(set.encoded_len() as u64, Ordering::Relaxed);
     }
 
-    async fn assigned(&self, set: pb::AssignedAllocations) {
+    fn received(&self, msg: &pb::AssignedAllocations) {
         let s = &self.stats;
         s.assignments.fetch_add(1, Ordering::Relaxed);
         s.assignment_bytes
-            .fetch_add(set.encoded_len() as u64, Ordering::Relaxed);
+            .fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
         s.peers_received
-            .fetch_add(set.peers.len() as u64, Ordering::Relaxed);
+            .fetch_add(msg.peers.len() as u64, Ordering::Relaxed);
+    }
+
+    async fn assigned(&self, set: pb::AssignedAllocations) {
         *lock(&self.peers) = set.peers;
         let want: Vec<Assigned> = set
             .allocations

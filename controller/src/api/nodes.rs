@@ -460,12 +460,8 @@ impl Nodes for NodesApi {
                     let applied = self.ctx.node.state();
                     let state = &applied.state;
                     state
-                        .allocations()
-                        .filter(|a| {
-                            a.node == req.name
-                                && a.holds()
-                                && crate::reconcile::fence_of(state, a).is_some()
-                        })
+                        .node_allocations(&req.name)
+                        .filter(|a| a.holds() && crate::reconcile::fence_of(state, a).is_some())
                         .map(|a| a.id.clone())
                         .collect()
                 };
@@ -488,6 +484,11 @@ impl Nodes for NodesApi {
         let name = req.into_inner().node;
         skiff_common::validate_name("node", &name).map_err(ApiError::from)?;
         let mut published = self.published.clone();
+        // An agent that takes peer deltas gets the whole set first, then what changed.
+        let deltas = self.ctx.node.state().state.node(&name).is_some_and(|n| {
+            n.capabilities
+                .contains(skiff_common::capability::PEER_DELTA)
+        });
         let stream = async_stream(move |tx| async move {
             let mut last: Option<(Arc<Vec<pb::AssignedAllocation>>, Arc<Vec<pb::OverlayPeer>>)> =
                 None;
@@ -507,8 +508,12 @@ impl Nodes for NodesApi {
                     if same || p.index == 0 {
                         None
                     } else {
+                        let msg = match &last {
+                            Some((_, sent)) if deltas => p.assignment_delta_for(&name, sent),
+                            _ => p.assignment_for(&name),
+                        };
                         last = Some(current);
-                        Some(p.assignment_for(&name))
+                        Some(msg)
                     }
                 };
                 if let Some(msg) = msg

@@ -44,6 +44,27 @@ impl Published {
         }
     }
 
+    /// The message for `node`'s watch, its peers as a delta from `sent` (what the stream's
+    /// previous message left the node with, its own entry included or not).
+    pub fn assignment_delta_for(
+        &self,
+        node: &str,
+        sent: &[pb::OverlayPeer],
+    ) -> pb::AssignedAllocations {
+        let (peers, peers_removed) = peers_delta(node, sent, &self.peers);
+        pb::AssignedAllocations {
+            allocations: self
+                .assignments
+                .get(node)
+                .map(|a| a.as_ref().clone())
+                .unwrap_or_default(),
+            index: self.index,
+            peers,
+            peers_delta: true,
+            peers_removed,
+        }
+    }
+
     /// The message for `node`'s watch.
     pub fn assignment_for(&self, node: &str) -> pb::AssignedAllocations {
         pb::AssignedAllocations {
@@ -59,8 +80,37 @@ impl Published {
                 .filter(|p| p.node != node)
                 .cloned()
                 .collect(),
+            peers_delta: false,
+            peers_removed: Vec::new(),
         }
     }
+}
+
+/// From `sent` to `current`, for `node` (whose own entry is never sent): the peers added or
+/// changed, and the names of those gone.
+pub fn peers_delta(
+    node: &str,
+    sent: &[pb::OverlayPeer],
+    current: &[pb::OverlayPeer],
+) -> (Vec<pb::OverlayPeer>, Vec<String>) {
+    let before: HashMap<&str, &pb::OverlayPeer> = sent
+        .iter()
+        .filter(|p| p.node != node)
+        .map(|p| (p.node.as_str(), p))
+        .collect();
+    let now: HashSet<&str> = current.iter().map(|p| p.node.as_str()).collect();
+    let changed = current
+        .iter()
+        .filter(|p| p.node != node && before.get(p.node.as_str()) != Some(p))
+        .cloned()
+        .collect();
+    let mut removed: Vec<String> = before
+        .keys()
+        .filter(|n| !now.contains(*n))
+        .map(|n| (*n).to_owned())
+        .collect();
+    removed.sort();
+    (changed, removed)
 }
 
 /// Starts the task that follows the applied index; returns the receiver watches subscribe to.
@@ -271,5 +321,73 @@ mod tests {
         .expect("stop a1");
         build(&s, 10, &second, &mut tasks);
         assert!(tasks.is_empty());
+    }
+
+    fn peer(node: &str, key: &str) -> pb::OverlayPeer {
+        pb::OverlayPeer {
+            node: node.into(),
+            subnet: format!("10.42.0.0/26#{node}"),
+            public_key: key.into(),
+            endpoint: format!("198.18.0.1:51820#{node}"),
+        }
+    }
+
+    /// What the agent does with a delta (agent/src/contract.rs, `PeerSet`), for the check.
+    fn fold(
+        set: &mut BTreeMap<String, pb::OverlayPeer>,
+        (changed, removed): (Vec<pb::OverlayPeer>, Vec<String>),
+    ) {
+        for n in removed {
+            set.remove(&n);
+        }
+        for p in changed {
+            set.insert(p.node.clone(), p);
+        }
+    }
+
+    #[test]
+    fn a_delta_names_what_changed_and_never_the_node_itself() {
+        let sent = vec![peer("n1", "k1"), peer("n2", "k2"), peer("n3", "k3")];
+        let current = vec![peer("n1", "k1"), peer("n3", "k3b"), peer("n4", "k4")];
+        let (changed, removed) = peers_delta("n1", &sent, &current);
+        let names: Vec<&str> = changed.iter().map(|p| p.node.as_str()).collect();
+        assert_eq!(names, ["n3", "n4"], "a re-keyed node and a new one");
+        assert_eq!(removed, ["n2"]);
+        // Nothing changed: an empty delta.
+        let (changed, removed) = peers_delta("n1", &current, &current);
+        assert!(changed.is_empty() && removed.is_empty());
+        // The node's own entry neither comes nor goes.
+        let (changed, removed) = peers_delta("n4", &sent, &current);
+        assert!(changed.iter().all(|p| p.node != "n4"));
+        assert!(removed.iter().all(|n| n != "n4"));
+    }
+
+    proptest::proptest! {
+        /// Folding each delta into the set the first message gave reproduces, after every
+        /// message, exactly the whole set a full message would carry.
+        #[test]
+        fn deltas_fold_back_into_the_whole_set(
+            sets in proptest::collection::vec(
+                proptest::collection::btree_map("n[0-9]", "k[0-2]", 0..8), 1..12),
+        ) {
+            let as_peers = |m: &std::collections::BTreeMap<String, String>| -> Vec<pb::OverlayPeer> {
+                m.iter().map(|(n, k)| peer(n, k)).collect()
+            };
+            let me = "n0";
+            let mut sent = as_peers(&sets[0]);
+            let mut folded: BTreeMap<String, pb::OverlayPeer> = sent
+                .iter()
+                .filter(|p| p.node != me)
+                .map(|p| (p.node.clone(), p.clone()))
+                .collect();
+            for next in &sets[1..] {
+                let current = as_peers(next);
+                fold(&mut folded, peers_delta(me, &sent, &current));
+                let whole: Vec<pb::OverlayPeer> =
+                    current.iter().filter(|p| p.node != me).cloned().collect();
+                proptest::prop_assert_eq!(folded.values().cloned().collect::<Vec<_>>(), whole);
+                sent = current;
+            }
+        }
     }
 }
