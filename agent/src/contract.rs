@@ -462,13 +462,19 @@ pub struct PeerSet {
 pub const MAX_PEERS: usize = 65_536;
 
 impl PeerSet {
-    /// Folds `msg`'s peers in and leaves it carrying the whole set, as an older controller
-    /// sends it. A delta before any whole set, or a set past [`MAX_PEERS`], is an error
-    /// (the session ends and starts again with a whole set).
-    pub fn absorb(&mut self, msg: &mut pb::AssignedAllocations) -> Result<(), String> {
+    /// Folds `msg`'s peers in. When they changed the set (a whole set always counts as a
+    /// change), `msg` is left carrying the whole set, as an older controller sends it, and
+    /// the answer is `true`; an empty delta leaves `msg` without peers and answers `false`
+    /// (the host keeps the peers it has). A delta before any whole set, or a set past
+    /// [`MAX_PEERS`], is an error (the session ends and starts again with a whole set).
+    pub fn absorb(&mut self, msg: &mut pb::AssignedAllocations) -> Result<bool, String> {
         if msg.peers_delta {
             if !self.whole {
                 return Err("a peer delta before the whole peer set".into());
+            }
+            if msg.peers.is_empty() && msg.peers_removed.is_empty() {
+                msg.peers_delta = false;
+                return Ok(false);
             }
             for name in msg.peers_removed.drain(..) {
                 self.peers.remove(&name);
@@ -488,7 +494,7 @@ impl PeerSet {
         }
         msg.peers = self.peers.values().cloned().collect();
         msg.peers_delta = false;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -914,8 +920,18 @@ mod tests {
             peers_delta: true,
             ..Default::default()
         };
-        set.absorb(&mut nothing).expect("absorb");
-        assert_eq!(names(&nothing).len(), 2);
+        assert!(
+            !set.absorb(&mut nothing).expect("absorb"),
+            "nothing changed"
+        );
+        assert!(names(&nothing).is_empty(), "the host keeps its peers");
+        let mut check = pb::AssignedAllocations {
+            peers: vec![peer("n5", "k5")],
+            peers_delta: true,
+            ..Default::default()
+        };
+        assert!(set.absorb(&mut check).expect("absorb"));
+        assert_eq!(names(&check).len(), 3, "n3, n4 and n5");
         let mut again = pb::AssignedAllocations {
             peers: vec![peer("n9", "k9")],
             ..Default::default()

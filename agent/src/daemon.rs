@@ -267,9 +267,14 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// A new service set (DNS, VIPs, the mesh's upstreams).
     fn services(&self, set: pb::ServiceSet) -> impl Future<Output = ()> + Send;
-    /// A new assignment (what to run, the overlay peers: always the whole set, deltas
-    /// already folded in).
-    fn assigned(&self, set: pb::AssignedAllocations) -> impl Future<Output = ()> + Send;
+    /// A new assignment: what to run, and when `peers_changed` the whole set of overlay
+    /// peers (deltas already folded in); otherwise the peers are as before and `set.peers`
+    /// is empty.
+    fn assigned(
+        &self,
+        set: pb::AssignedAllocations,
+        peers_changed: bool,
+    ) -> impl Future<Output = ()> + Send;
     /// An assignment message as it came off the wire (before deltas are folded in).
     fn received(&self, _msg: &pb::AssignedAllocations) {}
     /// The next heartbeat (what the node observes of its allocations).
@@ -428,19 +433,26 @@ impl Host for LocalHost {
         );
     }
 
-    async fn assigned(&self, msg: pb::AssignedAllocations) {
+    async fn assigned(&self, msg: pb::AssignedAllocations, peers_changed: bool) {
         let set: Vec<Assigned> = msg
             .allocations
             .into_iter()
             .map(contract::assigned)
             .collect();
-        debug!(count = set.len(), index = msg.index, "assignment");
-        let peers = contract::overlay_peers(&msg.peers);
-        let n = self.network.clone();
-        match tokio::task::spawn_blocking(move || n.set_peers(peers)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "applying WireGuard peers"),
-            Err(e) => warn!(error = %e, "applying WireGuard peers"),
+        debug!(
+            count = set.len(),
+            index = msg.index,
+            peers_changed,
+            "assignment"
+        );
+        if peers_changed {
+            let peers = contract::overlay_peers(&msg.peers);
+            let n = self.network.clone();
+            match tokio::task::spawn_blocking(move || n.set_peers(peers)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "applying WireGuard peers"),
+                Err(e) => warn!(error = %e, "applying WireGuard peers"),
+            }
         }
         self.desired.send_replace(Some(set));
     }
@@ -631,8 +643,8 @@ async fn session<H: Host>(host: &Arc<H>, addr: &str) -> Result<(), SessionEnd> {
         let mut peers = contract::PeerSet::default();
         while let Some(mut msg) = stream.message().await? {
             h.received(&msg);
-            peers.absorb(&mut msg).map_err(tonic::Status::data_loss)?;
-            h.assigned(msg).await;
+            let changed = peers.absorb(&mut msg).map_err(tonic::Status::data_loss)?;
+            h.assigned(msg, changed).await;
         }
         Ok::<(), tonic::Status>(())
     });
@@ -717,23 +729,26 @@ const WIREGUARD_EVERY: u32 = 10;
 /// The controllers keep the last status they were sent.
 #[derive(Default)]
 struct WireguardReports {
-    /// The peers (key, endpoint) last sent, and heartbeats since.
-    sent: Option<Vec<(String, String)>>,
+    /// A digest of the peers (key, endpoint) last sent (no copy: it is taken every second
+    /// over every other node), and heartbeats since.
+    sent: Option<u64>,
     since: u32,
 }
 
 impl WireguardReports {
     fn thin(&mut self, beat: &mut pb::HeartbeatRequest) {
+        use std::hash::{Hash, Hasher};
         let Some(status) = &beat.wireguard else {
             return;
         };
-        let peers: Vec<(String, String)> = status
-            .peers
-            .iter()
-            .map(|p| (p.public_key.clone(), p.endpoint.clone()))
-            .collect();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for p in &status.peers {
+            p.public_key.hash(&mut h);
+            p.endpoint.hash(&mut h);
+        }
+        let peers = h.finish();
         self.since += 1;
-        if self.sent.as_ref() == Some(&peers) && self.since < WIREGUARD_EVERY {
+        if self.sent == Some(peers) && self.since < WIREGUARD_EVERY {
             beat.wireguard = None;
         } else {
             self.sent = Some(peers);

@@ -428,8 +428,10 @@ impl Host for SimNode {
             .fetch_add(msg.peers.len() as u64, Ordering::Relaxed);
     }
 
-    async fn assigned(&self, set: pb::AssignedAllocations) {
-        *lock(&self.peers) = set.peers;
+    async fn assigned(&self, set: pb::AssignedAllocations, peers_changed: bool) {
+        if peers_changed {
+            *lock(&self.peers) = set.peers;
+        }
         let want: Vec<Assigned> = set
             .allocations
             .into_iter()

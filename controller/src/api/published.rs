@@ -31,6 +31,18 @@ pub struct Published {
     pub peers: Arc<Vec<pb::OverlayPeer>>,
     /// Every service and its endpoints.
     pub services: Arc<Vec<pb::ServiceInfo>>,
+    /// How `peers` differs from the view before it, computed once for every watch that
+    /// last sent that view's peers (the common case: the watch keeps up).
+    pub peers_change: Option<Arc<PeersChange>>,
+}
+
+/// The peers added or changed and the nodes gone between two views.
+#[derive(Debug, PartialEq)]
+pub struct PeersChange {
+    /// The peers before.
+    pub from: Arc<Vec<pb::OverlayPeer>>,
+    pub changed: Vec<pb::OverlayPeer>,
+    pub removed: Vec<String>,
 }
 
 impl Published {
@@ -41,6 +53,7 @@ impl Published {
             assignments: self.assignments.clone(),
             peers: self.peers.clone(),
             services: self.services.clone(),
+            peers_change: self.peers_change.clone(),
         }
     }
 
@@ -49,9 +62,22 @@ impl Published {
     pub fn assignment_delta_for(
         &self,
         node: &str,
-        sent: &[pb::OverlayPeer],
+        sent: &Arc<Vec<pb::OverlayPeer>>,
     ) -> pb::AssignedAllocations {
-        let (peers, peers_removed) = peers_delta(node, sent, &self.peers);
+        let (peers, peers_removed) = match &self.peers_change {
+            // Unchanged since the watch's last message (only its allocations changed).
+            _ if Arc::ptr_eq(sent, &self.peers) => (Vec::new(), Vec::new()),
+            // The watch sent the view just before this one: the change computed once.
+            Some(c) if Arc::ptr_eq(&c.from, sent) => (
+                c.changed
+                    .iter()
+                    .filter(|p| p.node != node)
+                    .cloned()
+                    .collect(),
+                c.removed.iter().filter(|n| *n != node).cloned().collect(),
+            ),
+            _ => peers_delta(node, sent, &self.peers),
+        };
         pb::AssignedAllocations {
             allocations: self
                 .assignments
@@ -202,14 +228,22 @@ fn build(
         })
         .collect();
     let services = super::services::services(state, None);
+    let (peers, peers_change) = if prev.peers.as_ref() == &peers {
+        (prev.peers.clone(), None)
+    } else {
+        let (changed, removed) = peers_delta("", &prev.peers, &peers);
+        let change = PeersChange {
+            from: prev.peers.clone(),
+            changed,
+            removed,
+        };
+        (Arc::new(peers), Some(Arc::new(change)))
+    };
     Published {
         index,
         assignments: Arc::new(assignments),
-        peers: if prev.peers.as_ref() == &peers {
-            prev.peers.clone()
-        } else {
-            Arc::new(peers)
-        },
+        peers,
+        peers_change,
         services: if prev.services.as_ref() == &services {
             prev.services.clone()
         } else {
@@ -312,6 +346,22 @@ mod tests {
         );
         assert!(!Arc::ptr_eq(&first.peers, &second.peers));
         assert_eq!(second.assignment_for("n1").peers.len(), 1);
+        // The delta a watch that sent `first` gets: computed once, and equal to the diff.
+        for n in ["n1", "n2", "n3"] {
+            let msg = second.assignment_delta_for(n, &first.peers);
+            assert!(msg.peers_delta);
+            let (changed, removed) = peers_delta(n, &first.peers, &second.peers);
+            assert_eq!((msg.peers, msg.peers_removed), (changed, removed), "{n}");
+        }
+        let removed = &second.peers_change.as_ref().expect("a change").removed;
+        assert_eq!(removed, &["n3".to_owned()], "n3 went down");
+        // A watch further behind gets the diff from what it sent.
+        let stale = Arc::new(Vec::new());
+        let msg = second.assignment_delta_for("n1", &stale);
+        assert_eq!(msg.peers.len(), 1);
+        // One that already has these peers gets none.
+        let msg = second.assignment_delta_for("n1", &second.peers);
+        assert!(msg.peers.is_empty() && msg.peers_removed.is_empty());
         assert!(Arc::ptr_eq(&first.services, &second.services));
         // Stopping every replica of the version drops its task from the cache.
         s.apply(&Command::SetAllocationDesired {
