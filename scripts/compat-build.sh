@@ -23,8 +23,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 cd "$root"
+if ! git rev-parse --verify --quiet "$rev^{commit}" >/dev/null; then
+  # A shallow clone (CI's may be): fetch just that commit, else the whole history.
+  echo "compat-build: $rev is not in this clone; fetching it from origin" >&2
+  git fetch -q --depth 1 origin "$rev" 2>/dev/null || git fetch -q --unshallow origin 2>/dev/null || true
+fi
 full=$(git rev-parse --verify --quiet "$rev^{commit}") || {
-  echo "compat-build: commit $rev is not in this clone (a shallow clone? fetch its history)" >&2
+  echo "compat-build: commit $rev is not in this clone, and fetching it from origin failed" >&2
   exit 1
 }
 short=${full:0:12}

@@ -79,11 +79,7 @@ impl Published {
             _ => peers_delta(node, sent, &self.peers),
         };
         pb::AssignedAllocations {
-            allocations: self
-                .assignments
-                .get(node)
-                .map(|a| a.as_ref().clone())
-                .unwrap_or_default(),
+            allocations: self.allocations_of(node),
             index: self.index,
             peers,
             peers_delta: true,
@@ -91,14 +87,17 @@ impl Published {
         }
     }
 
+    fn allocations_of(&self, node: &str) -> Vec<pb::AssignedAllocation> {
+        self.assignments
+            .get(node)
+            .map(|a| a.as_ref().clone())
+            .unwrap_or_default()
+    }
+
     /// The message for `node`'s watch.
     pub fn assignment_for(&self, node: &str) -> pb::AssignedAllocations {
         pb::AssignedAllocations {
-            allocations: self
-                .assignments
-                .get(node)
-                .map(|a| a.as_ref().clone())
-                .unwrap_or_default(),
+            allocations: self.allocations_of(node),
             index: self.index,
             peers: self
                 .peers
