@@ -7,9 +7,9 @@
 # Usage: scripts/compat-build.sh [--rev REV]
 # The baseline moves forward at each release: set BASELINE below to the release's commit.
 # The build shares target/ (the dependencies compile once) and the binaries are kept under
-# target/compat/REV/, so a second call costs nothing. It must run before the tree's own
-# binaries are built (scripts/test.sh does so), or be followed by a `cargo build`: it leaves
-# the baseline's binaries in target/debug, and that build puts the tree's back.
+# target/compat/REV/, so a second call costs nothing. It builds the tree's controller and
+# agent again at the end, so that target/debug holds the tree's binaries, not the
+# baseline's.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # The end of session 33, the last release before fencing: no `capabilities` in registration,
@@ -18,7 +18,7 @@ BASELINE=3c9164e4ec84b74c54620fc0a1390940597741aa
 rev=$BASELINE
 while [ $# -gt 0 ]; do
   case "$1" in
-    --rev) rev=$2; shift 2 ;;
+    --rev) rev=${2:?--rev needs a commit}; shift 2 ;;
     *) echo "usage: $0 [--rev REV]" >&2; exit 2 ;;
   esac
 done
@@ -49,4 +49,6 @@ mkdir -p "$out.tmp"
 cp "$root/target/debug/skiff-controller" "$root/target/debug/skiff-agent" "$out.tmp/"
 mv "$out.tmp" "$out"
 rm -rf "$src"
+# Put the tree's own binaries back in target/debug (a relink when they are built already).
+(cd "$root" && cargo build --quiet -p skiff-controller --bin skiff-controller -p skiff-agent --bin skiff-agent)
 echo "$out"

@@ -40,9 +40,13 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== the previous release's controller and agent (e2e/tests/compat.rs runs them with these)"
 # Built first: it shares target/, and the build below puts the tree's binaries back.
-SKIFF_COMPAT_BIN_DIR=$(scripts/compat-build.sh)
-export SKIFF_COMPAT_BIN_DIR
-echo "$SKIFF_COMPAT_BIN_DIR"
+if SKIFF_COMPAT_BIN_DIR=$(scripts/compat-build.sh); then
+  export SKIFF_COMPAT_BIN_DIR
+  echo "$SKIFF_COMPAT_BIN_DIR"
+else
+  # The other tests run; e2e/tests/compat.rs then fails, naming what it needs.
+  echo "scripts/compat-build.sh FAILED: the compatibility test will fail" >&2
+fi
 echo "== cargo build (binaries used by the e2e tests)"
 cargo build --workspace --bins --quiet
 echo "== cargo test"

@@ -450,7 +450,7 @@ fn check(c: pb::HealthCheck) -> Result<Check, String> {
 }
 
 /// The overlay peers one watch stream has given so far: whole, or folded from deltas
-/// (`AssignedAllocations.peers_delta`, sent to agents that list the `peer-delta` capability).
+/// (`AssignedAllocations.peers_delta`, sent on streams whose request asked for them).
 #[derive(Debug, Default)]
 pub struct PeerSet {
     peers: BTreeMap<String, pb::OverlayPeer>,

@@ -636,7 +636,10 @@ async fn session<H: Host>(host: &Arc<H>, addr: &str) -> Result<(), SessionEnd> {
     let h = host.clone();
     let mut watch = tokio::spawn(async move {
         let mut stream = watch_client
-            .watch_allocations(pb::WatchAllocationsRequest { node: name })
+            .watch_allocations(pb::WatchAllocationsRequest {
+                node: name,
+                peers_delta: true,
+            })
             .await?
             .into_inner();
         // Each stream starts from a whole peer set; deltas fold into it.

@@ -393,9 +393,8 @@ impl Host for SimNode {
                 backend: pb::WireguardBackend::Userspace as i32,
             }),
             host_volume_dirs: Vec::new(),
-            // It starts no containers, so it can fence none; it takes peer deltas through
-            // the same session code as the agent.
-            capabilities: vec![skiff_common::capability::PEER_DELTA.to_owned()],
+            // It starts no containers, so it can fence none.
+            capabilities: Vec::new(),
         }
     }
 

@@ -11,13 +11,8 @@ use crate::spec::JobSpec;
 /// (`[disconnect] stop_after`).
 pub const FENCE: &str = "fence";
 
-/// The agent's watch takes the overlay peers as deltas after the stream's first message
-/// (`AssignedAllocations.peers_delta`): a node joining sends every other node one peer,
-/// not the whole list.
-pub const PEER_DELTA: &str = "peer-delta";
-
 /// Everything this build's agent can do.
-pub const ALL: &[&str] = &[FENCE, PEER_DELTA];
+pub const ALL: &[&str] = &[FENCE];
 
 /// At most this many capabilities per node.
 pub const MAX_CAPABILITIES: usize = 64;

@@ -898,7 +898,10 @@ async fn t60_nodes_api_registers_assigns_and_refuses_bad_input() {
         .into_inner();
     assert_eq!(reply.subnet, "10.42.0.0/24");
     let mut watch = NodesClient::new(c.member_channel(follower).await)
-        .watch_allocations(pb::WatchAllocationsRequest { node: "n1".into() })
+        .watch_allocations(pb::WatchAllocationsRequest {
+            node: "n1".into(),
+            peers_delta: false,
+        })
         .await
         .expect("watch")
         .into_inner();
@@ -1099,6 +1102,111 @@ fn forged(admin: &Credentials, cert: String, key: String) -> Credentials {
         key,
         ..admin.clone()
     }
+}
+
+/// Overlay peers on a watch that asks for deltas: the whole set first, then only what
+/// changed (a node joining, a node going down); a watch that does not ask (an older agent)
+/// gets whole sets only. Folding the deltas gives, after every step, the whole set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t61_a_watch_that_asks_gets_peer_deltas_and_one_that_does_not_whole_sets() {
+    use skiff_controller::state::{Command, NodeStatus};
+    use skiff_proto::v1::nodes_client::NodesClient;
+    use std::collections::BTreeMap;
+    let c = TestCluster::start(1, TestCluster::settings()).await;
+    let leader = c.wait_leader().await;
+    let mut nodes = NodesClient::new(c.member_channel(leader).await);
+    for (name, key) in [("n1", KEY1), ("n2", KEY2)] {
+        nodes.register(reg(name, key)).await.expect("register");
+    }
+    let watch = |peers_delta: bool| {
+        let mut client = nodes.clone();
+        async move {
+            client
+                .watch_allocations(pb::WatchAllocationsRequest {
+                    node: "n1".into(),
+                    peers_delta,
+                })
+                .await
+                .expect("watch")
+                .into_inner()
+        }
+    };
+    let mut new_agent = watch(true).await;
+    let mut old_agent = watch(false).await;
+    type Set = BTreeMap<String, String>;
+    let mut folded: Set = Set::new();
+    let mut first = true;
+    // Reads each stream until its peers are `want` (node -> key); checks every message's form.
+    let mut step =
+        async |want: &[(&str, &str)],
+               new_agent: &mut tonic::Streaming<pb::AssignedAllocations>,
+               old_agent: &mut tonic::Streaming<pb::AssignedAllocations>| {
+            let want: Set = want
+                .iter()
+                .map(|(n, k)| ((*n).to_owned(), (*k).to_owned()))
+                .collect();
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while folded != want {
+                    let msg = new_agent.message().await.expect("stream").expect("message");
+                    assert_eq!(msg.peers_delta, !first, "whole first, deltas after");
+                    if !msg.peers_delta {
+                        folded.clear();
+                    }
+                    for n in &msg.peers_removed {
+                        folded.remove(n);
+                    }
+                    for p in &msg.peers {
+                        assert_ne!(p.node, "n1", "a node is never its own peer");
+                        folded.insert(p.node.clone(), p.public_key.clone());
+                    }
+                    first = false;
+                }
+            })
+            .await
+            .expect("the delta watch reaches the set");
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    let msg = old_agent.message().await.expect("stream").expect("message");
+                    assert!(
+                        !msg.peers_delta && msg.peers_removed.is_empty(),
+                        "whole sets only"
+                    );
+                    let whole: Set = msg
+                        .peers
+                        .iter()
+                        .map(|p| (p.node.clone(), p.public_key.clone()))
+                        .collect();
+                    if whole == want {
+                        break;
+                    }
+                }
+            })
+            .await
+            .expect("the whole-set watch reaches the set");
+        };
+    step(&[("n2", KEY2)], &mut new_agent, &mut old_agent).await;
+    // A node joins: the delta watch is sent that node alone.
+    const KEY3: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+    nodes.register(reg("n3", KEY3)).await.expect("register n3");
+    step(
+        &[("n2", KEY2), ("n3", KEY3)],
+        &mut new_agent,
+        &mut old_agent,
+    )
+    .await;
+    // A node goes down: it is named as removed.
+    c.member(leader)
+        .node()
+        .write(Command::SetNodeStatus {
+            name: "n2".into(),
+            status: NodeStatus::Down,
+            at_ms: 1,
+        })
+        .await
+        .expect("write")
+        .0
+        .expect("down");
+    step(&[("n3", KEY3)], &mut new_agent, &mut old_agent).await;
 }
 
 /// Two WireGuard public keys for test nodes.
@@ -1445,7 +1553,10 @@ async fn t70_forged_identities_and_bad_tokens_are_refused_and_change_nothing() {
         .expect_err("heartbeat as n2");
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = as_n1
-        .watch_allocations(pb::WatchAllocationsRequest { node: "n2".into() })
+        .watch_allocations(pb::WatchAllocationsRequest {
+            node: "n2".into(),
+            peers_delta: false,
+        })
         .await
         .expect_err("watch as n2");
     assert_eq!(err.code(), Code::PermissionDenied);

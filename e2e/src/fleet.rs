@@ -845,11 +845,12 @@ impl Fleet {
         .with_context(|| format!("SIGTERM to {} on {name}", p.binary))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while child.try_wait()?.is_none() {
-            ensure!(
-                Instant::now() < deadline,
-                "{} on {name} did not exit within 20 s of SIGTERM",
-                p.binary
-            );
+            if Instant::now() >= deadline {
+                // Never two on the same data: killed and reaped before saying so.
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} on {name} did not exit within 20 s of SIGTERM", p.binary);
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())

@@ -269,16 +269,20 @@ fn containers(c: &dyn Cluster, node: &str) -> Result<Vec<(String, i64)>> {
 }
 
 /// A rolling upgrade: each of `nodes` in turn is upgraded in place ([`Cluster::upgrade`]);
-/// after each, a write is acknowledged within a minute and every container the node ran
-/// before runs on as the same process, and its node is ready again. Then every write is
-/// still there and web runs all its replicas. Returns the time of each node's step.
+/// after each, a write is acknowledged within a minute, the node's upgraded agent
+/// heartbeats (a beat that reached the leader after the upgrade returned), and every
+/// container the node ran before runs on as the same process. Then every write is still
+/// there and web runs all its replicas. Returns the time of each node's step.
 pub fn rolling_upgrade(c: &mut dyn Cluster, nodes: &[String]) -> Result<Vec<Duration>> {
-    let replicas = running(c, "web", None)?;
+    let ps = json(c, &["ps", "web"])?;
+    let replicas = list(&ps).filter(|a| a["desired"] == "run").count();
     let mut took = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let start = Instant::now();
         let before = containers(c, node)?;
+        ensure!(!before.is_empty(), "{node} runs no container to keep");
         c.upgrade(node)?;
+        let upgraded = Instant::now();
         let probe = format!("probe-{}", i + 1);
         let spec = c.put(
             &format!("{probe}.toml"),
@@ -293,12 +297,22 @@ pub fn rolling_upgrade(c: &mut dyn Cluster, nodes: &[String]) -> Result<Vec<Dura
             || Ok(c.skiff(&["apply", "-f", &spec]).ok().map(|_| ())),
         )?;
         wait_for(
-            &format!("{node} ready after its upgrade"),
+            &format!("a heartbeat from {node}'s upgraded agent"),
             Duration::from_secs(60),
             || {
+                // Asked now; the beat it reports came `heartbeat_age_ms` before the
+                // answer, so after this moment minus that age: after the upgrade returned
+                // (the old agent was stopped by then) when the age is below the time since.
+                let asked = upgraded.elapsed().as_millis();
                 let n = json(c, &["nodes"])?;
                 Ok(list(&n)
-                    .any(|n| n["name"] == node.as_str() && n["status"] == "ready")
+                    .any(|n| {
+                        n["name"] == node.as_str()
+                            && n["status"] == "ready"
+                            && n["heartbeat_age_ms"]
+                                .as_u64()
+                                .is_some_and(|age| u128::from(age) < asked)
+                    })
                     .then_some(()))
             },
         )?;

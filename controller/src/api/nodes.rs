@@ -481,14 +481,14 @@ impl Nodes for NodesApi {
         req: Request<pb::WatchAllocationsRequest>,
     ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
         super::act_as_node(&req, &req.get_ref().node)?;
-        let name = req.into_inner().node;
+        let req = req.into_inner();
+        let name = req.node;
         skiff_common::validate_name("node", &name).map_err(ApiError::from)?;
         let mut published = self.published.clone();
-        // An agent that takes peer deltas gets the whole set first, then what changed.
-        let deltas = self.ctx.node.state().state.node(&name).is_some_and(|n| {
-            n.capabilities
-                .contains(skiff_common::capability::PEER_DELTA)
-        });
+        // An agent that asks for peer deltas on this stream gets the whole set first, then
+        // what changed; any other gets whole sets (asked per stream, not read from the
+        // node's record, which may be another build's or not applied here yet).
+        let deltas = req.peers_delta;
         let stream = async_stream(move |tx| async move {
             let mut last: Option<(Arc<Vec<pb::AssignedAllocation>>, Arc<Vec<pb::OverlayPeer>>)> =
                 None;

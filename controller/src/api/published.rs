@@ -228,7 +228,8 @@ fn build(
         .collect();
     let services = super::services::services(state, None);
     let (peers, peers_change) = if prev.peers.as_ref() == &peers {
-        (prev.peers.clone(), None)
+        // The same peers: the last change still leads to them.
+        (prev.peers.clone(), prev.peers_change.clone())
     } else {
         let (changed, removed) = peers_delta("", &prev.peers, &peers);
         let change = PeersChange {

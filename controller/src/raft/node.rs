@@ -691,21 +691,26 @@ impl RaftNode {
     /// Asks every member not yet known to apply this member's own level which level it
     /// applies (in parallel, a second each). Run every few seconds by [`keep_levels`].
     pub async fn learn_levels(&self) {
-        let asks = self
-            .behind(self.inner.command_level)
+        // Every other member, each time: one known at a level may since have been rolled
+        // back to an older release.
+        let others: Vec<MemberId> = self
+            .members()
             .into_iter()
-            .filter_map(|id| {
-                let m = self.members().into_iter().find(|m| m.id == id)?;
-                let node = self.clone();
-                Some(async move {
-                    let status = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        node.peer_status(id, &m.member.rpc_addr),
-                    )
-                    .await;
-                    (id, status)
-                })
-            });
+            .map(|m| m.id)
+            .filter(|id| *id != self.inner.id)
+            .collect();
+        let asks = others.into_iter().filter_map(|id| {
+            let m = self.members().into_iter().find(|m| m.id == id)?;
+            let node = self.clone();
+            Some(async move {
+                let status = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    node.peer_status(id, &m.member.rpc_addr),
+                )
+                .await;
+                (id, status)
+            })
+        });
         for (id, status) in futures::future::join_all(asks).await {
             if let Ok(Ok(s)) = status {
                 let mut known = self.inner.levels.lock().unwrap_or_else(|e| e.into_inner());
