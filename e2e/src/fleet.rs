@@ -803,16 +803,22 @@ impl Fleet {
 
     /// SIGKILLs agent `name` (its containers keep running, as after a crash).
     pub fn kill_agent(&mut self, name: &str) -> Result<()> {
-        let i = self.agent_index(name)?;
-        self.agents[i].kill();
+        self.agent_index(name)?;
+        self.daemon(name)?.kill();
         Ok(())
     }
 
     /// Starts agent `name` again with the same flags.
     pub fn restart_agent(&mut self, name: &str) -> Result<()> {
-        let i = self.agent_index(name)?;
-        ensure!(self.agents[i].pid().is_none(), "agent {name} is running");
-        self.agents[i].start()
+        self.agent_index(name)?;
+        self.restart(name)
+    }
+
+    /// Starts stopped daemon `name` again: the same binary, flags and data.
+    fn restart(&mut self, name: &str) -> Result<()> {
+        let p = self.daemon(name)?;
+        ensure!(p.pid().is_none(), "{} on {name} is running", p.binary);
+        p.start()
     }
 
     /// Replaces daemon `name`'s binary (`c1`, `a1`...) as an upgrade does: [`Fleet::stop`],
@@ -860,9 +866,8 @@ impl Fleet {
     /// tree's build).
     pub fn start_daemon(&mut self, name: &str, exe: Option<&Path>) -> Result<()> {
         let p = self.daemon(name)?;
-        ensure!(p.pid().is_none(), "{} on {name} is running", p.binary);
         p.exe = exe.map_or_else(|| bin(p.binary), Path::to_path_buf);
-        p.start()
+        self.restart(name)
     }
 
     /// Each agent's (name, data dir, cgroup parent), for [`agent_cmd`] from another thread.
@@ -876,33 +881,28 @@ impl Fleet {
 
     /// SIGKILLs controller `name` (a host name, `c1`...).
     pub fn kill_controller(&mut self, name: &str) -> Result<()> {
-        let c = self
-            .controllers
-            .iter_mut()
-            .find(|c| c.host.name == name)
-            .with_context(|| format!("no controller {name}"))?;
-        c.kill();
+        self.controller(name)?;
+        self.daemon(name)?.kill();
         Ok(())
     }
 
     /// Starts controller `name` again with the same flags and data dir.
     pub fn restart_controller(&mut self, name: &str) -> Result<()> {
-        let c = self
-            .controllers
-            .iter_mut()
+        self.controller(name)?;
+        self.restart(name)
+    }
+
+    fn controller(&self, name: &str) -> Result<&Proc> {
+        self.controllers
+            .iter()
             .find(|c| c.host.name == name)
-            .with_context(|| format!("no controller {name}"))?;
-        ensure!(c.pid().is_none(), "controller {name} is running");
-        c.start()
+            .with_context(|| format!("no controller {name}"))
     }
 
     /// Whether controller `name`'s process has ended by itself (a fatal error), and how.
     pub fn controller_exit(&mut self, name: &str) -> Result<Option<std::process::ExitStatus>> {
-        let c = self
-            .controllers
-            .iter_mut()
-            .find(|c| c.host.name == name)
-            .with_context(|| format!("no controller {name}"))?;
+        self.controller(name)?;
+        let c = self.daemon(name)?;
         let status = match c.child.as_mut() {
             Some(child) => child.try_wait()?,
             None => None,
