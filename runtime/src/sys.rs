@@ -578,8 +578,9 @@ pub fn device_programs_attached(cgroup_dir: &Path) -> io::Result<u32> {
 }
 
 /// TUNSETIFF: makes `file` (an open `/dev/net/tun`) the TUN interface `name`, without the
-/// packet-information header.
-pub fn tun_attach(file: &std::fs::File, name: &str) -> io::Result<()> {
+/// packet-information header; with `vnet_hdr`, every packet read or written starts with a
+/// `struct virtio_net_hdr` (IFF_VNET_HDR, for [`tun_set_offload`]).
+pub fn tun_attach(file: &std::fs::File, name: &str, vnet_hdr: bool) -> io::Result<()> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     #[repr(C)]
     struct IfReq {
@@ -595,13 +596,33 @@ pub fn tun_attach(file: &std::fs::File, name: &str) -> io::Result<()> {
     }
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 })
+            as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (name, flags,
     // padding to the union's 24 bytes); the fd is open for as long as `file` lives.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// TUN_F_CSUM: the reader takes packets with partial checksums.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// TUN_F_TSO4: the reader takes IPv4 TCP super-packets to segment.
+pub const TUN_F_TSO4: u32 = 0x02;
+
+/// TUNSETOFFLOAD: which offloads the reader of a TUN device with IFF_VNET_HDR takes; the
+/// kernel turns them into the device's features (checksum offload, TSO).
+pub fn tun_set_offload(file: &std::fs::File, flags: u32) -> io::Result<()> {
+    const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned int of TUN_F_ flags), not
+    // a pointer; the fd is open for as long as `file` lives.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -6,14 +6,24 @@
 //! UDP, UDP -> decrypt -> TUN, the protocol's timers (handshakes, keepalives, rekeys) every
 //! 250 ms, and the UAPI socket (`get=1` / `set=1`, as `wg` speaks it). SIGTERM or SIGINT closes
 //! the socket and ends it; the TUN device goes with the process.
+//!
+//! Batches, not packets, cross the system calls ([`offload`](super::offload)): the TUN device
+//! has TSO and checksum offload (IFF_VNET_HDR, TUNSETOFFLOAD), so one read is a TCP
+//! super-packet of up to 64 KiB, cut here into wire-sized packets, encrypted under one lock of
+//! the peer and sent with one UDP_SEGMENT `sendmsg`; the socket has UDP_GRO, so one `recvmsg`
+//! is a train of datagrams from one sender, decrypted and joined back into super-packets for
+//! one TUN write each. Where the kernel refuses an offload, that side goes a packet at a time
+//! (`SKIFF_WG_OFFLOAD=off` asks for that everywhere, to measure the difference).
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,11 +31,27 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt,
+    sockopt,
+};
+
+use super::offload::{
+    Coalescer, F_NEEDS_CSUM, GSO_NONE, Segments, VNET_HDR_LEN, VnetHdr, complete_checksum,
+};
 use super::{DeviceStatus, DeviceUpdate, Key, PeerStatus};
 
 /// Socket buffer size asked for (SO_RCVBUFFORCE/SO_SNDBUFFORCE as root).
 const UDP_BUFFER: usize = 4 << 20;
 const MAX_PACKET: usize = 65536;
+/// One UDP_SEGMENT send carries at most this many bytes (a UDP datagram's limit is 65,507)
+/// and datagrams (the kernel's limit is 64 on older kernels, 128 since 6.x).
+const GSO_MAX_BYTES: usize = 65_000;
+const GSO_MAX_SEGMENTS: usize = 64;
+/// WireGuard's transport header and tag around each packet.
+const DATA_OVERHEAD: usize = 32;
+/// The message type of transport data.
+const DATA_MESSAGE: u8 = 4;
 
 struct PeerEntry {
     public: Key,
@@ -92,6 +118,18 @@ fn mask(addr: u32, prefix: u8) -> u32 {
 
 struct Shared {
     tun: File,
+    /// Offloads were asked for (not `SKIFF_WG_OFFLOAD=off`).
+    want_offload: bool,
+    /// The TUN device speaks virtio-net headers, with TSO and checksum offload.
+    tun_offload: bool,
+    /// Several datagrams per UDP_SEGMENT send; switched off for good if the kernel refuses one.
+    udp_gso: AtomicBool,
+    /// Packets dropped because the device or the kernel handed over something malformed.
+    dropped: AtomicU64,
+    /// The first super-packet read and the first joined write were logged (so a test, or an
+    /// operator, can see the offloads at work).
+    seen_split: AtomicBool,
+    seen_join: AtomicBool,
     state: RwLock<State>,
     udp: RwLock<Option<Arc<UdpSocket>>>,
     /// Bumped when the UDP socket is replaced, so the old reader stops.
@@ -117,16 +155,58 @@ impl Shared {
             let _ = udp.send_to(packet, to);
         }
     }
+
+    /// Counts a dropped packet, saying why for the first and then at each power of two.
+    fn drop_packet(&self, why: &dyn std::fmt::Display) {
+        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            eprintln!("wg-tunnel: dropped a packet ({n} so far): {why}");
+        }
+    }
+
+    /// Writes one frame from the [`Coalescer`] (header and packet) to the TUN device, or the
+    /// bare packet when the device has no virtio-net header.
+    fn write_tun(&self, frame: &[u8]) {
+        let bytes = if self.tun_offload {
+            if frame[1] != GSO_NONE && !self.seen_join.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "wg-tunnel: first joined write to the TUN device ({} bytes)",
+                    frame.len() - VNET_HDR_LEN
+                );
+            }
+            frame
+        } else {
+            &frame[VNET_HDR_LEN..]
+        };
+        if let Err(e) = (&self.tun).write(bytes) {
+            self.drop_packet(&format_args!("writing to the TUN device: {e}"));
+        }
+    }
 }
 
-/// Opens a TUN interface named `name` (no packet info header).
-fn open_tun(name: &str) -> std::io::Result<File> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    skiff_runtime::sys::tun_attach(&file, name)?;
-    Ok(file)
+/// Opens a TUN interface named `name` (no packet info header): with TSO and checksum offload
+/// when `offload` is asked for and the kernel has them, else plain. Says which it got.
+fn open_tun(name: &str, offload: bool) -> std::io::Result<(File, bool)> {
+    use skiff_runtime::sys::{TUN_F_CSUM, TUN_F_TSO4, tun_attach, tun_set_offload};
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+    };
+    if offload {
+        let file = open()?;
+        match tun_attach(&file, name, true)
+            .and_then(|()| tun_set_offload(&file, TUN_F_CSUM | TUN_F_TSO4))
+        {
+            Ok(()) => return Ok((file, true)),
+            // The half-made device goes with the file.
+            Err(e) => eprintln!("wg-tunnel: no TUN offloads ({e}): a packet per read"),
+        }
+    }
+    let file = open()?;
+    tun_attach(&file, name, false)?;
+    Ok((file, false))
 }
 
 fn bind_udp(port: u16) -> std::io::Result<UdpSocket> {
@@ -156,7 +236,8 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
         eprintln!("wg-tunnel: blocking signals: {e}");
         return 1;
     }
-    let tun = match open_tun(interface) {
+    let want_offload = std::env::var("SKIFF_WG_OFFLOAD").map_or(true, |v| v != "off");
+    let (tun, tun_offload) = match open_tun(interface, want_offload) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("wg-tunnel: opening TUN device {interface}: {e}");
@@ -175,6 +256,12 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
     let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
     let shared = Arc::new(Shared {
         tun,
+        want_offload,
+        tun_offload,
+        udp_gso: AtomicBool::new(want_offload),
+        dropped: AtomicU64::new(0),
+        seen_split: AtomicBool::new(false),
+        seen_join: AtomicBool::new(false),
         state: RwLock::new(State {
             next_index: rand::random::<u32>() >> 8,
             ..State::default()
@@ -184,7 +271,11 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
     });
     let pidfile = socket.with_extension("pid");
     let _ = std::fs::write(&pidfile, format!("{}\n", std::process::id()));
-    eprintln!("wg-tunnel: {interface} up, UAPI at {}", socket.display());
+    eprintln!(
+        "wg-tunnel: {interface} up, UAPI at {}; TUN offloads (TSO, checksum): {}",
+        socket.display(),
+        if tun_offload { "on" } else { "off" }
+    );
     {
         let s = shared.clone();
         std::thread::spawn(move || tun_to_udp(&s));
@@ -209,8 +300,10 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
 }
 
 fn tun_to_udp(s: &Shared) {
-    let mut buf = vec![0u8; MAX_PACKET];
-    let mut out = vec![0u8; MAX_PACKET + 148];
+    let head = if s.tun_offload { VNET_HDR_LEN } else { 0 };
+    let mut buf = vec![0u8; head + MAX_PACKET];
+    let mut segments = Segments::default();
+    let mut batch = SendBatch::default();
     let mut tun = &s.tun;
     loop {
         let n = match tun.read(&mut buf) {
@@ -221,111 +314,305 @@ fn tun_to_udp(s: &Shared) {
                 break;
             }
         };
-        let Some(IpAddr::V4(dst)) = Tunn::dst_address(&buf[..n]) else {
+        if n <= head {
             continue;
+        }
+        if !s.tun_offload {
+            batch.encrypt_and_send(s, &buf, std::slice::from_ref(&(0..n)));
+            continue;
+        }
+        let hdr = match VnetHdr::decode(&buf[..n]) {
+            Ok(h) => h,
+            Err(e) => {
+                s.drop_packet(&e);
+                continue;
+            }
         };
-        let peer = match s.state().route(dst) {
-            Some(p) => p.clone(),
-            None => continue,
-        };
-        let mut t = peer
-            .tunn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let TunnResult::WriteToNetwork(p) = t.encapsulate(&buf[..n], &mut out) {
-            s.send(
-                p,
-                *peer
-                    .endpoint
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+        if hdr.gso_type == GSO_NONE {
+            if hdr.flags & F_NEEDS_CSUM != 0
+                && let Err(e) = complete_checksum(
+                    &mut buf[head..n],
+                    usize::from(hdr.csum_start),
+                    usize::from(hdr.csum_offset),
+                )
+            {
+                s.drop_packet(&e);
+                continue;
+            }
+            batch.encrypt_and_send(s, &buf, std::slice::from_ref(&(head..n)));
+            continue;
+        }
+        match segments.split(&buf[head..n], &hdr) {
+            Ok(()) => {
+                if !s.seen_split.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "wg-tunnel: first super-packet from the TUN device ({} bytes, {} packets)",
+                        n - head,
+                        segments.ranges.len()
+                    );
+                }
+                batch.encrypt_and_send(s, &segments.buf, &segments.ranges);
+            }
+            Err(e) => s.drop_packet(&e),
         }
     }
 }
 
-fn udp_to_tun(s: &Shared, udp: Arc<UdpSocket>, generation: u64) {
-    let mut buf = vec![0u8; MAX_PACKET];
-    let mut out = vec![0u8; MAX_PACKET];
-    let mut tun = &s.tun;
-    while s.generation.load(Ordering::Relaxed) == generation {
-        let (n, src) = match udp.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
+/// Encrypted datagrams for one peer, one after another, to go out in one UDP_SEGMENT send:
+/// all of `seg` bytes but the last, which may be shorter.
+struct SendBatch {
+    buf: Vec<u8>,
+    len: usize,
+    seg: usize,
+    count: usize,
+    /// A shorter datagram was added: it must be the last.
+    short: bool,
+}
+
+impl Default for SendBatch {
+    fn default() -> Self {
+        Self {
+            // Room for a full batch, then for one more packet's worst case (a handshake
+            // initiation needs 148 bytes, data its length and 32).
+            buf: vec![0u8; GSO_MAX_BYTES + MAX_PACKET + 256],
+            len: 0,
+            seg: 0,
+            count: 0,
+            short: false,
+        }
+    }
+}
+
+impl SendBatch {
+    /// Encrypts the packets at `ranges` of `bytes` (all to the same destination, as one read
+    /// from the device is) under one lock of their peer, and sends them in as few system
+    /// calls as the kernel takes.
+    fn encrypt_and_send(&mut self, s: &Shared, bytes: &[u8], ranges: &[Range<usize>]) {
+        let Some(first) = ranges.first() else { return };
+        let Some(IpAddr::V4(dst)) = Tunn::dst_address(&bytes[first.clone()]) else {
+            return;
+        };
+        let Some(peer) = s.state().route(dst).cloned() else {
+            return;
+        };
+        let to = *peer
+            .endpoint
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let udp = s.udp();
+        let mut t = peer
+            .tunn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for r in ranges {
+            let src = &bytes[r.clone()];
+            let n = src.len() + DATA_OVERHEAD;
+            if self.count > 0
+                && (n > self.seg
+                    || self.short
+                    || self.len + n > GSO_MAX_BYTES
+                    || self.count == GSO_MAX_SEGMENTS)
             {
-                continue;
+                self.flush(s, udp.as_deref(), to);
             }
+            let at = self.len;
+            if let TunnResult::WriteToNetwork(p) = t.encapsulate(src, &mut self.buf[at..]) {
+                let len = p.len();
+                if p.first() == Some(&DATA_MESSAGE) {
+                    if self.count == 0 {
+                        self.seg = len;
+                    } else if len < self.seg {
+                        self.short = true;
+                    }
+                    self.len += len;
+                    self.count += 1;
+                } else if let (Some(udp), Some(to)) = (udp.as_deref(), to) {
+                    // No session: the packet was queued and this is a handshake initiation.
+                    let _ = udp.send_to(&self.buf[at..at + len], to);
+                }
+            }
+        }
+        drop(t);
+        self.flush(s, udp.as_deref(), to);
+    }
+
+    fn flush(&mut self, s: &Shared, udp: Option<&UdpSocket>, to: Option<SocketAddr>) {
+        if let (Some(udp), Some(to)) = (udp, to)
+            && self.count > 0
+        {
+            let data = &self.buf[..self.len];
+            let mut one_by_one = self.count == 1 || !s.udp_gso.load(Ordering::Relaxed);
+            if !one_by_one && let Err(e) = send_segments(udp, data, self.seg, to) {
+                // EIO: the route's device cannot checksum for us; EINVAL/ENOPROTOOPT: a
+                // kernel without UDP_SEGMENT. Anything else (a full buffer) is a lost batch.
+                if matches!(
+                    e,
+                    nix::errno::Errno::EIO
+                        | nix::errno::Errno::EINVAL
+                        | nix::errno::Errno::ENOPROTOOPT
+                ) {
+                    s.udp_gso.store(false, Ordering::Relaxed);
+                    eprintln!("wg-tunnel: UDP segmentation refused ({e}): a datagram per send");
+                    one_by_one = true;
+                }
+            }
+            if one_by_one {
+                for d in data.chunks(self.seg) {
+                    let _ = udp.send_to(d, to);
+                }
+            }
+        }
+        self.len = 0;
+        self.count = 0;
+        self.short = false;
+    }
+}
+
+/// One `sendmsg` of `data`, which the kernel cuts into datagrams of `seg` bytes (UDP_SEGMENT).
+fn send_segments(udp: &UdpSocket, data: &[u8], seg: usize, to: SocketAddr) -> nix::Result<usize> {
+    let seg = seg as u16;
+    let addr = SockaddrStorage::from(to);
+    sendmsg(
+        udp.as_raw_fd(),
+        &[IoSlice::new(data)],
+        &[ControlMessage::UdpGsoSegments(&seg)],
+        MsgFlags::empty(),
+        Some(&addr),
+    )
+}
+
+/// One `recvmsg`: the bytes read, the sender, and the size of the datagrams they are a train
+/// of (UDP_GRO; 0 for a single datagram).
+fn recv_train(
+    udp: &UdpSocket,
+    buf: &mut [u8],
+    cmsg: &mut [u8],
+) -> nix::Result<(usize, Option<SocketAddr>, usize)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(udp.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
+    let mut seg = 0;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::UdpGroSegments(n) = c {
+                seg = usize::try_from(n).unwrap_or(0);
+            }
+        }
+    }
+    let from = msg.address.as_ref().and_then(|a| {
+        a.as_sockaddr_in()
+            .map(|v4| SocketAddr::V4((*v4).into()))
+            .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into())))
+    });
+    Ok((msg.bytes, from, seg))
+}
+
+fn udp_to_tun(s: &Shared, udp: Arc<UdpSocket>, generation: u64) {
+    if s.want_offload
+        && let Err(e) = setsockopt(&*udp, sockopt::UdpGroSegment, &true)
+    {
+        eprintln!("wg-tunnel: no UDP_GRO ({e}): a datagram per read");
+    }
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut cmsg = nix::cmsg_space!(libc::c_int);
+    let mut frame = vec![0u8; VNET_HDR_LEN + MAX_PACKET];
+    let mut coalescer = Coalescer::default();
+    while s.generation.load(Ordering::Relaxed) == generation {
+        let (n, src, seg) = match recv_train(&udp, &mut buf, &mut cmsg) {
+            Ok((n, Some(src), seg)) => (n, src, seg),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 eprintln!("wg-tunnel: receiving: {e}");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        let Ok(packet) = Tunn::parse_incoming_packet(&buf[..n]) else {
-            continue;
-        };
-        let peer = {
-            let st = s.state();
-            match packet {
-                Packet::HandshakeInit(ref h) => {
-                    let Some(private) = st.private else { continue };
-                    let secret = StaticSecret::from(private.0);
-                    let public = PublicKey::from(&secret);
-                    match parse_handshake_anon(&secret, &public, h) {
-                        Ok(half) => st.peers.get(&Key(half.peer_static_public)).cloned(),
-                        Err(_) => None,
-                    }
-                }
-                Packet::HandshakeResponse(ref r) => {
-                    st.by_index.get(&(r.receiver_idx >> 8)).cloned()
-                }
-                Packet::PacketCookieReply(ref c) => {
-                    st.by_index.get(&(c.receiver_idx >> 8)).cloned()
-                }
-                Packet::PacketData(ref d) => st.by_index.get(&(d.receiver_idx >> 8)).cloned(),
-            }
-        };
-        let Some(peer) = peer else { continue };
-        let mut t = peer
-            .tunn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match t.decapsulate(Some(src.ip()), &buf[..n], &mut out) {
-            TunnResult::Done => {}
-            TunnResult::Err(_) => continue,
-            TunnResult::WriteToNetwork(p) => {
-                let _ = udp.send_to(p, src);
-                // Packets queued while the handshake was under way.
-                while let TunnResult::WriteToNetwork(p) = t.decapsulate(None, &[], &mut out) {
-                    let _ = udp.send_to(p, src);
-                }
-            }
-            TunnResult::WriteToTunnelV4(p, from) => {
-                if allowed(&peer.allowed, IpAddr::V4(from)) {
-                    let _ = tun.write(p);
-                }
-            }
-            TunnResult::WriteToTunnelV6(p, from) => {
-                if allowed(&peer.allowed, IpAddr::V6(from)) {
-                    let _ = tun.write(p);
-                }
-            }
+        let seg = if seg == 0 { n.max(1) } else { seg };
+        for datagram in buf[..n].chunks(seg) {
+            receive(s, &udp, datagram, src, &mut frame, &mut coalescer);
         }
-        drop(t);
-        // Roaming: the peer is where its last authenticated packet came from.
-        let mut ep = peer
+        coalescer.flush(&mut |f| s.write_tun(f));
+    }
+}
+
+/// What decrypting a datagram left in the frame.
+enum Received {
+    Nothing,
+    Packet(usize, IpAddr),
+}
+
+/// Handles one datagram from `src`: a handshake message is answered, a data packet decrypted
+/// into `frame` (after room for its virtio-net header) and handed to the coalescer.
+fn receive(
+    s: &Shared,
+    udp: &UdpSocket,
+    datagram: &[u8],
+    src: SocketAddr,
+    frame: &mut [u8],
+    coalescer: &mut Coalescer,
+) {
+    let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
+        return;
+    };
+    let peer = {
+        let st = s.state();
+        match packet {
+            Packet::HandshakeInit(ref h) => {
+                let Some(private) = st.private else { return };
+                let secret = StaticSecret::from(private.0);
+                let public = PublicKey::from(&secret);
+                match parse_handshake_anon(&secret, &public, h) {
+                    Ok(half) => st.peers.get(&Key(half.peer_static_public)).cloned(),
+                    Err(_) => None,
+                }
+            }
+            Packet::HandshakeResponse(ref r) => st.by_index.get(&(r.receiver_idx >> 8)).cloned(),
+            Packet::PacketCookieReply(ref c) => st.by_index.get(&(c.receiver_idx >> 8)).cloned(),
+            Packet::PacketData(ref d) => st.by_index.get(&(d.receiver_idx >> 8)).cloned(),
+        }
+    };
+    let Some(peer) = peer else { return };
+    let mut t = peer
+        .tunn
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let got = match t.decapsulate(Some(src.ip()), datagram, &mut frame[VNET_HDR_LEN..]) {
+        TunnResult::Done => Received::Nothing,
+        TunnResult::Err(_) => return,
+        TunnResult::WriteToNetwork(p) => {
+            let _ = udp.send_to(p, src);
+            // Packets queued while the handshake was under way.
+            while let TunnResult::WriteToNetwork(p) =
+                t.decapsulate(None, &[], &mut frame[VNET_HDR_LEN..])
+            {
+                let _ = udp.send_to(p, src);
+            }
+            Received::Nothing
+        }
+        TunnResult::WriteToTunnelV4(p, from) => Received::Packet(p.len(), IpAddr::V4(from)),
+        TunnResult::WriteToTunnelV6(p, from) => Received::Packet(p.len(), IpAddr::V6(from)),
+    };
+    drop(t);
+    if let Received::Packet(len, from) = got
+        && allowed(&peer.allowed, from)
+    {
+        let frame = &mut frame[..VNET_HDR_LEN + len];
+        if s.tun_offload {
+            coalescer.push(frame, &mut |f| s.write_tun(f));
+        } else {
+            s.write_tun(frame);
+        }
+    }
+    // Roaming: the peer is where its last authenticated packet came from.
+    let current = *peer
+        .endpoint
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if current != Some(src) {
+        *peer
             .endpoint
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *ep != Some(src) {
-            *ep = Some(src);
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(src);
     }
 }
 
