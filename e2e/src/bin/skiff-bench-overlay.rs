@@ -352,6 +352,28 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
         .map(|p| peak_rss_mib(*p))
         .fold(0.0, f64::max);
 
+    // Each round's ratios, so the spread of a ratio is shown, not only the ratio of medians.
+    let per_round = |a: &[f64], b: &[f64]| -> (f64, f64, f64) {
+        let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y.max(1e-9)).collect();
+        stat(&r)
+    };
+    let vs_wgo = per_round(&overlay_runs, &wgo_runs);
+    let vs_veth = per_round(&overlay_runs, &veth_runs);
+    // Whether the tunnels ran with their offloads (each says so when it starts).
+    let offloads = {
+        let log = std::fs::read_to_string(fleet.agent_data("a1")?.join("net/wg/tunnel.log"))
+            .unwrap_or_default();
+        if log.contains("TUN offloads (TSO, checksum): on") {
+            "on"
+        } else {
+            "off"
+        }
+    };
+    let env = if std::env::var("SKIFF_WG_OFFLOAD").is_ok_and(|v| v == "off") {
+        "SKIFF_WG_OFFLOAD=off "
+    } else {
+        ""
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let head = "## Overlay network: container to container vs veth and wireguard-go";
     let row = |name: &str, ((gbps, lo, hi), rtt): ((f64, f64, f64), f64), note: &str| {
@@ -362,14 +384,15 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
         String::new(),
         format!(
             "- Date: {} (UTC); machine: {cores} cores; release build; command: \
-             `SKIFF_BIN_DIR=target/release target/release/skiff-bench-overlay --write-md BENCHMARKS.md` \
+             `{env}SKIFF_BIN_DIR=target/release target/release/skiff-bench-overlay --write-md BENCHMARKS.md` \
              ({s} s iperf3 runs, {r} interleaved rounds: median and range; 200 pings 10 ms apart).",
             skiff_e2e::utc_date()
         ),
         format!(
             "- Setup: a netns fleet (one controller, two agents, hosts on a bridge, MTU 1500). Skiff's \
              WireGuard backend as the agents report it: {backend} (this kernel has no WireGuard module, \
-             so userspace: boringtun's Noise in a process of its own, 4 MiB UDP buffers), pod MTU 1420. \
+             so userspace: boringtun's Noise in a process of its own, 4 MiB UDP buffers; TUN offloads \
+             (TSO, checksum) with UDP GSO/GRO: {offloads}), pod MTU 1420. \
              iperf3 and ping run in the containers' network namespaces. The overlay path crosses two \
              more veths and bridges than the host-to-host anchors; wireguard-go ({wgo_version}, \
              Debian's) gets the same hosts, MTU and buffer defaults as it ships."
@@ -381,8 +404,8 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
             "Skiff overlay, container to container across hosts",
             overlay,
             &format!(
-                "{:.2}x wireguard-go's throughput",
-                (overlay.0).0 / (wg_go.0).0
+                "{:.2}x wireguard-go's throughput (rounds {:.2}x to {:.2}x)",
+                vs_wgo.0, vs_wgo.1, vs_wgo.2
             ),
         ),
         row(
@@ -394,8 +417,10 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
             "plain veth routing, host to host",
             veth,
             &format!(
-                "ceiling; the overlay gets {:.0}% of it",
-                (overlay.0).0 / (veth.0).0 * 100.0
+                "ceiling; the overlay gets {:.0}% of it (rounds {:.0}% to {:.0}%)",
+                vs_veth.0 * 100.0,
+                vs_veth.1 * 100.0,
+                vs_veth.2 * 100.0
             ),
         ),
         row(
