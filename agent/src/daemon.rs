@@ -724,12 +724,23 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a heartbeat carries the node's WireGuard status when its peers are unchanged.
 const WIREGUARD_EVERY: u32 = 10;
 
+/// After a change of the peers, a status waits at least one heartbeat per this many peers
+/// since the last one sent (at most [`WIREGUARD_EVERY`]).
+const WIREGUARD_PEERS_PER_BEAT: usize = 50;
+
 /// Which heartbeats of a session carry the WireGuard status: it lists every other node (at a
 /// few hundred nodes, tens of kilobytes per heartbeat, every node every second, all decoded
-/// by the leader), so it goes with the first heartbeat, whenever the set of peers or their
+/// by the leader), so it goes with the first heartbeat, when the set of peers or their
 /// endpoints change, and every [`WIREGUARD_EVERY`]th heartbeat otherwise (handshake times and
 /// byte counts in `skiff nodes --peers` are that fresh; the agent's /metrics has them live).
 /// The controllers keep the last status they were sent.
+///
+/// A change goes out at once in a small cluster; in a big one it waits a heartbeat per
+/// [`WIREGUARD_PEERS_PER_BEAT`] peers since the last status. Without that, while hundreds of
+/// nodes register, every node's peers change every second and every heartbeat carried its
+/// whole status: at 500 simulated nodes the leader then decoded 250,000 peer entries a second
+/// and answered some heartbeats after their 2 s timeout, and those nodes started their
+/// sessions again (skiff-bench-scale, 2026-12-05).
 #[derive(Default)]
 struct WireguardReports {
     /// A digest of the peers (key, endpoint) last sent (no copy: it is taken every second
@@ -750,12 +761,20 @@ impl WireguardReports {
             p.endpoint.hash(&mut h);
         }
         let peers = h.finish();
+        let gap = u32::try_from(status.peers.len() / WIREGUARD_PEERS_PER_BEAT)
+            .unwrap_or(u32::MAX)
+            .clamp(1, WIREGUARD_EVERY);
         self.since += 1;
-        if self.sent == Some(peers) && self.since < WIREGUARD_EVERY {
-            beat.wireguard = None;
-        } else {
+        let due = match self.sent {
+            None => true,
+            Some(sent) if sent == peers => self.since >= WIREGUARD_EVERY,
+            Some(_) => self.since >= gap,
+        };
+        if due {
             self.sent = Some(peers);
             self.since = 0;
+        } else {
+            beat.wireguard = None;
         }
     }
 }
@@ -941,6 +960,34 @@ mod tests {
             }
         }
         assert_eq!(sent, vec![0, 10, 14, 24]);
+        // With 200 peers a change waits for 4 heartbeats since the last status; the status
+        // then sent is the latest.
+        let many = |tag: usize| -> Vec<(String, String)> {
+            (0..200)
+                .map(|p| (format!("k{p}"), format!("198.18.{tag}.{p}:51820")))
+                .collect()
+        };
+        let mut w = WireguardReports::default();
+        let mut sent = Vec::new();
+        for i in 0..12usize {
+            // A new endpoint set at every beat from 1 to 6, then none.
+            let set = many(i.min(6));
+            let refs: Vec<(&str, &str)> =
+                set.iter().map(|(k, e)| (k.as_str(), e.as_str())).collect();
+            let mut b = beat(&refs);
+            w.thin(&mut b);
+            if let Some(s) = &b.wireguard {
+                sent.push((i, s.peers[0].endpoint.clone()));
+            }
+        }
+        assert_eq!(
+            sent,
+            vec![
+                (0, "198.18.0.0:51820".to_owned()),
+                (4, "198.18.4.0:51820".to_owned()),
+                (8, "198.18.6.0:51820".to_owned()),
+            ]
+        );
         // A node without WireGuard status sends none.
         let mut b = pb::HeartbeatRequest::default();
         w.thin(&mut b);

@@ -98,6 +98,9 @@ fn main() -> ExitCode {
 #[derive(Debug, Clone, Default)]
 struct Round {
     register: Duration,
+    /// CPU (cores) of the simulator and of the leader while the nodes registered.
+    register_sim_cpu: f64,
+    register_leader_cpu: f64,
     leader_cpu: f64,
     follower_cpu: f64,
     sim_cpu: f64,
@@ -115,6 +118,10 @@ struct Round {
     /// Sessions the nodes started again before the failover (a heartbeat unanswered for
     /// 2 s, a stream broken): registrations beyond the first of each node.
     restarts_before_failover: u64,
+    /// The same, by the phase they fell in: registration, steady state, apply, rollout.
+    restarts_by_phase: [u64; 4],
+    /// Why sessions ended before the failover, as the simulator logged it, with counts.
+    restart_causes: BTreeMap<String, u64>,
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -158,9 +165,15 @@ async fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("{n} nodes, round {}", round + 1))?;
             eprintln!("  {r:?}");
             results.entry(n).or_default().push(r);
-            // Each round's state is gone with its processes.
-            std::fs::remove_dir_all(&dir).ok();
+            // Each round's state is gone with its processes (kept with SKIFF_BENCH_KEEP=1, to
+            // read the logs).
+            if std::env::var_os("SKIFF_BENCH_KEEP").is_none() {
+                std::fs::remove_dir_all(&dir).ok();
+            }
         }
+    }
+    if std::env::var_os("SKIFF_BENCH_KEEP").is_some() {
+        eprintln!("logs kept in {}", tmp.keep().display());
     }
     let md = section(&args, &results, &load_at_start);
     println!("\n{md}");
@@ -193,6 +206,46 @@ impl SimReport {
             registrations: get("registrations")?,
         })
     }
+}
+
+/// The reasons the simulated nodes gave for ending sessions ("controller connection lost"),
+/// each with how often it was given.
+fn session_end_causes(log: &Path) -> Result<BTreeMap<String, u64>> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
+    let mut causes = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.contains("controller connection lost"))
+    {
+        let line = strip_ansi(line);
+        let cause = line
+            .split_once("error=")
+            .map_or(line.as_str(), |(_, e)| e)
+            .trim()
+            .chars()
+            .take(90)
+            .collect::<String>();
+        *causes.entry(cause).or_default() += 1;
+    }
+    Ok(causes)
+}
+
+/// `line` without terminal colour sequences (ESC [ ... m).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn sim_report(log: &Path) -> Result<SimReport> {
@@ -284,13 +337,14 @@ async fn measure(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> Result<Ro
         .arg(&token)
         .arg("--report-every")
         .arg("200ms");
+    let leader = c.leader(Instant::now() + limit).await?;
+    let (leader_cpu0, _) = proc_usage(c.pid(leader).context("leader not running")?)?;
     let started = Instant::now();
     sim.spawn("simulate", cmd, &sim_log)?;
     let sim_pid = sim.pid("simulate").context("simulator pid")?;
     let mut r = Round::default();
 
     // Registration: every node ready in the cluster's state.
-    let leader = c.leader(Instant::now() + limit).await?;
     let channel = c.channel(&c.rpc_addrs()[leader]).await?;
     let mut nodes = pb::nodes_client::NodesClient::new(channel.clone());
     let mut jobs = pb::jobs_client::JobsClient::new(channel);
@@ -309,6 +363,12 @@ async fn measure(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> Result<Ro
     })
     .await?;
     r.register = started.elapsed();
+    r.register_sim_cpu = proc_usage(sim_pid)?.0 / r.register.as_secs_f64();
+    r.register_leader_cpu = (proc_usage(c.pid(leader).context("leader not running")?)?.0
+        - leader_cpu0)
+        / r.register.as_secs_f64();
+    let restarts = |r: &SimReport| r.registrations.saturating_sub(n as u64);
+    let mut phase_restarts = vec![restarts(&sim_report(&sim_log)?)];
 
     // Steady state.
     sleep(Duration::from_secs(3)).await;
@@ -334,6 +394,7 @@ async fn measure(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> Result<Ro
 
     // Apply: every replica reported running.
     let before = sim_report(&sim_log)?;
+    phase_restarts.push(restarts(&before));
     let (la0, _) = proc_usage(pid(leader)?)?;
     let t0 = Instant::now();
     jobs.apply_job(pb::ApplyJobRequest {
@@ -377,6 +438,8 @@ async fn measure(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> Result<Ro
         after.running
     );
 
+    phase_restarts.push(restarts(&after));
+
     // Rollout.
     let t0 = Instant::now();
     let v2 = jobs
@@ -407,7 +470,14 @@ async fn measure(args: &Args, bin_dir: &Path, dir: &Path, n: usize) -> Result<Ro
     .await?;
     r.rollout = t0.elapsed();
 
-    r.restarts_before_failover = sim_report(&sim_log)?.registrations.saturating_sub(n as u64);
+    r.restarts_before_failover = restarts(&sim_report(&sim_log)?);
+    phase_restarts.push(r.restarts_before_failover);
+    let mut prev = 0;
+    for (i, total) in phase_restarts.iter().enumerate() {
+        r.restarts_by_phase[i] = total.saturating_sub(prev);
+        prev = *total;
+    }
+    r.restart_causes = session_end_causes(&sim_log)?;
     // Failover: kill the leader; until every node's heartbeat is answered again.
     let killed_at = started.elapsed().as_millis() as u64;
     let t0 = Instant::now();
@@ -481,11 +551,21 @@ fn section(args: &Args, results: &BTreeMap<usize, Vec<Round>>, load: &str) -> St
     );
     let _ = writeln!(s, "|---|{}", "---|".repeat(cols.len()));
     type Get = fn(&Round) -> f64;
-    let rows: [(&str, Get, usize); 16] = [
+    let rows: [(&str, Get, usize); 18] = [
         (
             "registration, all ready (s)",
             |r| r.register.as_secs_f64(),
             1,
+        ),
+        (
+            "registration: simulator CPU (cores)",
+            |r| r.register_sim_cpu,
+            2,
+        ),
+        (
+            "registration: leader CPU (cores)",
+            |r| r.register_leader_cpu,
+            2,
         ),
         ("steady: leader CPU (cores)", |r| r.leader_cpu, 3),
         ("steady: follower CPU (cores)", |r| r.follower_cpu, 3),
@@ -527,5 +607,40 @@ fn section(args: &Args, results: &BTreeMap<usize, Vec<Round>>, load: &str) -> St
         }
         s.push('\n');
     }
+    // Where the re-registrations fell, round by round, and why the sessions ended.
+    let mut lines = Vec::new();
+    for n in &cols {
+        let by_round: Vec<String> = results[n]
+            .iter()
+            .map(|r| {
+                let p = r.restarts_by_phase;
+                format!("{}/{}/{}/{}", p[0], p[1], p[2], p[3])
+            })
+            .collect();
+        let mut causes: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in &results[n] {
+            for (c, k) in &r.restart_causes {
+                *causes.entry(c.as_str()).or_default() += k;
+            }
+        }
+        let causes: Vec<String> = causes
+            .iter()
+            .map(|(c, k)| format!("{k} × \"{c}\""))
+            .collect();
+        lines.push(format!(
+            "{n} nodes: {}{}",
+            by_round.join(", "),
+            if causes.is_empty() {
+                String::new()
+            } else {
+                format!(" (sessions ended: {})", causes.join("; "))
+            }
+        ));
+    }
+    let _ = writeln!(
+        s,
+        "\nRe-registrations by phase (registration/steady/apply/rollout), each round: {}.",
+        lines.join("; ")
+    );
     s
 }
