@@ -7,6 +7,7 @@
 
 use skiff_proxy::config::ServiceRef;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use skiff_common::spec::Lifecycle;
@@ -449,11 +450,15 @@ fn check(c: pb::HealthCheck) -> Result<Check, String> {
     })
 }
 
+/// The whole overlay peer set as a host gets it: shared, so handing it over costs a pointer
+/// per peer, not a copy of each (a simulator of N nodes got N copies of N peers per change).
+pub type Peers = Arc<[Arc<pb::OverlayPeer>]>;
+
 /// The overlay peers one watch stream has given so far: whole, or folded from deltas
 /// (`AssignedAllocations.peers_delta`, sent on streams whose request asked for them).
 #[derive(Debug, Default)]
 pub struct PeerSet {
-    peers: BTreeMap<String, pb::OverlayPeer>,
+    peers: BTreeMap<String, Arc<pb::OverlayPeer>>,
     /// Whether a whole set has arrived on this stream (a delta before it is refused).
     whole: bool,
 }
@@ -462,28 +467,31 @@ pub struct PeerSet {
 pub const MAX_PEERS: usize = 65_536;
 
 impl PeerSet {
-    /// Folds `msg`'s peers in. When they changed the set (a whole set always counts as a
-    /// change), `msg` is left carrying the whole set, as an older controller sends it, and
-    /// the answer is `true`; an empty delta leaves `msg` without peers and answers `false`
-    /// (the host keeps the peers it has). A delta before any whole set, or a set past
+    /// Folds `msg`'s peers in (taking them out of `msg`). When they changed the set (a whole
+    /// set always counts as a change) the answer is the whole set; an empty delta answers
+    /// `None` (the host keeps the peers it has). A delta before any whole set, or a set past
     /// [`MAX_PEERS`], is an error (the session ends and starts again with a whole set).
-    pub fn absorb(&mut self, msg: &mut pb::AssignedAllocations) -> Result<bool, String> {
+    pub fn absorb(&mut self, msg: &mut pb::AssignedAllocations) -> Result<Option<Peers>, String> {
         if msg.peers_delta {
             if !self.whole {
                 return Err("a peer delta before the whole peer set".into());
             }
+            msg.peers_delta = false;
             if msg.peers.is_empty() && msg.peers_removed.is_empty() {
-                msg.peers_delta = false;
-                return Ok(false);
+                return Ok(None);
             }
             for name in msg.peers_removed.drain(..) {
                 self.peers.remove(&name);
             }
             for p in msg.peers.drain(..) {
-                self.peers.insert(p.node.clone(), p);
+                self.peers.insert(p.node.clone(), Arc::new(p));
             }
         } else {
-            self.peers = msg.peers.drain(..).map(|p| (p.node.clone(), p)).collect();
+            self.peers = msg
+                .peers
+                .drain(..)
+                .map(|p| (p.node.clone(), Arc::new(p)))
+                .collect();
             self.whole = true;
         }
         if self.peers.len() > MAX_PEERS {
@@ -492,15 +500,13 @@ impl PeerSet {
                 self.peers.len()
             ));
         }
-        msg.peers = self.peers.values().cloned().collect();
-        msg.peers_delta = false;
-        Ok(true)
+        Ok(Some(self.peers.values().cloned().collect()))
     }
 }
 
 /// The other nodes as WireGuard peers; entries that do not parse are skipped with a warning.
-pub fn overlay_peers(list: &[pb::OverlayPeer]) -> Vec<Peer> {
-    list.iter()
+pub fn overlay_peers<'a>(list: impl IntoIterator<Item = &'a pb::OverlayPeer>) -> Vec<Peer> {
+    list.into_iter()
         .filter_map(|p| {
             let parsed = (|| {
                 Some(Peer {
@@ -876,8 +882,9 @@ mod tests {
         }
     }
 
-    fn names(msg: &pb::AssignedAllocations) -> Vec<(String, String)> {
-        msg.peers
+    fn names(peers: Option<Peers>) -> Vec<(String, String)> {
+        peers
+            .expect("a change")
             .iter()
             .map(|p| (p.node.clone(), p.public_key.clone()))
             .collect()
@@ -900,8 +907,8 @@ mod tests {
             peers: vec![peer("n2", "k2"), peer("n3", "k3")],
             ..Default::default()
         };
-        set.absorb(&mut whole).expect("absorb");
-        assert_eq!(names(&whole).len(), 2);
+        assert_eq!(names(set.absorb(&mut whole).expect("absorb")).len(), 2);
+        assert!(whole.peers.is_empty(), "taken out of the message");
         // n3 re-keyed, n4 new, n2 gone.
         let mut delta = pb::AssignedAllocations {
             peers: vec![peer("n3", "k3b"), peer("n4", "k4")],
@@ -909,10 +916,10 @@ mod tests {
             peers_removed: vec!["n2".into()],
             ..Default::default()
         };
-        set.absorb(&mut delta).expect("absorb");
+        let got = set.absorb(&mut delta).expect("absorb");
         assert!(!delta.peers_delta && delta.peers_removed.is_empty());
         assert_eq!(
-            names(&delta),
+            names(got),
             [("n3".into(), "k3b".into()), ("n4".into(), "k4".into())]
         );
         // An empty delta leaves the set; a whole set replaces it.
@@ -921,22 +928,26 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            !set.absorb(&mut nothing).expect("absorb"),
-            "nothing changed"
+            set.absorb(&mut nothing).expect("absorb").is_none(),
+            "nothing changed: the host keeps its peers"
         );
-        assert!(names(&nothing).is_empty(), "the host keeps its peers");
         let mut check = pb::AssignedAllocations {
             peers: vec![peer("n5", "k5")],
             peers_delta: true,
             ..Default::default()
         };
-        assert!(set.absorb(&mut check).expect("absorb"));
-        assert_eq!(names(&check).len(), 3, "n3, n4 and n5");
+        assert_eq!(
+            names(set.absorb(&mut check).expect("absorb")).len(),
+            3,
+            "n3, n4 and n5"
+        );
         let mut again = pb::AssignedAllocations {
             peers: vec![peer("n9", "k9")],
             ..Default::default()
         };
-        set.absorb(&mut again).expect("absorb");
-        assert_eq!(names(&again), [("n9".into(), "k9".into())]);
+        assert_eq!(
+            names(set.absorb(&mut again).expect("absorb")),
+            [("n9".into(), "k9".into())]
+        );
     }
 }

@@ -267,13 +267,12 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// A new service set (DNS, VIPs, the mesh's upstreams).
     fn services(&self, set: pb::ServiceSet) -> impl Future<Output = ()> + Send;
-    /// A new assignment: what to run, and when `peers_changed` the whole set of overlay
-    /// peers (deltas already folded in); otherwise the peers are as before and `set.peers`
-    /// is empty.
+    /// A new assignment: what to run, and when they changed the whole set of overlay peers
+    /// (deltas already folded in; `set.peers` is empty); `None`: the peers are as before.
     fn assigned(
         &self,
         set: pb::AssignedAllocations,
-        peers_changed: bool,
+        peers: Option<contract::Peers>,
     ) -> impl Future<Output = ()> + Send;
     /// An assignment message as it came off the wire (before deltas are folded in).
     fn received(&self, _msg: &pb::AssignedAllocations) {}
@@ -433,7 +432,7 @@ impl Host for LocalHost {
         );
     }
 
-    async fn assigned(&self, msg: pb::AssignedAllocations, peers_changed: bool) {
+    async fn assigned(&self, msg: pb::AssignedAllocations, peers: Option<contract::Peers>) {
         let set: Vec<Assigned> = msg
             .allocations
             .into_iter()
@@ -442,11 +441,11 @@ impl Host for LocalHost {
         debug!(
             count = set.len(),
             index = msg.index,
-            peers_changed,
+            peers_changed = peers.is_some(),
             "assignment"
         );
-        if peers_changed {
-            let peers = contract::overlay_peers(&msg.peers);
+        if let Some(peers) = peers {
+            let peers = contract::overlay_peers(peers.iter().map(|p| &**p));
             let n = self.network.clone();
             match tokio::task::spawn_blocking(move || n.set_peers(peers)).await {
                 Ok(Ok(())) => {}

@@ -286,7 +286,7 @@ struct SimNode {
     /// What the controllers assigned last (`None`: nothing yet, nothing is stopped).
     desired: Mutex<Option<Vec<Assigned>>>,
     /// The overlay peers of the last assignment, for the heartbeat's WireGuard status.
-    peers: Mutex<Vec<pb::OverlayPeer>>,
+    peers: Mutex<contract::Peers>,
     /// When (ms since the process started) the last heartbeat was answered; 0: never.
     last_ok: AtomicU64,
     stats: Arc<Stats>,
@@ -427,9 +427,9 @@ impl Host for SimNode {
             .fetch_add(msg.peers.len() as u64, Ordering::Relaxed);
     }
 
-    async fn assigned(&self, set: pb::AssignedAllocations, peers_changed: bool) {
-        if peers_changed {
-            *lock(&self.peers) = set.peers;
+    async fn assigned(&self, set: pb::AssignedAllocations, peers: Option<contract::Peers>) {
+        if let Some(peers) = peers {
+            *lock(&self.peers) = peers;
         }
         let want: Vec<Assigned> = set
             .allocations
