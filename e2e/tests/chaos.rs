@@ -269,12 +269,15 @@ fn c10_faults_during_writes_lose_no_acknowledged_write_and_never_run_a_fenced_jo
         fleet.heal(&l)?;
         std::thread::sleep(Duration::from_secs(2));
 
-        // 3. cut the fenced job's node off for 10 s (fenced, then replaced elsewhere).
-        let (_, node, _) = fleet
-            .allocations("lock")?
-            .into_iter()
-            .find(|a| a.2 == "running")
-            .context("lock running")?;
+        // 3. cut the fenced job's node off for 10 s (fenced, then replaced elsewhere). The
+        // faults before may have cut off lock's node too: wait for it to run somewhere (a local
+        // run looked once, found it between nodes and failed).
+        let node = fleet.wait_for_value("lock running", Duration::from_secs(30), |f| {
+            Ok(f.allocations("lock")?
+                .into_iter()
+                .find(|a| a.2 == "running")
+                .map(|a| a.1))
+        })?;
         fleet.partition(&node)?;
         fault(format!("cut off agent {node} (lock's node) for 10s"));
         std::thread::sleep(Duration::from_secs(10));
