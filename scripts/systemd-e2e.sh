@@ -106,13 +106,13 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$lxcpath/$name" "$dir/upper" "$dir/bin/new" "$dir/bin/images" "$dir/var-lib-skiff"
-for b in skiff skiff-agent skiff-controller skiff-proxy; do
+for b in skiff skiff-agent skiff-controller skiff-proxy skiff-monitor; do
   [ -x "$bin_dir/$b" ] && cp "$bin_dir/$b" "$dir/bin/"
 done
 cp "$root"/deploy/systemd/install.sh "$root"/deploy/systemd/*.service "$dir/bin/"
 # The release "upgraded" to: the same build from another directory, so every binary file is
 # replaced and every process of the old one runs from a file that is gone.
-for f in skiff skiff-agent skiff-controller skiff-proxy install.sh skiff-agent.service skiff-controller.service; do
+for f in skiff skiff-agent skiff-controller skiff-proxy skiff-monitor install.sh skiff-agent.service skiff-controller.service; do
   [ -e "$dir/bin/$f" ] && cp "$dir/bin/$f" "$dir/bin/new/"
 done
 sh "$root/runtime/tests/fixtures/make-busybox-image.sh" "$dir/bin/images/web" >/dev/null

@@ -147,8 +147,8 @@ if [ -z "$bin_dir" ]; then
   bin_dir=$root/target/release
 fi
 # Without debug information: a quarter of the size to copy into every VM.
-for b in skiff skiff-agent skiff-controller skiff-proxy; do
-  [ -x "$bin_dir/$b" ] || { [ $b = skiff-proxy ] && continue; fail "$bin_dir/$b is missing"; }
+for b in skiff skiff-agent skiff-controller skiff-proxy skiff-monitor; do
+  [ -x "$bin_dir/$b" ] || { [ $b = skiff-proxy ] || [ $b = skiff-monitor ] && continue; fail "$bin_dir/$b is missing"; }
   objcopy --strip-debug "$bin_dir/$b" "$dir/bin/$b"
 done
 sh "$root/runtime/tests/fixtures/make-busybox-image.sh" "$dir/images/web" >/dev/null

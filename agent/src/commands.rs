@@ -4,7 +4,6 @@
 mod container;
 mod image;
 
-use std::os::fd::OwnedFd;
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -103,14 +102,7 @@ fn daemon(cfg: &Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
 /// single-threaded (it clones the container's first process), so it runs before anything
 /// else starts.
 pub fn monitor(data_dir: &std::path::Path, id: &str) -> ExitCode {
-    // Our stdout is the pipe the starter reads one report line from; keep it as the report
-    // fd and put /dev/null in its place.
-    let report: Option<OwnedFd> = nix::unistd::dup(std::io::stdout()).ok();
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        let _ = nix::unistd::dup2_stdout(&null);
-    }
-    let code = skiff_runtime::monitor::run(data_dir, id, report);
-    ExitCode::from(u8::try_from(code).unwrap_or(1))
+    ExitCode::from(skiff_runtime::monitor::main(data_dir, id))
 }
 
 /// The userspace WireGuard tunnel process (started by the agent, outlives it).

@@ -59,7 +59,12 @@ impl Agent {
     }
 
     fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_skiff-agent"));
+        self.cmd_as(Path::new(env!("CARGO_BIN_EXE_skiff-agent")))
+    }
+
+    /// The agent's command line, run as the binary at `exe`.
+    fn cmd_as(&self, exe: &Path) -> Command {
+        let mut c = Command::new(exe);
         c.arg("--data-dir")
             .arg(self.dir.path())
             .arg("--cgroup-parent")
@@ -443,6 +448,87 @@ fn exit_codes_signals_and_logs() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The program the monitor of container `id` runs as (from /proc).
+fn monitor_exe(a: &Agent, id: &str) -> PathBuf {
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(a.dir.path().join("containers").join(id).join("state.json"))
+            .expect("state.json"),
+    )
+    .expect("state json");
+    let pid = state["monitor_pid"].as_i64().expect("a monitor pid");
+    std::fs::read_link(format!("/proc/{pid}/exe")).expect("the monitor's exe")
+}
+
+#[test]
+fn the_monitor_is_the_small_binary_next_to_the_agent_or_the_agent_itself() {
+    need_root!();
+    // Installed side by side (cargo builds both): containers are watched by skiff-monitor.
+    let a = Agent::new();
+    let id = a.ok(&["-d"], &["sleep", "30"]);
+    let exe = monitor_exe(&a, &id);
+    assert_eq!(
+        exe.file_name().and_then(|n| n.to_str()),
+        Some("skiff-monitor"),
+        "{}",
+        exe.display()
+    );
+    a.agent_ok(&["container", "rm", "-f", &id]);
+    // An agent installed alone runs its built-in copy, `skiff-agent __monitor`.
+    let alone = tempfile::tempdir().expect("tempdir");
+    let agent = alone.path().join("skiff-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_skiff-agent"), &agent).expect("copy the agent");
+    let out = a
+        .cmd_as(&agent)
+        .args([
+            "container",
+            "run",
+            "-d",
+            "--image",
+            image(),
+            "--",
+            "sleep",
+            "30",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(monitor_exe(&a, &id), agent);
+    let out = a
+        .cmd_as(&agent)
+        .args([
+            "container",
+            "run",
+            "--rm",
+            "--image",
+            image(),
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.agent_ok(&["container", "rm", "-f", &id]);
+    // The small binary refuses what it is not meant to run.
+    let bad = Command::new(env!("CARGO_BIN_EXE_skiff-monitor"))
+        .arg("--wrong")
+        .output()
+        .expect("skiff-monitor");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("usage: skiff-monitor"));
 }
 
 #[test]

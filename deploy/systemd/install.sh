@@ -64,6 +64,17 @@ put_bin() {
   echo "    $prefix/$name${version:+ ($version)}"
 }
 
+# The per-container monitor binary goes with the agent it came with: a bundle without one
+# removes an older one (the agent then runs its built-in monitor), so the two never differ.
+# Monitors already running keep the file they started from.
+put_monitor() {
+  if [ -x "$bin_dir/skiff-monitor" ]; then
+    put_bin skiff-monitor
+  else
+    rm -f "$prefix/skiff-monitor"
+  fi
+}
+
 put_unit() {
   install -m 0644 "$here/$1" "$units/$1"
 }
@@ -223,6 +234,7 @@ install_agent() {
   say "binaries from $bin_dir"
   put_bin skiff-agent
   put_bin skiff-proxy optional
+  put_monitor
   put_bin skiff optional
   say "settings in $etc"
   local IFS_=$IFS label_toml="" kv
@@ -270,6 +282,7 @@ upgrade() {
     any=1
     put_bin skiff-agent
     put_bin skiff-proxy optional
+    put_monitor
     put_unit skiff-agent.service
     systemctl daemon-reload
     say "restarting skiff-agent (its containers keep running)"
@@ -298,7 +311,7 @@ uninstall() {
       done
     SKIFF_CONFIG=$etc/agent.toml "$prefix/skiff-agent" network down || true
   fi
-  rm -f "$prefix/skiff-controller" "$prefix/skiff-agent" "$prefix/skiff-proxy" "$prefix/skiff"
+  rm -f "$prefix/skiff-controller" "$prefix/skiff-agent" "$prefix/skiff-proxy" "$prefix/skiff-monitor" "$prefix/skiff"
   if [ "$purge" = 1 ]; then
     # /var/lib/skiff may be a mount point of its own: empty it, then remove it if it can go.
     rm -rf "$etc" /var/lib/skiff/agent /var/lib/skiff/controller

@@ -382,11 +382,9 @@ impl Runtime {
         let (read, write) = std::io::pipe().map_err(RuntimeError::Spawn)?;
         let monitor_log = std::fs::File::create(self.store.dir(&id).join("monitor.log"))
             .map_err(RuntimeError::Spawn)?;
-        let exe = std::env::current_exe().map_err(RuntimeError::Spawn)?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("__monitor")
+        let (program, args) = monitor::program(&self.data_dir).map_err(RuntimeError::Spawn)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .arg(&id)
             .stdin(Stdio::null())
             .stdout(write)

@@ -1,4 +1,5 @@
-//! The per-container monitor: the agent binary re-exec'd as `skiff-agent __monitor`, a small
+//! The per-container monitor: `skiff-monitor` (a small binary of its own, installed next to the
+//! agent) or the agent binary re-exec'd as `skiff-agent __monitor`, a small
 //! single-threaded process that is the container's parent. It creates the container's
 //! network namespace, clones the container's first process, writes its output to the log,
 //! reaps it, records how it ended (exit code, signal, OOM kill), restarts it by policy, stops
@@ -35,6 +36,34 @@ pub const STOP_FILE: &str = "stop-grace-ms";
 /// Where a container's network namespace is bound.
 pub fn netns_path(data_dir: &Path, id: &str) -> PathBuf {
     data_dir.join("run").join("netns").join(id)
+}
+
+/// The program a monitor runs as, and the arguments before the container's id:
+/// `skiff-monitor --data-dir DIR` when it is installed next to the running binary, else that
+/// binary itself as `--data-dir DIR __monitor`.
+pub fn program(data_dir: &Path) -> std::io::Result<(PathBuf, Vec<std::ffi::OsString>)> {
+    let exe = std::env::current_exe()?;
+    let small = exe.with_file_name("skiff-monitor");
+    let dir = data_dir.as_os_str().to_owned();
+    if is_executable(&small) && small != exe {
+        return Ok((small, vec!["--data-dir".into(), dir]));
+    }
+    Ok((exe, vec!["--data-dir".into(), dir, "__monitor".into()]))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A monitor process's whole life: its stdout is the pipe the starter reads one report line
+/// from, kept as the report fd with /dev/null put in its place; then [`run`]. The exit code.
+pub fn main(data_dir: &Path, id: &str) -> u8 {
+    let report: Option<OwnedFd> = nix::unistd::dup(std::io::stdout()).ok();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    u8::try_from(run(data_dir, id, report)).unwrap_or(1)
 }
 
 /// Runs the monitor for container `id`. `report` receives one line once the container has
