@@ -711,13 +711,6 @@ const MAX_UDP_QUERY: usize = 4096;
 /// One datagram of a batch: its length, sender and whether it was cut short.
 type Received = (usize, Option<SocketAddr>, bool);
 
-fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = a.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
-}
-
 /// Reads the datagrams waiting on `fd`, up to one per buffer, in one recvmmsg.
 fn recv_batch(
     fd: std::os::fd::RawFd,
@@ -740,7 +733,7 @@ fn recv_batch(
     for m in msgs {
         got.push((
             m.bytes,
-            m.address.as_ref().and_then(std_addr),
+            m.address.as_ref().and_then(crate::net::std_addr),
             m.flags.contains(MsgFlags::MSG_TRUNC),
         ));
     }

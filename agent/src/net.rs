@@ -624,6 +624,15 @@ impl skiff_runtime::container::NetworkHook for Network {
     }
 }
 
+/// A sender's address as the standard library spells it (IPv4 or IPv6; anything else `None`),
+/// for the batched receives of the DNS server and the userspace tunnel.
+pub(crate) fn std_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

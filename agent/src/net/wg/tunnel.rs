@@ -498,11 +498,7 @@ fn recv_train(
             }
         }
     }
-    let from = msg.address.as_ref().and_then(|a| {
-        a.as_sockaddr_in()
-            .map(|v4| SocketAddr::V4((*v4).into()))
-            .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into())))
-    });
+    let from = msg.address.as_ref().and_then(crate::net::std_addr);
     Ok((msg.bytes, from, seg))
 }
 
