@@ -276,8 +276,15 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
     /// An assignment message as it came off the wire (before deltas are folded in).
     fn received(&self, _msg: &pb::AssignedAllocations) {}
-    /// The next heartbeat (what the node observes of its allocations).
+    /// The next heartbeat (what the node observes of its allocations), without the WireGuard
+    /// status: the session adds that to the heartbeats that carry it ([`WireguardReports`]).
     fn heartbeat(&self) -> impl Future<Output = pb::HeartbeatRequest> + Send;
+    /// A digest of the WireGuard peers (public key, endpoint) and how many there are
+    /// ([`peers_digest`]), taken without copying them: it decides whether a heartbeat carries
+    /// the status. `None`: no WireGuard device.
+    fn wireguard_digest(&self) -> Option<(u64, usize)>;
+    /// The WireGuard status, built only for the heartbeats that carry it.
+    fn wireguard_status(&self) -> Option<pb::WireguardStatus>;
     /// A trust bundle came with a heartbeat's answer.
     fn trust(&self, bundle: &pb::TrustBundle);
     /// A heartbeat sent at `sent_ns` (`CLOCK_BOOTTIME`) was answered by the leader.
@@ -501,11 +508,20 @@ impl Host for LocalHost {
             request_stats,
             usage,
             allocations,
-            wireguard: wireguard_status(&self.network),
+            // Added by the session when due.
+            wireguard: None,
             trust_version: self.trust.version.load(std::sync::atomic::Ordering::SeqCst),
             named_volumes: crate::volumes::Volumes::new(&self.cfg.data_dir).keys(),
             disk_pressure: self.disk_pressure().await,
         }
+    }
+
+    fn wireguard_digest(&self) -> Option<(u64, usize)> {
+        self.network.status_digest()
+    }
+
+    fn wireguard_status(&self) -> Option<pb::WireguardStatus> {
+        wireguard_status(&self.network)
     }
 
     fn trust(&self, bundle: &pb::TrustBundle) {
@@ -676,7 +692,9 @@ async fn session<H: Host>(host: &Arc<H>, addr: &str) -> Result<(), SessionEnd> {
             return Err(SessionEnd::Renewed);
         }
         let mut beat = host.heartbeat().await;
-        wireguard.thin(&mut beat);
+        if wireguard.due(host.wireguard_digest()) {
+            beat.wireguard = host.wireguard_status();
+        }
         // Taken before sending: the lease never runs later than the leader's record of it.
         let sent_ns = skiff_runtime::fence::boottime_ns();
         // A heartbeat not answered in time ends the session: a new connection gets through
@@ -742,25 +760,20 @@ const WIREGUARD_PEERS_PER_BEAT: usize = 50;
 /// sessions again (skiff-bench-scale, 2026-12-05).
 #[derive(Default)]
 struct WireguardReports {
-    /// A digest of the peers (key, endpoint) last sent (no copy: it is taken every second
+    /// The digest of the peers last sent ([`peers_digest`]: no copy, it is taken every second
     /// over every other node), and heartbeats since.
     sent: Option<u64>,
     since: u32,
 }
 
 impl WireguardReports {
-    fn thin(&mut self, beat: &mut pb::HeartbeatRequest) {
-        use std::hash::{Hash, Hasher};
-        let Some(status) = &beat.wireguard else {
-            return;
+    /// Whether this heartbeat carries the status, given the peers' digest and count now
+    /// (`None`: there is no status to send).
+    fn due(&mut self, now: Option<(u64, usize)>) -> bool {
+        let Some((peers, count)) = now else {
+            return false;
         };
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for p in &status.peers {
-            p.public_key.hash(&mut h);
-            p.endpoint.hash(&mut h);
-        }
-        let peers = h.finish();
-        let gap = u32::try_from(status.peers.len() / WIREGUARD_PEERS_PER_BEAT)
+        let gap = u32::try_from(count / WIREGUARD_PEERS_PER_BEAT)
             .unwrap_or(u32::MAX)
             .clamp(1, WIREGUARD_EVERY);
         self.since += 1;
@@ -772,10 +785,25 @@ impl WireguardReports {
         if due {
             self.sent = Some(peers);
             self.since = 0;
-        } else {
-            beat.wireguard = None;
         }
+        due
     }
+}
+
+/// A digest of WireGuard peers as (public key, endpoint) pairs, in order, and how many: what
+/// [`WireguardReports`] compares between heartbeats.
+pub(crate) fn peers_digest<K: std::hash::Hash, E: std::hash::Hash>(
+    peers: impl IntoIterator<Item = (K, E)>,
+) -> (u64, usize) {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut n = 0;
+    for (key, endpoint) in peers {
+        key.hash(&mut h);
+        endpoint.hash(&mut h);
+        n += 1;
+    }
+    (h.finish(), n)
 }
 
 /// Aborts the tasks when dropped.
@@ -876,6 +904,8 @@ async fn configure_network(
 /// The device state for the heartbeat (the last read, refreshed every reconcile pass).
 fn wireguard_status(network: &Network) -> Option<pb::WireguardStatus> {
     let (status, peers) = network.status()?;
+    let names: std::collections::HashMap<_, _> =
+        peers.iter().map(|x| (&x.public_key, &x.node)).collect();
     Some(pb::WireguardStatus {
         backend: contract::backend(network.backend()) as i32,
         public_key: network.public_key().to_base64(),
@@ -884,10 +914,9 @@ fn wireguard_status(network: &Network) -> Option<pb::WireguardStatus> {
             .peers
             .iter()
             .map(|p| pb::WireguardPeerStatus {
-                node: peers
-                    .iter()
-                    .find(|x| x.public_key == p.public_key)
-                    .map(|x| x.node.clone())
+                node: names
+                    .get(&p.public_key)
+                    .map(|n| (*n).clone())
                     .unwrap_or_default(),
                 public_key: p.public_key.to_base64(),
                 endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
@@ -929,20 +958,7 @@ mod tests {
 
     #[test]
     fn wireguard_status_goes_first_on_change_and_every_tenth_heartbeat() {
-        let beat = |peers: &[(&str, &str)]| pb::HeartbeatRequest {
-            wireguard: Some(pb::WireguardStatus {
-                peers: peers
-                    .iter()
-                    .map(|(k, e)| pb::WireguardPeerStatus {
-                        public_key: (*k).into(),
-                        endpoint: (*e).into(),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let digest = |peers: &[(&str, &str)]| Some(peers_digest(peers.iter().copied()));
         let mut w = WireguardReports::default();
         let mut sent = Vec::new();
         for i in 0..25 {
@@ -952,15 +968,12 @@ mod tests {
             } else {
                 "198.18.0.9:51820"
             };
-            let mut b = beat(&[("k1", ep)]);
-            w.thin(&mut b);
-            if b.wireguard.is_some() {
+            if w.due(digest(&[("k1", ep)])) {
                 sent.push(i);
             }
         }
         assert_eq!(sent, vec![0, 10, 14, 24]);
-        // With 200 peers a change waits for 4 heartbeats since the last status; the status
-        // then sent is the latest.
+        // With 200 peers a change waits for 4 heartbeats since the last status.
         let many = |tag: usize| -> Vec<(String, String)> {
             (0..200)
                 .map(|p| (format!("k{p}"), format!("198.18.{tag}.{p}:51820")))
@@ -973,24 +986,23 @@ mod tests {
             let set = many(i.min(6));
             let refs: Vec<(&str, &str)> =
                 set.iter().map(|(k, e)| (k.as_str(), e.as_str())).collect();
-            let mut b = beat(&refs);
-            w.thin(&mut b);
-            if let Some(s) = &b.wireguard {
-                sent.push((i, s.peers[0].endpoint.clone()));
+            if w.due(digest(&refs)) {
+                sent.push(i);
             }
         }
-        assert_eq!(
-            sent,
-            vec![
-                (0, "198.18.0.0:51820".to_owned()),
-                (4, "198.18.4.0:51820".to_owned()),
-                (8, "198.18.6.0:51820".to_owned()),
-            ]
+        assert_eq!(sent, vec![0, 4, 8]);
+        // A node without WireGuard status sends none, and it does not count as a heartbeat
+        // since the last status.
+        let since = w.since;
+        assert!(!w.due(None));
+        assert_eq!(w.since, since);
+        // The digest follows order, keys and endpoints.
+        assert_ne!(
+            digest(&[("a", "1"), ("b", "2")]),
+            digest(&[("b", "2"), ("a", "1")])
         );
-        // A node without WireGuard status sends none.
-        let mut b = pb::HeartbeatRequest::default();
-        w.thin(&mut b);
-        assert!(b.wireguard.is_none());
+        assert_ne!(digest(&[("a", "1")]), digest(&[("a", "2")]));
+        assert_eq!(digest(&[("a", "1")]).map(|d| d.1), Some(1));
     }
 
     #[test]

@@ -438,6 +438,16 @@ impl Network {
         Some((s, lock(&self.peers).clone()))
     }
 
+    /// A digest of the last read's peers (public key, endpoint) and how many, taken under the
+    /// lock without copying them (the heartbeat's test for a changed status).
+    pub fn status_digest(&self) -> Option<(u64, usize)> {
+        let s = lock(&self.last_status);
+        let s = s.as_ref()?;
+        Some(crate::daemon::peers_digest(
+            s.peers.iter().map(|p| (&p.public_key, &p.endpoint)),
+        ))
+    }
+
     /// The device's state read now (and kept as the last status).
     pub fn live_status(&self) -> Option<wg::DeviceStatus> {
         let s = self.device.status().ok()?;

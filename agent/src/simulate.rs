@@ -442,6 +442,23 @@ impl Host for SimNode {
 
     async fn heartbeat(&self) -> pb::HeartbeatRequest {
         let allocations = self.reconcile();
+        pb::HeartbeatRequest {
+            name: self.name.clone(),
+            allocations,
+            trust_version: self.trust.version.load(Ordering::SeqCst),
+            ..Default::default()
+        }
+    }
+
+    fn wireguard_digest(&self) -> Option<(u64, usize)> {
+        Some(crate::daemon::peers_digest(
+            lock(&self.peers)
+                .iter()
+                .map(|p| (p.public_key.as_str(), p.endpoint.as_str())),
+        ))
+    }
+
+    fn wireguard_status(&self) -> Option<pb::WireguardStatus> {
         // What a real node's WireGuard device lists: every peer it was given.
         let peers = lock(&self.peers)
             .iter()
@@ -454,20 +471,14 @@ impl Host for SimNode {
                 ..Default::default()
             })
             .collect();
-        pb::HeartbeatRequest {
-            name: self.name.clone(),
-            allocations,
-            wireguard: Some(pb::WireguardStatus {
-                backend: pb::WireguardBackend::Userspace as i32,
-                public_key: self.public_key.clone(),
-                listen_port: 51820,
-                peers,
-                // Counted by the controllers.
-                ..Default::default()
-            }),
-            trust_version: self.trust.version.load(Ordering::SeqCst),
+        Some(pb::WireguardStatus {
+            backend: pb::WireguardBackend::Userspace as i32,
+            public_key: self.public_key.clone(),
+            listen_port: 51820,
+            peers,
+            // Counted by the controllers.
             ..Default::default()
-        }
+        })
     }
 
     fn answered(&self, _reply: &pb::HeartbeatResponse, _sent_ns: u64) {
