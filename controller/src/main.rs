@@ -6,6 +6,12 @@ use clap::Parser;
 use skiff_controller::config::{Args, Config};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc instead of glibc's malloc: the write path allocates and frees small buffers on
+/// every request across the runtime's threads, where glibc's malloc and free took about a
+/// tenth of the members' CPU at 64 clients (BENCHMARKS.md, "Controller: the allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
