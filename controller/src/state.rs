@@ -768,7 +768,14 @@ impl ClusterState {
     }
 
     fn note_touched(&self, before: &events::Before, command: &Command, touched: &mut Touched) {
-        for (key, _) in &before.jobs {
+        // A pending reason is the reconciler's own output, and no plan reads it: its write
+        // does not plan the jobs again (at one write at a time, planning a batch's few hundred
+        // jobs again held up the next write by 2 to 10 ms every 200 ms).
+        let reason_only = matches!(
+            command,
+            Command::SetJobPending { .. } | Command::SetJobsPending { .. }
+        );
+        for (key, _) in before.jobs.iter().filter(|_| !reason_only) {
             touched.job(key.clone());
         }
         for (id, was) in &before.allocations {

@@ -1066,9 +1066,9 @@ fn pending_reasons_of_many_jobs_go_in_one_entry_and_skip_jobs_that_are_gone() {
     let mut t = Touched::default();
     let out = s.apply_touching(Some(7), &batch, &mut t).expect("batch");
     assert_eq!(out, Outcome::JobPendingSet { changed: true });
-    assert_eq!(
-        t.jobs.iter().cloned().collect::<Vec<_>>(),
-        ["default/a", "default/b", "default/gone"]
+    assert!(
+        t.jobs.is_empty() && !t.all && !t.capacity,
+        "a pending reason is the reconciler's output: writing it plans nothing again"
     );
     assert!(!t.published, "pending reasons are not streamed to agents");
     assert_eq!(
