@@ -20,7 +20,8 @@ cd "$root"
 # lxc, debootstrap: scripts/systemd-e2e.sh installs Skiff with deploy/systemd on a Debian
 # system container booted under systemd.
 # libfaketime: the chaos test steps one host's wall clock forward and back.
-need_pkgs=(libfaketime lxc debootstrap curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2
+# make: the controller's allocator (jemalloc, tikv-jemalloc-sys) is built with configure and make.
+need_pkgs=(make libfaketime lxc debootstrap curl prometheus busybox-static docker-registry skopeo apache2-utils zstd util-linux iproute2
   iptables tcpdump wireguard-tools wireguard-go bind9-dnsutils python3 openssl chromium
   libnss3-tools tesseract-ocr)
 missing=()
