@@ -868,12 +868,20 @@ impl Work {
     fn keys(&self, state: &ClusterState) -> BTreeSet<String> {
         let mut keys: BTreeSet<String> = self.touched.jobs.union(&self.active).cloned().collect();
         if self.touched.capacity {
-            // Resources were freed or a node changed: what did not fit may fit now.
+            // Resources were freed or a node changed: what did not fit may fit now. That is
+            // the jobs with a reason written, and those whose reason is held back here (its
+            // write plans nothing again, so they would wait for the next full pass).
             keys.extend(
                 state
                     .jobs(None)
                     .filter(|j| j.pending.is_some())
                     .map(|j| crate::state::job_key(&j.namespace, &j.name)),
+            );
+            keys.extend(
+                self.pending
+                    .iter()
+                    .filter(|(_, (_, _, reason))| reason.is_some())
+                    .map(|(key, _)| key.clone()),
             );
         }
         keys

@@ -742,6 +742,25 @@ fn an_incremental_pass_plans_the_touched_the_time_bound_and_after_freed_resource
         ["default/db", "default/rolling", "default/web"],
         "freed resources: the pending job may fit now"
     );
+    // A reason held back, not yet written, counts as pending too.
+    let web = w.state.job("default", "web").expect("web").clone();
+    work.defer_pending(&web, Some("0/1 nodes fit".into()), now);
+    work.touched = Touched {
+        capacity: true,
+        ..Touched::default()
+    };
+    work.active.clear();
+    assert_eq!(
+        keys(&work, &w.state),
+        ["default/db", "default/web"],
+        "a reason not yet written: the job may fit now"
+    );
+    work.defer_pending(&web, None, now);
+    assert_eq!(
+        keys(&work, &w.state),
+        ["default/db"],
+        "a job held back as placeable is not pending"
+    );
     work.everything();
     assert!(work.full(now, every));
 
