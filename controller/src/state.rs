@@ -769,8 +769,8 @@ impl ClusterState {
 
     fn note_touched(&self, before: &events::Before, command: &Command, touched: &mut Touched) {
         // A pending reason is the reconciler's own output, and no plan reads it: its write
-        // does not plan the jobs again (at one write at a time, planning a batch's few hundred
-        // jobs again held up the next write by 2 to 10 ms every 200 ms).
+        // does not plan the jobs again. (A node change still plans the jobs whose reason is
+        // held back unwritten: `reconcile::Work::keys`.)
         let reason_only = matches!(
             command,
             Command::SetJobPending { .. } | Command::SetJobsPending { .. }
