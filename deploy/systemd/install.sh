@@ -5,7 +5,8 @@
 #              [--http-addr IP:PORT] [--tls-san NAME]... [--bin-dir DIR] [--force]
 #   install.sh agent --controller ADDR[,ADDR...] --token TOKEN [--advertise-addr IP]
 #              [--name NAME] [--labels k=v,...] [--local-image-dir DIR]...
-#              [--insecure-registry HOST:PORT]... [--bin-dir DIR] [--force]
+#              [--insecure-registry HOST:PORT]... [--disk-pressure-threshold PCT]
+#              [--bin-dir DIR] [--force]
 #   install.sh upgrade [--bin-dir DIR]
 #   install.sh uninstall [--purge]
 #
@@ -213,7 +214,7 @@ TXT
 }
 
 install_agent() {
-  local controllers="" token="" adv="" name="" labels="" images=() registries=()
+  local controllers="" token="" adv="" name="" labels="" images=() registries=() disk=""
   while [ $# -gt 0 ]; do
     case $1 in
       --controller) controllers=$2; shift 2 ;;
@@ -223,12 +224,15 @@ install_agent() {
       --labels) labels=$2; shift 2 ;;
       --local-image-dir) images+=("$2"); shift 2 ;;
       --insecure-registry) registries+=("$2"); shift 2 ;;
+      --disk-pressure-threshold) disk=$2; shift 2 ;;
       --bin-dir) bin_dir=$2; shift 2 ;;
       --force) force=1; shift ;;
       *) die "agent: unknown argument $1" ;;
     esac
   done
   [ -n "$controllers" ] || die "agent: --controller ADDR[,ADDR...] is required"
+  [[ -z $disk || ($disk =~ ^[1-9][0-9]{1,2}$ && $disk -ge 50 && $disk -le 100) ]] ||
+    die "agent: --disk-pressure-threshold must be a percentage between 50 and 100, not \"$disk\""
   [ -n "$token" ] || [ -e /var/lib/skiff/agent/tls ] ||
     die "agent: --token TOKEN is required for a first start (skiff token create --role agent)"
   say "binaries from $bin_dir"
@@ -255,7 +259,8 @@ ${name:+name = \"$name\"
 }labels = { $label_toml }
 local_image_dirs = $(toml_list "${images[@]}")
 insecure_registries = $(toml_list "${registries[@]}")
-" 0644
+${disk:+disk_pressure_threshold = $disk
+}" 0644
   start_unit agent "$token" "$(agent_url)"
 }
 
