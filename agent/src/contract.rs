@@ -609,6 +609,22 @@ pub fn mesh_services(list: &[pb::ServiceInfo]) -> skiff_proxy::config::ServiceSe
     skiff_proxy::config::ServiceSet { services }
 }
 
+/// A digest of WireGuard peers as (public key, endpoint) pairs, in order, and how many: what
+/// the daemon's `WireguardReports` compares between heartbeats.
+pub fn peers_digest<K: std::hash::Hash, E: std::hash::Hash>(
+    peers: impl IntoIterator<Item = (K, E)>,
+) -> (u64, usize) {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut n = 0;
+    for (key, endpoint) in peers {
+        key.hash(&mut h);
+        endpoint.hash(&mut h);
+        n += 1;
+    }
+    (h.finish(), n)
+}
+
 pub fn backend(b: Backend) -> pb::WireguardBackend {
     match b {
         Backend::Kernel => pb::WireguardBackend::Kernel,

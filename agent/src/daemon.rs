@@ -280,8 +280,8 @@ pub trait Host: Send + Sync + 'static {
     /// status: the session adds that to the heartbeats that carry it ([`WireguardReports`]).
     fn heartbeat(&self) -> impl Future<Output = pb::HeartbeatRequest> + Send;
     /// A digest of the WireGuard peers (public key, endpoint) and how many there are
-    /// ([`peers_digest`]), taken without copying them: it decides whether a heartbeat carries
-    /// the status. `None`: no WireGuard device.
+    /// ([`crate::contract::peers_digest`]), taken without copying them: it decides whether a
+    /// heartbeat carries the status. `None`: no WireGuard device.
     fn wireguard_digest(&self) -> Option<(u64, usize)>;
     /// The WireGuard status, built only for the heartbeats that carry it.
     fn wireguard_status(&self) -> Option<pb::WireguardStatus>;
@@ -760,8 +760,8 @@ const WIREGUARD_PEERS_PER_BEAT: usize = 50;
 /// sessions again (skiff-bench-scale, 2026-12-05).
 #[derive(Default)]
 struct WireguardReports {
-    /// The digest of the peers last sent ([`peers_digest`]: no copy, it is taken every second
-    /// over every other node), and heartbeats since.
+    /// The digest of the peers last sent ([`crate::contract::peers_digest`]: no copy, it is
+    /// taken every second over every other node), and heartbeats since.
     sent: Option<u64>,
     since: u32,
 }
@@ -788,22 +788,6 @@ impl WireguardReports {
         }
         due
     }
-}
-
-/// A digest of WireGuard peers as (public key, endpoint) pairs, in order, and how many: what
-/// [`WireguardReports`] compares between heartbeats.
-pub(crate) fn peers_digest<K: std::hash::Hash, E: std::hash::Hash>(
-    peers: impl IntoIterator<Item = (K, E)>,
-) -> (u64, usize) {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let mut n = 0;
-    for (key, endpoint) in peers {
-        key.hash(&mut h);
-        endpoint.hash(&mut h);
-        n += 1;
-    }
-    (h.finish(), n)
 }
 
 /// Aborts the tasks when dropped.
@@ -958,7 +942,8 @@ mod tests {
 
     #[test]
     fn wireguard_status_goes_first_on_change_and_every_tenth_heartbeat() {
-        let digest = |peers: &[(&str, &str)]| Some(peers_digest(peers.iter().copied()));
+        let digest =
+            |peers: &[(&str, &str)]| Some(crate::contract::peers_digest(peers.iter().copied()));
         let mut w = WireguardReports::default();
         let mut sent = Vec::new();
         for i in 0..25 {

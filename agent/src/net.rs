@@ -443,7 +443,7 @@ impl Network {
     pub fn status_digest(&self) -> Option<(u64, usize)> {
         let s = lock(&self.last_status);
         let s = s.as_ref()?;
-        Some(crate::daemon::peers_digest(
+        Some(crate::contract::peers_digest(
             s.peers.iter().map(|p| (&p.public_key, &p.endpoint)),
         ))
     }

@@ -451,7 +451,7 @@ impl Host for SimNode {
     }
 
     fn wireguard_digest(&self) -> Option<(u64, usize)> {
-        Some(crate::daemon::peers_digest(
+        Some(crate::contract::peers_digest(
             lock(&self.peers)
                 .iter()
                 .map(|p| (p.public_key.as_str(), p.endpoint.as_str())),
