@@ -41,6 +41,9 @@ pub struct Throughput {
     /// benchmark's own process (the client).
     pub member_cpu: Duration,
     pub client_cpu: Duration,
+    /// The writes slower than the phase's `slow_over`, as (when each began, from the
+    /// phase's start; how long it took), in the order they began.
+    pub slow: Vec<(Duration, Duration)>,
 }
 
 impl Throughput {
@@ -94,6 +97,7 @@ pub async fn throughput(
     prefix: &str,
     concurrency: usize,
     total: usize,
+    slow_over: Option<Duration>,
 ) -> Result<Throughput> {
     let leader_before = c.leader(Instant::now() + HEALTH_DEADLINE).await?;
     let mut writers = Vec::with_capacity(concurrency);
@@ -111,6 +115,7 @@ pub async fn throughput(
         let prefix = prefix.to_string();
         tasks.push(tokio::spawn(async move {
             let mut lat_us = Vec::new();
+            let mut slow = Vec::new();
             let mut errors = 0usize;
             let mut first_error = None;
             // Bounded: each iteration claims one of `total` indices.
@@ -122,7 +127,13 @@ pub async fn throughput(
                 let name = format!("{prefix}-{i}");
                 let t = Instant::now();
                 match timeout(WRITE_TIMEOUT, w.write(&name)).await {
-                    Ok(Ok(())) => lat_us.push(t.elapsed().as_micros() as u64),
+                    Ok(Ok(())) => {
+                        let took = t.elapsed();
+                        lat_us.push(took.as_micros() as u64);
+                        if slow_over.is_some_and(|over| took > over) {
+                            slow.push((t.duration_since(start), took));
+                        }
+                    }
                     Ok(Err(e)) => {
                         errors += 1;
                         first_error.get_or_insert_with(|| format!("{e:#}"));
@@ -133,15 +144,17 @@ pub async fn throughput(
                     }
                 }
             }
-            (lat_us, errors, first_error)
+            (lat_us, slow, errors, first_error)
         }));
     }
     let mut lat_us = Vec::with_capacity(total);
+    let mut slow = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
     for t in tasks {
-        let (l, e, f) = t.await.context("writer task panicked")?;
+        let (l, s, e, f) = t.await.context("writer task panicked")?;
         lat_us.extend(l);
+        slow.extend(s);
         errors += e;
         if first_error.is_none() {
             first_error = f;
@@ -151,6 +164,7 @@ pub async fn throughput(
     let member_cpu = Duration::from_secs_f64((cpu_of(&pids) - members_before).max(0.0));
     let client_cpu = Duration::from_secs_f64((cpu_of(&me) - client_before).max(0.0));
     lat_us.sort_unstable();
+    slow.sort_unstable();
     let leader_after = c.leader(Instant::now() + HEALTH_DEADLINE).await?;
     Ok(Throughput {
         concurrency,
@@ -169,6 +183,7 @@ pub async fn throughput(
         leader_after: leader_after + 1,
         member_cpu,
         client_cpu,
+        slow,
     })
 }
 

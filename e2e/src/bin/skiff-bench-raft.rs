@@ -78,6 +78,10 @@ struct Args {
     /// Keep the temp dir (data dirs and member logs) instead of removing it.
     #[arg(long)]
     keep_dir: bool,
+    /// Print every measured write slower than this many milliseconds, with when it began in
+    /// its phase, and the gaps between them (a rhythm in the gaps names a periodic cause).
+    #[arg(long, value_name = "MS")]
+    trace_slow: Option<f64>,
 }
 
 impl Args {
@@ -87,6 +91,12 @@ impl Args {
         }
         if self.rounds == 0 {
             bail!("--rounds must be positive");
+        }
+        if self
+            .trace_slow
+            .is_some_and(|ms| !ms.is_finite() || ms <= 0.0)
+        {
+            bail!("--trace-slow must be a positive number of milliseconds");
         }
         if self.failover_rounds == 0 {
             bail!("--failover-rounds must be positive");
@@ -226,7 +236,7 @@ async fn measure(c: &mut impl Cluster, args: &Args, with_failover: bool) -> Resu
             args.concurrency * WARMUP_PER_CLIENT,
         ),
     ] {
-        let w = workload::throughput(c, prefix, conc, n).await?;
+        let w = workload::throughput(c, prefix, conc, n, None).await?;
         if w.errors > 0 {
             bail!(
                 "{name}: warm-up write failed: {}",
@@ -236,24 +246,36 @@ async fn measure(c: &mut impl Cluster, args: &Args, with_failover: bool) -> Resu
     }
 
     eprintln!("{name}: {} sequential writes", args.writes);
-    let seq = workload::throughput(c, "seq", 1, args.writes).await?;
+    let slow_over = args
+        .trace_slow
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    let seq = workload::throughput(c, "seq", 1, args.writes, slow_over).await?;
     eprintln!(
         "{name}:   {:.0} writes/s, p50 {:?}, p99 {:?}",
         seq.writes_per_sec(),
         seq.p50,
         seq.p99
     );
+    print_slow(&name, &seq, slow_over);
     eprintln!(
         "{name}: {} writes from {} clients",
         args.concurrent_writes, args.concurrency
     );
-    let conc = workload::throughput(c, "conc", args.concurrency, args.concurrent_writes).await?;
+    let conc = workload::throughput(
+        c,
+        "conc",
+        args.concurrency,
+        args.concurrent_writes,
+        slow_over,
+    )
+    .await?;
     eprintln!(
         "{name}:   {:.0} writes/s, p50 {:?}, p99 {:?}",
         conc.writes_per_sec(),
         conc.p50,
         conc.p99
     );
+    print_slow(&name, &conc, slow_over);
     for p in [&seq, &conc] {
         // More than 1% failed writes makes the figures meaningless.
         if p.errors * 100 > p.ok + p.errors {
@@ -284,6 +306,32 @@ async fn measure(c: &mut impl Cluster, args: &Args, with_failover: bool) -> Resu
         conc,
         failover,
     })
+}
+
+/// With `--trace-slow`: the phase's slow writes (at most 200 lines), then how many and the
+/// median gap between the starts of consecutive ones.
+fn print_slow(name: &str, p: &workload::Throughput, over: Option<Duration>) {
+    let Some(over) = over else { return };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    for (at, took) in p.slow.iter().take(200) {
+        eprintln!(
+            "{name}:     slow write at +{:.1} ms: {:.2} ms",
+            ms(*at),
+            ms(*took)
+        );
+    }
+    let mut gaps: Vec<Duration> = p.slow.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    gaps.sort_unstable();
+    let median_gap = gaps
+        .get(gaps.len() / 2)
+        .map_or("-".to_string(), |g| format!("{:.1} ms", ms(*g)));
+    eprintln!(
+        "{name}:   {} of {} writes at concurrency {} over {:.2} ms; median gap between them {median_gap}",
+        p.slow.len(),
+        p.ok,
+        p.concurrency,
+        ms(over)
+    );
 }
 
 /// This process's command line, shell-quoted where needed.
