@@ -807,12 +807,17 @@ pub struct Work {
     pending_since: Option<Instant>,
 }
 
-/// How long a job's changed pending reason may wait before it is written. The reasons found
-/// meanwhile go to the log together: otherwise every apply of a job that cannot be placed
-/// (the usual case while a cluster has no room) costs a second entry right behind it.
-pub const PENDING_DELAY: Duration = Duration::from_millis(200);
+/// How long a job's changed pending reason may wait before it is written, unless a whole
+/// batch ([`PENDING_BATCH`]) is held back sooner. The reasons found meanwhile go to the log
+/// together: otherwise every apply of a job that cannot be placed (the usual case while a
+/// cluster has no room) costs a second entry right behind it. Each such entry delays the
+/// client writes behind it by a few milliseconds (it is replicated, made durable and applied
+/// before them); at 200 ms the writes so delayed were about 1% of a single client's, and set
+/// its p99 (`skiff-bench-raft --trace-slow`).
+pub const PENDING_DELAY: Duration = Duration::from_secs(1);
 
-/// Pending reasons per [`Command::SetJobsPending`] entry (a few hundred bytes each).
+/// Pending reasons per [`Command::SetJobsPending`] entry (a few hundred bytes each); a batch
+/// this large is written at once, without waiting for [`PENDING_DELAY`].
 const PENDING_BATCH: usize = 1000;
 
 impl Work {
@@ -842,9 +847,12 @@ impl Work {
         }
     }
 
-    /// When the pending reasons held back are to be written.
+    /// When the pending reasons held back are to be written: [`PENDING_DELAY`] after the
+    /// oldest, or at once when they fill a batch.
     pub fn pending_due(&self) -> Option<Instant> {
-        self.pending_since.map(|t| t + PENDING_DELAY)
+        let full = self.pending.len() >= PENDING_BATCH;
+        self.pending_since
+            .map(|t| if full { t } else { t + PENDING_DELAY })
     }
 
     /// Takes the pending reasons held back, if they are due at `now`.

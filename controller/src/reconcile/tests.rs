@@ -829,6 +829,20 @@ fn changed_pending_reasons_wait_together_and_the_latest_plan_wins() {
     work.defer_pending(&db, None, t0);
     work.settle_pending("default/db");
     assert_eq!(work.pending_due(), None, "nothing held back");
+    // A whole batch held back is written at once, without waiting for the delay.
+    for i in 0..PENDING_BATCH {
+        let mut j = Job::clone(&web);
+        j.name = format!("j{i}");
+        work.defer_pending(&j, Some("0/1 nodes fit".into()), t0);
+        let want = if i + 1 < PENDING_BATCH {
+            t0 + PENDING_DELAY
+        } else {
+            t0
+        };
+        assert_eq!(work.pending_due(), Some(want), "{} held back", i + 1);
+    }
+    assert_eq!(work.take_due_pending(t0).len(), PENDING_BATCH);
+    assert_eq!(work.pending_due(), None);
 }
 
 #[test]
