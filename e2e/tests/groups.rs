@@ -235,11 +235,15 @@ fn g10_a_group_shares_network_and_volumes_in_lifecycle_order() -> Result<()> {
                 Ok(a.len() == 2 && a.iter().all(|x| x["status"] == "running"))
             },
         )?;
-        let st = fleet.cli_json(&["job", "status", "other"])?;
-        ensure!(
-            st["pending"].as_str().unwrap_or_default().is_empty(),
-            "{st}"
-        );
+        // The cleared reason is written with the next batch of reasons (within a second).
+        fleet.wait_for(
+            "other's pending reason cleared",
+            Duration::from_secs(10),
+            |f| {
+                let st = f.cli_json(&["job", "status", "other"])?;
+                Ok(st["pending"].as_str().unwrap_or_default().is_empty())
+            },
+        )?;
 
         // Stopping it too removes its pods: the host port answers no more.
         fleet.cli_ok(&["stop", "other"])?;
