@@ -214,7 +214,7 @@ TXT
 }
 
 install_agent() {
-  local controllers="" token="" adv="" name="" labels="" images=() registries=() disk=""
+  local controllers="" token="" adv="" name="" labels="" images=() registries=() disk="" disk_given=""
   while [ $# -gt 0 ]; do
     case $1 in
       --controller) controllers=$2; shift 2 ;;
@@ -224,14 +224,14 @@ install_agent() {
       --labels) labels=$2; shift 2 ;;
       --local-image-dir) images+=("$2"); shift 2 ;;
       --insecure-registry) registries+=("$2"); shift 2 ;;
-      --disk-pressure-threshold) disk=$2; shift 2 ;;
+      --disk-pressure-threshold) disk=$2; disk_given=1; shift 2 ;;
       --bin-dir) bin_dir=$2; shift 2 ;;
       --force) force=1; shift ;;
       *) die "agent: unknown argument $1" ;;
     esac
   done
   [ -n "$controllers" ] || die "agent: --controller ADDR[,ADDR...] is required"
-  [[ -z $disk || ($disk =~ ^[1-9][0-9]{1,2}$ && $disk -ge 50 && $disk -le 100) ]] ||
+  [[ -z $disk_given || ($disk =~ ^[1-9][0-9]{1,2}$ && $disk -ge 50 && $disk -le 100) ]] ||
     die "agent: --disk-pressure-threshold must be a percentage between 50 and 100, not \"$disk\""
   [ -n "$token" ] || [ -e /var/lib/skiff/agent/tls ] ||
     die "agent: --token TOKEN is required for a first start (skiff token create --role agent)"
