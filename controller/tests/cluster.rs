@@ -253,39 +253,24 @@ impl TestCluster {
     }
 
     /// Restarts a member with only its id and data dir, on the addresses it had.
-    ///
-    /// The killed member's listener is closed by its accept task, which notices only after
-    /// `shutdown` has returned that the server dropped its stream: under load the port can
-    /// still be held for a moment (in CI, t50 once got "Address already in use"). So a bind
-    /// failure is retried for up to 5 s.
     async fn restart(&mut self, id: u64) {
-        let mut attempt = 0;
-        let ctl = loop {
-            let res = Controller::start(Config {
-                id,
-                data_dir: self.data_dir(id),
-                rpc_addr: None,
-                http_addr: None,
-                formation: Formation::Wait,
-                raft: self.settings.clone(),
-                node_grace: self.node_grace,
-                gc_after: self.gc.0,
-                keep_versions: self.gc.1,
-                cluster: Default::default(),
-                join_token: None,
-                tls_sans: vec![],
-                cert_ttl: skiff_controller::config::DEFAULT_CERT_TTL,
-            })
-            .await;
-            match res {
-                Ok(ctl) => break ctl,
-                Err(skiff_controller::ControllerError::Bind { .. }) if attempt < 50 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("restart member {id}: {e}"),
-            }
-        };
+        let ctl = Controller::start(Config {
+            id,
+            data_dir: self.data_dir(id),
+            rpc_addr: None,
+            http_addr: None,
+            formation: Formation::Wait,
+            raft: self.settings.clone(),
+            node_grace: self.node_grace,
+            gc_after: self.gc.0,
+            keep_versions: self.gc.1,
+            cluster: Default::default(),
+            join_token: None,
+            tls_sans: vec![],
+            cert_ttl: skiff_controller::config::DEFAULT_CERT_TTL,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("restart member {id}: {e}"));
         self.members[id as usize - 1] = Some(ctl);
     }
 

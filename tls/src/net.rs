@@ -1,14 +1,18 @@
 //! Sockets: the server's accept loop (handshakes in their own tasks, with a deadline) and the
 //! client's connector for tonic channels.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::TlsError;
@@ -20,11 +24,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that offers the join ALPN gets the join config (no client certificate, the
 /// enrollment call only); every other client must present a certificate from the cluster
 /// CA. Failed handshakes are logged with the reason (unknown CA, expired, revoked, ...).
-pub fn incoming(
-    listener: TcpListener,
-    ctx: Arc<TlsContext>,
-    accept_joins: bool,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+pub fn incoming(listener: TcpListener, ctx: Arc<TlsContext>, accept_joins: bool) -> Incoming {
     incoming_with_raft(listener, ctx, accept_joins, None)
 }
 
@@ -35,71 +35,114 @@ pub fn incoming_with_raft(
     listener: TcpListener,
     ctx: Arc<TlsContext>,
     accept_joins: bool,
-    raft: Option<tokio::sync::mpsc::Sender<TlsStream<TcpStream>>>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(128);
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => { backoff = Duration::from_millis(5); x }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                },
-                _ = tx.closed() => return,
-            };
-            // Nagle costs a delayed-ACK stall per Raft round trip.
-            let _ = tcp.set_nodelay(true);
-            let tx = tx.clone();
-            let ctx = ctx.clone();
-            let raft = raft.clone();
-            tokio::spawn(async move {
-                let handshake = async {
-                    let start = tokio_rustls::LazyConfigAcceptor::new(
-                        rustls::server::Acceptor::default(),
-                        tcp,
-                    )
-                    .await?;
-                    let offers = |want: &[u8]| {
-                        start
-                            .client_hello()
-                            .alpn()
-                            .is_some_and(|mut a| a.any(|p| p == want))
-                    };
-                    let cfg = if accept_joins && offers(JOIN_ALPN) {
-                        ctx.join_config()
-                    } else if raft.is_some() && offers(RAFT_ALPN) {
-                        ctx.raft_server_config()
-                    } else {
-                        ctx.server_config()
-                    };
-                    start.into_stream(cfg).await
+    raft: Option<mpsc::Sender<TlsStream<TcpStream>>>,
+) -> Incoming {
+    let (tx, rx) = mpsc::channel(128);
+    Incoming {
+        listener,
+        ctx,
+        accept_joins,
+        raft,
+        tx,
+        rx,
+        backoff: Duration::from_millis(5),
+        retry: None,
+    }
+}
+
+/// The stream of handshaken connections of [`incoming`]. It owns the listener: accepting
+/// happens while it is polled, and dropping it closes the port at once (a server that has
+/// shut down can be bound again on the same address straight away). Each handshake runs in
+/// its own task with a deadline, so a slow client never holds up the others.
+pub struct Incoming {
+    listener: TcpListener,
+    ctx: Arc<TlsContext>,
+    accept_joins: bool,
+    raft: Option<mpsc::Sender<TlsStream<TcpStream>>>,
+    tx: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+    rx: mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>>,
+    backoff: Duration,
+    /// Set after a failed accept (out of file descriptors, ...): no accepting until it fires.
+    retry: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Incoming {
+    fn handshake(&self, tcp: TcpStream, peer: std::net::SocketAddr) {
+        // Nagle costs a delayed-ACK stall per Raft round trip.
+        let _ = tcp.set_nodelay(true);
+        let tx = self.tx.clone();
+        let ctx = self.ctx.clone();
+        let raft = self.raft.clone();
+        let accept_joins = self.accept_joins;
+        tokio::spawn(async move {
+            let handshake = async {
+                let start =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                        .await?;
+                let offers = |want: &[u8]| {
+                    start
+                        .client_hello()
+                        .alpn()
+                        .is_some_and(|mut a| a.any(|p| p == want))
                 };
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                    Ok(Ok(tls)) => {
-                        let is_raft = tls.get_ref().1.alpn_protocol() == Some(RAFT_ALPN);
-                        match (&raft, is_raft) {
-                            (Some(raft), true) => {
-                                let _ = raft.send(tls).await;
-                            }
-                            (None, true) => {}
-                            (_, false) => {
-                                let _ = tx.send(Ok(tls)).await;
-                            }
+                let cfg = if accept_joins && offers(JOIN_ALPN) {
+                    ctx.join_config()
+                } else if raft.is_some() && offers(RAFT_ALPN) {
+                    ctx.raft_server_config()
+                } else {
+                    ctx.server_config()
+                };
+                start.into_stream(cfg).await
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(tls)) => {
+                    let is_raft = tls.get_ref().1.alpn_protocol() == Some(RAFT_ALPN);
+                    match (&raft, is_raft) {
+                        (Some(raft), true) => {
+                            let _ = raft.send(tls).await;
+                        }
+                        (None, true) => {}
+                        (_, false) => {
+                            let _ = tx.send(Ok(tls)).await;
                         }
                     }
-                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                 }
-            });
+                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+impl Stream for Incoming {
+    type Item = Result<TlsStream<TcpStream>, std::io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(retry) = this.retry.as_mut() {
+                if retry.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+                this.retry = None;
+            }
+            match this.listener.poll_accept(cx) {
+                Poll::Ready(Ok((tcp, peer))) => {
+                    this.backoff = Duration::from_millis(5);
+                    this.handshake(tcp, peer);
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    this.retry = Some(Box::pin(tokio::time::sleep(this.backoff)));
+                    this.backoff = (this.backoff * 2).min(Duration::from_secs(1));
+                }
+                Poll::Pending => break,
+            }
         }
-    });
-    ReceiverStream::new(rx)
+        // `this.tx` lives as long as the stream, so the channel never ends: neither does the
+        // stream, as a listener does not.
+        this.rx.poll_recv(cx)
+    }
 }
 
 /// Connects to a controller member's Raft transport at `addr` (`host:port`) with this
@@ -222,4 +265,45 @@ pub async fn channel_with(
 /// As [`channel_with`], lazily.
 pub fn channel_with_lazy(config: Arc<ClientConfig>, ep: Endpoint) -> Channel {
     ep.connect_with_connector_lazy(connector(move || config.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    /// Dropping the stream closes the port at once: a server that shut down can be started
+    /// again on its address with no wait (a restarted controller member binds its old port).
+    #[tokio::test]
+    async fn dropping_the_stream_frees_the_port() {
+        let ctx = TlsContext::ephemeral(&crate::Identity::Member(1)).expect("ctx");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = incoming(listener, ctx.clone(), false);
+
+        // It accepts and hands over a handshaken connection.
+        let client = tokio::spawn({
+            let ctx = ctx.clone();
+            async move {
+                let cfg = ctx.client_config();
+                let tcp = TcpStream::connect(addr).await.expect("connect");
+                tokio_rustls::TlsConnector::from(cfg)
+                    .connect(ServerName::try_from("127.0.0.1").expect("name"), tcp)
+                    .await
+                    .expect("handshake")
+            }
+        });
+        let served = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .expect("a connection in time")
+            .expect("the stream does not end")
+            .expect("a handshaken connection");
+        let _client = client.await.expect("client");
+        drop(served);
+
+        drop(incoming);
+        TcpListener::bind(addr)
+            .await
+            .expect("the port is free once the stream is dropped");
+    }
 }
