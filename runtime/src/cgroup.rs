@@ -104,6 +104,11 @@ pub trait Cgroup: Send + Sync {
     fn kill_all(&self) -> Result<(), CgroupError>;
     /// Current usage; see [`Stats`] for the files read.
     fn stats(&self) -> Result<Stats, CgroupError>;
+    /// The OOM kills in it so far ([`Stats::oom_kills`]), reading only the file that holds
+    /// them: the monitor reads it before and after each run of the workload.
+    fn oom_kills(&self) -> Result<u64, CgroupError> {
+        self.stats().map(|s| s.oom_kills)
+    }
     /// Removes it from every hierarchy. It must be empty. Idempotent: directories already gone
     /// are fine, and a removal the kernel refuses as busy (tasks still exiting) is retried
     /// briefly.

@@ -231,7 +231,7 @@ impl Monitor {
             self.save();
             say("ok");
 
-            let oom_before = self.cgroup.stats().map(|s| s.oom_kills).unwrap_or(0);
+            let oom_before = self.cgroup.oom_kills().unwrap_or(0);
             let exit = self.watch(started, &mut log);
             let _ = log.flush();
             // The final count goes with the exit state saved below.
@@ -239,7 +239,7 @@ impl Monitor {
             self.state.log_dropped_bytes = dropped;
             self.state.log_error = why.map(str::to_owned);
             self.kill_leftovers();
-            let oom_after = self.cgroup.stats().map(|s| s.oom_kills).unwrap_or(0);
+            let oom_after = self.cgroup.oom_kills().unwrap_or(0);
             let exit = ExitInfo {
                 oom_killed: oom_after > oom_before && exit.signal == Some(libc::SIGKILL),
                 ..exit
@@ -525,8 +525,17 @@ impl Monitor {
     }
 
     fn cleanup(&mut self) {
-        self.kill_leftovers();
-        if let Err(e) = self.cgroup.delete() {
+        // The cgroup is normally empty by now (the workload's exit killed what it left), and
+        // `delete` refuses one that is not: only then is anything killed. One listing of the
+        // hierarchies' processes instead of two.
+        let deleted = match self.cgroup.delete() {
+            Err(cgroup::CgroupError::NotEmpty { .. }) => {
+                let _ = self.cgroup.kill_all();
+                self.cgroup.delete()
+            }
+            other => other,
+        };
+        if let Err(e) = deleted {
             note(format_args!("monitor {}: removing cgroup: {e}", self.id));
         }
         // Only a namespace made for this container goes with it; a pod's stays for the pod.
@@ -631,7 +640,15 @@ fn create_bound_ns(path: &Path, flag: CloneFlags, kind: &str, what: &str) -> Res
     })
 }
 
+/// Whether something is mounted at `path` in this process's mount namespace: statx's
+/// mount-root attribute (Linux 5.8), else a look through /proc/self/mountinfo (which costs a
+/// walk of every mount of the host).
 pub fn is_mountpoint(path: &Path) -> bool {
+    match sys::is_mount_root(path) {
+        Ok(Some(root)) => return root,
+        Ok(None) => {}
+        Err(_) => return false,
+    }
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };

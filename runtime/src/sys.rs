@@ -665,6 +665,37 @@ pub fn new_session_on_spawn(cmd: &mut std::process::Command) {
 /// Test-only helpers: a child process for tests that change per-process or per-thread state,
 /// and the raw syscalls the seccomp tests probe the installed filter with (their `unsafe`
 /// lives here with the rest).
+/// Whether `path` (not following a last symlink) is the root of a mount, from statx's
+/// STATX_ATTR_MOUNT_ROOT; `Ok(None)` when the kernel does not report that attribute (before
+/// Linux 5.8).
+pub fn is_mount_root(path: &std::path::Path) -> io::Result<Option<bool>> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `stx` is a writable
+    // statx buffer the kernel fills.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_TYPE,
+            stx.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the call succeeded, so the kernel wrote the struct (and it was zeroed before).
+    let stx = unsafe { stx.assume_init() };
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    if stx.stx_attributes_mask & bit == 0 {
+        return Ok(None);
+    }
+    Ok(Some(stx.stx_attributes & bit != 0))
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     /// Runs `child` in a process of its own and returns its exit code and what it wrote to

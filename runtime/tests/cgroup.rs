@@ -326,6 +326,7 @@ fn t30_memory_limit_oom_kills_and_is_counted() -> Result<()> {
     let stats = cg.stats()?;
     println!("after oom: {stats:?}");
     assert!(stats.oom_kills >= 1, "{stats:?}");
+    assert_eq!(cg.oom_kills()?, stats.oom_kills, "the one-file read agrees");
     cg.kill_all()?;
     cg.delete()?;
     Ok(())

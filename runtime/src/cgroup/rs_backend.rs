@@ -579,6 +579,15 @@ impl Cgroup for RsCgroup {
         }
     }
 
+    fn oom_kills(&self) -> Result<u64, CgroupError> {
+        let mem: &MemController = self.controller("memory")?;
+        let mem_dir = mem.path();
+        if self.v2() {
+            return Ok(read_keyed(&mem_dir.join("memory.events"), "oom_kill")?.unwrap_or(0));
+        }
+        v1_oom_kills(mem_dir)
+    }
+
     fn stats(&self) -> Result<Stats, CgroupError> {
         let mem: &MemController = self.controller("memory")?;
         let mem_dir = mem.path();
@@ -597,16 +606,10 @@ impl Cgroup for RsCgroup {
                 Some(acct) => read_u64(&acct.path().join("cpuacct.usage"))?,
                 None => 0,
             };
-            // oom_kill is in memory.oom_control since Linux 4.13; before, failcnt (times the
-            // limit was hit) is the closest figure.
-            let oom = match read_keyed(&mem_dir.join("memory.oom_control"), "oom_kill")? {
-                Some(n) => n,
-                None => read_u64(&mem_dir.join("memory.failcnt"))?,
-            };
             (
                 read_u64(&mem_dir.join("memory.usage_in_bytes"))?,
                 cpu_ns,
-                oom,
+                v1_oom_kills(mem_dir)?,
             )
         };
         Ok(Stats {
@@ -678,6 +681,15 @@ impl Cgroup for RsCgroup {
 
     fn paths(&self) -> Vec<PathBuf> {
         self.dirs()
+    }
+}
+
+/// A v1 memory cgroup's OOM kills: `oom_kill` in memory.oom_control (Linux 4.13 and later);
+/// before, failcnt (times the limit was hit) is the closest figure.
+fn v1_oom_kills(mem_dir: &Path) -> Result<u64, CgroupError> {
+    match read_keyed(&mem_dir.join("memory.oom_control"), "oom_kill")? {
+        Some(n) => Ok(n),
+        None => read_u64(&mem_dir.join("memory.failcnt")),
     }
 }
 
