@@ -247,10 +247,20 @@ fn cross_host(fleet: &mut Fleet) -> Result<()> {
     for (from, to) in [(&a1, &a2), (&a2, &a1)] {
         bulk_transfer(fleet, from, to)?;
     }
+    // One TUN queue (and one socket of the listen port) per core, each read by its own
+    // thread.
+    let queues = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
     for agent in ["a1", "a2"] {
         let log = std::fs::read_to_string(fleet.agent_data(agent)?.join("net/wg/tunnel.log"))?;
+        let link = fleet.on_host(agent, &["ip", "-d", "link", "show", "dev", "skiff-wg"])?;
+        let link = String::from_utf8_lossy(&link.stdout);
         ensure!(
-            log.contains("TUN offloads (TSO, checksum): on")
+            link.contains(&format!("multi_queue numqueues {queues} ")),
+            "{agent}'s skiff-wg should have {queues} queues: {link}"
+        );
+        ensure!(
+            log.contains(&format!("queues: {queues}"))
+                && log.contains("TUN offloads (TSO, checksum): on")
                 && log.contains("first super-packet from the TUN device")
                 && log.contains("first joined write to the TUN device")
                 && !log.contains("dropped a packet"),

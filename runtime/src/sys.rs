@@ -579,8 +579,15 @@ pub fn device_programs_attached(cgroup_dir: &Path) -> io::Result<u32> {
 
 /// TUNSETIFF: makes `file` (an open `/dev/net/tun`) the TUN interface `name`, without the
 /// packet-information header; with `vnet_hdr`, every packet read or written starts with a
-/// `struct virtio_net_hdr` (IFF_VNET_HDR, for [`tun_set_offload`]).
-pub fn tun_attach(file: &std::fs::File, name: &str, vnet_hdr: bool) -> io::Result<()> {
+/// `struct virtio_net_hdr` (IFF_VNET_HDR, for [`tun_set_offload`]). With `multi_queue`
+/// (IFF_MULTI_QUEUE), each file attached to the same name is one more queue of the device: the
+/// kernel spreads the flows it sends over them, and any of them can be written.
+pub fn tun_attach(
+    file: &std::fs::File,
+    name: &str,
+    vnet_hdr: bool,
+    multi_queue: bool,
+) -> io::Result<()> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     #[repr(C)]
     struct IfReq {
@@ -596,8 +603,10 @@ pub fn tun_attach(file: &std::fs::File, name: &str, vnet_hdr: bool) -> io::Resul
     }
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 })
-            as libc::c_short,
+        flags: (libc::IFF_TUN
+            | libc::IFF_NO_PI
+            | if vnet_hdr { IFF_VNET_HDR } else { 0 }
+            | if multi_queue { IFF_MULTI_QUEUE } else { 0 }) as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -611,6 +620,8 @@ pub fn tun_attach(file: &std::fs::File, name: &str, vnet_hdr: bool) -> io::Resul
 }
 
 const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// One more queue of the device per open file (attach with the same name and flags).
+const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
 /// TUN_F_CSUM: the reader takes packets with partial checksums.
 pub const TUN_F_CSUM: u32 = 0x01;
 /// TUN_F_TSO4: the reader takes IPv4 TCP super-packets to segment.

@@ -1,11 +1,16 @@
 //! The userspace WireGuard tunnel: `skiff-agent __wg-tunnel --interface skiff-wg --socket PATH`.
 //!
 //! A process of its own (so pod traffic survives agent restarts) around boringtun's Noise
-//! implementation (`noise::Tunn`): a TUN device, one UDP socket (4 MiB buffers: small default
-//! buffers drop bursts and cost a third of the throughput), and four threads: TUN -> encrypt ->
-//! UDP, UDP -> decrypt -> TUN, the protocol's timers (handshakes, keepalives, rekeys) every
-//! 250 ms, and the UAPI socket (`get=1` / `set=1`, as `wg` speaks it). SIGTERM or SIGINT closes
-//! the socket and ends it; the TUN device goes with the process.
+//! implementation (`noise::Tunn`): a multi-queue TUN device and a group of UDP sockets on the
+//! listen port (SO_REUSEPORT; 4 MiB buffers: small default buffers drop bursts and cost a
+//! third of the throughput), one queue and one socket per core (`SKIFF_WG_QUEUES` sets how
+//! many). Each queue has two threads: TUN -> encrypt -> UDP and UDP -> decrypt -> TUN. The
+//! kernel keeps a flow on one TUN queue and a sender on one socket of the group, so packets
+//! stay in order while flows and peers spread over the cores; a peer's own packets still take
+//! its lock one batch at a time (boringtun's `Tunn` is mutable per peer). Two more threads run
+//! the protocol's timers (handshakes, keepalives, rekeys) every 250 ms and the UAPI socket
+//! (`get=1` / `set=1`, as `wg` speaks it). SIGTERM or SIGINT ends it; the TUN device goes with
+//! the process.
 //!
 //! Batches, not packets, cross the system calls ([`offload`](super::offload)): the TUN device
 //! has TSO and checksum offload (IFF_VNET_HDR, TUNSETOFFLOAD), so one read is a TCP
@@ -43,6 +48,8 @@ use super::{DeviceStatus, DeviceUpdate, Key, PeerStatus};
 
 /// Socket buffer size asked for (SO_RCVBUFFORCE/SO_SNDBUFFORCE as root).
 const UDP_BUFFER: usize = 4 << 20;
+/// The most TUN queues (and UDP sockets) the tunnel opens.
+const MAX_QUEUES: usize = 16;
 const MAX_PACKET: usize = 65536;
 /// One UDP_SEGMENT send carries at most this many bytes (a UDP datagram's limit is 65,507)
 /// and datagrams (the kernel's limit is 64 on older kernels, 128 since 6.x).
@@ -117,7 +124,8 @@ fn mask(addr: u32, prefix: u8) -> u32 {
 }
 
 struct Shared {
-    tun: File,
+    /// The TUN device's queues.
+    tun: Vec<File>,
     /// Offloads were asked for (not `SKIFF_WG_OFFLOAD=off`).
     want_offload: bool,
     /// The TUN device speaks virtio-net headers, with TSO and checksum offload.
@@ -131,7 +139,8 @@ struct Shared {
     seen_split: AtomicBool,
     seen_join: AtomicBool,
     state: RwLock<State>,
-    udp: RwLock<Option<Arc<UdpSocket>>>,
+    /// The sockets of the listen port (empty until it is set).
+    udp: RwLock<Vec<Arc<UdpSocket>>>,
     /// Bumped when the UDP socket is replaced, so the old reader stops.
     generation: AtomicU64,
 }
@@ -143,11 +152,18 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The first socket of the listen port (for the timers' and the UAPI's sends).
     fn udp(&self) -> Option<Arc<UdpSocket>> {
-        self.udp
+        self.udp_for(0)
+    }
+
+    /// The socket queue `q` sends on (any of the group sends from the listen port).
+    fn udp_for(&self, q: usize) -> Option<Arc<UdpSocket>> {
+        let group = self
+            .udp
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (!group.is_empty()).then(|| group[q % group.len()].clone())
     }
 
     fn send(&self, packet: &[u8], to: Option<SocketAddr>) {
@@ -164,9 +180,9 @@ impl Shared {
         }
     }
 
-    /// Writes one frame from the [`Coalescer`] (header and packet) to the TUN device, or the
-    /// bare packet when the device has no virtio-net header.
-    fn write_tun(&self, frame: &[u8]) {
+    /// Writes one frame from the [`Coalescer`] (header and packet) to queue `q` of the TUN
+    /// device, or the bare packet when the device has no virtio-net header.
+    fn write_tun(&self, q: usize, frame: &[u8]) {
         let bytes = if self.tun_offload {
             if frame[1] != GSO_NONE && !self.seen_join.swap(true, Ordering::Relaxed) {
                 eprintln!(
@@ -178,15 +194,17 @@ impl Shared {
         } else {
             &frame[VNET_HDR_LEN..]
         };
-        if let Err(e) = (&self.tun).write(bytes) {
+        if let Err(e) = (&self.tun[q % self.tun.len()]).write(bytes) {
             self.drop_packet(&format_args!("writing to the TUN device: {e}"));
         }
     }
 }
 
-/// Opens a TUN interface named `name` (no packet info header): with TSO and checksum offload
-/// when `offload` is asked for and the kernel has them, else plain. Says which it got.
-fn open_tun(name: &str, offload: bool) -> std::io::Result<(File, bool)> {
+/// Opens a TUN interface named `name` (no packet info header) with `queues` queues (fewer
+/// when the kernel refuses more; one without IFF_MULTI_QUEUE where it has none): with TSO and
+/// checksum offload when `offload` is asked for and the kernel has them, else plain. Says
+/// which it got.
+fn open_tun(name: &str, offload: bool, queues: usize) -> std::io::Result<(Vec<File>, bool)> {
     use skiff_runtime::sys::{TUN_F_CSUM, TUN_F_TSO4, tun_attach, tun_set_offload};
     let open = || {
         std::fs::OpenOptions::new()
@@ -194,22 +212,86 @@ fn open_tun(name: &str, offload: bool) -> std::io::Result<(File, bool)> {
             .write(true)
             .open("/dev/net/tun")
     };
+    // Every queue is attached with the same flags; a half-made device goes with its files.
+    let attach_all = |vnet: bool| -> std::io::Result<Vec<File>> {
+        let mut files = Vec::with_capacity(queues);
+        for i in 0..queues {
+            let file = open()?;
+            let attached = tun_attach(&file, name, vnet, true).and_then(|()| {
+                if vnet {
+                    tun_set_offload(&file, TUN_F_CSUM | TUN_F_TSO4)
+                } else {
+                    Ok(())
+                }
+            });
+            match attached {
+                Ok(()) => files.push(file),
+                Err(e) if i == 0 => return Err(e),
+                Err(e) => {
+                    eprintln!("wg-tunnel: queue {i} of {name} refused ({e}): {i} queues");
+                    break;
+                }
+            }
+        }
+        Ok(files)
+    };
     if offload {
-        let file = open()?;
-        match tun_attach(&file, name, true)
-            .and_then(|()| tun_set_offload(&file, TUN_F_CSUM | TUN_F_TSO4))
-        {
-            Ok(()) => return Ok((file, true)),
-            // The half-made device goes with the file.
+        match attach_all(true) {
+            Ok(files) => return Ok((files, true)),
             Err(e) => eprintln!("wg-tunnel: no TUN offloads ({e}): a packet per read"),
         }
     }
-    let file = open()?;
-    tun_attach(&file, name, false)?;
-    Ok((file, false))
+    match attach_all(false) {
+        Ok(files) => Ok((files, false)),
+        Err(e) => {
+            eprintln!("wg-tunnel: no multi-queue TUN ({e}): one queue");
+            let file = open()?;
+            tun_attach(&file, name, false, false)?;
+            Ok((vec![file], false))
+        }
+    }
 }
 
-fn bind_udp(port: u16) -> std::io::Result<UdpSocket> {
+/// How many TUN queues and UDP sockets: `SKIFF_WG_QUEUES` (1 to [`MAX_QUEUES`]), else one per
+/// core.
+fn queue_count() -> usize {
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_QUEUES);
+    match std::env::var("SKIFF_WG_QUEUES") {
+        Err(_) => cores,
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_QUEUES).contains(&n) => n,
+            _ => {
+                eprintln!(
+                    "wg-tunnel: SKIFF_WG_QUEUES={v:?} is not a number from 1 to {MAX_QUEUES}; \
+                     using {cores} (one per core)"
+                );
+                cores
+            }
+        },
+    }
+}
+
+/// Binds `count` UDP sockets to `port` (0: one the kernel picks) as one SO_REUSEPORT group,
+/// or fewer if the kernel refuses more: it hands each sender's datagrams to one of them.
+fn bind_udp(port: u16, count: usize) -> std::io::Result<Vec<UdpSocket>> {
+    let first = bind_udp_one(port, count > 1)?;
+    let actual = first.local_addr()?.port();
+    let mut group = vec![first];
+    for _ in 1..count {
+        match bind_udp_one(actual, true) {
+            Ok(s) => group.push(s),
+            Err(e) => {
+                eprintln!("wg-tunnel: another socket on port {actual} refused ({e})");
+                break;
+            }
+        }
+    }
+    Ok(group)
+}
+
+fn bind_udp_one(port: u16, reuse_port: bool) -> std::io::Result<UdpSocket> {
     let s = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::DGRAM,
@@ -219,6 +301,9 @@ fn bind_udp(port: u16) -> std::io::Result<UdpSocket> {
         // Not root: the plain options, capped by net.core.[rw]mem_max.
         let _ = s.set_recv_buffer_size(UDP_BUFFER);
         let _ = s.set_send_buffer_size(UDP_BUFFER);
+    }
+    if reuse_port {
+        s.set_reuse_port(true)?;
     }
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -237,7 +322,7 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
         return 1;
     }
     let want_offload = std::env::var("SKIFF_WG_OFFLOAD").map_or(true, |v| v != "off");
-    let (tun, tun_offload) = match open_tun(interface, want_offload) {
+    let (tun, tun_offload) = match open_tun(interface, want_offload, queue_count()) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("wg-tunnel: opening TUN device {interface}: {e}");
@@ -266,19 +351,20 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
             next_index: rand::random::<u32>() >> 8,
             ..State::default()
         }),
-        udp: RwLock::new(None),
+        udp: RwLock::new(Vec::new()),
         generation: AtomicU64::new(0),
     });
     let pidfile = socket.with_extension("pid");
     let _ = std::fs::write(&pidfile, format!("{}\n", std::process::id()));
     eprintln!(
-        "wg-tunnel: {interface} up, UAPI at {}; TUN offloads (TSO, checksum): {}",
+        "wg-tunnel: {interface} up, UAPI at {}; TUN offloads (TSO, checksum): {}; queues: {}",
         socket.display(),
-        if tun_offload { "on" } else { "off" }
+        if tun_offload { "on" } else { "off" },
+        shared.tun.len()
     );
-    {
+    for q in 0..shared.tun.len() {
         let s = shared.clone();
-        std::thread::spawn(move || tun_to_udp(&s));
+        std::thread::spawn(move || tun_to_udp(&s, q));
     }
     {
         let s = shared.clone();
@@ -299,12 +385,13 @@ pub fn run(interface: &str, socket: &Path) -> i32 {
     0
 }
 
-fn tun_to_udp(s: &Shared) {
+/// Reads queue `q` of the TUN device, encrypts and sends on the group's socket `q`.
+fn tun_to_udp(s: &Shared, q: usize) {
     let head = if s.tun_offload { VNET_HDR_LEN } else { 0 };
     let mut buf = vec![0u8; head + MAX_PACKET];
     let mut segments = Segments::default();
     let mut batch = SendBatch::default();
-    let mut tun = &s.tun;
+    let mut tun = &s.tun[q];
     loop {
         let n = match tun.read(&mut buf) {
             Ok(n) => n,
@@ -318,7 +405,7 @@ fn tun_to_udp(s: &Shared) {
             continue;
         }
         if !s.tun_offload {
-            batch.encrypt_and_send(s, &buf, std::slice::from_ref(&(0..n)));
+            batch.encrypt_and_send(s, q, &buf, std::slice::from_ref(&(0..n)));
             continue;
         }
         let hdr = match VnetHdr::decode(&buf[..n]) {
@@ -339,7 +426,7 @@ fn tun_to_udp(s: &Shared) {
                 s.drop_packet(&e);
                 continue;
             }
-            batch.encrypt_and_send(s, &buf, std::slice::from_ref(&(head..n)));
+            batch.encrypt_and_send(s, q, &buf, std::slice::from_ref(&(head..n)));
             continue;
         }
         match segments.split(&buf[head..n], &hdr) {
@@ -351,7 +438,7 @@ fn tun_to_udp(s: &Shared) {
                         segments.ranges.len()
                     );
                 }
-                batch.encrypt_and_send(s, &segments.buf, &segments.ranges);
+                batch.encrypt_and_send(s, q, &segments.buf, &segments.ranges);
             }
             Err(e) => s.drop_packet(&e),
         }
@@ -387,7 +474,7 @@ impl SendBatch {
     /// Encrypts the packets at `ranges` of `bytes` (all to the same destination, as one read
     /// from the device is) under one lock of their peer, and sends them in as few system
     /// calls as the kernel takes.
-    fn encrypt_and_send(&mut self, s: &Shared, bytes: &[u8], ranges: &[Range<usize>]) {
+    fn encrypt_and_send(&mut self, s: &Shared, q: usize, bytes: &[u8], ranges: &[Range<usize>]) {
         let Some(first) = ranges.first() else { return };
         let Some(IpAddr::V4(dst)) = Tunn::dst_address(&bytes[first.clone()]) else {
             return;
@@ -399,7 +486,7 @@ impl SendBatch {
             .endpoint
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let udp = s.udp();
+        let udp = s.udp_for(q);
         let mut t = peer
             .tunn
             .lock()
@@ -502,7 +589,9 @@ fn recv_train(
     Ok((msg.bytes, from, seg))
 }
 
-fn udp_to_tun(s: &Shared, udp: Arc<UdpSocket>, generation: u64) {
+/// Reads socket `q` of the group, decrypts and writes to queue `q` of the TUN device, until
+/// the listen port changes (`generation`).
+fn udp_to_tun(s: &Shared, udp: Arc<UdpSocket>, generation: u64, q: usize) {
     if s.want_offload
         && let Err(e) = setsockopt(&*udp, sockopt::UdpGroSegment, &true)
     {
@@ -525,9 +614,9 @@ fn udp_to_tun(s: &Shared, udp: Arc<UdpSocket>, generation: u64) {
         };
         let seg = if seg == 0 { n.max(1) } else { seg };
         for datagram in buf[..n].chunks(seg) {
-            receive(s, &udp, datagram, src, &mut frame, &mut coalescer);
+            receive(s, q, &udp, datagram, src, &mut frame, &mut coalescer);
         }
-        coalescer.flush(&mut |f| s.write_tun(f));
+        coalescer.flush(&mut |f| s.write_tun(q, f));
     }
 }
 
@@ -541,6 +630,7 @@ enum Received {
 /// into `frame` (after room for its virtio-net header) and handed to the coalescer.
 fn receive(
     s: &Shared,
+    q: usize,
     udp: &UdpSocket,
     datagram: &[u8],
     src: SocketAddr,
@@ -594,9 +684,9 @@ fn receive(
     {
         let frame = &mut frame[..VNET_HDR_LEN + len];
         if s.tun_offload {
-            coalescer.push(frame, &mut |f| s.write_tun(f));
+            coalescer.push(frame, &mut |f| s.write_tun(q, f));
         } else {
-            s.write_tun(frame);
+            s.write_tun(q, frame);
         }
     }
     // Roaming: the peer is where its last authenticated packet came from.
@@ -747,15 +837,20 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
     if let Some(port) = u.listen_port
         && (port != st.listen_port || s.udp().is_none())
     {
-        let udp = Arc::new(bind_udp(port)?);
-        let actual = udp.local_addr()?.port();
+        let group: Vec<Arc<UdpSocket>> = bind_udp(port, s.tun.len())?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let actual = group[0].local_addr()?.port();
         let generation = s.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *s.udp
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(udp.clone());
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = group.clone();
         st.listen_port = actual;
-        let shared = s.clone();
-        std::thread::spawn(move || udp_to_tun(&shared, udp, generation));
+        for (q, udp) in group.into_iter().enumerate() {
+            let shared = s.clone();
+            std::thread::spawn(move || udp_to_tun(&shared, udp, generation, q));
+        }
     }
     if let Some(k) = u.private_key
         && st.private != Some(k)
