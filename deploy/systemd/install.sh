@@ -36,6 +36,8 @@ etc=/etc/skiff
 units=/etc/systemd/system
 
 die() { echo "install.sh: $*" >&2; exit 1; }
+# need "$@" in an option's branch: the option ($1) must have a value after it.
+need() { [ $# -ge 2 ] || die "$1 needs a value"; }
 say() { echo "==> $*"; }
 
 [ "$(id -u)" = 0 ] || die "run as root"
@@ -162,14 +164,14 @@ install_controller() {
   local id="" rpc="" http="" bootstrap=0 join="" token="" sans=()
   while [ $# -gt 0 ]; do
     case $1 in
-      --id) id=$2; shift 2 ;;
-      --rpc-addr) rpc=$2; shift 2 ;;
-      --http-addr) http=$2; shift 2 ;;
+      --id) need "$@"; id=$2; shift 2 ;;
+      --rpc-addr) need "$@"; rpc=$2; shift 2 ;;
+      --http-addr) need "$@"; http=$2; shift 2 ;;
       --bootstrap) bootstrap=1; shift ;;
-      --join) join=$2; shift 2 ;;
-      --token) token=$2; shift 2 ;;
-      --tls-san) sans+=("$2"); shift 2 ;;
-      --bin-dir) bin_dir=$2; shift 2 ;;
+      --join) need "$@"; join=$2; shift 2 ;;
+      --token) need "$@"; token=$2; shift 2 ;;
+      --tls-san) need "$@"; sans+=("$2"); shift 2 ;;
+      --bin-dir) need "$@"; bin_dir=$2; shift 2 ;;
       --force) force=1; shift ;;
       *) die "controller: unknown argument $1" ;;
     esac
@@ -217,15 +219,15 @@ install_agent() {
   local controllers="" token="" adv="" name="" labels="" images=() registries=() disk="" disk_given=""
   while [ $# -gt 0 ]; do
     case $1 in
-      --controller) controllers=$2; shift 2 ;;
-      --token) token=$2; shift 2 ;;
-      --advertise-addr) adv=$2; shift 2 ;;
-      --name) name=$2; shift 2 ;;
-      --labels) labels=$2; shift 2 ;;
-      --local-image-dir) images+=("$2"); shift 2 ;;
-      --insecure-registry) registries+=("$2"); shift 2 ;;
-      --disk-pressure-threshold) disk=$2; disk_given=1; shift 2 ;;
-      --bin-dir) bin_dir=$2; shift 2 ;;
+      --controller) need "$@"; controllers=$2; shift 2 ;;
+      --token) need "$@"; token=$2; shift 2 ;;
+      --advertise-addr) need "$@"; adv=$2; shift 2 ;;
+      --name) need "$@"; name=$2; shift 2 ;;
+      --labels) need "$@"; labels=$2; shift 2 ;;
+      --local-image-dir) need "$@"; images+=("$2"); shift 2 ;;
+      --insecure-registry) need "$@"; registries+=("$2"); shift 2 ;;
+      --disk-pressure-threshold) need "$@"; disk=$2; disk_given=1; shift 2 ;;
+      --bin-dir) need "$@"; bin_dir=$2; shift 2 ;;
       --force) force=1; shift ;;
       *) die "agent: unknown argument $1" ;;
     esac
@@ -267,7 +269,7 @@ ${disk:+disk_pressure_threshold = $disk
 upgrade() {
   while [ $# -gt 0 ]; do
     case $1 in
-      --bin-dir) bin_dir=$2; shift 2 ;;
+      --bin-dir) need "$@"; bin_dir=$2; shift 2 ;;
       *) die "upgrade: unknown argument $1" ;;
     esac
   done
