@@ -758,6 +758,12 @@ impl ClusterState {
         command: &Command,
         touched: &mut Touched,
     ) -> ApplyResult {
+        if let Command::SetJobsPending { items } = command {
+            // Hundreds of reasons per entry, each one field of one job: set in place. The
+            // general path would hold each job's old record to compare with the new one, so
+            // that every reason copied its job, and it looks each job up four times.
+            return Ok(self.set_jobs_pending(index, items, touched));
+        }
         let before = events::Before::take(command, &self.jobs, &self.nodes, &self.allocations);
         let result = self.apply_command(command);
         if result.is_ok() {
@@ -849,11 +855,16 @@ impl ClusterState {
         for (name, was) in &before.nodes {
             events::node_events(was.as_ref(), self.nodes.get(name), name, &mut drafts);
         }
+        self.push_events(index, drafts, events::command_time(command));
+    }
+
+    /// Numbers and keeps the events an entry made (at `at_ms`, when it says when).
+    fn push_events(&mut self, index: Option<u64>, drafts: Vec<events::Draft>, at_ms: Option<i64>) {
         if drafts.is_empty() {
             // Nothing happened: the state stays exactly as it was.
             return;
         }
-        if let Some(t) = events::command_time(command) {
+        if let Some(t) = at_ms {
             self.clock_ms = self.clock_ms.max(t);
         }
         let first = match index {
@@ -1094,14 +1105,9 @@ impl ClusterState {
                     })?;
                 Ok(Outcome::JobPendingSet { changed })
             }
+            // Taken by `apply_touching` before it gets here.
             Command::SetJobsPending { items } => {
-                let mut changed = false;
-                for item in items {
-                    changed |= self
-                        .set_job_pending(&item.namespace, &item.name, &item.pending)
-                        .unwrap_or(false);
-                }
-                Ok(Outcome::JobPendingSet { changed })
+                Ok(self.set_jobs_pending(None, items, &mut Touched::default()))
             }
             Command::InitCluster { settings } => match &self.settings {
                 None => {
@@ -1615,6 +1621,48 @@ impl ClusterState {
         let job = self.jobs.get_mut(&key).map(Arc::make_mut)?;
         job.pending = pending.clone();
         Some(true)
+    }
+
+    /// Sets each item's reason (a job that is gone is skipped), with a `pending` event for
+    /// each new reason, as [`events::job_events`] makes it. A reason changes nothing that
+    /// plans read (see `note_touched`); agents may be sent it only for a job with a service.
+    fn set_jobs_pending(
+        &mut self,
+        index: Option<u64>,
+        items: &[JobPending],
+        touched: &mut Touched,
+    ) -> Outcome {
+        let mut changed = false;
+        let mut drafts = Vec::new();
+        let mut key = String::new();
+        for item in items {
+            key.clear();
+            key.push_str(&item.namespace);
+            key.push('/');
+            key.push_str(&item.name);
+            // Looked at before it is taken for change: taking it copies the map's path to
+            // it, and the job too, while a copy of the state shares them.
+            if self
+                .jobs
+                .get(key.as_str())
+                .is_none_or(|j| j.pending == item.pending)
+            {
+                continue;
+            }
+            let Some(job) = self.jobs.get_mut(key.as_str()).map(Arc::make_mut) else {
+                continue;
+            };
+            job.pending.clone_from(&item.pending);
+            changed = true;
+            if job.versions().iter().any(|v| v.spec.service.is_some()) {
+                touched.published = true;
+            }
+            if let Some(p) = &job.pending {
+                drafts.push(events::pending_draft(job, p));
+            }
+        }
+        self.push_events(index, drafts, None);
+        Outcome::JobPendingSet { changed }
     }
 
     fn collect_garbage(&mut self, allocations: &[String], versions: &[JobVersions]) -> Outcome {

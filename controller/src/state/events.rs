@@ -385,12 +385,13 @@ pub fn job_events(before: Option<&Job>, after: &Job, out: &mut Vec<Draft>) {
     if let Some(p) = &after.pending
         && before.and_then(|b| b.pending.as_ref()) != Some(p)
     {
-        out.push(job_draft(
-            after,
-            "pending",
-            format!("replicas not placed: {p}"),
-        ));
+        out.push(pending_draft(after, p));
     }
+}
+
+/// The event of a job's new pending reason `p`.
+pub fn pending_draft(j: &Job, p: &str) -> Draft {
+    job_draft(j, "pending", format!("replicas not placed: {p}"))
 }
 
 /// What changed about one node.

@@ -1192,3 +1192,57 @@ fn a_pending_reason_that_does_not_change_leaves_the_job_shared_with_a_copy() {
     });
     assert_eq!(batch.ok(), Some(Outcome::JobPendingSet { changed: false }));
 }
+
+proptest::proptest! {
+    /// A batch of reasons (`SetJobsPending`, set in place) leaves the jobs and the event log
+    /// as the same reasons one command each (`SetJobPending`, the general path comparing
+    /// before and after) do: repeated jobs, missing jobs, cleared and unchanged reasons,
+    /// with a copy of the state alive or not. And the copy keeps what it had.
+    #[test]
+    fn a_batch_of_reasons_acts_as_one_command_per_reason(
+        items in proptest::collection::vec((0usize..6, proptest::option::of(0usize..3)), 0..24),
+        copy_alive in proptest::bool::ANY,
+    ) {
+        let mut base = ClusterState::default();
+        for j in 0..4 {
+            let sp = spec(&format!("name = \"j{j}\"\nimage = \"127.0.0.1:5000/demo/web:1.0\"\n"));
+            base.apply(&Command::ApplyJob { spec: Box::new(sp), at_ms: 10 }).expect("apply");
+        }
+        let items: Vec<JobPending> = items
+            .iter()
+            .map(|(j, p)| JobPending {
+                namespace: "default".into(),
+                // j4 and j5 do not exist.
+                name: format!("j{j}"),
+                pending: p.map(|p| format!("reason {p}")),
+            })
+            .collect();
+        let mut batch = base.clone();
+        let copy = copy_alive.then(|| batch.clone());
+        let out = batch.apply_entry(Some(100), &Command::SetJobsPending { items: items.clone() });
+        let mut single = base.clone();
+        let mut changed = false;
+        for it in &items {
+            if let Ok(Outcome::JobPendingSet { changed: c }) = single.apply(&Command::SetJobPending {
+                namespace: it.namespace.clone(),
+                name: it.name.clone(),
+                pending: it.pending.clone(),
+            }) {
+                changed |= c;
+            }
+        }
+        proptest::prop_assert_eq!(out.ok(), Some(Outcome::JobPendingSet { changed }));
+        let pending = |s: &ClusterState| -> Vec<(String, Option<String>)> {
+            s.jobs(None).map(|j| (j.name.clone(), j.pending.clone())).collect()
+        };
+        proptest::prop_assert_eq!(pending(&batch), pending(&single));
+        let events = |s: &ClusterState| -> Vec<(String, String, String)> {
+            s.events().map(|e| (e.kind.clone(), e.job.clone(), e.message.clone())).collect()
+        };
+        proptest::prop_assert_eq!(events(&batch), events(&single));
+        if let Some(copy) = copy {
+            proptest::prop_assert_eq!(pending(&copy), pending(&base));
+            proptest::prop_assert_eq!(events(&copy), events(&base));
+        }
+    }
+}
