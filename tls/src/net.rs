@@ -28,6 +28,11 @@ pub fn incoming(listener: TcpListener, ctx: Arc<TlsContext>, accept_joins: bool)
     incoming_with_raft(listener, ctx, accept_joins, None)
 }
 
+/// The wait after a failed accept (out of file descriptors, ...), doubled after each failure in
+/// a row up to [`MAX_ACCEPT_BACKOFF`], and back to this after an accept succeeds.
+const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
 /// As [`incoming`], and a client that asks for [`RAFT_ALPN`] gets the Raft config (the same
 /// client certificate check) and its connection goes to `raft` instead. Without `raft`, such a
 /// client is refused the handshake (no shared protocol), which tells it to use gRPC.
@@ -45,7 +50,7 @@ pub fn incoming_with_raft(
         raft,
         tx,
         rx,
-        backoff: Duration::from_millis(5),
+        backoff: FIRST_ACCEPT_BACKOFF,
         retry: None,
     }
 }
@@ -128,13 +133,13 @@ impl Stream for Incoming {
             }
             match this.listener.poll_accept(cx) {
                 Poll::Ready(Ok((tcp, peer))) => {
-                    this.backoff = Duration::from_millis(5);
+                    this.backoff = FIRST_ACCEPT_BACKOFF;
                     this.handshake(tcp, peer);
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::warn!(error = %e, "accept failed");
                     this.retry = Some(Box::pin(tokio::time::sleep(this.backoff)));
-                    this.backoff = (this.backoff * 2).min(Duration::from_secs(1));
+                    this.backoff = (this.backoff * 2).min(MAX_ACCEPT_BACKOFF);
                 }
                 Poll::Pending => break,
             }
