@@ -275,7 +275,8 @@ fn queue_count() -> usize {
 
 /// Binds `count` UDP sockets to `port` (0: one the kernel picks) as one SO_REUSEPORT group,
 /// or fewer if the kernel refuses more: it hands each sender's datagrams to one of them.
-fn bind_udp(port: u16, count: usize) -> std::io::Result<Vec<UdpSocket>> {
+/// Returns them (at least one) and the port they share.
+fn bind_udp(port: u16, count: usize) -> std::io::Result<(Vec<UdpSocket>, u16)> {
     let first = bind_udp_one(port, count > 1)?;
     let actual = first.local_addr()?.port();
     let mut group = vec![first];
@@ -288,7 +289,7 @@ fn bind_udp(port: u16, count: usize) -> std::io::Result<Vec<UdpSocket>> {
             }
         }
     }
-    Ok(group)
+    Ok((group, actual))
 }
 
 fn bind_udp_one(port: u16, reuse_port: bool) -> std::io::Result<UdpSocket> {
@@ -837,11 +838,8 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
     if let Some(port) = u.listen_port
         && (port != st.listen_port || s.udp().is_none())
     {
-        let group: Vec<Arc<UdpSocket>> = bind_udp(port, s.tun.len())?
-            .into_iter()
-            .map(Arc::new)
-            .collect();
-        let actual = group[0].local_addr()?.port();
+        let (group, actual) = bind_udp(port, s.tun.len())?;
+        let group: Vec<Arc<UdpSocket>> = group.into_iter().map(Arc::new).collect();
         let generation = s.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *s.udp
             .write()
