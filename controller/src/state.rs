@@ -732,7 +732,17 @@ pub fn check_service_cidr(service_cidr: &str, cluster_cidr: &str) -> Result<(), 
 }
 
 pub fn job_key(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
+    let mut key = String::with_capacity(namespace.len() + 1 + name.len());
+    job_key_into(&mut key, namespace, name);
+    key
+}
+
+/// [`job_key`] into `key`, replacing what it held (a buffer reused across many jobs).
+fn job_key_into(key: &mut String, namespace: &str, name: &str) {
+    key.clear();
+    key.push_str(namespace);
+    key.push('/');
+    key.push_str(name);
 }
 
 impl ClusterState {
@@ -1098,11 +1108,12 @@ impl ClusterState {
                 pending,
             } => {
                 let changed = self
-                    .set_job_pending(namespace, name, pending)
+                    .set_job_pending(&job_key(namespace, name), pending)
                     .ok_or_else(|| ApplyError::JobNotFound {
                         namespace: namespace.clone(),
                         name: name.clone(),
-                    })?;
+                    })?
+                    .is_some();
                 Ok(Outcome::JobPendingSet { changed })
             }
             // Taken by `apply_touching` before it gets here.
@@ -1604,23 +1615,17 @@ impl ClusterState {
         })
     }
 
-    /// Removes the allocations and versions listed that are still collectable.
-    /// Sets one job's pending reason: `None` when the job does not exist, else whether the
-    /// reason changed. The job is copied (it may be shared with a copy of the state) only
-    /// when it does.
-    fn set_job_pending(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        pending: &Option<String>,
-    ) -> Option<bool> {
-        let key = job_key(namespace, name);
-        if self.jobs.get(&key)?.pending == *pending {
-            return Some(false);
+    /// Sets the pending reason of the job at `key`: `None` when the job does not exist,
+    /// `Some(None)` when it already had that reason, else the job as changed. The job is copied
+    /// (it may be shared with a copy of the state, and taking it copies the map's path to it)
+    /// only when the reason changes.
+    fn set_job_pending(&mut self, key: &str, pending: &Option<String>) -> Option<Option<&Job>> {
+        if self.jobs.get(key)?.pending == *pending {
+            return Some(None);
         }
-        let job = self.jobs.get_mut(&key).map(Arc::make_mut)?;
-        job.pending = pending.clone();
-        Some(true)
+        let job = self.jobs.get_mut(key).map(Arc::make_mut)?;
+        job.pending.clone_from(pending);
+        Some(Some(job))
     }
 
     /// Sets each item's reason (a job that is gone is skipped), with a `pending` event for
@@ -1636,23 +1641,10 @@ impl ClusterState {
         let mut drafts = Vec::new();
         let mut key = String::new();
         for item in items {
-            key.clear();
-            key.push_str(&item.namespace);
-            key.push('/');
-            key.push_str(&item.name);
-            // Looked at before it is taken for change: taking it copies the map's path to
-            // it, and the job too, while a copy of the state shares them.
-            if self
-                .jobs
-                .get(key.as_str())
-                .is_none_or(|j| j.pending == item.pending)
-            {
-                continue;
-            }
-            let Some(job) = self.jobs.get_mut(key.as_str()).map(Arc::make_mut) else {
+            job_key_into(&mut key, &item.namespace, &item.name);
+            let Some(Some(job)) = self.set_job_pending(&key, &item.pending) else {
                 continue;
             };
-            job.pending.clone_from(&item.pending);
             changed = true;
             if job.versions().iter().any(|v| v.spec.service.is_some()) {
                 touched.published = true;
@@ -1665,6 +1657,7 @@ impl ClusterState {
         Outcome::JobPendingSet { changed }
     }
 
+    /// Removes the allocations and versions listed that are still collectable.
     fn collect_garbage(&mut self, allocations: &[String], versions: &[JobVersions]) -> Outcome {
         let mut removed = 0;
         for id in allocations {
