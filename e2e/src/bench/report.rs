@@ -18,57 +18,61 @@ each with the command that produced it and its anchor measured in the same run.\
 /// Everything measured for one system.
 pub struct SystemResult {
     pub name: String,
-    /// The median round of each throughput phase.
-    pub seq: Throughput,
-    pub conc: Throughput,
-    /// Writes/s of that phase in every round.
-    pub seq_rounds: Vec<f64>,
-    pub conc_rounds: Vec<f64>,
+    /// Each round's throughput phases, in the order the rounds ran (round k of the anchor ran
+    /// right after round k of skiff).
+    pub seq: Vec<Throughput>,
+    pub conc: Vec<Throughput>,
     pub failover: Vec<FailoverRound>,
 }
 
-/// One result from several rounds: for each throughput phase the round with the median
-/// writes/s (its latencies go with it), every round's writes/s, and the failover rounds.
-pub fn median_rounds(rounds: Vec<SystemResult>) -> SystemResult {
-    let seq_rounds: Vec<f64> = rounds.iter().map(|r| r.seq.writes_per_sec()).collect();
-    let conc_rounds: Vec<f64> = rounds.iter().map(|r| r.conc.writes_per_sec()).collect();
-    let median_index = |v: &[f64]| {
-        let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|a, b| v[*a].total_cmp(&v[*b]));
-        idx[idx.len() / 2]
-    };
-    let (si, ci) = (median_index(&seq_rounds), median_index(&conc_rounds));
+/// One result from several rounds of one system, every round kept.
+pub fn all_rounds(rounds: Vec<SystemResult>) -> SystemResult {
     let name = rounds.first().map(|r| r.name.clone()).unwrap_or_default();
-    let mut failover = Vec::new();
-    let mut seq = None;
-    let mut conc = None;
-    for (i, r) in rounds.into_iter().enumerate() {
-        failover.extend(r.failover);
-        if i == si {
-            seq = Some(r.seq.clone());
-        }
-        if i == ci {
-            conc = Some(r.conc);
-        }
-    }
-    SystemResult {
+    let mut all = SystemResult {
         name,
-        seq: seq.unwrap_or_default(),
-        conc: conc.unwrap_or_default(),
-        seq_rounds,
-        conc_rounds,
-        failover,
+        seq: Vec::new(),
+        conc: Vec::new(),
+        failover: Vec::new(),
+    };
+    for r in rounds {
+        all.seq.extend(r.seq);
+        all.conc.extend(r.conc);
+        all.failover.extend(r.failover);
+    }
+    all
+}
+
+/// The median (the mean of the middle two for an even count), the lowest and the highest.
+fn median_range(v: &[f64]) -> (f64, f64, f64) {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let n = s.len();
+    ((s[(n - 1) / 2] + s[n / 2]) / 2.0, s[0], s[n - 1])
+}
+
+/// `median (lo to hi)` of one figure over the rounds, each value written by `fmt`; the
+/// median alone when there is one round.
+fn over_rounds(v: &[f64], fmt: impl Fn(f64) -> String) -> String {
+    let (med, lo, hi) = median_range(v);
+    if v.len() < 2 {
+        fmt(med)
+    } else {
+        format!("{} ({} to {})", fmt(med), fmt(lo), fmt(hi))
     }
 }
 
-/// `median (lo to hi)` of writes/s over the rounds.
-fn range(v: &[f64]) -> String {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(0.0, f64::max);
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let med = s.get(s.len() / 2).copied().unwrap_or(0.0);
-    format!("{med:.0} ({lo:.0} to {hi:.0})")
+/// Each round's ratio, > 1 meaning skiff is better: skiff/anchor where more is better,
+/// anchor/skiff where less is.
+fn round_ratios(skiff: &[f64], anchor: &[f64], more_is_better: bool) -> Vec<f64> {
+    skiff
+        .iter()
+        .zip(anchor)
+        .map(|(&s, &a)| if more_is_better { s / a } else { a / s })
+        .map(|r| if r.is_finite() { r } else { f64::NAN })
+        .collect()
 }
 
 /// Where and how the run happened.
@@ -91,16 +95,10 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-fn ratio(num: f64, den: f64) -> String {
-    if den > 0.0 && num.is_finite() {
-        format!("{:.2}×", num / den)
-    } else {
-        "n/a".into()
-    }
-}
-
 /// The comparison table: skiff first, the anchor second, and a ratio column in which > 1
-/// always means skiff is better.
+/// always means skiff is better. Each cell is the median over the rounds and its range; the
+/// ratio is the median of the rounds' own ratios (skiff's round k against the anchor's round
+/// k), and their range.
 pub fn table(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> String {
     let mut t = String::new();
     let _ = writeln!(
@@ -109,59 +107,92 @@ pub fn table(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> Str
         skiff.name, anchor.name
     );
     t.push_str("|---|---:|---:|---:|\n");
-    let mut tp = |label: String, a: &Throughput, b: &Throughput| {
-        let _ = writeln!(
-            t,
-            "| {label} writes/s | {:.0} | {:.0} | {} |",
-            a.writes_per_sec(),
-            b.writes_per_sec(),
-            ratio(a.writes_per_sec(), b.writes_per_sec())
+    let per_sec = |x: f64| format!("{x:.0}");
+    let millis = |x: f64| format!("{:.2} ms", x * 1e3);
+    let times = |x: f64| format!("{x:.2}×");
+    let mut row = |label: String,
+                   a: &[Throughput],
+                   b: &[Throughput],
+                   figure: fn(&Throughput) -> f64,
+                   more_is_better: bool,
+                   fmt: &dyn Fn(f64) -> String| {
+        let (av, bv): (Vec<f64>, Vec<f64>) = (
+            a.iter().map(figure).collect(),
+            b.iter().map(figure).collect(),
         );
         let _ = writeln!(
             t,
-            "| {label} p50 | {} | {} | {} |",
-            ms(a.p50),
-            ms(b.p50),
-            ratio(b.p50.as_secs_f64(), a.p50.as_secs_f64())
-        );
-        let _ = writeln!(
-            t,
-            "| {label} p99 | {} | {} | {} |",
-            ms(a.p99),
-            ms(b.p99),
-            ratio(b.p99.as_secs_f64(), a.p99.as_secs_f64())
-        );
-        let (ac, bc) = (a.member_cpu_per_write(), b.member_cpu_per_write());
-        let _ = writeln!(
-            t,
-            "| {label} members' CPU per write | {} | {} | {} |",
-            ms(ac),
-            ms(bc),
-            ratio(bc.as_secs_f64(), ac.as_secs_f64())
+            "| {label} | {} | {} | {} |",
+            over_rounds(&av, fmt),
+            over_rounds(&bv, fmt),
+            over_rounds(&round_ratios(&av, &bv, more_is_better), times)
         );
     };
-    tp(
-        format!("1 client ({} writes),", info.seq_writes),
-        &skiff.seq,
-        &anchor.seq,
-    );
-    tp(
-        format!(
-            "{} clients ({} writes),",
-            info.concurrency, info.conc_writes
+    for (label, a, b) in [
+        (
+            format!("1 client ({} writes),", info.seq_writes),
+            &skiff.seq,
+            &anchor.seq,
         ),
-        &skiff.conc,
-        &anchor.conc,
-    );
+        (
+            format!(
+                "{} clients ({} writes),",
+                info.concurrency, info.conc_writes
+            ),
+            &skiff.conc,
+            &anchor.conc,
+        ),
+    ] {
+        row(
+            format!("{label} writes/s"),
+            a,
+            b,
+            Throughput::writes_per_sec,
+            true,
+            &per_sec,
+        );
+        row(
+            format!("{label} p50"),
+            a,
+            b,
+            |p| p.p50.as_secs_f64(),
+            false,
+            &millis,
+        );
+        row(
+            format!("{label} p99"),
+            a,
+            b,
+            |p| p.p99.as_secs_f64(),
+            false,
+            &millis,
+        );
+        row(
+            format!("{label} members' CPU per write"),
+            a,
+            b,
+            |p| p.member_cpu_per_write().as_secs_f64(),
+            false,
+            &millis,
+        );
+    }
     let (sm, sx) = median_max(&skiff.failover);
     let (am, ax) = median_max(&anchor.failover);
+    let ratio = |num: Duration, den: Duration| {
+        let r = num.as_secs_f64() / den.as_secs_f64();
+        if r.is_finite() {
+            times(r)
+        } else {
+            "n/a".into()
+        }
+    };
     let _ = writeln!(
         t,
         "| leader SIGKILL → next acked write, median of {} | {} | {} | {} |",
         info.rounds,
         secs(sm),
         secs(am),
-        ratio(am.as_secs_f64(), sm.as_secs_f64())
+        ratio(am, sm)
     );
     let _ = writeln!(
         t,
@@ -169,7 +200,7 @@ pub fn table(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> Str
         info.rounds,
         secs(sx),
         secs(ax),
-        ratio(ax.as_secs_f64(), sx.as_secs_f64())
+        ratio(ax, sx)
     );
     t
 }
@@ -177,13 +208,15 @@ pub fn table(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> Str
 /// Per-phase detail: errors, leaders, per-round failover times.
 pub fn details(r: &SystemResult) -> String {
     let mut t = String::new();
-    for p in [&r.seq, &r.conc] {
+    let rounds = r.seq.iter().zip(&r.conc).enumerate();
+    for (k, p) in rounds.flat_map(|(k, (s, c))| [(k, s), (k, c)]) {
         let _ = writeln!(
             t,
-            "- {} at concurrency {}: {} acked, {} errors, {:.2} s wall; latency mean {}, p90 {}, \
+            "- {} round {} at concurrency {}: {} acked, {} errors, {:.2} s wall; latency mean {}, p90 {}, \
              max {}; CPU per write {} in the members (all three), {} in the client; written to \
              leader member {} (leader after: member {}){}",
             r.name,
+            k + 1,
             p.concurrency,
             p.ok,
             p.errors,
@@ -244,20 +277,13 @@ pub fn section(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> S
     );
     let _ = writeln!(
         s,
-        "Writes/s over {} interleaved rounds (fresh clusters each round; the table shows each \
-         phase's median round, its latencies with it), median (range): {} 1 client {}, {} \
-         clients {}; {} 1 client {}, {} clients {}.\n",
+        "Rounds: {} interleaved (fresh clusters each round; skiff's round k, then etcd's). \
+         Each cell is the median of that figure over the rounds, with the lowest and highest \
+         in brackets; each ratio is the median of the rounds' own ratios (skiff's round k \
+         against etcd's round k), with theirs. The failover rows come from the last round.\n",
         info.throughput_rounds,
-        skiff.name,
-        range(&skiff.seq_rounds),
-        info.concurrency,
-        range(&skiff.conc_rounds),
-        anchor.name,
-        range(&anchor.seq_rounds),
-        info.concurrency,
-        range(&anchor.conc_rounds),
     );
-    s.push_str("Per phase:\n\n");
+    s.push_str("Per round and phase:\n\n");
     s.push_str(&details(skiff));
     s.push_str(&details(anchor));
     let _ = write!(
@@ -402,6 +428,30 @@ fn today_utc() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median_range(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(median_range(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert!(median_range(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn a_ratio_above_one_means_skiff_did_better_in_that_round() {
+        // writes/s: more is better, skiff over the anchor.
+        assert_eq!(
+            round_ratios(&[800.0, 600.0], &[400.0, 600.0], true),
+            [2.0, 1.0]
+        );
+        // latency: less is better, the anchor over skiff, round by round (not sorted first).
+        assert_eq!(round_ratios(&[1.0, 4.0], &[2.0, 2.0], false), [2.0, 0.5]);
+        assert!(round_ratios(&[0.0], &[1.0], false)[0].is_nan());
+        assert_eq!(
+            over_rounds(&[1.0, 3.0, 2.0], |x| format!("{x:.1}")),
+            "2.0 (1.0 to 3.0)"
+        );
+        assert_eq!(over_rounds(&[1.5], |x| format!("{x:.1}")), "1.5");
+    }
 
     #[test]
     fn replaces_a_middle_section_and_keeps_the_rest() {

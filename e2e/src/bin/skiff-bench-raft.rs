@@ -66,7 +66,8 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     failover_rounds: usize,
     /// Rounds of the throughput phases, interleaved (skiff, etcd, skiff, ...), each on fresh
-    /// clusters; the table shows the median round of each phase, the ranges follow it.
+    /// clusters; the table shows each figure's median over the rounds and its range, and
+    /// the median and range of the rounds' own ratios.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Replace (or append) the section "## Controller: Raft writes vs etcd" in this file.
@@ -220,8 +221,8 @@ async fn measure_both(
         });
     }
     Ok((
-        report::median_rounds(skiff_rounds),
-        report::median_rounds(etcd_rounds),
+        report::all_rounds(skiff_rounds),
+        report::all_rounds(etcd_rounds),
     ))
 }
 
@@ -300,10 +301,8 @@ async fn measure(c: &mut impl Cluster, args: &Args, with_failover: bool) -> Resu
     }
     Ok(SystemResult {
         name,
-        seq_rounds: vec![seq.writes_per_sec()],
-        conc_rounds: vec![conc.writes_per_sec()],
-        seq,
-        conc,
+        seq: vec![seq],
+        conc: vec![conc],
         failover,
     })
 }
