@@ -2308,3 +2308,51 @@ async fn t71_the_members_raft_transport_answers_members_only() {
         .expect("apply");
     c.shutdown().await;
 }
+
+/// Right after a cluster forms, the members' command levels are learned before the first
+/// pending reasons fall due, so those reasons go to the log in one batch entry: not one
+/// entry per job, as a member that has not said its level would force (that fallback is for
+/// a rolling upgrade, and put hundreds of entries in front of the first clients' writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t72_the_first_pending_reasons_after_a_start_go_in_one_entry() {
+    use skiff_controller::state::events::SEQ_SHIFT;
+    let c = TestCluster::start(3, TestCluster::settings()).await;
+    let leader = c.wait_leader().await;
+    // No node is registered: every job has nowhere to run, and gets a pending reason.
+    let names: Vec<String> = (0..10).map(|i| format!("cold-{i}")).collect();
+    let mut jobs = c.jobs(leader).await;
+    for name in &names {
+        apply(&mut jobs, spec(name, 1)).await.expect("apply");
+    }
+    let node = c.member(leader).node().clone();
+    let entries_of_reasons = || {
+        let applied = node.state();
+        let mut entries: Vec<u64> = applied
+            .state
+            .events()
+            .filter(|e| e.kind == "pending" && names.contains(&e.job))
+            .map(|e| e.seq >> SEQ_SHIFT)
+            .collect();
+        let jobs = entries.len();
+        entries.dedup();
+        (jobs, entries)
+    };
+    let want = names.len();
+    eventually(
+        "a pending reason for every job",
+        Duration::from_secs(15),
+        || {
+            let (jobs, _) = entries_of_reasons();
+            async move { jobs == want }
+        },
+    )
+    .await;
+    let (_, entries) = entries_of_reasons();
+    // One entry, or two if the reconciler's batch fell due between two of the applies.
+    assert!(
+        entries.len() <= 2,
+        "the reasons of {want} jobs went in {} log entries: {entries:?}",
+        entries.len()
+    );
+    c.shutdown().await;
+}

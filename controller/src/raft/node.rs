@@ -650,9 +650,17 @@ impl RaftNode {
             .collect()
     }
 
+    /// Whether a member of the membership has not yet said which level it applies.
+    fn levels_unknown(&self) -> bool {
+        let known = self.inner.levels.lock().unwrap_or_else(|e| e.into_inner());
+        self.members()
+            .iter()
+            .any(|m| m.id != self.inner.id && !known.contains_key(&m.id))
+    }
+
     /// [`RaftNode::allows`], after asking the members not yet known to apply `command`'s
     /// level (a member just started or joined has not been asked yet: `keep_levels` asks
-    /// every 2 s).
+    /// within 200 ms).
     async fn admit(&self, command: &Command) -> Result<(), RaftNodeError> {
         if self.allows(command).is_ok() {
             return Ok(());
@@ -938,13 +946,25 @@ impl RaftNode {
     }
 }
 
-/// Learns the other members' command levels: at once, then every 2 s (nothing to ask once
-/// every member is known to apply this member's level; a new member is asked within 2 s).
+/// How often [`keep_levels`] asks every member its level.
+const LEVELS_EVERY: Duration = Duration::from_secs(2);
+/// How often [`keep_levels`] looks for a member whose level is not known, and asks.
+const LEVELS_UNKNOWN_EVERY: Duration = Duration::from_millis(200);
+
+/// Learns the other members' command levels: every 2 s, and within 200 ms of a member whose
+/// level is not known (this member just started, a member just joined or has not answered).
+/// Until then a command of a newer level is not written: the reconciler writes one entry
+/// per pending reason instead of one per batch, which right after a start put hundreds of
+/// entries in front of the first clients' writes.
 pub async fn keep_levels(node: RaftNode, mut stop: watch::Receiver<bool>) {
+    let mut asked: Option<Instant> = None;
     while !*stop.borrow() {
-        node.learn_levels().await;
+        if node.levels_unknown() || asked.is_none_or(|t| t.elapsed() >= LEVELS_EVERY) {
+            node.learn_levels().await;
+            asked = Some(Instant::now());
+        }
         tokio::select! {
-            _ = sleep(Duration::from_secs(2)) => {}
+            _ = sleep(LEVELS_UNKNOWN_EVERY) => {}
             _ = stop.changed() => {}
         }
     }
