@@ -178,17 +178,33 @@ pub async fn keep(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut applied = node.applied_watch();
+    // The PKI as last read. Trust and revocations change only with `PkiState::version`, so
+    // at other entries nothing more is read (the certificates alone grow with the nodes).
+    let mut seen: Option<u64> = None;
+    let mut has_ca = false;
+    let mut active: Option<CaEntry> = None;
     loop {
-        let (has_ca, bundle, revoked, active) = {
+        let changed = {
             let st = node.state();
             let pki = st.state.pki();
-            (
-                !pki.cas.is_empty(),
-                pki.ca_bundle(),
-                pki.revoked().cloned().collect::<Vec<_>>(),
-                pki.active().cloned(),
-            )
+            (seen != Some(pki.version)).then(|| {
+                seen = Some(pki.version);
+                has_ca = !pki.cas.is_empty();
+                active = pki.active().cloned();
+                (pki.ca_bundle(), pki.revoked().cloned().collect::<Vec<_>>())
+            })
         };
+        if let Some((bundle, revoked)) = changed
+            && has_ca
+        {
+            let _ = std::fs::remove_file(dir.join("pending.json"));
+            ctx.set_revoked(revoked);
+            let mut m = ctx.material();
+            if m.ca_pem != bundle {
+                m.ca_pem = bundle;
+                apply(&ctx, &dir, m);
+            }
+        }
         if !has_ca {
             if let Some(p) = load_pending(&dir)
                 && node.status().role == RaftRole::Leader
@@ -206,25 +222,15 @@ pub async fn keep(
                     Err(e) => tracing::debug!(error = %e, "committing the cluster CA"),
                 }
             }
-        } else {
-            let _ = std::fs::remove_file(dir.join("pending.json"));
-            ctx.set_revoked(revoked);
-            let mut m = ctx.material();
-            if m.ca_pem != bundle {
-                m.ca_pem = bundle;
-                apply(&ctx, &dir, m);
-            }
-            let info = ctx.info();
-            if let Some(active) = active
-                && info.wants_renewal(now_unix(), Some(&active.subject))
-            {
-                match renew_self(&node, &ctx, &active, cert_ttl, &sans).await {
-                    Ok(m) => {
-                        apply(&ctx, &dir, m);
-                        tracing::info!(serial = %ctx.info().serial, "renewed this member's certificate");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "renewing this member's certificate"),
+        } else if let Some(active) = &active
+            && ctx.info().wants_renewal(now_unix(), Some(&active.subject))
+        {
+            match renew_self(&node, &ctx, active, cert_ttl, &sans).await {
+                Ok(m) => {
+                    apply(&ctx, &dir, m);
+                    tracing::info!(serial = %ctx.info().serial, "renewed this member's certificate");
                 }
+                Err(e) => tracing::warn!(error = %e, "renewing this member's certificate"),
             }
         }
         tokio::select! {
