@@ -650,14 +650,6 @@ impl RaftNode {
             .collect()
     }
 
-    /// Whether a member of the membership has not yet said which level it applies.
-    fn levels_unknown(&self) -> bool {
-        let known = self.inner.levels.lock().unwrap_or_else(|e| e.into_inner());
-        self.members()
-            .iter()
-            .any(|m| m.id != self.inner.id && !known.contains_key(&m.id))
-    }
-
     /// [`RaftNode::allows`], after asking the members not yet known to apply `command`'s
     /// level (a member just started or joined has not been asked yet: `keep_levels` asks
     /// within 200 ms).
@@ -696,29 +688,38 @@ impl RaftNode {
             .unwrap_or(0)
     }
 
-    /// Asks every member not yet known to apply this member's own level which level it
-    /// applies (in parallel, a second each). Run every few seconds by [`keep_levels`].
+    /// Asks every other member which level it applies (in parallel, a second each): every
+    /// 2 s from [`keep_levels`], and before a command not every member is known to apply.
     pub async fn learn_levels(&self) {
         // Every other member, each time: one known at a level may since have been rolled
         // back to an older release.
-        let others: Vec<MemberId> = self
+        self.ask_levels(false).await;
+    }
+
+    /// As [`RaftNode::learn_levels`]; with `only_unknown`, only the members whose level is
+    /// not known yet (none, most of the time).
+    async fn ask_levels(&self, only_unknown: bool) {
+        let known: BTreeSet<MemberId> = if only_unknown {
+            let known = self.inner.levels.lock().unwrap_or_else(|e| e.into_inner());
+            known.keys().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let asks = self
             .members()
             .into_iter()
-            .map(|m| m.id)
-            .filter(|id| *id != self.inner.id)
-            .collect();
-        let asks = others.into_iter().filter_map(|id| {
-            let m = self.members().into_iter().find(|m| m.id == id)?;
-            let node = self.clone();
-            Some(async move {
-                let status = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    node.peer_status(id, &m.member.rpc_addr),
-                )
-                .await;
-                (id, status)
-            })
-        });
+            .filter(|m| m.id != self.inner.id && !known.contains(&m.id))
+            .map(|m| {
+                let node = self.clone();
+                async move {
+                    let status = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        node.peer_status(m.id, &m.member.rpc_addr),
+                    )
+                    .await;
+                    (m.id, status)
+                }
+            });
         for (id, status) in futures::future::join_all(asks).await {
             if let Ok(Ok(s)) = status {
                 let mut known = self.inner.levels.lock().unwrap_or_else(|e| e.into_inner());
@@ -948,20 +949,22 @@ impl RaftNode {
 
 /// How often [`keep_levels`] asks every member its level.
 const LEVELS_EVERY: Duration = Duration::from_secs(2);
-/// How often [`keep_levels`] looks for a member whose level is not known, and asks.
+/// How often [`keep_levels`] asks the members whose level is not known.
 const LEVELS_UNKNOWN_EVERY: Duration = Duration::from_millis(200);
 
-/// Learns the other members' command levels: every 2 s, and within 200 ms of a member whose
-/// level is not known (this member just started, a member just joined or has not answered).
-/// Until then a command of a newer level is not written: the reconciler writes one entry
-/// per pending reason instead of one per batch, which right after a start put hundreds of
-/// entries in front of the first clients' writes.
+/// Learns the other members' command levels: every member every 2 s, and a member whose
+/// level is not known (this member just started, a member just joined or has not answered)
+/// every 200 ms. Until then a command of a newer level is not written: the reconciler writes
+/// one entry per pending reason instead of one per batch, which right after a start put
+/// hundreds of entries in front of the first clients' writes.
 pub async fn keep_levels(node: RaftNode, mut stop: watch::Receiver<bool>) {
     let mut asked: Option<Instant> = None;
     while !*stop.borrow() {
-        if node.levels_unknown() || asked.is_none_or(|t| t.elapsed() >= LEVELS_EVERY) {
+        if asked.is_none_or(|t| t.elapsed() >= LEVELS_EVERY) {
             node.learn_levels().await;
             asked = Some(Instant::now());
+        } else {
+            node.ask_levels(true).await;
         }
         tokio::select! {
             _ = sleep(LEVELS_UNKNOWN_EVERY) => {}
