@@ -205,7 +205,7 @@ pub fn table(skiff: &SystemResult, anchor: &SystemResult, info: &RunInfo) -> Str
     t
 }
 
-/// Per-phase detail: errors, leaders, per-round failover times.
+/// Per round and phase: errors, leaders, CPU; then the failover rounds.
 pub fn details(r: &SystemResult) -> String {
     let mut t = String::new();
     let rounds = r.seq.iter().zip(&r.conc).enumerate();
