@@ -31,6 +31,7 @@ use nix::sys::socket::{
     ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
 };
 use skiff_proto::v1 as pb;
+use skiff_tls::net::Backoff;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::{debug, warn};
@@ -564,21 +565,9 @@ impl Forwarding {
     }
 }
 
-/// Backs off after a socket error (doubling from 10 ms to 1 s), so an error that repeats
-/// does not spin a core; reset by the next success.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff(Duration::ZERO)
-    }
-    async fn failed(&mut self) {
-        self.0 = (self.0 * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        tokio::time::sleep(self.0).await;
-    }
-    fn ok(&mut self) {
-        self.0 = Duration::ZERO;
-    }
+/// The waits after socket errors in a row: 10 ms, doubling to 1 s.
+fn socket_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(10), Duration::from_secs(1))
 }
 
 /// Relays a query to the upstreams in turn; `None` when none answered.
@@ -667,7 +656,7 @@ pub async fn serve(
         let (zone, fwd) = (zone.clone(), fwd.clone());
         let conns = Arc::new(tokio::sync::Semaphore::new(MAX_TCP));
         tasks.push(tokio::spawn(async move {
-            let mut backoff = Backoff::new();
+            let mut backoff = socket_backoff();
             loop {
                 let Ok(permit) = conns.clone().acquire_owned().await else {
                     return;
@@ -680,7 +669,7 @@ pub async fn serve(
                     Err(e) => {
                         fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
                         warn!(%addr, error = %e, "DNS TCP accept failed; backing off");
-                        backoff.failed().await;
+                        tokio::time::sleep(backoff.failed()).await;
                         continue;
                     }
                 };
@@ -790,13 +779,13 @@ async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
     let mut bufs = vec![vec![0u8; MAX_UDP_QUERY]; BATCH];
     let mut got: Vec<Received> = Vec::with_capacity(BATCH);
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
-    let mut backoff = Backoff::new();
+    let mut backoff = socket_backoff();
     let fd = udp.as_raw_fd();
     loop {
         if let Err(e) = udp.readable().await {
             fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "DNS UDP socket failed; it keeps serving");
-            backoff.failed().await;
+            tokio::time::sleep(backoff.failed()).await;
             continue;
         }
         match udp.try_io(Interest::READABLE, || recv_batch(fd, &mut bufs, &mut got)) {
@@ -807,7 +796,7 @@ async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
             Err(e) => {
                 fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, "DNS UDP receive failed; the socket keeps serving");
-                backoff.failed().await;
+                tokio::time::sleep(backoff.failed()).await;
                 continue;
             }
         }

@@ -181,7 +181,7 @@ pub async fn keep(
     // The PKI as last read. Trust and revocations change only with `PkiState::version`, so
     // at other entries nothing more is read (the certificates alone grow with the nodes).
     let mut seen: Option<u64> = None;
-    let mut has_ca = false;
+    // The CA that issues now; none before the cluster CA is committed.
     let mut active: Option<CaEntry> = None;
     loop {
         let changed = {
@@ -189,13 +189,12 @@ pub async fn keep(
             let pki = st.state.pki();
             (seen != Some(pki.version)).then(|| {
                 seen = Some(pki.version);
-                has_ca = !pki.cas.is_empty();
                 active = pki.active().cloned();
                 (pki.ca_bundle(), pki.revoked().cloned().collect::<Vec<_>>())
             })
         };
         if let Some((bundle, revoked)) = changed
-            && has_ca
+            && active.is_some()
         {
             let _ = std::fs::remove_file(dir.join("pending.json"));
             ctx.set_revoked(revoked);
@@ -205,7 +204,7 @@ pub async fn keep(
                 apply(&ctx, &dir, m);
             }
         }
-        if !has_ca {
+        if active.is_none() {
             if let Some(p) = load_pending(&dir)
                 && node.status().role == RaftRole::Leader
             {

@@ -28,10 +28,42 @@ pub fn incoming(listener: TcpListener, ctx: Arc<TlsContext>, accept_joins: bool)
     incoming_with_raft(listener, ctx, accept_joins, None)
 }
 
-/// The wait after a failed accept (out of file descriptors, ...), doubled after each failure in
-/// a row up to [`MAX_ACCEPT_BACKOFF`], and back to this after an accept succeeds.
-const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// The waits after failures in a row of an operation that is retried (an accept, a socket
+/// read): `first` after the first, doubled after each further one up to `max`, so an error
+/// that repeats does not spin a core; a success starts over.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// How long to wait after this failure.
+    pub fn failed(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    /// The operation succeeded: the next failure waits `first` again.
+    pub fn ok(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// The waits after failed accepts (out of file descriptors, ...).
+fn accept_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(5), Duration::from_secs(1))
+}
 
 /// As [`incoming`], and a client that asks for [`RAFT_ALPN`] gets the Raft config (the same
 /// client certificate check) and its connection goes to `raft` instead. Without `raft`, such a
@@ -50,7 +82,7 @@ pub fn incoming_with_raft(
         raft,
         tx,
         rx,
-        backoff: FIRST_ACCEPT_BACKOFF,
+        backoff: accept_backoff(),
         retry: None,
     }
 }
@@ -66,7 +98,7 @@ pub struct Incoming {
     raft: Option<mpsc::Sender<TlsStream<TcpStream>>>,
     tx: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
     rx: mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>>,
-    backoff: Duration,
+    backoff: Backoff,
     /// Set after a failed accept (out of file descriptors, ...): no accepting until it fires.
     retry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -133,13 +165,12 @@ impl Stream for Incoming {
             }
             match this.listener.poll_accept(cx) {
                 Poll::Ready(Ok((tcp, peer))) => {
-                    this.backoff = FIRST_ACCEPT_BACKOFF;
+                    this.backoff.ok();
                     this.handshake(tcp, peer);
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::warn!(error = %e, "accept failed");
-                    this.retry = Some(Box::pin(tokio::time::sleep(this.backoff)));
-                    this.backoff = (this.backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    this.retry = Some(Box::pin(tokio::time::sleep(this.backoff.failed())));
                 }
                 Poll::Pending => break,
             }
@@ -276,6 +307,16 @@ pub fn channel_with_lazy(config: Arc<ClientConfig>, ep: Endpoint) -> Channel {
 mod tests {
     use super::*;
     use tokio_stream::StreamExt;
+
+    #[test]
+    fn a_backoff_doubles_to_its_cap_and_starts_over_after_a_success() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(5), ms(30));
+        let waits: Vec<Duration> = (0..5).map(|_| b.failed()).collect();
+        assert_eq!(waits, [ms(5), ms(10), ms(20), ms(30), ms(30)]);
+        b.ok();
+        assert_eq!(b.failed(), ms(5));
+    }
 
     /// Dropping the stream closes the port at once: a server that shut down can be started
     /// again on its address with no wait (a restarted controller member binds its old port).
