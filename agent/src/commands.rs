@@ -67,7 +67,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             command: NetworkCmd::Down,
         }) => {
             // Pods first: their namespaces and tmpfs volumes are mounts under the data dir.
-            let rt = skiff_runtime::container::Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+            let rt = cfg.runtime()?;
             for pod in rt.pods() {
                 rt.remove_pod(&pod);
                 println!("removed pod {pod}");

@@ -26,6 +26,11 @@ pub struct Cli {
     /// Cgroup parent for containers, relative to each hierarchy root [default: skiff].
     #[arg(long, global = true, env = "SKIFF_CGROUP_PARENT")]
     pub cgroup_parent: Option<String>,
+    /// Where containers' live state goes (rewritten at each start and exit): a tmpfs that
+    /// outlives the agent but not the host, e.g. /run/skiff-agent under systemd with the
+    /// directory preserved across restarts [default: beside each record in the data dir].
+    #[arg(long, global = true, env = "SKIFF_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
     /// A registry (HOST:PORT) reached over plain HTTP instead of HTTPS. Repeatable.
     #[arg(
         long = "insecure-registry",
@@ -132,6 +137,7 @@ pub struct Cli {
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub cgroup_parent: Option<String>,
+    pub run_dir: Option<PathBuf>,
     #[serde(default)]
     pub insecure_registries: Vec<String>,
     pub auth_file: Option<PathBuf>,
@@ -164,10 +170,24 @@ pub struct FileConfig {
     pub disk_pressure_threshold: Option<u8>,
 }
 
+/// Opens the container runtime under `data_dir`, with its live state under `run_dir` if set.
+pub fn open_runtime(
+    data_dir: &std::path::Path,
+    cgroup_parent: &str,
+    run_dir: Option<&std::path::Path>,
+) -> anyhow::Result<skiff_runtime::container::Runtime> {
+    let mut rt = skiff_runtime::container::Runtime::open(data_dir, cgroup_parent)?;
+    if let Some(dir) = run_dir {
+        rt.set_run_dir(dir).context("--run-dir")?;
+    }
+    Ok(rt)
+}
+
 /// Flags over the config file over defaults.
 pub struct Settings {
     pub data_dir: PathBuf,
     pub cgroup_parent: String,
+    pub run_dir: Option<PathBuf>,
     pub registry: RegistryOptions,
     pub file: FileConfig,
 }
@@ -203,12 +223,18 @@ impl Settings {
                 .clone()
                 .or(file.cgroup_parent.clone())
                 .unwrap_or_else(|| "skiff".to_owned()),
+            run_dir: cli.run_dir.clone().or(file.run_dir.clone()),
             registry: RegistryOptions {
                 insecure,
                 auth_file: cli.auth_file.clone().or(file.auth_file.clone()),
             },
             file,
         })
+    }
+
+    /// The container runtime of these settings (data dir, cgroup parent, run dir).
+    pub fn runtime(&self) -> anyhow::Result<skiff_runtime::container::Runtime> {
+        open_runtime(&self.data_dir, &self.cgroup_parent, self.run_dir.as_deref())
     }
 
     /// The daemon's settings: flags over the file over what the host has.
@@ -356,6 +382,7 @@ impl Settings {
             labels,
             data_dir: self.data_dir.clone(),
             cgroup_parent: self.cgroup_parent.clone(),
+            run_dir: self.run_dir.clone(),
             registry: self.registry.clone(),
             listen: cli
                 .listen

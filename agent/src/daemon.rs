@@ -43,6 +43,8 @@ pub struct DaemonConfig {
     pub labels: BTreeMap<String, String>,
     pub data_dir: PathBuf,
     pub cgroup_parent: String,
+    /// Where containers' live state goes (`--run-dir`); `None`: beside each record.
+    pub run_dir: Option<PathBuf>,
     pub registry: RegistryOptions,
     /// Where the agent's own API (logs, exec) listens.
     pub listen: std::net::SocketAddr,
@@ -96,7 +98,8 @@ impl Dns {
 /// Runs the daemon until the process is told to stop (SIGINT/SIGTERM). Containers keep
 /// running when it stops.
 pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
-    let mut runtime = Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+    let mut runtime =
+        crate::config::open_runtime(&cfg.data_dir, &cfg.cgroup_parent, cfg.run_dir.as_deref())?;
     runtime.set_pull_options(cfg.registry.clone(), None);
     let opts = cfg.net.clone();
     let network = Arc::new(

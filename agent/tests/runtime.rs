@@ -703,6 +703,78 @@ fn a_fenced_container_stops_when_its_lease_runs_out_and_does_not_start_on_a_stal
     assert!(err.contains("fenced"), "{err}");
 }
 
+/// With `--run-dir`, the monitor's live state goes there (a tmpfs under systemd) and the
+/// record stays in the data dir; later commands find it through the record, without the flag.
+/// Removing the container removes both; a state file no record owns is swept; a run dir
+/// emptied by a reboot leaves the container listed as over, not lost.
+#[test]
+fn live_state_goes_to_the_run_dir_and_leaves_with_the_container() {
+    need_root!();
+    let a = Agent::new();
+    let run = a.dir.path().join("run-dir");
+    let run_arg = run.to_str().expect("utf-8 path");
+    let id = a.ok(&["-d", "--run-dir", run_arg], &["sleep", "1000"]);
+    let live = run.join("containers").join(format!("{id}.json"));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&live).expect("live state")).expect("json");
+    assert_eq!(state["status"], "running", "{state}");
+    assert!(state["monitor_pid"].as_i64().is_some(), "{state}");
+    let record = a.dir.path().join("containers").join(&id);
+    assert!(record.join("config.json").is_file());
+    assert!(
+        !record.join("state.json").exists(),
+        "no state beside the record"
+    );
+    let c = a.find(&id);
+    assert_eq!(c["status"], "running");
+    assert_eq!(c["monitor_alive"], true);
+    let out = a.agent_ok(&["container", "stop", "-t", "0", &id]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signal 9"));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&live).expect("live state")).expect("json");
+    assert_eq!(state["status"], "exited", "{state}");
+    a.agent_ok(&["container", "rm", &id]);
+    assert!(!live.exists(), "the live state left with the container");
+    assert!(!record.exists());
+
+    // A stray state file (its record removed by hand) is swept by the next command.
+    let stray = run.join("containers").join("0123456789abcdef.json");
+    std::fs::write(&stray, b"{}").expect("stray");
+    a.agent_ok(&["--run-dir", run_arg, "container", "ps", "-a"]);
+    assert!(!stray.exists(), "stray state file swept");
+
+    // A reboot empties the tmpfs: the container is over, with the reason.
+    let id = a.ok(&["-d", "--run-dir", run_arg], &["sleep", "1000"]);
+    let live = run.join("containers").join(format!("{id}.json"));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&live).expect("live state")).expect("json");
+    let monitor = state["monitor_pid"].as_i64().expect("monitor pid") as i32;
+    let record = a.dir.path().join("containers").join(&id);
+    a.agent_ok(&["container", "stop", "-t", "0", &id]);
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{monitor}")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_dir_all(&run).expect("reboot");
+    let c = a.find(&id);
+    assert_eq!(c["status"], "exited", "{c}");
+    assert!(
+        c["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("state was lost")),
+        "{c}"
+    );
+    a.agent_ok(&["container", "rm", &id]);
+    assert!(!record.exists());
+    assert!(
+        a.leftover_cgroups().is_empty(),
+        "{:?}",
+        a.leftover_cgroups()
+    );
+}
+
 #[test]
 fn a_crashed_monitor_is_cleaned_up_by_the_next_agent_command() {
     need_root!();

@@ -255,6 +255,7 @@ install_agent() {
   done
   put_config "$etc/agent.toml" "# skiff-agent settings (see skiff-agent --help; each flag by its long name, - as _).
 data_dir = \"/var/lib/skiff/agent\"
+run_dir = \"/run/skiff-agent\"
 controllers = $ctl_toml
 ${name:+name = \"$name\"
 }${adv:+advertise_addr = \"$adv\"
@@ -321,7 +322,7 @@ uninstall() {
   rm -f "$prefix/skiff-controller" "$prefix/skiff-agent" "$prefix/skiff-proxy" "$prefix/skiff-monitor" "$prefix/skiff"
   if [ "$purge" = 1 ]; then
     # /var/lib/skiff may be a mount point of its own: empty it, then remove it if it can go.
-    rm -rf "$etc" /var/lib/skiff/agent /var/lib/skiff/controller
+    rm -rf "$etc" /var/lib/skiff/agent /var/lib/skiff/controller /run/skiff-agent
     rmdir /var/lib/skiff 2>/dev/null || true
     getent passwd skiff >/dev/null && userdel skiff
   fi

@@ -83,6 +83,8 @@ pub enum RuntimeError {
 /// The runtime over one data dir.
 pub struct Runtime {
     data_dir: PathBuf,
+    /// Where live state goes (see [`Runtime::set_run_dir`]); `None`: beside each record.
+    run_dir: Option<PathBuf>,
     store: Store,
     cgroup_parent: String,
     registry: RegistryOptions,
@@ -128,6 +130,7 @@ impl Runtime {
     pub fn open(data_dir: &Path, cgroup_parent: &str) -> Result<Runtime, RuntimeError> {
         Ok(Runtime {
             data_dir: data_dir.to_path_buf(),
+            run_dir: None,
             store: Store::open(data_dir)?,
             cgroup_parent: cgroup_parent.to_string(),
             registry: RegistryOptions::default(),
@@ -135,6 +138,33 @@ impl Runtime {
             network: None,
             managers: Default::default(),
         })
+    }
+
+    /// Containers created from now on keep their live state (rewritten at each start, exit
+    /// and restart by their monitor) under `dir`, which should be a tmpfs that outlives the
+    /// agent but not the host (`/run/...` under systemd, with the directory preserved across
+    /// restarts); their records stay in the data dir. Containers created before keep theirs
+    /// where they are.
+    pub fn set_run_dir(&mut self, dir: &Path) -> Result<(), RuntimeError> {
+        if !dir.is_absolute() {
+            return Err(RuntimeError::Invalid {
+                field: "run dir",
+                reason: format!("{} is not an absolute path", dir.display()),
+            });
+        }
+        let live = super::store::run_state_file(dir, "x");
+        let live = live.parent().unwrap_or(dir);
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(live)
+            .map_err(|e| RuntimeError::Invalid {
+                field: "run dir",
+                reason: format!("{}: {e}", live.display()),
+            })?;
+        self.run_dir = Some(dir.to_path_buf());
+        Ok(())
     }
 
     /// How images are pulled by `run`: registries, credentials, progress display.
@@ -265,6 +295,10 @@ impl Runtime {
                 None => libc::SIGTERM,
             },
         };
+        let state_file = self
+            .run_dir
+            .as_deref()
+            .map(|d| super::store::run_state_file(d, &id));
         Ok(ContainerConfig {
             id,
             name: name.clone(),
@@ -296,6 +330,7 @@ impl Runtime {
             mounts: opts.mounts.clone(),
             init: opts.init,
             fence: opts.fence.clone(),
+            state_file,
         })
     }
 
@@ -553,7 +588,8 @@ impl Runtime {
 
     /// A container whose monitor is gone: kill whatever is left of it and record it exited.
     fn settle(&self, id: &str) -> Result<State, StoreError> {
-        let mut s = self.store.state(id)?;
+        let config = self.store.config(id)?;
+        let mut s = self.store.state_of(&config)?;
         if matches!(
             s.status,
             Status::Running | Status::Restarting | Status::Created
@@ -573,7 +609,7 @@ impl Runtime {
             if s.error.is_none() {
                 s.error = Some(MONITOR_GONE.into());
             }
-            self.store.save_state(id, &s)?;
+            self.store.save_state(&config, &s)?;
         }
         Ok(s)
     }
@@ -615,6 +651,11 @@ impl Runtime {
                 self.release(&id);
                 self.store.remove_dir(&id)?;
                 cleaned.push(id);
+            }
+        }
+        if let Some(run_dir) = &self.run_dir {
+            for file in super::store::sweep_run_dir(&self.store, run_dir)? {
+                cleaned.push(file.display().to_string());
             }
         }
         if let Ok(manager) = cgroup::host(&self.cgroup_parent) {

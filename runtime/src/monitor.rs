@@ -113,11 +113,13 @@ struct Monitor {
 impl Monitor {
     fn new(store: Store, data_dir: &Path, id: &str) -> Result<Monitor, String> {
         let config = store.config(id).map_err(|e| e.to_string())?;
-        let mut state = store.state(id).map_err(|e| e.to_string())?;
+        let mut state = store.state_of(&config).map_err(|e| e.to_string())?;
         let me = std::process::id() as i32;
         state.monitor_pid = Some(me);
         state.monitor_start = process_start_time(me);
-        store.save_state(id, &state).map_err(|e| e.to_string())?;
+        store
+            .save_state(&config, &state)
+            .map_err(|e| e.to_string())?;
 
         let mut mask = SigSet::empty();
         for s in [
@@ -174,14 +176,17 @@ impl Monitor {
         if last_save.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             *last_save = Some(Instant::now());
             // The disk is full: keep the reserve for the state saved at the exit.
-            if let Err(e) = self.store.save_state_keeping_reserve(&self.id, &self.state) {
+            if let Err(e) = self
+                .store
+                .save_state_keeping_reserve(&self.config, &self.state)
+            {
                 note(format_args!("monitor {}: saving state: {e}", self.id));
             }
         }
     }
 
     fn save(&self) {
-        if let Err(e) = self.store.save_state(&self.id, &self.state) {
+        if let Err(e) = self.store.save_state(&self.config, &self.state) {
             // Never eprintln! here: on a full disk writing to the log file fails, and a
             // panicking monitor would orphan its container.
             note(format_args!("monitor {}: saving state: {e}", self.id));

@@ -1,7 +1,10 @@
 //! Containers on disk: one directory per container under `DATA_DIR/containers/<id>/` holding
-//! `config.json` (what to run, written once) and `state.json` (what happened, rewritten
-//! atomically by the monitor). Everything the agent knows about a container survives the
-//! agent: a restarted agent re-reads these files and re-adopts running containers.
+//! `config.json` (what to run, written once) and the live state (what happened, rewritten
+//! atomically by the monitor): `state.json` beside it, or `RUN_DIR/containers/<id>.json` when
+//! the agent has a run dir (`--run-dir`, a tmpfs on a systemd host: the state is rewritten at
+//! every start and exit and means nothing after a reboot, as containerd keeps its task state in
+//! /run). Everything the agent knows about a container survives the agent: a restarted agent
+//! re-reads these files and re-adopts running containers.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -58,6 +61,10 @@ pub struct ContainerConfig {
     /// Stop it when its node loses touch with the controllers (see [`crate::fence`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<crate::fence::Fence>,
+    /// Where its live state is kept: `<run dir>/containers/<id>.json`. `None` (and every record
+    /// written before there was a run dir): `state.json` in its directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<PathBuf>,
 }
 
 /// The network namespace a container runs in.
@@ -275,6 +282,17 @@ fn write_state(path: &Path, state: &State) -> Result<(), StoreError> {
     crate::durable::replace_atomic(path, &bytes).map_err(io(path))
 }
 
+/// The live state's file name in a container's directory (when there is no run dir).
+const STATE_FILE: &str = "state.json";
+
+/// The live state files' directory under a run dir.
+const RUN_CONTAINERS: &str = "containers";
+
+/// Where a container created with run dir `run_dir` keeps its live state.
+pub fn run_state_file(run_dir: &Path, id: &str) -> PathBuf {
+    run_dir.join(RUN_CONTAINERS).join(format!("{id}.json"))
+}
+
 /// The container directories under one data dir.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -297,10 +315,19 @@ impl Store {
         if self.list()?.iter().any(|(c, _)| c.name == config.name) {
             return Err(StoreError::NameInUse(config.name.clone()));
         }
+        let state_file = self.state_file(config)?;
+        if let Some(live) = state_file.parent() {
+            use std::os::unix::fs::DirBuilderExt as _;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(live)
+                .map_err(io(live))?;
+        }
         let dir = self.dir(&config.id);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         reserve(&dir.join(RESERVE_FILE));
-        write_state(&dir.join("state.json"), &State::created())?;
+        write_state(&state_file, &State::created())?;
         write_json_atomic(&dir.join("config.json"), config)?;
         Ok(dir)
     }
@@ -309,19 +336,48 @@ impl Store {
         read_json(&self.dir(id).join("config.json"))
     }
 
+    /// The file holding the live state of the container `config` describes. A record that
+    /// names any other file than `<dir>/containers/<its id>.json` is refused: the monitor
+    /// (root) writes there.
+    pub fn state_file(&self, config: &ContainerConfig) -> Result<PathBuf, StoreError> {
+        let Some(file) = &config.state_file else {
+            return Ok(self.dir(&config.id).join(STATE_FILE));
+        };
+        let expected = file
+            .parent()
+            .and_then(Path::parent)
+            .map(|run_dir| run_state_file(run_dir, &config.id));
+        if file.is_absolute() && expected.as_deref() == Some(file.as_path()) {
+            Ok(file.clone())
+        } else {
+            Err(StoreError::Corrupt {
+                path: self.dir(&config.id).join("config.json"),
+                reason: format!(
+                    "state_file {} is not RUN_DIR/{RUN_CONTAINERS}/{}.json",
+                    file.display(),
+                    config.id
+                ),
+            })
+        }
+    }
+
     pub fn state(&self, id: &str) -> Result<State, StoreError> {
-        read_json(&self.dir(id).join("state.json"))
+        self.state_of(&self.config(id)?)
+    }
+
+    pub fn state_of(&self, config: &ContainerConfig) -> Result<State, StoreError> {
+        read_json(&self.state_file(config)?)
     }
 
     /// Saves what happened. On a full disk the container's reserve (see [`Store::create`]) is
     /// given up to make room, so the record of an exit is not lost to the output that filled
     /// the disk.
-    pub fn save_state(&self, id: &str, state: &State) -> Result<(), StoreError> {
-        let path = self.dir(id).join("state.json");
+    pub fn save_state(&self, config: &ContainerConfig, state: &State) -> Result<(), StoreError> {
+        let path = self.state_file(config)?;
         match write_state(&path, state) {
             Err(StoreError::Io { source, .. })
                 if source.raw_os_error() == Some(libc::ENOSPC)
-                    && fs::remove_file(self.dir(id).join(RESERVE_FILE)).is_ok() =>
+                    && fs::remove_file(self.dir(&config.id).join(RESERVE_FILE)).is_ok() =>
             {
                 write_state(&path, state)
             }
@@ -331,8 +387,12 @@ impl Store {
 
     /// [`Store::save_state`] that leaves the reserve alone: for updates that may fail on a full
     /// disk without harm (a running count), so the reserve is still there for the exit.
-    pub fn save_state_keeping_reserve(&self, id: &str, state: &State) -> Result<(), StoreError> {
-        write_state(&self.dir(id).join("state.json"), state)
+    pub fn save_state_keeping_reserve(
+        &self,
+        config: &ContainerConfig,
+        state: &State,
+    ) -> Result<(), StoreError> {
+        write_state(&self.state_file(config)?, state)
     }
 
     /// Every container with a readable config, ordered by creation time. A directory without
@@ -347,7 +407,7 @@ impl Store {
             };
             // The live status is not fsync'd (see `write_state`): after a power loss it may be
             // unreadable; the container is then over, not invisible.
-            let s = self.state(&id).unwrap_or_else(|e| State {
+            let s = self.state_of(&c).unwrap_or_else(|e| State {
                 status: Status::Exited,
                 error: Some(format!("its state was lost (crash or power loss): {e}")),
                 ..State::created()
@@ -390,7 +450,16 @@ impl Store {
         }
     }
 
+    /// Removes a container's record: its live state (when its config names where), then its
+    /// directory.
     pub fn remove_dir(&self, id: &str) -> Result<(), StoreError> {
+        if let Ok(file) = self.config(id).and_then(|c| self.state_file(&c)) {
+            match fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&file)(e)),
+            }
+        }
         let dir = self.dir(id);
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -398,6 +467,36 @@ impl Store {
             Err(e) => Err(io(&dir)(e)),
         }
     }
+}
+
+/// Live state files under `run_dir` that no container record owns any more: a container
+/// directory removed by an older agent or by hand, or a temporary left by a writer that was
+/// killed (its pid is gone). Removes them and returns their paths.
+pub fn sweep_run_dir(store: &Store, run_dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let root = run_dir.join(RUN_CONTAINERS);
+    let entries = match fs::read_dir(&root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(&root)(e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io(&root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = if let Some(tmp) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
+            // `.<id>.json.<pid>.<seq>.tmp` (see `durable::temp_name`).
+            let pid = tmp.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
+            pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        } else if let Some(id) = name.strip_suffix(".json") {
+            !store.dir(id).exists()
+        } else {
+            false
+        };
+        if stale && fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
 }
 
 /// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat).
@@ -454,6 +553,7 @@ mod tests {
             mounts: vec![],
             init: false,
             fence: None,
+            state_file: None,
         }
     }
 
@@ -482,5 +582,110 @@ mod tests {
             .filter(|n| n.ends_with(".tmp"))
             .collect();
         assert!(stray.is_empty(), "{stray:?}");
+    }
+
+    fn in_run_dir(run: &Path, id: &str) -> ContainerConfig {
+        ContainerConfig {
+            state_file: Some(run_state_file(run, id)),
+            ..config(id)
+        }
+    }
+
+    /// With a run dir, the live state is there and not in the container's directory; removing
+    /// the record removes both.
+    #[test]
+    fn live_state_is_kept_in_the_run_dir_and_removed_with_the_record() {
+        let data = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let store = Store::open(data.path()).expect("open");
+        let c = in_run_dir(run.path(), "b1");
+        store.create(&c).expect("create");
+        let live = run.path().join("containers").join("b1.json");
+        assert!(live.is_file());
+        assert!(!store.dir("b1").join("state.json").exists());
+        let mut s = store.state("b1").expect("state");
+        assert_eq!(s.status, Status::Created);
+        s.status = Status::Running;
+        s.pid = Some(42);
+        store.save_state(&c, &s).expect("save");
+        assert_eq!(store.state_of(&c).expect("state"), s);
+        let listed = store.list().expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.status, Status::Running);
+        // A record from before the run dir keeps its state beside its config.
+        store.create(&config("b2")).expect("create");
+        assert!(store.dir("b2").join("state.json").is_file());
+        assert_eq!(store.state("b2").expect("state").status, Status::Created);
+        store.remove_dir("b1").expect("remove");
+        assert!(!live.exists());
+        assert!(!store.dir("b1").exists());
+        let left: Vec<_> = std::fs::read_dir(run.path().join("containers"))
+            .expect("ls")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A run dir after a reboot is empty: the container is listed as over, not lost.
+    #[test]
+    fn a_run_dir_emptied_by_a_reboot_leaves_the_container_listed_as_over() {
+        let data = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let store = Store::open(data.path()).expect("open");
+        store.create(&in_run_dir(run.path(), "c1")).expect("create");
+        std::fs::remove_dir_all(run.path().join("containers")).expect("reboot");
+        let list = store.list().expect("list");
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].1.status, Status::Exited);
+        store.remove_dir("c1").expect("remove");
+        assert!(!store.dir("c1").exists());
+    }
+
+    /// The monitor writes where the record says: a record naming any other file is refused.
+    #[test]
+    fn a_record_naming_another_state_file_is_refused() {
+        let data = tempfile::tempdir().expect("tmp");
+        let store = Store::open(data.path()).expect("open");
+        for bad in [
+            "/etc/passwd",
+            "relative/containers/d1.json",
+            "/run/skiff/containers/other.json",
+            "/run/skiff/elsewhere/d1.json",
+            "/run/skiff/containers/../d1.json",
+        ] {
+            let c = ContainerConfig {
+                state_file: Some(PathBuf::from(bad)),
+                ..config("d1")
+            };
+            let err = store.create(&c).expect_err(bad);
+            assert!(err.to_string().contains("state_file"), "{bad}: {err}");
+            assert!(!store.dir("d1").exists(), "{bad}: nothing written");
+        }
+    }
+
+    /// Files in the run dir that no record owns are swept; owned ones and a live writer's
+    /// temporary are kept.
+    #[test]
+    fn the_run_dir_sweep_removes_only_what_no_record_owns() {
+        let data = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let store = Store::open(data.path()).expect("open");
+        store.create(&in_run_dir(run.path(), "e1")).expect("create");
+        let live = run.path().join("containers");
+        std::fs::write(live.join("gone.json"), b"{}").expect("write");
+        let dead_pid = u32::MAX - 1;
+        std::fs::write(live.join(format!(".e1.json.{dead_pid}.0.tmp")), b"").expect("write");
+        let mine = live.join(format!(".e1.json.{}.7.tmp", std::process::id()));
+        std::fs::write(&mine, b"").expect("write");
+        let mut removed = sweep_run_dir(&store, run.path()).expect("sweep");
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                live.join(format!(".e1.json.{dead_pid}.0.tmp")),
+                live.join("gone.json"),
+            ]
+        );
+        assert!(live.join("e1.json").is_file());
+        assert!(mine.is_file());
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use skiff_runtime::cgroup::Limits;
-use skiff_runtime::container::{RunOptions, Runtime};
+use skiff_runtime::container::RunOptions;
 use skiff_runtime::image::PullPolicy;
 use skiff_runtime::logs;
 use skiff_runtime::store::{RestartPolicy, Status, monitor_alive};
@@ -142,7 +142,7 @@ fn print_logs(dir: &std::path::Path, from: usize) -> anyhow::Result<usize> {
 }
 
 pub fn run(cfg: &Settings, cmd: &ContainerCmd) -> anyhow::Result<ExitCode> {
-    let mut rt = Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+    let mut rt = cfg.runtime()?;
     rt.set_pull_options(cfg.registry.clone(), Some(indicatif::MultiProgress::new()));
     // Clean up after interrupted agents (`run` skips it: it is on the start path).
     if !matches!(cmd, ContainerCmd::Run { .. }) {

@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use skiff_runtime::container::Runtime;
 use skiff_runtime::image::PullOptions;
 
 use crate::config::Settings;
@@ -46,7 +45,7 @@ fn short_id(id: &str) -> &str {
 }
 
 pub fn run(cfg: &Settings, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
-    let mut rt = Runtime::open(&cfg.data_dir, &cfg.cgroup_parent)?;
+    let mut rt = cfg.runtime()?;
     rt.set_pull_options(cfg.registry.clone(), None);
     let store = rt.images()?;
     match cmd {
