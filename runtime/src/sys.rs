@@ -500,14 +500,72 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     Ok(r)
 }
 
-/// Loads `program` as a BPF_PROG_TYPE_CGROUP_DEVICE program and attaches it to the cgroup v2
-/// directory `cgroup_dir` (with BPF_F_ALLOW_MULTI, so programs of parent cgroups keep
-/// applying too). The attachment holds the program: it applies until the cgroup is removed.
-/// A program the verifier refuses is an error carrying the verifier's log.
+/// Device programs this process has loaded, by their instructions. Containers with the same
+/// rules (most have the default list) share one loaded program, which the kernel allows
+/// attached to any number of cgroups: a process that starts many containers (the agent
+/// daemon) has each rule set verified and compiled once, not at every start (0.35 ms of CPU
+/// per start here). At most [`LOADED_MAX`]; past that the oldest is let go (the cgroups it is
+/// attached to keep it alive in the kernel).
+static LOADED: std::sync::Mutex<Vec<(Vec<crate::devices::BpfInsn>, std::sync::Arc<OwnedFd>)>> =
+    std::sync::Mutex::new(Vec::new());
+const LOADED_MAX: usize = 16;
+
+/// How many device programs this process holds loaded (see [`attach_device_program`]).
+pub fn device_programs_loaded() -> usize {
+    LOADED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .len()
+}
+
+/// Attaches `program` as a BPF_PROG_TYPE_CGROUP_DEVICE program to the cgroup v2 directory
+/// `cgroup_dir` (with BPF_F_ALLOW_MULTI, so programs of parent cgroups keep applying too),
+/// loading it unless this process already has (see [`LOADED`]). The attachment holds the
+/// program: it applies until the cgroup is removed. A program the verifier refuses is an error
+/// carrying the verifier's log.
 pub fn attach_device_program(
     cgroup_dir: &Path,
     program: &[crate::devices::BpfInsn],
 ) -> io::Result<()> {
+    let prog = {
+        let mut loaded = LOADED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match loaded.iter().find(|(insns, _)| insns.as_slice() == program) {
+            Some((_, prog)) => prog.clone(),
+            None => {
+                let prog = std::sync::Arc::new(load_device_program(program)?);
+                if loaded.len() >= LOADED_MAX {
+                    loaded.remove(0);
+                }
+                loaded.push((program.to_vec(), prog.clone()));
+                prog
+            }
+        }
+    };
+    let dir = std::fs::File::open(cgroup_dir)?;
+    let mut attach = BpfProgAttachAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        replace_bpf_fd: 0,
+    };
+    bpf(BPF_PROG_ATTACH, &mut attach).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "attaching the device program to {}: {e}",
+                cgroup_dir.display()
+            ),
+        )
+    })?;
+    Ok(())
+}
+
+/// Loads `program` as a BPF_PROG_TYPE_CGROUP_DEVICE program; a program the verifier refuses is
+/// an error carrying the verifier's log.
+fn load_device_program(program: &[crate::devices::BpfInsn]) -> io::Result<OwnedFd> {
     let license = b"Apache\0";
     let load = |log: &mut [u8], level: u32| {
         let mut attr = BpfProgLoadAttr {
@@ -543,26 +601,9 @@ pub fn attach_device_program(
             ));
         }
     };
-    // SAFETY: the kernel returned a new program fd that nothing else owns.
-    let prog = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let dir = std::fs::File::open(cgroup_dir)?;
-    let mut attach = BpfProgAttachAttr {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_bpf_fd: prog.as_raw_fd() as u32,
-        attach_type: BPF_CGROUP_DEVICE,
-        attach_flags: BPF_F_ALLOW_MULTI,
-        replace_bpf_fd: 0,
-    };
-    bpf(BPF_PROG_ATTACH, &mut attach).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "attaching the device program to {}: {e}",
-                cgroup_dir.display()
-            ),
-        )
-    })?;
-    Ok(())
+    // SAFETY: the kernel returned a new program fd (close-on-exec, as every bpf(2) fd) that
+    // nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// How many device programs are attached to the cgroup v2 directory `cgroup_dir` itself.

@@ -711,5 +711,20 @@ fn t91_device_program_alone_enforces_the_policy() -> Result<()> {
         Ok(())
     }))?;
     assert_eq!(confined, PROBE_EXPECTED);
+
+    // The same rules for a second cgroup: the program this process loaded is attached again,
+    // not loaded again, and enforces there too.
+    let loaded = skiff_runtime::sys::device_programs_loaded();
+    let other = TestParent::new("devprog2");
+    let second = v2.join(&other.path);
+    fs::create_dir(&second)?;
+    skiff_runtime::sys::attach_device_program(&second, &program)?;
+    assert_eq!(skiff_runtime::sys::device_programs_attached(&second)?, 1);
+    assert_eq!(skiff_runtime::sys::device_programs_loaded(), loaded);
+    let confined = run_probe(Some(&|pid| {
+        fs::write(second.join("cgroup.procs"), pid.to_string())?;
+        Ok(())
+    }))?;
+    assert_eq!(confined, PROBE_EXPECTED);
     Ok(())
 }
