@@ -24,7 +24,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 cargo build --release -q -p skiff-agent
+cargo build --release -q -p skiff-e2e --bin skiff-bench-start
 agent="$root/target/release/skiff-agent"
+inproc="$root/target/release/skiff-bench-start"
 
 work=$(mktemp -d /tmp/skiff-bench-rt.XXXXXX)
 parent="skiff-bench-rt-$$"
@@ -61,13 +63,17 @@ for layer in manifest["layers"]:
         t.extractall(dest, filter="fully_trusted")
 PY
 (cd "$bundle" && runc spec)
-python3 - "$bundle/config.json" <<'PY'
+# The same seccomp filter skiff-agent installs (runc spec has none), so runc and crun do the
+# same filtering work.
+"$inproc" --print-oci-seccomp >"$work/seccomp.json"
+python3 - "$bundle/config.json" "$work/seccomp.json" <<'PY'
 import json, sys
 p = sys.argv[1]
 c = json.load(open(p))
 c["process"]["terminal"] = False
 c["process"]["args"] = ["/bin/true"]
 c["root"]["readonly"] = False
+c["linux"]["seccomp"] = json.load(open(sys.argv[2]))
 json.dump(c, open(p, "w"), indent=1)
 PY
 
@@ -80,19 +86,30 @@ if [ -d /sys/fs/cgroup/unified ]; then
   crun_hyperfine=(unshare -m sh -c 'umount /sys/fs/cgroup/unified && exec hyperfine "$@"' hyperfine)
 fi
 
-# Three rounds, interleaved (each round: skiff-agent, runc, the floor, then crun), so a slow
-# moment of the machine does not land on one runtime only; the report gives the median of the
-# rounds' medians and their range.
+# Three rounds, interleaved (each round: skiff-agent, skiff in-process, crun, then runc and the
+# floor), so a slow moment of the machine does not land on one runtime only; the report gives
+# the median of the rounds' medians and their range. Each block starts after the kernel's
+# deferred work from the last one (network namespaces torn down in kworkers, RCU callbacks)
+# has had a second to drain, so it is not charged to the next runtime.
+settle() { sync; sleep 1; }
 rounds=3
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds"
+  settle
   hyperfine --warmup 10 --runs "$runs" --export-json "$work/round$r-a.json" \
-    -n skiff-agent "${A[*]} container run --rm --image $image -- /bin/true" \
-    -n runc "runc --root $run/runc run --bundle $bundle r\$\$" \
-    -n 'fork+exec /bin/true (floor)' "/bin/true" >"$work/round$r-a.txt"
+    -n skiff-agent "${A[*]} container run --rm --image $image -- /bin/true" >"$work/round$r-a.txt"
+  settle
+  # The runtime as the agent daemon calls it: one process, no command line started per run.
+  "$inproc" --data-dir "$data" --cgroup-parent "$parent" --run-dir "$run/skiff" --image "$image" \
+    --warmup 10 --runs "$runs" -- /bin/true >"$work/round$r-c.json"
+  settle
   "${crun_hyperfine[@]}" --warmup 10 --runs "$runs" --export-json "$work/round$r-b.json" \
     -n crun "crun --root $run/crun run --bundle $bundle c\$\$" >"$work/round$r-b.txt"
-  cat "$work/round$r-a.txt" "$work/round$r-b.txt"
+  settle
+  hyperfine --warmup 10 --runs "$runs" --export-json "$work/round$r-d.json" \
+    -n runc "runc --root $run/runc run --bundle $bundle r\$\$" \
+    -n 'fork+exec /bin/true (floor)' "/bin/true" >"$work/round$r-d.txt"
+  cat "$work/round$r-a.txt" "$work/round$r-b.txt" "$work/round$r-d.txt"
 done
 
 # Memory: 20 containers running; the monitors' resident memory (the agent's per-container
@@ -117,39 +134,55 @@ python3 - "$work" "$rss_kb" "$runs" "${md:-}" "$pss_kb" "$rounds" <<'PY'
 import json, sys, datetime, os, re, statistics
 work, rss_kb, runs, md, pss_kb, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 per = {}  # command -> [median ms of each round]
+INPROC = "skiff-agent runtime, in-process"
 names = []
 for r in range(1, rounds + 1):
-    for part in ("a", "b"):
+    for part in ("a", "b", "d"):
         for res in json.load(open(f"{work}/round{r}-{part}.json"))["results"]:
             if res["command"] not in per:
                 names.append(res["command"])
             per.setdefault(res["command"], []).append(res["median"] * 1000)
+        if part == "a":
+            name = INPROC
+            times = json.load(open(f"{work}/round{r}-c.json"))["times_ms"]
+            if name not in per:
+                names.append(name)
+            per.setdefault(name, []).append(statistics.median(times))
 med = {n: statistics.median(v) for n, v in per.items()}
-skiff = med["skiff-agent"]
 cpu = open("/proc/cpuinfo").read()
 model = re.search(r"model name\s*:\s*(.*)", cpu)
 lines = [
     "## Agent runtime: container start-to-exit vs runc and crun",
     "",
     f"- Date: {datetime.date.today()} (UTC); machine: {os.cpu_count()} × {model.group(1) if model else 'cpu'}",
-    f"- Command: `sudo scripts/bench-runtime.sh --write-md BENCHMARKS.md --runs {runs}` (hyperfine, 10 warm-up runs, {runs} runs per runtime per round, {rounds} interleaved rounds)",
+    f"- Command: `sudo scripts/bench-runtime.sh --write-md BENCHMARKS.md --runs {runs}` (hyperfine, 10 warm-up runs, {runs} runs per runtime per round, {rounds} interleaved rounds; each runtime's block starts after `sync` and a 1 s settle, so the kernel's deferred teardown of the last block's namespaces is not charged to it)",
     "- Workload: `/bin/true` in the busybox fixture image (runtime/tests/fixtures/make-busybox-image.sh); create, start, wait, delete.",
     "  skiff-agent: `container run --rm` (image already in the layer store; overlayfs rootfs, new pid/mount/uts/ipc/net/cgroup",
     "  namespaces, cgroup limits, caps, seccomp, monitor process). runc and crun: `run` on an OCI bundle of the same rootfs",
-    "  (`runc spec`, terminal off), which deletes the container on exit. crun refuses this hybrid host while",
+    "  (`runc spec`, terminal off, with skiff-agent's default seccomp profile added in its OCI form, which `runc spec`",
+    "  leaves out), which deletes the container on exit. crun refuses this hybrid host while",
     "  /sys/fs/cgroup/unified is mounted: its hyperfine runs in a mount namespace with that unmounted (set up once per",
     "  round, outside the timed command), so no wrapper process is in its figure.",
     "- Each runtime's live state is on a tmpfs, as /run is on a systemd host: skiff-agent `--run-dir` (as its systemd unit",
     "  sets it), runc and crun `--root`. skiff-agent's figure includes what makes its record durable on the disk (fsync of",
     "  the record file and its directory) and its writable layer there.",
+    "- skiff-agent runtime, in-process: the same start, wait and removal as the agent daemon does them, from one process",
+    f"  that stays up (`target/release/skiff-bench-start`, {runs} runs per round after 10 warm-up runs; the monitor is",
+    "  still a process of its own per container): what `container run` costs without starting and ending the 190 MB",
+    "  agent binary around each container. runc and crun have no such path: containerd and CRI-O exec them per container.",
     "",
-    f"| runtime | median of {rounds} rounds | range of the rounds' medians | skiff-agent vs it (>1 = skiff faster) |",
-    "|---|---:|---:|---:|",
+    f"| runtime | median of {rounds} rounds | range of the rounds' medians | skiff-agent CLI vs it (>1 = skiff faster; median of the rounds' ratios, range) | skiff in-process vs it |",
+    "|---|---:|---:|---:|---:|",
 ]
+def ratio(n, base):
+    """The median of the rounds' own ratios (round k against round k), with their range."""
+    rs = [a / b for a, b in zip(per[n], per[base]) if b]
+    if n == base or not rs:
+        return "1.00×"
+    return f"{statistics.median(rs):.2f}× ({min(rs):.2f} to {max(rs):.2f})"
 for n in names:
-    ratio = med[n] / skiff if skiff else 0
     lo, hi = min(per[n]), max(per[n])
-    lines.append(f"| {n} | {med[n]:.2f} ms | {lo:.2f} to {hi:.2f} ms | {ratio:.2f}× |")
+    lines.append(f"| {n} | {med[n]:.2f} ms | {lo:.2f} to {hi:.2f} ms | {ratio(n, 'skiff-agent')} | {ratio(n, INPROC)} |")
 lines += [
     "",
     f"Memory: 20 containers running `sleep 1000`: their monitors hold {rss_kb} KiB resident ({rss_kb // 20} KiB each, RSS),",

@@ -13,7 +13,7 @@
 mod seccomp;
 mod user;
 
-pub use seccomp::{SeccompProgram, default_seccomp, install_seccomp};
+pub use seccomp::{SeccompProgram, default_seccomp, install_seccomp, oci_profile};
 pub use user::resolve_user;
 
 use caps::{CapSet, Capability, CapsHashSet};

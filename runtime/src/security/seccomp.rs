@@ -94,6 +94,46 @@ pub fn default_seccomp() -> Result<SeccompProgram, SecurityError> {
     Ok(SeccompProgram(program))
 }
 
+/// The default profile in the OCI runtime spec's `linux.seccomp` form, for handing the same
+/// profile to an OCI runtime (runc, crun) when comparing with one: everything allowed but the
+/// deny list (EPERM), `clone` with a namespace flag (EPERM), `clone3` (ENOSYS) and
+/// `socket(AF_VSOCK)` (EPERM). `personality` outside Docker's values is left out: libseccomp
+/// takes one comparison per argument in a rule, so "none of five values" has no OCI form here.
+pub fn oci_profile() -> serde_json::Value {
+    let errno = |names: Vec<&str>, ret: i32, args: serde_json::Value| {
+        serde_json::json!({
+            "names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": ret, "args": args,
+        })
+    };
+    let denied: Vec<&str> = arch::DENIED
+        .iter()
+        .map(|(name, _)| name.trim_start_matches("SYS_"))
+        .collect();
+    let mut syscalls = vec![
+        errno(denied, libc::EPERM, serde_json::json!([])),
+        errno(vec!["clone3"], libc::ENOSYS, serde_json::json!([])),
+        errno(
+            vec!["socket"],
+            libc::EPERM,
+            serde_json::json!([{"index": 0, "value": libc::AF_VSOCK, "op": "SCMP_CMP_EQ"}]),
+        ),
+    ];
+    for flag in CLONE_NAMESPACE_FLAGS {
+        syscalls.push(errno(
+            vec!["clone"],
+            libc::EPERM,
+            serde_json::json!([{
+                "index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ",
+            }]),
+        ));
+    }
+    serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": [arch::OCI_ARCH],
+        "syscalls": syscalls,
+    })
+}
+
 /// Installs `p` on the calling thread. `seccompiler` sets `no_new_privs` first (a filter
 /// needs it, or `CAP_SYS_ADMIN`). Does not allocate.
 pub fn install_seccomp(p: &SeccompProgram) -> Result<(), SecurityError> {
@@ -190,6 +230,7 @@ mod arch {
     use seccompiler::TargetArch;
 
     pub(super) const TARGET: Option<TargetArch> = Some(TargetArch::x86_64);
+    pub(super) const OCI_ARCH: &str = "SCMP_ARCH_X86_64";
     /// AUDIT_ARCH_X86_64: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
     pub(super) const AUDIT_ARCH: u32 = 62 | 0x8000_0000 | 0x4000_0000;
     pub(super) const X32_SYSCALL_BIT: Option<u32> = Some(0x4000_0000);
@@ -262,6 +303,7 @@ mod arch {
     use seccompiler::TargetArch;
 
     pub(super) const TARGET: Option<TargetArch> = Some(TargetArch::aarch64);
+    pub(super) const OCI_ARCH: &str = "SCMP_ARCH_AARCH64";
     /// AUDIT_ARCH_AARCH64: EM_AARCH64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
     pub(super) const AUDIT_ARCH: u32 = 183 | 0x8000_0000 | 0x4000_0000;
     pub(super) const X32_SYSCALL_BIT: Option<u32> = None;
@@ -331,6 +373,7 @@ mod arch {
     use seccompiler::TargetArch;
 
     pub(super) const TARGET: Option<TargetArch> = None;
+    pub(super) const OCI_ARCH: &str = "";
     pub(super) const AUDIT_ARCH: u32 = 0;
     pub(super) const X32_SYSCALL_BIT: Option<u32> = None;
     pub(super) const DENIED: &[(&str, i64)] = &[];
@@ -430,6 +473,35 @@ mod tests {
         ] {
             assert_eq!(native(&p, nr, 0), ALLOW, "{name}");
         }
+    }
+
+    /// The OCI form names every denied syscall and the argument rules, as runc and crun read
+    /// them (scripts/bench-runtime.sh hands it to both).
+    #[test]
+    fn the_oci_form_holds_the_same_denials() {
+        let p = oci_profile();
+        assert_eq!(p["defaultAction"], "SCMP_ACT_ALLOW");
+        let rules = p["syscalls"].as_array().expect("syscalls");
+        let names: Vec<&str> = rules[0]["names"]
+            .as_array()
+            .expect("names")
+            .iter()
+            .map(|n| n.as_str().expect("name"))
+            .collect();
+        assert_eq!(names.len(), arch::DENIED.len());
+        for n in ["mount", "bpf", "ptrace", "kexec_load", "unshare"] {
+            assert!(names.contains(&n), "{n} denied");
+        }
+        assert!(names.iter().all(|n| !n.starts_with("SYS_")));
+        assert_eq!(rules[0]["errnoRet"], libc::EPERM);
+        let clone: Vec<_> = rules.iter().filter(|r| r["names"][0] == "clone").collect();
+        assert_eq!(clone.len(), CLONE_NAMESPACE_FLAGS.len());
+        assert_eq!(clone[0]["args"][0]["op"], "SCMP_CMP_MASKED_EQ");
+        assert!(
+            rules
+                .iter()
+                .any(|r| r["names"][0] == "clone3" && r["errnoRet"] == libc::ENOSYS)
+        );
     }
 
     #[test]

@@ -1,0 +1,85 @@
+//! Container start-to-exit as the agent daemon does it, for `scripts/bench-runtime.sh`: one
+//! process that stays up and, for each container, calls the runtime (`Runtime::run`, which
+//! spawns the container's monitor; wait for the monitor; `Runtime::remove`), without the
+//! `skiff-agent container run` command line's own start and exit per container. Needs root and
+//! `skiff-monitor` next to this binary (cargo builds both into the same directory).
+//!
+//!   skiff-bench-start --data-dir DIR --cgroup-parent P [--run-dir DIR] --image REF
+//!                     [--warmup 10] [--runs 100] -- CMD...
+//!
+//! Prints one line of JSON: `{"times_ms": [...]}`, each run's time from the call to `run` to
+//! the end of `remove`. `skiff-bench-start --print-oci-seccomp` prints the runtime's default
+//! seccomp profile in the OCI form instead, for giving runc and crun the same filter.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
+use skiff_runtime::container::{RunOptions, Runtime};
+
+#[derive(Parser)]
+struct Args {
+    /// Print the default seccomp profile as an OCI `linux.seccomp` object and exit.
+    #[arg(long, exclusive = true)]
+    print_oci_seccomp: bool,
+    #[arg(long, required = true)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, required = true)]
+    cgroup_parent: Option<String>,
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// An image already in the data dir's store (e.g. `oci:DIR:TAG`, pulled beforehand).
+    #[arg(long, required = true)]
+    image: Option<String>,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    #[arg(long, default_value_t = 100)]
+    runs: usize,
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.print_oci_seccomp {
+        println!("{}", skiff_runtime::security::oci_profile());
+        return Ok(());
+    }
+    let (Some(data_dir), Some(parent), Some(image)) =
+        (&args.data_dir, &args.cgroup_parent, &args.image)
+    else {
+        anyhow::bail!("--data-dir, --cgroup-parent and --image are needed");
+    };
+    ensure!(!args.cmd.is_empty(), "give the command after --");
+    let mut rt = Runtime::open(data_dir, parent)?;
+    if let Some(dir) = &args.run_dir {
+        rt.set_run_dir(dir)?;
+    }
+    let opts = RunOptions {
+        image: image.clone(),
+        cmd: args.cmd.clone(),
+        ..RunOptions::default()
+    };
+    let mut times = Vec::with_capacity(args.runs);
+    for i in 0..args.warmup + args.runs {
+        let start = Instant::now();
+        let (id, mut monitor) = rt.run(&opts).context("run")?;
+        monitor.wait().context("waiting for the monitor")?;
+        let state = rt.store().state(&id)?;
+        let code = state.exit.as_ref().map(|e| e.status_code());
+        rt.remove(&id, true).context("remove")?;
+        let took = start.elapsed();
+        ensure!(
+            code == Some(0),
+            "container {id} ended with {code:?}: {state:?}"
+        );
+        if i >= args.warmup {
+            times.push(took.as_secs_f64() * 1000.0);
+        }
+    }
+    println!("{}", serde_json::json!({ "times_ms": times }));
+    Ok(())
+}
