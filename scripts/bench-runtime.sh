@@ -130,9 +130,11 @@ for id in "${ids[@]}"; do
 done
 echo "20 running containers: monitors' resident memory ${rss_kb} KiB (RSS), ${pss_kb} KiB (PSS: shared pages split)"
 
-python3 - "$work" "$rss_kb" "$runs" "${md:-}" "$pss_kb" "$rounds" <<'PY'
+versions="$(runc --version | head -1); $(crun --version | head -1); $(hyperfine --version)"
+python3 - "$work" "$rss_kb" "$runs" "${md:-}" "$pss_kb" "$rounds" "$versions" <<'PY'
 import json, sys, datetime, os, re, statistics
 work, rss_kb, runs, md, pss_kb, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+versions = sys.argv[7]
 per = {}  # command -> [median ms of each round]
 INPROC = "skiff-agent runtime, in-process"
 names = []
@@ -156,6 +158,7 @@ lines = [
     "",
     f"- Date: {datetime.date.today()} (UTC); machine: {os.cpu_count()} × {model.group(1) if model else 'cpu'}",
     f"- Command: `sudo scripts/bench-runtime.sh --write-md BENCHMARKS.md --runs {runs}` (hyperfine, 10 warm-up runs, {runs} runs per runtime per round, {rounds} interleaved rounds; each runtime's block starts after `sync` and a 1 s settle, so the kernel's deferred teardown of the last block's namespaces is not charged to it)",
+    f"- Versions: {versions} (Debian packages).",
     "- Workload: `/bin/true` in the busybox fixture image (runtime/tests/fixtures/make-busybox-image.sh); create, start, wait, delete.",
     "  skiff-agent: `container run --rm` (image already in the layer store; overlayfs rootfs, new pid/mount/uts/ipc/net/cgroup",
     "  namespaces, cgroup limits, caps, seccomp, monitor process). runc and crun: `run` on an OCI bundle of the same rootfs",
