@@ -2,7 +2,8 @@
 # Installs Skiff with deploy/systemd/install.sh on a Debian host booted under real systemd (an
 # LXC system container on this machine) and checks what the units promise:
 #   - the controller (bootstrap) and the agent start, enable and report healthy;
-#   - a 3-replica job runs;
+#   - a 3-replica job runs, its containers' live state in /run/skiff-agent (none beside the
+#     records), kept across the agent's restart;
 #   - `install.sh upgrade` replaces the binaries and restarts both units: the job's containers
 #     keep running with the same processes, are adopted by the new agent, and `skiff exec`
 #     reaches one; the cluster takes writes after the controller's restart (scale to 4);
@@ -216,6 +217,14 @@ agent_pid=$("${A[@]}" systemctl show -p MainPID --value skiff-agent)
 ctl_pid=$("${A[@]}" systemctl show -p MainPID --value skiff-controller)
 inode=$("${A[@]}" stat -c %i /usr/local/bin/skiff-agent)
 step "running: container processes $before"
+# Their live state is on the tmpfs /run (the unit's RuntimeDirectory, run_dir in agent.toml),
+# none of it beside their records in /var/lib/skiff.
+live_states() { "${A[@]}" sh -c 'ls /run/skiff-agent/containers/ 2>/dev/null' | sort | tr '\n' ' '; }
+states=$(live_states)
+[ "$(echo "$states" | wc -w)" -ge 3 ] || fail "live state files in /run/skiff-agent/containers: '$states'"
+"${A[@]}" sh -c 'ls /var/lib/skiff/agent/containers/*/state.json 2>/dev/null' | grep -q . &&
+  fail "a state.json beside a record in /var/lib/skiff/agent"
+step "live state in /run/skiff-agent: $states"
 
 step "install.sh upgrade (binaries replaced, controller and agent restarted)"
 "${A[@]}" /opt/skiff/new/install.sh upgrade --bin-dir /opt/skiff/new >"$dir/upgrade.log" 2>&1 ||
@@ -228,6 +237,7 @@ after=$(container_pids)
 [ "$after" = "$before" ] || fail "containers were restarted by the upgrade: $before -> $after"
 alloc=$(skiff ps web -o json | grep -o '"id": *"[^"]*"' | head -1 | sed 's/.*"\([^"]*\)"$/\1/')
 out=$(skiff exec "$alloc" -- cat /www/index.html 2>&1) || fail "skiff exec after the upgrade: $out"
+[ "$(live_states)" = "$states" ] || fail "the live state did not outlive the agent's restart: $states -> $(live_states)"
 step "same container processes after the upgrade; skiff exec works"
 skiff scale web 4 >/dev/null || fail "a write after the controller's restart"
 running 4
