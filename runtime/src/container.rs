@@ -146,12 +146,24 @@ impl Runtime {
     /// restarts); their records stay in the data dir. Containers created before keep theirs
     /// where they are.
     pub fn set_run_dir(&mut self, dir: &Path) -> Result<(), RuntimeError> {
+        use std::path::Component;
+        let invalid = |why: &str| RuntimeError::Invalid {
+            field: "run dir",
+            reason: format!("{}: {why}", dir.display()),
+        };
         if !dir.is_absolute() {
-            return Err(RuntimeError::Invalid {
-                field: "run dir",
-                reason: format!("{} is not an absolute path", dir.display()),
-            });
+            return Err(invalid("not an absolute path"));
         }
+        if dir.to_str().is_none() {
+            return Err(invalid("not UTF-8"));
+        }
+        if dir.components().any(|c| c == Component::ParentDir) {
+            return Err(invalid("has a .. in it"));
+        }
+        // Its plain form (no `.`, no doubled or trailing `/`): records name their state file
+        // under it, and a record naming anything else is refused.
+        let dir: PathBuf = dir.components().collect();
+        let dir = dir.as_path();
         let live = super::store::run_state_file(dir, "x");
         let live = live.parent().unwrap_or(dir);
         use std::os::unix::fs::DirBuilderExt as _;
@@ -671,5 +683,30 @@ impl Runtime {
             }
         }
         Ok(cleaned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run dir is taken in its plain form, so the state files records name under it pass
+    /// the store's check; a relative one or one with `..` is refused, naming it.
+    #[test]
+    fn a_run_dir_is_absolute_and_kept_plain() {
+        let data = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let mut rt = Runtime::open(data.path(), "p").expect("open");
+        let messy = format!("{}/./live//", run.path().display());
+        rt.set_run_dir(Path::new(&messy)).expect("set");
+        assert_eq!(
+            rt.run_dir.as_deref(),
+            Some(run.path().join("live").as_path())
+        );
+        assert!(run.path().join("live").join("containers").is_dir());
+        for bad in ["relative/run", "/run/../etc"] {
+            let err = rt.set_run_dir(Path::new(bad)).expect_err(bad).to_string();
+            assert!(err.contains(bad) && err.contains("run dir"), "{err}");
+        }
     }
 }

@@ -337,17 +337,26 @@ impl Store {
     }
 
     /// The file holding the live state of the container `config` describes. A record that
-    /// names any other file than `<dir>/containers/<its id>.json` is refused: the monitor
-    /// (root) writes there.
+    /// names any other file than `/<run dir>/containers/<its id>.json` (absolute, UTF-8, no
+    /// empty, `.` or `..` segment) is refused: the monitor (root) writes there.
     pub fn state_file(&self, config: &ContainerConfig) -> Result<PathBuf, StoreError> {
         let Some(file) = &config.state_file else {
             return Ok(self.dir(&config.id).join(STATE_FILE));
         };
-        let expected = file
-            .parent()
-            .and_then(Path::parent)
-            .map(|run_dir| run_state_file(run_dir, &config.id));
-        if file.is_absolute() && expected.as_deref() == Some(file.as_path()) {
+        let name = format!("{}.json", config.id);
+        let plain = file
+            .to_str()
+            .and_then(|t| t.strip_prefix('/'))
+            .is_some_and(|t| {
+                let segments: Vec<&str> = t.split('/').collect();
+                segments.len() >= 2
+                    && segments
+                        .iter()
+                        .all(|s| !s.is_empty() && *s != "." && *s != "..")
+                    && segments[segments.len() - 2] == RUN_CONTAINERS
+                    && segments[segments.len() - 1] == name
+            });
+        if plain {
             Ok(file.clone())
         } else {
             Err(StoreError::Corrupt {
@@ -687,5 +696,41 @@ mod tests {
         );
         assert!(live.join("e1.json").is_file());
         assert!(mine.is_file());
+    }
+
+    proptest::proptest! {
+        /// Whatever path a record names, the state file used is the canonical
+        /// `/DIR/containers/ID.json` of a plain absolute path, or the record is refused.
+        #[test]
+        fn only_a_plain_run_dir_state_file_is_taken(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "", ".", "..", "run", "containers", "f1.json", "f2.json", "f1", ".f1.json",
+                    "a b", "containers.json",
+                ]),
+                0..6,
+            ),
+            absolute in proptest::bool::ANY,
+        ) {
+            let data = tempfile::tempdir().expect("tmp");
+            let store = Store::open(data.path()).expect("open");
+            let joined = parts.join("/");
+            let path = if absolute { format!("/{joined}") } else { joined };
+            let c = ContainerConfig {
+                state_file: Some(PathBuf::from(&path)),
+                ..config("f1")
+            };
+            match store.state_file(&c) {
+                Ok(file) => {
+                    let text = file.to_str().expect("utf-8");
+                    proptest::prop_assert_eq!(text, path.as_str());
+                    proptest::prop_assert!(text.starts_with('/'), "{}", text);
+                    proptest::prop_assert!(text.ends_with("/containers/f1.json"), "{}", text);
+                    proptest::prop_assert!(!text.contains("/./") && !text.contains("/../"), "{}", text);
+                    proptest::prop_assert!(!text.contains("//"), "{}", text);
+                }
+                Err(e) => proptest::prop_assert!(e.to_string().contains("state_file"), "{}", e),
+            }
+        }
     }
 }
