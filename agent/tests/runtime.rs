@@ -717,18 +717,22 @@ fn a_fenced_container_stops_when_its_lease_runs_out_and_does_not_start_on_a_stal
 
 /// With `--run-dir`, the monitor's live state goes there (a tmpfs under systemd) and the
 /// record stays in the data dir; later commands find it through the record, without the flag.
-/// Removing the container removes both; a state file no record owns is swept; a run dir
-/// emptied by a reboot leaves the container listed as over, not lost.
+/// An ended container's state is saved beside its record. Removing the container removes
+/// both; a state file no record owns is swept. After a reboot (the run dir emptied, every
+/// process gone) a container that was running is recorded as ended by the node, which the
+/// agent starts again; one that had ended keeps its exit.
 #[test]
 fn live_state_goes_to_the_run_dir_and_leaves_with_the_container() {
     need_root!();
     let a = Agent::new();
     let run = a.dir.path().join("run-dir");
     let run_arg = run.to_str().expect("utf-8 path");
+    let read = |path: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).expect("state file")).expect("json")
+    };
     let id = a.ok(&["-d", "--run-dir", run_arg], &["sleep", "1000"]);
     let live = run.join("containers").join(format!("{id}.json"));
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&live).expect("live state")).expect("json");
+    let state = read(&live);
     assert_eq!(state["status"], "running", "{state}");
     assert!(state["monitor_pid"].as_i64().is_some(), "{state}");
     let record = a.dir.path().join("containers").join(&id);
@@ -742,11 +746,13 @@ fn live_state_goes_to_the_run_dir_and_leaves_with_the_container() {
     assert_eq!(c["monitor_alive"], true);
     let out = a.agent_ok(&["container", "stop", "-t", "0", &id]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("signal 9"));
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&live).expect("live state")).expect("json");
-    assert_eq!(state["status"], "exited", "{state}");
+    // Ended: beside the record, so it outlives a reboot.
+    assert!(
+        !live.exists(),
+        "the live file is gone once the container ended"
+    );
+    assert_eq!(read(&record.join("state.json"))["status"], "exited");
     a.agent_ok(&["container", "rm", &id]);
-    assert!(!live.exists(), "the live state left with the container");
     assert!(!record.exists());
 
     // A stray state file (its record removed by hand) is swept by the next command.
@@ -755,31 +761,47 @@ fn live_state_goes_to_the_run_dir_and_leaves_with_the_container() {
     a.agent_ok(&["--run-dir", run_arg, "container", "ps", "-a"]);
     assert!(!stray.exists(), "stray state file swept");
 
-    // A reboot empties the tmpfs: the container is over, with the reason.
+    // A reboot: one container running, one ended before it.
+    let ended = a.run(&["--run-dir", run_arg], &["sh", "-c", "exit 3"]);
+    assert_eq!(ended.status.code(), Some(3));
+    let ended = a
+        .ps()
+        .as_array()
+        .and_then(|v| v.iter().find(|c| c["exit"]["code"] == 3).cloned())
+        .expect("the ended container listed");
+    let ended_id = ended["id"].as_str().expect("id").to_string();
     let id = a.ok(&["-d", "--run-dir", run_arg], &["sleep", "1000"]);
-    let live = run.join("containers").join(format!("{id}.json"));
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&live).expect("live state")).expect("json");
+    let state = read(&run.join("containers").join(format!("{id}.json")));
     let monitor = state["monitor_pid"].as_i64().expect("monitor pid") as i32;
-    let record = a.dir.path().join("containers").join(&id);
-    a.agent_ok(&["container", "stop", "-t", "0", &id]);
-    for _ in 0..100 {
-        if !Path::new(&format!("/proc/{monitor}")).exists() {
+    let pid = state["pid"].as_i64().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the monitor");
+    std::fs::remove_dir_all(&run).expect("the run dir emptied");
+    a.agent_ok(&["--run-dir", run_arg, "container", "ps", "-a"]);
+    let c = a.find(&id);
+    assert_eq!(c["status"], "exited", "{c}");
+    assert_eq!(c["error"], skiff_runtime::container::MONITOR_GONE, "{c}");
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    };
+    for _ in 0..50 {
+        if gone() {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::fs::remove_dir_all(&run).expect("reboot");
-    let c = a.find(&id);
-    assert_eq!(c["status"], "exited", "{c}");
-    assert!(
-        c["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("state was lost")),
-        "{c}"
-    );
+    assert!(gone(), "container process {pid} survived");
+    let e = a.find(&ended_id);
+    assert_eq!(e["status"], "exited", "{e}");
+    assert_eq!(e["exit"]["code"], 3, "{e}");
+    assert!(e["error"].is_null(), "{e}");
     a.agent_ok(&["container", "rm", &id]);
-    assert!(!record.exists());
+    a.agent_ok(&["container", "rm", &ended_id]);
     assert!(
         a.leftover_cgroups().is_empty(),
         "{:?}",

@@ -20,6 +20,18 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.{seq}.tmp", std::process::id()))
 }
 
+/// The pid of the process that made the temporary file `name` (a file name as [`temp_name`]
+/// makes them: `.<name>.<pid>.<seq>.tmp`), or `None` for any other name.
+pub fn temp_writer_pid(name: &str) -> Option<u32> {
+    let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = inner.rsplitn(3, '.');
+    let seq = parts.next()?;
+    let pid = parts.next()?;
+    let _target = parts.next().filter(|t| !t.is_empty())?;
+    seq.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
 /// fsync of a directory: makes the creation, rename or removal of its entries durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -120,6 +132,23 @@ pub fn sync_filesystem(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_temporary_names_its_writer() {
+        let tmp = temp_name(Path::new("/run/x/containers/ab12.json"));
+        let name = tmp.file_name().and_then(|n| n.to_str()).expect("name");
+        assert_eq!(temp_writer_pid(name), Some(std::process::id()));
+        for other in [
+            "ab12.json",
+            ".ab12.json",
+            ".x.tmp",
+            "..1.2.tmp",
+            ".a.b.c.tmp",
+            ".a.12.x.tmp",
+        ] {
+            assert_eq!(temp_writer_pid(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn atomic_writes_replace_whole_and_leave_no_temporaries() {

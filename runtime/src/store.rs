@@ -230,6 +230,8 @@ pub enum StoreError {
     NameInUse(String),
     #[error("container reference {0:?} matches several containers")]
     Ambiguous(String),
+    #[error("run dir {path}: {reason}")]
+    RunDir { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -293,6 +295,19 @@ pub fn run_state_file(run_dir: &Path, id: &str) -> PathBuf {
     run_dir.join(RUN_CONTAINERS).join(format!("{id}.json"))
 }
 
+/// The file in a run dir naming the data dir whose records it holds the live state of.
+const RUN_OWNER: &str = "data-dir";
+
+/// Creates `dir` (and its parents) with mode 0700 where missing.
+fn make_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
+}
+
 /// The container directories under one data dir.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -317,18 +332,76 @@ impl Store {
         }
         let state_file = self.state_file(config)?;
         if let Some(live) = state_file.parent() {
-            use std::os::unix::fs::DirBuilderExt as _;
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(live)
-                .map_err(io(live))?;
+            make_private_dir(live)?;
         }
         let dir = self.dir(&config.id);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         reserve(&dir.join(RESERVE_FILE));
         write_state(&state_file, &State::created())?;
         write_json_atomic(&dir.join("config.json"), config)?;
+        Ok(dir)
+    }
+
+    /// Makes `dir` this store's run dir and returns it in its plain form (no `.`, no doubled
+    /// or trailing `/`: records name their state file under it, and a record naming anything
+    /// else is refused). Refused: a relative, non-UTF-8 or `..` path; the data dir itself; a
+    /// directory (or its `containers/`) that is a symlink, not owned by this user, or writable
+    /// by others, since root trusts what it reads there; and a run dir already claimed by
+    /// another data dir, whose live files this store's sweep would take for strays.
+    pub fn claim_run_dir(&self, dir: &Path) -> Result<PathBuf, StoreError> {
+        use std::os::unix::fs::MetadataExt as _;
+        use std::path::Component;
+        let refuse = |reason: String| StoreError::RunDir {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        if !dir.is_absolute() {
+            return Err(refuse("not an absolute path".into()));
+        }
+        if dir.to_str().is_none() {
+            return Err(refuse("not UTF-8".into()));
+        }
+        if dir.components().any(|c| c == Component::ParentDir) {
+            return Err(refuse("has a .. in it".into()));
+        }
+        let dir: PathBuf = dir.components().collect();
+        let live = dir.join(RUN_CONTAINERS);
+        make_private_dir(&live)?;
+        let root = fs::canonicalize(&self.root).map_err(io(&self.root))?;
+        if fs::canonicalize(&live).map_err(io(&live))? == root {
+            return Err(refuse("it is the data dir".into()));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        for d in [&dir, &live] {
+            let m = fs::symlink_metadata(d).map_err(io(d))?;
+            if m.file_type().is_symlink() {
+                return Err(refuse(format!("{} is a symlink", d.display())));
+            }
+            if m.uid() != me || m.mode() & 0o022 != 0 {
+                return Err(refuse(format!(
+                    "{} is owned by uid {} with mode {:o}: it must be this user's, writable by no one else",
+                    d.display(),
+                    m.uid(),
+                    m.mode() & 0o7777
+                )));
+            }
+        }
+        let owner = dir.join(RUN_OWNER);
+        let root_text = root.to_string_lossy().into_owned();
+        match fs::read_to_string(&owner) {
+            Ok(text) if text.trim_end() == root_text => {}
+            Ok(text) => {
+                return Err(refuse(format!(
+                    "it holds the live state of the data dir {}",
+                    text.trim_end()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::durable::replace_atomic(&owner, format!("{root_text}\n").as_bytes())
+                    .map_err(io(&owner))?;
+            }
+            Err(e) => return Err(io(&owner)(e)),
+        }
         Ok(dir)
     }
 
@@ -374,34 +447,79 @@ impl Store {
         self.state_of(&self.config(id)?)
     }
 
+    /// The container's state. With a run dir: the live file there; once the container has
+    /// ended (see [`Store::save_state`]), the copy beside its record; when neither is there,
+    /// the run dir was emptied by a reboot while the container ran (or was being created):
+    /// it is `Running` under no monitor, which the next cleanup ([`crate::container::Runtime::gc`])
+    /// records as ended by the node, as it does for a monitor that died.
     pub fn state_of(&self, config: &ContainerConfig) -> Result<State, StoreError> {
-        read_json(&self.state_file(config)?)
+        let file = self.state_file(config)?;
+        if config.state_file.is_none() {
+            return read_json(&file);
+        }
+        for path in [&file, &self.dir(&config.id).join(STATE_FILE)] {
+            match read_json(path) {
+                Err(StoreError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                other => return other,
+            }
+        }
+        Ok(State {
+            status: Status::Running,
+            ..State::created()
+        })
     }
 
-    /// Saves what happened. On a full disk the container's reserve (see [`Store::create`]) is
-    /// given up to make room, so the record of an exit is not lost to the output that filled
-    /// the disk.
+    /// Saves what happened. With a run dir, an ended container's state (exited or failed) is
+    /// written beside its record instead, and the live file removed: it outlives a reboot, so
+    /// a container that had finished is not taken for one the reboot stopped. On a full disk
+    /// the container's reserve (see [`Store::create`]) is given up to make room, so the record
+    /// of an exit is not lost to the output that filled the disk.
     pub fn save_state(&self, config: &ContainerConfig, state: &State) -> Result<(), StoreError> {
-        let path = self.state_file(config)?;
-        match write_state(&path, state) {
-            Err(StoreError::Io { source, .. })
-                if source.raw_os_error() == Some(libc::ENOSPC)
-                    && fs::remove_file(self.dir(&config.id).join(RESERVE_FILE)).is_ok() =>
-            {
-                write_state(&path, state)
-            }
-            other => other,
-        }
+        self.save(config, state, true)
     }
 
     /// [`Store::save_state`] that leaves the reserve alone: for updates that may fail on a full
-    /// disk without harm (a running count), so the reserve is still there for the exit.
+    /// disk without harm (a running count of a running container), so the reserve is still
+    /// there for the exit.
     pub fn save_state_keeping_reserve(
         &self,
         config: &ContainerConfig,
         state: &State,
     ) -> Result<(), StoreError> {
-        write_state(&self.state_file(config)?, state)
+        self.save(config, state, false)
+    }
+
+    fn save(
+        &self,
+        config: &ContainerConfig,
+        state: &State,
+        use_reserve: bool,
+    ) -> Result<(), StoreError> {
+        let live = self.state_file(config)?;
+        let ended = matches!(state.status, Status::Exited | Status::Failed);
+        let path = if config.state_file.is_some() && ended {
+            self.dir(&config.id).join(STATE_FILE)
+        } else {
+            live.clone()
+        };
+        match write_state(&path, state) {
+            Err(StoreError::Io { source, .. })
+                if use_reserve
+                    && source.raw_os_error() == Some(libc::ENOSPC)
+                    && fs::remove_file(self.dir(&config.id).join(RESERVE_FILE)).is_ok() =>
+            {
+                write_state(&path, state)?
+            }
+            other => other?,
+        }
+        if path != live {
+            match fs::remove_file(&live) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&live)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Every container with a readable config, ordered by creation time. A directory without
@@ -462,12 +580,9 @@ impl Store {
     /// Removes a container's record: its live state (when its config names where), then its
     /// directory.
     pub fn remove_dir(&self, id: &str) -> Result<(), StoreError> {
+        // Best effort: a live file left here is swept with the run dir (`sweep_run_dir`).
         if let Ok(file) = self.config(id).and_then(|c| self.state_file(&c)) {
-            match fs::remove_file(&file) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&file)(e)),
-            }
+            let _ = fs::remove_file(&file);
         }
         let dir = self.dir(id);
         match fs::remove_dir_all(&dir) {
@@ -492,10 +607,9 @@ pub fn sweep_run_dir(store: &Store, run_dir: &Path) -> Result<Vec<PathBuf>, Stor
     for entry in entries {
         let entry = entry.map_err(io(&root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let stale = if let Some(tmp) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
-            // `.<id>.json.<pid>.<seq>.tmp` (see `durable::temp_name`).
-            let pid = tmp.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
-            pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        let stale = if let Some(pid) = crate::durable::temp_writer_pid(&name) {
+            // Its writer (a monitor or the agent, in this pid namespace) is gone.
+            !Path::new(&format!("/proc/{pid}")).exists()
         } else if let Some(id) = name.strip_suffix(".json") {
             !store.dir(id).exists()
         } else {
@@ -618,6 +732,7 @@ mod tests {
         s.pid = Some(42);
         store.save_state(&c, &s).expect("save");
         assert_eq!(store.state_of(&c).expect("state"), s);
+        assert!(live.is_file() && !store.dir("b1").join("state.json").exists());
         let listed = store.list().expect("list");
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].1.status, Status::Running);
@@ -634,19 +749,80 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
     }
 
-    /// A run dir after a reboot is empty: the container is listed as over, not lost.
+    /// A reboot empties the run dir. A container that was running (or being created) then is
+    /// `Running` under no monitor, for the next cleanup to record as ended by the node; one
+    /// that had ended keeps its end, saved beside its record.
     #[test]
-    fn a_run_dir_emptied_by_a_reboot_leaves_the_container_listed_as_over() {
+    fn after_a_reboot_a_running_container_is_running_under_no_monitor_and_an_ended_one_ended() {
         let data = tempfile::tempdir().expect("tmp");
         let run = tempfile::tempdir().expect("tmp");
         let store = Store::open(data.path()).expect("open");
-        store.create(&in_run_dir(run.path(), "c1")).expect("create");
+        let running = in_run_dir(run.path(), "c1");
+        store.create(&running).expect("create");
+        let mut s = store.state_of(&running).expect("state");
+        s.status = Status::Running;
+        s.monitor_pid = Some(4242);
+        store.save_state(&running, &s).expect("save");
+        let ended = in_run_dir(run.path(), "c2");
+        store.create(&ended).expect("create");
+        let mut s = store.state_of(&ended).expect("state");
+        s.status = Status::Exited;
+        s.exit = Some(ExitInfo {
+            code: Some(3),
+            signal: None,
+            oom_killed: false,
+            at_ms: 5,
+        });
+        store.save_state(&ended, &s).expect("save");
+        // The end is beside the record, the live file gone.
+        assert!(store.dir("c2").join("state.json").is_file());
+        assert!(!run_state_file(run.path(), "c2").exists());
+        assert_eq!(store.state("c2").expect("state"), s);
+
         std::fs::remove_dir_all(run.path().join("containers")).expect("reboot");
-        let list = store.list().expect("list");
-        assert_eq!(list.len(), 1);
-        assert_eq!(list[0].1.status, Status::Exited);
+        let after = store.state("c1").expect("state");
+        assert_eq!(after.status, Status::Running);
+        assert_eq!(after.monitor_pid, None);
+        assert!(!monitor_alive(&after));
+        assert_eq!(store.state("c2").expect("state"), s);
+        assert_eq!(store.list().expect("list").len(), 2);
         store.remove_dir("c1").expect("remove");
-        assert!(!store.dir("c1").exists());
+        store.remove_dir("c2").expect("remove");
+        assert!(!store.dir("c1").exists() && !store.dir("c2").exists());
+    }
+
+    /// A run dir is this store's alone, in its plain form, and root's to write.
+    #[test]
+    fn a_run_dir_is_claimed_by_one_data_dir() {
+        let data = tempfile::tempdir().expect("tmp");
+        let other = tempfile::tempdir().expect("tmp");
+        let run = tempfile::tempdir().expect("tmp");
+        let store = Store::open(data.path()).expect("open");
+        let messy = format!("{}/./live//", run.path().display());
+        let dir = store.claim_run_dir(Path::new(&messy)).expect("claim");
+        assert_eq!(dir, run.path().join("live"));
+        store.claim_run_dir(&dir).expect("again, same data dir");
+        let err = Store::open(other.path())
+            .expect("open")
+            .claim_run_dir(&dir)
+            .expect_err("another data dir");
+        assert!(err.to_string().contains("holds the live state of"), "{err}");
+        let err = store.claim_run_dir(data.path()).expect_err("the data dir");
+        assert!(err.to_string().contains("is the data dir"), "{err}");
+        let open = run.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod");
+        let err = store.claim_run_dir(&open).expect_err("writable by others");
+        assert!(err.to_string().contains("writable by no one else"), "{err}");
+        let link = run.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).expect("symlink");
+        let err = store.claim_run_dir(&link).expect_err("a symlink");
+        assert!(err.to_string().contains("symlink"), "{err}");
+        for bad in ["relative/run", "/run/../etc"] {
+            let err = store.claim_run_dir(Path::new(bad)).expect_err(bad);
+            assert!(err.to_string().contains(bad), "{err}");
+        }
     }
 
     /// The monitor writes where the record says: a record naming any other file is refused.
@@ -720,6 +896,12 @@ mod tests {
                 state_file: Some(PathBuf::from(&path)),
                 ..config("f1")
             };
+            let canonical = absolute
+                && parts.len() >= 2
+                && parts.iter().all(|p| !p.is_empty() && *p != "." && *p != "..")
+                && parts[parts.len() - 2] == "containers"
+                && parts[parts.len() - 1] == "f1.json";
+            proptest::prop_assert_eq!(store.state_file(&c).is_ok(), canonical, "{}", path);
             match store.state_file(&c) {
                 Ok(file) => {
                     let text = file.to_str().expect("utf-8");
