@@ -38,6 +38,9 @@ pub struct Child<'a> {
     /// The container cgroup's v1 `tasks` files (none on a cgroup v2 host), which the child
     /// writes "0" into to join them itself (see [`crate::cgroup::JoinHandles`]).
     pub cgroup_tasks: &'a [(PathBuf, std::fs::File)],
+    /// The monitor has run this container before (its restart policy): the writable layer
+    /// was last mounted by it, on this boot.
+    pub restart: bool,
 }
 
 /// Paths of a container's rootfs pieces.
@@ -49,19 +52,21 @@ pub fn rootfs_dirs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 ///
 /// Without it, overlayfs syncs its whole upper filesystem (the data dir's, shared with every
 /// other writer on the host) when the container's last process exits, before its parent hears
-/// of the exit: 140 ms more per `/bin/true` with 300 MB of another process's writes not yet on
+/// of the exit: 160 ms more per `/bin/true` with 300 MB of another process's writes not yet on
 /// the disk, measured here. A writable layer is scratch in Skiff: after a host crash no
 /// container runs again on its old one (the agent starts new containers; there is no `start`
-/// of an old record), which is the one case `volatile` gives up. overlayfs refuses to mount
-/// an upper once mounted `volatile` again until `WORK/work/incompat/volatile` is removed; it
-/// is here only when the monitor restarts this container (its restart policy), on the same
-/// boot (a crash would have ended the monitor), so it is removed first.
-fn mount_overlay(rootfs: &Path, work: &Path, opts: &str) -> Result<(), String> {
-    let marker = work.join("work").join("incompat").join("volatile");
-    match std::fs::remove_dir_all(&marker) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("remove {}: {e}", marker.display())),
+/// of an old record), which is the one case `volatile` gives up. overlayfs refuses an upper
+/// once mounted `volatile` until `WORK/work/incompat/volatile` is removed: on a `restart` (the
+/// same monitor, so the same boot: a crash would have ended the monitor) it is removed first;
+/// on a first start there is none, and if there were, the kernel's refusal stands.
+fn mount_overlay(rootfs: &Path, work: &Path, opts: &str, restart: bool) -> Result<(), String> {
+    if restart {
+        let marker = work.join("work").join("incompat").join("volatile");
+        match std::fs::remove_dir_all(&marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("remove {}: {e}", marker.display())),
+        }
     }
     // nodev: a device node in an image layer (or one the workload makes) opens nothing.
     let flags = MsFlags::MS_NODEV;
@@ -189,7 +194,7 @@ fn setup_and_exec(c: &Child<'_>) -> Result<Never, String> {
         upper.display(),
         work.display()
     );
-    mount_overlay(&rootfs, &work, &opts)?;
+    mount_overlay(&rootfs, &work, &opts, c.restart)?;
     let root: OwnedFd = ctx(
         "open rootfs",
         nix::fcntl::open(

@@ -309,6 +309,8 @@ impl Monitor {
             stderr: &errs_write,
             seccomp: &self.seccomp,
             cgroup_tasks: &join.v1_tasks,
+            // A monitor is only ever started for a new record: a restart count is its own.
+            restart: self.state.restarts > 0,
         };
         let mut flags =
             CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
