@@ -36,6 +36,8 @@ data="$work/agent"
 if [ "$(stat -f -c %T /run)" = tmpfs ]; then tmpfs=/run; else tmpfs=/dev/shm; fi
 run=$(mktemp -d "$tmpfs/skiff-bench-rt.XXXXXX")
 cleanup() {
+  for c in $(runc --root "$run/runc" list -q 2>/dev/null); do runc --root "$run/runc" delete -f "$c" >/dev/null 2>&1 || true; done
+  for c in $(crun --root "$run/crun" list -q 2>/dev/null); do crun --root "$run/crun" delete -f "$c" >/dev/null 2>&1 || true; done
   "$agent" --data-dir "$data" --cgroup-parent "$parent" container ps -a -o json 2>/dev/null |
     python3 -c 'import json,sys; [print(c["id"]) for c in json.load(sys.stdin)]' 2>/dev/null |
     while read -r id; do "$agent" --data-dir "$data" --cgroup-parent "$parent" container rm -f "$id" >/dev/null 2>&1 || true; done
@@ -169,10 +171,14 @@ lines = [
     "- Each runtime's live state is on a tmpfs, as /run is on a systemd host: skiff-agent `--run-dir` (as its systemd unit",
     "  sets it), runc and crun `--root`. skiff-agent's figure includes what makes its record durable on the disk (fsync of",
     "  the record file and its directory) and its writable layer there.",
-    "- skiff-agent runtime, in-process: the same start, wait and removal as the agent daemon does them, from one process",
-    f"  that stays up (`target/release/skiff-bench-start`, {runs} runs per round after 10 warm-up runs; the monitor is",
-    "  still a process of its own per container): what `container run` costs without starting and ending the 190 MB",
-    "  agent binary around each container. runc and crun have no such path: containerd and CRI-O exec them per container.",
+    "- skiff-agent runtime, in-process: the runtime's start, wait and removal as the agent daemon calls them, from one",
+    f"  process that stays up (`target/release/skiff-bench-start`, {runs} runs per round after 10 warm-up runs; the monitor",
+    "  is still a process of its own per container; no pod network, as the daemon would plumb: loopback only, as for runc",
+    "  and crun here): what `container run` costs without starting and ending the 190 MB agent binary around each",
+    "  container. runc and crun have no such path: containerd and CRI-O exec them per container.",
+    "- The seccomp profile runc and crun get is skiff-agent's in the OCI form (`skiff-bench-start --print-oci-seccomp`):",
+    "  the same deny list and clone, clone3 and AF_VSOCK rules; skiff-agent's `personality` rule and its x32 prefix have",
+    "  no OCI form and are left out, a few instructions of its filter.",
     "",
     f"| runtime | median of {rounds} rounds | range of the rounds' medians | skiff-agent CLI vs it (>1 = skiff faster; median of the rounds' ratios, range) | skiff in-process vs it |",
     "|---|---:|---:|---:|---:|",

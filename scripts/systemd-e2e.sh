@@ -217,13 +217,17 @@ agent_pid=$("${A[@]}" systemctl show -p MainPID --value skiff-agent)
 ctl_pid=$("${A[@]}" systemctl show -p MainPID --value skiff-controller)
 inode=$("${A[@]}" stat -c %i /usr/local/bin/skiff-agent)
 step "running: container processes $before"
-# Their live state is on the tmpfs /run (the unit's RuntimeDirectory, run_dir in agent.toml),
-# none of it beside their records in /var/lib/skiff.
-live_states() { "${A[@]}" sh -c 'ls /run/skiff-agent/containers/ 2>/dev/null' | sort | tr '\n' ' '; }
+# Their live state is on the tmpfs /run (the unit's SKIFF_RUN_DIR and RuntimeDirectory), none
+# of it beside their records in /var/lib/skiff. The files' inodes show they outlive the
+# agent's restart (a new agent would not make them again while the monitors run on).
+live_states() {
+  { "${A[@]}" sh -c 'ls -i /run/skiff-agent/containers/ 2>/dev/null' || true; } | sort | tr -s ' \n' ' '
+}
 states=$(live_states)
-[ "$(echo "$states" | wc -w)" -ge 3 ] || fail "live state files in /run/skiff-agent/containers: '$states'"
-"${A[@]}" sh -c 'ls /var/lib/skiff/agent/containers/*/state.json 2>/dev/null' | grep -q . &&
-  fail "a state.json beside a record in /var/lib/skiff/agent"
+[ "$(echo "$states" | grep -o '[0-9a-f]*\.json' | wc -l)" -ge 3 ] ||
+  fail "live state files in /run/skiff-agent/containers: '$states'"
+beside=$({ "${A[@]}" sh -c 'ls /var/lib/skiff/agent/containers/*/state.json 2>/dev/null' || true; })
+[ -z "$beside" ] || fail "state beside the records in /var/lib/skiff/agent: $beside"
 step "live state in /run/skiff-agent: $states"
 
 step "install.sh upgrade (binaries replaced, controller and agent restarted)"
@@ -263,5 +267,6 @@ for p in $before; do
 done
 "${A[@]}" test ! -e /etc/systemd/system/skiff-agent.service || fail "a unit file is left"
 "${A[@]}" test ! -e /var/lib/skiff/agent || fail "/var/lib/skiff/agent is left"
+"${A[@]}" test ! -e /run/skiff-agent || fail "/run/skiff-agent is left"
 "${A[@]}" test ! -e /usr/local/bin/skiff-agent || fail "a binary is left"
 step "PASSED"

@@ -255,7 +255,6 @@ install_agent() {
   done
   put_config "$etc/agent.toml" "# skiff-agent settings (see skiff-agent --help; each flag by its long name, - as _).
 data_dir = \"/var/lib/skiff/agent\"
-run_dir = \"/run/skiff-agent\"
 controllers = $ctl_toml
 ${name:+name = \"$name\"
 }${adv:+advertise_addr = \"$adv\"

@@ -1,8 +1,10 @@
-//! Container start-to-exit as the agent daemon does it, for `scripts/bench-runtime.sh`: one
-//! process that stays up and, for each container, calls the runtime (`Runtime::run`, which
-//! spawns the container's monitor; wait for the monitor; `Runtime::remove`), without the
-//! `skiff-agent container run` command line's own start and exit per container. Needs root and
-//! `skiff-monitor` next to this binary (cargo builds both into the same directory).
+//! Container start-to-exit through the runtime as the agent daemon calls it, for
+//! `scripts/bench-runtime.sh`: one process that stays up and, for each container, calls the
+//! runtime (`Runtime::run`, which spawns the container's monitor; wait for the monitor;
+//! `Runtime::remove`), without the `skiff-agent container run` command line's own start and
+//! exit per container. Unlike the daemon it plumbs no pod network (no network hook: the
+//! container's namespace has loopback only, as runc's and crun's have in that script). Needs
+//! root and `skiff-monitor` next to this binary (cargo builds both into the same directory).
 //!
 //!   skiff-bench-start --data-dir DIR --cgroup-parent P [--run-dir DIR] --image REF
 //!                     [--warmup 10] [--runs 100] -- CMD...
@@ -45,7 +47,9 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.print_oci_seccomp {
-        println!("{}", skiff_runtime::security::oci_profile());
+        let profile = skiff_runtime::security::oci_profile()
+            .context("no seccomp profile for this architecture")?;
+        println!("{profile}");
         return Ok(());
     }
     let (Some(data_dir), Some(parent), Some(image)) =
