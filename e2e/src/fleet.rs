@@ -138,6 +138,9 @@ pub struct Fleet {
     /// With [`Fleet::start_fake_clocks`]: each daemon's wall clock follows the offset in
     /// `DIR/clock-HOST` (libfaketime).
     fake_clocks: bool,
+    /// When the fleet was made: libfaketime's shared memory files in /dev/shm of processes
+    /// started since (and gone) are the fleet's, removed when it drops.
+    born: std::time::SystemTime,
     /// Daemons (by host name: `c1`, `a1`...) that run another build than the tree's.
     binaries: std::collections::BTreeMap<String, PathBuf>,
 }
@@ -401,6 +404,7 @@ impl Fleet {
             agent_disk,
             mounts: Vec::new(),
             fake_clocks,
+            born: std::time::SystemTime::now(),
             binaries,
         };
         fleet.build_network(controllers, agents)?;
@@ -1281,6 +1285,38 @@ impl Drop for Fleet {
             let _ = ip(&["netns", "del", &h.netns]);
         }
         let _ = ip(&["netns", "del", &self.bridge_ns]);
+        if self.fake_clocks {
+            remove_faketime_shm(self.born);
+        }
+    }
+}
+
+/// libfaketime gives every process it is preloaded into (the fleet's daemons and what they
+/// start: monitors, tunnels) a semaphore and a shared memory file in /dev/shm named for its
+/// pid, and removes them only when the process exits normally: the fleet kills its daemons.
+/// Left, they make the next process with that pid fail to start under libfaketime. Removes
+/// those of processes that are gone, made since `since` (the fleet's own).
+fn remove_faketime_shm(since: std::time::SystemTime) {
+    for e in std::fs::read_dir("/dev/shm")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("faketime_shm_")
+            .or_else(|| name.strip_prefix("sem.faketime_sem_"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= since);
+        if ours && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
