@@ -170,19 +170,6 @@ pub struct FileConfig {
     pub disk_pressure_threshold: Option<u8>,
 }
 
-/// Opens the container runtime under `data_dir`, with its live state under `run_dir` if set.
-pub fn open_runtime(
-    data_dir: &std::path::Path,
-    cgroup_parent: &str,
-    run_dir: Option<&std::path::Path>,
-) -> anyhow::Result<skiff_runtime::container::Runtime> {
-    let mut rt = skiff_runtime::container::Runtime::open(data_dir, cgroup_parent)?;
-    if let Some(dir) = run_dir {
-        rt.set_run_dir(dir).context("--run-dir")?;
-    }
-    Ok(rt)
-}
-
 /// Flags over the config file over defaults.
 pub struct Settings {
     pub data_dir: PathBuf,
@@ -234,7 +221,11 @@ impl Settings {
 
     /// The container runtime of these settings (data dir, cgroup parent, run dir).
     pub fn runtime(&self) -> anyhow::Result<skiff_runtime::container::Runtime> {
-        open_runtime(&self.data_dir, &self.cgroup_parent, self.run_dir.as_deref())
+        Ok(skiff_runtime::container::Runtime::open_with_run_dir(
+            &self.data_dir,
+            &self.cgroup_parent,
+            self.run_dir.as_deref(),
+        )?)
     }
 
     /// The daemon's settings: flags over the file over what the host has.

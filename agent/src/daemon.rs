@@ -99,7 +99,7 @@ impl Dns {
 /// running when it stops.
 pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut runtime =
-        crate::config::open_runtime(&cfg.data_dir, &cfg.cgroup_parent, cfg.run_dir.as_deref())?;
+        Runtime::open_with_run_dir(&cfg.data_dir, &cfg.cgroup_parent, cfg.run_dir.as_deref())?;
     runtime.set_pull_options(cfg.registry.clone(), None);
     let opts = cfg.net.clone();
     let network = Arc::new(

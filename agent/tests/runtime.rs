@@ -458,6 +458,22 @@ fn exit_codes_signals_and_logs() {
     );
 }
 
+/// Whether process `pid` is gone (or a zombie) within a second.
+fn process_ends(pid: i32) -> bool {
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    };
+    for _ in 0..50 {
+        if gone() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    gone()
+}
+
 /// The program the monitor of container `id` runs as (from /proc).
 fn monitor_exe(a: &Agent, id: &str) -> PathBuf {
     let state: serde_json::Value = serde_json::from_slice(
@@ -784,18 +800,7 @@ fn live_state_goes_to_the_run_dir_and_leaves_with_the_container() {
     let c = a.find(&id);
     assert_eq!(c["status"], "exited", "{c}");
     assert_eq!(c["error"], skiff_runtime::container::MONITOR_GONE, "{c}");
-    let gone = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.contains(") Z "))
-            .unwrap_or(true)
-    };
-    for _ in 0..50 {
-        if gone() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(gone(), "container process {pid} survived");
+    assert!(process_ends(pid), "container process {pid} survived");
     let e = a.find(&ended_id);
     assert_eq!(e["status"], "exited", "{e}");
     assert_eq!(e["exit"]["code"], 3, "{e}");
@@ -837,18 +842,10 @@ fn a_crashed_monitor_is_cleaned_up_by_the_next_agent_command() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(status, "exited");
-    let gone = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.contains(") Z "))
-            .unwrap_or(true)
-    };
-    for _ in 0..50 {
-        if gone() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(gone(), "container process {pid} survived its monitor");
+    assert!(
+        process_ends(pid),
+        "container process {pid} survived its monitor"
+    );
     assert!(
         a.leftover_cgroups().is_empty(),
         "{:?}",

@@ -150,6 +150,19 @@ impl Runtime {
         Ok(())
     }
 
+    /// [`Runtime::open`], then [`Runtime::set_run_dir`] when there is a run dir.
+    pub fn open_with_run_dir(
+        data_dir: &Path,
+        cgroup_parent: &str,
+        run_dir: Option<&Path>,
+    ) -> Result<Runtime, RuntimeError> {
+        let mut rt = Runtime::open(data_dir, cgroup_parent)?;
+        if let Some(dir) = run_dir {
+            rt.set_run_dir(dir)?;
+        }
+        Ok(rt)
+    }
+
     /// How images are pulled by `run`: registries, credentials, progress display.
     pub fn set_pull_options(
         &mut self,

@@ -43,7 +43,7 @@ pub fn exec(
     extra_env: &[String],
 ) -> Result<i32, ExecError> {
     let config = store.config(id)?;
-    let state = store.state(id)?;
+    let state = store.state_of(&config)?;
     let pid = match (state.status, state.pid) {
         (Status::Running, Some(pid)) if monitor_alive(&state) => pid,
         _ => return Err(ExecError::NotRunning(id.to_string())),

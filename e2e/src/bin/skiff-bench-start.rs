@@ -58,10 +58,7 @@ fn main() -> Result<()> {
         anyhow::bail!("--data-dir, --cgroup-parent and --image are needed");
     };
     ensure!(!args.cmd.is_empty(), "give the command after --");
-    let mut rt = Runtime::open(data_dir, parent)?;
-    if let Some(dir) = &args.run_dir {
-        rt.set_run_dir(dir)?;
-    }
+    let rt = Runtime::open_with_run_dir(data_dir, parent, args.run_dir.as_deref())?;
     let opts = RunOptions {
         image: image.clone(),
         cmd: args.cmd.clone(),
