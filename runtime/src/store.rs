@@ -896,11 +896,16 @@ mod tests {
                 state_file: Some(PathBuf::from(&path)),
                 ..config("f1")
             };
-            let canonical = absolute
-                && parts.len() >= 2
-                && parts.iter().all(|p| !p.is_empty() && *p != "." && *p != "..")
-                && parts[parts.len() - 2] == "containers"
-                && parts[parts.len() - 1] == "f1.json";
+            // A leading empty part makes the joined path absolute too ("" + "/containers"...).
+            let (rooted, segments) = match parts.split_first() {
+                Some((&"", rest)) if !absolute => (true, rest),
+                _ => (absolute, parts.as_slice()),
+            };
+            let canonical = rooted
+                && segments.len() >= 2
+                && segments.iter().all(|p| !p.is_empty() && *p != "." && *p != "..")
+                && segments[segments.len() - 2] == "containers"
+                && segments[segments.len() - 1] == "f1.json";
             proptest::prop_assert_eq!(store.state_file(&c).is_ok(), canonical, "{}", path);
             match store.state_file(&c) {
                 Ok(file) => {
