@@ -108,6 +108,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("network: {e}"))?,
     );
     runtime.set_network(network.clone());
+    // A monitor is started ahead of each container start, so no start waits for its exec.
+    runtime.keep_spare_monitor();
     let runtime = Arc::new(runtime);
     {
         let rt = runtime.clone();

@@ -2,6 +2,7 @@
 //! Each test checks from *inside* a container started by the real `skiff-agent` binary, with
 //! its own data dir and cgroup parent, and removes everything it made, also on failure.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -553,6 +554,53 @@ fn the_monitor_is_the_small_binary_next_to_the_agent_or_the_agent_itself() {
         .expect("skiff-monitor");
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("usage: skiff-monitor"));
+}
+
+/// A spare monitor (started ahead of need by a long-lived runtime, the agent daemon) waits for
+/// its container's id on stdin: closed without one, it ends quietly; a bad id or one with no
+/// record gets an error report naming it, as the starter reads it. (The daemon hands every
+/// container start to a spare, so the e2e fleets run containers through this path.)
+#[test]
+fn a_spare_monitor_waits_for_its_id_and_refuses_a_bad_one() {
+    need_root!();
+    let a = Agent::new();
+    let spare = |input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_skiff-monitor"))
+            .arg("--data-dir")
+            .arg(a.dir.path())
+            .arg("-")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("skiff-monitor");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input.as_bytes()).expect("write the id");
+        drop(stdin);
+        child.wait_with_output().expect("wait")
+    };
+    let unused = spare("");
+    assert_eq!(unused.status.code(), Some(0), "{unused:?}");
+    assert!(unused.stdout.is_empty(), "{unused:?}");
+    for (id, says) in [
+        ("../../etc\n", "invalid container id"),
+        ("a/b\n", "invalid container id"),
+        ("0123456789abcdef\n", "0123456789abcdef"),
+    ] {
+        let out = spare(id);
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{id:?}: {out:?}");
+        assert!(
+            report.starts_with("error: ") && report.contains(says),
+            "{id:?}: {report}"
+        );
+    }
+    // Nothing was made for the ids refused or not found.
+    let containers = a.dir.path().join("containers");
+    let left: Vec<_> = std::fs::read_dir(&containers)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

@@ -95,6 +95,33 @@ pub struct Runtime {
     managers: std::sync::Mutex<
         std::collections::HashMap<String, std::sync::Arc<dyn cgroup::CgroupManager>>,
     >,
+    /// Whether a spare monitor is kept (see [`Runtime::keep_spare_monitor`]).
+    keep_spare: bool,
+    spare: std::sync::Mutex<Option<MonitorProcess>>,
+}
+
+/// A monitor process as its starter holds it: the child, the pipe it reports its start on
+/// (`ok` or `error: ...`), and, for a spare, the pipe its container's id is written to.
+struct MonitorProcess {
+    child: Child,
+    report: std::io::PipeReader,
+    id_pipe: Option<std::process::ChildStdin>,
+}
+
+impl Drop for Runtime {
+    /// A spare monitor never handed a container: closing its id pipe ends it (it exits at
+    /// once), and it is reaped here.
+    fn drop(&mut self) {
+        let spare = self
+            .spare
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(mut spare) = spare {
+            drop(spare.id_pipe.take());
+            let _ = spare.child.wait();
+        }
+    }
 }
 
 /// Plumbs containers into the node's network (the agent daemon's overlay). Without one, a
@@ -137,6 +164,8 @@ impl Runtime {
             progress: None,
             network: None,
             managers: Default::default(),
+            keep_spare: false,
+            spare: Default::default(),
         })
     }
 
@@ -410,31 +439,25 @@ impl Runtime {
                 });
             }
         }
-        let (read, write) = std::io::pipe().map_err(RuntimeError::Spawn)?;
-        let monitor_log = std::fs::File::create(self.store.dir(&id).join("monitor.log"))
-            .map_err(RuntimeError::Spawn)?;
-        let (program, args) = monitor::program(&self.data_dir).map_err(RuntimeError::Spawn)?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(write)
-            .stderr(monitor_log);
-        // A process group of its own: Ctrl-C at the terminal that ran us (SIGINT to our
-        // group) and our exit do not reach the monitor.
-        cmd.process_group(0);
-        let child = match cmd.spawn() {
-            Ok(c) => c,
+        // A spare monitor, started while the last container ran, is handed this one; else one
+        // is started for it now.
+        let started = match self.take_spare(&id) {
+            Some(spare) => Ok(spare),
+            None => self.spawn_monitor(Some(&id)),
+        };
+        let (child, mut read) = match started {
+            Ok(MonitorProcess { child, report, .. }) => (child, report),
             Err(e) => {
                 let _ = cg.delete();
                 let _ = self.store.remove_dir(&id);
                 return Err(RuntimeError::Spawn(e));
             }
         };
-        drop(cmd);
+        // The next spare loads while this monitor sets its container up.
+        self.refill_spare();
         let mut report = String::new();
-        let mut read = read;
         let _ = read.read_to_string(&mut report);
+        drop(read);
         let report = report.trim();
         if report == "ok" {
             return Ok((id, child));
@@ -452,6 +475,93 @@ impl Runtime {
                 reason
             },
         })
+    }
+
+    /// Keeps a spare monitor from now on: a monitor process started and loaded ahead of need,
+    /// waiting for the id of the next container, so a start does not wait for the monitor's
+    /// exec. For long-lived callers (the agent daemon); a process that starts one container
+    /// and exits would only pay for a spare it never uses. The spare exits when this runtime
+    /// is dropped or this process ends (its stdin closes).
+    pub fn keep_spare_monitor(&mut self) {
+        self.keep_spare = true;
+        self.refill_spare();
+    }
+
+    /// Starts a monitor for container `id`, or a spare (`None`) that reads the id from its
+    /// stdin.
+    fn spawn_monitor(&self, id: Option<&str>) -> std::io::Result<MonitorProcess> {
+        let (read, write) = std::io::pipe()?;
+        let (program, args) = monitor::program(&self.data_dir)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdout(write);
+        match id {
+            Some(id) => {
+                let log = std::fs::File::create(self.store.dir(id).join("monitor.log"))?;
+                cmd.arg(id).stdin(Stdio::null()).stderr(log);
+            }
+            // The spare opens its container's monitor log itself once it knows the container.
+            None => {
+                cmd.arg(monitor::SPARE_ID)
+                    .stdin(Stdio::piped())
+                    .stderr(Stdio::null());
+            }
+        }
+        // A process group of its own: Ctrl-C at the terminal that ran us (SIGINT to our
+        // group) and our exit do not reach the monitor.
+        cmd.process_group(0);
+        let mut child = cmd.spawn()?;
+        // Our copy of the report pipe's write end goes with `cmd`: the report ends when the
+        // monitor closes its copy.
+        drop(cmd);
+        let id_pipe = child.stdin.take();
+        Ok(MonitorProcess {
+            child,
+            report: read,
+            id_pipe,
+        })
+    }
+
+    /// The spare monitor, told that it monitors container `id`; `None` when there is no spare
+    /// or it has died.
+    fn take_spare(&self, id: &str) -> Option<MonitorProcess> {
+        use std::io::Write as _;
+        let mut spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        // Closing the pipe after the id is what the spare waits for.
+        let handed = match spare.id_pipe.take() {
+            Some(mut pipe) => writeln!(pipe, "{id}"),
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        match handed {
+            Ok(()) => Some(spare),
+            Err(e) => {
+                tracing::warn!(error = %e, "the spare monitor is gone; starting one for {id}");
+                let _ = spare.child.wait();
+                None
+            }
+        }
+    }
+
+    /// Starts a spare monitor when one is kept and there is none. Best effort: without a
+    /// spare the next start spawns its monitor itself.
+    fn refill_spare(&self) {
+        if !self.keep_spare {
+            return;
+        }
+        let mut slot = self
+            .spare
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_some() {
+            return;
+        }
+        match self.spawn_monitor(None) {
+            Ok(m) => *slot = Some(m),
+            Err(e) => tracing::warn!(error = %e, "starting a spare monitor"),
+        }
     }
 
     /// Asks the monitor to stop the container (stop signal, then SIGKILL after `grace`) and

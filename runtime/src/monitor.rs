@@ -56,14 +56,76 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The id argument of a spare monitor: one started ahead of need (see
+/// `Runtime::keep_spare_monitor`), which reads its container's id from stdin.
+pub const SPARE_ID: &str = "-";
+
 /// A monitor process's whole life: its stdout is the pipe the starter reads one report line
 /// from, kept as the report fd with /dev/null put in its place; then [`run`]. The exit code.
+/// A spare ([`SPARE_ID`]) first waits for its container's id on stdin; it exits with 0 when
+/// stdin closes without one (its starter no longer needs it, or is gone).
 pub fn main(data_dir: &Path, id: &str) -> u8 {
     let report: Option<OwnedFd> = nix::unistd::dup(std::io::stdout()).ok();
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        let _ = nix::unistd::dup2_stdout(&null);
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    if let Ok(null) = &null {
+        let _ = nix::unistd::dup2_stdout(null);
     }
-    u8::try_from(run(data_dir, id, report)).unwrap_or(1)
+    let id = if id == SPARE_ID {
+        match spare_wait(data_dir) {
+            Ok(Some(id)) => id,
+            Ok(None) => return 0,
+            Err(e) => {
+                if let Some(fd) = report {
+                    let _ = writeln!(std::fs::File::from(fd), "error: {e}");
+                }
+                return 1;
+            }
+        }
+    } else {
+        id.to_string()
+    };
+    if let Ok(null) = &null {
+        let _ = nix::unistd::dup2_stdin(null);
+    }
+    u8::try_from(run(data_dir, &id, report)).unwrap_or(1)
+}
+
+/// A spare's wait: the container id its starter writes to stdin (one line, then the pipe
+/// closed), checked to be one path component of the store; then the container's monitor log
+/// as stderr, as a monitor started for it has from the start. `None`: stdin closed empty.
+fn spare_wait(data_dir: &Path) -> Result<Option<String>, String> {
+    let mut text = String::new();
+    std::io::stdin()
+        .take(256)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("reading the container id: {e}"))?;
+    let id = text.trim_end_matches('\n');
+    if id.is_empty() {
+        return Ok(None);
+    }
+    if !valid_id(id) {
+        return Err(format!(
+            "invalid container id {id:?} handed to a spare monitor"
+        ));
+    }
+    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
+    let log = store.dir(id).join("monitor.log");
+    let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    nix::unistd::dup2_stderr(&file).map_err(|e| format!("monitor log as stderr: {e}"))?;
+    Ok(Some(id.to_string()))
+}
+
+/// A container id as the runtime makes them: one path component of ASCII letters, digits,
+/// `-` and `_`, at most 64 long.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Runs the monitor for container `id`. `report` receives one line once the container has

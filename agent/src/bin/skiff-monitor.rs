@@ -1,4 +1,5 @@
-//! `skiff-monitor --data-dir DIR ID`: the per-container monitor as a small binary of its own,
+//! `skiff-monitor --data-dir DIR ID`: the per-container monitor as a small binary of its own
+//! (`-` as the id: a spare, started ahead of need, which reads its container's id from stdin),
 //! installed next to `skiff-agent` (without it the agent runs its built-in copy, `skiff-agent
 //! __monitor`). A monitor is a container's parent for the container's whole life, so what it
 //! costs is paid per container: this binary holds the runtime's monitor and none of the
