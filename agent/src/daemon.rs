@@ -110,6 +110,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     runtime.set_network(network.clone());
     // A monitor is started ahead of each container start, so no start waits for its exec.
     runtime.keep_spare_monitor();
+    // A removed container's files are deleted off the reconciler's path.
+    runtime.delete_in_background()?;
     let runtime = Arc::new(runtime);
     {
         let rt = runtime.clone();

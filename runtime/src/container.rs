@@ -72,6 +72,8 @@ pub enum RuntimeError {
     Invalid { field: &'static str, reason: String },
     #[error("starting monitor: {0}")]
     Spawn(std::io::Error),
+    #[error("starting the thread that deletes removed containers: {0}")]
+    Deleter(std::io::Error),
     #[error("container {id} failed to start: {reason}")]
     Start { id: String, reason: String },
     #[error("container {0} is running (stop it first, or use --force)")]
@@ -98,6 +100,12 @@ pub struct Runtime {
     /// Whether a spare monitor is kept (see [`Runtime::keep_spare_monitor`]).
     keep_spare: bool,
     spare: std::sync::Mutex<Option<MonitorProcess>>,
+    /// The thread removed containers' files are deleted on (see
+    /// [`Runtime::delete_in_background`]), and the queue to it.
+    deleter: Option<(
+        std::sync::mpsc::Sender<PathBuf>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 /// A monitor process as its starter holds it: the child, the pipe it reports its start on
@@ -120,6 +128,11 @@ impl Drop for Runtime {
         if let Some(mut spare) = spare {
             drop(spare.id_pipe.take());
             let _ = spare.child.wait();
+        }
+        // What was queued is deleted before the runtime is gone.
+        if let Some((queue, thread)) = self.deleter.take() {
+            drop(queue);
+            let _ = thread.join();
         }
     }
 }
@@ -166,6 +179,7 @@ impl Runtime {
             managers: Default::default(),
             keep_spare: false,
             spare: Default::default(),
+            deleter: None,
         })
     }
 
@@ -487,6 +501,30 @@ impl Runtime {
         self.refill_spare();
     }
 
+    /// From now on `remove` takes a container's directory out of the store (a rename) and
+    /// returns, and a thread of this runtime deletes its files (the writable layer may hold
+    /// many), so the caller does not wait for the deletion. For long-lived callers (the agent
+    /// daemon); what is queued when the runtime is dropped is deleted first, and what a killed
+    /// process left is deleted by `gc`.
+    pub fn delete_in_background(&mut self) -> Result<(), RuntimeError> {
+        if self.deleter.is_some() {
+            return Ok(());
+        }
+        let (queue, work) = std::sync::mpsc::channel::<PathBuf>();
+        let thread = std::thread::Builder::new()
+            .name("skiff-delete".into())
+            .spawn(move || {
+                for dir in work {
+                    if let Err(e) = super::store::delete_tree(&dir) {
+                        tracing::warn!(error = %e, "deleting a removed container's files");
+                    }
+                }
+            })
+            .map_err(RuntimeError::Deleter)?;
+        self.deleter = Some((queue, thread));
+        Ok(())
+    }
+
     /// Starts a monitor for container `id`, or a spare (`None`) that reads the id from its
     /// stdin.
     fn spawn_monitor(&self, id: Option<&str>) -> std::io::Result<MonitorProcess> {
@@ -636,7 +674,17 @@ impl Runtime {
             self.stop(&id, Duration::ZERO)?;
         }
         self.release(&id);
-        self.store.remove_dir(&id)?;
+        let Some(dir) = self.store.take_out(&id)? else {
+            return Ok(());
+        };
+        match &self.deleter {
+            Some((queue, _)) => {
+                if let Err(unsent) = queue.send(dir) {
+                    super::store::delete_tree(&unsent.0)?;
+                }
+            }
+            None => super::store::delete_tree(&dir)?,
+        }
         Ok(())
     }
 
@@ -759,6 +807,11 @@ impl Runtime {
                 cleaned.push(id);
             }
         }
+        // Directories taken out by a process killed before it deleted them.
+        for dir in self.store.removed_leftovers(Duration::from_secs(5)) {
+            super::store::delete_tree(&dir)?;
+            cleaned.push(dir.display().to_string());
+        }
         if let Some(run_dir) = &self.run_dir {
             // Best effort: what is left now is swept the next time.
             match super::store::sweep_run_dir(&self.store, run_dir) {
@@ -801,5 +854,38 @@ mod tests {
         );
         let err = rt.set_run_dir(Path::new("relative")).expect_err("relative");
         assert!(err.to_string().contains("run dir relative"), "{err}");
+    }
+
+    /// With deletion in the background, `remove` returns once the container is out of the
+    /// store, and its files are gone by the time the runtime is dropped. `gc` leaves a young
+    /// directory in `removed/` alone (its deletion may be under way).
+    #[test]
+    fn removed_containers_are_deleted_in_the_background() {
+        let data = tempfile::tempdir().expect("tmp");
+        let mut rt = Runtime::open(data.path(), "skiff-test-no-such-parent").expect("open");
+        rt.delete_in_background().expect("deleter");
+        for id in ["b1", "b2"] {
+            rt.store
+                .create(&crate::store::tests::config(id))
+                .expect("create");
+            let upper = rt.store.dir(id).join("upper");
+            std::fs::create_dir_all(upper.join("a/b")).expect("upper");
+            std::fs::write(upper.join("a/b/f"), b"x").expect("file");
+            rt.remove(id, false).expect("remove");
+            assert!(!rt.store.dir(id).exists());
+        }
+        assert!(rt.store.list().expect("list").is_empty());
+        drop(rt);
+        let removed = data.path().join("removed");
+        let left: Vec<_> = std::fs::read_dir(&removed).expect("ls").flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
+
+        let rt = Runtime::open(data.path(), "skiff-test-no-such-parent").expect("open");
+        rt.store
+            .create(&crate::store::tests::config("b3"))
+            .expect("create");
+        let young = rt.store.take_out("b3").expect("take out").expect("moved");
+        rt.gc().expect("gc");
+        assert!(young.exists());
     }
 }

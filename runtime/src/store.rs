@@ -594,16 +594,69 @@ impl Store {
     /// Removes a container's record: its live state (when its config names where), then its
     /// directory.
     pub fn remove_dir(&self, id: &str) -> Result<(), StoreError> {
+        match self.take_out(id)? {
+            Some(dir) => delete_tree(&dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes a container's record out of the store at once, leaving its files to be deleted
+    /// by the caller, on whatever thread it likes ([`delete_tree`]): its live state is
+    /// removed, and its directory renamed into `removed/` beside the store (the same
+    /// filesystem), where no listing sees it. Returns where it went; `None` when there was no
+    /// directory, or it could not be moved (another filesystem) and was deleted in place.
+    pub fn take_out(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         // Best effort: a live file left here is swept with the run dir (`sweep_run_dir`).
         if let Ok(file) = self.config(id).and_then(|c| self.state_file(&c)) {
             let _ = fs::remove_file(&file);
         }
         let dir = self.dir(id);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        let removed = self.removed_dir();
+        make_private_dir(&removed)?;
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let to = removed.join(format!("{id}.{}.{seq}", std::process::id()));
+        match fs::rename(&dir, &to) {
+            Ok(()) => Ok(Some(to)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => delete_tree(&dir).map(|()| None),
             Err(e) => Err(io(&dir)(e)),
         }
+    }
+
+    /// Where [`Store::take_out`] moves containers' directories to.
+    fn removed_dir(&self) -> PathBuf {
+        self.root.with_file_name("removed")
+    }
+
+    /// Directories taken out of the store whose deletion has not finished (the process that
+    /// took them out was killed), taken out at least `min_age` ago (by their ctime, which the
+    /// rename set): younger ones may still be being deleted.
+    pub fn removed_leftovers(&self, min_age: std::time::Duration) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(entries) = fs::read_dir(self.removed_dir()) else {
+            return Vec::new();
+        };
+        let now_s = now_ms() / 1000;
+        let min_s = i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX);
+        entries
+            .flatten()
+            .filter(|e| {
+                e.metadata()
+                    .is_ok_and(|m| now_s.saturating_sub(m.ctime()) >= min_s)
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+/// Deletes a directory tree taken out of the store ([`Store::take_out`]); one already gone
+/// is no error.
+pub fn delete_tree(dir: &Path) -> Result<(), StoreError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(dir)(e)),
     }
 }
 
@@ -661,10 +714,10 @@ pub fn now_ms() -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn config(id: &str) -> ContainerConfig {
+    pub(crate) fn config(id: &str) -> ContainerConfig {
         ContainerConfig {
             id: id.into(),
             name: format!("c-{id}"),
@@ -724,6 +777,36 @@ mod tests {
             .map(|(c, _)| c.id)
             .collect();
         assert_eq!(listed, ["whole"]);
+    }
+
+    /// A record taken out of the store is gone from it at once (not listed, its name free)
+    /// while its files wait in `removed/` for whoever deletes them; leftovers are found there
+    /// once old enough.
+    #[test]
+    fn a_record_taken_out_leaves_the_store_at_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("open");
+        store.create(&config("t1")).expect("create");
+        std::fs::create_dir_all(store.dir("t1").join("upper/etc")).expect("upper");
+        std::fs::write(store.dir("t1").join("upper/etc/f"), b"x").expect("file");
+        let moved = store.take_out("t1").expect("take out").expect("moved");
+        assert!(moved.starts_with(dir.path().join("removed")), "{moved:?}");
+        assert!(moved.join("upper/etc/f").exists());
+        assert!(!store.dir("t1").exists());
+        assert!(store.list().expect("list").is_empty());
+        store.create(&config("t1")).expect("the name is free again");
+        assert_eq!(
+            store.removed_leftovers(std::time::Duration::ZERO),
+            std::slice::from_ref(&moved)
+        );
+        assert!(
+            store
+                .removed_leftovers(std::time::Duration::from_secs(3600))
+                .is_empty()
+        );
+        delete_tree(&moved).expect("delete");
+        delete_tree(&moved).expect("gone already is no error");
+        assert!(store.take_out("nothing").expect("take out").is_none());
     }
 
     /// The live status is not fsync'd: after a power loss it may be empty. The container

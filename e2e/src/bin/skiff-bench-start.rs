@@ -1,14 +1,14 @@
 //! Container start-to-exit through the runtime as the agent daemon calls it, for
 //! `scripts/bench-runtime.sh`: one process that stays up and, for each container, calls the
-//! runtime (`Runtime::run`, which hands the container to a spare monitor started ahead, as the
-//! daemon's runtime does, or with `--no-spare` spawns its monitor; wait for the monitor;
-//! `Runtime::remove`), without the `skiff-agent container run` command line's own start and
+//! runtime as the daemon's is set up (a spare monitor, files deleted in the background;
+//! `--daemon-off`: neither, as `container run`): `Runtime::run`, wait for the monitor,
+//! `Runtime::remove`, without the `skiff-agent container run` command line's own start and
 //! exit per container. Unlike the daemon it plumbs no pod network (no network hook: the
 //! container's namespace has loopback only, as runc's and crun's have in that script). Needs
 //! root and `skiff-monitor` next to this binary (cargo builds both into the same directory).
 //!
 //!   skiff-bench-start --data-dir DIR --cgroup-parent P [--run-dir DIR] --image REF
-//!                     [--warmup 10] [--runs 100] [--no-spare] -- CMD...
+//!                     [--warmup 10] [--runs 100] [--daemon-off] -- CMD...
 //!
 //! Prints one line of JSON: `{"times_ms": [...]}`, each run's time from the call to `run` to
 //! the end of `remove`. `skiff-bench-start --print-oci-seccomp` prints the runtime's default
@@ -41,10 +41,12 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 100)]
     runs: usize,
-    /// Start each container's monitor at its start, as `container run` does, instead of
-    /// handing it to a spare monitor started ahead (the daemon's way).
+    /// Without what the agent daemon's runtime does for a long-lived process: start each
+    /// container's monitor at its start, as `container run` does, instead of handing it to a
+    /// spare monitor started ahead, and delete a removed container's files before `remove`
+    /// returns instead of on a thread of its own.
     #[arg(long)]
-    no_spare: bool,
+    daemon_off: bool,
     #[arg(last = true)]
     cmd: Vec<String>,
 }
@@ -64,8 +66,9 @@ fn main() -> Result<()> {
     };
     ensure!(!args.cmd.is_empty(), "give the command after --");
     let mut rt = Runtime::open_with_run_dir(data_dir, parent, args.run_dir.as_deref())?;
-    if !args.no_spare {
+    if !args.daemon_off {
         rt.keep_spare_monitor();
+        rt.delete_in_background()?;
     }
     let opts = RunOptions {
         image: image.clone(),
