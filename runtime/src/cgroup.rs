@@ -151,11 +151,40 @@ pub struct JoinHandles {
 /// (v1, v2, hybrid) and checks that the controllers we need are there; creates nothing.
 pub fn host(parent: &str) -> Result<Box<dyn CgroupManager>, CgroupError> {
     validate_parent(parent)?;
-    let layout = layout::Layout::detect()?;
+    let host = detected()?;
     Ok(Box::new(rs_backend::RsManager::new(
         parent.to_string(),
-        layout,
+        host.layout.clone(),
+        host.hierarchy.clone(),
     )))
+}
+
+/// Detects the host's cgroup layout now, if this process has not yet: a spare monitor does
+/// so before it is handed a container.
+pub fn warm_up() -> Result<(), CgroupError> {
+    detected().map(|_| ())
+}
+
+/// The host's cgroup layout, as this process found it.
+struct Detected {
+    layout: std::sync::Arc<layout::Layout>,
+    hierarchy: rs_backend::Hierarchy,
+}
+
+/// The layout, detected once per process: cgroup filesystems are mounted at boot, and a
+/// detection reads and parses /proc/self/mountinfo twice (about 0.3 ms, which the agent
+/// daemon paid twice per container start). A failed detection is not kept.
+fn detected() -> Result<&'static Detected, CgroupError> {
+    static DETECTED: std::sync::OnceLock<Detected> = std::sync::OnceLock::new();
+    if let Some(d) = DETECTED.get() {
+        return Ok(d);
+    }
+    let hierarchy = rs_backend::Hierarchy::detect();
+    let layout = layout::Layout::detect(hierarchy.is_v2())?;
+    Ok(DETECTED.get_or_init(|| Detected {
+        layout: std::sync::Arc::new(layout),
+        hierarchy,
+    }))
 }
 
 /// Errors of the cgroup module. Messages name the cgroup path (relative `parent/name`, or the

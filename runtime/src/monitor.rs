@@ -74,6 +74,10 @@ pub fn main(data_dir: &Path, id: &str) -> u8 {
         let _ = nix::unistd::dup2_stdout(null);
     }
     let id = if id == SPARE_ID {
+        // What does not depend on the container is done before it is known. Errors are
+        // reported when the same is done again for the container.
+        let _ = cgroup::warm_up();
+        let _ = security::default_seccomp();
         match spare_wait(data_dir) {
             Ok(Some(id)) => id,
             Ok(None) => return 0,

@@ -83,8 +83,9 @@ pub(crate) fn parse_mountinfo(mountinfo: &str) -> Vec<Mount> {
 }
 
 impl Layout {
-    /// Looks at this host.
-    pub(crate) fn detect() -> Result<Layout, CgroupError> {
+    /// Looks at this host; `rs_v2`: whether cgroups-rs takes it for a v2 host (checked to
+    /// agree).
+    pub(crate) fn detect(rs_v2: bool) -> Result<Layout, CgroupError> {
         let root = Path::new(CGROUP_ROOT);
         let root_is_v2 = match nix::sys::statfs::statfs(root) {
             Ok(st) => st.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC,
@@ -102,7 +103,6 @@ impl Layout {
             None
         };
         let layout = Layout::from_mounts(root_is_v2, &mounts, v2_controllers.as_deref())?;
-        let rs_v2 = cgroups_rs::fs::hierarchies::auto().v2();
         if rs_v2 != (layout.mode == Mode::V2) {
             return Err(CgroupError::NoCgroupFs(format!(
                 "cgroups-rs sees a {} host, mountinfo a {} one",

@@ -51,16 +51,48 @@ fn rs_detail(e: &cgroups_rs::fs::error::Error) -> String {
     }
 }
 
+/// cgroups-rs's view of the host's hierarchies (on v1 the mountinfo it parsed), made once
+/// and cloned for each handle: `hierarchies::auto()` reads and parses /proc/self/mountinfo
+/// again at every call.
+#[derive(Clone, Debug)]
+pub(crate) enum Hierarchy {
+    V1(hierarchies::V1),
+    V2(hierarchies::V2),
+}
+
+impl Hierarchy {
+    pub(crate) fn detect() -> Hierarchy {
+        if hierarchies::is_cgroup2_unified_mode() {
+            Hierarchy::V2(hierarchies::V2::new())
+        } else {
+            Hierarchy::V1(hierarchies::V1::new())
+        }
+    }
+
+    pub(crate) fn is_v2(&self) -> bool {
+        matches!(self, Hierarchy::V2(_))
+    }
+
+    fn boxed(&self) -> Box<dyn cgroups_rs::fs::Hierarchy> {
+        match self {
+            Hierarchy::V1(h) => Box::new(h.clone()),
+            Hierarchy::V2(h) => Box::new(h.clone()),
+        }
+    }
+}
+
 pub(crate) struct RsManager {
     parent: String,
     layout: Arc<Layout>,
+    hierarchy: Hierarchy,
 }
 
 impl RsManager {
-    pub(crate) fn new(parent: String, layout: Layout) -> RsManager {
+    pub(crate) fn new(parent: String, layout: Arc<Layout>, hierarchy: Hierarchy) -> RsManager {
         RsManager {
             parent,
-            layout: Arc::new(layout),
+            layout,
+            hierarchy,
         }
     }
 
@@ -68,7 +100,7 @@ impl RsManager {
     fn handle(&self, name: &str) -> RsCgroup {
         let rel = format!("{}/{}", self.parent, name);
         let cg = RsCgroupHandle::load_with_specified_controllers(
-            hierarchies::auto(),
+            self.hierarchy.boxed(),
             &rel,
             self.layout.controllers.clone(),
         );
@@ -89,7 +121,7 @@ impl RsManager {
     /// The parent's directory in every hierarchy.
     fn parent_dirs(&self) -> Vec<PathBuf> {
         let cg = RsCgroupHandle::load_with_specified_controllers(
-            hierarchies::auto(),
+            self.hierarchy.boxed(),
             &self.parent,
             self.layout.controllers.clone(),
         );
@@ -731,13 +763,14 @@ mod tests {
         if !skiff_testkit::require(&[skiff_testkit::Need::Root, skiff_testkit::Need::Cgroupfs]) {
             return;
         }
-        let layout = Layout::detect().expect("cgroup layout of this host");
+        let hierarchy = Hierarchy::detect();
+        let layout = Layout::detect(hierarchy.is_v2()).expect("cgroup layout of this host");
         let parent = format!(
             "skiff-unit-{}-{:08x}",
             std::process::id(),
             rand::random::<u32>()
         );
-        let mgr = RsManager::new(parent, layout);
+        let mgr = RsManager::new(parent, Arc::new(layout), hierarchy);
         let _guard = ParentGuard(mgr.parent_dirs());
         let mut cg = mgr.handle("freeze");
         cg.use_cgroup_kill = false;

@@ -38,9 +38,19 @@ impl SeccompProgram {
     }
 }
 
-/// Compiles the default profile for the architecture this agent was built for (x86_64 or
-/// aarch64). Syscalls a given architecture does not have are simply not in its list.
+/// The default profile for the architecture this agent was built for (x86_64 or aarch64),
+/// compiled once per process. Syscalls a given architecture does not have are simply not in
+/// its list.
 pub fn default_seccomp() -> Result<SeccompProgram, SecurityError> {
+    static PROGRAM: std::sync::OnceLock<SeccompProgram> = std::sync::OnceLock::new();
+    if let Some(p) = PROGRAM.get() {
+        return Ok(p.clone());
+    }
+    let compiled = compile_default()?;
+    Ok(PROGRAM.get_or_init(|| compiled).clone())
+}
+
+fn compile_default() -> Result<SeccompProgram, SecurityError> {
     let target = arch::TARGET.ok_or(SecurityError::SeccompUnsupportedArch(
         std::env::consts::ARCH,
     ))?;
