@@ -634,10 +634,18 @@ impl ImageStore {
                 lock(&results)[i] = Some(result);
             }
         };
+        // This thread is one of the workers, and layers already in the store need none: an
+        // image whose layers are all there (the usual case at a container start) starts no
+        // thread.
+        let missing = layers
+            .iter()
+            .filter(|l| self.layers.existing(&l.diff_id).is_none())
+            .count();
         std::thread::scope(|scope| {
-            for _ in 0..PARALLEL_LAYERS.min(layers.len()) {
+            for _ in 1..PARALLEL_LAYERS.min(missing) {
                 scope.spawn(work);
             }
+            work();
         });
         let mut out = Vec::with_capacity(layers.len());
         let mut first_err = None;
