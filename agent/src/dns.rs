@@ -1,6 +1,7 @@
 //! The per-host DNS server: authoritative for `skiff.internal` from the controllers' service set
 //! (a watch stream; the last view keeps being served when the controllers are unreachable),
-//! everything else relayed to the host's upstream resolvers. UDP and TCP on the bridge address,
+//! everything else relayed to the host's upstream resolvers, whose answers are kept for their
+//! TTL (`dns/cache.rs`). UDP and TCP on the bridge address,
 //! port 53; answers over UDP that do not fit the client's payload size are truncated (TC) so the
 //! client retries over TCP.
 //!
@@ -15,6 +16,8 @@
 //! Messages are parsed and written by hickory-proto; zone answers are computed inline on the
 //! receiving task (no task per query); only forwarded queries get a task, since they wait on
 //! the network.
+
+mod cache;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IoSlice, IoSliceMut};
@@ -535,6 +538,8 @@ const MAX_TCP: usize = 128;
 pub struct DnsStats {
     /// Queries relayed to an upstream.
     pub forwarded: AtomicU64,
+    /// Queries outside the zone answered from the cache of upstream answers.
+    pub cache_hits: AtomicU64,
     /// Queries answered SERVFAIL because [`MAX_FORWARDS`] were in flight.
     pub forwards_refused: AtomicU64,
     /// Receive, send and accept errors (each logged; the socket keeps serving).
@@ -547,9 +552,17 @@ struct Forwarding {
     upstreams: Arc<Vec<SocketAddr>>,
     permits: Arc<tokio::sync::Semaphore>,
     stats: Arc<DnsStats>,
+    cache: Arc<cache::Cache>,
 }
 
 impl Forwarding {
+    /// The cached upstream answer to `query`, if there is one (counted).
+    fn cached(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let hit = self.cache.answer(query)?;
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(hit)
+    }
+
     /// A slot for one forward, or `None` (counted) when all are taken.
     fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         match self.permits.clone().try_acquire_owned() {
@@ -635,6 +648,7 @@ pub async fn serve(
         upstreams,
         permits: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS)),
         stats,
+        cache: Arc::default(),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut sockets = Vec::new();
@@ -813,6 +827,10 @@ async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
                 Reply::Answer(b) => replies.push((b, peer)),
                 Reply::Drop => {}
                 Reply::Forward => {
+                    if let Some(hit) = fwd.cached(query) {
+                        replies.push((hit, peer));
+                        continue;
+                    }
                     let Some(permit) = fwd.slot() else {
                         replies.extend(servfail(query).map(|b| (b, peer)));
                         continue;
@@ -820,7 +838,10 @@ async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
                     let (q, udp, fwd) = (query.to_vec(), udp.clone(), fwd.clone());
                     tokio::spawn(async move {
                         let reply = match forward(&q, &fwd.upstreams, false).await {
-                            Some(b) => Some(b),
+                            Some(b) => {
+                                fwd.cache.insert(&q, &b);
+                                Some(b)
+                            }
                             None => servfail(&q),
                         };
                         drop(permit);
@@ -852,11 +873,16 @@ async fn serve_tcp(
         let reply = match answer(&q, &current(&zone), false) {
             Reply::Answer(b) => Some(b),
             Reply::Drop => return Ok(()),
-            Reply::Forward => match fwd.slot() {
-                None => servfail(&q),
-                Some(_permit) => match forward(&q, &fwd.upstreams, true).await {
-                    Some(b) => Some(b),
+            // Answers kept from UDP fit any TCP client; TCP answers are not kept (they may not
+            // fit a UDP one).
+            Reply::Forward => match fwd.cached(&q) {
+                Some(hit) => Some(hit),
+                None => match fwd.slot() {
                     None => servfail(&q),
+                    Some(_permit) => match forward(&q, &fwd.upstreams, true).await {
+                        Some(b) => Some(b),
+                        None => servfail(&q),
+                    },
                 },
             },
         };
@@ -1406,5 +1432,102 @@ mod tests {
         assert!(answered, "zone answers keep coming during a forward flood");
         server.abort();
         drop(silent);
+    }
+
+    /// An upstream's answer is kept: the same name asked again (another id, another spelling)
+    /// is answered without a second forward, with the asker's id and spelling; an answer the
+    /// upstream gives SERVFAIL is asked for again.
+    #[tokio::test]
+    async fn upstream_answers_are_cached_for_their_ttl() {
+        // An upstream that answers every A query with 198.18.0.9 (TTL 60), except names
+        // starting with "fail", which get SERVFAIL; it counts what it is asked.
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").expect("upstream");
+        let up_addr = upstream.local_addr().expect("addr");
+        let asked = Arc::new(AtomicU64::new(0));
+        let counter = asked.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, peer)) = upstream.recv_from(&mut buf) {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.metadata.recursion_desired = true;
+                r.metadata.recursion_available = true;
+                let question = q.queries[0].clone();
+                if question
+                    .name()
+                    .to_ascii()
+                    .to_ascii_lowercase()
+                    .starts_with("fail")
+                {
+                    r.metadata.response_code = ResponseCode::ServFail;
+                } else {
+                    r.add_answer(Record::from_rdata(
+                        question.name().clone(),
+                        60,
+                        RData::A(A::from(Ipv4Addr::new(198, 18, 0, 9))),
+                    ));
+                }
+                r.add_query(question);
+                if let Ok(b) = r.to_vec() {
+                    let _ = upstream.send_to(&b, peer);
+                }
+            }
+        });
+        let (addr, stats, server) = start_server(vec![up_addr]);
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        let ask = |id: u16, name: &'static str| {
+            let client = &client;
+            async move {
+                let mut m = Message::query();
+                m.metadata.id = id;
+                m.metadata.recursion_desired = true;
+                m.add_query(Query::query(
+                    Name::from_ascii(name).expect("name"),
+                    RecordType::A,
+                ));
+                let q = m.to_vec().expect("encode");
+                let mut buf = vec![0u8; 4096];
+                for _ in 0..100 {
+                    let _ = client.send_to(&q, addr).await;
+                    if let Ok(Ok((n, _))) =
+                        tokio::time::timeout(Duration::from_millis(50), client.recv_from(&mut buf))
+                            .await
+                    {
+                        let r = Message::from_vec(&buf[..n]).expect("answer");
+                        if r.metadata.id == id {
+                            return r;
+                        }
+                    }
+                }
+                panic!("no answer to {name}");
+            }
+        };
+        let first = ask(1, "www.example.org.").await;
+        assert_eq!(first.answers.len(), 1);
+        let before = asked.load(Ordering::Relaxed);
+        let again = ask(2, "WwW.ExAmPlE.oRg.").await;
+        assert_eq!(again.metadata.id, 2);
+        assert_eq!(again.queries[0].name().to_ascii(), "WwW.ExAmPlE.oRg.");
+        assert_eq!(again.answers.len(), 1);
+        assert!(again.answers[0].ttl <= 60);
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            before,
+            "asked the upstream again"
+        );
+        assert!(stats.cache_hits.load(Ordering::Relaxed) >= 1);
+        let failed = ask(3, "fail.example.org.").await;
+        assert_eq!(failed.metadata.response_code, ResponseCode::ServFail);
+        let before = asked.load(Ordering::Relaxed);
+        let failed = ask(4, "fail.example.org.").await;
+        assert_eq!(failed.metadata.response_code, ResponseCode::ServFail);
+        assert!(
+            asked.load(Ordering::Relaxed) > before,
+            "a SERVFAIL was kept"
+        );
+        server.abort();
     }
 }

@@ -156,6 +156,11 @@ pub fn render_dns(o: &mut String, s: &crate::dns::DnsStats) {
             s.forwarded.load(Relaxed),
         ),
         (
+            "skiff_agent_dns_cache_hits_total",
+            "Queries for names outside skiff.internal answered from the cache of upstream answers.",
+            s.cache_hits.load(Relaxed),
+        ),
+        (
             "skiff_agent_dns_forwards_refused_total",
             "Queries answered SERVFAIL because too many forwards were in flight.",
             s.forwards_refused.load(Relaxed),
