@@ -183,7 +183,10 @@ fn s10_health_checks_gate_endpoints() -> Result<()> {
     res
 }
 
-/// A stand-in upstream resolver on the cli host: answers every A query with 192.0.2.7
+/// Queries the stand-in upstream has answered.
+static UPSTREAM_ASKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A stand-in upstream resolver on the cli host: answers every A query with 192.0.2.7, TTL 60
 /// (built by hand: the query with QR/RA set and one answer pointing at the question name).
 fn fake_upstream(netns: String, addr: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     std::thread::spawn(move || {
@@ -213,6 +216,7 @@ fn fake_upstream(netns: String, addr: String, stop: std::sync::Arc<std::sync::at
             r[3] |= 0x80; // RA
             r[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]); // 1 answer, no authority/additional
             r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 7]);
+            UPSTREAM_ASKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = sock.send_to(&r, peer);
         }
     });
@@ -373,6 +377,28 @@ fn dns_checks(fleet: &mut Fleet) -> Result<()> {
         // Outside the zone: forwarded upstream.
         let ext = dig(fleet, host, &[&server, "example.test", "A", "+short"])?;
         ensure!(ext.trim() == "192.0.2.7", "forwarded: {ext}");
+        // Asked again (another spelling): answered from the agent's cache, the upstream not
+        // asked, the asker's spelling echoed, the TTL at most the upstream's 60.
+        let asked = UPSTREAM_ASKED.load(std::sync::atomic::Ordering::Relaxed);
+        let again = dig(
+            fleet,
+            host,
+            &[&server, "ExAmPlE.TeSt", "A", "+noall", "+answer"],
+        )?;
+        let fields: Vec<&str> = again.split_whitespace().collect();
+        ensure!(
+            fields.first() == Some(&"ExAmPlE.TeSt.")
+                && fields
+                    .get(1)
+                    .and_then(|t| t.parse::<u32>().ok())
+                    .is_some_and(|t| t <= 60)
+                && fields.last() == Some(&"192.0.2.7"),
+            "cached: {again}"
+        );
+        ensure!(
+            UPSTREAM_ASKED.load(std::sync::atomic::Ordering::Relaxed) == asked,
+            "the upstream was asked again for a name the agent had just forwarded"
+        );
         // EDNS as ISC's compliance checks ask: an OPT record with the server's payload size
         // (the question's case echoed); BADVERS for version 1; zone transfers and the CHAOS
         // class refused.

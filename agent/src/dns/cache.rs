@@ -2,19 +2,23 @@
 //! again is answered on the receiving task, as a zone name is, without a forward (what
 //! CoreDNS's cache plugin and NodeLocal DNSCache do on a Kubernetes node).
 //!
-//! - **Key:** the query as the client sent it, after its id, with the question name in lower
-//!   case: flags, question, EDNS record and options alike. Only an identical question is
-//!   answered from the cache, with the client's id and its spelling of the name (0x20 case
-//!   randomisation is echoed).
+//! - **Key:** the question (name in lower case, type, class), the RD and CD flags, and whether
+//!   the query has EDNS and the DO bit. A query with EDNS options other than a cookie or
+//!   padding (client subnet, say, which changes the answer), another EDNS version, or more
+//!   than the question and its OPT record is neither answered from the cache nor kept.
 //! - **What is kept:** a response over UDP to exactly that question (one question, the same
-//!   name, type and class), not truncated, with no extended error in its OPT record, and
-//!   either NOERROR with answers, kept for the smallest TTL of its records, or NXDOMAIN or
-//!   NODATA with the zone's SOA, kept for the smaller of the SOA's TTL and its MINIMUM
-//!   (RFC 2308). Nothing else (SERVFAIL, REFUSED, a negative answer without a SOA), nothing
-//!   larger than [`MAX_ANSWER`], nothing for longer than [`MAX_TTL`].
-//! - **A hit** is the kept answer with every TTL less the whole seconds it has been kept (the
-//!   OPT record's TTL field holds flags and is left alone); an entry is gone once its TTL has
-//!   run out.
+//!   name, type and class), not truncated, with no extended error, its OPT record (if any)
+//!   the last record, and either NOERROR with answers, kept for the smallest TTL of its
+//!   records, or NXDOMAIN or NODATA with the zone's SOA, kept for the smaller of the SOA's TTL
+//!   and its MINIMUM (RFC 2308). Nothing else (SERVFAIL, REFUSED, a negative answer without a
+//!   SOA), nothing larger than [`MAX_ANSWER`], nothing for longer than [`MAX_TTL`]. The
+//!   upstream's OPT record (its cookie for the first asker, its payload size) is not kept.
+//! - **A hit** is the kept answer with the asker's id and spelling of the name (0x20 case
+//!   randomisation echoed), every TTL less the whole seconds it has been kept, and, for an
+//!   EDNS query, this server's OPT record (version 0, payload [`super::EDNS_PAYLOAD`], the DO
+//!   bit echoed). An answer larger than the asker takes over UDP (512 bytes without EDNS, else
+//!   its payload size) is not served from the cache: the query is forwarded. An entry is gone
+//!   once its TTL has run out.
 //! - **Bounded:** at most [`MAX_ENTRIES`]; a full cache first drops what has run out, then
 //!   an arbitrary entry.
 
@@ -34,10 +38,14 @@ const TYPE_SOA: u16 = 6;
 const TYPE_OPT: u16 = 41;
 const RCODE_NOERROR: u8 = 0;
 const RCODE_NXDOMAIN: u8 = 3;
+/// EDNS options a query may carry and still be answered from the cache: COOKIE (its
+/// answer's OPT record is ours, not the upstream's) and PADDING.
+const HARMLESS_OPTIONS: [u16; 2] = [10, 12];
 
 struct Entry {
+    /// The answer without the upstream's OPT record.
     answer: Vec<u8>,
-    /// Where each record's TTL is in `answer` (the OPT record's excepted).
+    /// Where each record's TTL is in `answer`.
     ttls: Vec<usize>,
     stored: Instant,
     keep: Duration,
@@ -49,21 +57,80 @@ pub struct Cache {
     entries: Mutex<HashMap<Vec<u8>, Entry>>,
 }
 
-/// Where the question of a one-question query ends, and the key of the query; `None` for
-/// anything else.
-fn question_end(msg: &[u8]) -> Option<usize> {
-    if msg.len() < HEADER || u16::from_be_bytes([msg[4], msg[5]]) != 1 {
-        return None;
-    }
-    let end = skip_name(msg, HEADER, false)? + 4;
-    (end <= msg.len()).then_some(end)
+/// What a query is, for the cache.
+struct Asked {
+    /// Where its question ends.
+    q_end: usize,
+    /// Its EDNS payload size and DO bit, if it has an OPT record.
+    edns: Option<(u16, bool)>,
 }
 
-fn key(query: &[u8], q_end: usize) -> Vec<u8> {
-    let mut k = query[2..].to_vec();
-    // The question name's bytes (labels' lengths are below 64, never letters).
-    k[HEADER - 2..q_end - 4 - 2].make_ascii_lowercase();
-    k
+impl Asked {
+    /// A query the cache may answer: one question, nothing else but an OPT record of version
+    /// 0 with harmless options. `None` for anything else.
+    fn of(query: &[u8]) -> Option<Asked> {
+        if query.len() < HEADER
+            || query[2] & 0x80 != 0
+            || u16_at(query, 4)? != 1
+            || u16_at(query, 6)? != 0
+            || u16_at(query, 8)? != 0
+        {
+            return None;
+        }
+        let q_end = skip_name(query, HEADER, false)? + 4;
+        if q_end > query.len() {
+            return None;
+        }
+        let edns = match u16_at(query, 10)? {
+            0 if q_end == query.len() => None,
+            1 => {
+                // The OPT record: the root name, type, payload size, extended RCODE, version,
+                // flags, options.
+                if *query.get(q_end)? != 0 || u16_at(query, q_end + 1)? != TYPE_OPT {
+                    return None;
+                }
+                let payload = u16_at(query, q_end + 3)?;
+                let (version, flags) = (*query.get(q_end + 6)?, u16_at(query, q_end + 7)?);
+                let rdlen = usize::from(u16_at(query, q_end + 9)?);
+                let mut at = q_end + 11;
+                if version != 0 || at + rdlen != query.len() {
+                    return None;
+                }
+                while at < query.len() {
+                    let (code, len) = (u16_at(query, at)?, usize::from(u16_at(query, at + 2)?));
+                    if !HARMLESS_OPTIONS.contains(&code) {
+                        return None;
+                    }
+                    at += 4 + len;
+                }
+                if at != query.len() {
+                    return None;
+                }
+                Some((payload.max(512), flags & 0x8000 != 0))
+            }
+            _ => return None,
+        };
+        Some(Asked { q_end, edns })
+    }
+
+    fn key(&self, query: &[u8]) -> Vec<u8> {
+        let (edns, dnssec_ok) = match self.edns {
+            Some((_, d)) => (1, u8::from(d)),
+            None => (0, 0),
+        };
+        // RD and CD change what an upstream answers.
+        let mut k = vec![query[2] & 0x01, query[3] & 0x10, edns, dnssec_ok];
+        k.extend_from_slice(&query[HEADER..self.q_end]);
+        // The name's bytes (labels' lengths are below 64, never letters).
+        let name_end = k.len() - 4;
+        k[4..name_end].make_ascii_lowercase();
+        k
+    }
+
+    /// The largest answer this asker takes over UDP.
+    fn limit(&self) -> usize {
+        self.edns.map_or(512, |(payload, _)| usize::from(payload))
+    }
 }
 
 /// The end of the name at `pos`; `compressed`: whether a pointer may end it (not in a
@@ -97,9 +164,10 @@ fn u32_at(msg: &[u8], at: usize) -> Option<u32> {
     ]))
 }
 
-/// The TTL fields of an answer to the question ending at `q_end`, and how long it may be
-/// kept; `None` when it is not to be kept (see the module's doc).
-fn keepable(answer: &[u8], q_end: usize) -> Option<(Vec<usize>, u32)> {
+/// An upstream's answer to the question ending at `q_end` as it is kept: without its OPT
+/// record, with where its TTLs are, and for how long; `None` when it is not to be kept (see
+/// the module's doc).
+fn keepable(answer: &[u8], q_end: usize) -> Option<(Vec<u8>, Vec<usize>, u32)> {
     if answer.len() < HEADER || answer.len() > MAX_ANSWER {
         return None;
     }
@@ -115,24 +183,30 @@ fn keepable(answer: &[u8], q_end: usize) -> Option<(Vec<usize>, u32)> {
     let mut ttls = Vec::new();
     let mut min_ttl = MAX_TTL;
     let mut soa_keep = None;
+    let mut opt_at = None;
     for (section, &count) in counts.iter().enumerate() {
         for _ in 0..count {
+            if opt_at.is_some() {
+                // The OPT record was not the last.
+                return None;
+            }
+            let start = pos;
             pos = skip_name(answer, pos, true)?;
             let rtype = u16_at(answer, pos)?;
             let ttl_at = pos + 4;
             let ttl = u32_at(answer, ttl_at)?;
             let rdlen = usize::from(u16_at(answer, pos + 8)?);
-            let rdata = pos + 10;
-            pos = rdata + rdlen;
+            pos = pos + 10 + rdlen;
             if pos > answer.len() {
                 return None;
             }
             if rtype == TYPE_OPT {
                 // The TTL field is the extended RCODE, version and flags: an extended error
                 // (BADVERS and the like) is not an answer to keep.
-                if ttl >> 24 != 0 {
+                if section != 2 || ttl >> 24 != 0 {
                     return None;
                 }
+                opt_at = Some(start);
                 continue;
             }
             ttls.push(ttl_at);
@@ -151,18 +225,26 @@ fn keepable(answer: &[u8], q_end: usize) -> Option<(Vec<usize>, u32)> {
         RCODE_NOERROR | RCODE_NXDOMAIN => soa_keep?,
         _ => return None,
     };
-    (keep > 0).then_some((ttls, keep.min(MAX_TTL)))
+    if keep == 0 {
+        return None;
+    }
+    let mut kept = answer.to_vec();
+    if let Some(at) = opt_at {
+        kept.truncate(at);
+        kept[10..12].copy_from_slice(&(counts[2] - 1).to_be_bytes());
+    }
+    Some((kept, ttls, keep.min(MAX_TTL)))
 }
 
 impl Cache {
-    /// The kept answer to `query`, made the client's (its id and spelling, TTLs aged).
+    /// The kept answer to `query`, made the asker's (see the module's doc).
     pub fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
         self.answer_at(query, Instant::now())
     }
 
     fn answer_at(&self, query: &[u8], now: Instant) -> Option<Vec<u8>> {
-        let q_end = question_end(query)?;
-        let k = key(query, q_end);
+        let asked = Asked::of(query)?;
+        let k = asked.key(query);
         let mut entries = self
             .entries
             .lock()
@@ -173,28 +255,43 @@ impl Cache {
             entries.remove(&k);
             return None;
         }
+        let opt_len = if asked.edns.is_some() { 11 } else { 0 };
+        if entry.answer.len() + opt_len > asked.limit() {
+            return None;
+        }
         let mut out = entry.answer.clone();
         let ttls = entry.ttls.clone();
         drop(entries);
         let aged = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
         out[..2].copy_from_slice(&query[..2]);
-        out[HEADER..q_end].copy_from_slice(&query[HEADER..q_end]);
+        out[HEADER..asked.q_end].copy_from_slice(&query[HEADER..asked.q_end]);
         for at in ttls {
             let ttl = u32::from_be_bytes([out[at], out[at + 1], out[at + 2], out[at + 3]]);
             out[at..at + 4].copy_from_slice(&ttl.saturating_sub(aged).to_be_bytes());
         }
+        if let Some((_, dnssec_ok)) = asked.edns {
+            let additional = u16::from_be_bytes([out[10], out[11]]).saturating_add(1);
+            out[10..12].copy_from_slice(&additional.to_be_bytes());
+            out.push(0);
+            out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+            out.extend_from_slice(&super::EDNS_PAYLOAD.to_be_bytes());
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&(if dnssec_ok { 0x8000u16 } else { 0 }).to_be_bytes());
+            out.extend_from_slice(&[0, 0]);
+        }
         Some(out)
     }
 
-    /// Keeps the upstream's `answer` to `query`, if it is one to keep.
+    /// Keeps the upstream's `answer` to `query` (received over UDP), if it is one to keep.
     pub fn insert(&self, query: &[u8], answer: &[u8]) {
         self.insert_at(query, answer, Instant::now());
     }
 
     fn insert_at(&self, query: &[u8], answer: &[u8], now: Instant) {
-        let Some(q_end) = question_end(query) else {
+        let Some(asked) = Asked::of(query) else {
             return;
         };
+        let q_end = asked.q_end;
         // The same question, name compared without case.
         if answer.len() < q_end
             || answer[..2] != query[..2]
@@ -202,7 +299,7 @@ impl Cache {
         {
             return;
         }
-        let Some((ttls, keep)) = keepable(answer, q_end) else {
+        let Some((kept, ttls, keep)) = keepable(answer, q_end) else {
             return;
         };
         let mut entries = self
@@ -218,9 +315,9 @@ impl Cache {
             }
         }
         entries.insert(
-            key(query, q_end),
+            asked.key(query),
             Entry {
-                answer: answer.to_vec(),
+                answer: kept,
                 ttls,
                 stored: now,
                 keep: Duration::from_secs(u64::from(keep)),
@@ -261,10 +358,22 @@ mod tests {
         ));
         if edns {
             let mut e = Edns::new();
-            e.set_max_payload(1232);
+            e.set_max_payload(4096);
             m.set_edns(e);
         }
         m.to_vec().expect("encode")
+    }
+
+    /// `query(.., edns = true)` with one more EDNS option (code, data) in its OPT record.
+    fn with_option(mut q: Vec<u8>, code: u16, data: &[u8]) -> Vec<u8> {
+        let rdlen_at = q.len() - 2;
+        let rdlen = u16::from_be_bytes([q[rdlen_at], q[rdlen_at + 1]]);
+        let added = u16::try_from(4 + data.len()).expect("small");
+        q[rdlen_at..].copy_from_slice(&(rdlen + added).to_be_bytes());
+        q.extend_from_slice(&code.to_be_bytes());
+        q.extend_from_slice(&u16::try_from(data.len()).expect("small").to_be_bytes());
+        q.extend_from_slice(data);
+        q
     }
 
     /// The upstream's answer to `q`: its id and question, these records, this code.
@@ -339,8 +448,9 @@ mod tests {
         assert_eq!(m.metadata.id, 2);
         assert_eq!(m.queries[0].name().to_ascii(), "WWW.example.test.");
         assert_eq!(ttls(&hit), [290, 50]);
-        // The OPT record is as the upstream sent it.
+        // The OPT record is this server's, not the upstream's.
         assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(1232));
+        assert_eq!(m.additionals.len(), 0);
         assert!(cache.answer_at(&q2, t0 + Duration::from_secs(60)).is_none());
         assert!(cache.is_empty(), "an entry that ran out is dropped");
     }
@@ -421,6 +531,89 @@ mod tests {
             cache
                 .answer_at(&query(7, "a.example.test.", false), t0)
                 .is_none()
+        );
+    }
+
+    /// A client cookie does not change the question (the answer's OPT record is this
+    /// server's); a client subnet option may change the answer, so such a query is neither
+    /// kept nor answered; the DO bit and EDNS itself are part of the question.
+    #[test]
+    fn edns_options_and_flags_decide_what_is_the_same_question() {
+        let cache = Cache::default();
+        let t0 = Instant::now();
+        let q = query(1, "c.example.test.", true);
+        cache.insert_at(
+            &q,
+            &upstream(&q, ResponseCode::NoError, &[(60, [198, 18, 0, 1])], None),
+            t0,
+        );
+        let cookie = with_option(query(2, "c.example.test.", true), 10, &[7; 8]);
+        let hit = cache.answer_at(&cookie, t0).expect("a cookie is harmless");
+        let m = Message::from_vec(&hit).expect("decode");
+        assert!(
+            m.edns
+                .as_ref()
+                .is_some_and(|e| e.options().as_ref().is_empty()),
+            "{m:?}"
+        );
+        let subnet = with_option(
+            query(3, "c.example.test.", true),
+            8,
+            &[0, 1, 24, 0, 198, 18, 0],
+        );
+        assert!(cache.answer_at(&subnet, t0).is_none());
+        cache.insert_at(
+            &subnet,
+            &upstream(
+                &subnet,
+                ResponseCode::NoError,
+                &[(60, [198, 18, 0, 2])],
+                None,
+            ),
+            t0,
+        );
+        assert!(
+            cache.answer_at(&subnet, t0).is_none(),
+            "a client-subnet answer was kept"
+        );
+        assert!(
+            cache
+                .answer_at(&query(4, "c.example.test.", false), t0)
+                .is_none()
+        );
+        let mut dnssec = query(5, "c.example.test.", true);
+        let flags_at = dnssec.len() - 4;
+        dnssec[flags_at] |= 0x80;
+        assert!(
+            cache.answer_at(&dnssec, t0).is_none(),
+            "DO is another question"
+        );
+    }
+
+    /// An answer larger than the asker takes over UDP is not served from the cache.
+    #[test]
+    fn an_answer_too_large_for_the_asker_is_not_served() {
+        let cache = Cache::default();
+        let t0 = Instant::now();
+        let many: Vec<(u32, [u8; 4])> = (0..40).map(|i| (60, [198, 18, 1, i])).collect();
+        let q = query(1, "big.example.test.", true);
+        let answer = upstream(&q, ResponseCode::NoError, &many, None);
+        assert!(answer.len() > 512 && answer.len() < 1232);
+        cache.insert_at(&q, &answer, t0);
+        assert!(
+            cache
+                .answer_at(&query(2, "big.example.test.", true), t0)
+                .is_some()
+        );
+        let plain = query(3, "big.example.test.", false);
+        cache.insert_at(
+            &plain,
+            &upstream(&plain, ResponseCode::NoError, &many, None),
+            t0,
+        );
+        assert!(
+            cache.answer_at(&plain, t0).is_none(),
+            "over 512 bytes without EDNS"
         );
     }
 

@@ -1,8 +1,9 @@
 //! DNS benchmark (needs root, dnsperf, dnsmasq, unbound): on a netns fleet of one controller
 //! and one agent, a service with 5 endpoints; dnsperf against the agent's DNS (on its bridge
 //! address) and, on the same simulated host in the same run, against dnsmasq and unbound
-//! serving the same A and SRV records. Queries/s, average latency, and the server's CPU time per
-//! query (from /proc/PID/stat around each run).
+//! serving the same A and SRV records, and forwarding the same share of names outside the zone
+//! to the same upstream (a dnsmasq on the fleet's `cli` host, where the agents forward). Queries/s,
+//! average latency, and the server's CPU time per query (from /proc/PID/stat around each run).
 //!
 //! Like against like: unbound runs as many threads as the agent has DNS sockets (one per
 //! core); dnsmasq is single-threaded by design. Half the load carries EDNS0 (two dnsperf
@@ -21,6 +22,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use skiff_e2e::fleet::Fleet;
+
+/// The domain outside the zone the mix asks for, and what its upstream answers.
+const FORWARDED: &str = "fwd.test";
+const FORWARDED_IP: &str = "198.18.255.1";
 
 #[derive(Parser)]
 struct Args {
@@ -242,6 +247,10 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
         "--pid-file=".into(),
     ];
     dnsmasq.extend(srv_args);
+    // Names outside the zone: the upstream the agents forward to (the fleet gives every agent
+    // `--dns-upstream CLI_ADDR:53`), answering every name under fwd.test, TTL 300.
+    let upstream = fleet.host("cli")?.addr.clone();
+    dnsmasq.push(format!("--server=/{FORWARDED}/{upstream}"));
     // As many unbound threads as the agent has DNS sockets (one per core).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let unbound_conf = dir.join("unbound.conf");
@@ -251,10 +260,13 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
             "server:\n    interface: 127.0.0.1@5303\n    num-threads: {cores}\n    so-reuseport: yes\n    do-daemonize: no\n    chroot: \"\"\n\
              username: \"\"\n    directory: \"{}\"\n    pidfile: \"\"\n    use-syslog: no\n    logfile: \"\"\n\
              verbosity: 0\n    access-control: 127.0.0.0/8 allow\n    do-ip6: no\n\
-             local-zone: \"skiff.internal.\" static\n{local_data}",
+             local-zone: \"skiff.internal.\" static\n{local_data}\
+                 local-zone: \"test.\" nodefault\n\
+             forward-zone:\n    name: \"{FORWARDED}.\"\n    forward-addr: {upstream}@53\n",
             dir.display()
         ),
     )?;
+
     let host = fleet.host("a1")?;
     let ns = format!("--net=/run/netns/{}", host.netns);
     for argv in [
@@ -277,6 +289,30 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
                 .spawn()?,
         );
     }
+    // After the two anchors: their pids are the first two.
+    let upstream_ns = format!("--net=/run/netns/{}", fleet.host("cli")?.netns);
+    anchors.push(
+        Command::new("nsenter")
+            .arg(&upstream_ns)
+            .arg("--")
+            .args([
+                "dnsmasq",
+                "--no-daemon",
+                "--port=53",
+                &format!("--listen-address={upstream}"),
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                &format!("--address=/{FORWARDED}/{FORWARDED_IP}"),
+                "--local-ttl=300",
+                "--user=root",
+                "--pid-file=",
+            ])
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     for (server, port) in [
         (gateway.as_str(), 53u16),
         ("127.0.0.1", 5302),
@@ -300,7 +336,22 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
                         "+short",
                     ],
                 )?;
-                Ok(String::from_utf8_lossy(&out.stdout).trim() == vip)
+                let zone_ok = String::from_utf8_lossy(&out.stdout).trim() == vip;
+                let out = f.on_host(
+                    "a1",
+                    &[
+                        "dig",
+                        "+time=1",
+                        "+tries=1",
+                        "-p",
+                        &port.to_string(),
+                        &format!("@{server}"),
+                        &format!("ready.{FORWARDED}"),
+                        "A",
+                        "+short",
+                    ],
+                )?;
+                Ok(zone_ok && String::from_utf8_lossy(&out.stdout).trim() == FORWARDED_IP)
             },
         )?;
     }
@@ -308,14 +359,16 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
     let pids: Vec<u32> = anchors.iter().map(std::process::Child::id).collect();
     let agent = fleet.agent_pid("a1")?.context("agent pid")?;
 
-    // The query mix: A, SRV and names that do not exist, as a service mesh asks.
+    // The query mix: A, SRV, names that do not exist, as a service mesh asks, and names
+    // outside the zone (20 of them, each asked again while its TTL runs).
     let data = dir.join("queries.txt");
     let mut q = String::new();
     for i in 0..100 {
-        q += &match i % 10 {
-            0..=4 => format!("{base} A\n"),
-            5..=7 => format!("_http._tcp.{base} SRV\n"),
-            _ => format!("nope{i}.default.skiff.internal A\n"),
+        q += &match i % 20 {
+            0..=7 => format!("{base} A\n"),
+            8..=12 => format!("_http._tcp.{base} SRV\n"),
+            13..=15 => format!("nope{i}.default.skiff.internal A\n"),
+            _ => format!("n{i}.{FORWARDED} A\n"),
         };
     }
     std::fs::write(&data, q)?;
@@ -328,6 +381,35 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
         runs[1].push(dnsperf(fleet, "a1", "127.0.0.1", 5302, &data, s, pids[0])?);
         runs[2].push(dnsperf(fleet, "a1", "127.0.0.1", 5303, &data, s, pids[1])?);
     }
+    // Each round's own ratio (skiff's queries/s over the anchor's in the same round).
+    let ratio = |anchor: usize| {
+        let mut r: Vec<f64> = runs[0]
+            .iter()
+            .zip(&runs[anchor])
+            .map(|(a, b)| a.qps / b.qps)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        let (lo, hi) = (r[0], r[r.len() - 1]);
+        format!("{:.2}x ({lo:.2} to {hi:.2})", r[r.len() / 2])
+    };
+    let (vs_dnsmasq, vs_unbound) = (ratio(1), ratio(2));
+    // The anchors' versions as Debian packaged them.
+    let versions = Command::new("dpkg-query")
+        .args([
+            "-W",
+            "-f",
+            "${Package} ${Version}; ",
+            "dnsmasq-base",
+            "unbound",
+            "dnsperf",
+        ])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim_end_matches("; ")
+                .to_owned()
+        })
+        .unwrap_or_default();
     let [skiff, dnsmasq, unbound] = runs.map(|v| Summary::of(&v));
 
     let head = "## DNS: the agent's server vs dnsmasq and unbound";
@@ -344,12 +426,15 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
             "- Date: {} (UTC); machine: {cores} cores; release build; command: \
              `SKIFF_BIN_DIR=target/release target/release/skiff-bench-dns --write-md BENCHMARKS.md` \
              ({} interleaved rounds, medians; dnsperf {s} s per server per round: two processes at once, each 2 clients and 100 outstanding, \
-             one sending EDNS0 ({:.0}% of the queries Skiff completed); names: 50% A for a \
-             service (its virtual IP), 30% its SRV (5 endpoints, their addresses added), 20% NXDOMAIN).",
+             one sending EDNS0 ({:.0}% of the queries Skiff completed); names: 40% A for a \
+             service (its virtual IP), 25% its SRV (5 endpoints, their addresses added), 15% NXDOMAIN, \
+             20% names outside the zone (20 names under {FORWARDED}, TTL 300 at their upstream, a dnsmasq \
+             on another simulated host of the fleet: every server forwards them there and keeps the answers).",
             skiff_e2e::utc_date(),
             args.rounds,
             skiff.edns_share * 100.0
         ),
+        format!("- Versions (Debian packages): {versions}."),
         "- All three on the same simulated host (netns), dnsperf alongside; the agent's DNS is \
          measured inside the running agent (its CPU time includes heartbeats and reconcile \
          passes); dnsmasq (`--addn-hosts`, `--srv-host`) and unbound (`local-zone static`, \
@@ -357,8 +442,10 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
          without EDNS0 (an OPT record added to the answer, as RFC 6891 asks) from answers \
          prepared per (name, type) at each service-set change, and everything else through \
          hickory-proto, with one UDP socket per core (SO_REUSEPORT) read up to 32 queries per \
-         recvmmsg and answered with one sendmmsg. \
-         unbound gets as many threads as the agent has sockets; dnsmasq has one by design."
+         recvmmsg and answered with one sendmmsg; answers from the upstream are kept for their \
+         TTL and answered on the receiving task too. \
+         unbound gets as many threads as the agent has sockets; dnsmasq has one by design. \
+         Ratios are the median of the rounds' own ratios, with their range."
             .to_owned(),
         String::new(),
         "| server | queries/s, median (range) | avg latency µs | CPU µs/query | |".to_owned(),
@@ -367,8 +454,7 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
             "skiff-agent DNS",
             &skiff,
             format!(
-                "{:.2}x dnsmasq's queries/s, {:.2}x its CPU per query",
-                skiff.qps / dnsmasq.qps,
+                "{vs_dnsmasq} dnsmasq's queries/s, {:.2}x its CPU per query",
                 skiff.cpu_us_per_query / dnsmasq.cpu_us_per_query
             ),
         ),
@@ -376,7 +462,7 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
         row(
             "unbound",
             &unbound,
-            format!("skiff {:.2}x its queries/s", skiff.qps / unbound.qps),
+            format!("skiff {vs_unbound} its queries/s"),
         ),
         String::new(),
     ];
