@@ -823,14 +823,15 @@ async fn serve_udp(udp: Arc<UdpSocket>, zone: SharedZone, fwd: Forwarding) {
                 replies.extend(error_reply(query, ResponseCode::FormErr).map(|b| (b, peer)));
                 continue;
             }
+            // Names outside the zone asked again: answered before any parsing.
+            if let Some(hit) = fwd.cached(query) {
+                replies.push((hit, peer));
+                continue;
+            }
             match answer(query, &z, true) {
                 Reply::Answer(b) => replies.push((b, peer)),
                 Reply::Drop => {}
                 Reply::Forward => {
-                    if let Some(hit) = fwd.cached(query) {
-                        replies.push((hit, peer));
-                        continue;
-                    }
                     let Some(permit) = fwd.slot() else {
                         replies.extend(servfail(query).map(|b| (b, peer)));
                         continue;

@@ -69,8 +69,9 @@ impl Asked {
     /// A query the cache may answer: one question, nothing else but an OPT record of version
     /// 0 with harmless options. `None` for anything else.
     fn of(query: &[u8]) -> Option<Asked> {
+        // A query (QR clear) of opcode QUERY.
         if query.len() < HEADER
-            || query[2] & 0x80 != 0
+            || query[2] & 0xF8 != 0
             || u16_at(query, 4)? != 1
             || u16_at(query, 6)? != 0
             || u16_at(query, 8)? != 0
@@ -125,6 +126,15 @@ impl Asked {
         let name_end = k.len() - 4;
         k[4..name_end].make_ascii_lowercase();
         k
+    }
+
+    /// Whether the question's name is the zone's or under it (the wire form's last labels,
+    /// without case).
+    fn in_zone(&self, query: &[u8]) -> bool {
+        const ZONE_WIRE: &[u8] = b"\x05skiff\x08internal\x00";
+        let name = &query[HEADER..self.q_end - 4];
+        name.len() >= ZONE_WIRE.len()
+            && name[name.len() - ZONE_WIRE.len()..].eq_ignore_ascii_case(ZONE_WIRE)
     }
 
     /// The largest answer this asker takes over UDP.
@@ -244,6 +254,10 @@ impl Cache {
 
     fn answer_at(&self, query: &[u8], now: Instant) -> Option<Vec<u8>> {
         let asked = Asked::of(query)?;
+        // Names of the zone are never forwarded, so never here: no lock taken for them.
+        if asked.in_zone(query) {
+            return None;
+        }
         let k = asked.key(query);
         let mut entries = self
             .entries
@@ -615,6 +629,22 @@ mod tests {
             cache.answer_at(&plain, t0).is_none(),
             "over 512 bytes without EDNS"
         );
+    }
+
+    /// Names of the zone (any case) are never looked up; others, however close, are.
+    #[test]
+    fn zone_names_are_not_looked_up() {
+        let zone = super::super::ZONE;
+        for (name, inside) in [
+            (format!("web.default.{zone}."), true),
+            (format!("{}.", zone.to_ascii_uppercase()), true),
+            (format!("not{zone}."), false),
+            (format!("{zone}.example.test."), false),
+        ] {
+            let q = query(1, &name, false);
+            let asked = Asked::of(&q).expect("a query");
+            assert_eq!(asked.in_zone(&q), inside, "{name}");
+        }
     }
 
     #[test]

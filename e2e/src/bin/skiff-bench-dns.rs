@@ -251,7 +251,8 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
     // `--dns-upstream CLI_ADDR:53`), answering every name under fwd.test, TTL 300.
     let upstream = fleet.host("cli")?.addr.clone();
     dnsmasq.push(format!("--server=/{FORWARDED}/{upstream}"));
-    // As many unbound threads as the agent has DNS sockets (one per core).
+    // As many unbound threads as the agent has DNS sockets (one per core). unbound serves
+    // `test.` itself as an empty zone unless told not to (RFC 6761's special-use names).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let unbound_conf = dir.join("unbound.conf");
     std::fs::write(
