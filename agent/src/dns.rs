@@ -583,17 +583,31 @@ fn socket_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(10), Duration::from_secs(1))
 }
 
-/// Relays a query to the upstreams in turn; `None` when none answered.
+/// Relays a query to the upstreams in turn under an id of its own (random: with the fresh
+/// socket's random port, a forger who saw the client's query still has 32 bits to guess, not
+/// 16, before an answer is taken, and kept in the cache for every client). An answer counts
+/// only with that id and to the same question ([`cache::answers`]); over UDP other datagrams
+/// are skipped until the deadline. It is returned with the client's id. `None` when no
+/// upstream answered.
 async fn forward(query: &[u8], upstreams: &[SocketAddr], tcp: bool) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    let mut ours = query.to_vec();
+    ours[..2].copy_from_slice(&rand::random::<u16>().to_be_bytes());
+    let ours = &ours;
     for up in upstreams {
         let res = tokio::time::timeout(Duration::from_secs(2), async {
             if tcp {
                 let mut s = tokio::net::TcpStream::connect(up).await?;
-                s.write_all(&(query.len() as u16).to_be_bytes()).await?;
-                s.write_all(query).await?;
+                s.write_all(&(ours.len() as u16).to_be_bytes()).await?;
+                s.write_all(ours).await?;
                 let len = s.read_u16().await?;
                 let mut buf = vec![0u8; usize::from(len)];
                 s.read_exact(&mut buf).await?;
+                if !cache::answers(ours, &buf) {
+                    return Err(std::io::Error::other("an answer to another query"));
+                }
                 Ok::<Vec<u8>, std::io::Error>(buf)
             } else {
                 let bind: SocketAddr = if up.is_ipv4() {
@@ -603,17 +617,24 @@ async fn forward(query: &[u8], upstreams: &[SocketAddr], tcp: bool) -> Option<Ve
                 };
                 let s = UdpSocket::bind(bind).await?;
                 s.connect(up).await?;
-                s.send(query).await?;
+                s.send(ours).await?;
                 let mut buf = vec![0u8; 65535];
-                let n = s.recv(&mut buf).await?;
-                buf.truncate(n);
-                Ok(buf)
+                loop {
+                    let n = s.recv(&mut buf).await?;
+                    if cache::answers(ours, &buf[..n]) {
+                        buf.truncate(n);
+                        return Ok(buf);
+                    }
+                    debug!(upstream = %up, "skipped a datagram that does not answer the query");
+                }
             }
         })
         .await;
         match res {
-            Ok(Ok(b)) if b.len() >= 2 && b[..2] == query[..2] => return Some(b),
-            Ok(Ok(_)) => debug!(upstream = %up, "upstream answered another id"),
+            Ok(Ok(mut b)) => {
+                b[..2].copy_from_slice(&query[..2]);
+                return Some(b);
+            }
             Ok(Err(e)) => debug!(upstream = %up, error = %e, "upstream failed"),
             Err(_) => debug!(upstream = %up, "upstream timed out"),
         }
@@ -1479,31 +1500,48 @@ mod tests {
         });
         let (addr, stats, server) = start_server(vec![up_addr]);
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        let query = |id: u16, name: &str| {
+            let mut m = Message::query();
+            m.metadata.id = id;
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(
+                Name::from_ascii(name).expect("name"),
+                RecordType::A,
+            ));
+            m.to_vec().expect("encode")
+        };
+        // Wait until the server answers a zone name (it is starting); then each name below is
+        // sent once, so the upstream's count is what those queries caused.
+        let mut buf = vec![0u8; 4096];
+        let mut up = false;
+        for _ in 0..100 {
+            let _ = client
+                .send_to(&query(100, "web.default.skiff.internal."), addr)
+                .await;
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(50), client.recv_from(&mut buf)).await
+            {
+                up = true;
+                break;
+            }
+        }
+        assert!(up, "the DNS server did not come up");
         let ask = |id: u16, name: &'static str| {
-            let client = &client;
+            let (client, q) = (&client, query(id, name));
             async move {
-                let mut m = Message::query();
-                m.metadata.id = id;
-                m.metadata.recursion_desired = true;
-                m.add_query(Query::query(
-                    Name::from_ascii(name).expect("name"),
-                    RecordType::A,
-                ));
-                let q = m.to_vec().expect("encode");
+                client.send_to(&q, addr).await.expect("send");
                 let mut buf = vec![0u8; 4096];
-                for _ in 0..100 {
-                    let _ = client.send_to(&q, addr).await;
-                    if let Ok(Ok((n, _))) =
-                        tokio::time::timeout(Duration::from_millis(50), client.recv_from(&mut buf))
+                loop {
+                    let (n, _) =
+                        tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
                             .await
-                    {
-                        let r = Message::from_vec(&buf[..n]).expect("answer");
-                        if r.metadata.id == id {
-                            return r;
-                        }
+                            .expect("an answer within 5 s")
+                            .expect("receive");
+                    let r = Message::from_vec(&buf[..n]).expect("answer");
+                    if r.metadata.id == id {
+                        return r;
                     }
                 }
-                panic!("no answer to {name}");
             }
         };
         let first = ask(1, "www.example.org.").await;

@@ -100,6 +100,8 @@ pub struct Runtime {
     /// Whether a spare monitor is kept (see [`Runtime::keep_spare_monitor`]).
     keep_spare: bool,
     spare: std::sync::Mutex<Option<MonitorProcess>>,
+    /// A spare is being spawned (at most one at a time).
+    refilling: std::sync::atomic::AtomicBool,
     /// The thread removed containers' files are deleted on (see
     /// [`Runtime::delete_in_background`]), and the queue to it.
     deleter: Option<(
@@ -116,18 +118,22 @@ struct MonitorProcess {
     id_pipe: Option<std::process::ChildStdin>,
 }
 
+/// Ends a spare monitor never handed a container: closing its id pipe ends it (it exits at
+/// once), and it is reaped.
+fn retire(mut spare: MonitorProcess) {
+    drop(spare.id_pipe.take());
+    let _ = spare.child.wait();
+}
+
 impl Drop for Runtime {
-    /// A spare monitor never handed a container: closing its id pipe ends it (it exits at
-    /// once), and it is reaped here.
     fn drop(&mut self) {
         let spare = self
             .spare
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(mut spare) = spare {
-            drop(spare.id_pipe.take());
-            let _ = spare.child.wait();
+        if let Some(spare) = spare {
+            retire(spare);
         }
         // What was queued is deleted before the runtime is gone.
         if let Some((queue, thread)) = self.deleter.take() {
@@ -179,6 +185,7 @@ impl Runtime {
             managers: Default::default(),
             keep_spare: false,
             spare: Default::default(),
+            refilling: Default::default(),
             deleter: None,
         })
     }
@@ -462,8 +469,8 @@ impl Runtime {
         let (child, mut read) = match started {
             Ok(MonitorProcess { child, report, .. }) => (child, report),
             Err(e) => {
-                let _ = cg.delete();
-                let _ = self.store.remove_dir(&id);
+                // Its cgroup, network and record, as for a start that failed later.
+                let _ = self.remove(&id, true);
                 return Err(RuntimeError::Spawn(e));
             }
         };
@@ -568,6 +575,11 @@ impl Runtime {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()?;
+        if !matches!(spare.child.try_wait(), Ok(None)) {
+            tracing::warn!("the spare monitor had ended; starting one for {id}");
+            let _ = spare.child.wait();
+            return None;
+        }
         // Closing the pipe after the id is what the spare waits for.
         let handed = match spare.id_pipe.take() {
             Some(mut pipe) => writeln!(pipe, "{id}"),
@@ -583,23 +595,33 @@ impl Runtime {
         }
     }
 
-    /// Starts a spare monitor when one is kept and there is none. Best effort: without a
-    /// spare the next start spawns its monitor itself.
+    /// Starts a spare monitor when one is kept and there is none, outside the lock (a start
+    /// running at the same time takes the spare slot or spawns its own monitor, and does not
+    /// wait for this exec). Best effort: without a spare the next start spawns its monitor
+    /// itself.
     fn refill_spare(&self) {
-        if !self.keep_spare {
-            return;
-        }
-        let mut slot = self
-            .spare
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.is_some() {
+        use std::sync::atomic::Ordering;
+        let slot = || {
+            self.spare
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if !self.keep_spare || slot().is_some() || self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
         match self.spawn_monitor(None) {
-            Ok(m) => *slot = Some(m),
+            Ok(m) => {
+                let mut slot = slot();
+                if slot.is_none() {
+                    *slot = Some(m);
+                } else {
+                    drop(slot);
+                    retire(m);
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "starting a spare monitor"),
         }
+        self.refilling.store(false, Ordering::Release);
     }
 
     /// Asks the monitor to stop the container (stop signal, then SIGKILL after `grace`) and
@@ -808,9 +830,12 @@ impl Runtime {
             }
         }
         // Directories taken out by a process killed before it deleted them.
+        // Best effort: one that cannot be deleted now does not stop the rest of the sweep.
         for dir in self.store.removed_leftovers(Duration::from_secs(5)) {
-            super::store::delete_tree(&dir)?;
-            cleaned.push(dir.display().to_string());
+            match super::store::delete_tree(&dir) {
+                Ok(()) => cleaned.push(dir.display().to_string()),
+                Err(e) => tracing::warn!(error = %e, "deleting a removed container's files"),
+            }
         }
         if let Some(run_dir) = &self.run_dir {
             // Best effort: what is left now is swept the next time.

@@ -71,7 +71,11 @@ fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
 pub fn replace_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temp_name(path);
     let written = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         fs::rename(&tmp, path)
     })();

@@ -244,7 +244,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// Writes a container's record atomically (a reader never sees half of it) but not durably.
 /// A host crash ends every container, and the agent starts again what its controller assigns,
 /// not what it finds on disk: after one, a record is only what tells `gc` what to clean up. A
-/// record a power loss tore (empty or cut short) makes its directory an orphan
+/// record a power loss tore (not JSON: empty, cut short, zeros) makes its directory an orphan
 /// ([`Store::orphans`]), removed as one. An fsync of the record and its directory at each
 /// start cost a journal commit or two (about 0.8 ms) on the path of every container start.
 fn write_record(path: &Path, config: &ContainerConfig) -> Result<(), StoreError> {
@@ -255,13 +255,12 @@ fn write_record(path: &Path, config: &ContainerConfig) -> Result<(), StoreError>
     crate::durable::replace_atomic(path, &bytes).map_err(io(path))
 }
 
-/// Whether the record at `path` was torn by a power loss: empty or cut short (JSON that ends
-/// early), as a write that was never made durable can be found after one. A record that is
-/// whole but not understood (a newer agent's, say) is not torn.
+/// Whether the record at `path` was torn by a power loss: not JSON at all (empty, cut short,
+/// or zeros where the data never reached the disk, as some filesystems leave it). A record
+/// that is JSON but not understood (a newer agent's, say) is not torn.
 fn record_torn(path: &Path) -> bool {
-    fs::read(path).is_ok_and(|bytes| {
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err_and(|e| e.is_eof())
-    })
+    fs::read(path)
+        .is_ok_and(|bytes| serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err())
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
@@ -287,7 +286,7 @@ fn reserve(path: &Path) {
 /// Writes the monitor's live status atomically (readers never see half of it) but without
 /// fsync: it changes at every start, exit and restart, and after a power loss it says nothing
 /// true anyway (every container is gone); the agent re-derives what runs from what it finds.
-/// The record of what to run (`config.json`) is durable.
+/// The record of what to run (`config.json`) is not fsync'd either (see `write_record`).
 fn write_state(path: &Path, state: &State) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
@@ -747,20 +746,21 @@ pub(crate) mod tests {
         }
     }
 
-    /// The record is not fsync'd either: a power loss may leave it empty or cut short. Its
+    /// The record is not fsync'd either: a power loss may leave it empty, cut short or zeros. Its
     /// directory is then an orphan (what `gc` removes), not a container; a whole record that
     /// is merely not understood (a newer agent's) is not taken for one.
     #[test]
     fn a_torn_record_makes_an_orphan_and_an_unknown_one_does_not() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = Store::open(dir.path()).expect("open");
-        for id in ["whole", "empty", "cut", "newer"] {
+        for id in ["whole", "empty", "cut", "zeros", "newer"] {
             store.create(&config(id)).expect("create");
         }
         let record = |id: &str| store.dir(id).join("config.json");
         let text = std::fs::read_to_string(record("cut")).expect("read");
         std::fs::write(record("empty"), b"").expect("truncate");
         std::fs::write(record("cut"), &text[..text.len() / 2]).expect("cut");
+        std::fs::write(record("zeros"), vec![0u8; text.len()]).expect("zeros");
         std::fs::write(record("newer"), br#"{"a_field_from_the_future": 1}"#).expect("newer");
         let mut orphans: Vec<String> = store
             .orphans()
@@ -769,7 +769,7 @@ pub(crate) mod tests {
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect();
         orphans.sort();
-        assert_eq!(orphans, ["cut", "empty"]);
+        assert_eq!(orphans, ["cut", "empty", "zeros"]);
         let listed: Vec<String> = store
             .list()
             .expect("list")

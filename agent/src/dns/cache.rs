@@ -2,25 +2,28 @@
 //! again is answered on the receiving task, as a zone name is, without a forward (what
 //! CoreDNS's cache plugin and NodeLocal DNSCache do on a Kubernetes node).
 //!
-//! - **Key:** the question (name in lower case, type, class), the RD and CD flags, and whether
-//!   the query has EDNS and the DO bit. A query with EDNS options other than a cookie or
-//!   padding (client subnet, say, which changes the answer), another EDNS version, or more
+//! - **Key:** the question (name in lower case, type, class), the RD, AD and CD flags, and
+//!   whether the query has EDNS and the DO bit. A query with EDNS options other than a cookie
+//!   or padding (client subnet, say, which changes the answer), another EDNS version, or more
 //!   than the question and its OPT record is neither answered from the cache nor kept.
 //! - **What is kept:** a response over UDP to exactly that question (one question, the same
-//!   name, type and class), not truncated, with no extended error, its OPT record (if any)
-//!   the last record, and either NOERROR with answers, kept for the smallest TTL of its
-//!   records, or NXDOMAIN or NODATA with the zone's SOA, kept for the smaller of the SOA's TTL
-//!   and its MINIMUM (RFC 2308). Nothing else (SERVFAIL, REFUSED, a negative answer without a
-//!   SOA), nothing larger than [`MAX_ANSWER`], nothing for longer than [`MAX_TTL`]. The
-//!   upstream's OPT record (its cookie for the first asker, its payload size) is not kept.
+//!   name, type and class; see [`answers`]), not truncated, with no extended error, its OPT
+//!   record (if any) the last record, and either NOERROR with answers, kept for the smallest
+//!   TTL of its records, or NXDOMAIN or NODATA with the zone's SOA, kept for the smaller of
+//!   the SOA's TTL and its MINIMUM (RFC 2308) and no longer than any record's TTL. Nothing
+//!   else (SERVFAIL, REFUSED, a negative answer without a SOA), nothing larger than
+//!   [`MAX_ANSWER`], nothing for longer than [`MAX_TTL`]. The upstream's OPT record (its
+//!   cookie for the first asker, its payload size) is not kept.
 //! - **A hit** is the kept answer with the asker's id and spelling of the name (0x20 case
 //!   randomisation echoed), every TTL less the whole seconds it has been kept, and, for an
 //!   EDNS query, this server's OPT record (version 0, payload [`super::EDNS_PAYLOAD`], the DO
-//!   bit echoed). An answer larger than the asker takes over UDP (512 bytes without EDNS, else
-//!   its payload size) is not served from the cache: the query is forwarded. An entry is gone
-//!   once its TTL has run out.
-//! - **Bounded:** at most [`MAX_ENTRIES`]; a full cache first drops what has run out, then
-//!   an arbitrary entry.
+//!   bit echoed). An answer larger than the asker gets over UDP (512 bytes without EDNS, else
+//!   its payload size up to that of this server) is not served from the cache: the query is
+//!   forwarded. An entry is gone once its TTL has run out.
+//! - **Bounded:** at most [`MAX_ENTRIES`] answers of at most [`MAX_ANSWER`] bytes each; a
+//!   full cache drops what has run out, then arbitrary entries until an eighth is free. It is
+//!   shared by the node's containers: one that asks for many names pushes others' answers
+//!   out (they are asked upstream again), as in any shared resolver cache.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 
 /// Entries kept at most.
 pub const MAX_ENTRIES: usize = 4096;
-/// The largest answer kept (bytes); with [`MAX_ENTRIES`], 16 MiB at most.
+/// The largest answer kept (bytes).
 pub const MAX_ANSWER: usize = 4096;
 /// No answer is kept longer than this, whatever its TTL (seconds).
 pub const MAX_TTL: u32 = 3600;
@@ -119,8 +122,8 @@ impl Asked {
             Some((_, d)) => (1, u8::from(d)),
             None => (0, 0),
         };
-        // RD and CD change what an upstream answers.
-        let mut k = vec![query[2] & 0x01, query[3] & 0x10, edns, dnssec_ok];
+        // RD, AD and CD change what an upstream answers.
+        let mut k = vec![query[2] & 0x01, query[3] & 0x30, edns, dnssec_ok];
         k.extend_from_slice(&query[HEADER..self.q_end]);
         // The name's bytes (labels' lengths are below 64, never letters).
         let name_end = k.len() - 4;
@@ -137,10 +140,36 @@ impl Asked {
             && name[name.len() - ZONE_WIRE.len()..].eq_ignore_ascii_case(ZONE_WIRE)
     }
 
-    /// The largest answer this asker takes over UDP.
+    /// The largest answer this asker gets over UDP: 512 bytes without EDNS, else its payload
+    /// size up to the one this server advertises (as for zone answers).
     fn limit(&self) -> usize {
-        self.edns.map_or(512, |(payload, _)| usize::from(payload))
+        self.edns.map_or(512, |(payload, _)| {
+            usize::from(payload.min(super::EDNS_PAYLOAD))
+        })
     }
+}
+
+/// Whether `answer` answers `query`: a response (QR) with its id and, for a query of one
+/// question, that question (the name compared without case; type and class exactly).
+pub(super) fn answers(query: &[u8], answer: &[u8]) -> bool {
+    if query.len() < HEADER || answer.len() < HEADER || answer[..2] != query[..2] {
+        return false;
+    }
+    if answer[2] & 0x80 == 0 {
+        return false;
+    }
+    if u16_at(query, 4) != Some(1) {
+        return true;
+    }
+    let Some(name_end) = skip_name(query, HEADER, false) else {
+        return true;
+    };
+    let q_end = name_end + 4;
+    q_end <= query.len()
+        && answer.len() >= q_end
+        && u16_at(answer, 4) == Some(1)
+        && answer[HEADER..name_end].eq_ignore_ascii_case(&query[HEADER..name_end])
+        && answer[name_end..q_end] == query[name_end..q_end]
 }
 
 /// The end of the name at `pos`; `compressed`: whether a pointer may end it (not in a
@@ -232,7 +261,8 @@ fn keepable(answer: &[u8], q_end: usize) -> Option<(Vec<u8>, Vec<usize>, u32)> {
     }
     let keep = match rcode {
         RCODE_NOERROR if counts[0] > 0 => min_ttl,
-        RCODE_NOERROR | RCODE_NXDOMAIN => soa_keep?,
+        // Every record's TTL stays above 0 while it is kept.
+        RCODE_NOERROR | RCODE_NXDOMAIN => soa_keep?.min(min_ttl),
         _ => return None,
     };
     if keep == 0 {
@@ -306,11 +336,7 @@ impl Cache {
             return;
         };
         let q_end = asked.q_end;
-        // The same question, name compared without case.
-        if answer.len() < q_end
-            || answer[..2] != query[..2]
-            || !answer[HEADER..q_end].eq_ignore_ascii_case(&query[HEADER..q_end])
-        {
+        if !answers(query, answer) {
             return;
         }
         let Some((kept, ttls, keep)) = keepable(answer, q_end) else {
@@ -321,10 +347,12 @@ impl Cache {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if entries.len() >= MAX_ENTRIES {
+            // What has run out goes first; if that is not an eighth, arbitrary entries go
+            // until it is, so the next full scan is at least that many inserts away.
             entries.retain(|_, e| now.saturating_duration_since(e.stored) < e.keep);
-            if entries.len() >= MAX_ENTRIES
-                && let Some(k) = entries.keys().next().cloned()
-            {
+            let excess = entries.len().saturating_sub(MAX_ENTRIES - MAX_ENTRIES / 8);
+            let gone: Vec<Vec<u8>> = entries.keys().take(excess).cloned().collect();
+            for k in gone {
                 entries.remove(&k);
             }
         }
@@ -586,8 +614,27 @@ mod tests {
             ),
             t0,
         );
+        assert!(cache.answer_at(&subnet, t0).is_none());
+        // Kept, it would answer the same name asked without the option.
+        let subnet_name = with_option(
+            query(3, "s.example.test.", true),
+            8,
+            &[0, 1, 24, 0, 198, 18, 0],
+        );
+        cache.insert_at(
+            &subnet_name,
+            &upstream(
+                &subnet_name,
+                ResponseCode::NoError,
+                &[(60, [198, 18, 0, 3])],
+                None,
+            ),
+            t0,
+        );
         assert!(
-            cache.answer_at(&subnet, t0).is_none(),
+            cache
+                .answer_at(&query(8, "s.example.test.", true), t0)
+                .is_none(),
             "a client-subnet answer was kept"
         );
         assert!(
@@ -647,10 +694,39 @@ mod tests {
         }
     }
 
+    /// An answer is the upstream's to that very query: the id, QR, and the question (the
+    /// name in any case, the type and class exactly).
+    #[test]
+    fn an_answer_must_answer_the_question() {
+        let q = query(1, "a.example.test.", false);
+        let ok = upstream(&q, ResponseCode::NoError, &[(60, [198, 18, 0, 1])], None);
+        assert!(answers(&q, &ok));
+        let mut shouted = ok.clone();
+        shouted[HEADER + 1..HEADER + 2].make_ascii_uppercase();
+        assert!(answers(&q, &shouted));
+        let name_end = skip_name(&q, HEADER, false).expect("name");
+        let mut other_type = ok.clone();
+        other_type[name_end + 1] = 97;
+        assert!(!answers(&q, &other_type));
+        let mut other_class = ok.clone();
+        other_class[name_end + 3] = 3;
+        assert!(!answers(&q, &other_class));
+        let mut not_response = ok.clone();
+        not_response[2] &= 0x7F;
+        assert!(!answers(&q, &not_response));
+        let mut other_id = ok;
+        other_id[0] ^= 0xFF;
+        assert!(!answers(&q, &other_id));
+        assert!(!answers(&q, &[0u8; 5]));
+    }
+
+    /// Full, the cache frees an eighth at once (the next full scan is that many inserts
+    /// away) and keeps what was just put in.
     #[test]
     fn the_cache_is_bounded() {
         let cache = Cache::default();
         let t0 = Instant::now();
+        let mut sizes = Vec::new();
         for i in 0..MAX_ENTRIES + 50 {
             let q = query(1, &format!("n{i}.example.test."), false);
             cache.insert_at(
@@ -658,8 +734,15 @@ mod tests {
                 &upstream(&q, ResponseCode::NoError, &[(60, [198, 18, 0, 1])], None),
                 t0,
             );
+            assert!(cache.answer_at(&q, t0).is_some(), "n{i} was not kept");
+            sizes.push(cache.len());
         }
-        assert_eq!(cache.len(), MAX_ENTRIES);
+        assert_eq!(sizes.iter().max(), Some(&MAX_ENTRIES));
+        assert_eq!(
+            sizes.last(),
+            Some(&(MAX_ENTRIES - MAX_ENTRIES / 8 + 50)),
+            "an eighth freed once"
+        );
     }
 
     proptest! {
