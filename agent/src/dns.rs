@@ -1268,6 +1268,34 @@ mod tests {
     }
 
     /// A server on a free loopback port, its zone one service with one endpoint.
+    /// An A query for `name` with id `id`, recursion desired.
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
+        m.to_vec().expect("encode")
+    }
+
+    /// Waits until the server at `addr` answers a zone name (it is starting).
+    async fn wait_until_up(client: &UdpSocket, addr: SocketAddr) {
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..100 {
+            let _ = client
+                .send_to(&query(1, "web.default.skiff.internal."), addr)
+                .await;
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(50), client.recv_from(&mut buf)).await
+            {
+                return;
+            }
+        }
+        panic!("the DNS server did not come up");
+    }
+
     fn start_server(
         upstreams: Vec<SocketAddr>,
     ) -> (
@@ -1389,31 +1417,8 @@ mod tests {
         let upstream = silent.local_addr().expect("addr");
         let (addr, stats, server) = start_server(vec![upstream]);
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
-        let query = |id: u16, name: &str| {
-            let mut m = Message::query();
-            m.metadata.id = id;
-            m.metadata.recursion_desired = true;
-            m.add_query(Query::query(
-                Name::from_ascii(name).expect("name"),
-                RecordType::A,
-            ));
-            m.to_vec().expect("encode")
-        };
-        // Wait until the server answers a zone name.
+        wait_until_up(&client, addr).await;
         let mut buf = vec![0u8; 4096];
-        let mut up = false;
-        for _ in 0..100 {
-            let _ = client
-                .send_to(&query(1, "web.default.skiff.internal."), addr)
-                .await;
-            if let Ok(Ok(_)) =
-                tokio::time::timeout(Duration::from_millis(50), client.recv_from(&mut buf)).await
-            {
-                up = true;
-                break;
-            }
-        }
-        assert!(up, "the DNS server did not come up");
         let flood = MAX_FORWARDS + 50;
         for i in 0..flood {
             let q = query(1000 + i as u16, &format!("n{i}.example.org."));
@@ -1500,32 +1505,8 @@ mod tests {
         });
         let (addr, stats, server) = start_server(vec![up_addr]);
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
-        let query = |id: u16, name: &str| {
-            let mut m = Message::query();
-            m.metadata.id = id;
-            m.metadata.recursion_desired = true;
-            m.add_query(Query::query(
-                Name::from_ascii(name).expect("name"),
-                RecordType::A,
-            ));
-            m.to_vec().expect("encode")
-        };
-        // Wait until the server answers a zone name (it is starting); then each name below is
-        // sent once, so the upstream's count is what those queries caused.
-        let mut buf = vec![0u8; 4096];
-        let mut up = false;
-        for _ in 0..100 {
-            let _ = client
-                .send_to(&query(100, "web.default.skiff.internal."), addr)
-                .await;
-            if let Ok(Ok(_)) =
-                tokio::time::timeout(Duration::from_millis(50), client.recv_from(&mut buf)).await
-            {
-                up = true;
-                break;
-            }
-        }
-        assert!(up, "the DNS server did not come up");
+        // Each name below is sent once, so the upstream's count is what those queries caused.
+        wait_until_up(&client, addr).await;
         let ask = |id: u16, name: &'static str| {
             let (client, q) = (&client, query(id, name));
             async move {

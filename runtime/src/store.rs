@@ -248,7 +248,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// ([`Store::orphans`]), removed as one. An fsync of the record and its directory at each
 /// start cost a journal commit or two (about 0.8 ms) on the path of every container start.
 fn write_record(path: &Path, config: &ContainerConfig) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec_pretty(config).map_err(|e| StoreError::Corrupt {
+    replace_json(path, config)
+}
+
+/// `value` as pretty JSON, replacing `path` atomically, not durably
+/// ([`crate::durable::replace_atomic`]).
+fn replace_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
@@ -288,11 +294,7 @@ fn reserve(path: &Path) {
 /// true anyway (every container is gone); the agent re-derives what runs from what it finds.
 /// The record of what to run (`config.json`) is not fsync'd either (see `write_record`).
 fn write_state(path: &Path, state: &State) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    crate::durable::replace_atomic(path, &bytes).map_err(io(path))
+    replace_json(path, state)
 }
 
 /// The live state's file name in a container's directory (when there is no run dir).

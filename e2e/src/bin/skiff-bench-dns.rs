@@ -323,36 +323,24 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
             &format!("{server}:{port} to answer"),
             Duration::from_secs(10),
             |f| {
-                let out = f.on_host(
-                    "a1",
-                    &[
-                        "dig",
-                        "+time=1",
-                        "+tries=1",
-                        "-p",
-                        &port.to_string(),
-                        &format!("@{server}"),
-                        base,
-                        "A",
-                        "+short",
-                    ],
-                )?;
-                let zone_ok = String::from_utf8_lossy(&out.stdout).trim() == vip;
-                let out = f.on_host(
-                    "a1",
-                    &[
-                        "dig",
-                        "+time=1",
-                        "+tries=1",
-                        "-p",
-                        &port.to_string(),
-                        &format!("@{server}"),
-                        &format!("ready.{FORWARDED}"),
-                        "A",
-                        "+short",
-                    ],
-                )?;
-                Ok(zone_ok && String::from_utf8_lossy(&out.stdout).trim() == FORWARDED_IP)
+                let answer = |name: &str| -> Result<String> {
+                    let out = f.on_host(
+                        "a1",
+                        &[
+                            "dig",
+                            "+time=1",
+                            "+tries=1",
+                            "-p",
+                            &port.to_string(),
+                            &format!("@{server}"),
+                            name,
+                            "A",
+                            "+short",
+                        ],
+                    )?;
+                    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+                };
+                Ok(answer(base)? == vip && answer(&format!("ready.{FORWARDED}"))? == FORWARDED_IP)
             },
         )?;
     }
