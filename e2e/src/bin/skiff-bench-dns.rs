@@ -430,10 +430,13 @@ fn run(fleet: &Fleet, args: &Args, anchors: &mut Vec<std::process::Child>) -> Re
          threads, one per core) serve the same records. The agent answers zone queries with or \
          without EDNS0 (an OPT record added to the answer, as RFC 6891 asks) from answers \
          prepared per (name, type) at each service-set change, and everything else through \
-         hickory-proto, with one UDP socket per core (SO_REUSEPORT) read up to 32 queries per \
-         recvmmsg and answered with one sendmmsg; answers from the upstream are kept for their \
-         TTL and answered on the receiving task too. \
-         unbound gets as many threads as the agent has sockets; dnsmasq has one by design. \
+         hickory-proto, with one UDP socket per core (SO_REUSEPORT, each query steered to the \
+         socket of the CPU that received it by a classic BPF program on the group), each read \
+         by a thread of its own up to 32 queries per blocking recvmmsg and answered with one \
+         sendmmsg; answers from the upstream are kept for their TTL and answered on the \
+         receiving thread too. unbound gets as many threads as the agent has sockets (and \
+         `so-reuseport: yes`, its sockets hashed by sender: it has no CPU steering); dnsmasq \
+         has one thread by design. \
          Ratios are the median of the rounds' own ratios, with their range."
             .to_owned(),
         String::new(),
