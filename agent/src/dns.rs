@@ -656,7 +656,8 @@ fn servfail(query: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Serves DNS on `addr` (UDP and TCP) until the task is dropped: one UDP socket per core
-/// (SO_REUSEPORT; the kernel spreads clients over them), each read by a task of its own.
+/// (SO_REUSEPORT, queries steered to the socket of the CPU that received them), each read by
+/// a thread of its own, which ends when the task is dropped.
 /// Errors on a socket are logged and counted, never the end of it; out-of-zone names are
 /// forwarded at most [`MAX_FORWARDS`] at a time.
 pub async fn serve(
@@ -684,7 +685,7 @@ pub async fn serve(
         if sockets.is_empty()
             && let Err(e) = steer_by_cpu(&s, cores)
         {
-            debug!(error = %e, "DNS sockets not steered by CPU; the kernel hashes senders instead");
+            warn!(error = %e, "DNS sockets not steered by CPU; the kernel hashes senders instead");
         }
         sockets.push(Arc::new(s));
     }
@@ -748,9 +749,9 @@ pub async fn serve(
 /// Steers each query to the socket of the CPU that received it (socket `cpu % sockets`, the
 /// group's sockets in the order they were bound), with a classic BPF program on the
 /// SO_REUSEPORT group, instead of a hash of the sender's address. The CPU that received a
-/// query (on loopback or a veth, the sender's) then also wakes the thread that answers it,
-/// whose answer is delivered on the same CPU: fewer wake-ups across CPUs, which a virtual
-/// machine pays for dearly. Best effort for the caller: without it the kernel hashes.
+/// query (on loopback or a veth, the sender's) then wakes the thread that last ran there,
+/// which the scheduler tends to keep there (the threads are not pinned), and its answer is
+/// delivered from there: fewer wake-ups across CPUs, which a virtual machine pays for dearly. Best effort for the caller: without it the kernel hashes.
 fn steer_by_cpu(first: &socket2::Socket, sockets: usize) -> nix::Result<()> {
     let n = u32::try_from(sockets.max(1)).map_err(|_| nix::errno::Errno::EINVAL)?;
     let mut prog = [
@@ -857,14 +858,15 @@ fn send_batch(fd: std::os::fd::RawFd, replies: &[(Vec<u8>, SocketAddr)]) -> std:
         iovs.iter(),
         addrs,
         no_cmsgs,
-        MsgFlags::empty(),
+        MsgFlags::MSG_DONTWAIT,
     )?;
     Ok(sent.count())
 }
 
-/// Sends every answer, as many per system call as the socket takes (waiting while its send
-/// buffer is full); one the kernel refuses (a sender that cannot be reached) is counted and
-/// skipped.
+/// Sends every answer, as many per system call as the socket takes, never waiting: an answer
+/// the kernel refuses (a sender that cannot be reached, or a full send buffer, which a
+/// container could cause by asking from addresses nobody answers ARP for) is counted and
+/// dropped, as UDP may, so no asker can stall the thread.
 fn send_all(fd: std::os::fd::RawFd, mut replies: &[(Vec<u8>, SocketAddr)], stats: &DnsStats) {
     while let Some((_, peer)) = replies.first() {
         match send_batch(fd, replies) {
@@ -897,14 +899,14 @@ fn serve_udp(
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
     let mut backoff = socket_backoff();
     let fd = udp.as_raw_fd();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Acquire) {
         match recv_batch(fd, &mut bufs, &mut got) {
             Ok(()) => backoff.ok(),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // An ICMP error for an earlier answer; nothing is wrong with the socket.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
             Err(e) => {
-                if stop.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Acquire) {
                     return;
                 }
                 fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
@@ -913,55 +915,83 @@ fn serve_udp(
                 continue;
             }
         }
-        let z = current(zone);
-        replies.clear();
-        for (buf, &(len, peer, cut)) in bufs.iter().zip(&got) {
-            let Some(peer) = peer else { continue };
-            let query = &buf[..len.min(buf.len())];
-            if cut {
-                replies.extend(error_reply(query, ResponseCode::FormErr).map(|b| (b, peer)));
-                continue;
-            }
-            // Names outside the zone asked again: answered before any parsing.
-            if let Some(hit) = fwd.cached(query) {
-                replies.push((hit, peer));
-                continue;
-            }
-            match answer(query, &z, true) {
-                Reply::Answer(b) => replies.push((b, peer)),
-                Reply::Drop => {}
-                Reply::Forward => {
-                    let Some(permit) = fwd.slot() else {
-                        replies.extend(servfail(query).map(|b| (b, peer)));
-                        continue;
-                    };
-                    let (q, udp, fwd) = (query.to_vec(), udp.clone(), fwd.clone());
-                    runtime.spawn(async move {
-                        let reply = match forward(&q, &fwd.upstreams, false).await {
-                            Some(b) => {
-                                fwd.cache.insert(&q, &b);
-                                Some(b)
-                            }
-                            None => servfail(&q),
-                        };
-                        drop(permit);
-                        // Never waits: a full send buffer loses this one answer, as UDP may.
-                        if let Some(b) = reply
-                            && let Err(e) = nix::sys::socket::sendto(
-                                udp.as_raw_fd(),
-                                &b,
-                                &SockaddrStorage::from(peer),
-                                MsgFlags::MSG_DONTWAIT,
-                            )
-                        {
-                            fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
-                            debug!(%peer, error = %e, "DNS UDP send failed");
-                        }
-                    });
-                }
-            }
+        // A shut-down socket reads as empty datagrams with no sender.
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        // A panic in a batch must not leave this socket in the group unread: it is logged
+        // and the thread goes on.
+        let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            answer_batch(udp, zone, fwd, runtime, &bufs, &got, &mut replies);
+        }));
+        if batch.is_err() {
+            fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
+            warn!("DNS answering a batch panicked; the socket keeps serving");
+            continue;
         }
         send_all(fd, &replies, &fwd.stats);
+    }
+}
+
+/// Answers one batch of datagrams into `replies`; forwards become tasks on `runtime`, which
+/// hold the socket only weakly (a stopped server's socket closes without waiting for them).
+fn answer_batch(
+    udp: &Arc<socket2::Socket>,
+    zone: &SharedZone,
+    fwd: &Forwarding,
+    runtime: &tokio::runtime::Handle,
+    bufs: &[Vec<u8>],
+    got: &[Received],
+    replies: &mut Vec<(Vec<u8>, SocketAddr)>,
+) {
+    let z = current(zone);
+    replies.clear();
+    for (buf, &(len, peer, cut)) in bufs.iter().zip(got) {
+        let Some(peer) = peer else { continue };
+        let query = &buf[..len.min(buf.len())];
+        if cut {
+            replies.extend(error_reply(query, ResponseCode::FormErr).map(|b| (b, peer)));
+            continue;
+        }
+        // Names outside the zone asked again: answered before any parsing.
+        if let Some(hit) = fwd.cached(query) {
+            replies.push((hit, peer));
+            continue;
+        }
+        match answer(query, &z, true) {
+            Reply::Answer(b) => replies.push((b, peer)),
+            Reply::Drop => {}
+            Reply::Forward => {
+                let Some(permit) = fwd.slot() else {
+                    replies.extend(servfail(query).map(|b| (b, peer)));
+                    continue;
+                };
+                let (q, udp, fwd) = (query.to_vec(), Arc::downgrade(udp), fwd.clone());
+                runtime.spawn(async move {
+                    let reply = match forward(&q, &fwd.upstreams, false).await {
+                        Some(b) => {
+                            fwd.cache.insert(&q, &b);
+                            Some(b)
+                        }
+                        None => servfail(&q),
+                    };
+                    drop(permit);
+                    // Never waits: a full send buffer loses this one answer, as UDP may.
+                    if let Some(b) = reply
+                        && let Some(udp) = udp.upgrade()
+                        && let Err(e) = nix::sys::socket::sendto(
+                            udp.as_raw_fd(),
+                            &b,
+                            &SockaddrStorage::from(peer),
+                            MsgFlags::MSG_DONTWAIT,
+                        )
+                    {
+                        fwd.stats.socket_errors.fetch_add(1, Ordering::Relaxed);
+                        debug!(%peer, error = %e, "DNS UDP send failed");
+                    }
+                });
+            }
+        }
     }
 }
 
