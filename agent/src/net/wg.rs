@@ -13,6 +13,7 @@
 //! network namespace; an agent in another namespace (simulated hosts sharing one filesystem)
 //! uses `skwg-` and a hash of its data dir, so agents never share a link.
 
+pub mod noise;
 pub mod offload;
 pub mod tunnel;
 pub mod uapi;
