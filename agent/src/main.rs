@@ -30,7 +30,8 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    // The tunnel logs too (to its tunnel.log): SKIFF_LOG=boringtun=debug shows the handshakes.
+    // The tunnel logs too (to its tunnel.log): SKIFF_LOG=skiff_agent::net::wg::noise=debug
+    // shows the handshakes.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")

@@ -79,7 +79,7 @@ impl Proc {
             .arg("--")
             .arg(&self.exe)
             .args(&self.args)
-            // SKIFF_TEST_LOG (e.g. `info,boringtun=debug`) turns up the daemons' logs.
+            // SKIFF_TEST_LOG (e.g. `info,skiff_agent::net::wg::noise=debug`) turns up the daemons' logs.
             .env(
                 "SKIFF_LOG",
                 std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -1,21 +1,22 @@
 //! The userspace WireGuard tunnel: `skiff-agent __wg-tunnel --interface skiff-wg --socket PATH`.
 //!
-//! A process of its own (so pod traffic survives agent restarts) around boringtun's Noise
-//! implementation (`noise::Tunn`): a multi-queue TUN device and a group of UDP sockets on the
+//! A process of its own (so pod traffic survives agent restarts) around the protocol in
+//! [`noise`](super::noise): a multi-queue TUN device and a group of UDP sockets on the
 //! listen port (SO_REUSEPORT; 4 MiB buffers: small default buffers drop bursts and cost a
 //! third of the throughput), one queue and one socket per core (`SKIFF_WG_QUEUES` sets how
 //! many). Each queue has two threads: TUN -> encrypt -> UDP and UDP -> decrypt -> TUN. The
 //! kernel keeps a flow on one TUN queue and a sender on one socket of the group, so packets
-//! stay in order while flows and peers spread over the cores; a peer's own packets still take
-//! its lock one batch at a time (boringtun's `Tunn` is mutable per peer). Two more threads run
+//! stay in order while flows and peers spread over the cores; one peer's packets are sealed
+//! and opened on every queue at once (its sessions are read-locked, its send counter an
+//! atomic; only handshakes take the peer's lock). Two more threads run
 //! the protocol's timers (handshakes, keepalives, rekeys) every 250 ms and the UAPI socket
 //! (`get=1` / `set=1`, as `wg` speaks it). SIGTERM or SIGINT ends it; the TUN device goes with
 //! the process.
 //!
 //! Batches, not packets, cross the system calls ([`offload`](super::offload)): the TUN device
 //! has TSO and checksum offload (IFF_VNET_HDR, TUNSETOFFLOAD), so one read is a TCP
-//! super-packet of up to 64 KiB, cut here into wire-sized packets, encrypted under one lock of
-//! the peer and sent with one UDP_SEGMENT `sendmsg`; the socket has UDP_GRO, so one `recvmsg`
+//! super-packet of up to 64 KiB, cut here into wire-sized packets, encrypted and sent with
+//! one UDP_SEGMENT `sendmsg`; the socket has UDP_GRO, so one `recvmsg`
 //! is a train of datagrams from one sender, decrypted and joined back into super-packets for
 //! one TUN write each. Where the kernel refuses an offload, that side goes a packet at a time
 //! (`SKIFF_WG_OFFLOAD=off` asks for that everywhere, to measure the difference).
@@ -29,18 +30,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::{Packet, Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, UNIX_EPOCH};
 
 use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt,
     sockopt,
 };
 
+use super::noise::{self, Consumed, Device, Opened, Sealed};
 use super::offload::{
     Coalescer, F_NEEDS_CSUM, GSO_NONE, Segments, VNET_HDR_LEN, VnetHdr, complete_checksum,
 };
@@ -55,16 +53,14 @@ const MAX_PACKET: usize = 65536;
 /// and datagrams (the kernel's limit is 64 on older kernels, 128 since 6.x).
 const GSO_MAX_BYTES: usize = 65_000;
 const GSO_MAX_SEGMENTS: usize = 64;
-/// WireGuard's transport header and tag around each packet.
-const DATA_OVERHEAD: usize = 32;
-/// The message type of transport data.
-const DATA_MESSAGE: u8 = 4;
 
 struct PeerEntry {
     public: Key,
     index: u32,
     keepalive: u16,
-    tunn: Mutex<Tunn>,
+    /// Shared with the entry that replaces this one when the peer is set again unchanged, so
+    /// its sessions live on.
+    noise: Arc<noise::Peer>,
     endpoint: RwLock<Option<SocketAddr>>,
     allowed: Vec<(IpAddr, u8)>,
 }
@@ -72,6 +68,8 @@ struct PeerEntry {
 #[derive(Default)]
 struct State {
     private: Option<Key>,
+    /// This end's static key, made when the private key is set.
+    device: Option<Arc<Device>>,
     listen_port: u16,
     peers: HashMap<Key, Arc<PeerEntry>>,
     by_index: HashMap<u32, Arc<PeerEntry>>,
@@ -103,15 +101,11 @@ impl State {
             .map(|r| &r.2)
     }
 
-    fn new_tunn(&self, private: &Key, public: &Key, keepalive: u16, index: u32) -> Option<Tunn> {
-        Some(Tunn::new(
-            StaticSecret::from(private.0),
-            PublicKey::from(public.0),
-            None,
-            (keepalive > 0).then_some(keepalive),
-            index,
-            None,
-        ))
+    fn new_peer(&self, public: &Key, keepalive: u16, index: u32) -> Option<Arc<noise::Peer>> {
+        let device = self.device.clone()?;
+        Some(Arc::new(noise::Peer::new(
+            device, public.0, index, keepalive,
+        )))
     }
 }
 
@@ -473,11 +467,11 @@ impl Default for SendBatch {
 
 impl SendBatch {
     /// Encrypts the packets at `ranges` of `bytes` (all to the same destination, as one read
-    /// from the device is) under one lock of their peer, and sends them in as few system
-    /// calls as the kernel takes.
+    /// from the device is) for their peer, without a lock (other queues seal for the same
+    /// peer at the same time), and sends them in as few system calls as the kernel takes.
     fn encrypt_and_send(&mut self, s: &Shared, q: usize, bytes: &[u8], ranges: &[Range<usize>]) {
         let Some(first) = ranges.first() else { return };
-        let Some(IpAddr::V4(dst)) = Tunn::dst_address(&bytes[first.clone()]) else {
+        let Some(dst) = ipv4_destination(&bytes[first.clone()]) else {
             return;
         };
         let Some(peer) = s.state().route(dst).cloned() else {
@@ -488,13 +482,9 @@ impl SendBatch {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let udp = s.udp_for(q);
-        let mut t = peer
-            .tunn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for r in ranges {
             let src = &bytes[r.clone()];
-            let n = src.len() + DATA_OVERHEAD;
+            let n = src.len().next_multiple_of(16) + noise::DATA_OVERHEAD;
             if self.count > 0
                 && (n > self.seg
                     || self.short
@@ -504,9 +494,8 @@ impl SendBatch {
                 self.flush(s, udp.as_deref(), to);
             }
             let at = self.len;
-            if let TunnResult::WriteToNetwork(p) = t.encapsulate(src, &mut self.buf[at..]) {
-                let len = p.len();
-                if p.first() == Some(&DATA_MESSAGE) {
+            match peer.noise.seal(src, &mut self.buf[at..]) {
+                Sealed::Data(len) => {
                     if self.count == 0 {
                         self.seg = len;
                     } else if len < self.seg {
@@ -514,13 +503,16 @@ impl SendBatch {
                     }
                     self.len += len;
                     self.count += 1;
-                } else if let (Some(udp), Some(to)) = (udp.as_deref(), to) {
-                    // No session: the packet was queued and this is a handshake initiation.
-                    let _ = udp.send_to(&self.buf[at..at + len], to);
                 }
+                Sealed::Initiation(len) => {
+                    // No session: the packet was queued and this is a handshake initiation.
+                    if let (Some(udp), Some(to)) = (udp.as_deref(), to) {
+                        let _ = udp.send_to(&self.buf[at..at + len], to);
+                    }
+                }
+                Sealed::Queued | Sealed::Dropped => {}
             }
         }
-        drop(t);
         self.flush(s, udp.as_deref(), to);
     }
 
@@ -621,14 +613,19 @@ fn udp_to_tun(s: &Shared, udp: Arc<UdpSocket>, generation: u64, q: usize) {
     }
 }
 
-/// What decrypting a datagram left in the frame.
-enum Received {
-    Nothing,
-    Packet(usize, IpAddr),
+/// The destination of an IPv4 packet (the overlay carries IPv4 only).
+fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 {
+        return None;
+    }
+    let d: [u8; 4] = packet[16..20].try_into().ok()?;
+    Some(Ipv4Addr::from(d))
 }
 
-/// Handles one datagram from `src`: a handshake message is answered, a data packet decrypted
-/// into `frame` (after room for its virtio-net header) and handed to the coalescer.
+/// Handles one datagram from `src`: an initiation is answered (or, under load, asked for a
+/// cookie), a response or cookie reply taken, a data packet decrypted into `frame` (after
+/// room for its virtio-net header) and handed to the coalescer. No lock is held while
+/// decrypting: other queues open the same peer's packets at the same time.
 fn receive(
     s: &Shared,
     q: usize,
@@ -638,59 +635,57 @@ fn receive(
     frame: &mut [u8],
     coalescer: &mut Coalescer,
 ) {
-    let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
-        return;
+    let out = &mut frame[VNET_HDR_LEN..];
+    let (peer, opened) = if datagram.first() == Some(&noise::INITIATION) {
+        let Some(device) = s.state().device.clone() else {
+            return;
+        };
+        match device.consume_initiation(datagram, src, out) {
+            Consumed::Initiation(init) => {
+                let Some(peer) = s.state().peers.get(&Key(init.peer)).cloned() else {
+                    return;
+                };
+                let opened = peer.noise.respond(&init, out);
+                (peer, opened)
+            }
+            Consumed::CookieReply(n) => {
+                let _ = udp.send_to(&out[..n], src);
+                return;
+            }
+            Consumed::Invalid => return,
+        }
+    } else {
+        let Some((_, index)) = noise::receiver(datagram) else {
+            return;
+        };
+        let Some(peer) = s.state().by_index.get(&(index >> 8)).cloned() else {
+            return;
+        };
+        let opened = peer.noise.open(datagram, src, out);
+        (peer, opened)
     };
-    let peer = {
-        let st = s.state();
-        match packet {
-            Packet::HandshakeInit(ref h) => {
-                let Some(private) = st.private else { return };
-                let secret = StaticSecret::from(private.0);
-                let public = PublicKey::from(&secret);
-                match parse_handshake_anon(&secret, &public, h) {
-                    Ok(half) => st.peers.get(&Key(half.peer_static_public)).cloned(),
-                    Err(_) => None,
+    match opened {
+        Opened::Rejected => return,
+        Opened::CookieReply(n) => {
+            let _ = udp.send_to(&out[..n], src);
+            return;
+        }
+        Opened::Reply(n) => {
+            let _ = udp.send_to(&out[..n], src);
+        }
+        Opened::Nothing => {}
+        Opened::Packet(len, from) => {
+            if allowed(&peer.allowed, from) {
+                let frame = &mut frame[..VNET_HDR_LEN + len];
+                if s.tun_offload {
+                    coalescer.push(frame, &mut |f| s.write_tun(q, f));
+                } else {
+                    s.write_tun(q, frame);
                 }
             }
-            Packet::HandshakeResponse(ref r) => st.by_index.get(&(r.receiver_idx >> 8)).cloned(),
-            Packet::PacketCookieReply(ref c) => st.by_index.get(&(c.receiver_idx >> 8)).cloned(),
-            Packet::PacketData(ref d) => st.by_index.get(&(d.receiver_idx >> 8)).cloned(),
-        }
-    };
-    let Some(peer) = peer else { return };
-    let mut t = peer
-        .tunn
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let got = match t.decapsulate(Some(src.ip()), datagram, &mut frame[VNET_HDR_LEN..]) {
-        TunnResult::Done => Received::Nothing,
-        TunnResult::Err(_) => return,
-        TunnResult::WriteToNetwork(p) => {
-            let _ = udp.send_to(p, src);
-            // Packets queued while the handshake was under way.
-            while let TunnResult::WriteToNetwork(p) =
-                t.decapsulate(None, &[], &mut frame[VNET_HDR_LEN..])
-            {
-                let _ = udp.send_to(p, src);
-            }
-            Received::Nothing
-        }
-        TunnResult::WriteToTunnelV4(p, from) => Received::Packet(p.len(), IpAddr::V4(from)),
-        TunnResult::WriteToTunnelV6(p, from) => Received::Packet(p.len(), IpAddr::V6(from)),
-    };
-    drop(t);
-    if let Received::Packet(len, from) = got
-        && allowed(&peer.allowed, from)
-    {
-        let frame = &mut frame[..VNET_HDR_LEN + len];
-        if s.tun_offload {
-            coalescer.push(frame, &mut |f| s.write_tun(q, f));
-        } else {
-            s.write_tun(q, frame);
         }
     }
-    // Roaming: the peer is where its last authenticated packet came from.
+    // Roaming: the peer is where its last authenticated message came from.
     let current = *peer
         .endpoint
         .read()
@@ -700,6 +695,24 @@ fn receive(
             .endpoint
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(src);
+    }
+    if !matches!(opened, Opened::Packet(..)) {
+        // A handshake done: packets queued while it was under way go now.
+        send_queued(&peer, udp, src);
+    }
+}
+
+/// Seals and sends the packets a peer queued while it had no session.
+fn send_queued(peer: &PeerEntry, udp: &UdpSocket, to: SocketAddr) {
+    let queued = peer.noise.take_queued();
+    if queued.is_empty() {
+        return;
+    }
+    let mut out = vec![0u8; MAX_PACKET + 256];
+    for p in queued {
+        if let Sealed::Data(n) | Sealed::Initiation(n) = peer.noise.seal(&p, &mut out) {
+            let _ = udp.send_to(&out[..n], to);
+        }
     }
 }
 
@@ -727,13 +740,9 @@ fn timers(s: &Shared) {
         std::thread::sleep(Duration::from_millis(250));
         let peers: Vec<Arc<PeerEntry>> = s.state().peers.values().cloned().collect();
         for p in peers {
-            let mut t = p
-                .tunn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let TunnResult::WriteToNetwork(pkt) = t.update_timers(&mut out) {
+            if let Some(n) = p.noise.tick(&mut out) {
                 s.send(
-                    pkt,
+                    &out[..n],
                     *p.endpoint
                         .read()
                         .unwrap_or_else(std::sync::PoisonError::into_inner),
@@ -789,18 +798,13 @@ fn serve_uapi(s: &Arc<Shared>, conn: UnixStream) {
 
 fn status(s: &Shared) -> (DeviceStatus, Option<Key>) {
     let st = s.state();
-    let now = SystemTime::now();
     let mut peers: Vec<PeerStatus> = st
         .peers
         .values()
         .map(|p| {
-            let t = p
-                .tunn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (since, tx, rx, _, _) = t.stats();
-            let last_handshake = since
-                .and_then(|d| now.checked_sub(d))
+            let last_handshake = p
+                .noise
+                .last_handshake()
                 .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
                 .map(|d| (d.as_secs() as i64, i64::from(d.subsec_nanos())));
             PeerStatus {
@@ -811,8 +815,8 @@ fn status(s: &Shared) -> (DeviceStatus, Option<Key>) {
                     .unwrap_or_else(std::sync::PoisonError::into_inner),
                 allowed_ips: p.allowed.clone(),
                 last_handshake,
-                rx_bytes: rx as u64,
-                tx_bytes: tx as u64,
+                rx_bytes: p.noise.rx_bytes.load(Ordering::Relaxed),
+                tx_bytes: p.noise.tx_bytes.load(Ordering::Relaxed),
                 keepalive: p.keepalive,
             }
         })
@@ -854,15 +858,26 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
         && st.private != Some(k)
     {
         st.private = Some(k);
+        st.device = Some(Arc::new(Device::new(k.0)));
         // Every session was made with the old key.
         let old: Vec<Arc<PeerEntry>> = st.peers.values().cloned().collect();
         for p in old {
-            let tunn = st
-                .new_tunn(&k, &p.public, p.keepalive, p.index)
+            let noise = st
+                .new_peer(&p.public, p.keepalive, p.index)
                 .ok_or_else(|| einval("bad key"))?;
-            *p.tunn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = tunn;
+            let entry = PeerEntry {
+                public: p.public,
+                index: p.index,
+                keepalive: p.keepalive,
+                noise,
+                endpoint: RwLock::new(
+                    *p.endpoint
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                ),
+                allowed: p.allowed.clone(),
+            };
+            st.peers.insert(p.public, Arc::new(entry));
         }
     }
     if u.replace_peers {
@@ -881,9 +896,9 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
             st.peers.remove(&pu.public_key);
             continue;
         }
-        let private = st
-            .private
-            .ok_or_else(|| einval("set a private key before peers"))?;
+        if st.device.is_none() {
+            return Err(einval("set a private key before peers"));
+        }
         let existing = st.peers.get(&pu.public_key).cloned();
         let keepalive = pu
             .keepalive
@@ -906,24 +921,14 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
         });
         let entry = match existing {
             // Same peer, same keepalive: keep its sessions.
-            Some(p) if p.keepalive == keepalive => {
-                let tunn = std::mem::replace(
-                    &mut *p
-                        .tunn
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                    st.new_tunn(&private, &p.public, keepalive, p.index)
-                        .ok_or_else(|| einval("bad key"))?,
-                );
-                PeerEntry {
-                    public: p.public,
-                    index: p.index,
-                    keepalive,
-                    tunn: Mutex::new(tunn),
-                    endpoint: RwLock::new(endpoint),
-                    allowed,
-                }
-            }
+            Some(p) if p.keepalive == keepalive => PeerEntry {
+                public: p.public,
+                index: p.index,
+                keepalive,
+                noise: p.noise.clone(),
+                endpoint: RwLock::new(endpoint),
+                allowed,
+            },
             _ => {
                 if keepalive > 0 && endpoint.is_some() {
                     greet.push(pu.public_key);
@@ -934,10 +939,9 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
                     public: pu.public_key,
                     index,
                     keepalive,
-                    tunn: Mutex::new(
-                        st.new_tunn(&private, &pu.public_key, keepalive, index)
-                            .ok_or_else(|| einval("bad key"))?,
-                    ),
+                    noise: st
+                        .new_peer(&pu.public_key, keepalive, index)
+                        .ok_or_else(|| einval("bad key"))?,
                     endpoint: RwLock::new(endpoint),
                     allowed,
                 }
@@ -953,13 +957,9 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
     drop(st);
     let mut out = vec![0u8; 256];
     for p in greet {
-        let mut t = p
-            .tunn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let TunnResult::WriteToNetwork(pkt) = t.format_handshake_initiation(&mut out, false) {
+        if let Some(n) = p.noise.initiate(&mut out) {
             s.send(
-                pkt,
+                &out[..n],
                 *p.endpoint
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner),
