@@ -484,7 +484,7 @@ impl SendBatch {
         let udp = s.udp_for(q);
         for r in ranges {
             let src = &bytes[r.clone()];
-            let n = src.len().next_multiple_of(16) + noise::DATA_OVERHEAD;
+            let n = src.len() + noise::DATA_OVERHEAD;
             if self.count > 0
                 && (n > self.seg
                     || self.short
@@ -665,7 +665,8 @@ fn receive(
         (peer, opened)
     };
     match opened {
-        Opened::Rejected => return,
+        // A cookie reply proves nothing about where the peer is.
+        Opened::Rejected | Opened::CookieTaken => return,
         Opened::CookieReply(n) => {
             let _ = udp.send_to(&out[..n], src);
             return;
@@ -696,10 +697,10 @@ fn receive(
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(src);
     }
-    if !matches!(opened, Opened::Packet(..)) {
-        // A handshake done: packets queued while it was under way go now.
-        send_queued(&peer, udp, src);
-    }
+    // A handshake done (a response taken, or the first message on a session this end
+    // answered for): packets queued while it was under way go now. An atomic load when none
+    // wait.
+    send_queued(&peer, udp, src);
 }
 
 /// Seals and sends the packets a peer queued while it had no session.
@@ -920,15 +921,19 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
             })
         });
         let entry = match existing {
-            // Same peer, same keepalive: keep its sessions.
-            Some(p) if p.keepalive == keepalive => PeerEntry {
-                public: p.public,
-                index: p.index,
-                keepalive,
-                noise: p.noise.clone(),
-                endpoint: RwLock::new(endpoint),
-                allowed,
-            },
+            // The same peer: its sessions stay, whatever changed (a new persistent keepalive
+            // runs from the next timer pass).
+            Some(p) => {
+                p.noise.set_keepalive(keepalive);
+                PeerEntry {
+                    public: p.public,
+                    index: p.index,
+                    keepalive,
+                    noise: p.noise.clone(),
+                    endpoint: RwLock::new(endpoint),
+                    allowed,
+                }
+            }
             _ => {
                 if keepalive > 0 && endpoint.is_some() {
                     greet.push(pu.public_key);
