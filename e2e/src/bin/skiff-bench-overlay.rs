@@ -391,8 +391,10 @@ fn run(fleet: &Fleet, args: &Args, wgo: &mut Vec<std::process::Child>) -> Result
         format!(
             "- Setup: a netns fleet (one controller, two agents, hosts on a bridge, MTU 1500). Skiff's \
              WireGuard backend as the agents report it: {backend} (this kernel has no WireGuard module, \
-             so userspace: boringtun's Noise in a process of its own, 4 MiB UDP buffers; TUN offloads \
-             (TSO, checksum) with UDP GSO/GRO: {offloads}), pod MTU 1420. \
+             so userspace: a process of its own, WireGuard's protocol from agent/src/net/wg/noise.rs \
+             (a peer's packets sealed and opened on every queue at once), a TUN queue and a UDP \
+             socket per core, 4 MiB UDP buffers; TUN offloads (TSO, checksum) with UDP GSO/GRO: \
+             {offloads}), pod MTU 1420. \
              iperf3 and ping run in the containers' network namespaces. The overlay path crosses two \
              more veths and bridges than the host-to-host anchors; wireguard-go ({wgo_version}, \
              Debian's) gets the same hosts, MTU and buffer defaults as it ships."
