@@ -751,7 +751,8 @@ pub async fn serve(
 /// SO_REUSEPORT group, instead of a hash of the sender's address. The CPU that received a
 /// query (on loopback or a veth, the sender's) then wakes the thread that last ran there,
 /// which the scheduler tends to keep there (the threads are not pinned), and its answer is
-/// delivered from there: fewer wake-ups across CPUs, which a virtual machine pays for dearly. Best effort for the caller: without it the kernel hashes.
+/// delivered from there: fewer wake-ups across CPUs, which a virtual machine pays for dearly.
+/// Best effort for the caller: without it the kernel hashes.
 fn steer_by_cpu(first: &socket2::Socket, sockets: usize) -> nix::Result<()> {
     let n = u32::try_from(sockets.max(1)).map_err(|_| nix::errno::Errno::EINVAL)?;
     let mut prog = [

@@ -24,12 +24,12 @@ const PACKET: usize = 1420;
 
 #[derive(clap::Parser)]
 struct Args {
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 2)]
+    /// Seconds per measurement (at least 1).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
-    /// Interleaved rounds.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    /// Interleaved rounds (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
 }
 
 fn from() -> SocketAddr {
@@ -54,8 +54,8 @@ fn ours() -> Result<(Peer, Peer)> {
         Arc::new(Device::new(rand::random())),
         Arc::new(Device::new(rand::random())),
     );
-    let a = Peer::new(da.clone(), db.public(), 1, 0);
-    let b = Peer::new(db.clone(), da.public(), 2, 0);
+    let a = Peer::new(da.clone(), db.public(), 1, 0).context("a peer")?;
+    let b = Peer::new(db.clone(), da.public(), 2, 0).context("a peer")?;
     let (mut buf, mut out) = (vec![0u8; 4096], vec![0u8; 4096]);
     let n = a.initiate(&mut buf).context("initiation")?;
     let Consumed::Initiation(i) = db.consume_initiation(&buf[..n], from(), &mut out) else {
@@ -219,7 +219,8 @@ fn main() -> Result<()> {
         }
     }
     println!(
-        "One peer, {PACKET}-byte packets, {} s per figure, {} interleaved rounds; Gbit/s, median (range):",
+        "One peer, {PACKET}-byte packets, {} s per figure, {} interleaved rounds; \
+         Gbit/s, median (range):",
         args.seconds, args.rounds
     );
     println!("| case | 1 thread | {cores} threads | {cores} threads / 1 |");
@@ -233,10 +234,9 @@ fn main() -> Result<()> {
             .map(|(o, a)| a / o)
             .collect();
         let r = median(ratios);
-        println!(
-            "| {name} | {:.2} ({:.2} to {:.2}) | {:.2} ({:.2} to {:.2}) | {:.2}x ({:.2} to {:.2}) |",
-            one.0, one.1, one.2, all.0, all.1, all.2, r.0, r.1, r.2
-        );
+        let range = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2} ({lo:.2} to {hi:.2})");
+        let ratio = format!("{:.2}x ({:.2} to {:.2})", r.0, r.1, r.2);
+        println!("| {name} | {} | {} | {ratio} |", range(one), range(all));
     }
     Ok(())
 }

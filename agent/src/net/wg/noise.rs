@@ -471,15 +471,27 @@ struct Session {
     sent: AtomicU64,
     replay: Mutex<Replay>,
     born: Instant,
+    /// `born` in the peer's clock (microseconds since its device was made), for the data
+    /// path's age check without another clock read.
+    born_us: u64,
     /// This end started the handshake (only the initiator rekeys on age).
     initiator: bool,
     /// The initiator asked for a new handshake because the peer still talks on this session
     /// as it nears its end (once per session, as the kernel's `sent_lastminute_handshake`).
     last_minute: AtomicBool,
+    /// The initiator asked for a new handshake because it sent on this session past
+    /// `rekey_after` or REKEY_AFTER_MESSAGES (once per session).
+    rekey_asked: AtomicBool,
 }
 
 impl Session {
-    fn new(local: u32, remote: u32, send: &[u8; 32], recv: &[u8; 32], initiator: bool) -> Self {
+    fn new(
+        local: u32,
+        remote: u32,
+        (send, recv): (&[u8; 32], &[u8; 32]),
+        born_us: u64,
+        initiator: bool,
+    ) -> Self {
         let key = |k: &[u8; 32]| {
             LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, k).expect("a 32-byte key"))
         };
@@ -491,8 +503,10 @@ impl Session {
             sent: AtomicU64::new(0),
             replay: Mutex::default(),
             born: Instant::now(),
+            born_us,
             initiator,
             last_minute: AtomicBool::new(false),
+            rekey_asked: AtomicBool::new(false),
         }
     }
 
@@ -518,6 +532,10 @@ struct Sessions {
 impl Sessions {
     fn slots(&self) -> [&Option<Arc<Session>>; 3] {
         [&self.current, &self.previous, &self.next]
+    }
+
+    fn slots_mut(&mut self) -> [&mut Option<Arc<Session>>; 3] {
+        [&mut self.current, &mut self.previous, &mut self.next]
     }
 }
 
@@ -561,7 +579,9 @@ pub enum Sealed {
     /// No session: the packet was queued and a handshake initiation of this length is in
     /// `out`.
     Initiation(usize),
-    /// No session, the packet queued (or dropped, the queue full), a handshake under way.
+    /// No session: the packet queued (or dropped, the queue full or empty), with a handshake
+    /// under way, or one this end answered awaiting the initiator's confirmation (or no room
+    /// in `out` for an initiation).
     Queued,
     /// `out` is too small for the sealed packet.
     Dropped,
@@ -575,7 +595,8 @@ pub enum Opened {
     /// A message of this length to send back (a handshake response, or a keepalive that
     /// confirms a new session).
     Reply(usize),
-    /// Authentic, nothing to do (a keepalive).
+    /// Authentic, nothing to send back (a keepalive, or a response taken while packets
+    /// wait: [`Peer::take_queued`] has them).
     Nothing,
     /// A cookie reply taken. It proves nothing about where the peer is: no roaming on it.
     CookieTaken,
@@ -610,12 +631,11 @@ pub struct Peer {
     /// A handshake the data path asked for, which the timers send.
     want_handshake: AtomicBool,
     last_done: Mutex<Option<SystemTime>>,
-    /// Microseconds since `device.born` (0: never) of: the last message sent; the last data
-    /// sent; the first data received since this end last sent (a passive keepalive is due
+    /// Microseconds since `device.born` (0: never) of: the last message sent; the first
+    /// data received since this end last sent (a passive keepalive is due
     /// `keepalive_timeout` after it); the first data sent that nothing has been received
     /// after (a new handshake is due `keepalive_timeout + rekey_timeout` after it).
     sent_any: AtomicU64,
-    sent_data: AtomicU64,
     unanswered_received: AtomicU64,
     unanswered_sent: AtomicU64,
     pub tx_bytes: AtomicU64,
@@ -630,10 +650,16 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Peer {
-    pub fn new(device: Arc<Device>, remote: [u8; 32], index: u32, keepalive: u16) -> Self {
-        Self {
-            static_shared: dh(&device.secret, &remote),
+    /// A peer for `remote`; `None` for a key no handshake can be made with (one of small
+    /// order, whose Diffie-Hellman result is all zeros).
+    pub fn new(device: Arc<Device>, remote: [u8; 32], index: u32, keepalive: u16) -> Option<Self> {
+        Some(Self {
+            static_shared: Some(dh(&device.secret, &remote)?),
             mac1_key: hash(&[LABEL_MAC1, &remote]),
             cookie_key: hash(&[LABEL_COOKIE, &remote]),
             device,
@@ -647,12 +673,11 @@ impl Peer {
             want_handshake: AtomicBool::new(false),
             last_done: Mutex::new(None),
             sent_any: AtomicU64::new(0),
-            sent_data: AtomicU64::new(0),
             unanswered_received: AtomicU64::new(0),
             unanswered_sent: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Changes the persistent keepalive (seconds, 0: none), keeping the sessions.
@@ -661,9 +686,7 @@ impl Peer {
     }
 
     fn handshake(&self) -> std::sync::MutexGuard<'_, Handshake> {
-        self.handshake
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.handshake)
     }
 
     fn now_us(&self) -> u64 {
@@ -750,6 +773,7 @@ impl Peer {
             retry_after: timeout + jitter,
         });
         hs.attempts_since.get_or_insert_with(Instant::now);
+        self.want_handshake.store(false, Ordering::Relaxed);
         tracing::debug!(peer = self.index, local, "handshake initiation sent");
         self.sent_any.store(self.now_us(), Ordering::Relaxed);
         self.unanswered_received.store(0, Ordering::Relaxed);
@@ -802,7 +826,13 @@ impl Peer {
         hs.last_timestamp = init.timestamp;
         hs.last_initiation = Some(Instant::now());
         hs.last_response = Some(Instant::now());
-        let session = Arc::new(Session::new(local, init.sender, &send, &recv, false));
+        let session = Arc::new(Session::new(
+            local,
+            init.sender,
+            (&send, &recv),
+            self.now_us(),
+            false,
+        ));
         write(&self.sessions).next = Some(session);
         drop(hs);
         tracing::debug!(peer = self.index, local, "handshake initiation answered");
@@ -831,11 +861,7 @@ impl Peer {
         }
         // A handshake under way, or one this end just answered, which the initiator is about
         // to confirm: wait for it.
-        let answered = hs
-            .last_response
-            .is_some_and(|t| t.elapsed() < self.device.timing.rekey_timeout)
-            && read(&self.sessions).next.is_some();
-        if hs.pending.is_some() || answered {
+        if hs.pending.is_some() || self.awaiting_confirmation(&hs) {
             return Sealed::Queued;
         }
         match self.initiate_locked(&mut hs, out) {
@@ -844,7 +870,17 @@ impl Peer {
         }
     }
 
-    /// Seals on the current session, if there is a usable one.
+    /// This end answered an initiation less than `rekey_timeout` ago and the initiator has
+    /// not confirmed the session yet: a handshake of our own now would cross it.
+    fn awaiting_confirmation(&self, hs: &Handshake) -> bool {
+        hs.last_response
+            .is_some_and(|t| t.elapsed() < self.device.timing.rekey_timeout)
+            && read(&self.sessions).next.is_some()
+    }
+
+    /// Seals on the current session, if there is a usable one; an initiator's session that
+    /// is sent on past `rekey_after` (or REKEY_AFTER_MESSAGES) asks the timers for a new
+    /// handshake, once.
     fn seal_current(&self, packet: &[u8], out: &mut [u8]) -> Option<Sealed> {
         let sessions = read(&self.sessions);
         let s = sessions
@@ -859,13 +895,19 @@ impl Peer {
             return None;
         }
         let n = seal_with(s, counter, packet, out);
-        drop(sessions);
         let now = self.now_us();
+        let rekey_after = self.device.timing.rekey_after.as_micros() as u64;
+        if s.initiator
+            && (counter >= REKEY_AFTER_MESSAGES || now.saturating_sub(s.born_us) >= rekey_after)
+            && !s.rekey_asked.swap(true, Ordering::Relaxed)
+        {
+            self.want_handshake.store(true, Ordering::Relaxed);
+        }
+        drop(sessions);
         self.sent_any.store(now, Ordering::Relaxed);
         self.unanswered_received.store(0, Ordering::Relaxed);
         self.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
         if !packet.is_empty() {
-            self.sent_data.store(now, Ordering::Relaxed);
             let _ =
                 self.unanswered_sent
                     .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
@@ -911,13 +953,7 @@ impl Peer {
             return Opened::Rejected;
         }
         let counter = u64::from_le_bytes(msg[8..16].try_into().unwrap_or_default());
-        let lock = || {
-            session
-                .replay
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        if !lock().fresh(counter) {
+        if !lock(&session.replay).fresh(counter) {
             return Opened::Rejected;
         }
         let sealed = &msg[DATA_HEADER..];
@@ -933,13 +969,16 @@ impl Peer {
         };
         let plain_len = plain.len();
         // Authentic: only now may the window move.
-        if !lock().mark(counter) {
+        if !lock(&session.replay).mark(counter) {
             return Opened::Rejected;
         }
         let now = self.now_us();
         self.unanswered_sent.store(0, Ordering::Relaxed);
         self.rx_bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
         if is_next {
+            // Under the handshake lock (taken first, as everywhere), so a seal that found no
+            // session and queues its packet is done before the queue is looked at.
+            let hs = self.handshake();
             let promoted = {
                 let mut s = write(&self.sessions);
                 let mine = s.next.as_ref().is_some_and(|n| n.local == index);
@@ -949,16 +988,9 @@ impl Peer {
                 }
                 mine
             };
+            drop(hs);
             if promoted {
-                *self
-                    .last_done
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(SystemTime::now());
-                tracing::debug!(
-                    peer = self.index,
-                    local = index,
-                    "handshake done (responder)"
-                );
+                self.handshake_done(index, "responder");
             }
         }
         // The peer still talks on an initiator's session near its end: the timers start a
@@ -1015,7 +1047,13 @@ impl Peer {
             return Opened::Rejected;
         }
         let [send, recv] = kdf::<2>(&chain, &[]);
-        let session = Arc::new(Session::new(p.local, sender, &send, &recv, true));
+        let session = Arc::new(Session::new(
+            p.local,
+            sender,
+            (&send, &recv),
+            self.now_us(),
+            true,
+        ));
         // Published before the handshake lock is let go, so a seal that finds no session and
         // then takes the lock sees this one.
         {
@@ -1032,15 +1070,7 @@ impl Peer {
         hs.attempts_since = None;
         let queued = !hs.queue.is_empty();
         drop(hs);
-        *self
-            .last_done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(SystemTime::now());
-        tracing::debug!(
-            peer = self.index,
-            local = index,
-            "handshake done (initiator)"
-        );
+        self.handshake_done(index, "initiator");
         if queued {
             return Opened::Nothing;
         }
@@ -1091,9 +1121,8 @@ impl Peer {
         let t = self.device.timing;
         let expired = |x: &Option<Arc<Session>>| x.as_ref().is_some_and(|x| !x.usable(&t));
         if read(&self.sessions).slots().into_iter().any(expired) {
-            let mut guard = write(&self.sessions);
-            let s = &mut *guard;
-            for slot in [&mut s.current, &mut s.previous, &mut s.next] {
+            let mut s = write(&self.sessions);
+            for slot in s.slots_mut() {
                 if expired(slot) {
                     *slot = None;
                 }
@@ -1101,43 +1130,37 @@ impl Peer {
         }
         let mut hs = self.handshake();
         if let Some(p) = &hs.pending {
-            if p.sent.elapsed() < p.retry_after {
-                return None;
+            if p.sent.elapsed() >= p.retry_after {
+                if hs
+                    .attempts_since
+                    .is_some_and(|since| since.elapsed() >= t.rekey_attempt)
+                {
+                    hs.pending = None;
+                    hs.attempts_since = None;
+                    hs.queue.clear();
+                    self.queued.store(false, Ordering::Release);
+                    tracing::debug!(peer = self.index, "handshake given up: no answer");
+                    return None;
+                }
+                return self.initiate_locked(&mut hs, out);
             }
-            if hs
-                .attempts_since
-                .is_some_and(|since| since.elapsed() >= t.rekey_attempt)
-            {
-                hs.pending = None;
-                hs.attempts_since = None;
-                hs.queue.clear();
-                self.queued.store(false, Ordering::Release);
-                tracing::debug!(peer = self.index, "handshake given up: no answer");
-                return None;
+            // Not yet time to retry: keepalives still go on the current session.
+        } else {
+            // Packets wait for a session (unless the initiator is about to confirm the one
+            // this end answered for); data sent got no answer; or the data path asked (a
+            // rekey of an initiator's session sent on past `rekey_after`, or the peer still
+            // talking on one near its end).
+            let waiting = read(&self.sessions).current.is_none()
+                && !hs.queue.is_empty()
+                && !self.awaiting_confirmation(&hs);
+            let unanswered = self
+                .since(&self.unanswered_sent)
+                .is_some_and(|d| d >= t.keepalive_timeout + t.rekey_timeout);
+            let asked = self.want_handshake.load(Ordering::Relaxed);
+            if waiting || unanswered || asked {
+                self.unanswered_sent.store(0, Ordering::Relaxed);
+                return self.initiate_locked(&mut hs, out);
             }
-            return self.initiate_locked(&mut hs, out);
-        }
-        let current = read(&self.sessions).current.clone();
-        let sent_data_unanswered = self
-            .since(&self.unanswered_sent)
-            .is_some_and(|d| d >= t.keepalive_timeout + t.rekey_timeout);
-        // An initiator's session that is old or worn, and still sent data on.
-        let rekey = current.as_ref().is_some_and(|s| {
-            s.initiator
-                && (s.born.elapsed() >= t.rekey_after
-                    || s.sent.load(Ordering::Relaxed) >= REKEY_AFTER_MESSAGES)
-                && self
-                    .since(&self.sent_data)
-                    .is_some_and(|d| d < s.born.elapsed())
-        });
-        let last_minute = self.want_handshake.swap(false, Ordering::Relaxed);
-        if (current.is_none() && !hs.queue.is_empty())
-            || sent_data_unanswered
-            || rekey
-            || last_minute
-        {
-            self.unanswered_sent.store(0, Ordering::Relaxed);
-            return self.initiate_locked(&mut hs, out);
         }
         drop(hs);
         let keepalive = self.keepalive.load(Ordering::Relaxed);
@@ -1158,12 +1181,14 @@ impl Peer {
         None
     }
 
+    fn handshake_done(&self, local: u32, role: &str) {
+        *lock(&self.last_done) = Some(SystemTime::now());
+        tracing::debug!(peer = self.index, local, role, "handshake done");
+    }
+
     /// When the last handshake completed.
     pub fn last_handshake(&self) -> Option<SystemTime> {
-        *self
-            .last_done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        *lock(&self.last_done)
     }
 }
 
@@ -1261,7 +1286,7 @@ mod tests {
     fn a_handshake_we_start_with_boringtun_and_data_both_ways() {
         let (a, b) = (key(), key());
         let dev = Arc::new(Device::new(a));
-        let ours = Peer::new(dev.clone(), public(b), 1, 0);
+        let ours = Peer::new(dev.clone(), public(b), 1, 0).expect("a peer");
         let mut theirs = boringtun(b, dev.public());
         let (mut buf, mut out) = (vec![0u8; 4096], vec![0u8; 4096]);
         let ip = from().ip();
@@ -1322,7 +1347,7 @@ mod tests {
     fn a_handshake_boringtun_starts_is_answered() {
         let (a, b) = (key(), key());
         let dev = Arc::new(Device::new(a));
-        let ours = Peer::new(dev.clone(), public(b), 2, 0);
+        let ours = Peer::new(dev.clone(), public(b), 2, 0).expect("a peer");
         let mut theirs = boringtun(b, dev.public());
         let (mut buf, mut out) = (vec![0u8; 4096], vec![0u8; 4096]);
         let ip = from().ip();
@@ -1430,7 +1455,7 @@ mod tests {
 
         // boringtun answers: more than 10 initiations and it wants a cookie.
         let dev = Arc::new(Device::new(a));
-        let ours = Peer::new(dev.clone(), public(b), 5, 0);
+        let ours = Peer::new(dev.clone(), public(b), 5, 0).expect("a peer");
         let mut theirs = boringtun(b, dev.public());
         let mut cookie_reply = None;
         for _ in 0..50 {
@@ -1508,8 +1533,8 @@ mod tests {
             Arc::new(Device::new(key()).with_timing(timing)),
             Arc::new(Device::new(key()).with_timing(timing)),
         );
-        let a = Peer::new(da.clone(), db.public(), 3, 0);
-        let b = Peer::new(db.clone(), da.public(), 4, 0);
+        let a = Peer::new(da.clone(), db.public(), 3, 0).expect("a peer");
+        let b = Peer::new(db.clone(), da.public(), 4, 0).expect("a peer");
         let mut buf = vec![0u8; 4096];
         let n = a.initiate(&mut buf).expect("initiation");
         let Consumed::Initiation(i) = db.consume_initiation(&buf[..n], from(), &mut [0; 64]) else {
@@ -1550,7 +1575,7 @@ mod tests {
             ..fast()
         };
         let dev = Arc::new(Device::new(key()).with_timing(t));
-        let p = Peer::new(dev, public(key()), 9, 0);
+        let p = Peer::new(dev, public(key()), 9, 0).expect("a peer");
         let mut out = vec![0u8; 4096];
         let began = Instant::now();
         let Sealed::Initiation(_) = p.seal(&ipv4([10, 42, 1, 2], 10), &mut out) else {
@@ -1663,8 +1688,8 @@ mod tests {
     #[test]
     fn crossing_handshakes_keep_the_session_the_peer_sends_on() {
         let (da, db) = (Arc::new(Device::new(key())), Arc::new(Device::new(key())));
-        let a = Peer::new(da.clone(), db.public(), 1, 0);
-        let b = Peer::new(db.clone(), da.public(), 2, 0);
+        let a = Peer::new(da.clone(), db.public(), 1, 0).expect("a peer");
+        let b = Peer::new(db.clone(), da.public(), 2, 0).expect("a peer");
         let (mut ia, mut ib) = (vec![0u8; 256], vec![0u8; 256]);
         let na = a.initiate(&mut ia).expect("a's initiation");
         let nb = b.initiate(&mut ib).expect("b's initiation");
@@ -1710,8 +1735,8 @@ mod tests {
     fn a_loaded_initiator_gets_its_cookie_onto_the_next_response() {
         let da = Arc::new(Device::new(key()).with_handshake_limit(0));
         let db = Arc::new(Device::new(key()));
-        let a = Peer::new(da.clone(), db.public(), 1, 0);
-        let b = Peer::new(db.clone(), da.public(), 2, 0);
+        let a = Peer::new(da.clone(), db.public(), 1, 0).expect("a peer");
+        let b = Peer::new(db.clone(), da.public(), 2, 0).expect("a peer");
         let (mut buf, mut out) = (vec![0u8; 4096], vec![0u8; 4096]);
         let exchange = |buf: &mut Vec<u8>, out: &mut Vec<u8>| {
             let n = a.initiate(buf).expect("initiation");
@@ -1731,6 +1756,134 @@ mod tests {
         assert!(
             matches!(exchange(&mut buf, &mut out), Opened::Reply(_)),
             "the response with mac2 was not taken"
+        );
+    }
+
+    /// A session nobody sends on is not rekeyed when it ages (the kernel rekeys when it
+    /// sends); the first packet after `rekey_after` asks for the handshake.
+    #[test]
+    fn an_idle_session_is_rekeyed_only_when_sent_on() {
+        let t = fast();
+        let (a, _b) = connected(t);
+        let mut out = vec![0u8; 4096];
+        std::thread::sleep(t.rekey_after + SLACK);
+        assert_eq!(a.tick(&mut out), None, "an idle session is left alone");
+        assert!(matches!(
+            a.seal(&ipv4([10, 42, 1, 2], 10), &mut out),
+            Sealed::Data(_)
+        ));
+        assert_eq!(
+            a.tick(&mut out),
+            Some(INITIATION_LEN),
+            "sent on when old: a rekey"
+        );
+    }
+
+    /// A responder with a packet to send waits `rekey_timeout` for the initiator to confirm
+    /// the session it answered for, in `seal` and in the timers alike; then it starts a
+    /// handshake of its own.
+    #[test]
+    fn a_responder_waits_for_confirmation_before_its_own_handshake() {
+        let t = Timing {
+            rekey_timeout: Duration::from_millis(300),
+            ..fast()
+        };
+        let (da, db) = (
+            Arc::new(Device::new(key()).with_timing(t)),
+            Arc::new(Device::new(key()).with_timing(t)),
+        );
+        let a = Peer::new(da.clone(), db.public(), 1, 0).expect("a peer");
+        let b = Peer::new(db.clone(), da.public(), 2, 0).expect("a peer");
+        let mut buf = vec![0u8; 4096];
+        let n = a.initiate(&mut buf).expect("initiation");
+        let Consumed::Initiation(i) = db.consume_initiation(&buf[..n], from(), &mut [0; 64]) else {
+            panic!("not consumed")
+        };
+        let answered = Instant::now();
+        assert!(matches!(b.respond(&i, &mut buf), Opened::Reply(_)));
+        assert_eq!(b.seal(&ipv4([10, 42, 2, 2], 10), &mut buf), Sealed::Queued);
+        assert_eq!(b.tick(&mut buf), None, "the initiator may still confirm");
+        let (n, at) = tick_until_sent(&b, &mut buf);
+        assert_eq!((n, buf[0]), (INITIATION_LEN, INITIATION));
+        assert!(at - answered >= t.rekey_timeout - SLACK);
+    }
+
+    /// A persistent keepalive goes out when nothing else was sent for its interval; data
+    /// sent back in time cancels a passive keepalive.
+    #[test]
+    fn persistent_keepalives_and_a_passive_one_cancelled_by_a_reply() {
+        // Data b sends gets no answer here: its handshake for that is far off.
+        let t = Timing {
+            rekey_timeout: Duration::from_millis(1000),
+            ..fast()
+        };
+        let (a, b) = connected(t);
+        let (mut buf, mut out) = (vec![0u8; 4096], vec![0u8; 4096]);
+        let Sealed::Data(n) = a.seal(&ipv4([10, 42, 1, 2], 10), &mut buf) else {
+            panic!("no session")
+        };
+        assert!(matches!(
+            b.open(&buf[..n], from(), &mut out),
+            Opened::Packet(..)
+        ));
+        assert!(matches!(
+            b.seal(&ipv4([10, 42, 2, 2], 10), &mut out),
+            Sealed::Data(_)
+        ));
+        std::thread::sleep(t.keepalive_timeout * 2);
+        assert_eq!(b.tick(&mut out), None, "b answered: no keepalive due");
+
+        // A pair that has sent no data: b's persistent keepalive, a second after its last
+        // message.
+        let (_a, b) = connected(t);
+        let since = Instant::now();
+        b.set_keepalive(1);
+        let (n, at) = tick_until_sent(&b, &mut out);
+        assert_eq!((n, out[0]), (DATA_OVERHEAD, DATA));
+        assert!(
+            at - since >= Duration::from_millis(900),
+            "sent after {:?}",
+            at - since
+        );
+    }
+
+    /// Under load, an address that proved itself with mac2 still gets only so many
+    /// handshakes a second; and a key of small order makes no peer.
+    #[test]
+    fn a_proven_address_is_still_limited_and_small_order_keys_are_refused() {
+        let dev = Arc::new(Device::new(key()).with_handshake_limit(0));
+        let them = Arc::new(Device::new(key()));
+        let p = Peer::new(them.clone(), dev.public(), 1, 0).expect("a peer");
+        let (mut buf, mut out) = (vec![0u8; 4096], vec![0u8; 4096]);
+        let n = p.initiate(&mut buf).expect("initiation");
+        let Consumed::CookieReply(c) = dev.consume_initiation(&buf[..n], from(), &mut out) else {
+            panic!("no cookie asked for under load")
+        };
+        assert_eq!(p.open(&out[..c], from(), &mut buf), Opened::CookieTaken);
+        let (mut taken, mut refused) = (0, 0);
+        let start = Instant::now();
+        for _ in 0..2 * PER_SOURCE_PER_SECOND + 5 {
+            let n = p.initiate(&mut buf).expect("initiation");
+            match dev.consume_initiation(&buf[..n], from(), &mut out) {
+                Consumed::Initiation(_) => taken += 1,
+                Consumed::Invalid => refused += 1,
+                Consumed::CookieReply(_) => panic!("mac2 not taken"),
+            }
+        }
+        // At most two seconds' share, if the loop crossed into a second one.
+        let seconds = if start.elapsed() < Duration::from_secs(1) {
+            2
+        } else {
+            3
+        };
+        assert!(
+            taken >= 1 && taken <= seconds * PER_SOURCE_PER_SECOND,
+            "{taken} taken"
+        );
+        assert!(refused >= 5 || seconds > 2, "{refused} refused");
+        assert!(
+            Peer::new(dev.clone(), [0u8; 32], 2, 0).is_none(),
+            "a small-order key"
         );
     }
 
@@ -1756,7 +1909,7 @@ mod tests {
         #[test]
         fn garbage_is_rejected_without_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), kind in 1u8..5) {
             let dev = Arc::new(Device::new([7u8; 32]));
-            let peer = Peer::new(dev.clone(), public([9u8; 32]), 6, 0);
+            let peer = Peer::new(dev.clone(), public([9u8; 32]), 6, 0).expect("a peer");
             let mut msg = bytes;
             if let Some(first) = msg.first_mut() {
                 *first = kind;

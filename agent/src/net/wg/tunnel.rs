@@ -58,11 +58,21 @@ struct PeerEntry {
     public: Key,
     index: u32,
     keepalive: u16,
-    /// Shared with the entry that replaces this one when the peer is set again unchanged, so
-    /// its sessions live on.
+    /// Shared with the entry that replaces this one when the peer is set again, so its
+    /// sessions live on.
     noise: Arc<noise::Peer>,
     endpoint: RwLock<Option<SocketAddr>>,
     allowed: Vec<(IpAddr, u8)>,
+}
+
+impl PeerEntry {
+    /// Where the peer was last heard from (or was configured to be).
+    fn endpoint(&self) -> Option<SocketAddr> {
+        *self
+            .endpoint
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[derive(Default)]
@@ -101,11 +111,11 @@ impl State {
             .map(|r| &r.2)
     }
 
+    /// `None` without a private key, or for a public key of small order (no handshake can be
+    /// made with it).
     fn new_peer(&self, public: &Key, keepalive: u16, index: u32) -> Option<Arc<noise::Peer>> {
         let device = self.device.clone()?;
-        Some(Arc::new(noise::Peer::new(
-            device, public.0, index, keepalive,
-        )))
+        noise::Peer::new(device, public.0, index, keepalive).map(Arc::new)
     }
 }
 
@@ -477,10 +487,7 @@ impl SendBatch {
         let Some(peer) = s.state().route(dst).cloned() else {
             return;
         };
-        let to = *peer
-            .endpoint
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let to = peer.endpoint();
         let udp = s.udp_for(q);
         for r in ranges {
             let src = &bytes[r.clone()];
@@ -687,10 +694,7 @@ fn receive(
         }
     }
     // Roaming: the peer is where its last authenticated message came from.
-    let current = *peer
-        .endpoint
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let current = peer.endpoint();
     if current != Some(src) {
         *peer
             .endpoint
@@ -741,13 +745,13 @@ fn timers(s: &Shared) {
         std::thread::sleep(Duration::from_millis(250));
         let peers: Vec<Arc<PeerEntry>> = s.state().peers.values().cloned().collect();
         for p in peers {
+            let to = p.endpoint();
             if let Some(n) = p.noise.tick(&mut out) {
-                s.send(
-                    &out[..n],
-                    *p.endpoint
-                        .read()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                );
+                s.send(&out[..n], to);
+            }
+            // Packets a handshake's end left waiting (an atomic load when none do).
+            if let (Some(udp), Some(to)) = (s.udp(), to) {
+                send_queued(&p, &udp, to);
             }
         }
     }
@@ -810,10 +814,7 @@ fn status(s: &Shared) -> (DeviceStatus, Option<Key>) {
                 .map(|d| (d.as_secs() as i64, i64::from(d.subsec_nanos())));
             PeerStatus {
                 public_key: p.public,
-                endpoint: *p
-                    .endpoint
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                endpoint: p.endpoint(),
                 allowed_ips: p.allowed.clone(),
                 last_handshake,
                 rx_bytes: p.noise.rx_bytes.load(Ordering::Relaxed),
@@ -865,17 +866,13 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
         for p in old {
             let noise = st
                 .new_peer(&p.public, p.keepalive, p.index)
-                .ok_or_else(|| einval("bad key"))?;
+                .ok_or_else(|| einval("a peer's public key of small order"))?;
             let entry = PeerEntry {
                 public: p.public,
                 index: p.index,
                 keepalive: p.keepalive,
                 noise,
-                endpoint: RwLock::new(
-                    *p.endpoint
-                        .read()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                ),
+                endpoint: RwLock::new(p.endpoint()),
                 allowed: p.allowed.clone(),
             };
             st.peers.insert(p.public, Arc::new(entry));
@@ -886,11 +883,8 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
     }
     // New peers with a keepalive get a handshake at once (as the kernel does): the other side
     // may still hold a session with a tunnel that is gone, and would not notice for a while.
-    // A bare initiation, not an empty packet through `encapsulate`: that would be queued, and
-    // flushed after the first handshake the *peer* starts (its responder session is not current
-    // yet), starting a second, crossing handshake; wireguard-go handles crossing handshakes in
-    // parallel and can drop the index of the session it then sends on (seen: replies lost for
-    // 15 s until its retry).
+    // A bare initiation (`noise::Peer::initiate`), not a keepalive through `seal`: that
+    // would queue nothing and start the same handshake, but a bare one says what it is.
     let mut greet = Vec::new();
     for pu in &u.peers {
         if pu.remove {
@@ -913,13 +907,9 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
                 allowed.push(*a);
             }
         }
-        let endpoint = pu.endpoint.or_else(|| {
-            existing.as_ref().and_then(|p| {
-                *p.endpoint
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-        });
+        let endpoint = pu
+            .endpoint
+            .or_else(|| existing.as_ref().and_then(|p| p.endpoint()));
         let entry = match existing {
             // The same peer: its sessions stay, whatever changed (a new persistent keepalive
             // runs from the next timer pass).
@@ -946,7 +936,7 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
                     keepalive,
                     noise: st
                         .new_peer(&pu.public_key, keepalive, index)
-                        .ok_or_else(|| einval("bad key"))?,
+                        .ok_or_else(|| einval("a peer's public key of small order"))?,
                     endpoint: RwLock::new(endpoint),
                     allowed,
                 }
@@ -963,12 +953,7 @@ fn apply(s: &Arc<Shared>, u: &DeviceUpdate) -> std::io::Result<()> {
     let mut out = vec![0u8; 256];
     for p in greet {
         if let Some(n) = p.noise.initiate(&mut out) {
-            s.send(
-                &out[..n],
-                *p.endpoint
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+            s.send(&out[..n], p.endpoint());
         }
     }
     Ok(())
