@@ -650,6 +650,27 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Sets a time stamp to `now` unless it already holds a time less than a millisecond older.
+fn stamp(field: &AtomicU64, now: u64) {
+    if now.saturating_sub(field.load(Ordering::Relaxed)) >= 1000 {
+        field.store(now, Ordering::Relaxed);
+    }
+}
+
+/// Clears a time stamp, writing only if it was set.
+fn clear(field: &AtomicU64) {
+    if field.load(Ordering::Relaxed) != 0 {
+        field.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Sets a time stamp that is not set, writing only then.
+fn set_if_unset(field: &AtomicU64, now: u64) {
+    if field.load(Ordering::Relaxed) == 0 {
+        let _ = field.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
 fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     l.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -904,13 +925,14 @@ impl Peer {
             self.want_handshake.store(true, Ordering::Relaxed);
         }
         drop(sessions);
-        self.sent_any.store(now, Ordering::Relaxed);
-        self.unanswered_received.store(0, Ordering::Relaxed);
+        // The timer fields are shared by every thread sealing for this peer: written only
+        // when they change (a millisecond is fine enough for timers of seconds), so the
+        // threads do not take each other's cache line at every packet.
+        stamp(&self.sent_any, now);
+        clear(&self.unanswered_received);
         self.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
         if !packet.is_empty() {
-            let _ =
-                self.unanswered_sent
-                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            set_if_unset(&self.unanswered_sent, now);
         }
         Some(Sealed::Data(n))
     }
@@ -973,7 +995,7 @@ impl Peer {
             return Opened::Rejected;
         }
         let now = self.now_us();
-        self.unanswered_sent.store(0, Ordering::Relaxed);
+        clear(&self.unanswered_sent);
         self.rx_bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
         if is_next {
             // Under the handshake lock (taken first, as everywhere), so a seal that found no
@@ -1008,9 +1030,7 @@ impl Peer {
         if plain_len == 0 {
             return Opened::Nothing;
         }
-        let _ =
-            self.unanswered_received
-                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        set_if_unset(&self.unanswered_received, now);
         match ip_packet(&out[..plain_len]) {
             Some((len, src)) => Opened::Packet(len, src),
             None => Opened::Rejected,
