@@ -681,6 +681,12 @@ pub async fn serve(
             Some(socket2::Protocol::UDP),
         )?;
         s.set_reuse_port(true)?;
+        s.set_write_timeout(Some(SEND_WAIT))?;
+        // Steering sends every query from one CPU to one socket: a burst from one CPU must
+        // fit in that socket's buffer (the default holds about 250 queries).
+        if skiff_runtime::sys::force_socket_buffers(&s, UDP_BUFFER).is_err() {
+            let _ = s.set_recv_buffer_size(UDP_BUFFER);
+        }
         s.bind(&addr.into())?;
         if sockets.is_empty()
             && let Err(e) = steer_by_cpu(&s, cores)
@@ -806,6 +812,12 @@ impl Drop for StopUdp {
     }
 }
 
+/// Each UDP socket's buffers (SO_RCVBUFFORCE/SO_SNDBUFFORCE as root).
+const UDP_BUFFER: usize = 4 << 20;
+
+/// The longest a UDP thread waits for room in its socket's send buffer.
+const SEND_WAIT: Duration = Duration::from_millis(50);
+
 /// Datagrams read, and answers sent, per system call (recvmmsg, sendmmsg).
 const BATCH: usize = 32;
 /// The longest query read over UDP; a longer one is answered FORMERR.
@@ -859,20 +871,28 @@ fn send_batch(fd: std::os::fd::RawFd, replies: &[(Vec<u8>, SocketAddr)]) -> std:
         iovs.iter(),
         addrs,
         no_cmsgs,
-        MsgFlags::MSG_DONTWAIT,
+        MsgFlags::empty(),
     )?;
     Ok(sent.count())
 }
 
-/// Sends every answer, as many per system call as the socket takes, never waiting: an answer
-/// the kernel refuses (a sender that cannot be reached, or a full send buffer, which a
-/// container could cause by asking from addresses nobody answers ARP for) is counted and
-/// dropped, as UDP may, so no asker can stall the thread.
+/// Sends every answer, as many per system call as the socket takes. A full send buffer is
+/// waited out for at most [`SEND_WAIT`] (the socket's send timeout): a burst drains in that
+/// time, while a buffer held full (a container asking from addresses nobody answers ARP for)
+/// costs the batch's remaining answers, counted and dropped as UDP may, not the thread. An
+/// answer the kernel refuses (a sender that cannot be reached) is counted and skipped.
 fn send_all(fd: std::os::fd::RawFd, mut replies: &[(Vec<u8>, SocketAddr)], stats: &DnsStats) {
     while let Some((_, peer)) = replies.first() {
         match send_batch(fd, replies) {
             Ok(n) => replies = &replies[n.max(1)..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                stats
+                    .socket_errors
+                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
+                debug!(%peer, dropped = replies.len(), "DNS UDP send buffer stayed full");
+                return;
+            }
             Err(e) => {
                 stats.socket_errors.fetch_add(1, Ordering::Relaxed);
                 debug!(%peer, error = %e, "DNS UDP send failed");
